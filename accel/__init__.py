@@ -1,0 +1,1 @@
+"""vxpu.accel: accelerator backends (CPU, CUDA, HIP, NPU), enumeration and device memory."""

@@ -1,0 +1,228 @@
+"""The Backend interface: what every accelerator (CPU, CUDA, HIP, NPU) provides to vxpu.
+
+A backend is the thin, vendor-specific layer: it talks to one device through its runtime and
+speaks in raw device addresses. Everything that must be the same for all backends lives above
+it, in :mod:`vxpu.accel.session` (per-client handle tables, quotas, range checks, statistics)
+and :mod:`vxpu.accel.pool` (sub-allocation from large device allocations). The device model
+(``vxpu.vfio_server``) only ever talks to a ``Session``, never to a backend directly.
+
+Contract:
+
+* Every method may raise :class:`BackendError` with a stable :class:`Status`; nothing else
+  escapes (vendor exceptions are mapped). A backend never trusts its caller less than the
+  session does: the session has already bounds-checked every range and handle.
+* Device addresses are plain ``int``. On GPUs they are real device virtual addresses. On the
+  CPU backend they are offsets into a sandboxed arena, and JIT-compiled kernels bounds-check
+  every access against it (a guest kernel can never touch server memory).
+* Host memory is passed as a writable or read-only :class:`memoryview` (typically a slice of a
+  DMA-mapped guest RAM region). Backends copy directly from/to it (zero-copy when registered).
+* ``queue`` is a backend queue handle from :meth:`Backend.create_queue`, or ``None`` for the
+  backend's default, ordered queue. Operations on one queue run in submission order.
+* After :attr:`Status.KERNEL_FAULT` or :attr:`Status.DEVICE_LOST` the backend has already reset
+  its context (all device allocations, modules, queues and events are gone) and keeps serving;
+  the session invalidates the client's handles.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+from vxpu.errors import Error
+
+
+class Status(enum.IntEnum):
+    """Stable status codes. They appear on the wire (``docs/device-abi.md``): never renumber."""
+
+    OK = 0
+    INVALID_ARGUMENT = 1    # malformed request: bad size, alignment, flags, grid/block shape
+    INVALID_HANDLE = 2      # unknown, freed or foreign handle (double free lands here)
+    OUT_OF_RANGE = 3        # offset/length outside an allocation or DMA mapping
+    OUT_OF_MEMORY = 4       # the device itself is out of memory
+    QUOTA_EXCEEDED = 5      # the client's quota (memory, modules, queues, depth) is exhausted
+    BAD_MODULE = 6          # IR failed to decode/verify/compile, or native code failed to load
+    NOT_FOUND = 7           # no kernel of that name in the module
+    KERNEL_FAULT = 8        # the kernel faulted (illegal address, trap); context was reset
+    UNSUPPORTED = 9         # the backend cannot do this (e.g. SIMT kernel on an NPU)
+    UNAVAILABLE = 10        # runtime or device missing
+    DEVICE_LOST = 11        # unrecoverable device error; context was reset
+    TIMEOUT = 12            # a wait timed out
+    INTERNAL = 13           # a bug in vxpu; logged with its traceback
+
+
+class BackendError(Error):
+    """A backend operation failed.
+
+    Attributes:
+        status: the stable :class:`Status` to report to the guest.
+        vendor: the vendor runtime's own error name (e.g. ``"CUDA_ERROR_ILLEGAL_ADDRESS"``), if any.
+        log: compiler/loader log text, if any.
+    """
+
+    def __init__(self, status: Status, message: str, *, vendor: str | None = None, log: str = "") -> None:
+        detail = f" [{vendor}]" if vendor else ""
+        super().__init__(f"{status.name}: {message}{detail}")
+        self.status = Status(status)
+        self.vendor = vendor
+        self.log = log
+
+
+class BackendUnavailable(BackendError):
+    """The backend cannot be opened here; ``str(exc)`` says why (no runtime, no device ...)."""
+
+    def __init__(self, message: str, *, vendor: str | None = None) -> None:
+        super().__init__(Status.UNAVAILABLE, message, vendor=vendor)
+
+
+class ModuleKind(enum.Enum):
+    """What :meth:`Backend.load_module` accepts. Only ``IR`` is on by default; native kinds
+    are an explicit opt-in of the server (``--allow-native``)."""
+
+    IR = "ir"          # vxpu.ir binary module (verified, compiled through the compile cache)
+    PTX = "ptx"        # CUDA only
+    CUBIN = "cubin"    # CUDA only
+    HSACO = "hsaco"    # HIP only
+    ONNX = "onnx"      # NPU only
+
+
+@dataclass(frozen=True)
+class DeviceProperties:
+    """Static facts about the opened device."""
+
+    backend: str                 # "cpu", "cuda", "hip", "npu"
+    name: str                    # e.g. "NVIDIA H100 80GB HBM3"
+    vendor: str                  # "nvidia", "amd", "intel", "qualcomm", "host" ...
+    architecture: str            # "sm_90", "gfx942", "znver4", "QNNExecutionProvider" ...
+    memory_total: int            # bytes
+    compute_units: int           # SMs, CUs, cores
+    max_threads_per_block: int
+    max_shared_memory_per_block: int
+    features: frozenset[str] = field(default_factory=frozenset)  # "ir", "ptx", "onnx", "atomics-f32", "fp16" ...
+
+
+@dataclass(frozen=True)
+class KernelInfo:
+    """A loaded kernel's launch-relevant facts, derived from its IR signature."""
+
+    name: str
+    param_sizes: tuple[int, ...]     # size in bytes of each packed parameter
+    param_offsets: tuple[int, ...]   # offset of each parameter in the packed argument buffer
+    args_size: int                   # total packed size (natural alignment, little-endian)
+    static_shared_bytes: int
+
+
+@dataclass
+class BackendStats:
+    """Counters a backend keeps; the session adds pool and per-client figures."""
+
+    launches: int = 0
+    bytes_htod: int = 0
+    bytes_dtoh: int = 0
+    bytes_dtod: int = 0
+    compile_cache_hits: int = 0
+    compile_cache_misses: int = 0
+    faults: int = 0
+    resets: int = 0
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """One opened accelerator. Implementations: ``accel/cpu.py``, ``accel/cuda.py``,
+    ``accel/hip.py``, ``accel/npu.py``. Construct with the device index, then :meth:`open`.
+    """
+
+    name: str                         # "cpu", "cuda", "hip", "npu"
+    stats: BackendStats
+
+    # -- life cycle ---------------------------------------------------------------------
+    def open(self) -> None:
+        """Initialise the runtime and context. Raises BackendUnavailable with the reason."""
+
+    def close(self) -> None:
+        """Release everything (idempotent)."""
+
+    def properties(self) -> DeviceProperties: ...
+
+    def memory_info(self) -> tuple[int, int]:
+        """``(free, total)`` device memory in bytes."""
+
+    def reset(self) -> None:
+        """Drop all device state (allocations, modules, queues, events) and start a fresh context."""
+
+    # -- memory -------------------------------------------------------------------------
+    def alloc(self, size: int) -> int:
+        """Allocate ``size`` bytes of device memory; returns the device address.
+        Raises OUT_OF_MEMORY."""
+
+    def free(self, address: int) -> None: ...
+
+    def memset(self, address: int, value: int, size: int, queue: object | None = None) -> None:
+        """Fill ``size`` bytes with the byte ``value``."""
+
+    def copy_htod(self, dst: int, src: memoryview, queue: object | None = None) -> None: ...
+
+    def copy_dtoh(self, dst: memoryview, src: int, queue: object | None = None) -> None: ...
+
+    def copy_dtod(self, dst: int, src: int, size: int, queue: object | None = None) -> None: ...
+
+    def register_host(self, view: memoryview, read_only: bool = False) -> object:
+        """Pin host memory (a DMA-mapped guest RAM region) for zero-copy transfers.
+        Returns a token for :meth:`unregister_host`. Backends without pinning return ``None``."""
+
+    def unregister_host(self, token: object) -> None:
+        """Undo :meth:`register_host`; called before the memory is unmapped."""
+
+    # -- code ---------------------------------------------------------------------------
+    def load_module(self, image: bytes, kind: ModuleKind = ModuleKind.IR) -> object:
+        """Load a module; returns a module token. Raises BAD_MODULE (with the compiler log)
+        or UNSUPPORTED for a kind this backend does not take."""
+
+    def unload_module(self, module: object) -> None: ...
+
+    def get_kernel(self, module: object, name: str) -> tuple[object, KernelInfo]:
+        """Look up a kernel; raises NOT_FOUND."""
+
+    def launch(
+        self,
+        kernel: object,
+        grid: tuple[int, int, int],
+        block: tuple[int, int, int],
+        args: bytes | memoryview,
+        shared_bytes: int = 0,
+        queue: object | None = None,
+    ) -> None:
+        """Launch asynchronously on ``queue``. ``args`` is the packed argument buffer laid out
+        as :class:`KernelInfo` says. Faults surface here or at the next synchronize."""
+
+    # -- ordering -----------------------------------------------------------------------
+    def create_queue(self) -> object: ...
+
+    def destroy_queue(self, queue: object) -> None: ...
+
+    def create_event(self) -> object: ...
+
+    def destroy_event(self, event: object) -> None: ...
+
+    def record_event(self, event: object, queue: object | None = None) -> None: ...
+
+    def event_elapsed_ms(self, start: object, end: object) -> float:
+        """Milliseconds between two recorded, completed events."""
+
+    def synchronize(self, queue: object | None = None) -> None:
+        """Wait for ``queue`` (or the whole device when ``None``). Raises KERNEL_FAULT after a fault."""
+
+
+def pack_dims(dims: Sequence[int]) -> tuple[int, int, int]:
+    """Normalise a 1-3 element grid/block shape to three positive ints.
+
+    Raises:
+        BackendError: INVALID_ARGUMENT for an empty/too long shape or a non-positive extent.
+    """
+    if not 1 <= len(dims) <= 3:
+        raise BackendError(Status.INVALID_ARGUMENT, f"expected 1-3 dimensions, got {len(dims)}")
+    out = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    if any(d < 1 or d > 0x7FFFFFFF for d in out):
+        raise BackendError(Status.INVALID_ARGUMENT, f"dimensions must be in 1..2^31-1, got {out}")
+    return out  # type: ignore[return-value]

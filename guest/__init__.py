@@ -1,0 +1,1 @@
+"""vxpu.guest: the guest-side driver and SDK (stdlib only, numpy optional)."""

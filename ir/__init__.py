@@ -1,0 +1,1 @@
+"""vxpu.ir: the portable kernel IR (pure Python; no llvmlite import here)."""

@@ -1,0 +1,1 @@
+"""vxpu.qmp: QEMU control over QMP (attach/detach devices, server life cycle, VFIO passthrough)."""

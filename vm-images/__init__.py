@@ -1,0 +1,1 @@
+"""vxpu.images: find or fetch a QEMU with vfio-user-pci, and build a Debian guest image."""
