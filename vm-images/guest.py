@@ -1,0 +1,312 @@
+"""The guest image: a Debian trixie kernel plus an initramfs with busybox, python3.13 and vxpu.
+
+The image is built from Debian packages without root: the kernel (``linux-image-6.12.*-amd64``,
+whose bzImage boots as is), ``busybox-static``, python3.13 (minimal + stdlib) and the libraries
+it needs. A *base* archive holds everything that comes from Debian: merged-usr symlinks,
+busybox and its applet links, python3 with a trimmed stdlib (the import closure of
+:data:`GUEST_STDLIB`, precompiled), and ``/init``. It is cached under a key made of the
+package versions. The vxpu guest package (``vxpu.guest`` plus the shared device ABI modules)
+goes into a small *overlay* archive, keyed by the files' hashes and appended to the base, so
+editing guest code rebuilds only a few kilobytes.
+
+``/init`` mounts proc, sysfs, devtmpfs and a tmpfs, reads the payload command from the kernel
+command line (``vxpu_cmd=<base64>``), runs it, prints ``VXPU-EXIT <rc>`` and powers off.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from vxpu.images.apt import AptRepo, unpack
+from vxpu.images.cpio import CpioWriter
+from vxpu.images.errors import ImageError
+from vxpu.images.progress import Progress, note
+from vxpu.images.qemu import cache_dir, cache_lock
+
+log = logging.getLogger(__name__)
+
+SUITE = "trixie"
+KERNEL_META = "linux-image-amd64"
+GUEST_PACKAGES = ("busybox-static", "python3.13-minimal", "libpython3.13-minimal", "libpython3.13-stdlib",
+                  "libc6", "zlib1g", "libexpat1", "libffi8")
+# Stdlib modules guest code may use; the image carries their import closure.
+GUEST_STDLIB = ("argparse", "array", "base64", "binascii", "collections", "contextlib", "ctypes", "dataclasses",
+                "enum", "errno", "fcntl", "functools", "glob", "hashlib", "io", "itertools", "json", "logging",
+                "math", "mmap", "os", "pathlib", "random", "re", "resource", "select", "selectors", "signal",
+                "socket", "statistics", "struct", "subprocess", "sys", "tempfile", "textwrap", "threading",
+                "time", "traceback", "typing", "weakref", "zlib", "encodings.ascii", "encodings.latin_1",
+                "encodings.utf_8", "runpy", "__future__", "abc", "copy", "heapq", "bisect", "operator")
+GUEST_LIBS = ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1", "libffi.so.8")
+# Host modules copied into the image besides vxpu.guest (those that exist; the rest are skipped).
+GUEST_SHARED = ("vfio_server/abi_test.py", "vfio_server/abi.py")
+BASE_FORMAT = 1  # bump when the base layout changes
+PY = "python3.13"
+CMDLINE_KEY = "vxpu_cmd"
+
+INIT_SCRIPT = """#!/bin/sh
+export PATH=/usr/bin:/usr/sbin HOME=/root PYTHONPATH=/usr/lib/python3/dist-packages PYTHONDONTWRITEBYTECODE=1
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mount -t tmpfs tmpfs /tmp
+mkdir -p /dev/hugepages && mount -t hugetlbfs hugetlbfs /dev/hugepages 2>/dev/null
+cmd=""
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in {key}=*) cmd=$(echo "${{arg#{key}=}}" | base64 -d) ;; esac
+done
+if [ -n "$cmd" ]; then
+  sh -c "$cmd"
+  echo "VXPU-EXIT $?"
+else
+  echo "vxpu guest: no {key} on the kernel command line; starting a shell (exit powers off)"
+  setsid cttyhack sh
+fi
+sync
+poweroff -f
+""".format(key=CMDLINE_KEY)
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """A bootable guest: kernel, initramfs and what went into them."""
+
+    kernel: Path
+    initrd: Path
+    vmlinux: Path | None
+    packages: tuple[str, ...]
+    base_key: str
+    overlay_key: str
+
+    def to_json(self) -> dict[str, object]:
+        d = asdict(self)
+        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def encode_cmd(cmd: str) -> str:
+    """The kernel command-line parameter that makes /init run ``cmd``."""
+    return f"{CMDLINE_KEY}={base64.b64encode(cmd.encode()).decode()}"
+
+
+def _guest_root() -> Path:
+    return cache_dir() / "guest"
+
+
+def guest_files() -> dict[str, bytes]:
+    """The overlay content: path inside the image -> bytes (the vxpu guest package)."""
+    import vxpu.guest
+    import vxpu.vfio_server
+
+    site = "usr/lib/python3/dist-packages/vxpu"
+    files = {
+        f"{site}/__init__.py": b'"""vxpu inside a guest: the guest driver and the shared device ABI."""\n',
+        f"{site}/vfio_server/__init__.py": b'"""The device ABI modules shared with the host server."""\n',
+    }
+    guest_dir = Path(vxpu.guest.__file__).parent
+    for src in sorted(guest_dir.rglob("*.py")):
+        files[f"{site}/guest/{src.relative_to(guest_dir)}"] = src.read_bytes()
+    root = Path(vxpu.vfio_server.__file__).parent.parent
+    for rel in GUEST_SHARED:
+        src = root / rel
+        if src.is_file():
+            files[f"{site}/{rel}"] = src.read_bytes()
+        else:
+            log.debug("guest image: %s not present yet, skipped", rel)
+    return files
+
+
+def _resolve(apt: AptRepo) -> list:
+    kernels = [d for d in apt.depends(f"{KERNEL_META}/{SUITE}") if d.startswith("linux-image-")]
+    if not kernels:
+        raise ImageError(f"{KERNEL_META} in {SUITE} names no kernel package; check the mirror")
+    return apt.resolve([f"{kernels[0]}/{SUITE}", *(f"{p}/{SUITE}" for p in GUEST_PACKAGES)])
+
+
+def _host_python(rootfs: Path) -> list[str]:
+    """argv to run the guest's python3.13 on the host through the guest's own loader."""
+    lib = rootfs / "usr/lib/x86_64-linux-gnu"
+    return [str(lib / "ld-linux-x86-64.so.2"), "--library-path", str(lib), str(rootfs / "usr/bin" / PY)]
+
+
+def _host_python_env(rootfs: Path) -> dict[str, str]:
+    return {"PYTHONHOME": str(rootfs / "usr"), "PYTHONNOUSERSITE": "1", "LC_ALL": "C", "PATH": "/usr/bin:/bin"}
+
+
+def _stdlib_closure(stage: Path) -> list[Path]:
+    """Files (relative to ``stage``) of the stdlib modules that GUEST_STDLIB imports."""
+    script = ("import sys, json\n"
+              f"for m in {GUEST_STDLIB!r}: __import__(m)\n"
+              "print(json.dumps(sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})))")
+    res = subprocess.run([*_host_python(stage), "-c", script], env=_host_python_env(stage),
+                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise ImageError(f"the guest's python3.13 does not run on this host: {res.stderr.strip()[-800:]}")
+    files = []
+    for name in json.loads(res.stdout):
+        if name and Path(name).is_relative_to(stage):
+            files.append(Path(name).relative_to(stage))
+    return files
+
+
+def _populate_rootfs(stage: Path, rootfs: Path) -> None:
+    """Copy what the guest needs from the unpacked packages into ``rootfs``."""
+    for d in ("usr/bin", "usr/lib/x86_64-linux-gnu", "usr/lib64", f"usr/lib/{PY}/lib-dynload",
+              "usr/lib/python3/dist-packages", "proc", "sys", "dev", "tmp", "run", "root", "mnt", "etc"):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    for link, target in (("bin", "usr/bin"), ("sbin", "usr/bin"), ("lib", "usr/lib"), ("lib64", "usr/lib64"),
+                         ("usr/sbin", "bin")):
+        (rootfs / link).symlink_to(target)
+    (rootfs / "usr/lib64/ld-linux-x86-64.so.2").symlink_to("../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+    for lib in GUEST_LIBS:
+        shutil.copy2(stage / "usr/lib/x86_64-linux-gnu" / lib, rootfs / "usr/lib/x86_64-linux-gnu" / lib)
+    shutil.copy2(stage / "usr/bin/busybox", rootfs / "usr/bin/busybox")
+    applets = subprocess.run([str(stage / "usr/bin/busybox"), "--list"], capture_output=True, text=True,
+                             check=True).stdout.split()
+    for applet in applets:
+        if applet != "busybox" and "/" not in applet:
+            (rootfs / "usr/bin" / applet).symlink_to("busybox")
+    shutil.copy2(stage / "usr/bin" / PY, rootfs / "usr/bin" / PY)
+    (rootfs / "usr/bin/python3").symlink_to(PY)
+    for rel in _stdlib_closure(stage):
+        dst = rootfs / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(stage / rel, dst)
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc/group").write_text("root:x:0:\n")
+    (rootfs / "init").write_text(INIT_SCRIPT)
+    (rootfs / "init").chmod(0o755)
+    res = subprocess.run([*_host_python(stage), "-m", "compileall", "-q", "-j1", "--invalidation-mode",
+                          "unchecked-hash", "-d", f"/usr/lib/{PY}", str(rootfs / f"usr/lib/{PY}")],
+                         env=_host_python_env(stage), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise ImageError(f"precompiling the guest stdlib failed: {res.stdout[-500:]}{res.stderr[-500:]}")
+
+
+def _extract_vmlinux(bzimage: Path, out: Path) -> bool:
+    """Decompress the ELF vmlinux (zstd payload) from a bzImage for a faster PVH boot."""
+    zstd = shutil.which("zstd")
+    data = bzimage.read_bytes()
+    pos = data.find(b"\x28\xb5\x2f\xfd")
+    if zstd is None or pos < 0:
+        return False
+    tmp = out.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        subprocess.run([zstd, "-d", "-q", "-c"], input=data[pos:], stdout=f, stderr=subprocess.DEVNULL)
+    elf = tmp.read_bytes()[:4] == b"\x7fELF" and tmp.stat().st_size > 1 << 20
+    if elf:
+        tmp.replace(out)
+    else:
+        tmp.unlink()
+    return elf
+
+
+def _build_base(apt: AptRepo, refs: list, base: Path, quiet: bool) -> None:
+    debs = apt.download(refs)
+    work = base.with_name(base.name + ".tmp")
+    shutil.rmtree(work, ignore_errors=True)
+    stage, rootfs = work / "stage", work / "rootfs"
+    unpack(debs, stage, quiet=quiet, stage="unpacking guest packages")
+    with Progress("assembling the guest initramfs", quiet=quiet):
+        _populate_rootfs(stage, rootfs)
+        kernel = next((stage / "boot").glob("vmlinuz-*"))
+        shutil.copy2(kernel, work / "vmlinuz")
+        _extract_vmlinux(work / "vmlinuz", work / "vmlinux")
+        with (work / "base.cpio").open("wb") as f:
+            w = CpioWriter(f)
+            w.char_device("dev/console", 5, 1)
+            w.char_device("dev/null", 1, 3, 0o666)
+            w.tree(rootfs)
+            w.close()
+    shutil.rmtree(stage)
+    (work / "manifest.json").write_text(json.dumps({"packages": sorted(f"{r.name}={r.version}" for r in refs)}))
+    shutil.rmtree(base, ignore_errors=True)
+    work.rename(base)
+
+
+def _overlay(base: Path) -> tuple[Path, str]:
+    """Build (or reuse) ``initrd-<key>.cpio`` = base archive + the vxpu overlay archive."""
+    files = guest_files()
+    h = hashlib.sha256()
+    for name, data in sorted(files.items()):
+        h.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+    key = h.hexdigest()[:16]
+    initrd = base / f"initrd-{key}.cpio"
+    if initrd.exists():
+        return initrd, key
+    tmp = initrd.with_suffix(".tmp")
+    with tmp.open("wb") as f:
+        with (base / "base.cpio").open("rb") as src:
+            shutil.copyfileobj(src, f, 1 << 20)
+        w = CpioWriter(f)
+        dirs = sorted({str(Path(n).parent) for n in files} | {"usr/lib/python3/dist-packages/vxpu"})
+        for d in dirs:
+            w.directory(d)
+        for name, data in sorted(files.items()):
+            w.file(name, data)
+        w.close()
+    tmp.replace(initrd)
+    old = sorted(base.glob("initrd-*.cpio"), key=lambda p: p.stat().st_mtime)
+    for stale in old[:-3]:
+        stale.unlink(missing_ok=True)
+    return initrd, key
+
+
+def _image(base: Path, key: str) -> GuestImage:
+    initrd, okey = _overlay(base)
+    manifest = json.loads((base / "manifest.json").read_text())
+    vmlinux = base / "vmlinux"
+    return GuestImage(base / "vmlinuz", initrd, vmlinux if vmlinux.exists() else None,
+                      tuple(manifest["packages"]), key, okey)
+
+
+def build_image(force: bool = False, quiet: bool = False) -> GuestImage:
+    """Resolve the guest packages, then build whatever part of the image is out of date.
+
+    Args:
+        force: rebuild the base archive even if it is cached.
+        quiet: no progress output.
+
+    Raises:
+        ImageError: apt, the network or the keyring is missing, or a package does not unpack.
+    """
+    root = _guest_root()
+    with cache_lock("guest"):
+        apt = AptRepo(cache_dir() / "apt", quiet=quiet)
+        try:
+            apt.update()
+        except ImageError:
+            if not list((apt.root / "lists").glob("*_Packages*")):
+                raise
+            log.warning("could not refresh the Debian package lists; using the cached ones")
+        refs = _resolve(apt)
+        pkgs = sorted(f"{r.name}={r.version}" for r in refs)
+        key = hashlib.sha256(json.dumps([BASE_FORMAT, pkgs, GUEST_STDLIB, INIT_SCRIPT]).encode()).hexdigest()[:16]
+        base = root / f"base-{key}"
+        if force or not (base / "manifest.json").exists():
+            _build_base(apt, refs, base, quiet)
+        else:
+            note(f"guest base image up to date ({base})", quiet)
+        (root / "current").write_text(base.name)
+        return _image(base, key)
+
+
+def current_image(quiet: bool = False) -> GuestImage:
+    """The most recently built image (refreshing only the vxpu overlay), or build one.
+
+    Raises:
+        ImageError: as :func:`build_image`, when no image has been built yet.
+    """
+    pointer = _guest_root() / "current"
+    if pointer.exists():
+        base = _guest_root() / pointer.read_text().strip()
+        if (base / "manifest.json").exists():
+            with cache_lock("guest"):
+                return _image(base, base.name.removeprefix("base-"))
+    return build_image(quiet=quiet)
