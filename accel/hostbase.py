@@ -1,0 +1,442 @@
+"""The common part of the backends whose device memory is host memory (CPU and NPU).
+
+Device memory is one **arena**: a single anonymous, lazily committed ``mmap`` reserved at open
+(default 1 GiB of address space; pages cost RAM only once touched). Device addresses are byte
+offsets into the arena, handed out by a best-fit :class:`vxpu.accel.pool.RangeAllocator`. The
+first :data:`ARENA_GUARD` bytes are never allocated, so address 0 (null) and small offsets are
+always invalid. JIT-compiled kernels get the arena's base and size and bounds-check every
+access against it: a guest kernel can read and write only its arena, never server memory.
+
+Queues are :class:`vxpu.accel.hostqueue.HostQueue` s (ordered, one worker thread each, small
+memory operations inline when the queue is idle). Subclasses add code: they implement
+:meth:`HostBackend._load`, :meth:`HostBackend._kernel` and :meth:`HostBackend._execute` (run
+on a queue's worker thread) plus :meth:`properties`.
+
+**Faults.** When an operation on a worker thread fails, the backend records a pending fault and
+bumps its context *generation*, so every queued operation of the old context is dropped. The
+next call into the backend (any method) waits for the queues to drain, resets the context
+(frees every allocation, zeroes the arena, drops modules, queues and events) and raises the
+fault once: KERNEL_FAULT for a kernel fault, DEVICE_LOST for anything unexpected. After that the
+backend serves normally.
+
+**Host memory lifetime.** Copies queued behind other work keep a reference to the host
+``memoryview`` until they run; :meth:`HostBackend.unregister_host` therefore waits for all
+queues, so the caller may unmap the memory right after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import re
+import threading
+from typing import Any
+
+import numpy as np
+
+from vxpu.accel.backend import BackendError, BackendStats, DeviceProperties, KernelInfo, ModuleKind, Status
+from vxpu.accel.hostqueue import HostEvent, HostQueue
+from vxpu.accel.pool import RangeAllocator
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ARENA_BYTES = 1 << 30
+MIN_ARENA_BYTES = 1 << 20
+MAX_ARENA_BYTES = 1 << 46
+ARENA_GUARD = 64 << 10
+ARENA_ALIGNMENT = 256
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+_SIZE_RE = re.compile(r"^(\d{1,15})([kmgt]?)i?b?$")
+
+
+def parse_size(value: int | str, what: str) -> int:
+    """Parse ``1073741824``, ``"512M"``, ``"1G"`` or ``"1GiB"`` into bytes.
+
+    Raises:
+        BackendError: INVALID_ARGUMENT naming ``what`` for anything else.
+    """
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE_RE.match(str(value).strip().lower())
+    if not m:
+        raise BackendError(Status.INVALID_ARGUMENT, f"{what}={value!r} is not a size (use e.g. 512M, 4G)")
+    return int(m.group(1)) << (10 * " kmgt".index(m.group(2) or " "))
+
+
+class _HostModule:
+    """A loaded module; ``payload`` is the subclass's compiled object."""
+
+    __slots__ = ("payload", "kind", "live")
+
+    def __init__(self, payload: Any, kind: ModuleKind) -> None:
+        self.payload = payload
+        self.kind = kind
+        self.live = True
+
+
+class HostKernel:
+    """A kernel token: the subclass's runnable plus its module (for liveness checks)."""
+
+    __slots__ = ("module", "runnable", "info")
+
+    def __init__(self, module: _HostModule, runnable: Any, info: KernelInfo) -> None:
+        self.module = module
+        self.runnable = runnable
+        self.info = info
+
+
+class HostBackend:
+    """Arena memory, ordered queues, events and fault recovery; subclasses add kernels.
+
+    Args:
+        index: device index; only 0 exists.
+        arena: arena size in bytes (int or a size string like ``"2G"``).
+    """
+
+    name = "host"
+
+    def __init__(self, index: int = 0, *, arena: int | str = DEFAULT_ARENA_BYTES) -> None:
+        if index != 0:
+            raise BackendError(Status.UNAVAILABLE, f"the {self.name} backend has only device 0, not {index}")
+        size = parse_size(arena, "arena")
+        if not MIN_ARENA_BYTES <= size <= MAX_ARENA_BYTES:
+            raise BackendError(Status.INVALID_ARGUMENT,
+                               f"arena={size} must be between {MIN_ARENA_BYTES} and {MAX_ARENA_BYTES} bytes")
+        self.index = index
+        self.arena_size = size - size % mmap.PAGESIZE
+        self.stats = BackendStats()
+        self._lock = threading.RLock()
+        self._mmap: mmap.mmap | None = None
+        self._generation = 0
+        self._fault: BackendError | None = None
+        self._modules: set[_HostModule] = set()
+        self._queues: set[HostQueue] = set()
+        self._events: set[HostEvent] = set()
+        self._queue_seq = 0
+
+    # -- life cycle -------------------------------------------------------------------
+    def open(self) -> None:
+        """Reserve the arena and start the default queue.
+
+        Raises:
+            BackendUnavailable-like BackendError (UNAVAILABLE) if the arena cannot be mapped.
+        """
+        with self._lock:
+            if self._mmap is not None:
+                return
+            try:
+                mm = mmap.mmap(-1, self.arena_size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE)
+            except OSError as exc:
+                raise BackendError(Status.UNAVAILABLE, f"cannot reserve a {self.arena_size}-byte arena: {exc}; "
+                                   "use a smaller arena= option") from exc
+            self._mmap = mm
+            self.memory = memoryview(mm)
+            self.array = np.frombuffer(mm, dtype=np.uint8)
+            self.arena_base = int(self.array.ctypes.data)
+            self._allocator = RangeAllocator(ARENA_GUARD, self.arena_size - ARENA_GUARD, ARENA_ALIGNMENT)
+            self._default_queue = self._new_queue("default")
+            self._open_hook()
+
+    def _open_hook(self) -> None:
+        """Subclasses start their runtime here."""
+
+    def close(self) -> None:
+        """Stop every queue and unmap the arena (idempotent)."""
+        with self._lock:
+            if self._mmap is None:
+                return
+            for q in list(self._queues):
+                q.stop()
+            self._queues.clear()
+            self._drop_modules()
+            self._events.clear()
+            del self.array
+            self.memory.release()
+            try:
+                self._mmap.close()
+            except BufferError:  # a caller still holds a view; the mapping goes with it
+                log.warning("arena still referenced at close; it is released when the last view goes")
+            self._mmap = None
+
+    def properties(self) -> DeviceProperties:
+        raise NotImplementedError
+
+    def memory_info(self) -> tuple[int, int]:
+        """``(free, total)`` arena bytes."""
+        self._check()
+        return self._allocator.free_bytes, self._allocator.size
+
+    def reset(self) -> None:
+        """Drop every allocation, module, queue and event; the default queue stays."""
+        with self._lock:
+            self._check_open()
+            self._generation += 1
+            self._reset_context()
+
+    # -- internal: state, faults --------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._mmap is None:
+            raise BackendError(Status.UNAVAILABLE, f"the {self.name} backend is not open")
+
+    def _check(self) -> None:
+        """Raise (once) a fault a queue worker recorded, after resetting the context."""
+        if self._fault is None and self._mmap is not None:
+            return
+        with self._lock:
+            self._check_open()
+            fault, self._fault = self._fault, None
+            if fault is not None:
+                self._reset_context()
+                raise fault
+
+    def _on_queue_error(self, exc: BaseException) -> None:
+        """Worker-thread hook: turn a failed operation into a pending fault."""
+        fault = self._map_fault(exc)
+        with self._lock:
+            self.stats.faults += 1
+            self._generation += 1           # drop everything queued in this context
+            if self._fault is None:
+                self._fault = fault
+        log.warning("%s backend: %s; resetting the context", self.name, fault)
+
+    def _map_fault(self, exc: BaseException) -> BackendError:
+        """Map a worker exception to KERNEL_FAULT/DEVICE_LOST; subclasses know their fault types."""
+        if isinstance(exc, BackendError) and exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
+            return exc
+        log.error("%s backend: unexpected error on a queue: %s", self.name, exc, exc_info=True)
+        return BackendError(Status.DEVICE_LOST, f"unexpected {type(exc).__name__} on a queue: {exc}")
+
+    def _reset_context(self) -> None:
+        for q in list(self._queues):
+            q.wait()
+        self._allocator.reset()
+        self._mmap.madvise(mmap.MADV_DONTNEED)  # type: ignore[union-attr]  # zero and give back the pages
+        self._drop_modules()
+        for q in list(self._queues):
+            if q is not self._default_queue:
+                q.stop()
+        self._queues = {self._default_queue}
+        for event in self._events:
+            event.fire()
+        self._events.clear()
+        self.stats.resets += 1
+
+    def _drop_modules(self) -> None:
+        for module in self._modules:
+            module.live = False
+        self._modules.clear()
+
+    def _new_queue(self, name: str) -> HostQueue:
+        q = HostQueue(f"{self.name}-{name}", lambda: self._generation, self._on_queue_error)
+        self._queues.add(q)
+        return q
+
+    def _queue(self, queue: object | None) -> HostQueue:
+        if queue is None:
+            return self._default_queue
+        if queue not in self._queues:
+            raise BackendError(Status.INVALID_HANDLE, "unknown or destroyed queue")
+        return queue  # type: ignore[return-value]
+
+    def _range(self, address: int, size: int) -> None:
+        if not (ARENA_GUARD <= address and 0 <= size and address + size <= self.arena_size):
+            raise BackendError(Status.OUT_OF_RANGE, f"range {address:#x}+{size} is outside the arena")
+
+    @staticmethod
+    def _bytes(view: memoryview) -> memoryview:
+        view = view if isinstance(view, memoryview) else memoryview(view)
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+    # -- memory -----------------------------------------------------------------------
+    def alloc(self, size: int) -> int:
+        """Allocate from the arena. Raises OUT_OF_MEMORY when nothing fits."""
+        self._check()
+        if size < 1:
+            raise BackendError(Status.INVALID_ARGUMENT, f"allocation size must be positive, got {size}")
+        with self._lock:
+            address = self._allocator.alloc(size)
+        if address is None:
+            raise BackendError(Status.OUT_OF_MEMORY,
+                               f"arena exhausted: {size} bytes wanted, largest free block "
+                               f"{self._allocator.largest_free} of {self._allocator.free_bytes} free")
+        return address
+
+    def free(self, address: int) -> None:
+        """Free an allocation. Raises INVALID_HANDLE for anything else."""
+        self._check()
+        with self._lock:
+            try:
+                self._allocator.free(address)
+            except KeyError:
+                raise BackendError(Status.INVALID_HANDLE, f"{address!r} is not a live allocation") from None
+
+    def memset(self, address: int, value: int, size: int, queue: object | None = None) -> None:
+        self._check()
+        self._range(address, size)
+        arr = self.array
+        self._queue(queue).run(lambda: arr[address:address + size].fill(value))
+
+    def copy_htod(self, dst: int, src: memoryview, queue: object | None = None) -> None:
+        self._check()
+        src = self._bytes(src)
+        n = src.nbytes
+        self._range(dst, n)
+        mem = self.memory
+
+        def op() -> None:
+            mem[dst:dst + n] = src
+        self._queue(queue).run(op)
+        self.stats.bytes_htod += n
+
+    def copy_dtoh(self, dst: memoryview, src: int, queue: object | None = None) -> None:
+        self._check()
+        dst = self._bytes(dst)
+        n = dst.nbytes
+        self._range(src, n)
+        mem = self.memory
+
+        def op() -> None:
+            dst[:] = mem[src:src + n]
+        self._queue(queue).run(op)
+        self.stats.bytes_dtoh += n
+
+    def copy_dtod(self, dst: int, src: int, size: int, queue: object | None = None) -> None:
+        self._check()
+        self._range(src, size)
+        self._range(dst, size)
+        arr = self.array
+
+        def op() -> None:
+            arr[dst:dst + size] = arr[src:src + size]   # numpy handles overlap (memmove)
+        self._queue(queue).run(op)
+        self.stats.bytes_dtod += size
+
+    def register_host(self, view: memoryview, read_only: bool = False) -> object:
+        """Host memory needs no pinning here; returns a token for :meth:`unregister_host`."""
+        self._check()
+        return ("host", id(view))
+
+    def unregister_host(self, token: object) -> None:
+        """Wait until no queued copy can still touch the memory (it may be unmapped next)."""
+        for q in list(self._queues):
+            q.wait()
+
+    # -- code -------------------------------------------------------------------------
+    def load_module(self, image: bytes, kind: ModuleKind = ModuleKind.IR) -> object:
+        self._check()
+        module = _HostModule(self._load(bytes(image), kind), kind)
+        with self._lock:
+            self._modules.add(module)
+        return module
+
+    def unload_module(self, module: object) -> None:
+        self._check()
+        with self._lock:
+            if module not in self._modules:
+                raise BackendError(Status.INVALID_HANDLE, "unknown or unloaded module")
+            self._modules.discard(module)  # type: ignore[arg-type]
+            module.live = False  # type: ignore[attr-defined]
+
+    def get_kernel(self, module: object, name: str) -> tuple[object, KernelInfo]:
+        self._check()
+        if module not in self._modules:
+            raise BackendError(Status.INVALID_HANDLE, "unknown or unloaded module")
+        runnable, info = self._kernel(module.payload, name)  # type: ignore[attr-defined]
+        return HostKernel(module, runnable, info), info  # type: ignore[arg-type]
+
+    def launch(self, kernel: object, grid: tuple[int, int, int], block: tuple[int, int, int],
+               args: bytes | memoryview, shared_bytes: int = 0, queue: object | None = None) -> None:
+        """Queue the kernel; a fault surfaces at the next call (synchronize typically)."""
+        self._check()
+        if not isinstance(kernel, HostKernel) or not kernel.module.live:
+            raise BackendError(Status.INVALID_HANDLE, "unknown kernel or its module was unloaded")
+        if len(args) != kernel.info.args_size:
+            raise BackendError(Status.INVALID_ARGUMENT,
+                               f"{kernel.info.name} takes {kernel.info.args_size} argument bytes, got {len(args)}")
+        q = self._queue(queue)
+        args = bytes(args)
+        q.submit(lambda: self._execute(kernel.runnable, grid, block, args, shared_bytes))
+        self.stats.launches += 1
+
+    def _load(self, image: bytes, kind: ModuleKind) -> Any:
+        """Compile/load a module image; raises BAD_MODULE or UNSUPPORTED."""
+        raise NotImplementedError
+
+    def _kernel(self, payload: Any, name: str) -> tuple[Any, KernelInfo]:
+        """Find a kernel in a loaded payload; raises NOT_FOUND."""
+        raise NotImplementedError
+
+    def _execute(self, runnable: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
+                 args: bytes, shared_bytes: int) -> None:
+        """Run a kernel to completion on the calling (queue worker) thread."""
+        raise NotImplementedError
+
+    # -- ordering ---------------------------------------------------------------------
+    def create_queue(self) -> object:
+        self._check()
+        with self._lock:
+            self._queue_seq += 1
+            return self._new_queue(str(self._queue_seq))
+
+    def destroy_queue(self, queue: object) -> None:
+        self._check()
+        if queue is None or queue is self._default_queue:
+            raise BackendError(Status.INVALID_HANDLE, "the default queue cannot be destroyed")
+        q = self._queue(queue)
+        with self._lock:
+            self._queues.discard(q)
+        q.stop()
+        self._check()
+
+    def create_event(self) -> object:
+        self._check()
+        event = HostEvent()
+        with self._lock:
+            self._events.add(event)
+        return event
+
+    def destroy_event(self, event: object) -> None:
+        self._check()
+        with self._lock:
+            if event not in self._events:
+                raise BackendError(Status.INVALID_HANDLE, "unknown or destroyed event")
+            self._events.discard(event)  # type: ignore[arg-type]
+
+    def record_event(self, event: object, queue: object | None = None) -> None:
+        self._check()
+        if event not in self._events:
+            raise BackendError(Status.INVALID_HANDLE, "unknown or destroyed event")
+        self._queue(queue).record(event)  # type: ignore[arg-type]
+
+    def event_elapsed_ms(self, start: object, end: object) -> float:
+        """Milliseconds from ``start`` to ``end``; waits for both.
+
+        Raises:
+            BackendError: INVALID_HANDLE; INVALID_ARGUMENT if either was never recorded.
+        """
+        self._check()
+        events: list[HostEvent] = []
+        for e in (start, end):
+            if e not in self._events:
+                raise BackendError(Status.INVALID_HANDLE, "unknown or destroyed event")
+            if not e.recorded:  # type: ignore[attr-defined]
+                raise BackendError(Status.INVALID_ARGUMENT, "event was never recorded")
+            events.append(e)  # type: ignore[arg-type]
+        for e in events:
+            e.done.wait()
+        self._check()
+        t0, t1 = events[0].time_ns, events[1].time_ns
+        if t0 is None or t1 is None:
+            raise BackendError(Status.INVALID_ARGUMENT, "event was dropped by a context reset")
+        return (t1 - t0) / 1e6
+
+    def synchronize(self, queue: object | None = None) -> None:
+        """Wait for one queue or all; raises a fault that happened meanwhile."""
+        self._check()
+        if queue is None:
+            for q in list(self._queues):
+                q.wait()
+        else:
+            self._queue(queue).wait()
+        self._check()
+

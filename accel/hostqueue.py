@@ -1,0 +1,137 @@
+"""Ordered queues and events for backends whose "device" is the host (CPU and NPU).
+
+A :class:`HostQueue` runs submitted operations strictly in submission order on its own worker
+thread. Memory operations take a fast path: when the queue is idle they run at once on the
+caller's thread (still in order, since nothing is ahead of them), which keeps small copies
+cheap. Every operation carries the backend's context *generation*; after a fault the backend
+bumps the generation and the queue drops the stale operations instead of running them.
+
+A :class:`HostEvent` completes when the queue reaches it and stamps ``perf_counter_ns``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+Op = Callable[[], None]
+
+
+class HostEvent:
+    """A point in a queue's stream; ``time_ns`` is set when the queue passes it."""
+
+    __slots__ = ("recorded", "time_ns", "done")
+
+    def __init__(self) -> None:
+        self.recorded = False
+        self.time_ns: int | None = None
+        self.done = threading.Event()
+
+    def arm(self) -> None:
+        """Called when recorded: the event is pending until the queue reaches it."""
+        self.recorded = True
+        self.time_ns = None
+        self.done.clear()
+
+    def fire(self) -> None:
+        self.time_ns = time.perf_counter_ns()
+        self.done.set()
+
+
+class HostQueue:
+    """An in-order executor with one lazily started daemon worker thread.
+
+    Args:
+        name: thread name suffix, for debugging.
+        generation: a callable returning the backend's current context generation.
+        on_error: called on the worker thread with the exception an operation raised; the
+            backend turns it into a pending fault.
+    """
+
+    def __init__(self, name: str, generation: Callable[[], int], on_error: Callable[[BaseException], None]) -> None:
+        self.name = name
+        self._generation = generation
+        self._on_error = on_error
+        self._ops: collections.deque[tuple[int, Op, HostEvent | None]] = collections.deque()
+        self._cv = threading.Condition()
+        self._busy = False
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- submission -------------------------------------------------------------------
+    def submit(self, op: Op, event: HostEvent | None = None) -> None:
+        """Queue ``op`` (run later, in order). ``event`` is fired instead of dropped on reset."""
+        with self._cv:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._worker, name=f"vxpu-queue-{self.name}", daemon=True)
+                self._thread.start()
+            self._ops.append((self._generation(), op, event))
+            self._cv.notify_all()
+
+    def run(self, op: Op, event: HostEvent | None = None) -> None:
+        """Run ``op`` now on this thread if the queue is idle, else queue it behind the rest."""
+        with self._cv:
+            if self._ops or self._busy:
+                inline = False
+            else:
+                self._busy = inline = True
+        if not inline:
+            self.submit(op, event)
+            return
+        try:
+            op()
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
+
+    def record(self, event: HostEvent) -> None:
+        """Fire ``event`` once everything submitted before it has run."""
+        event.arm()
+        self.run(event.fire, event)
+
+    # -- waiting ----------------------------------------------------------------------
+    def idle(self) -> bool:
+        with self._cv:
+            return not self._ops and not self._busy
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every submitted operation has run or been dropped; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._ops and not self._busy, timeout)
+
+    def stop(self) -> None:
+        """Wait for the queue, then end its worker thread (idempotent)."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._ops and not self._busy)
+            self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    # -- worker -----------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self._stopping or (self._ops and not self._busy))
+                if self._stopping and not self._ops:
+                    return
+                generation, op, event = self._ops.popleft()
+                self._busy = True
+            try:
+                if generation == self._generation():
+                    op()
+                elif event is not None:
+                    event.fire()       # a reset dropped the work before it; nothing to wait for
+            except BaseException as exc:  # reported to the backend, never kills the worker
+                self._on_error(exc)
+            finally:
+                with self._cv:
+                    self._busy = False
+                    self._cv.notify_all()

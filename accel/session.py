@@ -1,0 +1,565 @@
+"""A client's view of a device: handle tables, quotas, range checks and statistics.
+
+The device model (``vxpu.vfio_server``) gives every guest connection one :class:`Session` and
+never talks to a backend directly. The session is the backend-independent policy layer:
+
+* **Handles.** Allocations are named by their device address (the guest packs them into
+  kernel arguments); modules, kernels, queues and events by opaque 64-bit handles that carry a
+  per-kind tag and a sequence number that is never reused within the session, so a stale, freed
+  or foreign handle is always :attr:`Status.INVALID_HANDLE` (double free included). Queue
+  handle ``0`` (:data:`DEFAULT_QUEUE`) is the backend's default queue.
+* **Ranges.** Every device range ``[address, address + length)`` of a copy or memset must lie
+  inside *one* live allocation of this client (overflow-safe: the bounds are checked against
+  the 64-bit limit and the allocation, never by wrapping arithmetic). Host memory arrives as
+  ``memoryview`` slices the device model has already translated from DMA mappings.
+* **Quotas.** Memory, allocations, modules, kernels, queues and events are charged before the
+  backend is asked and refunded afterwards (:mod:`vxpu.accel.quota`). Queue depth is bounded:
+  by default a full queue makes the submitter wait for it (back-pressure, like a full CUDA
+  launch queue); ``depth_policy="fail"`` answers QUOTA_EXCEEDED instead.
+* **Launch checks.** Grid and block shapes, threads per block, shared memory and the exact
+  argument-buffer size from the kernel's :class:`KernelInfo`.
+* **Errors.** Every public method raises only :class:`BackendError`: an unexpected exception is
+  logged once and becomes INTERNAL (:func:`status_of` maps any exception to a status). After
+  KERNEL_FAULT or DEVICE_LOST the backend has reset its context; the session drops all of the
+  client's handles (and notices resets caused by other clients through ``stats.resets``).
+* **Statistics.** :class:`vxpu.accel.stats.SessionStats` plus the pool's figures.
+
+Memory goes through a :class:`vxpu.accel.pool.MemoryPool` per session.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import itertools
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from vxpu.accel.backend import Backend, BackendError, KernelInfo, ModuleKind, Status, pack_dims
+from vxpu.accel.pool import MemoryPool
+from vxpu.accel.quota import DEFAULT_QUOTA, Quota, QuotaUsage
+from vxpu.accel.stats import SessionStats, metrics
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = 0
+U64_MAX = (1 << 64) - 1
+MAX_KERNEL_NAME = 255
+DEFAULT_ALLOWED_KINDS = frozenset({ModuleKind.IR})
+
+# Handle tags (top 16 bits of a 64-bit handle) so a handle of one kind never names another.
+_TAG_MODULE, _TAG_KERNEL, _TAG_QUEUE, _TAG_EVENT = 0x4D4F, 0x4B45, 0x5155, 0x4556
+_TAG_SHIFT = 48
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def status_of(exc: BaseException) -> Status:
+    """The wire status for any exception a session operation raised (INTERNAL if unknown)."""
+    return exc.status if isinstance(exc, BackendError) else Status.INTERNAL
+
+
+@dataclass
+class _Module:
+    token: object
+    kind: ModuleKind
+    kernels: dict[str, int]            # kernel name -> kernel handle
+
+
+@dataclass
+class _Kernel:
+    token: object
+    info: KernelInfo
+    module: int
+
+
+@dataclass
+class _Queue:
+    token: object | None
+    pending: int = 0
+
+
+def _guarded(method: F) -> F:
+    """Serialise, notice foreign resets, map errors, and invalidate handles after a fault."""
+
+    @functools.wraps(method)
+    def wrapper(self: Session, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            if self._closed:
+                raise BackendError(Status.INVALID_HANDLE, "the session is closed")
+            self._check_epoch()
+            try:
+                return method(self, *args, **kwargs)
+            except BackendError as exc:
+                self._on_error(exc)
+                raise
+            except Exception as exc:  # a bug below us: never let it reach the guest raw
+                log.error("internal error in %s: %s", method.__name__, exc)
+                log.debug("traceback", exc_info=True)
+                err = BackendError(Status.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
+                self._on_error(err)
+                raise err from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+class Session:
+    """One client's handles, quotas and statistics on one opened backend.
+
+    Args:
+        backend: an opened :class:`Backend`.
+        quota: the client's limits.
+        pool: the memory pool to use; by default one over ``backend.alloc``/``backend.free``.
+        allowed_kinds: module kinds this client may load (native kinds are an opt-in).
+        depth_policy: ``"wait"`` (a full queue is drained first) or ``"fail"`` (QUOTA_EXCEEDED).
+        name: for log lines.
+    """
+
+    def __init__(self, backend: Backend, quota: Quota = DEFAULT_QUOTA, *, pool: MemoryPool | None = None,
+                 allowed_kinds: frozenset[ModuleKind] = DEFAULT_ALLOWED_KINDS, depth_policy: str = "wait",
+                 name: str = "client") -> None:
+        if depth_policy not in ("wait", "fail"):
+            raise ValueError(f"depth_policy must be 'wait' or 'fail', got {depth_policy!r}")
+        self.backend = backend
+        self.quota = quota
+        self.usage = QuotaUsage(quota)
+        self.pool = pool or MemoryPool(backend.alloc, backend.free)
+        self.allowed_kinds = frozenset(allowed_kinds)
+        self.depth_policy = depth_policy
+        self.stats = SessionStats()
+        self.log = log.getChild(name)
+        self._props = backend.properties()
+        self._lock = threading.RLock()
+        self._closed = False
+        self._seq = itertools.count(1)
+        self._allocs: dict[int, int] = {}        # address -> requested size
+        self._alloc_starts: list[int] = []       # sorted addresses, for range lookup
+        self._modules: dict[int, _Module] = {}
+        self._kernels: dict[int, _Kernel] = {}
+        self._queues: dict[int, _Queue] = {DEFAULT_QUEUE: _Queue(None)}
+        self._events: dict[int, object] = {}
+        self._epoch = backend.stats.resets
+
+    # -- internal helpers -------------------------------------------------------------
+    def _new_handle(self, tag: int) -> int:
+        return (tag << _TAG_SHIFT) | next(self._seq)
+
+    def _check_epoch(self) -> None:
+        if self.backend.stats.resets != self._epoch:
+            self.log.warning("device context was reset (another client faulted); dropping this client's handles")
+            self._invalidate()
+
+    def _on_error(self, exc: BackendError) -> None:
+        self.stats.errors[exc.status.name] += 1
+        if exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
+            self.stats.faults += 1
+            self.log.warning("device fault, context reset, handles invalidated: %s", exc)
+            self._invalidate()
+
+    def _invalidate(self) -> None:
+        """Forget every handle: the backend context (and all device objects) are gone."""
+        self._allocs.clear()
+        self._alloc_starts.clear()
+        self._modules.clear()
+        self._kernels.clear()
+        self._queues = {DEFAULT_QUEUE: _Queue(None)}
+        self._events.clear()
+        self.pool.forget()
+        self.usage.clear()
+        self.stats.invalidations += 1
+        self._epoch = self.backend.stats.resets
+
+    def _lookup(self, table: dict[int, Any], handle: int, what: str) -> Any:
+        try:
+            return table[handle]
+        except (KeyError, TypeError):
+            raise BackendError(Status.INVALID_HANDLE, f"unknown or released {what} handle {handle!r}") from None
+
+    def _queue(self, handle: int) -> _Queue:
+        return self._lookup(self._queues, handle, "queue")  # type: ignore[no-any-return]
+
+    def check_range(self, address: int, length: int) -> None:
+        """Check that ``[address, address + length)`` lies inside one live allocation.
+
+        Raises:
+            BackendError: INVALID_ARGUMENT for a negative or over-64-bit value; OUT_OF_RANGE
+                otherwise.
+        """
+        if not (0 <= address <= U64_MAX and 0 <= length <= U64_MAX):
+            raise BackendError(Status.INVALID_ARGUMENT, f"address {address!r}/length {length!r} not a u64")
+        i = bisect.bisect_right(self._alloc_starts, address) - 1
+        if i >= 0:
+            start = self._alloc_starts[i]
+            size = self._allocs[start]
+            if address - start + length <= size and (length or address < start + size):
+                return
+        raise BackendError(Status.OUT_OF_RANGE,
+                           f"device range {address:#x}+{length} is not inside one allocation of this client")
+
+    def _submit(self, queue: int) -> _Queue:
+        """Account one operation on ``queue``, applying the depth policy."""
+        q = self._queue(queue)
+        if q.pending >= self.quota.queue_depth:
+            if self.depth_policy == "fail":
+                raise BackendError(Status.QUOTA_EXCEEDED,
+                                   f"queue depth quota ({self.quota.queue_depth}) reached; synchronize first")
+            self.stats.queue_waits += 1
+            self.backend.synchronize(q.token)
+            q.pending = 0
+        q.pending += 1
+        return q
+
+    @staticmethod
+    def _host(view: memoryview, writable: bool) -> memoryview:
+        if not isinstance(view, memoryview):
+            view = memoryview(view)
+        if writable and view.readonly:
+            raise BackendError(Status.INVALID_ARGUMENT, "destination host memory is read-only")
+        if not view.c_contiguous:
+            raise BackendError(Status.INVALID_ARGUMENT, "host memory must be contiguous")
+        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+    # -- memory -----------------------------------------------------------------------
+    @_guarded
+    def alloc(self, size: int) -> int:
+        """Allocate ``size`` bytes of device memory; returns its device address.
+
+        Raises:
+            BackendError: INVALID_ARGUMENT (size < 1), QUOTA_EXCEEDED, OUT_OF_MEMORY.
+        """
+        if not 1 <= size <= U64_MAX:
+            raise BackendError(Status.INVALID_ARGUMENT, f"allocation size must be 1..2^64-1, got {size!r}")
+        self.usage.charge_memory(size)
+        try:
+            address = self.pool.alloc(size)
+        except BaseException:
+            self.usage.refund_memory(size)
+            raise
+        self._allocs[address] = size
+        bisect.insort(self._alloc_starts, address)
+        self.stats.allocations += 1
+        return address
+
+    @_guarded
+    def free(self, address: int) -> None:
+        """Free the allocation that starts at ``address``.
+
+        Raises:
+            BackendError: INVALID_HANDLE if it is not a live allocation of this client.
+        """
+        size = self._allocs.pop(address, None)
+        if size is None:
+            raise BackendError(Status.INVALID_HANDLE, f"{address!r} is not a live allocation of this client")
+        del self._alloc_starts[bisect.bisect_left(self._alloc_starts, address)]
+        self.usage.refund_memory(size)
+        self.stats.frees += 1
+        self.pool.free(address)
+
+    def allocation_size(self, address: int) -> int | None:
+        """The requested size of the live allocation at ``address``, or ``None``."""
+        with self._lock:
+            return self._allocs.get(address)
+
+    @_guarded
+    def memset(self, address: int, value: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
+        """Fill ``size`` bytes at ``address`` with the byte ``value``.
+
+        Raises:
+            BackendError: INVALID_ARGUMENT (value not a byte), OUT_OF_RANGE, INVALID_HANDLE.
+        """
+        if not 0 <= value <= 255:
+            raise BackendError(Status.INVALID_ARGUMENT, f"memset value must be a byte, got {value!r}")
+        self.check_range(address, size)
+        if size:
+            q = self._submit(queue)
+            self.backend.memset(address, value, size, q.token)
+        self.stats.memsets += 1
+
+    @_guarded
+    def copy_htod(self, dst: int, src: memoryview, queue: int = DEFAULT_QUEUE) -> None:
+        """Copy host memory ``src`` to device address ``dst``.
+
+        Raises:
+            BackendError: INVALID_ARGUMENT (non-contiguous host memory), OUT_OF_RANGE, INVALID_HANDLE.
+        """
+        src = self._host(src, writable=False)
+        self.check_range(dst, src.nbytes)
+        if src.nbytes:
+            q = self._submit(queue)
+            self.backend.copy_htod(dst, src, q.token)
+        self.stats.bytes_htod += src.nbytes
+
+    @_guarded
+    def copy_dtoh(self, dst: memoryview, src: int, queue: int = DEFAULT_QUEUE) -> None:
+        """Copy ``len(dst)`` bytes from device address ``src`` into host memory ``dst``.
+
+        Raises:
+            BackendError: INVALID_ARGUMENT (read-only or non-contiguous ``dst``), OUT_OF_RANGE,
+                INVALID_HANDLE.
+        """
+        dst = self._host(dst, writable=True)
+        self.check_range(src, dst.nbytes)
+        if dst.nbytes:
+            q = self._submit(queue)
+            self.backend.copy_dtoh(dst, src, q.token)
+        self.stats.bytes_dtoh += dst.nbytes
+
+    @_guarded
+    def copy_dtod(self, dst: int, src: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
+        """Copy ``size`` bytes between two device ranges of this client (they may overlap).
+
+        Raises:
+            BackendError: OUT_OF_RANGE, INVALID_ARGUMENT, INVALID_HANDLE.
+        """
+        self.check_range(src, size)
+        self.check_range(dst, size)
+        if size:
+            q = self._submit(queue)
+            self.backend.copy_dtod(dst, src, size, q.token)
+        self.stats.bytes_dtod += size
+
+    # -- code -------------------------------------------------------------------------
+    @_guarded
+    def load_module(self, image: bytes | memoryview, kind: ModuleKind = ModuleKind.IR) -> int:
+        """Load a module image; returns a module handle.
+
+        Raises:
+            BackendError: UNSUPPORTED (kind not allowed for this client or backend),
+                QUOTA_EXCEEDED (too many modules or too large an image), BAD_MODULE.
+        """
+        if kind not in self.allowed_kinds:
+            raise BackendError(Status.UNSUPPORTED,
+                               f"{kind.value} modules are not enabled for this client "
+                               "(native modules need the server's --allow-native)")
+        if len(image) > self.quota.module_bytes:
+            raise BackendError(Status.QUOTA_EXCEEDED,
+                               f"module image of {len(image)} bytes exceeds the quota of {self.quota.module_bytes}")
+        self.usage.charge("modules")
+        try:
+            token = self.backend.load_module(bytes(image), kind)
+        except BaseException:
+            self.usage.refund("modules")
+            raise
+        handle = self._new_handle(_TAG_MODULE)
+        self._modules[handle] = _Module(token, kind, {})
+        self.stats.modules_loaded += 1
+        return handle
+
+    @_guarded
+    def unload_module(self, module: int) -> None:
+        """Unload a module; its kernel handles become invalid.
+
+        Raises:
+            BackendError: INVALID_HANDLE.
+        """
+        mod: _Module = self._lookup(self._modules, module, "module")
+        del self._modules[module]
+        for kernel in mod.kernels.values():
+            del self._kernels[kernel]
+        self.usage.refund("kernels", len(mod.kernels))
+        self.usage.refund("modules")
+        self.backend.unload_module(mod.token)
+
+    @_guarded
+    def get_kernel(self, module: int, name: str) -> tuple[int, KernelInfo]:
+        """Look up a kernel by name; returns ``(kernel handle, KernelInfo)``. Looking the same
+        name up again returns the same handle.
+
+        Raises:
+            BackendError: INVALID_HANDLE, INVALID_ARGUMENT (bad name), NOT_FOUND, QUOTA_EXCEEDED.
+        """
+        mod: _Module = self._lookup(self._modules, module, "module")
+        if not isinstance(name, str) or not 0 < len(name) <= MAX_KERNEL_NAME:
+            raise BackendError(Status.INVALID_ARGUMENT, f"kernel name must be 1..{MAX_KERNEL_NAME} characters")
+        handle = mod.kernels.get(name)
+        if handle is not None:
+            return handle, self._kernels[handle].info
+        self.usage.charge("kernels")
+        try:
+            token, info = self.backend.get_kernel(mod.token, name)
+        except BaseException:
+            self.usage.refund("kernels")
+            raise
+        handle = self._new_handle(_TAG_KERNEL)
+        self._kernels[handle] = _Kernel(token, info, module)
+        mod.kernels[name] = handle
+        return handle, info
+
+    @_guarded
+    def launch(self, kernel: int, grid: tuple[int, ...], block: tuple[int, ...], args: bytes | memoryview,
+               shared_bytes: int = 0, queue: int = DEFAULT_QUEUE) -> None:
+        """Launch a kernel asynchronously on ``queue``.
+
+        Raises:
+            BackendError: INVALID_HANDLE, INVALID_ARGUMENT (shape, threads per block, shared
+                memory, argument size), QUOTA_EXCEEDED (queue depth with the "fail" policy),
+                KERNEL_FAULT / DEVICE_LOST (a fault surfaced; handles are invalidated).
+        """
+        k: _Kernel = self._lookup(self._kernels, kernel, "kernel")
+        grid3, block3 = pack_dims(grid), pack_dims(block)
+        threads = block3[0] * block3[1] * block3[2]
+        if threads > self._props.max_threads_per_block:
+            raise BackendError(Status.INVALID_ARGUMENT,
+                               f"{threads} threads per block exceed the device limit {self._props.max_threads_per_block}")
+        limit = self._props.max_shared_memory_per_block
+        if not 0 <= shared_bytes <= limit - k.info.static_shared_bytes:
+            raise BackendError(Status.INVALID_ARGUMENT,
+                               f"dynamic shared memory {shared_bytes} + static {k.info.static_shared_bytes} "
+                               f"exceeds the device limit {limit}")
+        if len(args) != k.info.args_size:
+            raise BackendError(Status.INVALID_ARGUMENT,
+                               f"kernel {k.info.name!r} takes {k.info.args_size} bytes of arguments, got {len(args)}")
+        q = self._submit(queue)
+        self.backend.launch(k.token, grid3, block3, bytes(args), shared_bytes, q.token)
+        self.stats.launches += 1
+
+    # -- ordering ---------------------------------------------------------------------
+    @_guarded
+    def create_queue(self) -> int:
+        """Create an ordered queue; returns its handle.
+
+        Raises:
+            BackendError: QUOTA_EXCEEDED.
+        """
+        self.usage.charge("queues")
+        try:
+            token = self.backend.create_queue()
+        except BaseException:
+            self.usage.refund("queues")
+            raise
+        handle = self._new_handle(_TAG_QUEUE)
+        self._queues[handle] = _Queue(token)
+        return handle
+
+    @_guarded
+    def destroy_queue(self, queue: int) -> None:
+        """Wait for and destroy a queue. The default queue cannot be destroyed.
+
+        Raises:
+            BackendError: INVALID_HANDLE; KERNEL_FAULT if pending work faulted.
+        """
+        if queue == DEFAULT_QUEUE:
+            raise BackendError(Status.INVALID_HANDLE, "the default queue cannot be destroyed")
+        q = self._queue(queue)
+        del self._queues[queue]
+        self.usage.refund("queues")
+        self.backend.destroy_queue(q.token)
+
+    @_guarded
+    def create_event(self) -> int:
+        """Create an event; returns its handle.
+
+        Raises:
+            BackendError: QUOTA_EXCEEDED.
+        """
+        self.usage.charge("events")
+        try:
+            token = self.backend.create_event()
+        except BaseException:
+            self.usage.refund("events")
+            raise
+        handle = self._new_handle(_TAG_EVENT)
+        self._events[handle] = token
+        return handle
+
+    @_guarded
+    def destroy_event(self, event: int) -> None:
+        """Destroy an event.
+
+        Raises:
+            BackendError: INVALID_HANDLE.
+        """
+        token = self._lookup(self._events, event, "event")
+        del self._events[event]
+        self.usage.refund("events")
+        self.backend.destroy_event(token)
+
+    @_guarded
+    def record_event(self, event: int, queue: int = DEFAULT_QUEUE) -> None:
+        """Record ``event`` on ``queue`` (it completes when the work before it has).
+
+        Raises:
+            BackendError: INVALID_HANDLE.
+        """
+        token = self._lookup(self._events, event, "event")
+        q = self._submit(queue)
+        self.backend.record_event(token, q.token)
+
+    @_guarded
+    def event_elapsed_ms(self, start: int, end: int) -> float:
+        """Milliseconds between two recorded events (waits for both to complete).
+
+        Raises:
+            BackendError: INVALID_HANDLE; INVALID_ARGUMENT if either was never recorded.
+        """
+        t0 = self._lookup(self._events, start, "event")
+        t1 = self._lookup(self._events, end, "event")
+        return self.backend.event_elapsed_ms(t0, t1)
+
+    @_guarded
+    def synchronize(self, queue: int | None = None) -> None:
+        """Wait for one queue, or for all of this client's work when ``queue`` is ``None``.
+
+        Raises:
+            BackendError: INVALID_HANDLE; KERNEL_FAULT / DEVICE_LOST (handles are invalidated).
+        """
+        self.stats.synchronizes += 1
+        if queue is None:
+            self.backend.synchronize(None)
+            for q in self._queues.values():
+                q.pending = 0
+        else:
+            q = self._queue(queue)
+            self.backend.synchronize(q.token)
+            q.pending = 0
+
+    # -- life cycle and figures ---------------------------------------------------------
+    def statistics(self) -> dict[str, float]:
+        """Flat metrics of this session, its pool and the backend (see :func:`stats.metrics`)."""
+        with self._lock:
+            out = metrics(self.stats, self.pool.stats(), self.backend.stats)
+            out["vxpu_session_memory_bytes"] = self.usage.memory_bytes
+            out["vxpu_session_live_allocations"] = self.usage.allocations
+            return out
+
+    def close(self) -> None:
+        """Wait for the client's work and release everything it holds (idempotent, never raises)."""
+        with self._lock:
+            if self._closed:
+                return
+            try:
+                self._check_epoch()
+                self._teardown()
+            except BackendError as exc:
+                self.log.warning("error while closing session: %s", exc)
+            except Exception:
+                self.log.exception("internal error while closing session")
+            finally:
+                self._closed = True
+
+    def _teardown(self) -> None:
+        try:
+            self.backend.synchronize(None)
+        except BackendError as exc:
+            if exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
+                self._invalidate()     # everything is gone already
+                return
+            raise
+        for token in self._events.values():
+            self.backend.destroy_event(token)
+        for handle, q in self._queues.items():
+            if handle != DEFAULT_QUEUE:
+                self.backend.destroy_queue(q.token)
+        for mod in self._modules.values():
+            self.backend.unload_module(mod.token)
+        self.pool.release()
+        self._invalidate()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,198 @@
+"""Session policy on the real CPU backend: handles, range checks, quotas, errors, statistics.
+
+Kernel launches are covered by the conformance suite; these tests need no compiler.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vxpu.accel.backend import BackendError, ModuleKind, Status
+from vxpu.accel.cpu import CpuBackend
+from vxpu.accel.quota import Quota
+from vxpu.accel.session import DEFAULT_QUEUE, Session, status_of
+
+
+@pytest.fixture(scope="module")
+def backend():
+    b = CpuBackend(arena="256M", threads=2)
+    b.open()
+    yield b
+    b.close()
+
+
+@pytest.fixture
+def session(backend):
+    s = Session(backend, Quota(memory_bytes=64 << 20, max_allocations=64, queues=2, events=3, modules=2,
+                               module_bytes=1 << 16, queue_depth=4))
+    yield s
+    s.close()
+
+
+def status(fn, *args, **kwargs) -> Status:
+    with pytest.raises(BackendError) as e:
+        fn(*args, **kwargs)
+    return e.value.status
+
+
+def test_round_trip_with_offsets(session):
+    a = session.alloc(4096)
+    data = np.arange(1024, dtype=np.uint32)
+    session.copy_htod(a + 16, memoryview(data)[:1020])
+    out = np.zeros(1020, dtype=np.uint32)
+    session.copy_dtoh(memoryview(out), a + 16)
+    assert np.array_equal(out, data[:1020])
+
+
+def test_double_free_and_unknown_address(session):
+    a = session.alloc(100)
+    session.free(a)
+    assert status(session.free, a) == Status.INVALID_HANDLE
+    assert status(session.free, 12345) == Status.INVALID_HANDLE
+    assert status(session.alloc, 0) == Status.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("offset,length", [(0, 101), (100, 1), (-1, 1), (50, -1), (2**64 - 1, 2), (99, 2**64 - 1)])
+def test_out_of_range_copies(session, offset, length):
+    a = session.alloc(100)
+    got = status(session.memset, a + offset, 0, length)
+    assert got in (Status.OUT_OF_RANGE, Status.INVALID_ARGUMENT)
+
+
+def test_range_may_not_straddle_two_allocations(session):
+    a = session.alloc(256)
+    b = session.alloc(256)
+    assert b == a + 256                           # adjacent in the pool chunk
+    assert status(session.copy_dtod, a, a + 128, 256) == Status.OUT_OF_RANGE
+    session.copy_dtod(b, a, 256)                  # exactly one allocation each: fine
+
+
+def test_other_clients_memory_is_out_of_range(backend, session):
+    other = Session(backend)
+    try:
+        theirs = other.alloc(128)
+        assert status(session.memset, theirs, 1, 8) == Status.OUT_OF_RANGE
+        assert status(session.free, theirs) == Status.INVALID_HANDLE
+    finally:
+        other.close()
+
+
+def test_host_buffers_checked(session):
+    a = session.alloc(64)
+    assert status(session.copy_dtoh, memoryview(bytes(64)), a) == Status.INVALID_ARGUMENT   # read-only
+    strided = memoryview(np.zeros(32, dtype=np.uint8))[::2]
+    assert status(session.copy_htod, a, strided) == Status.INVALID_ARGUMENT
+    assert status(session.memset, a, 256, 1) == Status.INVALID_ARGUMENT
+
+
+def test_memory_quota(session):
+    session.alloc(60 << 20)
+    assert status(session.alloc, 5 << 20) == Status.QUOTA_EXCEEDED
+    assert session.usage.memory_bytes == 60 << 20
+    assert session.statistics()["vxpu_session_errors_quota_exceeded"] == 1
+
+
+def test_allocation_count_quota(session):
+    for _ in range(64):
+        session.alloc(16)
+    assert status(session.alloc, 16) == Status.QUOTA_EXCEEDED
+
+
+def test_queue_and_event_quotas_and_handle_kinds(session):
+    q1, q2 = session.create_queue(), session.create_queue()
+    assert status(session.create_queue) == Status.QUOTA_EXCEEDED
+    events = [session.create_event() for _ in range(3)]
+    assert status(session.create_event) == Status.QUOTA_EXCEEDED
+    assert status(session.destroy_event, q1) == Status.INVALID_HANDLE        # a queue is not an event
+    assert status(session.destroy_queue, DEFAULT_QUEUE) == Status.INVALID_HANDLE
+    session.destroy_queue(q2)
+    assert status(session.synchronize, q2) == Status.INVALID_HANDLE
+    session.create_queue()                                                   # refunded
+    session.destroy_event(events[0])
+    assert status(session.destroy_event, events[0]) == Status.INVALID_HANDLE
+
+
+def test_queue_depth_policies(backend):
+    quota = Quota(queue_depth=3)
+    waiting = Session(backend, quota)
+    failing = Session(backend, quota, depth_policy="fail")
+    try:
+        a, b = waiting.alloc(64), failing.alloc(64)
+        for s, addr in ((waiting, a), (failing, b)):
+            for _ in range(3):
+                s.memset(addr, 1, 64)
+        waiting.memset(a, 2, 64)
+        assert waiting.stats.queue_waits == 1
+        assert status(failing.memset, b, 2, 64) == Status.QUOTA_EXCEEDED
+        failing.synchronize()
+        failing.memset(b, 2, 64)
+    finally:
+        waiting.close()
+        failing.close()
+
+
+def test_module_kind_and_size_policy(session):
+    assert status(session.load_module, b"x", ModuleKind.PTX) == Status.UNSUPPORTED
+    assert status(session.load_module, bytes(1 << 17)) == Status.QUOTA_EXCEEDED
+    assert status(session.get_kernel, 0x4D4F << 48 | 1, "k") == Status.INVALID_HANDLE
+    assert status(session.launch, 42, (1,), (1,), b"") == Status.INVALID_HANDLE
+
+
+def test_foreign_reset_invalidates_handles(backend):
+    s = Session(backend)
+    try:
+        a = s.alloc(64)
+        q = s.create_queue()
+        backend.reset()
+        assert status(s.free, a) == Status.INVALID_HANDLE
+        assert status(s.synchronize, q) == Status.INVALID_HANDLE
+        assert s.stats.invalidations == 1 and s.usage.memory_bytes == 0
+        b = s.alloc(64)                                  # serving again
+        s.memset(b, 3, 64)
+    finally:
+        s.close()
+
+
+def test_unexpected_backend_exception_becomes_internal():
+    class Broken(CpuBackend):
+        def memset(self, *args, **kwargs):
+            raise RuntimeError("bug")
+
+    b = Broken(arena="16M", threads=1)
+    b.open()
+    try:
+        s = Session(b)
+        a = s.alloc(16)
+        with pytest.raises(BackendError) as e:
+            s.memset(a, 0, 16)
+        assert e.value.status == Status.INTERNAL and status_of(e.value) == Status.INTERNAL
+        assert status_of(ValueError()) == Status.INTERNAL
+        s.close()
+    finally:
+        b.close()
+
+
+def test_close_returns_all_memory(backend):
+    free0, total = backend.memory_info()
+    s = Session(backend)
+    for size in (10, 1 << 20, 40 << 20):
+        s.alloc(size)
+    assert backend.memory_info()[0] < free0
+    s.close()
+    s.close()                                            # idempotent
+    assert backend.memory_info() == (free0, total)
+    assert status(s.alloc, 1) == Status.INVALID_HANDLE
+
+
+def test_events_and_statistics(session):
+    e0, e1 = session.create_event(), session.create_event()
+    assert status(session.event_elapsed_ms, e0, e1) == Status.INVALID_ARGUMENT     # never recorded
+    a = session.alloc(1 << 20)
+    session.record_event(e0)
+    session.memset(a, 9, 1 << 20)
+    session.record_event(e1)
+    assert session.event_elapsed_ms(e0, e1) >= 0
+    st = session.statistics()
+    assert st["vxpu_session_memsets"] == 1 and st["vxpu_pool_live_allocations"] == 1
+    assert st["vxpu_session_errors_invalid_argument"] == 1
