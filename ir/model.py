@@ -439,3 +439,53 @@ class Module:
     def __repr__(self) -> str:
         return f"<Module @{self.name} ({len(self.kernels)} kernels)>"
 
+
+
+def derived_type_source(op: Op) -> Value | None:
+    """For ops whose result type copies an operand's type (offset, byte_offset, select): that operand."""
+    rule = op.defn.result
+    if rule == "op0":
+        idx = 0
+    elif rule == "A":
+        idx = op.defn.operands.index("A")
+    else:
+        return None
+    return op.operands[idx] if len(op.operands) > idx else None
+
+
+def resolve_derived_types(pending: Sequence[Op]) -> list[tuple[Op, str]]:
+    """Set the result types of ops built before their operands' types were known.
+
+    Parsers and decoders create ops first (with a placeholder result type) and resolve operands
+    afterwards, because a use may precede its definition. For the ops whose result type copies
+    an operand (offset, byte_offset, select) this follows chains of such ops iteratively, in
+    O(len(pending)) total.
+
+    Returns:
+        ``(op, message)`` for every op whose type cannot be determined (missing operand, or a
+        cyclic chain of definitions); empty on success.
+    """
+    state: dict[int, int] = {id(op): 0 for op in pending}  # 0 unresolved, 1 on the stack, 2 done
+    problems: list[tuple[Op, str]] = []
+    for start in pending:
+        chain: list[Op] = []
+        cur: Op | None = start
+        while cur is not None and state.get(id(cur), 2) != 2:
+            if state[id(cur)] == 1:
+                problems.append((cur, f"the type of {cur.opcode}'s result depends on itself (cyclic definition)"))
+                for op in chain:
+                    state[id(op)] = 2
+                chain = []
+                break
+            state[id(cur)] = 1
+            chain.append(cur)
+            src = derived_type_source(cur)
+            cur = src.op if isinstance(src, OpResult) else None
+        for link in reversed(chain):
+            src = derived_type_source(link)
+            if src is None:
+                problems.append((link, f"cannot determine the result type of {link.opcode} (missing operand)"))
+            elif link.result is not None:
+                link.result.type = src.type
+            state[id(link)] = 2
+    return problems

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field
 from .errors import IRError, Location, ParseError, Problem
 from .limits import MAX_BLOCKS, MAX_OPS_PER_KERNEL, MAX_TEXT_BYTES
 from .model import (
-    Block, Kernel, LocalArray, Module, Op, OpResult, Param, SharedArray, Successor, Value, is_valid_name,
+    Block, Kernel, LocalArray, Module, Op, Param, SharedArray, Successor, Value, is_valid_name,
+    resolve_derived_types,
 )
 from .ops import OPS, infer_result
 from .types import Type, i1, lookup_type
@@ -650,37 +651,6 @@ class _KernelBuilderFromText:
 
     def _resolve_derived_types(self, pending: list[Op]) -> None:
         """Result types that follow an operand's type (offset, select), through chains of them."""
-        state: dict[int, int] = {id(op): 0 for op in pending}  # 0 unresolved, 1 on stack, 2 done
-        for start in pending:
-            chain: list[Op] = []
-            op: Op | None = start
-            while op is not None and state.get(id(op), 2) != 2:
-                if state[id(op)] == 1:
-                    self._cycle(op)
-                    return
-                state[id(op)] = 1
-                chain.append(op)
-                src = _type_source(op)
-                op = src.op if isinstance(src, OpResult) else None
-            for link in reversed(chain):
-                src = _type_source(link)
-                assert link.result is not None
-                if src is None:
-                    loc = link.loc or Location()
-                    self.problem(f"cannot determine the result type of {link.opcode} (missing operand)",
-                                 loc.line or 0, loc.col or 0)
-                else:
-                    link.result.type = src.type
-                state[id(link)] = 2
-
-    def _cycle(self, op: Op) -> None:
-        loc = op.loc or Location()
-        self.problem(f"the type of {op.opcode}'s result depends on itself (cyclic definition)",
-                     loc.line or 0, loc.col or 0)
-
-
-def _type_source(op: Op) -> Value | None:
-    """The operand whose type the result of ``op`` copies (op0/A rules), if present."""
-    idx = 0 if op.defn.result == "op0" else op.defn.operands.index("A")
-    return op.operands[idx] if len(op.operands) > idx else None
-
+        for op, message in resolve_derived_types(pending):
+            loc = op.loc or Location()
+            self.problem(message, loc.line or 0, loc.col or 0)
