@@ -128,7 +128,11 @@ class VfioUserClient:
         self.dma_requests_served = 0
 
     def close(self) -> None:
+        """Close the socket and forget the guest RAM mapped through this client."""
         self.sock.close()
+        for ram in self._ram:
+            ram.view.release()
+        self._ram = []
 
     def __enter__(self) -> VfioUserClient:
         return self
@@ -320,7 +324,13 @@ class VfioUserClient:
 
     def dma_unmap(self, addr: int, size: int, flags: int = 0) -> None:
         self.request(P.Command.DMA_UNMAP, P.DMA_UNMAP.pack(P.DMA_UNMAP.size, flags, addr, size))
-        self._ram = [r for r in self._ram if flags == P.DMA_UNMAP_ALL or (r.addr, r.size) != (addr, size)]
+        keep = []
+        for ram in self._ram:
+            if flags == P.DMA_UNMAP_ALL or (ram.addr, ram.size) == (addr, size):
+                ram.view.release()
+            else:
+                keep.append(ram)
+        self._ram = keep
 
     def get_info(self) -> DeviceInfo:
         reply = self.request(P.Command.DEVICE_GET_INFO, P.DEVICE_INFO.pack(P.DEVICE_INFO.size, 0, 0, 0))

@@ -152,7 +152,7 @@ class Connection:
         if exc is not None:
             self._warn("conn %d: refused %s id=%d: %s%s", self.number, hdr.command_name(), hdr.id, exc,
                        " (NO_REPLY: not answered)" if hdr.no_reply else "")
-        if not hdr.no_reply and hdr.type == P.TYPE_COMMAND:
+        if not hdr.no_reply and hdr.type != P.TYPE_REPLY:
             self.transport.send([P.error_header(hdr, err)])
 
     def _warn(self, fmt: str, *args: Any) -> None:
