@@ -5,7 +5,6 @@ from __future__ import annotations
 import errno
 
 import pytest
-
 from vxpu.vfio_server.errors import ProtocolError
 from vxpu.vfio_server.pci import Access, DeviceDefinitionError, RamRegion, Register, RegisterBank
 

@@ -6,7 +6,6 @@ import errno
 
 import pytest
 from pcihelpers import FakeContext, bar_read, bar_write, cfg_read, cfg_write, enable
-
 from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server.errors import ProtocolError
 from vxpu.vfio_server.pci import Bar, DeviceDefinitionError, MsixLayout, PciDevice, PciIds, RamRegion

@@ -8,7 +8,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from pcihelpers import FakeContext, bar_read, cfg_read, cfg_write, enable
-
 from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server.device import CONFIG_REGION, NUM_IRQS, NUM_REGIONS, IrqIndex, RegionFlags
 from vxpu.vfio_server.errors import ProtocolError

@@ -14,8 +14,7 @@ import os
 import zlib
 
 import pytest
-from pcihelpers import GUEST_BASE, GUEST_SIZE, FakeContext, bar_read, bar_write, cfg_read, cfg_write, enable
-
+from pcihelpers import GUEST_BASE, GUEST_SIZE, FakeContext, bar_read, bar_write, cfg_write, enable
 from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.dma import DmaSpace

@@ -15,7 +15,6 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
-
 from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import GuestMemory, VfioUserClient

@@ -20,7 +20,21 @@ from vxpu.vfio_server.pci.device import (
 )
 
 __all__ = [
-    "Access", "Bar", "BarHandler", "BarKind", "BusMasterDisabled", "Command", "ConfigSpace",
-    "DeviceDefinitionError", "INTX_PIN_A", "INTX_PIN_NONE", "MsixLayout", "PciDevice", "PciIds",
-    "RamRegion", "Register", "RegisterBank", "Status",
+    "INTX_PIN_A",
+    "INTX_PIN_NONE",
+    "Access",
+    "Bar",
+    "BarHandler",
+    "BarKind",
+    "BusMasterDisabled",
+    "Command",
+    "ConfigSpace",
+    "DeviceDefinitionError",
+    "MsixLayout",
+    "PciDevice",
+    "PciIds",
+    "RamRegion",
+    "Register",
+    "RegisterBank",
+    "Status",
 ]

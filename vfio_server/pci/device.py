@@ -25,13 +25,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from vxpu.errors import StateError
 from vxpu.vfio_server.device import CONFIG_REGION, DeviceContext, IrqIndex, IrqInfo, RegionFlags, RegionInfo
 from vxpu.vfio_server.errors import DmaError, ProtocolError
 from vxpu.vfio_server.pci import caps as capmod
 from vxpu.vfio_server.pci import config as c
 from vxpu.vfio_server.pci.bank import BarHandler
 from vxpu.vfio_server.pci.config import Command, ConfigSpace, DeviceDefinitionError, FieldSpec, overlaps
+
+from vxpu.errors import StateError
 
 if TYPE_CHECKING:
     from vxpu.vfio_server.dma import DmaSpace
