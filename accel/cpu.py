@@ -129,8 +129,8 @@ class CpuBackend(HostBackend):
             raise BackendError(Status.NOT_FOUND, f"no kernel {name!r} in the module") from exc
         return kernel, kernel.info
 
-    def _execute(self, kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
-                 args: bytes, shared_bytes: int) -> None:
+    def _execute(self, kernel: Any, work: tuple[Any, ...]) -> None:
+        grid, block, args, shared_bytes = work
         nblocks = grid[0] * grid[1] * grid[2]
         base, size = self.arena_base, self.arena_size
         if self._executor is None or nblocks == 1 or kernel.uses_global_atomics:

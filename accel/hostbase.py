@@ -354,8 +354,9 @@ class HostBackend:
             raise BackendError(Status.INVALID_ARGUMENT,
                                f"{kernel.info.name} takes {kernel.info.args_size} argument bytes, got {len(args)}")
         q = self._queue(queue)
-        args = bytes(args)
-        q.submit(lambda: self._execute(kernel.runnable, grid, block, args, shared_bytes))
+        runnable = kernel.runnable
+        work = self._prepare(runnable, grid, block, bytes(args), shared_bytes)
+        q.submit(lambda: self._execute(runnable, work))
         self.stats.launches += 1
 
     def _load(self, image: bytes, kind: ModuleKind) -> Any:
@@ -366,9 +367,14 @@ class HostBackend:
         """Find a kernel in a loaded payload; raises NOT_FOUND."""
         raise NotImplementedError
 
-    def _execute(self, runnable: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
-                 args: bytes, shared_bytes: int) -> None:
-        """Run a kernel to completion on the calling (queue worker) thread."""
+    def _prepare(self, runnable: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
+                 args: bytes, shared_bytes: int) -> Any:
+        """Validate a launch on the caller's thread; returns what :meth:`_execute` needs.
+        Raises INVALID_ARGUMENT/OUT_OF_RANGE for launches that must not be queued."""
+        return grid, block, args, shared_bytes
+
+    def _execute(self, runnable: Any, work: Any) -> None:
+        """Run a prepared launch to completion on the calling (queue worker) thread."""
         raise NotImplementedError
 
     # -- ordering ---------------------------------------------------------------------
