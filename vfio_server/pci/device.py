@@ -47,6 +47,12 @@ IRQ_NORESIZE = 8
 INTX_PIN_NONE = 0
 INTX_PIN_A = 1
 
+# Plain ints for the hot paths (IntFlag arithmetic builds enum members on every use).
+_CMD_IO = int(Command.IO)
+_CMD_MEMORY = int(Command.MEMORY)
+_CMD_BUS_MASTER = int(Command.BUS_MASTER)
+_CMD_INTX_DISABLE = int(Command.INTX_DISABLE)
+
 
 class BarKind(enum.Enum):
     MEM32 = "mem32"
@@ -229,17 +235,17 @@ class PciDevice:
     @property
     def memory_enabled(self) -> bool:
         """Memory decode (command bit 1)."""
-        return bool(self.command & Command.MEMORY)
+        return bool(self.config.data[c.COMMAND] & _CMD_MEMORY)
 
     @property
     def io_enabled(self) -> bool:
-        return bool(self.command & Command.IO)
+        return bool(self.config.data[c.COMMAND] & _CMD_IO)
 
     @property
     def bus_master_enabled(self) -> bool:
         """Bus mastering (command bit 2) and the function in D0: the device may DMA."""
         powered = self.pm is None or self.pm.power_state == capmod.PM_D0
-        return bool(self.command & Command.BUS_MASTER) and powered
+        return bool(self.config.data[c.COMMAND] & _CMD_BUS_MASTER) and powered
 
     @property
     def context(self) -> DeviceContext | None:
@@ -254,7 +260,7 @@ class PciDevice:
             return self.msix.layout.vectors
         if self.msi is not None and self.msi.enabled:
             return self.msi.enabled_vectors
-        if self.interrupt_pin and not self.command & Command.INTX_DISABLE:
+        if self.interrupt_pin and not self.command & _CMD_INTX_DISABLE:
             return 1
         return 0
 
@@ -310,7 +316,7 @@ class PciDevice:
                 msi.set_pending(vector, True)
                 return False
             return ctx.raise_irq(vector)
-        if vector == 0 and self.interrupt_pin and not self.command & Command.INTX_DISABLE:
+        if vector == 0 and self.interrupt_pin and not self.command & _CMD_INTX_DISABLE:
             return ctx.raise_irq(0)
         return False
 
@@ -408,16 +414,19 @@ class PciDevice:
         self._check_range(index, offset, count, bar.size)
         decoding = self.io_enabled if bar.kind is BarKind.IO else self.memory_enabled
         if not decoding or (self.pm is not None and self.pm.power_state != capmod.PM_D0):
-            if not self._warned_decode:
-                self._warned_decode = True
-                log.warning("BAR%d access while the guest has decode off (or D3hot); refused", index)
-            raise ProtocolError(errno.EIO, f"BAR{index} access with decode disabled")
+            self._refuse_undecoded(index)
         for win in self._windows[index]:
             if win.start <= offset and offset + count <= win.end:
                 return win, offset - win.start
             if overlaps(offset, count, win.start, win.end - win.start):
                 raise ProtocolError(errno.EINVAL, f"BAR{index} access {offset:#x}+{count} straddles a window")
         raise ProtocolError(errno.EINVAL, f"BAR{index} access {offset:#x}+{count} not served")
+
+    def _refuse_undecoded(self, index: int) -> None:
+        if not self._warned_decode:
+            self._warned_decode = True
+            log.warning("BAR%d access while the guest has decode off (or D3hot); refused", index)
+        raise ProtocolError(errno.EIO, f"BAR{index} access with decode disabled")
 
     def _config_write(self, offset: int, data: bytes) -> None:
         old_cmd = self.command
