@@ -38,10 +38,10 @@ def big_kernel_text(n_ops: int) -> str:
     """A valid kernel of about ``n_ops`` ops: a long arithmetic chain spread over a loop."""
     lines = ["module @big", "kernel @big(%n: i32, %x: ptr<global>) {", "^entry:", "  %c0 = const 0 : i32",
              "  br ^loop(%c0)", "^loop(%i: i32):", "  %v0 = thread_id.x"]
-    for k in range(1, n_ops - 8):
+    for k in range(1, n_ops - 9):
         op = ("add", "mul", "xor", "sub")[k % 4]
         lines.append(f"  %v{k} = {op} %v{k - 1}, %i : i32")
-    last = n_ops - 9
+    last = n_ops - 10
     lines += [f"  %p = offset %x, %v{last} : i32", f"  store %v{last}, %p", "  %one = const 1 : i32",
               "  %i1 = add %i, %one : i32", "  %more = icmp slt %i1, %n", "  cbr %more, ^loop(%i1), ^exit",
               "^exit:", "  ret", "}"]

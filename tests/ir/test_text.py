@@ -1,0 +1,207 @@
+"""The .vxir text format: exact round trips, forward references, located parse errors."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+
+from vxpu.ir.errors import ParseError
+from vxpu.ir.text import parse, print_module
+from vxpu.ir.types import f16, f32, ptr_global
+from vxpu.ir.verify import verify
+
+from .irhelpers import big_kernel_text, build_saxpy, sample_files
+
+SAMPLES = sample_files()
+
+
+@pytest.mark.parametrize("path", SAMPLES, ids=[p.name for p in SAMPLES])
+def test_samples_round_trip_exactly(path):
+    m = parse(path.read_text())
+    verify(m)
+    printed = print_module(m)
+    again = parse(printed)
+    assert again == m
+    assert print_module(again) == printed
+
+
+def test_builder_module_round_trips():
+    m = build_saxpy()
+    assert parse(print_module(m)) == m
+
+
+def test_printed_form_is_stable():
+    text = (
+        "module @m\n\nkernel @k(%n: i32, %p: ptr<global>) {\n  shared @t: f32[4]\n^entry:\n"
+        "  %a = const -1 : i32\n  %b = add %n, %a : i32\n  %q = offset %p, %b : f32\n"
+        "  %v = load %q : f32\n  store %v, %q\n  ret\n}\n"
+    )
+    assert print_module(parse(text)) == text
+
+
+def test_comments_blank_lines_and_spacing_are_not_significant():
+    text = """
+    ; leading comment
+    module   @m   ; trailing
+    kernel @k( %n : i32 ) {   ; header comment
+
+    ^entry :
+        %x=add %n,%n:i32
+        ret ; done
+    }
+    """
+    m = parse(text)
+    assert print_module(m) == "module @m\n\nkernel @k(%n: i32) {\n^entry:\n  %x = add %n, %n : i32\n  ret\n}\n"
+
+
+def test_forward_references_and_derived_types():
+    text = """module @m
+kernel @k(%i: i32) {
+  shared @t: f32[16]
+^entry:
+  %p = shared_addr @t
+  br ^b
+^a:
+  %v = load %q2 : f32
+  ret
+^b:
+  %q1 = offset %p, %i : f32
+  %q2 = byte_offset %q1, %i
+  br ^a
+}
+"""
+    m = parse(text)
+    k = m.kernels[0]
+    load = k.blocks[1].ops[0]
+    assert load.operands[0].type.name == "ptr<shared>"
+    verify(m)
+
+
+def test_cyclic_derived_types_are_a_parse_error():
+    text = "module @m\nkernel @k(%i: i32) {\n^e:\n  %a = offset %b, %i : f32\n  %b = offset %a, %i : f32\n  ret\n}\n"
+    with pytest.raises(ParseError, match="depends on itself"):
+        parse(text)
+
+
+def test_anonymous_values_are_renumbered():
+    m = parse("module @m\nkernel @k(%7: i32) {\n^5:\n  %9 = add %7, %7 : i32\n  ret\n}\n")
+    k = m.kernels[0]
+    assert k.params[0].name is None and k.blocks[0].name is None
+    assert "kernel @k(%0: i32) {\n^0:\n  %1 = add %0, %0 : i32" in print_module(m)
+
+
+@pytest.mark.parametrize("literal, type_, value", [
+    ("0.1", f32, 0.10000000149011612),
+    ("-0.0", f32, -0.0),
+    ("1e+20", f32, 100000002004087734272.0),
+    ("inf", f16, math.inf),
+    ("-inf", f32, -math.inf),
+    ("3", f32, 3.0),
+    ("65504", f16, 65504.0),
+])
+def test_float_constants(literal, type_, value):
+    m = parse(f"module @m\nkernel @k() {{\n^e:\n  %c = const {literal} : {type_}\n  ret\n}}\n")
+    op = m.kernels[0].blocks[0].ops[0]
+    assert op.imm == value and math.copysign(1, op.imm) == math.copysign(1, value)
+    assert parse(print_module(m)) == m
+
+
+def test_nan_and_integer_forms():
+    m = parse("module @m\nkernel @k() {\n^e:\n  %a = const nan : f32\n  %b = const 0xff : i8\n"
+              "  %c = const 4294967295 : i32\n  %d = const +5 : i64\n  ret\n}\n")
+    a, b, c, d = (op.imm for op in m.kernels[0].blocks[0].ops[:4])
+    assert math.isnan(a) and b == -1 and c == -1 and d == 5
+    assert "%a = const nan : f32" in print_module(m)
+    assert parse(print_module(m)) == m
+
+
+def _errors(text: str) -> list[tuple[int | None, int | None, str]]:
+    with pytest.raises(ParseError) as info:
+        parse(text)
+    return [(p.location.line, p.location.col, p.message) for p in info.value.problems]
+
+
+def test_parse_errors_carry_line_and_column_and_are_all_reported():
+    text = "module @m\nkernel @k(%n: i32) {\n^e:\n  %a = frob %n\n  %b = add %n, %n : i33\n  %c = add %n & %n\n  ret\n}\n"
+    errs = _errors(text)
+    assert errs[0][:2] == (4, 8) and "unknown op 'frob'" in errs[0][2]
+    assert errs[1][:2] == (5, 21) and "unknown type 'i33'" in errs[1][2]
+    assert errs[2][:2] == (6, 15) and "unexpected character '&'" in errs[2][2]
+    assert len(errs) == 3
+
+
+@pytest.mark.parametrize("body, line, col, message", [
+    ("  %x = add %n, %nope : i32\n  ret", 4, 16, "undefined value %nope"),
+    ("  br ^nowhere\n", 4, 6, "undefined block ^nowhere"),
+    ("  %x = add %n, %n : i32\n  %x = add %n, %n : i32\n  ret", 5, 3, "%x is defined twice"),
+    ("  %x = const 300 : i8\n  ret", 4, 14, "does not fit i8"),
+    ("  %x = const 1e39 : f32\n  ret", 4, 14, "overflows f32"),
+    ("  %x = const 1.5 : i32\n  ret", 4, 14, "is not an integer"),
+    ("  %x = const " + "9" * 80 + " : i64\n  ret", 4, 14, "longer than"),
+    ("  %p = shared_addr @missing\n  ret", 4, 20, "no shared array @missing"),
+    ("  %t = thread_id\n  ret", 4, 8, "needs a dimension"),
+    ("  %t = thread_id.w\n  ret", 4, 8, "needs a dimension"),
+    ("  %t = add.x %n, %n : i32\n  ret", 4, 8, "takes no dimension"),
+    ("  %t = add %n, %n\n  ret", 4, 3, "needs a type annotation"),
+    ("  thread_id.x\n  ret", 4, 3, "defines a value"),
+    ("  %s = store %n, %n\n  ret", 4, 3, "defines no value"),
+    ("  %x = add %n, %n : i32 extra\n  ret", 4, 25, "unexpected 'extra'"),
+    ("  %x = const 1, 2 : i32\n  ret", 4, 17, "only one constant"),
+    ("  %1x = add %n, %n : i32\n  ret", 4, 3, "invalid name '%1x'"),
+])
+def test_located_parse_errors(body, line, col, message):
+    text = f"module @m\nkernel @k(%n: i32) {{\n^e:\n{body}\n}}\n"
+    errs = _errors(text)
+    assert any(e[0] == line and e[1] == col and message in e[2] for e in errs), errs
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kernel @k() {\n^e:\n  ret\n}\n", "missing 'module @name'"),
+    ("", "missing 'module @name'"),
+    ("module @m\nmodule @n\n", "a second 'module'"),
+    ("module @m\nkernel @k() {\n^e:\n  ret\n", "is not closed"),
+    ("module @m\nkernel @k() {\n  ret\n}\n", "op outside a block"),
+    ("module @m\nkernel @k() {\n^e:\n  shared @t: f32[4]\n  ret\n}\n", "before the first block"),
+    ("module @m\nkernel @k() {\n  shared @t: f32[x]\n^e:\n  ret\n}\n", "element count"),
+    ("module @m\nkernel @k {\n", "expected '('"),
+    ("module @m\nstore\n", "expected 'module' or 'kernel'"),
+])
+def test_structural_parse_errors(text, message):
+    assert any(message in e[2] for e in _errors(text))
+
+
+def test_error_message_lists_every_problem():
+    text = "module @m\n" + "garbage here\n" * 5
+    with pytest.raises(ParseError) as info:
+        parse(text)
+    assert len(info.value.problems) == 5
+    assert str(info.value).count("expected 'module' or 'kernel'") == 5
+    assert info.value.line == 2 and info.value.col == 1
+
+
+def test_parse_stops_after_many_problems():
+    with pytest.raises(ParseError) as info:
+        parse("module @m\n" + "?\n" * 100_000)
+    assert len(info.value.problems) == 100
+
+
+def test_parser_keeps_locations_for_the_verifier():
+    m = parse("module @m\nkernel @k(%p: ptr<constant>, %v: f32) {\n^e:\n  store %v, %p\n  ret\n}\n")
+    op = m.kernels[0].blocks[0].ops[0]
+    assert (op.loc.line, op.loc.col) == (4, 3)
+    assert m.kernels[0].params[0].type is not ptr_global
+
+
+def test_thousand_op_kernel_parses_and_prints_in_milliseconds():
+    text = big_kernel_text(1000)
+    start = time.perf_counter()
+    m = parse(text)
+    parse_s = time.perf_counter() - start
+    start = time.perf_counter()
+    printed = print_module(m)
+    print_s = time.perf_counter() - start
+    assert sum(len(b.ops) for b in m.kernels[0].blocks) == 1000
+    assert parse(printed) == m
+    assert parse_s < 0.25 and print_s < 0.1, (parse_s, print_s)
