@@ -71,8 +71,9 @@ def test_msi_per_vector_masking_and_pending() -> None:
     cfg_write(dev, msi.offset + 2, 2, 0x0011)
     assert dev.raise_irq(1) is False and ctx.raised == []
     assert cfg_read(dev, msi.offset + 0x14, 4) == 0x2        # pending, read-only
-    cfg_write(dev, msi.offset + 0x10, 4, 0x0)
-    assert dev.raise_irq(1) is True and ctx.raised == [1]
+    cfg_write(dev, msi.offset + 0x10, 4, 0x0)               # unmask: the held vector goes out
+    assert ctx.raised == [1] and cfg_read(dev, msi.offset + 0x14, 4) == 0
+    assert dev.raise_irq(1) is True and ctx.raised == [1, 1]
     assert dev.raise_irq(2) is False                         # beyond enabled vectors
 
 
@@ -126,13 +127,21 @@ def test_msix_pending_bits_follow_delivery() -> None:
     assert bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0b10
     bar_write(dev, 0, abi.MSIX_PBA_OFFSET, 0)                # PBA is read-only
     assert bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0b10
-    cfg_write(dev, base + 2, 2, 0x8000)                      # unmask the function
+    cfg_write(dev, base + 2, 2, 0x8000)                      # unmask: vector 1 is redelivered
+    assert ctx.raised == [1] and bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0
     ctx.deliver = False                                      # client has no eventfd for it
     assert dev.raise_irq(0) is False
-    assert bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0b11
-    ctx.deliver = True
-    assert dev.raise_irq(1) is True and ctx.raised == [1]
     assert bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0b01
+    ctx.deliver = True
+    assert dev.raise_irq(1) is True and ctx.raised == [1, 1]
+    assert bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0b01     # vector 0 still pending
+    cfg_write(dev, base + 2, 2, 0xC000)
+    cfg_write(dev, base + 2, 2, 0x8000)                      # an unmask retries vector 0
+    assert ctx.raised == [1, 1, 0] and bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0
+    dev.raise_irq(0)
+    ctx.deliver = False
+    dev.raise_irq(1)
+    assert bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0b10
     assert dev.interrupt_vectors == abi.MSIX_VECTORS and dev.raise_irq(2) is False
     cfg_write(dev, base + 2, 2, 0x0000)                      # disabling clears pending bits
     assert bar_read(dev, 0, abi.MSIX_PBA_OFFSET) == 0

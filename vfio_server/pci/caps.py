@@ -200,6 +200,13 @@ class MsiCapability(Capability):
             return False
         return bool(self.cfg.get(self.offset + MSI_MASK, 4) >> vector & 1)
 
+    @property
+    def pending_bits(self) -> int:
+        """The pending register (0 without per-vector masking)."""
+        if not self.per_vector_mask:
+            return 0
+        return self.cfg.get(self.offset + MSI_PENDING, 4)
+
     def set_pending(self, vector: int, pending: bool) -> None:
         """Record a masked vector's pending state (only with per-vector masking)."""
         if not self.per_vector_mask:

@@ -431,9 +431,40 @@ class PciDevice:
     def _config_write(self, offset: int, data: bytes) -> None:
         old_cmd = self.command
         self.config.write(offset, data)
+        touched = False
         for cap in self.capabilities:
             if overlaps(offset, len(data), cap.offset, cap.size):
                 cap.written()
+                touched = True
+        if touched:
+            self._redeliver_pending()
         new_cmd = self.command
         if new_cmd != old_cmd:
             self.command_changed(old_cmd, new_cmd)
+
+    def _redeliver_pending(self) -> None:
+        """Send vectors that became deliverable: MSI-X pending while the function was masked,
+        MSI pending under a per-vector mask that the guest has now cleared. (QEMU emulates these
+        masks itself, so an interrupt we held back would otherwise be lost.)"""
+        ctx = self._ctx
+        if ctx is None:
+            return
+        msix, msi = self.msix, self.msi
+        if msix is not None and msix.enabled and not msix.function_masked:
+            for vector in _bits(msix.pba.pending):
+                if ctx.raise_irq(vector):
+                    msix.set_pending(vector, False)
+        elif msi is not None and msi.enabled and msi.per_vector_mask:
+            for vector in _bits(msi.pending_bits):
+                if not msi.masked(vector) and ctx.raise_irq(vector):
+                    msi.set_pending(vector, False)
+
+
+def _bits(mask: int) -> list[int]:
+    """Indexes of the set bits of ``mask``, lowest first."""
+    out = []
+    while mask:
+        low = mask & -mask
+        out.append(low.bit_length() - 1)
+        mask ^= low
+    return out
