@@ -45,13 +45,17 @@ GUEST_STDLIB = ("argparse", "array", "base64", "binascii", "collections", "conte
                 "time", "traceback", "typing", "weakref", "zlib", "encodings.ascii", "encodings.latin_1",
                 "encodings.utf_8", "runpy", "__future__", "abc", "copy", "heapq", "bisect", "operator")
 GUEST_LIBS = ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1", "libffi.so.8")
-# Host modules copied into the image besides vxpu.guest (those that exist; the rest are skipped).
-GUEST_SHARED = ("vfio_server/abi_test.py", "vfio_server/abi.py")
+# Host modules copied into the image besides vxpu.guest: repository path -> path under vxpu/
+# (those that exist; the rest are skipped). All are stdlib-only.
+GUEST_SHARED = {"vxpu/errors.py": "errors.py", "vfio_server/abi_test.py": "vfio_server/abi_test.py",
+                "vfio_server/abi.py": "vfio_server/abi.py"}
 BASE_FORMAT = 1  # bump when the base layout changes
 PY = "python3.13"
 CMDLINE_KEY = "vxpu_cmd"
 
+INIT_MARKER = "vxpu guest: init"
 INIT_SCRIPT = """#!/bin/sh
+echo "{marker}"
 export PATH=/usr/bin:/usr/sbin HOME=/root PYTHONPATH=/usr/lib/python3/dist-packages PYTHONDONTWRITEBYTECODE=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -71,7 +75,7 @@ else
 fi
 sync
 poweroff -f
-""".format(key=CMDLINE_KEY)
+""".format(key=CMDLINE_KEY, marker=INIT_MARKER)
 
 
 @dataclass(frozen=True)
@@ -113,10 +117,10 @@ def guest_files() -> dict[str, bytes]:
     for src in sorted(guest_dir.rglob("*.py")):
         files[f"{site}/guest/{src.relative_to(guest_dir)}"] = src.read_bytes()
     root = Path(vxpu.vfio_server.__file__).parent.parent
-    for rel in GUEST_SHARED:
+    for rel, dst in GUEST_SHARED.items():
         src = root / rel
         if src.is_file():
-            files[f"{site}/{rel}"] = src.read_bytes()
+            files[f"{site}/{dst}"] = src.read_bytes()
         else:
             log.debug("guest image: %s not present yet, skipped", rel)
     return files
