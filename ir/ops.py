@@ -185,84 +185,84 @@ _unary("neg", 18, "int", "0 - a, wrapping (neg MIN = MIN)")
 _unary("not", 19, "int", "bitwise complement")
 _unary("abs", 20, "int", "signed absolute value, wrapping (abs MIN = MIN)")
 # --- float arithmetic (IEEE-754, round to nearest even) ------------------------------------------
-_float_binary("fadd", 32, "a + b", commutative=True)
-_float_binary("fsub", 33, "a - b")
-_float_binary("fmul", 34, "a * b", commutative=True)
-_float_binary("fdiv", 35, "a / b")
-_float_binary("frem", 36, "fmod(a, b): remainder with the sign of a (C fmod)")
-_float_binary("fmin", 37, "IEEE minNum: the non-NaN operand if one is NaN", commutative=True)
-_float_binary("fmax", 38, "IEEE maxNum: the non-NaN operand if one is NaN", commutative=True)
-_float_binary("pow", 39, "a ** b (C pow)")
-_unary("fneg", 40, "float", "-a (flips the sign bit, also of NaN)")
-_unary("fabs", 41, "float", "|a| (clears the sign bit)")
-_unary("sqrt", 42, "float", "square root (correctly rounded)")
-_unary("rsqrt", 43, "float", "1 / sqrt(a) (may be approximate, <= 2 ulp)")
-_unary("exp", 44, "float", "e ** a")
-_unary("exp2", 45, "float", "2 ** a")
-_unary("log", 46, "float", "natural logarithm")
-_unary("log2", 47, "float", "base-2 logarithm")
-_unary("sin", 48, "float", "sine (radians)")
-_unary("cos", 49, "float", "cosine (radians)")
-_unary("tanh", 50, "float", "hyperbolic tangent")
-_unary("floor", 51, "float", "round toward -inf")
-_unary("ceil", 52, "float", "round toward +inf")
-_row("fma", 53, ("T", "T", "T"), "float", "T", "a * b + c with a single rounding")
+_float_binary("fadd", 21, "a + b", commutative=True)
+_float_binary("fsub", 22, "a - b")
+_float_binary("fmul", 23, "a * b", commutative=True)
+_float_binary("fdiv", 24, "a / b")
+_float_binary("frem", 25, "fmod(a, b): remainder with the sign of a (C fmod)")
+_float_binary("fmin", 26, "IEEE minNum: the non-NaN operand if one is NaN", commutative=True)
+_float_binary("fmax", 27, "IEEE maxNum: the non-NaN operand if one is NaN", commutative=True)
+_float_binary("pow", 28, "a ** b (C pow)")
+_unary("fneg", 29, "float", "-a (flips the sign bit, also of NaN)")
+_unary("fabs", 30, "float", "|a| (clears the sign bit)")
+_unary("sqrt", 31, "float", "square root (correctly rounded)")
+_unary("rsqrt", 32, "float", "1 / sqrt(a) (may be approximate, <= 2 ulp)")
+_unary("exp", 33, "float", "e ** a")
+_unary("exp2", 34, "float", "2 ** a")
+_unary("log", 35, "float", "natural logarithm")
+_unary("log2", 36, "float", "base-2 logarithm")
+_unary("sin", 37, "float", "sine (radians)")
+_unary("cos", 38, "float", "cosine (radians)")
+_unary("tanh", 39, "float", "hyperbolic tangent")
+_unary("floor", 40, "float", "round toward -inf")
+_unary("ceil", 41, "float", "round toward +inf")
+_row("fma", 42, ("T", "T", "T"), "float", "T", "a * b + c with a single rounding")
 # --- comparisons and select -----------------------------------------------------------------------
-_row("icmp", 64, ("A", "A"), None, "i1", "integer comparison by predicate", attrs=("pred",))
-_row("fcmp", 65, ("A", "A"), None, "i1", "float comparison by predicate (ordered/unordered)",
+_row("icmp", 43, ("A", "A"), None, "i1", "integer comparison by predicate", attrs=("pred",))
+_row("fcmp", 44, ("A", "A"), None, "i1", "float comparison by predicate (ordered/unordered)",
      attrs=("pred",))
-_row("select", 66, ("i1", "A", "A"), None, "A", "c ? a : b (both evaluated; no side effects)")
+_row("select", 45, ("i1", "A", "A"), None, "A", "c ? a : b (both evaluated; no side effects)")
 # --- conversions ----------------------------------------------------------------------------------
-_conversion("trunc", 80, "int", "trunc", "keep the low bits")
-_conversion("zext", 81, "int", "ext", "zero-extend")
-_conversion("sext", 82, "int", "ext", "sign-extend")
-_conversion("fptrunc", 83, "float", "fptrunc", "round to the narrower float (nearest even)")
-_conversion("fpext", 84, "float", "fpext", "exact widening")
-_conversion("fptosi", 85, "wint", "f2i", "toward zero, saturating to the signed range; NaN -> 0")
-_conversion("fptoui", 86, "wint", "f2i", "toward zero, saturating to [0, 2^n-1]; NaN -> 0")
-_conversion("sitofp", 87, "float", "i2f", "signed int to float, nearest even")
-_conversion("uitofp", 88, "float", "i2f", "unsigned int to float, nearest even")
-_conversion("bitcast", 89, "scalar", "bitcast", "reinterpret the bits (same width, int/float)")
+_conversion("trunc", 46, "int", "trunc", "keep the low bits")
+_conversion("zext", 47, "int", "ext", "zero-extend")
+_conversion("sext", 48, "int", "ext", "sign-extend")
+_conversion("fptrunc", 49, "float", "fptrunc", "round to the narrower float (nearest even)")
+_conversion("fpext", 50, "float", "fpext", "exact widening")
+_conversion("fptosi", 51, "wint", "f2i", "toward zero, saturating to the signed range; NaN -> 0")
+_conversion("fptoui", 52, "wint", "f2i", "toward zero, saturating to [0, 2^n-1]; NaN -> 0")
+_conversion("sitofp", 53, "float", "i2f", "signed int to float, nearest even")
+_conversion("uitofp", 54, "float", "i2f", "unsigned int to float, nearest even")
+_conversion("bitcast", 55, "scalar", "bitcast", "reinterpret the bits (same width, int/float)")
 # --- constants and thread geometry ----------------------------------------------------------------
-_row("const", 96, (), "scalar", "T", "a constant of the annotated type", attrs=("imm",))
-_row("thread_id", 97, (), None, "i32", "thread index within the block, per dim", attrs=("dim",))
-_row("block_id", 98, (), None, "i32", "block index within the grid, per dim", attrs=("dim",))
-_row("block_dim", 99, (), None, "i32", "threads per block, per dim", attrs=("dim",))
-_row("grid_dim", 100, (), None, "i32", "blocks per grid, per dim", attrs=("dim",))
+_row("const", 56, (), "scalar", "T", "a constant of the annotated type", attrs=("imm",))
+_row("thread_id", 57, (), None, "i32", "thread index within the block, per dim", attrs=("dim",))
+_row("block_id", 58, (), None, "i32", "block index within the grid, per dim", attrs=("dim",))
+_row("block_dim", 59, (), None, "i32", "threads per block, per dim", attrs=("dim",))
+_row("grid_dim", 60, (), None, "i32", "blocks per grid, per dim", attrs=("dim",))
 # --- pointers -------------------------------------------------------------------------------------
-_row("offset", 112, ("ptr", "idx"), "mem", "op0", "p + sext(i) * sizeof(T); same address space")
-_row("byte_offset", 113, ("ptr", "idx"), None, "op0", "p + sext(i) bytes; same address space")
-_row("shared_addr", 114, (), None, "ptr_shared", "address of a shared array of the kernel",
+_row("offset", 61, ("ptr", "idx"), "mem", "op0", "p + sext(i) * sizeof(T); same address space")
+_row("byte_offset", 62, ("ptr", "idx"), None, "op0", "p + sext(i) bytes; same address space")
+_row("shared_addr", 63, (), None, "ptr_shared", "address of a shared array of the kernel",
      attrs=("array",))
-_row("local_addr", 115, (), None, "ptr_local", "address of a local (per-thread) array of the kernel",
+_row("local_addr", 64, (), None, "ptr_local", "address of a local (per-thread) array of the kernel",
      attrs=("array",))
 # --- memory ---------------------------------------------------------------------------------------
-_row("load", 128, ("ptr",), "mem", "T", "read a T at p (naturally aligned)", reads_memory=True)
-_row("store", 129, ("mem", "ptr_store"), None, None, "write value v (operand 0) at p (operand 1)",
+_row("load", 65, ("ptr",), "mem", "T", "read a T at p (naturally aligned)", reads_memory=True)
+_row("store", 66, ("mem", "ptr_store"), None, None, "write value v (operand 0) at p (operand 1)",
      side_effects=True, writes_memory=True)
-_atomic("atomic_add", 130, "atomic_int", "atomically *p += v (wrapping); returns the old value")
-_atomic("atomic_fadd", 131, "atomic_float", "atomically *p += v (float); returns the old value")
-_atomic("atomic_smin", 132, "atomic_int", "atomically *p = smin(*p, v); returns the old value")
-_atomic("atomic_smax", 133, "atomic_int", "atomically *p = smax(*p, v); returns the old value")
-_atomic("atomic_umin", 134, "atomic_int", "atomically *p = umin(*p, v); returns the old value")
-_atomic("atomic_umax", 135, "atomic_int", "atomically *p = umax(*p, v); returns the old value")
-_atomic("atomic_and", 136, "atomic_int", "atomically *p &= v; returns the old value")
-_atomic("atomic_or", 137, "atomic_int", "atomically *p |= v; returns the old value")
-_atomic("atomic_xor", 138, "atomic_int", "atomically *p ^= v; returns the old value")
-_atomic("atomic_xchg", 139, "atomic_any", "atomically *p = v; returns the old value")
-_row("atomic_cas", 140, ("ptr_atomic", "T", "T"), "atomic_int", "T",
+_atomic("atomic_add", 67, "atomic_int", "atomically *p += v (wrapping); returns the old value")
+_atomic("atomic_fadd", 68, "atomic_float", "atomically *p += v (float); returns the old value")
+_atomic("atomic_smin", 69, "atomic_int", "atomically *p = smin(*p, v); returns the old value")
+_atomic("atomic_smax", 70, "atomic_int", "atomically *p = smax(*p, v); returns the old value")
+_atomic("atomic_umin", 71, "atomic_int", "atomically *p = umin(*p, v); returns the old value")
+_atomic("atomic_umax", 72, "atomic_int", "atomically *p = umax(*p, v); returns the old value")
+_atomic("atomic_and", 73, "atomic_int", "atomically *p &= v; returns the old value")
+_atomic("atomic_or", 74, "atomic_int", "atomically *p |= v; returns the old value")
+_atomic("atomic_xor", 75, "atomic_int", "atomically *p ^= v; returns the old value")
+_atomic("atomic_xchg", 76, "atomic_any", "atomically *p = v; returns the old value")
+_row("atomic_cas", 77, ("ptr_atomic", "T", "T"), "atomic_int", "T",
      "atomically: old = *p; if old == cmp: *p = new; returns old", side_effects=True, reads_memory=True,
      writes_memory=True)
-_row("barrier", 141, (), None, None,
+_row("barrier", 78, (), None, None,
      "block-wide barrier; also a fence for shared and global memory", side_effects=True,
      reads_memory=True, writes_memory=True)
 # --- terminators ----------------------------------------------------------------------------------
-_row("br", 160, (), None, None, "jump to the successor, passing block arguments", successors=1,
+_row("br", 79, (), None, None, "jump to the successor, passing block arguments", successors=1,
      terminator=True)
-_row("cbr", 161, ("i1",), None, None, "if c jump to successor 0 else successor 1", successors=2,
+_row("cbr", 80, ("i1",), None, None, "if c jump to successor 0 else successor 1", successors=2,
      terminator=True)
-_row("ret", 162, (), None, None, "end this thread", terminator=True)
-_row("trap", 163, (), None, None, "abort the launch with a kernel fault", terminator=True,
+_row("ret", 81, (), None, None, "end this thread", terminator=True)
+_row("trap", 82, (), None, None, "abort the launch with a kernel fault", terminator=True,
      side_effects=True)
 
 #: All ops by name, in table order.
