@@ -1,0 +1,597 @@
+"""The reference interpreter: runs an IR kernel over a grid, exactly as docs/ir.md specifies.
+
+It exists for differential testing (against the x86 JIT and the GPU backends) and as the
+executable specification, not for speed; a 256-thread block of saxpy takes a few milliseconds.
+
+**Memory model.** :class:`Memory` mirrors the CPU backend: device ("global") memory is one
+flat arena, a numpy ``uint8`` array, and a device address is a byte offset into it. The first
+``guard`` bytes are never allocated, so null and small addresses always fault. In strict mode
+(the default) every access must also lie inside one live allocation, which catches kernels
+that run past their buffers even where the arena would not. ``ptr<constant>`` parameters are
+addresses in the same arena (read-only by the verifier's rules). Shared arrays live in a
+per-block segment and local arrays in a per-thread segment; pointers into them are offsets in
+their segment, and an access must stay within one array. Every access must be naturally
+aligned. A violation raises :class:`InterpFault`, as does ``trap``.
+
+**Execution.** Each thread is a Python generator over pre-compiled closures (one per op,
+operating on a list of registers indexed by the kernel's canonical value numbering). Threads
+of a block run in thread-index order (``x`` fastest) until their next barrier; a barrier that
+not every thread of the block reaches, or threads waiting at different barriers, is a fault
+(non-uniform barrier). Blocks run one after another in linear order ``x + gx * (y + gy * z)``,
+which is also the CPU backend's order for kernels with global atomics, so float atomics give
+the same bits on both. Scalar semantics come from :mod:`vxpu.ir.interp_ops`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .errors import IRError
+from .interp_ops import evaluator, from_imm, round_float
+from .model import Block, Kernel, Module, Op
+from .types import AddressSpace, Type
+
+__all__ = ["InterpFault", "Memory", "run_kernel", "MAX_THREADS_PER_BLOCK", "DEFAULT_GUARD"]
+
+log = logging.getLogger(__name__)
+
+MAX_THREADS_PER_BLOCK = 1024
+#: Bytes at the start of the arena that are never allocated (as in the CPU backend).
+DEFAULT_GUARD = 64 << 10
+DEFAULT_ALIGNMENT = 256
+_MASK64 = (1 << 64) - 1
+_STRUCTS = {"i8": struct.Struct("<B"), "i16": struct.Struct("<H"), "i32": struct.Struct("<I"),
+            "i64": struct.Struct("<Q"), "f16": struct.Struct("<e"), "f32": struct.Struct("<f"),
+            "f64": struct.Struct("<d")}
+
+Regs = list[Any]
+Step = Callable[[Regs], None]
+
+
+class InterpFault(IRError):
+    """A kernel fault in the interpreter: out-of-bounds or misaligned access, trap, non-uniform
+    barrier, or the step limit. The message names the kernel, block, op and thread."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+# ---------------------------------------------------------------------------------------------
+
+class _Segment:
+    """A byte buffer with the ranges that may be accessed (allocations or arrays)."""
+
+    def __init__(self, buf: np.ndarray, name: str) -> None:
+        self.buf = buf
+        self.name = name
+        self._starts: list[int] = []
+        self._ends: list[int] = []
+
+    def _add_range(self, start: int, end: int) -> None:
+        i = bisect.bisect_left(self._starts, start)
+        self._starts.insert(i, start)
+        self._ends.insert(i, end)
+
+    def check(self, addr: int, size: int, where: str) -> None:
+        """Raise InterpFault unless ``[addr, addr+size)`` is inside one range and aligned."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i < 0 or addr + size > self._ends[i]:
+            raise InterpFault(f"{where}: {size}-byte access at {self.name} address {addr:#x} is out of bounds")
+        if addr % size:
+            raise InterpFault(f"{where}: {size}-byte access at {self.name} address {addr:#x} is misaligned")
+
+
+class Memory(_Segment):
+    """Device memory for the interpreter: a flat arena with an allocator.
+
+    Args:
+        size: arena size in bytes.
+        guard: bytes at the start that are never allocated (null is always invalid).
+        alignment: alignment of every allocation.
+        strict: if True, accesses must fall inside a live allocation; if False, anywhere in
+            ``[guard, size)``.
+
+    Raises:
+        IRError: a size, guard or alignment that makes no sense.
+    """
+
+    def __init__(self, size: int = 64 << 20, *, guard: int = DEFAULT_GUARD, alignment: int = DEFAULT_ALIGNMENT,
+                 strict: bool = True) -> None:
+        if not (0 <= guard < size) or alignment <= 0 or alignment & (alignment - 1):
+            raise IRError(f"bad interpreter memory: size={size} guard={guard} alignment={alignment}")
+        super().__init__(np.zeros(size, dtype=np.uint8), "global")
+        self.size = size
+        self.guard = guard
+        self.alignment = alignment
+        self.strict = strict
+        self._next = guard
+        self._allocs: dict[int, int] = {}
+        if not strict:
+            self._add_range(guard, size)
+
+    def alloc(self, nbytes: int) -> int:
+        """Allocate ``nbytes`` (zeroed) and return the device address.
+
+        Raises:
+            IRError: the arena is full or ``nbytes`` is not positive.
+        """
+        if nbytes <= 0:
+            raise IRError(f"allocation size must be positive, got {nbytes}")
+        addr = -(-self._next // self.alignment) * self.alignment
+        if addr + nbytes > self.size:
+            raise IRError(f"interpreter memory full: {nbytes} bytes do not fit in {self.size}; "
+                          "create Memory(size=...) larger")
+        self._next = addr + nbytes
+        self._allocs[addr] = nbytes
+        self.buf[addr:addr + nbytes] = 0
+        if self.strict:
+            self._add_range(addr, addr + nbytes)
+        return addr
+
+    def upload(self, array: np.ndarray) -> int:
+        """Allocate room for ``array``, copy it in and return its address."""
+        data = np.ascontiguousarray(array)
+        addr = self.alloc(max(1, data.nbytes))
+        self.write(addr, data)
+        return addr
+
+    def write(self, addr: int, array: np.ndarray) -> None:
+        """Copy ``array``'s bytes to ``addr``.
+
+        Raises:
+            IRError: the range is outside the arena.
+        """
+        raw = np.ascontiguousarray(array).view(np.uint8).reshape(-1)
+        self._host_range(addr, raw.size)
+        self.buf[addr:addr + raw.size] = raw
+
+    def read(self, addr: int, dtype: Any, count: int) -> np.ndarray:
+        """A copy of ``count`` elements of ``dtype`` at ``addr``.
+
+        Raises:
+            IRError: the range is outside the arena.
+        """
+        dt = np.dtype(dtype)
+        n = dt.itemsize * count
+        self._host_range(addr, n)
+        return self.buf[addr:addr + n].view(dt).copy()
+
+    def _host_range(self, addr: int, n: int) -> None:
+        if not (0 <= addr and n >= 0 and addr + n <= self.size):
+            raise IRError(f"host access [{addr:#x}, +{n}) is outside the {self.size}-byte interpreter memory")
+
+
+def _array_segment(arrays: Sequence[Any], name: str) -> tuple[_Segment, dict[int, int]]:
+    """Lay out shared or local arrays (16-byte aligned); returns the segment and offsets by id."""
+    offsets: dict[int, int] = {}
+    pos = 0
+    for a in arrays:
+        pos = -(-pos // 16) * 16
+        offsets[id(a)] = pos
+        pos += a.size
+    seg = _Segment(np.zeros(max(pos, 1), dtype=np.uint8), name)
+    for a in arrays:
+        seg._add_range(offsets[id(a)], offsets[id(a)] + a.size)
+    return seg, offsets
+
+
+def _fresh(seg: _Segment) -> _Segment:
+    """A zeroed copy of a segment with the same ranges (per block / per thread)."""
+    new = _Segment(np.zeros_like(seg.buf), seg.name)
+    new._starts, new._ends = seg._starts, seg._ends
+    return new
+
+
+# ---------------------------------------------------------------------------------------------
+# Compilation of a kernel into closures
+# ---------------------------------------------------------------------------------------------
+
+class _State:
+    """Mutable launch state the closures read: memory, the current block's shared segment."""
+
+    def __init__(self, mem: Memory, shared: _Segment, step_limit: int) -> None:
+        self.mem = mem
+        self.shared = shared
+        self.steps_left = step_limit
+
+
+class _CBlock:
+    """A compiled IR block: op closures split at barriers, and the terminator."""
+
+    __slots__ = ("name", "segments", "barrier_ids", "term")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.segments: list[list[Step]] = [[]]
+        self.barrier_ids: list[str] = []
+        self.term: Callable[[Regs], _CBlock | None] = _no_term
+
+
+def _no_term(regs: Regs) -> _CBlock | None:
+    raise AssertionError("block was not compiled")
+
+
+@dataclass
+class _Compiled:
+    """A kernel ready to run: its blocks and where the geometry values go."""
+
+    blocks: list[_CBlock]
+    nregs: int
+    template: list[Any]
+    block_id_regs: list[tuple[int, int]]     # (register, dim index)
+    thread_id_regs: list[tuple[int, int]]
+    local: _Segment | None
+
+
+_DIM = {"x": 0, "y": 1, "z": 2}
+
+
+class _KernelCompiler:
+    def __init__(self, kernel: Kernel, state: _State, grid: tuple[int, int, int],
+                 block: tuple[int, int, int]) -> None:
+        self.k = kernel
+        self.st = state
+        self.grid = grid
+        self.block = block
+        self.num = kernel.numbering()
+        self.local_slot = len(self.num)
+        self.template: list[Any] = [None] * (self.local_slot + 1)
+        _, self.shared_off = _array_segment(kernel.shared, "shared")
+        self.local_seg, self.local_off = _array_segment(kernel.local, "local")
+        self.block_id_regs: list[tuple[int, int]] = []
+        self.thread_id_regs: list[tuple[int, int]] = []
+        self.cblocks = {id(b): _CBlock(b.name or f"#{i}") for i, b in enumerate(kernel.blocks)}
+
+    def compile(self) -> _Compiled:
+        for bi, b in enumerate(self.k.blocks):
+            self._compile_block(bi, b)
+        local = self.local_seg if self.k.local else None
+        return _Compiled([self.cblocks[id(b)] for b in self.k.blocks], self.local_slot + 1, self.template,
+                         self.block_id_regs, self.thread_id_regs, local)
+
+    def _compile_block(self, bi: int, b: Block) -> None:
+        cb = self.cblocks[id(b)]
+        for i, op in enumerate(b.ops):
+            where = f"kernel @{self.k.name}, block ^{cb.name}, op {i} ({op.opcode})"
+            if op.opcode == "barrier":
+                cb.segments.append([])
+                cb.barrier_ids.append(f"barrier at block ^{cb.name}, op {i}")
+            elif op.defn.terminator:
+                cb.term = self._terminator(op, where)
+            else:
+                step = self._op(op, where)
+                if step is not None:
+                    cb.segments[-1].append(step)
+
+    # --- ops -----------------------------------------------------------------------------------
+    def _op(self, op: Op, where: str) -> Step | None:
+        name = op.opcode
+        out = self.num[op.result] if op.result is not None else -1
+        if name == "const":
+            assert op.type is not None and op.imm is not None
+            self.template[out] = from_imm(op.type, op.imm)
+            return None
+        if name in ("thread_id", "block_id", "block_dim", "grid_dim"):
+            return self._geometry(name, _DIM[op.dim or "x"], out)
+        if name in ("shared_addr", "local_addr"):
+            offsets = self.shared_off if name == "shared_addr" else self.local_off
+            self.template[out] = offsets[id(op.array)]
+            return None
+        if name in ("offset", "byte_offset"):
+            return self._offset(op, out)
+        if name == "load":
+            return self._load(op, out, where)
+        if name == "store":
+            return self._store(op, where)
+        if name.startswith("atomic_"):
+            return self._atomic(op, out, where)
+        fn = evaluator(op)
+        if fn is None:
+            raise IRError(f"{where}: the interpreter does not implement {name}")
+        return _apply(fn, [self.num[v] for v in op.operands], out)
+
+    def _geometry(self, name: str, dim: int, out: int) -> None:
+        if name == "thread_id":
+            self.thread_id_regs.append((out, dim))
+        elif name == "block_id":
+            self.block_id_regs.append((out, dim))
+        else:
+            self.template[out] = (self.block if name == "block_dim" else self.grid)[dim]
+        return None
+
+    def _offset(self, op: Op, out: int) -> Step:
+        p, i = self.num[op.operands[0]], self.num[op.operands[1]]
+        size = op.type.size if op.type is not None else 1
+        ibits = op.operands[1].type.bits
+        sign = 1 << (ibits - 1)
+        full = 1 << ibits
+
+        def offset(r: Regs) -> None:
+            idx = r[i]
+            if idx & sign:
+                idx -= full
+            r[out] = (r[p] + idx * size) & _MASK64
+        return offset
+
+    def _segment_getter(self, space: AddressSpace | None) -> Callable[[Regs], _Segment]:
+        if space is AddressSpace.SHARED:
+            st = self.st
+            return lambda r: st.shared
+        if space is AddressSpace.LOCAL:
+            slot = self.local_slot
+            return lambda r: r[slot]
+        mem = self.st.mem
+        return lambda r: mem
+
+    def _load(self, op: Op, out: int, where: str) -> Step:
+        assert op.type is not None
+        get = self._segment_getter(op.operands[0].type.space)
+        p = self.num[op.operands[0]]
+        unpack = _STRUCTS[op.type.name].unpack_from
+        n = op.type.size
+
+        def load(r: Regs) -> None:
+            seg = get(r)
+            a = r[p]
+            seg.check(a, n, where)
+            r[out] = unpack(seg.buf, a)[0]
+        return load
+
+    def _store(self, op: Op, where: str) -> Step:
+        vt = op.operands[0].type
+        get = self._segment_getter(op.operands[1].type.space)
+        v, p = self.num[op.operands[0]], self.num[op.operands[1]]
+        pack = _STRUCTS[vt.name].pack_into
+        n = vt.size
+
+        def store(r: Regs) -> None:
+            seg = get(r)
+            a = r[p]
+            seg.check(a, n, where)
+            pack(seg.buf, a, r[v])
+        return store
+
+    def _atomic(self, op: Op, out: int, where: str) -> Step:
+        t = op.type
+        assert t is not None
+        get = self._segment_getter(op.operands[0].type.space)
+        idx = [self.num[v] for v in op.operands]
+        fmt = _STRUCTS[t.name]
+        n = t.size
+        update = _atomic_update(op.opcode, t)
+
+        def atomic(r: Regs) -> None:
+            seg = get(r)
+            a = r[idx[0]]
+            seg.check(a, n, where)
+            old = fmt.unpack_from(seg.buf, a)[0]
+            new = update(old, *[r[j] for j in idx[1:]])
+            fmt.pack_into(seg.buf, a, new)
+            r[out] = old
+        return atomic
+
+    # --- terminators -----------------------------------------------------------------------------
+    def _terminator(self, op: Op, where: str) -> Callable[[Regs], _CBlock | None]:
+        if op.opcode == "ret":
+            return _ret
+        if op.opcode == "trap":
+            def trap(r: Regs) -> _CBlock | None:
+                raise InterpFault(f"{where}: trap")
+            return trap
+        edges = [self._edge(s.block, s.args) for s in op.successors]
+        if op.opcode == "br":
+            return edges[0]
+        c = self.num[op.operands[0]]
+        on_true, on_false = edges
+
+        def cbr(r: Regs) -> _CBlock | None:
+            return on_true(r) if r[c] else on_false(r)
+        return cbr
+
+    def _edge(self, target: Block, args: Sequence[Any]) -> Callable[[Regs], _CBlock | None]:
+        tb = self.cblocks[id(target)]
+        src = [self.num[a] for a in args]
+        dst = [self.num[p] for p in target.params]
+        if not src:
+            return lambda r: tb
+        if len(src) == 1:
+            s0, d0 = src[0], dst[0]
+
+            def edge1(r: Regs) -> _CBlock | None:
+                r[d0] = r[s0]
+                return tb
+            return edge1
+        pairs = list(zip(dst, src))
+
+        def edge(r: Regs) -> _CBlock | None:
+            vals = [r[s] for _, s in pairs]          # parallel copy: read all, then write
+            for (d, _), val in zip(pairs, vals):
+                r[d] = val
+            return tb
+        return edge
+
+
+def _ret(r: Regs) -> _CBlock | None:
+    return None
+
+
+def _apply(fn: Callable[..., Any], ins: list[int], out: int) -> Step:
+    if len(ins) == 1:
+        a = ins[0]
+
+        def unary(r: Regs) -> None:
+            r[out] = fn(r[a])
+        return unary
+    if len(ins) == 2:
+        a, b = ins
+
+        def binary(r: Regs) -> None:
+            r[out] = fn(r[a], r[b])
+        return binary
+    a, b, c = ins
+
+    def ternary(r: Regs) -> None:
+        r[out] = fn(r[a], r[b], r[c])
+    return ternary
+
+
+def _atomic_update(opcode: str, t: Type) -> Callable[..., Any]:
+    """new = update(old, operands...) for each atomic op."""
+    from .interp_ops import scalar_fn
+
+    if opcode == "atomic_xchg":
+        return lambda old, v: v
+    if opcode == "atomic_cas":
+        return lambda old, cmp, new: new if old == cmp else old
+    if opcode == "atomic_fadd":
+        bits = t.bits
+        return lambda old, v: round_float(bits, old + v)
+    fn = scalar_fn(opcode[len("atomic_"):], t)
+    if fn is None:
+        raise IRError(f"the interpreter does not implement {opcode}")
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+# ---------------------------------------------------------------------------------------------
+
+def _dims(value: int | Sequence[int], what: str) -> tuple[int, int, int]:
+    dims = (value,) if isinstance(value, int) else tuple(value)
+    if not 1 <= len(dims) <= 3 or any(not isinstance(d, (int, np.integer)) or d < 1 for d in dims):
+        raise IRError(f"{what} must be 1 to 3 positive integers, got {value!r}")
+    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))  # type: ignore[return-value]
+
+
+def _arg_value(t: Type, value: Any, name: str) -> Any:
+    if t.is_ptr:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= int(value) <= _MASK64:
+            raise IRError(f"argument %{name} ({t}) must be a device address (an int), got {value!r}")
+        return int(value)
+    if t.is_int:
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise IRError(f"argument %{name} ({t}) must be an integer, got {value!r}")
+        v = int(value)
+        if not t.min_signed <= v <= t.max_unsigned:
+            raise IRError(f"argument %{name} = {v} does not fit {t}")
+        return v & t.max_unsigned
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise IRError(f"argument %{name} ({t}) must be a number, got {value!r}")
+    return round_float(t.bits, float(value))
+
+
+def _thread(entry: _CBlock, regs: Regs, st: _State) -> Iterator[str]:
+    """One thread: runs blocks, yielding the barrier's id at each barrier."""
+    b: _CBlock | None = entry
+    while b is not None:
+        segs = b.segments
+        for step in segs[0]:
+            step(regs)
+        for k in range(1, len(segs)):
+            yield b.barrier_ids[k - 1]
+            for step in segs[k]:
+                step(regs)
+        st.steps_left -= 1
+        if st.steps_left < 0:
+            raise InterpFault(f"step limit exceeded in block ^{b.name} (an endless loop?); "
+                              "raise run_kernel(step_limit=...)")
+        b = b.term(regs)
+
+
+def _run_block(c: _Compiled, st: _State, bid: tuple[int, int, int], block: tuple[int, int, int],
+               shared: _Segment | None) -> None:
+    base = list(c.template)
+    for reg, dim in c.block_id_regs:
+        base[reg] = bid[dim]
+    if shared is not None:
+        st.shared = _fresh(shared)
+    threads: list[tuple[tuple[int, int, int], Iterator[str]]] = []
+    bx, by, bz = block
+    for z in range(bz):
+        for y in range(by):
+            for x in range(bx):
+                regs = list(base)
+                tid = (x, y, z)
+                for reg, dim in c.thread_id_regs:
+                    regs[reg] = tid[dim]
+                if c.local is not None:
+                    regs[-1] = _fresh(c.local)
+                threads.append((tid, _thread(c.blocks[0], regs, st)))
+    while threads:
+        waiting: list[tuple[tuple[int, int, int], Iterator[str]]] = []
+        at: dict[str, tuple[int, int, int]] = {}
+        done: tuple[int, int, int] | None = None
+        for tid, gen in threads:
+            try:
+                barrier = next(gen)
+            except StopIteration:
+                done = done or tid
+                continue
+            except InterpFault as exc:
+                raise InterpFault(f"{exc} [block {bid}, thread {tid}]") from None
+            at.setdefault(barrier, tid)
+            waiting.append((tid, gen))
+        if waiting and (done is not None or len(at) > 1):
+            where = "; ".join(f"thread {t} waits at the {b}" for b, t in at.items())
+            if done is not None:
+                where += f"; thread {done} returned"
+            raise InterpFault(f"non-uniform barrier in block {bid}: {where}")
+        threads = waiting
+
+
+def run_kernel(module: Module, name: str, grid: int | Sequence[int], block: int | Sequence[int],
+               args: Sequence[Any], memory: Memory, *, verify: bool = True,
+               step_limit: int = 100_000_000) -> None:
+    """Run kernel ``name`` of ``module`` over ``grid`` x ``block`` threads on ``memory``.
+
+    Args:
+        module: the IR module.
+        name: the kernel to run.
+        grid: blocks per grid (an int, or 1 to 3 ints x, y, z).
+        block: threads per block (at most MAX_THREADS_PER_BLOCK in total).
+        args: one value per kernel parameter: device addresses (ints from ``memory.alloc`` /
+            ``memory.upload``) for pointers, Python or numpy numbers for scalars (floats are
+            rounded to the parameter's type).
+        memory: the device memory; kernels read and write it in place.
+        verify: run the verifier first (leave on for untrusted modules).
+        step_limit: most blocks executed in total over all threads before faulting.
+
+    Raises:
+        VerifyError: the module is invalid (with ``verify``).
+        IRError: unknown kernel, bad geometry or arguments.
+        InterpFault: the kernel faulted (out of bounds, misaligned, trap, non-uniform barrier,
+            step limit); the message says where.
+    """
+    if verify:
+        from .verify import verify as verify_module
+
+        verify_module(module)
+    kernel = module.kernel(name)
+    g, b = _dims(grid, "grid"), _dims(block, "block")
+    if b[0] * b[1] * b[2] > MAX_THREADS_PER_BLOCK:
+        raise IRError(f"block {b} has more than {MAX_THREADS_PER_BLOCK} threads")
+    if len(args) != len(kernel.params):
+        raise IRError(f"kernel @{name} takes {len(kernel.params)} arguments, got {len(args)}")
+    shared, _ = _array_segment(kernel.shared, "shared")
+    st = _State(memory, shared, step_limit)
+    compiled = _KernelCompiler(kernel, st, g, b).compile()
+    num = kernel.numbering()
+    for p, value in zip(kernel.params, args):
+        compiled.template[num[p]] = _arg_value(p.type, value, p.name or str(p.index))
+    with np.errstate(all="ignore"):
+        for z in range(g[2]):
+            for y in range(g[1]):
+                for x in range(g[0]):
+                    _run_block(compiled, st, (x, y, z), b, shared if kernel.shared else None)
+
+
+def launch_threads(grid: int | Sequence[int], block: int | Sequence[int]) -> int:
+    """Total threads of a launch (handy for sizing outputs)."""
+    g, b = _dims(grid, "grid"), _dims(block, "block")
+    return math.prod(g) * math.prod(b)
