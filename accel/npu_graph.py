@@ -148,13 +148,13 @@ class _Lowerer:
     # -- structure --------------------------------------------------------------------
     def lower(self) -> ElementwiseMap:
         k = self.kernel
+        if any(b.params for b in k.blocks):
+            raise NotElementwise("has block parameters (loops or merges)")
         if len(k.blocks) != 3:
             raise NotElementwise(f"needs exactly the blocks entry, body, exit (has {len(k.blocks)})")
         if k.shared or k.local:
             raise NotElementwise("uses shared or local memory")
         entry, body, exit_ = k.blocks
-        if any(b.params for b in k.blocks):
-            raise NotElementwise("has block parameters (loops or merges)")
         if [op.opcode for op in exit_.ops] != ["ret"]:
             raise NotElementwise("the exit block must only return")
         term = entry.terminator
