@@ -1,0 +1,260 @@
+"""The public compile entry: IR module → native code for x86, NVPTX or AMDGPU, through the cache.
+
+::
+
+    from vxpu.ir.compile import compile_module
+    cm = compile_module(wire_bytes, "nvptx", arch="sm_90")      # or a Module; "x86"; "amdgpu"
+    cm.image          # cubin (nvptx) | hsaco (amdgpu) | ELF object (x86, see vxpu.ir.cpu_exec)
+    cm.asm            # the PTX text (nvptx), else ""
+    cm.kernels["saxpy"].param_offsets
+
+Stages (each a function in ``vxpu.ir.lower``): decode + verify (hostile input) → lower to LLVM IR
+(``llvmlite.ir``) → parse, verify and optimize (O0-O3) → emit: PTX → nvJitLink cubin; AMDGPU
+object → ``ld.lld -shared`` hsaco (kernel descriptors checked); x86 object (sandboxed launch
+drivers). The cache key is the IR core's canonical module hash plus target, options and tool
+versions (:func:`vxpu.ir.cache.cache_key`); a hit returns the same :class:`CompiledModule`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from vxpu.ir.cache import CompileCache, cache_key
+from vxpu.ir.lower.errors import CompileError, LoweringError, ToolchainError
+from vxpu.ir.model import Kernel, Module
+
+log = logging.getLogger(__name__)
+
+__all__ = ["compile_module", "CompiledModule", "KernelSignature", "CompileError", "ToolchainError",
+           "LoweringError", "kernel_signature", "default_cache"]
+
+_PAYLOAD_MAGIC = b"VXCM"
+_PAYLOAD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class KernelSignature:
+    """Launch-relevant facts of one kernel (the same on every target).
+
+    Parameters are packed little-endian with natural alignment (C struct rules: each parameter
+    at a multiple of its size, the total rounded up to the largest alignment).
+    """
+
+    name: str
+    param_sizes: tuple[int, ...]
+    param_offsets: tuple[int, ...]
+    args_size: int
+    static_shared_bytes: int
+    uses_global_atomics: bool
+    has_barriers: bool
+
+    def kernel_info(self) -> Any:
+        """This signature as an ``accel.backend.KernelInfo`` (the Backend contract's type)."""
+        from vxpu.accel.backend import KernelInfo
+
+        return KernelInfo(self.name, self.param_sizes, self.param_offsets, self.args_size,
+                          self.static_shared_bytes)
+
+
+def kernel_signature(kernel: Kernel) -> KernelSignature:
+    """The :class:`KernelSignature` of a verified kernel."""
+    from vxpu.ir.lower.x86 import ARRAY_ALIGN, _layout
+
+    sizes, offsets, pos, align = [], [], 0, 1
+    for p in kernel.params:
+        size = p.type.size
+        pos = (pos + size - 1) // size * size
+        sizes.append(size)
+        offsets.append(pos)
+        pos += size
+        align = max(align, size)
+    total = (pos + align - 1) // align * align
+    _, shared = _layout(kernel.shared, ARRAY_ALIGN)
+    atomics = any(op.opcode.startswith("atomic_") and op.operands[0].type.space is not None
+                  and op.operands[0].type.space.value == "global" for op in kernel.ops())
+    barriers = any(op.opcode == "barrier" for op in kernel.ops())
+    return KernelSignature(kernel.name, tuple(sizes), tuple(offsets), total, shared, atomics, barriers)
+
+
+@dataclass(frozen=True)
+class CompiledModule:
+    """The result of a compile: native code plus what a backend needs to launch it.
+
+    Attributes:
+        name: the module name.
+        target: ``TargetSpec.key()`` of the target (``"nvptx|sm_90|+ptx80|cov0"``).
+        kind: ``"x86"``, ``"nvptx"`` or ``"amdgpu"``.
+        arch: the architecture compiled for.
+        image: cubin, hsaco or x86 ELF object bytes.
+        asm: PTX text for NVPTX ('' otherwise).
+        kernels: name → :class:`KernelSignature`, in module order.
+        extra: target specifics (x86: each kernel's scratch layout).
+        compile_seconds: wall time of the compile that produced it.
+    """
+
+    name: str
+    target: str
+    kind: str
+    arch: str
+    image: bytes
+    asm: str
+    kernels: dict[str, KernelSignature]
+    extra: dict[str, Any] = field(default_factory=dict)
+    compile_seconds: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        """Serialise for the disk cache (JSON header + image)."""
+        meta = {
+            "name": self.name, "target": self.target, "kind": self.kind, "arch": self.arch, "asm": self.asm,
+            "kernels": [[k.name, list(k.param_sizes), list(k.param_offsets), k.args_size,
+                         k.static_shared_bytes, k.uses_global_atomics, k.has_barriers]
+                        for k in self.kernels.values()],
+            "extra": self.extra, "compile_seconds": self.compile_seconds,
+        }
+        head = json.dumps(meta, separators=(",", ":")).encode()
+        return _PAYLOAD_MAGIC + struct.pack("<HI", _PAYLOAD_VERSION, len(head)) + head + self.image
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "CompiledModule":
+        """Inverse of :meth:`to_bytes`.
+
+        Raises:
+            ValueError: not a serialised module of this version.
+        """
+        if data[:4] != _PAYLOAD_MAGIC or len(data) < 10:
+            raise ValueError("not a compiled-module payload")
+        version, hlen = struct.unpack_from("<HI", data, 4)
+        if version != _PAYLOAD_VERSION or 10 + hlen > len(data):
+            raise ValueError("compiled-module payload of another version or truncated")
+        meta = json.loads(data[10:10 + hlen])
+        kernels = {k[0]: KernelSignature(k[0], tuple(k[1]), tuple(k[2]), k[3], k[4], k[5], k[6])
+                   for k in meta["kernels"]}
+        return cls(meta["name"], meta["target"], meta["kind"], meta["arch"], bytes(data[10 + hlen:]),
+                   meta["asm"], kernels, meta["extra"], meta["compile_seconds"])
+
+
+_default_cache: CompileCache | None = None
+_default_lock = threading.Lock()
+#: Raw wire bytes digest + options → compiled module: the fast path for repeated loads.
+_alias: dict[bytes, CompiledModule] = {}
+_ALIAS_MAX = 4096
+
+
+def default_cache() -> CompileCache:
+    """The process-wide cache (memory + ``user_cache_dir("vxpu")/jit``)."""
+    global _default_cache
+    with _default_lock:
+        if _default_cache is None:
+            _default_cache = CompileCache()
+        return _default_cache
+
+
+def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, target: str = "x86", *,
+                   arch: str | None = None, opt_level: int = 3, cache: CompileCache | None | bool = None,
+                   cov: int = 5, features: str | None = None) -> CompiledModule:
+    """Compile an IR module for ``target``.
+
+    Args:
+        module_or_bytes: a :class:`Module` (verified here) or its VXIR wire encoding (decoded
+            and verified here: hostile input is fine).
+        target: ``"x86"``, ``"nvptx"`` or ``"amdgpu"`` (aliases: cpu, cuda, hip).
+        arch: ``sm_80``/``sm_90``/``sm_90a``, ``gfx90a``/``gfx942``/``gfx1100``, or an x86 CPU name
+            (default: sm_90, gfx942, the host CPU).
+        opt_level: 0-3.
+        cache: a :class:`CompileCache`; ``None`` = the process default; ``False`` = no caching.
+        cov: AMDGPU code-object version (4 or 5).
+        features: LLVM feature string override (e.g. ``+ptx78``).
+
+    Raises:
+        vxpu.ir.errors.DecodeError / VerifyError: invalid IR (every problem listed).
+        ToolchainError: a native tool is missing or failed (message names the fix).
+        CompileError: anything else that stops the compile.
+    """
+    from vxpu.ir.lower.toolchain import resolve_target, toolchain_versions
+
+    spec = resolve_target(target, arch, features=features, cov=cov)
+    opt = min(max(int(opt_level), 0), 3)
+    store = default_cache() if cache is None or cache is True else (cache or None)
+    raw_key = None
+    if isinstance(module_or_bytes, (bytes, bytearray, memoryview)):
+        data = bytes(module_or_bytes)
+        raw_key = hashlib.sha256(data + spec.key().encode() + bytes([opt]) + _versions_tag()).digest()
+        if store is not None:
+            hit = _alias.get(raw_key)
+            if hit is not None:
+                store.stats.memory_hits += 1
+                return hit
+        from vxpu.ir.binary import decode
+
+        module = decode(data)
+    else:
+        from vxpu.ir.verify import verify
+
+        module = module_or_bytes
+        verify(module)
+    from vxpu.ir.hashing import module_hash
+
+    key = cache_key(bytes.fromhex(module_hash(module)), spec.key(), [("opt", opt)], toolchain_versions())
+
+    def build() -> CompiledModule:
+        return _build(module, spec, opt)
+
+    if store is None:
+        return build()
+    result = store.get_or_build(key, build, dump=CompiledModule.to_bytes, load=CompiledModule.from_bytes)
+    if raw_key is not None:
+        if len(_alias) >= _ALIAS_MAX:
+            _alias.clear()
+        _alias[raw_key] = result
+    return result
+
+
+def _versions_tag() -> bytes:
+    from vxpu.ir.lower.toolchain import toolchain_versions
+
+    return toolchain_versions().encode()
+
+
+def _build(module: Module, spec: Any, opt: int) -> CompiledModule:
+    from vxpu.ir.lower import toolchain as tc
+
+    t0 = time.perf_counter()
+    sigs = {k.name: kernel_signature(k) for k in module.kernels}
+    extra: dict[str, Any] = {}
+    asm = ""
+    try:
+        if spec.kind == "nvptx":
+            from vxpu.ir.lower import nvptx
+
+            mod = tc.parse_and_optimize(str(nvptx.lower_module(module)), spec, opt)
+            asm = tc.emit_ptx(mod, spec, opt)
+            image, info = tc.ptx_to_cubin(asm, spec.arch, opt_level=opt)
+            extra["ptxas_info"] = info
+        elif spec.kind == "amdgpu":
+            from vxpu.ir.lower import amdgpu
+
+            mod = tc.parse_and_optimize(str(amdgpu.lower_module(module, spec.cov)), spec, opt)
+            image = tc.link_hsaco(tc.emit_amdgpu_object(mod, spec, opt))
+            tc.check_hsaco(image, list(sigs))
+        else:
+            from vxpu.ir.lower import x86
+
+            llmod, layouts = x86.lower_module(module)
+            mod = tc.parse_and_optimize(str(llmod), spec, opt)
+            image = tc.emit_x86_object(mod, spec, opt)
+            extra["layouts"] = {lay.name: x86.layout_to_json(lay) for lay in layouts}
+    except CompileError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any LLVM/tool failure becomes a precise CompileError
+        log.debug("compile of %s for %s failed", module.name, spec.key(), exc_info=True)
+        raise CompileError(f"compiling module {module.name!r} for {spec.key()} failed: {exc}") from exc
+    dt = time.perf_counter() - t0
+    log.debug("compiled %s for %s in %.1f ms", module.name, spec.key(), dt * 1e3)
+    return CompiledModule(module.name, spec.key(), spec.kind, spec.arch, image, asm, sigs, extra, dt)

@@ -1,0 +1,236 @@
+"""Run x86-compiled IR kernels in this process: the API the CPU backend builds on.
+
+::
+
+    cm = compile_module(ir_bytes, "x86")
+    mod = CpuModule(cm)                       # loads the native code (MCJIT)
+    k = mod.kernel("saxpy")
+    k.info                                    # accel.backend.KernelInfo (packed-args layout)
+    k.run(grid=(64, 1, 1), block=(256, 1, 1), args=packed, arena_base=addr, arena_size=n)
+
+One :meth:`CpuKernel.run` is one native call (``ctypes``, so the GIL is released) that loops
+over its range of blocks and their threads in generated code. Device pointers are offsets into
+the caller's arena; every access is bounds-checked there (see :mod:`vxpu.ir.lower.x86`), so a
+hostile kernel raises :class:`KernelFault` instead of touching host memory. ``run`` keeps no
+state between calls: several OS threads may run disjoint ``blocks`` ranges of the same launch
+at once (each call allocates its own context and scratch memory).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from vxpu.errors import Error
+from vxpu.ir.compile import CompiledModule, KernelSignature, compile_module
+from vxpu.ir.lower import x86 as x86_lower
+from vxpu.ir.lower.errors import CompileError
+
+log = logging.getLogger(__name__)
+
+__all__ = ["CpuModule", "CpuKernel", "KernelFault", "FAULT_MESSAGES", "MAX_THREADS_PER_BLOCK",
+           "MAX_SHARED_BYTES", "load"]
+
+MAX_THREADS_PER_BLOCK = 1024
+#: Largest shared window (static + dynamic) per block.
+MAX_SHARED_BYTES = 1 << 20
+_MAX_DIM = 0x7FFFFFFF
+
+FAULT_MESSAGES = {
+    x86_lower.FAULT_GLOBAL: "global/constant memory access out of the arena",
+    x86_lower.FAULT_SHARED: "shared memory access out of bounds",
+    x86_lower.FAULT_LOCAL: "local memory access out of bounds",
+    x86_lower.FAULT_MISALIGNED: "misaligned memory access",
+    x86_lower.FAULT_TRAP: "the kernel executed trap",
+    x86_lower.FAULT_BARRIER: "barrier reached non-uniformly (threads of a block diverged at a barrier)",
+}
+_CTX_LEN = len(x86_lower.CTX_FIELDS)
+_CtxArray = ctypes.c_uint64 * _CTX_LEN
+_F = {name: i for i, name in enumerate(x86_lower.CTX_FIELDS)}
+_LAUNCH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p)
+
+
+class KernelFault(Error):
+    """A kernel faulted; the launch stopped. Nothing outside the arena was touched.
+
+    Attributes:
+        code: one of the ``FAULT_*`` codes of :mod:`vxpu.ir.lower.x86`.
+        block: the faulting block's (x, y, z).
+        thread: the faulting thread's (x, y, z).
+        address: the offending offset (arena / shared / local), 0 for traps and barriers.
+    """
+
+    def __init__(self, kernel: str, code: int, block: tuple[int, int, int], thread: tuple[int, int, int],
+                 address: int) -> None:
+        what = FAULT_MESSAGES.get(code, f"fault code {code}")
+        super().__init__(f"kernel {kernel!r} faulted: {what} (block {block}, thread {thread}, "
+                         f"offset {address:#x})")
+        self.kernel = kernel
+        self.code = code
+        self.block = block
+        self.thread = thread
+        self.address = address
+
+
+class CpuKernel:
+    """One loaded kernel. Get it from :meth:`CpuModule.kernel`."""
+
+    def __init__(self, module: "CpuModule", sig: KernelSignature, layout: x86_lower.X86KernelLayout,
+                 address: int) -> None:
+        self._module = module  # keeps the machine code alive
+        self.name = sig.name
+        self.signature = sig
+        self.layout = layout
+        self.uses_global_atomics = sig.uses_global_atomics
+        self.has_barriers = layout.has_barriers
+        self._fn = _LAUNCH_TYPE(address)
+        self._info: Any = None
+
+    @property
+    def info(self) -> Any:
+        """The ``accel.backend.KernelInfo`` of this kernel."""
+        if self._info is None:
+            self._info = self.signature.kernel_info()
+        return self._info
+
+    def run(self, grid: Sequence[int], block: Sequence[int], args: bytes | bytearray | memoryview,
+            arena_base: int, arena_size: int, dynamic_shared: int = 0, blocks: range | None = None) -> None:
+        """Run blocks of a launch to completion on the calling OS thread.
+
+        Args:
+            grid: blocks per grid (1-3 dims).
+            block: threads per block (1-3 dims, at most :data:`MAX_THREADS_PER_BLOCK` in all).
+            args: the packed parameters (``info.param_offsets``); at least ``info.args_size`` bytes.
+            arena_base: host address of the client's arena (device address 0).
+            arena_size: its size in bytes; every global/constant access is checked against it.
+            dynamic_shared: extra shared bytes per block (beyond the static arrays).
+            blocks: which linear block indices to run (x fastest); default all. Disjoint ranges may
+                run concurrently from different threads.
+
+        Raises:
+            ValueError: malformed launch arguments (shape, sizes, ranges).
+            KernelFault: the kernel faulted; blocks after the faulting one were not run.
+        """
+        g = _dims(grid, "grid")
+        bl = _dims(block, "block")
+        nthreads = bl[0] * bl[1] * bl[2]
+        if nthreads > MAX_THREADS_PER_BLOCK:
+            raise ValueError(f"block has {nthreads} threads; at most {MAX_THREADS_PER_BLOCK}")
+        total = g[0] * g[1] * g[2]
+        rng = range(total) if blocks is None else blocks
+        if rng.step != 1 or rng.start < 0 or rng.stop > total:
+            raise ValueError(f"blocks must be a step-1 range within 0..{total}, got {rng}")
+        if len(rng) == 0:
+            return
+        data = bytes(args)
+        if len(data) < self.signature.args_size:
+            raise ValueError(f"kernel {self.name!r} needs {self.signature.args_size} bytes of arguments, "
+                             f"got {len(data)}")
+        if arena_size < 0 or arena_base < 0 or (arena_size and not arena_base) or arena_base + arena_size >= 1 << 64:
+            raise ValueError("arena_base/arena_size do not describe a host memory range")
+        if not 0 <= dynamic_shared <= MAX_SHARED_BYTES - self.layout.static_shared:
+            raise ValueError(f"dynamic shared memory must be 0..{MAX_SHARED_BYTES - self.layout.static_shared}")
+        shared_size = self.layout.static_shared + dynamic_shared
+        per = nthreads if self.layout.has_barriers else 1
+        spill_bytes = per * self.layout.spill_frame
+        local_bytes = per * self.layout.local_size
+        scratch = ctypes.create_string_buffer(max(1, shared_size + spill_bytes + local_bytes + 64))
+        base = (ctypes.addressof(scratch) + 63) & ~63
+        argbuf = ctypes.create_string_buffer(data, max(1, len(data)))
+        ctx = _CtxArray()
+        ctx[_F["arena_base"]] = arena_base
+        ctx[_F["arena_size"]] = arena_size
+        ctx[_F["args"]] = ctypes.addressof(argbuf)
+        ctx[_F["shared"]] = base
+        ctx[_F["shared_size"]] = shared_size
+        ctx[_F["spill"]] = base + shared_size
+        ctx[_F["local"]] = base + shared_size + spill_bytes
+        ctx[_F["block_begin"]] = rng.start
+        ctx[_F["block_end"]] = rng.stop
+        for i, d in enumerate("xyz"):
+            ctx[_F[f"grid_{d}"]] = g[i]
+            ctx[_F[f"block_{d}"]] = bl[i]
+        rc = self._fn(ctypes.addressof(ctx))
+        if rc != 0:
+            self._raise(ctx, g, bl)
+
+    def _raise(self, ctx: Any, g: tuple[int, int, int], bl: tuple[int, int, int]) -> None:
+        lb, lt = ctx[_F["fault_block"]], ctx[_F["fault_thread"]]
+        blk = (lb % g[0], lb // g[0] % g[1], lb // (g[0] * g[1]))
+        thr = (lt % bl[0], lt // bl[0] % bl[1], lt // (bl[0] * bl[1]))
+        fault = KernelFault(self.name, int(ctx[_F["fault_code"]]), blk, thr, int(ctx[_F["fault_addr"]]))
+        log.debug("%s", fault)
+        raise fault
+
+
+def _dims(dims: Sequence[int], what: str) -> tuple[int, int, int]:
+    if not 1 <= len(dims) <= 3:
+        raise ValueError(f"{what} needs 1-3 dimensions, got {len(dims)}")
+    out = tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    if any(d < 1 or d > _MAX_DIM for d in out):
+        raise ValueError(f"{what} dimensions must be in 1..2^31-1, got {out}")
+    return out  # type: ignore[return-value]
+
+
+class CpuModule:
+    """x86 machine code of a compiled module, loaded into this process (MCJIT).
+
+    Args:
+        compiled: a :class:`CompiledModule` for target x86 (built on this host's CPU).
+
+    Raises:
+        CompileError: the module is for another target or its code cannot be loaded.
+    """
+
+    _lock = threading.Lock()
+
+    def __init__(self, compiled: CompiledModule) -> None:
+        if compiled.kind != "x86":
+            raise CompileError(f"module {compiled.name!r} was compiled for {compiled.kind}, not x86")
+        import llvmlite.binding as llvm
+
+        from vxpu.ir.lower.toolchain import LLVM_LOCK, _llvm, target_machine, resolve_target
+
+        _llvm()
+        self.compiled = compiled
+        with LLVM_LOCK:
+            try:
+                spec = resolve_target("x86", compiled.arch)
+                self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine(spec, 0))
+                self._engine.add_object_file(llvm.ObjectFileRef.from_data(compiled.image))
+                self._engine.finalize_object()
+            except RuntimeError as exc:
+                raise CompileError(f"cannot load x86 code of module {compiled.name!r}: {exc}") from exc
+            layouts = {name: x86_lower.layout_from_json(d) for name, d in compiled.extra["layouts"].items()}
+            self._kernels = {}
+            for name, sig in compiled.kernels.items():
+                lay = layouts[name]
+                addr = self._engine.get_function_address(lay.symbol)
+                if not addr:
+                    raise CompileError(f"x86 code of module {compiled.name!r} lacks {lay.symbol}")
+                self._kernels[name] = CpuKernel(self, sig, lay, addr)
+
+    @property
+    def kernels(self) -> dict[str, CpuKernel]:
+        """All kernels by name."""
+        return dict(self._kernels)
+
+    def kernel(self, name: str) -> CpuKernel:
+        """The kernel called ``name``.
+
+        Raises:
+            KeyError: no such kernel (the message lists the ones there are).
+        """
+        try:
+            return self._kernels[name]
+        except KeyError:
+            raise KeyError(f"module {self.compiled.name!r} has no kernel {name!r}; it has "
+                           f"{', '.join(self._kernels) or 'none'}") from None
+
+
+def load(module_or_bytes: Any, *, opt_level: int = 3, cache: Any = None) -> CpuModule:
+    """Compile (through the cache) for this host and load: ``compile_module`` + :class:`CpuModule`."""
+    return CpuModule(compile_module(module_or_bytes, "x86", opt_level=opt_level, cache=cache))

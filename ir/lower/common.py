@@ -1,0 +1,503 @@
+"""IR → LLVM IR (``llvmlite.ir``): the lowering shared by every target.
+
+:class:`KernelLowering` turns one verified :class:`~vxpu.ir.model.Kernel` into the body of an
+LLVM function. It owns everything that is the same on all targets — the exact IR semantics
+(see docs/ir.md), so **no undefined behaviour reaches LLVM**:
+
+* integer division and remainder are guarded with selects (``x / 0 = 0``, ``x % 0 = x``,
+  ``MIN / -1 = MIN``, ``MIN % -1 = 0``); shift amounts are masked and ``>= width`` selected
+  to ``0`` (or the sign fill for ``ashr``); no ``nsw``/``nuw``/``exact``/fast-math flags;
+* float → int conversions use ``llvm.fpto[su]i.sat`` (saturating, NaN → 0);
+* ``fmin``/``fmax`` are ``llvm.minnum``/``maxnum``; transcendental functions come from
+  :mod:`vxpu.ir.lower.math` (identical code on every target);
+* block parameters become phi nodes; blocks are emitted in reverse post-order so every
+  definition is emitted before its uses; unreachable blocks are dropped.
+
+What differs per target lives behind :class:`TargetHooks` (pointer representation, thread
+geometry, memory addressing and sandbox checks, barriers, traps, kernel marking), implemented in
+``nvptx.py``, ``amdgpu.py`` and ``x86.py``. Pointers are byte pointers (``i8 addrspace(N)*``)
+on GPUs and arena offsets (``i64``) on x86; loads and stores ask the hooks for a typed address.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from llvmlite import ir
+
+from vxpu.ir.lower import math as vmath
+from vxpu.ir.lower.errors import LoweringError
+from vxpu.ir.model import Block, Kernel, Op, Value
+from vxpu.ir.types import AddressSpace, Type
+
+I1 = ir.IntType(1)
+I8 = ir.IntType(8)
+I16 = ir.IntType(16)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+VOID = ir.VoidType()
+
+_SCALAR = {
+    "i1": I1, "i8": I8, "i16": I16, "i32": I32, "i64": I64,
+    "f16": ir.HalfType(), "f32": ir.FloatType(), "f64": ir.DoubleType(),
+}
+_FLOAT_SUFFIX = {16: "f16", 32: "f32", 64: "f64"}
+_ICMP = {"eq": "==", "ne": "!=", "slt": "<", "sle": "<=", "sgt": ">", "sge": ">=",
+         "ult": "<", "ule": "<=", "ugt": ">", "uge": ">="}
+_FCMP = {"oeq": "==", "one": "!=", "olt": "<", "ole": "<=", "ogt": ">", "oge": ">=", "ord": "ord",
+         "ueq": "==", "une": "!=", "ult": "<", "ule": "<=", "ugt": ">", "uge": ">=", "uno": "uno"}
+_RMW = {"atomic_add": "add", "atomic_fadd": "fadd", "atomic_smin": "min", "atomic_smax": "max",
+        "atomic_umin": "umin", "atomic_umax": "umax", "atomic_and": "and", "atomic_or": "or",
+        "atomic_xor": "xor", "atomic_xchg": "xchg"}
+_INT_BIN = {"add": "add", "sub": "sub", "mul": "mul", "and": "and_", "or": "or_", "xor": "xor"}
+_FLOAT_BIN = {"fadd": "fadd", "fsub": "fsub", "fmul": "fmul", "fdiv": "fdiv", "frem": "frem"}
+_FLOAT_INTRINSIC1 = {"fabs": "llvm.fabs", "sqrt": "llvm.sqrt", "floor": "llvm.floor", "ceil": "llvm.ceil"}
+_FLOAT_INTRINSIC2 = {"fmin": "llvm.minnum", "fmax": "llvm.maxnum"}
+_INT_MINMAX = {"smin": ("<", True), "smax": (">", True), "umin": ("<", False), "umax": (">", False)}
+
+
+def scalar_type(t: Type) -> ir.Type:
+    """The LLVM type of a non-pointer IR type."""
+    return _SCALAR[t.name]
+
+
+def float_constant(t: Type, value: float) -> ir.Constant:
+    """An exact LLVM float constant (hex bit patterns; f16 as ``0xH``)."""
+    if t.bits == 16:
+        bits = struct.unpack("<H", struct.pack("<e", value))[0] if value == value else 0x7E00
+        return ir.FormattedConstant(_SCALAR["f16"], f"0xH{bits:04X}")
+    if value != value:
+        return ir.FormattedConstant(_SCALAR[t.name], "0x7FF8000000000000")
+    bits64 = struct.unpack("<Q", struct.pack("<d", float(value)))[0]
+    return ir.FormattedConstant(_SCALAR[t.name], f"0x{bits64:016X}")
+
+
+def declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
+    """Get or declare the function ``name`` (intrinsics and helpers)."""
+    fn = module.globals.get(name)
+    if fn is None:
+        fn = ir.Function(module, ir.FunctionType(ret, args), name=name)
+    return fn
+
+
+class TargetHooks:
+    """What a target decides; :class:`KernelLowering` calls these while emitting a kernel.
+
+    Subclasses set :attr:`triple`/:attr:`datalayout` and implement every method. ``kl`` is the
+    calling :class:`KernelLowering` (``kl.b`` is the current builder).
+    """
+
+    triple = ""
+    datalayout = ""
+
+    def ptr_type(self, space: AddressSpace) -> ir.Type:
+        """LLVM type of an IR pointer in ``space``."""
+        raise NotImplementedError
+
+    def geometry(self, kl: "KernelLowering", opcode: str, dim: str) -> ir.Value:
+        """An i32 for thread_id / block_id / block_dim / grid_dim."""
+        raise NotImplementedError
+
+    def offset(self, kl: "KernelLowering", p: ir.Value, nbytes: ir.Value, space: AddressSpace) -> ir.Value:
+        """``p + nbytes`` (i64, wrapping) in ``space``."""
+        raise NotImplementedError
+
+    def address(self, kl: "KernelLowering", p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
+                atomic: bool) -> ir.Value:
+        """A typed LLVM pointer for an access of ``size`` bytes at IR pointer ``p``.
+
+        The x86 target emits the sandbox checks here (and may change the current block)."""
+        raise NotImplementedError
+
+    def array_addr(self, kl: "KernelLowering", op: Op) -> ir.Value:
+        """The pointer value of ``shared_addr``/``local_addr``."""
+        raise NotImplementedError
+
+    def barrier(self, kl: "KernelLowering") -> None:
+        """Emit a block-wide barrier (the x86 target splits the function here)."""
+        raise NotImplementedError
+
+    def trap(self, kl: "KernelLowering") -> None:
+        """Terminate the current block with a kernel fault."""
+        raise NotImplementedError
+
+    def ret(self, kl: "KernelLowering") -> None:
+        """Terminate the current block: this thread is done."""
+        raise NotImplementedError
+
+    def invariant_load(self, space: AddressSpace) -> bool:
+        """Whether loads from ``space`` may be marked ``!invariant.load``."""
+        return False
+
+
+def reverse_postorder(kernel: Kernel) -> list[Block]:
+    """The blocks reachable from the entry, in reverse post-order."""
+    if not kernel.blocks:
+        return []
+    seen: set[int] = set()
+    order: list[Block] = []
+    stack: list[tuple[Block, Iterator[Block]]] = [(kernel.blocks[0], iter(kernel.blocks[0].successor_blocks()))]
+    seen.add(id(kernel.blocks[0]))
+    while stack:
+        blk, it = stack[-1]
+        nxt = next(it, None)
+        if nxt is None:
+            order.append(blk)
+            stack.pop()
+        elif id(nxt) not in seen:
+            seen.add(id(nxt))
+            stack.append((nxt, iter(nxt.successor_blocks())))
+    order.reverse()
+    return order
+
+
+class KernelLowering:
+    """Emits one kernel's ops into an LLVM function that the target prepared.
+
+    Args:
+        kernel: a verified kernel.
+        hooks: the target.
+        fn: the LLVM function to fill; ``entry`` is its first block (already holding any
+            target prologue); ``params`` maps kernel params to their LLVM values.
+    """
+
+    def __init__(self, kernel: Kernel, hooks: TargetHooks, fn: ir.Function, entry: ir.Block,
+                 params: dict[Value, ir.Value]) -> None:
+        self.kernel = kernel
+        self.hooks = hooks
+        self.fn = fn
+        self.module: ir.Module = fn.module
+        self.b = ir.IRBuilder(entry)
+        self.values: dict[Value, ir.Value] = dict(params)
+        self.blocks: dict[int, ir.Block] = {}
+        self.phis: dict[int, list[ir.PhiInstr]] = {}
+        #: Values kept in per-thread spill slots (x86 barrier fission): value -> typed slot pointer.
+        self.spill: dict[Value, ir.Value] = {}
+        self.current_op: Op | None = None
+
+    # ------------------------------------------------------------------ types and values
+
+    def llvm_type(self, t: Type) -> ir.Type:
+        return self.hooks.ptr_type(t.space) if t.is_ptr else scalar_type(t)  # type: ignore[arg-type]
+
+    def get(self, v: Value) -> ir.Value:
+        """The LLVM value of ``v`` at the current point (reloaded from its spill slot if spilled)."""
+        slot = self.spill.get(v)
+        if slot is not None:
+            loaded = self.b.load(slot)
+            return self.b.trunc(loaded, I1) if v.type.name == "i1" else loaded
+        try:
+            return self.values[v]
+        except KeyError:
+            raise LoweringError(f"kernel @{self.kernel.name}: value {v!r} used before definition "
+                                "(run the verifier first)") from None
+
+    def define(self, v: Value, val: ir.Value) -> None:
+        self.values[v] = val
+        slot = self.spill.get(v)
+        if slot is not None:
+            self.b.store(self.b.zext(val, I8) if v.type.name == "i1" else val, slot)
+
+    # ------------------------------------------------------------------ driver
+
+    def lower(self) -> None:
+        """Emit every reachable block; the entry builder branches to the IR entry block."""
+        order = reverse_postorder(self.kernel)
+        if not order:
+            raise LoweringError(f"kernel @{self.kernel.name} has no blocks")
+        for blk in order:
+            lb = self.fn.append_basic_block(f"b.{blk.name or len(self.blocks)}")
+            self.blocks[id(blk)] = lb
+            pb = ir.IRBuilder(lb)
+            self.phis[id(blk)] = [pb.phi(self.llvm_type(p.type)) for p in blk.params]
+        self.b.branch(self.blocks[id(order[0])])
+        for blk in order:
+            self.b = ir.IRBuilder(self.blocks[id(blk)])
+            for p, phi in zip(blk.params, self.phis[id(blk)]):
+                self.define(p, phi)
+            for op in blk.ops:
+                self.current_op = op
+                self.lower_op(op)
+
+    def branch_to(self, succ_block: Block, args: tuple[Value, ...]) -> ir.Block:
+        """Add phi incomings for a branch from the current block; returns the target block."""
+        target = self.blocks[id(succ_block)]
+        for phi, a in zip(self.phis[id(succ_block)], args):
+            phi.add_incoming(self.get(a), self.b.block)
+        return target
+
+    # ------------------------------------------------------------------ ops
+
+    def lower_op(self, op: Op) -> None:
+        name = op.opcode
+        handler = _HANDLERS.get(name)
+        if handler is None:
+            handler = _family_handler(name)
+        val = handler(self, op)
+        if op.result is not None:
+            if val is None:
+                raise LoweringError(f"op {name} produced no value")
+            self.define(op.result, val)
+
+    def args(self, op: Op) -> list[ir.Value]:
+        return [self.get(v) for v in op.operands]
+
+    def intrinsic(self, name: str, ret: ir.Type, args: list[ir.Value]) -> ir.Value:
+        return self.b.call(declare(self.module, name, ret, [a.type for a in args]), args)
+
+
+# ---------------------------------------------------------------------- op handlers
+
+
+def _int_binary(kl: KernelLowering, op: Op) -> ir.Value:
+    a, c = kl.args(op)
+    return getattr(kl.b, _INT_BIN[op.opcode])(a, c)
+
+
+def _div_rem(kl: KernelLowering, op: Op) -> ir.Value:
+    a, d = kl.args(op)
+    ty = a.type
+    b = kl.b
+    zero = ir.Constant(ty, 0)
+    one = ir.Constant(ty, 1)
+    is_zero = b.icmp_unsigned("==", d, zero)
+    bad = is_zero
+    if op.opcode in ("sdiv", "srem"):
+        bits = ty.width
+        int_min = ir.Constant(ty, 1 << (bits - 1))
+        ovf = b.and_(b.icmp_unsigned("==", a, int_min), b.icmp_unsigned("==", d, ir.Constant(ty, -1)))
+        bad = b.or_(is_zero, ovf)
+    safe = b.select(bad, one, d)
+    res = {"sdiv": b.sdiv, "udiv": b.udiv, "srem": b.srem, "urem": b.urem}[op.opcode](a, safe)
+    # x/1 = x gives MIN/-1 = MIN and x%1 = 0 gives MIN%-1 = 0; only b == 0 needs a fix-up.
+    return b.select(is_zero, zero if op.opcode.endswith("div") else a, res)
+
+
+def _shift(kl: KernelLowering, op: Op) -> ir.Value:
+    a, s = kl.args(op)
+    ty = a.type
+    b = kl.b
+    width = ty.width
+    big = b.icmp_unsigned(">=", s, ir.Constant(ty, width))
+    if op.opcode == "ashr":
+        return b.ashr(a, b.select(big, ir.Constant(ty, width - 1), s))
+    masked = b.select(big, ir.Constant(ty, 0), s)
+    res = b.shl(a, masked) if op.opcode == "shl" else b.lshr(a, masked)
+    return b.select(big, ir.Constant(ty, 0), res)
+
+
+def _int_minmax(kl: KernelLowering, op: Op) -> ir.Value:
+    a, c = kl.args(op)
+    cmp, signed = _INT_MINMAX[op.opcode]
+    cond = kl.b.icmp_signed(cmp, a, c) if signed else kl.b.icmp_unsigned(cmp, a, c)
+    return kl.b.select(cond, a, c)
+
+
+def _int_unary(kl: KernelLowering, op: Op) -> ir.Value:
+    (a,) = kl.args(op)
+    zero = ir.Constant(a.type, 0)
+    if op.opcode == "neg":
+        return kl.b.sub(zero, a)
+    if op.opcode == "not":
+        return kl.b.xor(a, ir.Constant(a.type, -1))
+    return kl.b.select(kl.b.icmp_signed("<", a, zero), kl.b.sub(zero, a), a)
+
+
+def _float_binary(kl: KernelLowering, op: Op) -> ir.Value:
+    a, c = kl.args(op)
+    return getattr(kl.b, _FLOAT_BIN[op.opcode])(a, c)
+
+
+def _fsuffix(v: ir.Value) -> str:
+    t = v.type
+    return "f16" if isinstance(t, ir.HalfType) else "f32" if isinstance(t, ir.FloatType) else "f64"
+
+
+def _float_intrinsic(kl: KernelLowering, op: Op) -> ir.Value:
+    args = kl.args(op)
+    base = _FLOAT_INTRINSIC1.get(op.opcode) or _FLOAT_INTRINSIC2.get(op.opcode) or "llvm.fma"
+    return kl.intrinsic(f"{base}.{_fsuffix(args[0])}", args[0].type, args)
+
+
+def _float_unary(kl: KernelLowering, op: Op) -> ir.Value:
+    (a,) = kl.args(op)
+    if op.opcode == "fneg":
+        return kl.b.fneg(a)
+    # rsqrt: 1 / sqrt(a), both correctly rounded (within the documented 2 ulp).
+    s = kl.intrinsic(f"llvm.sqrt.{_fsuffix(a)}", a.type, [a])
+    return kl.b.fdiv(float_constant(op.type, 1.0), s)  # type: ignore[arg-type]
+
+
+def _math(kl: KernelLowering, op: Op) -> ir.Value:
+    return vmath.call_math(kl.b, op.opcode, kl.args(op))
+
+
+def _icmp(kl: KernelLowering, op: Op) -> ir.Value:
+    a, c = kl.args(op)
+    pred = op.pred or "eq"
+    if pred in ("eq", "ne") or pred.startswith("u"):
+        return kl.b.icmp_unsigned(_ICMP[pred], a, c)
+    return kl.b.icmp_signed(_ICMP[pred], a, c)
+
+
+def _fcmp(kl: KernelLowering, op: Op) -> ir.Value:
+    a, c = kl.args(op)
+    pred = op.pred or "oeq"
+    if pred in ("ord", "uno"):
+        return kl.b.fcmp_ordered("ord", a, c) if pred == "ord" else kl.b.fcmp_unordered("uno", a, c)
+    if pred.startswith("o"):
+        return kl.b.fcmp_ordered(_FCMP[pred], a, c)
+    return kl.b.fcmp_unordered(_FCMP[pred], a, c)
+
+
+def _select(kl: KernelLowering, op: Op) -> ir.Value:
+    c, a, d = kl.args(op)
+    return kl.b.select(c, a, d)
+
+
+def _convert(kl: KernelLowering, op: Op) -> ir.Value:
+    (a,) = kl.args(op)
+    assert op.type is not None
+    to = scalar_type(op.type)
+    b = kl.b
+    name = op.opcode
+    if name in ("trunc", "zext", "sext", "fptrunc", "fpext", "sitofp", "uitofp", "bitcast"):
+        return getattr(b, name)(a, to)
+    sat = "llvm.fptosi.sat" if name == "fptosi" else "llvm.fptoui.sat"
+    return kl.intrinsic(f"{sat}.i{op.type.bits}.{_fsuffix(a)}", to, [a])
+
+
+def _const(kl: KernelLowering, op: Op) -> ir.Value:
+    assert op.type is not None
+    if op.type.is_float:
+        return float_constant(op.type, float(op.imm))  # type: ignore[arg-type]
+    return ir.Constant(scalar_type(op.type), int(op.imm) & op.type.max_unsigned)  # type: ignore[arg-type]
+
+
+def _geometry(kl: KernelLowering, op: Op) -> ir.Value:
+    return kl.hooks.geometry(kl, op.opcode, op.dim or "x")
+
+
+def _offset(kl: KernelLowering, op: Op) -> ir.Value:
+    p, i = kl.args(op)
+    idx = i if i.type.width == 64 else kl.b.sext(i, I64)
+    if op.opcode == "offset":
+        assert op.type is not None
+        idx = kl.b.mul(idx, ir.Constant(I64, op.type.size))
+    space = op.operands[0].type.space
+    assert space is not None
+    return kl.hooks.offset(kl, p, idx, space)
+
+
+def _array_addr(kl: KernelLowering, op: Op) -> ir.Value:
+    return kl.hooks.array_addr(kl, op)
+
+
+def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False) -> ir.Value:
+    space = pv.type.space
+    assert space is not None
+    return kl.hooks.address(kl, kl.get(pv), space, scalar_type(t), t.size, atomic)
+
+
+def _load(kl: KernelLowering, op: Op) -> ir.Value:
+    assert op.type is not None
+    addr = _address(kl, op.operands[0], op.type)
+    inst = kl.b.load(addr, align=op.type.size)
+    space = op.operands[0].type.space
+    if space is not None and kl.hooks.invariant_load(space):
+        inst.set_metadata("invariant.load", kl.module.add_metadata([]))
+    return inst
+
+
+def _store(kl: KernelLowering, op: Op) -> None:
+    v = kl.get(op.operands[0])
+    addr = _address(kl, op.operands[1], op.operands[0].type)
+    kl.b.store(v, addr, align=op.operands[0].type.size)
+
+
+def _atomic(kl: KernelLowering, op: Op) -> ir.Value:
+    assert op.type is not None
+    addr = _address(kl, op.operands[0], op.type, atomic=True)
+    if op.opcode == "atomic_cas":
+        cmp = kl.get(op.operands[1])
+        new = kl.get(op.operands[2])
+        pair = kl.b.cmpxchg(addr, cmp, new, "monotonic", "monotonic")
+        return kl.b.extract_value(pair, 0)
+    val = kl.get(op.operands[1])
+    return kl.b.atomic_rmw(_RMW[op.opcode], addr, val, "monotonic")
+
+
+def _barrier(kl: KernelLowering, op: Op) -> None:
+    kl.hooks.barrier(kl)
+
+
+def _br(kl: KernelLowering, op: Op) -> None:
+    s = op.successors[0]
+    kl.b.branch(kl.branch_to(s.block, s.args))
+
+
+def _cbr(kl: KernelLowering, op: Op) -> None:
+    cond = kl.get(op.operands[0])
+    t, f = op.successors
+    if t.block is f.block:
+        # Same target twice: one edge, choose the arguments with selects.
+        args = tuple(kl.b.select(cond, kl.get(x), kl.get(y)) for x, y in zip(t.args, f.args))
+        target = kl.blocks[id(t.block)]
+        for phi, a in zip(kl.phis[id(t.block)], args):
+            phi.add_incoming(a, kl.b.block)
+        kl.b.branch(target)
+        return
+    src = kl.b.block
+    tb = kl.branch_to(t.block, t.args)
+    assert kl.b.block is src
+    fb = kl.branch_to(f.block, f.args)
+    kl.b.cbranch(cond, tb, fb)
+
+
+def _ret(kl: KernelLowering, op: Op) -> None:
+    kl.hooks.ret(kl)
+
+
+def _trap(kl: KernelLowering, op: Op) -> None:
+    kl.hooks.trap(kl)
+
+
+_HANDLERS = {
+    "sdiv": _div_rem, "udiv": _div_rem, "srem": _div_rem, "urem": _div_rem,
+    "shl": _shift, "lshr": _shift, "ashr": _shift,
+    "neg": _int_unary, "not": _int_unary, "abs": _int_unary,
+    "fneg": _float_unary, "rsqrt": _float_unary, "fma": _float_intrinsic,
+    "icmp": _icmp, "fcmp": _fcmp, "select": _select, "const": _const,
+    "thread_id": _geometry, "block_id": _geometry, "block_dim": _geometry, "grid_dim": _geometry,
+    "offset": _offset, "byte_offset": _offset, "shared_addr": _array_addr, "local_addr": _array_addr,
+    "load": _load, "store": _store, "atomic_cas": _atomic, "barrier": _barrier,
+    "br": _br, "cbr": _cbr, "ret": _ret, "trap": _trap,
+}
+
+
+def _family_handler(name: str):  # type: ignore[no-untyped-def]
+    if name in _INT_BIN:
+        return _int_binary
+    if name in _INT_MINMAX:
+        return _int_minmax
+    if name in _FLOAT_BIN:
+        return _float_binary
+    if name in _FLOAT_INTRINSIC1 or name in _FLOAT_INTRINSIC2:
+        return _float_intrinsic
+    if name in vmath.FUNCTIONS:
+        return _math
+    if name in _RMW:
+        return _atomic
+    if name in ("trunc", "zext", "sext", "fptrunc", "fpext", "fptosi", "fptoui", "sitofp", "uitofp", "bitcast"):
+        return _convert
+    raise LoweringError(f"no lowering for op {name!r}")
+
+
+def new_module(name: str, hooks: TargetHooks) -> ir.Module:
+    """An empty LLVM module for ``hooks``' triple and data layout."""
+    mod = ir.Module(name=name)
+    mod.triple = hooks.triple
+    if hooks.datalayout:
+        mod.data_layout = hooks.datalayout
+    return mod

@@ -1,0 +1,464 @@
+"""IR → sandboxed x86-64 code: a whole launch (blocks × threads) in one native call.
+
+Guest kernels run inside the server process on the CPU backend, so the generated code is a
+sandbox:
+
+* **Pointers are offsets**, never host addresses: ``ptr<global>``/``ptr<constant>`` are offsets
+  into the client's arena (``arena_base``, ``arena_size``), ``ptr<shared>`` offsets into the
+  block's shared window, ``ptr<local>`` offsets into the thread's local area. Every access checks
+  ``size <= limit && offset <= limit - size`` (unsigned, overflow-free) and natural alignment;
+  a failed check stores a fault code and the offset and stops the launch — it never touches
+  memory outside the window.
+* **Barriers** use work-item loop fission: the kernel becomes a per-thread *body* function that
+  runs from a resume point (0 = kernel entry, k = just after barrier k) to the next barrier
+  (returns k), to its end (returns 0) or to a fault (returns ``-code``). Values live across a
+  barrier are kept in a per-thread spill frame (stored at their definition, reloaded at each
+  use); local arrays of barrier kernels live in per-thread scratch. The driver runs all threads
+  of a block up to the next barrier, checks that every thread reached the *same* barrier (else
+  the launch faults: a barrier reached non-uniformly is a fault, not a hang) and resumes them.
+* The **driver** ``vxpu_launch_<kernel>(ctx*)`` loops over its range of blocks and, per block,
+  over the threads (z, y, x); see :data:`CTX_FIELDS` for the context record. It touches nothing
+  but the context, the arena and the scratch memory that the caller passes, so several OS
+  threads may run disjoint block ranges of one launch at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llvmlite import ir
+
+from vxpu.ir.lower.common import I1, I8, I32, I64, KernelLowering, TargetHooks, new_module, scalar_type
+from vxpu.ir.model import BlockParam, Kernel, Module, Op, OpResult, SharedArray, Value
+from vxpu.ir.types import AddressSpace
+
+#: Fault codes written to ``ctx.fault_code`` (stable: the CPU backend maps them to messages).
+FAULT_GLOBAL = 1
+FAULT_SHARED = 2
+FAULT_LOCAL = 3
+FAULT_MISALIGNED = 4
+FAULT_TRAP = 5
+FAULT_BARRIER = 6
+
+#: The launch context record: one little-endian u64 per field, in this order.
+CTX_FIELDS = ("arena_base", "arena_size", "args", "shared", "shared_size", "spill", "local",
+              "block_begin", "block_end", "grid_x", "grid_y", "grid_z", "block_x", "block_y",
+              "block_z", "fault_code", "fault_addr", "fault_block", "fault_thread")
+_CTX = {name: i for i, name in enumerate(CTX_FIELDS)}
+SPILL_SLOT = 8
+ARRAY_ALIGN = 16
+
+
+@dataclass(frozen=True)
+class X86KernelLayout:
+    """Sizes the caller needs to prepare scratch memory for a launch."""
+
+    name: str
+    symbol: str
+    has_barriers: bool
+    shared_offsets: tuple[int, ...]
+    static_shared: int
+    local_offsets: tuple[int, ...]
+    local_size: int
+    spill_frame: int
+    uses_global_atomics: bool
+
+
+def _layout(arrays: list, align: int = ARRAY_ALIGN) -> tuple[tuple[int, ...], int]:  # type: ignore[type-arg]
+    offsets, pos = [], 0
+    for arr in arrays:
+        a = max(align, arr.type.size)
+        pos = (pos + a - 1) // a * a
+        offsets.append(pos)
+        pos += arr.size
+    return tuple(offsets), (pos + align - 1) // align * align
+
+
+def crossing_values(kernel: Kernel) -> list[Value]:
+    """Values (block params and op results) live just after some barrier, in canonical order."""
+    blocks = kernel.blocks
+    if not any(op.opcode == "barrier" for op in kernel.ops()):
+        return []
+    uses: dict[int, set[Value]] = {}
+    defs: dict[int, set[Value]] = {}
+    for blk in blocks:
+        u: set[Value] = set()
+        d: set[Value] = set(blk.params)
+        for op in blk.ops:
+            u.update(v for v in op.uses() if v not in d)
+            if op.result is not None:
+                d.add(op.result)
+        uses[id(blk)], defs[id(blk)] = u, d
+    live_in: dict[int, set[Value]] = {id(b): set() for b in blocks}
+    changed = True
+    while changed:
+        changed = False
+        for blk in reversed(blocks):
+            out: set[Value] = set()
+            for s in blk.successor_blocks():
+                out |= live_in[id(s)]
+            new = uses[id(blk)] | (out - defs[id(blk)])
+            if new != live_in[id(blk)]:
+                live_in[id(blk)] = new
+                changed = True
+    crossing: set[Value] = set()
+    for blk in blocks:
+        live: set[Value] = set()
+        for s in blk.successor_blocks():
+            live |= live_in[id(s)]
+        for op in reversed(blk.ops):
+            if op.opcode == "barrier":
+                crossing |= live
+            if op.result is not None:
+                live.discard(op.result)
+            live.update(op.uses())
+    order = kernel.numbering()
+    return sorted((v for v in crossing if isinstance(v, (BlockParam, OpResult))), key=lambda v: order[v])
+
+
+class X86Hooks(TargetHooks):
+    """Sandboxed x86 lowering of one kernel's body."""
+
+    def __init__(self, kernel: Kernel, layout: X86KernelLayout) -> None:
+        import llvmlite.binding as llvm
+
+        self.triple = llvm.get_process_triple()
+        self.kernel = kernel
+        self.layout = layout
+        self.arrays = {id(a): off for a, off in zip(kernel.shared, layout.shared_offsets)}
+        self.arrays.update({id(a): off for a, off in zip(kernel.local, layout.local_offsets)})
+        self.fault_blocks: dict[int, tuple[ir.Block, ir.PhiInstr]] = {}
+        self.switch: ir.SwitchInstr | None = None
+        self.n_barriers = 0
+        self.args: dict[str, ir.Value] = {}
+
+    def ptr_type(self, space: AddressSpace) -> ir.Type:
+        return I64
+
+    def geometry(self, kl: KernelLowering, opcode: str, dim: str) -> ir.Value:
+        prefix = {"thread_id": "t", "block_id": "b", "block_dim": "nt", "grid_dim": "nb"}[opcode]
+        return self.args[prefix + dim]
+
+    def offset(self, kl: KernelLowering, p: ir.Value, nbytes: ir.Value, space: AddressSpace) -> ir.Value:
+        return kl.b.add(p, nbytes)
+
+    def array_addr(self, kl: KernelLowering, op: Op) -> ir.Value:
+        return ir.Constant(I64, self.arrays[id(op.array)])
+
+    def _fault_block(self, kl: KernelLowering, code: int) -> tuple[ir.Block, ir.PhiInstr]:
+        fb = self.fault_blocks.get(code)
+        if fb is None:
+            blk = kl.fn.append_basic_block(f"fault.{code}")
+            b = ir.IRBuilder(blk)
+            phi = b.phi(I64)
+            b.store(phi, self.args["fault_addr"])
+            b.ret(ir.Constant(I32, -code))
+            fb = self.fault_blocks[code] = (blk, phi)
+        return fb
+
+    def _check(self, kl: KernelLowering, ok: ir.Value, code: int, off: ir.Value) -> None:
+        blk, phi = self._fault_block(kl, code)
+        cont = kl.fn.append_basic_block("ok")
+        phi.add_incoming(off, kl.b.block)
+        kl.b.cbranch(ok, cont, blk)
+        kl.b = ir.IRBuilder(cont)
+
+    def address(self, kl: KernelLowering, p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
+                atomic: bool) -> ir.Value:
+        b = kl.b
+        if space in (AddressSpace.GLOBAL, AddressSpace.CONSTANT):
+            base, limit, code = self.args["arena"], self.args["arena_size"], FAULT_GLOBAL
+        elif space is AddressSpace.SHARED:
+            base, limit, code = self.args["shared"], self.args["shared_size"], FAULT_SHARED
+        else:
+            base, limit, code = self.args["local"], ir.Constant(I64, self.layout.local_size), FAULT_LOCAL
+        sz = ir.Constant(I64, size)
+        ok = b.and_(b.icmp_unsigned(">=", limit, sz), b.icmp_unsigned("<=", p, b.sub(limit, sz)))
+        self._check(kl, ok, code, p)
+        b = kl.b
+        ptr = b.gep(base, [p])
+        if size > 1:
+            addr = b.ptrtoint(ptr, I64)
+            aligned = b.icmp_unsigned("==", b.and_(addr, ir.Constant(I64, size - 1)), ir.Constant(I64, 0))
+            self._check(kl, aligned, FAULT_MISALIGNED, p)
+        return kl.b.bitcast(ptr, t.as_pointer())
+
+    def barrier(self, kl: KernelLowering) -> None:
+        assert self.switch is not None
+        self.n_barriers += 1
+        kl.b.ret(ir.Constant(I32, self.n_barriers))
+        resume = kl.fn.append_basic_block(f"resume.{self.n_barriers}")
+        self.switch.add_case(ir.Constant(I32, self.n_barriers), resume)
+        kl.b = ir.IRBuilder(resume)
+
+    def trap(self, kl: KernelLowering) -> None:
+        kl.b.store(ir.Constant(I64, 0), self.args["fault_addr"])
+        kl.b.ret(ir.Constant(I32, -FAULT_TRAP))
+
+    def ret(self, kl: KernelLowering) -> None:
+        kl.b.ret(ir.Constant(I32, 0))
+
+
+_BODY_ARGS = ("arena", "arena_size", "shared", "shared_size", "local", "spill", "fault_addr",
+              "tx", "ty", "tz", "bx", "by", "bz", "ntx", "nty", "ntz", "nbx", "nby", "nbz", "resume")
+_BODY_TYPES = (I8.as_pointer(), I64, I8.as_pointer(), I64, I8.as_pointer(), I8.as_pointer(),
+               I64.as_pointer()) + (I32,) * 13
+
+
+def kernel_layout(kernel: Kernel) -> X86KernelLayout:
+    """The scratch-memory layout of ``kernel`` on x86."""
+    sh_off, sh_size = _layout(kernel.shared)
+    lo_off, lo_size = _layout(kernel.local)
+    has_barriers = any(op.opcode == "barrier" for op in kernel.ops())
+    atom = any(op.opcode.startswith("atomic_") and op.operands[0].type.space is AddressSpace.GLOBAL
+               for op in kernel.ops())
+    frame = len(crossing_values(kernel)) * SPILL_SLOT
+    return X86KernelLayout(kernel.name, f"vxpu_launch_{kernel.name}", has_barriers, sh_off, sh_size,
+                           lo_off, lo_size, frame, atom)
+
+
+def _lower_body(mod: ir.Module, kernel: Kernel, layout: X86KernelLayout) -> ir.Function:
+    ptypes = [I64 if p.type.is_ptr else scalar_type(p.type) for p in kernel.params]
+    fnty = ir.FunctionType(I32, list(_BODY_TYPES) + ptypes)
+    fn = ir.Function(mod, fnty, name=f"vxpu.body.{kernel.name}")
+    fn.linkage = "internal"
+    fn.attributes.add("alwaysinline")
+    for i in (0, 2, 4, 5, 6):
+        fn.args[i].add_attribute("noalias")
+    hooks = X86Hooks(kernel, layout)
+    hooks.args = dict(zip(_BODY_ARGS, fn.args))
+    entry = fn.append_basic_block("entry")
+    start = fn.append_basic_block("start")
+    b = ir.IRBuilder(entry)
+    slots: dict[Value, ir.Value] = {}
+    for i, v in enumerate(crossing_values(kernel)):
+        raw = b.gep(hooks.args["spill"], [ir.Constant(I64, i * SPILL_SLOT)])
+        lt = I8 if v.type.name == "i1" else I64 if v.type.is_ptr else scalar_type(v.type)
+        slots[v] = b.bitcast(raw, lt.as_pointer())
+    hooks.switch = b.switch(hooks.args["resume"], start)
+    sb = ir.IRBuilder(start)
+    if layout.local_size:
+        # Local arrays start zeroed in every thread (never undef).
+        sb.call(_memset(mod), [hooks.args["local"], ir.Constant(I8, 0),
+                               ir.Constant(I64, layout.local_size), ir.Constant(I1, 0)])
+    kl = KernelLowering(kernel, hooks, fn, start, dict(zip(kernel.params, fn.args[len(_BODY_ARGS):])))
+    kl.spill = slots
+    kl.lower()
+    return fn
+
+
+def _memset(mod: ir.Module) -> ir.Function:
+    name = "llvm.memset.p0i8.i64"
+    fn = mod.globals.get(name)
+    if fn is None:
+        fn = ir.Function(mod, ir.FunctionType(ir.VoidType(), [I8.as_pointer(), I8, I64, I1]), name=name)
+    return fn
+
+
+class _Loop:
+    """``for (i = start; i < end; i++)`` in generated code; ``i`` is the induction variable."""
+
+    def __init__(self, b: ir.IRBuilder, fn: ir.Function, start: ir.Value, end: ir.Value, name: str) -> None:
+        self.b = b
+        pre = b.block
+        self.head = fn.append_basic_block(f"{name}.head")
+        self.body = fn.append_basic_block(f"{name}.body")
+        self.exit = fn.append_basic_block(f"{name}.exit")
+        b.branch(self.head)
+        b.position_at_end(self.head)
+        self.i = b.phi(start.type, name=name)
+        self.i.add_incoming(start, pre)
+        b.cbranch(b.icmp_unsigned("<", self.i, end), self.body, self.exit)
+        b.position_at_end(self.body)
+
+    def close(self) -> None:
+        b = self.b
+        nxt = b.add(self.i, ir.Constant(self.i.type, 1))
+        self.i.add_incoming(nxt, b.block)
+        b.branch(self.head)
+        b.position_at_end(self.exit)
+
+
+def _lower_driver(mod: ir.Module, kernel: Kernel, layout: X86KernelLayout, body: ir.Function) -> None:
+    fn = ir.Function(mod, ir.FunctionType(I32, [I64.as_pointer()]), name=layout.symbol)
+    ctx = fn.args[0]
+    ctx.add_attribute("noalias")
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+
+    def field(name: str) -> ir.Value:
+        return b.gep(ctx, [ir.Constant(I32, _CTX[name])])
+
+    def get(name: str) -> ir.Value:
+        return b.load(field(name), align=8)
+
+    i8p = I8.as_pointer()
+    arena = b.inttoptr(get("arena_base"), i8p)
+    arena_size = get("arena_size")
+    args_ptr = b.inttoptr(get("args"), i8p)
+    shared = b.inttoptr(get("shared"), i8p)
+    shared_size = get("shared_size")
+    spill = b.inttoptr(get("spill"), i8p)
+    local = b.inttoptr(get("local"), i8p)
+    grid = [b.trunc(get(f"grid_{d}"), I32) for d in "xyz"]
+    blk = [b.trunc(get(f"block_{d}"), I32) for d in "xyz"]
+    fault_addr = b.alloca(I64)
+    agreed = b.alloca(I32)
+    params = _load_params(b, kernel, args_ptr)
+    fault_exit = fn.append_basic_block("fault")
+    fb = ir.IRBuilder(fault_exit)
+    f_code = fb.phi(I32)
+    f_block = fb.phi(I64)
+    f_thread = fb.phi(I64)
+    fb.store(fb.sext(fb.neg(f_code), I64), fb.gep(ctx, [ir.Constant(I32, _CTX["fault_code"])]))
+    fb.store(fb.load(fault_addr), fb.gep(ctx, [ir.Constant(I32, _CTX["fault_addr"])]))
+    fb.store(f_block, fb.gep(ctx, [ir.Constant(I32, _CTX["fault_block"])]))
+    fb.store(f_thread, fb.gep(ctx, [ir.Constant(I32, _CTX["fault_thread"])]))
+    fb.ret(ir.Constant(I32, -1))
+
+    lb = _Loop(b, fn, get("block_begin"), get("block_end"), "blk")
+    gx, gy = b.zext(grid[0], I64), b.zext(grid[1], I64)
+    bx = b.trunc(b.urem(lb.i, gx), I32)
+    rest = b.udiv(lb.i, gx)
+    by = b.trunc(b.urem(rest, gy), I32)
+    bz = b.trunc(b.udiv(rest, gy), I32)
+    state = _ThreadState(b, fn, body, [arena, arena_size, shared, shared_size], spill, local, fault_addr,
+                         blk, grid, (bx, by, bz), params, layout, (f_code, f_block, f_thread), fault_exit, lb.i)
+    state.agreed = agreed
+    if layout.static_shared:
+        # Shared memory starts zeroed in every block (deterministic, never stale).
+        b.call(_memset(mod), [shared, ir.Constant(I8, 0), shared_size, ir.Constant(I1, 0)])
+    if layout.has_barriers:
+        state.emit_regions()
+    else:
+        state.emit_threads(ir.Constant(I32, 0))
+    lb.close()
+    b.ret(ir.Constant(I32, 0))
+
+
+def _load_params(b: ir.IRBuilder, kernel: Kernel, args_ptr: ir.Value) -> list[ir.Value]:
+    out, pos = [], 0
+    for p in kernel.params:
+        size = p.type.size
+        pos = (pos + size - 1) // size * size
+        lt = I64 if p.type.is_ptr else scalar_type(p.type)
+        ptr = b.bitcast(b.gep(args_ptr, [ir.Constant(I64, pos)]), lt.as_pointer())
+        out.append(b.load(ptr, align=1))
+        pos += size
+    return out
+
+
+class _ThreadState:
+    """Emits the per-block thread loops of the driver (with or without barrier regions)."""
+
+    def __init__(self, b, fn, body, mem, spill, local, fault_addr, blk, grid, bid, params, layout,  # type: ignore[no-untyped-def]
+                 fault_phis, fault_exit, block_index) -> None:
+        self.b, self.fn, self.body, self.mem = b, fn, body, mem
+        self.spill, self.local, self.fault_addr = spill, local, fault_addr
+        self.blk, self.grid, self.bid, self.params = blk, grid, bid, params
+        self.layout = layout
+        self.f_code, self.f_block, self.f_thread = fault_phis
+        self.fault_exit = fault_exit
+        self.block_index = block_index
+
+    def _fault(self, code: ir.Value, thread: ir.Value) -> None:
+        b = self.b
+        self.f_code.add_incoming(code, b.block)
+        self.f_block.add_incoming(self.block_index, b.block)
+        self.f_thread.add_incoming(thread, b.block)
+        b.branch(self.fault_exit)
+
+    def emit_threads(self, resume: ir.Value, expected: ir.Value | None = None) -> ir.Value | None:
+        """The z/y/x thread loops running ``body`` from ``resume``; returns the agreed barrier id
+        (barrier kernels) after checking that every thread returned the same code."""
+        b, fn = self.b, self.fn
+        agreed = self.agreed if expected is not None else None
+        if agreed is not None:
+            b.store(ir.Constant(I32, -1), agreed)
+        lz = _Loop(b, fn, ir.Constant(I32, 0), self.blk[2], "tz")
+        ly = _Loop(b, fn, ir.Constant(I32, 0), self.blk[1], "ty")
+        lx = _Loop(b, fn, ir.Constant(I32, 0), self.blk[0], "tx")
+        nx, ny = b.zext(self.blk[0], I64), b.zext(self.blk[1], I64)
+        lin = b.add(b.mul(b.add(b.mul(b.zext(lz.i, I64), ny), b.zext(ly.i, I64)), nx), b.zext(lx.i, I64))
+        spill, local = self.spill, self.local
+        if self.layout.has_barriers:
+            if self.layout.spill_frame:
+                spill = b.gep(spill, [b.mul(lin, ir.Constant(I64, self.layout.spill_frame))])
+            if self.layout.local_size:
+                local = b.gep(local, [b.mul(lin, ir.Constant(I64, self.layout.local_size))])
+        args = [*self.mem, local, spill, self.fault_addr, lx.i, ly.i, lz.i, *self.bid, *self.blk, *self.grid,
+                resume, *self.params]
+        r = b.call(self.body, args)
+        bad = fn.append_basic_block("thread.fault")
+        good = fn.append_basic_block("thread.ok")
+        b.cbranch(b.icmp_signed("<", r, ir.Constant(I32, 0)), bad, good)
+        b.position_at_end(bad)
+        self._fault(r, lin)
+        b.position_at_end(good)
+        if agreed is not None:
+            prev = b.load(agreed)
+            first = b.icmp_signed("<", prev, ir.Constant(I32, 0))
+            same = b.icmp_unsigned("==", prev, r)
+            mismatch = fn.append_basic_block("barrier.mismatch")
+            fine = fn.append_basic_block("barrier.ok")
+            b.cbranch(b.or_(first, same), fine, mismatch)
+            b.position_at_end(mismatch)
+            self._fault(ir.Constant(I32, -FAULT_BARRIER), lin)
+            b.position_at_end(fine)
+            b.store(r, agreed)
+        lx.close()
+        ly.close()
+        lz.close()
+        return b.load(agreed) if agreed is not None else None
+
+    def emit_regions(self) -> None:
+        """Run regions between barriers until every thread has returned."""
+        b, fn = self.b, self.fn
+        pre = b.block
+        head = fn.append_basic_block("region")
+        done = fn.append_basic_block("block.done")
+        b.branch(head)
+        b.position_at_end(head)
+        resume = b.phi(I32)
+        resume.add_incoming(ir.Constant(I32, 0), pre)
+        agreed = self.emit_threads(resume, expected=ir.Constant(I32, 0))
+        assert agreed is not None
+        resume.add_incoming(agreed, b.block)
+        b.cbranch(b.icmp_signed(">", agreed, ir.Constant(I32, 0)), head, done)
+        b.position_at_end(done)
+
+
+def lower_module(module: Module) -> tuple[ir.Module, list[X86KernelLayout]]:
+    """The host LLVM module for ``module`` and each kernel's scratch layout."""
+    import llvmlite.binding as llvm
+
+    hooks = TargetHooks()
+    hooks.triple = llvm.get_process_triple()
+    mod = new_module(module.name, hooks)
+    layouts = []
+    for kernel in module.kernels:
+        layout = kernel_layout(kernel)
+        body = _lower_body(mod, kernel, layout)
+        _lower_driver(mod, kernel, layout, body)
+        layouts.append(layout)
+    return mod, layouts
+
+
+__all__ = ["lower_module", "kernel_layout", "crossing_values", "X86KernelLayout", "CTX_FIELDS",
+           "FAULT_GLOBAL", "FAULT_SHARED", "FAULT_LOCAL", "FAULT_MISALIGNED", "FAULT_TRAP", "FAULT_BARRIER",
+           "SharedArray"]
+
+
+def layout_to_json(layout: X86KernelLayout) -> dict:  # type: ignore[type-arg]
+    """A JSON-able form of a layout (for the compile cache)."""
+    return {"name": layout.name, "symbol": layout.symbol, "has_barriers": layout.has_barriers,
+            "shared_offsets": list(layout.shared_offsets), "static_shared": layout.static_shared,
+            "local_offsets": list(layout.local_offsets), "local_size": layout.local_size,
+            "spill_frame": layout.spill_frame, "uses_global_atomics": layout.uses_global_atomics}
+
+
+def layout_from_json(d: dict) -> X86KernelLayout:  # type: ignore[type-arg]
+    """Inverse of :func:`layout_to_json`."""
+    return X86KernelLayout(str(d["name"]), str(d["symbol"]), bool(d["has_barriers"]),
+                           tuple(int(x) for x in d["shared_offsets"]), int(d["static_shared"]),
+                           tuple(int(x) for x in d["local_offsets"]), int(d["local_size"]),
+                           int(d["spill_frame"]), bool(d["uses_global_atomics"]))
