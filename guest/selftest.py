@@ -179,6 +179,9 @@ def _probe_device() -> dict[str, Any] | None:
         return None
     fn = found[0]
     doc: dict[str, Any] = {"bdf": fn.bdf}
+    deadline = time.monotonic() + 5.0  # sysfs shows the function before its BARs are assigned
+    while not (fn.path / "resource0").exists() and time.monotonic() < deadline:
+        time.sleep(0.005)
     try:
         fn.enable()
         with fn.map_bar(0) as bar0:
