@@ -22,10 +22,15 @@ load). Device addresses are the real ``CUdeviceptr`` values as ``int``.
 * **Hot launches.** Each kernel gets an :class:`~vxpu.accel.gpu_common.ArgPack` at lookup: a
   preallocated argument buffer and a ``void**`` array into it. A launch copies the packed bytes
   in and passes the array's integer address; nothing else is built per call.
-* **Faults.** Sticky errors (illegal address, launch failure, trap, ...) raise ``KERNEL_FAULT``
-  after the backend has reset the primary context (``cuDevicePrimaryCtxReset`` + re-retain):
-  every allocation, module, queue and event is gone, registered host memory is registered
-  again, and the backend keeps serving. Handles from before the reset fail with ``INVALID_HANDLE``.
+* **Faults.** A kernel fault (illegal address, launch failure, trap, ...) makes the backend
+  reset the primary context (``cuDevicePrimaryCtxReset``, re-retain, a check that the new context
+  works): every allocation, module, queue and event is gone, registered host memory is
+  registered again, handles from before fail with ``INVALID_HANDLE``, and the call raises
+  ``KERNEL_FAULT``. **Measured on the H100 machine (driver 580.159.04): these faults are sticky
+  for the whole process** — after ``CUDA_ERROR_ILLEGAL_ADDRESS`` even a freshly created context
+  fails with the same error. The backend detects that, raises ``DEVICE_LOST`` naming the cause,
+  sets :attr:`CudaBackend.lost` and refuses further work; serving again needs a new process
+  (the server is one process per device per VM, so its supervisor restarts it).
 """
 
 from __future__ import annotations
@@ -95,11 +100,13 @@ class CudaBackend:
         self._queues: set[GpuQueue] = set()
         self._events: set[GpuEvent] = set()
         self._hosts: set[HostRegistration] = set()
+        self._last_host: HostRegistration | None = None  # region of the last address-based copy
         self._lock = threading.RLock()
         self._null_stream: Any = None
         self._ro_register = False
         self.driver_version = 0
         self.pci_bus_id = ""
+        self.lost: str | None = None  # why the device is unusable in this process, after a fault
 
     # -- life cycle -----------------------------------------------------------------------
     def open(self) -> None:
@@ -143,6 +150,7 @@ class CudaBackend:
                 self._unpin(reg)
                 reg.released = True
             self._hosts.clear()
+            self._last_host = None
             self._drv.cuDevicePrimaryCtxRelease(self._dev)
             self._ctx = None
             _current.ctx = _NONE
@@ -169,8 +177,7 @@ class CudaBackend:
             BackendError: DEVICE_LOST if the context cannot be rebuilt.
         """
         with self._lock:
-            self._require_open()
-            self._bind()
+            self._ensure()
             self._destroy_all(quiet=True)
             self._hard_reset()
 
@@ -253,6 +260,60 @@ class CudaBackend:
             self._raise(err, "cuMemcpyDtoDAsync")
         self.stats.bytes_dtod += size
 
+    def copy_htod_address(self, dst: int, host: int, size: int, queue: object | None = None) -> None:
+        """Like :meth:`copy_htod`, from the host address ``host`` instead of a memoryview.
+
+        The fast path for callers that translate guest-physical addresses to host addresses
+        themselves (saves the buffer-protocol round trip, ≈0.4 µs per call). ``[host, host+size)``
+        must lie inside one region given to :meth:`register_host` (whose token keeps it mapped).
+
+        Raises:
+            BackendError: OUT_OF_RANGE outside every registered region; as :meth:`copy_htod`.
+        """
+        if _current.ctx is not self._ctx:
+            self._ensure()
+        reg = self._last_host
+        if reg is None or not (reg.address <= host and host + size <= reg.address + reg.size):
+            self._host_region(host, size, writable=False)
+        if queue is None:
+            (err,) = self._drv.cuMemcpyHtoD(dst, host, size)
+        else:
+            (err,) = self._drv.cuMemcpyHtoDAsync(dst, host, size, self._stream(queue))
+        if err:
+            self._raise(err, "cuMemcpyHtoD")
+        self.stats.bytes_htod += size
+
+    def copy_dtoh_address(self, host: int, src: int, size: int, queue: object | None = None) -> None:
+        """Like :meth:`copy_dtoh`, into the host address ``host`` (see :meth:`copy_htod_address`).
+
+        Raises:
+            BackendError: OUT_OF_RANGE outside every writable registered region; as :meth:`copy_dtoh`.
+        """
+        if _current.ctx is not self._ctx:
+            self._ensure()
+        reg = self._last_host
+        if reg is None or reg.read_only or not (reg.address <= host and host + size <= reg.address + reg.size):
+            self._host_region(host, size, writable=True)
+        if queue is None:
+            (err,) = self._drv.cuMemcpyDtoH(host, src, size)
+        else:
+            (err,) = self._drv.cuMemcpyDtoHAsync(host, src, size, self._stream(queue))
+        if err:
+            self._raise(err, "cuMemcpyDtoH")
+        self.stats.bytes_dtoh += size
+
+    def _host_region(self, host: int, size: int, *, writable: bool) -> HostRegistration:
+        """Find the registered region holding ``[host, host+size)`` and cache it for the next call."""
+        if size < 0 or host < 0:
+            raise BackendError(Status.INVALID_ARGUMENT, f"bad host range {host:#x}+{size}")
+        for reg in self._hosts:
+            if reg.address <= host and host + size <= reg.end and not (writable and reg.read_only):
+                self._last_host = reg
+                return reg
+        raise BackendError(Status.OUT_OF_RANGE,
+                           f"host range {host:#x}+{size} is not inside a registered{' writable' if writable else ''} "
+                           f"region")
+
     def register_host(self, view: memoryview, read_only: bool = False) -> object:
         """Pin a host region (a DMA-mapped guest RAM mapping) with ``cuMemHostRegister``.
 
@@ -279,6 +340,7 @@ class CudaBackend:
             if not isinstance(token, HostRegistration) or token not in self._hosts:
                 raise BackendError(Status.INVALID_HANDLE, "unknown or already released host registration")
             self._hosts.discard(token)
+            self._last_host = None
             if self._ctx is not None:
                 self._bind()
                 self._unpin(token)
@@ -321,9 +383,9 @@ class CudaBackend:
         assert isinstance(module, GpuModule)
         with self._lock:
             self._modules.discard(module)
-            module.alive = False
+            module.invalidate()
             for kernel in module.kernels.values():
-                kernel.alive = False
+                kernel.invalidate()
             module.kernels.clear()
         (err,) = self._drv.cuModuleUnload(module.handle)
         if err:
@@ -370,14 +432,21 @@ class CudaBackend:
         """
         if _current.ctx is not self._ctx:
             self._ensure()
-        if kernel.__class__ is not GpuKernel or kernel.generation != self._generation or not kernel.alive:
+        if kernel.__class__ is not GpuKernel or kernel.generation != self._generation:
             check_handle(kernel, GpuKernel, self._generation, "kernel")
-        stream = self._null_stream if queue is None else self._stream(queue)
+        if queue is None:
+            stream = self._null_stream
+        elif queue.__class__ is GpuQueue and queue.generation == self._generation:
+            stream = queue.handle  # type: ignore[attr-defined]
+        else:
+            stream = self._stream(queue)
         pack = kernel.pack
         try:
+            gx, gy, gz = grid
+            bx, by, bz = block
             pack.view[:] = args
-            (err,) = self._drv.cuLaunchKernel(kernel.handle, grid[0], grid[1], grid[2], block[0], block[1],
-                                              block[2], shared_bytes, stream, pack.params_address, 0)
+            (err,) = self._drv.cuLaunchKernel(kernel.handle, gx, gy, gz, bx, by, bz, shared_bytes, stream,
+                                              pack.params_address, 0)
         except (ValueError, TypeError, OverflowError, IndexError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad launch of {pack.info.name!r}: {exc}") from exc
         if err:
@@ -402,7 +471,7 @@ class CudaBackend:
         assert isinstance(queue, GpuQueue)
         with self._lock:
             self._queues.discard(queue)
-            queue.alive = False
+            queue.invalidate()
         (err,) = self._drv.cuStreamDestroy(queue.handle)
         if err:
             self._raise(err, "cuStreamDestroy")
@@ -424,7 +493,7 @@ class CudaBackend:
         assert isinstance(event, GpuEvent)
         with self._lock:
             self._events.discard(event)
-            event.alive = False
+            event.invalidate()
         (err,) = self._drv.cuEventDestroy(event.handle)
         if err:
             self._raise(err, "cuEventDestroy")
@@ -462,13 +531,11 @@ class CudaBackend:
             self._raise(err, "synchronize")
 
     # -- internals ------------------------------------------------------------------------
-    def _require_open(self) -> None:
-        if self._ctx is None:
-            raise BackendError(Status.UNAVAILABLE, "CUDA backend is not open")
-
     def _ensure(self) -> None:
         """Make this backend's context current in the calling thread (cheap when it is)."""
         if self._ctx is None:
+            if self.lost:
+                raise BackendError(Status.DEVICE_LOST, self.lost)
             raise BackendError(Status.UNAVAILABLE, "CUDA backend is not open (or was closed)")
         if _current.ctx is not self._ctx:
             self._bind()
@@ -487,7 +554,7 @@ class CudaBackend:
         self._bind()
 
     def _stream(self, queue: object) -> Any:
-        if queue.__class__ is not GpuQueue or queue.generation != self._generation or not queue.alive:
+        if queue.__class__ is not GpuQueue or queue.generation != self._generation:
             check_handle(queue, GpuQueue, self._generation, "queue")
         return queue.handle  # type: ignore[attr-defined]
 
@@ -496,7 +563,14 @@ class CudaBackend:
             self._raise(err, what)
 
     def _raise(self, err: Any, what: str) -> None:
-        """Map a failed ``CUresult`` to a BackendError; reset the context first after a fault."""
+        """Map a failed ``CUresult`` to a BackendError; reset the context first after a fault.
+
+        A fault that the driver keeps *sticky for the whole process* (driver 580 does this for
+        ``CUDA_ERROR_ILLEGAL_ADDRESS`` and friends: even a fresh context fails with the same
+        error) cannot be recovered in-process. The backend then reports DEVICE_LOST, stays
+        closed (every later call raises DEVICE_LOST naming the cause, :attr:`lost` says why),
+        and the server process has to be restarted to serve again.
+        """
         name = getattr(err, "name", str(err))
         status = status_for_cuda_error(name)
         if status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
@@ -507,13 +581,19 @@ class CudaBackend:
                     self._destroy_all(quiet=True)
                     self._hard_reset()
             except BackendError as exc:
-                log.error("CUDA device %d could not be reset after %s: %s", self.index, name, exc)
-                status = Status.DEVICE_LOST
+                self.lost = (f"{name} during {what} poisoned the CUDA driver for this process ({exc}); "
+                             f"restart the server process")
+                log.error("CUDA device %d: %s", self.index, self.lost)
+                raise BackendError(Status.DEVICE_LOST, self.lost, vendor=name) from None
             raise BackendError(status, f"{what} failed; the context was reset", vendor=name)
         raise BackendError(status, f"{what} failed", vendor=name)
 
     def _hard_reset(self) -> None:
-        """Reset the primary context, retain it again and re-pin registered host memory."""
+        """Reset the primary context, retain it again, check it works and re-pin host memory.
+
+        Raises:
+            BackendError: DEVICE_LOST when no working context can be made (the backend is closed).
+        """
         drv = self._drv
         for reg in self._hosts:
             reg.pinned = False  # the reset drops every registration
@@ -523,28 +603,37 @@ class CudaBackend:
         drv.cuDevicePrimaryCtxRelease(self._dev)
         self._generation += 1
         _current.ctx = _NONE
-        try:
-            self._retain()
-        except BackendError as exc:
-            self._ctx = None
-            raise BackendError(Status.DEVICE_LOST, "CUDA context could not be re-created", vendor=exc.vendor) from exc
+        self._ctx = None
+        err, ctx = drv.cuDevicePrimaryCtxRetain(self._dev)
+        if not err:
+            self._ctx = ctx
+            (err,) = drv.cuCtxSetCurrent(ctx)
+            if not err:
+                _current.ctx = ctx
+                (err,) = drv.cuCtxSynchronize()  # a poisoned driver fails even on a fresh context
+        if err:
+            if self._ctx is not None:
+                drv.cuDevicePrimaryCtxRelease(self._dev)
+                self._ctx = None
+                _current.ctx = _NONE
+            raise BackendError(Status.DEVICE_LOST, "CUDA context could not be re-created", vendor=err.name)
         self.stats.resets += 1
         for reg in self._hosts:
-            self._pin(reg)
+            self._pin(reg, replay=True)
 
     def _destroy_all(self, *, quiet: bool) -> None:
         """Invalidate every handle and try to free its driver object (errors ignored when quiet)."""
         drv = self._drv
         for module in self._modules:
-            module.alive = False
+            module.invalidate()
             for kernel in module.kernels.values():
-                kernel.alive = False
+                kernel.invalidate()
             drv.cuModuleUnload(module.handle)
         for queue in self._queues:
-            queue.alive = False
+            queue.invalidate()
             drv.cuStreamDestroy(queue.handle)
         for event in self._events:
-            event.alive = False
+            event.invalidate()
             drv.cuEventDestroy(event.handle)
         for address in self._allocs:
             drv.cuMemFree(address)
@@ -553,7 +642,7 @@ class CudaBackend:
         self._events.clear()
         self._allocs.clear()
 
-    def _pin(self, reg: HostRegistration) -> None:
+    def _pin(self, reg: HostRegistration, *, replay: bool = False) -> None:
         drv = self._drv
         flags = drv.CU_MEMHOSTREGISTER_PORTABLE
         if reg.read_only:
@@ -564,6 +653,9 @@ class CudaBackend:
         (err,) = drv.cuMemHostRegister(reg.address, reg.size, flags)
         if err:
             if err.name == "CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED":
+                if replay:  # the registration outlived the context reset
+                    reg.pinned = True
+                    return
                 raise BackendError(Status.INVALID_ARGUMENT, "host region overlaps a registered one", vendor=err.name)
             log.warning("cuMemHostRegister of %d bytes failed (%s); copies from it will be slower",
                         reg.size, err.name)

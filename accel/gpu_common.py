@@ -108,10 +108,19 @@ def natural_layout(name: str, sizes: Sequence[int], static_shared: int = 0) -> K
 
 @dataclass(eq=False)
 class GpuHandle:
-    """Base of backend handles: ``generation`` ties the handle to one context incarnation."""
+    """Base of backend handles: ``generation`` ties the handle to one context incarnation.
+
+    A destroyed handle gets generation ``-1``, so the hot-path validity test is one compare.
+    """
 
     generation: int
-    alive: bool = field(default=True, init=False)
+
+    @property
+    def alive(self) -> bool:
+        return self.generation >= 0
+
+    def invalidate(self) -> None:
+        self.generation = -1
 
 
 @dataclass(eq=False)
@@ -163,6 +172,10 @@ class HostRegistration:
     pinned: bool = False
     released: bool = False
 
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
 
 def check_handle(handle: object, cls: type[GpuHandle], generation: int, what: str) -> None:
     """Check that ``handle`` is a live ``cls`` from the current context generation.
@@ -170,5 +183,5 @@ def check_handle(handle: object, cls: type[GpuHandle], generation: int, what: st
     Raises:
         BackendError: INVALID_HANDLE for a foreign, destroyed or pre-reset handle.
     """
-    if not isinstance(handle, cls) or not handle.alive or handle.generation != generation:
+    if not isinstance(handle, cls) or handle.generation != generation or generation < 0:
         raise BackendError(Status.INVALID_HANDLE, f"unknown, destroyed or stale {what} handle")
