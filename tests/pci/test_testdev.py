@@ -14,6 +14,8 @@ import os
 import zlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pcihelpers import GUEST_BASE, GUEST_SIZE, FakeContext, bar_read, bar_write, cfg_write, enable
 from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server import protocol as P
@@ -277,3 +279,23 @@ def test_registers_need_aligned_sizes() -> None:
         with pytest.raises(ProtocolError) as exc:
             dev.region_read(0, offset, size)
         assert exc.value.errno == errno.EINVAL
+
+
+@settings(max_examples=150, deadline=None)
+@given(region=st.sampled_from([0, 2, 7]), offset=st.integers(0, 0x10000), count=st.integers(0, 16),
+       write=st.booleans(), value=st.integers(0, (1 << 128) - 1))
+def test_hostile_accesses_fail_only_with_protocol_errors(region: int, offset: int, count: int, write: bool,
+                                                         value: int) -> None:
+    """Any in-range access either works (reads return exactly ``count`` bytes) or raises a
+    ProtocolError with an errno; nothing else escapes, whatever the registers do."""
+    dev, _ = attached(msix=True)
+    size = dev.region_info(region).size
+    offset = offset % size
+    count = min(count, size - offset)
+    try:
+        if write:
+            dev.region_write(region, offset, (value & ((1 << (8 * count)) - 1)).to_bytes(count, "little"))
+        else:
+            assert len(dev.region_read(region, offset, count)) == count
+    except ProtocolError as exc:
+        assert exc.errno in (errno.EINVAL, errno.EIO)
