@@ -192,14 +192,18 @@ class CpuModule:
             raise CompileError(f"module {compiled.name!r} was compiled for {compiled.kind}, not x86")
         import llvmlite.binding as llvm
 
-        from vxpu.ir.lower.toolchain import LLVM_LOCK, _llvm, target_machine, resolve_target
+        from vxpu.ir.lower.toolchain import LLVM_LOCK, _llvm, resolve_target
 
         _llvm()
         self.compiled = compiled
         with LLVM_LOCK:
             try:
                 spec = resolve_target("x86", compiled.arch)
-                self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), target_machine(spec, 0))
+                # MCJIT takes ownership of the TargetMachine and frees it with the engine, so
+                # each engine needs its own: never hand it the cached ``target_machine()``.
+                own_tm = llvm.Target.from_triple(spec.triple).create_target_machine(
+                    cpu=spec.arch, features=spec.features, opt=0, codemodel="jitdefault")
+                self._engine = llvm.create_mcjit_compiler(llvm.parse_assembly(""), own_tm)
                 self._engine.add_object_file(llvm.ObjectFileRef.from_data(compiled.image))
                 self._engine.finalize_object()
             except RuntimeError as exc:
