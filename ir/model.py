@@ -152,13 +152,14 @@ class OpResult(Value):
 class _ArrayBase:
     """A static array of ``count`` elements of a memory type."""
 
-    __slots__ = ("name", "type", "count")
+    __slots__ = ("name", "type", "count", "loc")
     space = ""
 
     def __init__(self, name: str, type: Type, count: int) -> None:
         self.name = name
         self.type = type
         self.count = count
+        self.loc: Location | None = None
 
     @property
     def size(self) -> int:

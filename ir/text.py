@@ -262,8 +262,8 @@ class _KernelRec:
     line: int
     col: int
     params: list[tuple[_Tok, Type]]
-    shared: list[tuple[_Tok, Type, int]] = field(default_factory=list)
-    local: list[tuple[_Tok, Type, int]] = field(default_factory=list)
+    shared: list[tuple[_Tok, Type, int, int]] = field(default_factory=list)  # name, type, count, line
+    local: list[tuple[_Tok, Type, int, int]] = field(default_factory=list)
     blocks: list[_BlockRec] = field(default_factory=list)
     n_ops: int = 0
 
@@ -400,7 +400,7 @@ class _Parser:
             raise _Syntax(f"array size must be a decimal integer, got {count.text!r}", count.col)
         cur.expect("punct", "]")
         cur.done()
-        (k.shared if kind.text == "shared" else k.local).append((name, ty, int(count.text)))
+        (k.shared if kind.text == "shared" else k.local).append((name, ty, int(count.text), self.line))
 
     def _block_header(self, cur: _Cursor, k: _KernelRec) -> None:
         name = cur.next("^name")
@@ -563,13 +563,14 @@ class _KernelBuilderFromText:
         arrays: dict[tuple[str, str], SharedArray | LocalArray] = {}
         seen: set[str] = set()
         for kind, decls in (("shared", self.rec.shared), ("local", self.rec.local)):
-            for tok, ty, count in decls:
+            for tok, ty, count, line in decls:
                 name = tok.text[1:]
                 if name in seen:
-                    self.problem(f"array @{name} is declared twice", self.rec.line, tok.col)
+                    self.problem(f"array @{name} is declared twice", line, tok.col)
                 seen.add(name)
                 arr = SharedArray(name, ty, count) if kind == "shared" else LocalArray(name, ty, count)
                 (k.shared if kind == "shared" else k.local).append(arr)  # type: ignore[arg-type]
+                arr.loc = Location(line=line, col=tok.col)
                 arrays[(kind, name)] = arr
         return arrays
 

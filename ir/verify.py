@@ -26,9 +26,8 @@ SSA
   S1 every operand is a value of this kernel; its definition dominates the use (an op result in
      the same block must come earlier; a block parameter's block must dominate the use).
 
-Runs in O(ops + uses + blocks · α) time: dominators by the Cooper-Harvey-Kennedy algorithm over
-a reverse post-order, dominance queries in O(1) through dominator-tree DFS intervals, all
-traversals iterative (no recursion, so deep nesting cannot overflow the stack).
+Runs in O(ops + uses + edges · log blocks) time: dominators by Lengauer-Tarjan, dominance
+queries in O(1) through dominator-tree DFS intervals, all traversals iterative (no recursion, so deep nesting cannot overflow the stack).
 """
 
 from __future__ import annotations
@@ -108,6 +107,9 @@ def _kloc(k: Kernel) -> Location:
 class Dominators:
     """Dominator tree of a kernel's reachable blocks, with O(1) dominance queries.
 
+    Built with the Lengauer-Tarjan algorithm (path compression, O(E log N)) over a DFS from the
+    entry, all iterative.
+
     Attributes:
         order: reachable blocks in reverse post-order (entry first).
         idom: immediate dominator per block id (the entry maps to itself).
@@ -115,15 +117,10 @@ class Dominators:
 
     def __init__(self, kernel: Kernel) -> None:
         self.order: list[Block] = _reverse_postorder(kernel)
-        self._index = {id(b): i for i, b in enumerate(self.order)}
-        preds: list[list[int]] = [[] for _ in self.order]
-        for i, b in enumerate(self.order):
-            for s in b.successor_blocks():
-                j = self._index.get(id(s))
-                if j is not None:
-                    preds[j].append(i)
-        self._idom = _compute_idoms(preds)
-        self.idom = {id(self.order[i]): self.order[d] for i, d in enumerate(self._idom)}
+        vertex, parent, preds = _dfs_preorder(kernel)
+        self._index = {id(b): i for i, b in enumerate(vertex)}
+        self._idom = _lengauer_tarjan(parent, preds)
+        self.idom = {id(vertex[i]): vertex[d] for i, d in enumerate(self._idom)}
         self._pre, self._post = self._intervals()
 
     def reachable(self, block: Block) -> bool:
@@ -182,35 +179,78 @@ def _reverse_postorder(kernel: Kernel) -> list[Block]:
     return post
 
 
-def _compute_idoms(preds: list[list[int]]) -> list[int]:
-    """Cooper, Harvey, Kennedy: "A Simple, Fast Dominance Algorithm" over RPO indexes."""
-    n = len(preds)
-    idom = [-1] * n
-    if n == 0:
-        return idom
-    idom[0] = 0
-    changed = True
-    while changed:
-        changed = False
-        for b in range(1, n):
-            new = -1
-            for p in preds[b]:
-                if idom[p] == -1:
-                    continue
-                new = p if new == -1 else _intersect(idom, p, new)
-            if new != idom[b]:
-                idom[b] = new
-                changed = True
+def _dfs_preorder(kernel: Kernel) -> tuple[list[Block], list[int], list[list[int]]]:
+    """Reachable blocks in DFS preorder, each one's DFS-tree parent and its reachable predecessors."""
+    vertex: list[Block] = []
+    parent: list[int] = []
+    if not kernel.blocks:
+        return vertex, parent, []
+    owned = {id(b) for b in kernel.blocks}
+    number: dict[int, int] = {}
+    stack: list[tuple[Block, int]] = [(kernel.blocks[0], -1)]
+    while stack:
+        block, par = stack.pop()
+        if id(block) in number:
+            continue
+        number[id(block)] = len(vertex)
+        vertex.append(block)
+        parent.append(par)
+        for s in reversed(block.successor_blocks()):
+            if id(s) in owned and id(s) not in number:
+                stack.append((s, number[id(block)]))
+    preds: list[list[int]] = [[] for _ in vertex]
+    for i, block in enumerate(vertex):
+        for s in block.successor_blocks():
+            j = number.get(id(s))
+            if j is not None:
+                preds[j].append(i)
+    return vertex, parent, preds
+
+
+def _lengauer_tarjan(parent: list[int], preds: list[list[int]]) -> list[int]:
+    """Immediate dominators of nodes numbered in DFS preorder (node 0 is the root; idom[0] = 0)."""
+    n = len(parent)
+    semi = list(range(n))
+    best = list(range(n))
+    ancestor = [-1] * n
+    idom = [0] * n
+    samedom = [-1] * n
+    bucket: list[list[int]] = [[] for _ in range(n)]
+
+    def lowest_semi(v: int) -> int:
+        path = []
+        x = v
+        while ancestor[ancestor[x]] != -1:
+            path.append(x)
+            x = ancestor[x]
+        for x in reversed(path):
+            a = ancestor[x]
+            if semi[best[a]] < semi[best[x]]:
+                best[x] = best[a]
+            ancestor[x] = ancestor[a]
+        return best[v]
+
+    for node in range(n - 1, 0, -1):
+        p = parent[node]
+        s = p
+        for v in preds[node]:
+            s2 = v if v <= node else semi[lowest_semi(v)]
+            if s2 < s:
+                s = s2
+        semi[node] = s
+        bucket[s].append(node)
+        ancestor[node] = p
+        for v in bucket[p]:
+            y = lowest_semi(v)
+            if semi[y] == semi[v]:
+                idom[v] = p
+            else:
+                samedom[v] = y
+        bucket[p] = []
+    for node in range(1, n):
+        if samedom[node] != -1:
+            idom[node] = idom[samedom[node]]
     return idom
-
-
-def _intersect(idom: list[int], a: int, b: int) -> int:
-    while a != b:
-        while a > b:
-            a = idom[a]
-        while b > a:
-            b = idom[b]
-    return a
 
 
 class _KernelChecker:
@@ -221,8 +261,8 @@ class _KernelChecker:
         self.problems: list[Problem] = []
 
     def error(self, message: str, block: Block | None = None, op_index: int | None = None,
-              op: Op | None = None) -> None:
-        loc = (op.loc if op is not None else None) or (block.loc if block is not None else None) or self.k.loc
+              op: Op | None = None, at: Location | None = None) -> None:
+        loc = at or (op.loc if op is not None else None) or (block.loc if block is not None else None) or self.k.loc
         bname = None
         if block is not None:
             bname = block.name if block.name is not None else f"#{self._block_index.get(id(block), '?')}"
@@ -286,14 +326,16 @@ class _KernelChecker:
             total = 0
             for a in arrays:
                 if not is_valid_name(a.name):
-                    self.error(f"invalid {kind} array name {a.name!r}")
+                    self.error(f"invalid {kind} array name {a.name!r}", at=a.loc)
                 if a.name in names:
-                    self.error(f"duplicate array name @{a.name}")
+                    self.error(f"duplicate array name @{a.name}", at=a.loc)
                 names.add(a.name)
                 if not a.type.is_memory:
-                    self.error(f"{kind} array @{a.name} cannot hold {a.type}; use a memory type (i8..i64, f16..f64)")
+                    self.error(f"{kind} array @{a.name} cannot hold {a.type}; use a memory type (i8..i64, f16..f64)",
+                               at=a.loc)
                 if not 1 <= a.count <= MAX_ARRAY_COUNT:
-                    self.error(f"{kind} array @{a.name} has {a.count} elements; allowed 1..{MAX_ARRAY_COUNT}")
+                    self.error(f"{kind} array @{a.name} has {a.count} elements; allowed 1..{MAX_ARRAY_COUNT}",
+                               at=a.loc)
                     continue
                 total += a.type.size * a.count
             if total > limit:
