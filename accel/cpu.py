@@ -26,8 +26,10 @@ Options (``cpu,arena=2G,threads=4``): ``arena`` (size of the arena, default 1G) 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import logging
+import threading
 import os
 import platform
 from typing import Any
@@ -42,6 +44,8 @@ MAX_SHARED_PER_BLOCK = 48 * 1024
 MAX_WORKER_THREADS = 256
 #: Ranges per worker thread, for load balance when blocks take uneven time.
 RANGES_PER_THREAD = 4
+#: Loaded (MCJIT) modules kept for reuse when the same IR is loaded again.
+LOADED_MODULES = 64
 
 
 def _cpu_model() -> str:
@@ -62,12 +66,13 @@ class CpuBackend(HostBackend):
         index: device index (only 0).
         arena: arena size (bytes or a size string such as ``"2G"``).
         threads: block worker threads (default: the number of CPUs).
+        cache: a ``vxpu.ir.cache.CompileCache`` (default: the process-wide memory + disk cache).
     """
 
     name = "cpu"
 
     def __init__(self, index: int = 0, *, arena: int | str = DEFAULT_ARENA_BYTES,
-                 threads: int | str | None = None) -> None:
+                 threads: int | str | None = None, cache: Any = None) -> None:
         super().__init__(index, arena=arena)
         try:
             n = int(threads) if threads is not None else (os.cpu_count() or 1)
@@ -77,7 +82,9 @@ class CpuBackend(HostBackend):
             raise BackendError(Status.INVALID_ARGUMENT, f"threads={n} must be 1..{MAX_WORKER_THREADS}")
         self.threads = n
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._compiler: Any = None
+        self._cache = cache
+        self._compile_lock = threading.Lock()
+        self._loaded: collections.OrderedDict[int, Any] = collections.OrderedDict()
         self._arch = platform.machine()
 
     def _open_hook(self) -> None:
@@ -108,12 +115,33 @@ class CpuBackend(HostBackend):
     def _load(self, image: bytes, kind: ModuleKind) -> Any:
         if kind is not ModuleKind.IR:
             raise BackendError(Status.UNSUPPORTED, f"the CPU backend runs IR modules only, not {kind.value}")
-        from vxpu.ir.errors import IRError
-
         try:
-            module, hit = self._compiler.compile_for_backend(image, "cpu")
+            from vxpu.ir import compile as ir_compile
+            from vxpu.ir import cpu_exec
+            from vxpu.ir.errors import IRError
+            from vxpu.ir.lower.errors import CompileError, ToolchainError
+        except ImportError as exc:
+            raise BackendError(Status.UNAVAILABLE, f"the IR compiler cannot be imported: {exc}") from exc
+        store = self._cache if self._cache is not None else ir_compile.default_cache()
+        try:
+            with self._compile_lock:
+                misses = store.stats.misses
+                compiled = ir_compile.compile_module(image, "x86", cache=store)
+                hit = store.stats.misses == misses
+                module = self._loaded.get(id(compiled))
+                if module is None or module.compiled is not compiled:
+                    module = cpu_exec.CpuModule(compiled)
+                    self._loaded[id(compiled)] = module
+                    while len(self._loaded) > LOADED_MODULES:
+                        self._loaded.popitem(last=False)
+                else:
+                    self._loaded.move_to_end(id(compiled))
         except IRError as exc:
             raise BackendError(Status.BAD_MODULE, f"IR module rejected: {exc}", log=str(exc)) from exc
+        except ToolchainError as exc:
+            raise BackendError(Status.UNAVAILABLE, f"the x86 toolchain failed: {exc}", log=exc.log) from exc
+        except CompileError as exc:
+            raise BackendError(Status.BAD_MODULE, f"IR module does not compile: {exc}", log=exc.log) from exc
         if hit:
             self.stats.compile_cache_hits += 1
         else:
@@ -121,12 +149,10 @@ class CpuBackend(HostBackend):
         return module
 
     def _kernel(self, payload: Any, name: str) -> tuple[Any, KernelInfo]:
-        from vxpu.ir.errors import IRError
-
         try:
             kernel = payload.kernel(name)
-        except (IRError, KeyError) as exc:
-            raise BackendError(Status.NOT_FOUND, f"no kernel {name!r} in the module") from exc
+        except KeyError as exc:
+            raise BackendError(Status.NOT_FOUND, str(exc.args[0]) if exc.args else f"no kernel {name!r}") from None
         return kernel, kernel.info
 
     def _execute(self, kernel: Any, work: tuple[Any, ...]) -> None:
@@ -139,7 +165,7 @@ class CpuBackend(HostBackend):
         parts = min(nblocks, self.threads * RANGES_PER_THREAD)
         bounds = [nblocks * i // parts for i in range(parts + 1)]
         futures = [self._executor.submit(kernel.run, grid, block, args, base, size,
-                                         dynamic_shared=shared_bytes, blocks=(bounds[i], bounds[i + 1]))
+                                         dynamic_shared=shared_bytes, blocks=range(bounds[i], bounds[i + 1]))
                    for i in range(parts)]
         first: BaseException | None = None
         for fut in futures:           # wait for all; report the fault of the lowest block range
@@ -150,11 +176,8 @@ class CpuBackend(HostBackend):
             raise first
 
     def _map_fault(self, exc: BaseException) -> BackendError:
-        from vxpu.ir.errors import IRError
+        from vxpu.ir.cpu_exec import KernelFault
 
-        kernel_fault = getattr(self._compiler, "KernelFault", None)
-        if kernel_fault is not None and isinstance(exc, kernel_fault):
-            return BackendError(Status.KERNEL_FAULT, f"kernel fault: {exc}")
-        if isinstance(exc, IRError):
-            return BackendError(Status.KERNEL_FAULT, f"kernel fault: {exc}")
+        if isinstance(exc, KernelFault):
+            return BackendError(Status.KERNEL_FAULT, str(exc))
         return super()._map_fault(exc)
