@@ -1,0 +1,123 @@
+"""Host VFIO passthrough logic against a fixture sysfs tree (no real device is touched)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from vxpu.qmp import passthrough as pt
+from vxpu.qmp.errors import PassthroughError
+
+BDF = "0000:01:00.0"
+SIBLING = "0000:01:00.1"
+
+
+def _device(sysfs: Path, bdf: str, driver: str | None, group: int | None) -> Path:
+    dev = sysfs / "devices/pci0000:00" / bdf
+    dev.mkdir(parents=True)
+    (dev / "driver_override").write_text("(null)\n")
+    (sysfs / "bus/pci/devices").mkdir(parents=True, exist_ok=True)
+    os.symlink(os.path.relpath(dev, sysfs / "bus/pci/devices"), sysfs / "bus/pci/devices" / bdf)
+    if driver:
+        drv = sysfs / "bus/pci/drivers" / driver
+        drv.mkdir(parents=True, exist_ok=True)
+        (drv / "unbind").touch()
+        os.symlink(os.path.relpath(drv, dev), dev / "driver")
+    if group is not None:
+        grp = sysfs / "kernel/iommu_groups" / str(group)
+        (grp / "devices").mkdir(parents=True, exist_ok=True)
+        os.symlink(os.path.relpath(grp, dev), dev / "iommu_group")
+        os.symlink(os.path.relpath(dev, grp / "devices"), grp / "devices" / bdf)
+    return dev
+
+
+@pytest.fixture
+def sysfs(tmp_path: Path) -> Path:
+    (tmp_path / "bus/pci/drivers/vfio-pci").mkdir(parents=True)
+    (tmp_path / "bus/pci/drivers/vfio-pci/unbind").touch()
+    (tmp_path / "bus/pci/drivers_probe").touch()
+    return tmp_path
+
+
+def test_plan_for_a_device_on_a_host_driver(sysfs: Path) -> None:
+    _device(sysfs, BDF, "nvidia", 7)
+    plan = pt.plan_bind("01:00.0", sysfs)
+    assert (plan.bdf, plan.iommu_group, plan.current_driver) == (BDF, 7, "nvidia")
+    assert plan.vfio_device == "/dev/vfio/7"
+    assert [(str(w.path.relative_to(sysfs)), w.value) for w in plan.writes] == [
+        (f"bus/pci/devices/{BDF}/driver_override", "vfio-pci"),
+        ("bus/pci/drivers/nvidia/unbind", BDF),
+        ("bus/pci/drivers_probe", BDF),
+    ]
+
+
+def test_apply_writes_in_order(sysfs: Path) -> None:
+    dev = _device(sysfs, BDF, "nvidia", 7)
+    pt.apply(pt.plan_bind(BDF, sysfs).writes)
+    assert (dev / "driver_override").read_text() == "vfio-pci"
+    assert (sysfs / "bus/pci/drivers/nvidia/unbind").read_text() == BDF
+    assert (sysfs / "bus/pci/drivers_probe").read_text() == BDF
+
+
+def test_unbound_device_needs_no_unbind(sysfs: Path) -> None:
+    _device(sysfs, BDF, None, 3)
+    assert [w.path.name for w in pt.plan_bind(BDF, sysfs).writes] == ["driver_override", "drivers_probe"]
+
+
+def test_already_on_vfio_is_a_no_op(sysfs: Path) -> None:
+    _device(sysfs, BDF, "vfio-pci", 3)
+    assert pt.plan_bind(BDF, sysfs).writes == ()
+
+
+def test_bind_reports_a_probe_that_did_not_take(sysfs: Path) -> None:
+    _device(sysfs, BDF, "nvidia", 7)  # the fixture has no kernel, so the driver link never changes
+    with pytest.raises(PassthroughError, match="bound to nvidia instead of vfio-pci"):
+        pt.bind_vfio(BDF, sysfs, settle_s=0.1)
+
+
+def test_iommu_off_names_the_kernel_parameter(sysfs: Path) -> None:
+    _device(sysfs, BDF, "nvidia", None)
+    with pytest.raises(PassthroughError, match="intel_iommu=on"):
+        pt.plan_bind(BDF, sysfs)
+
+
+def test_group_sibling_on_a_host_driver_is_refused(sysfs: Path) -> None:
+    _device(sysfs, BDF, "nvidia", 7)
+    sib = _device(sysfs, SIBLING, "snd_hda_intel", None)
+    grp = sysfs / "kernel/iommu_groups/7"
+    os.symlink(os.path.relpath(grp, sib), sib / "iommu_group")
+    os.symlink(os.path.relpath(sib, grp / "devices"), grp / "devices" / SIBLING)
+    with pytest.raises(PassthroughError, match=f"{SIBLING} shares IOMMU group 7 .* snd_hda_intel"):
+        pt.plan_bind(BDF, sysfs)
+
+
+def test_vfio_pci_not_loaded(sysfs: Path) -> None:
+    _device(sysfs, BDF, "nvidia", 7)
+    (sysfs / "bus/pci/drivers/vfio-pci/unbind").unlink()
+    (sysfs / "bus/pci/drivers/vfio-pci").rmdir()
+    with pytest.raises(PassthroughError, match="modprobe vfio-pci"):
+        pt.plan_bind(BDF, sysfs)
+
+
+@pytest.mark.parametrize("bad", ["", "01:00", "0000:01:00.8", "zz:00.0", "0000:01:00.0/../x"])
+def test_bad_addresses_are_refused(sysfs: Path, bad: str) -> None:
+    with pytest.raises(PassthroughError, match="not a PCI address"):
+        pt.plan_bind(bad, sysfs)
+
+
+def test_missing_device(sysfs: Path) -> None:
+    with pytest.raises(PassthroughError, match="no PCI device 0000:02:00.0"):
+        pt.plan_bind("0000:02:00.0", sysfs)
+
+
+def test_unbind_plan_clears_override_and_reprobes(sysfs: Path) -> None:
+    _device(sysfs, BDF, "vfio-pci", 7)
+    writes = pt.plan_unbind(BDF, sysfs)
+    assert [(w.path.name, w.value) for w in writes] == [
+        ("driver_override", "\n"), ("unbind", BDF), ("drivers_probe", BDF)]
+
+
+def test_device_json() -> None:
+    assert pt.passthrough_device("01:00.0", "gpu0") == {"driver": "vfio-pci", "host": BDF, "id": "gpu0"}
