@@ -40,7 +40,7 @@ import math
 from .errors import DecodeError, IRError, Location, Problem, VerifyError
 from .limits import (
     MAX_ARRAY_COUNT, MAX_ARRAYS, MAX_BLOCK_PARAMS, MAX_BLOCKS, MAX_KERNELS, MAX_MODULE_BYTES, MAX_NAME_LEN,
-    MAX_OPS_PER_KERNEL, MAX_PARAMS,
+    MAX_OPS_PER_KERNEL, MAX_OPS_PER_MODULE, MAX_PARAMS,
 )
 from .model import (
     CANONICAL_NAN_BITS, Block, Kernel, LocalArray, Module, Op, Param, SharedArray, Successor, Value,
@@ -239,12 +239,13 @@ class _Fail(Exception):
 class _Reader:
     """Bounds-checked cursor over the input bytes."""
 
-    __slots__ = ("data", "pos", "end")
+    __slots__ = ("data", "pos", "end", "ops_left")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
         self.end = len(data)
+        self.ops_left = MAX_OPS_PER_MODULE
 
     def fail(self, message: str, at: int | None = None) -> _Fail:
         return _Fail(message, self.pos if at is None else at)
@@ -417,12 +418,13 @@ def _decode_kernel(r: _Reader) -> Kernel:
     values: list[Value] = list(k.params)
     fixups: list[tuple[list[Value], int, int]] = []  # (list to fill, slot, value number)
     pending: list[Op] = []
-    budget = MAX_OPS_PER_KERNEL
+    kernel_ops = 0
     for b in blocks:
         for _ in range(r.count("block parameter count", MAX_BLOCK_PARAMS)):
             values.append(b.add_param(r.type("block parameter type")))
-        n_ops = r.count("op count", budget)
-        budget -= n_ops
+        n_ops = r.count("op count", min(MAX_OPS_PER_KERNEL - kernel_ops, r.ops_left))
+        kernel_ops += n_ops
+        r.ops_left -= n_ops
         for _ in range(n_ops):
             op = _decode_op(r, k, blocks, fixups, pending)
             b.append(op)

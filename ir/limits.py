@@ -3,6 +3,7 @@
 Input from guests is hostile: every count is checked against these constants *before* anything
 is allocated, so a tiny message cannot make the host allocate or loop much. They are generous
 for real kernels (the largest sample kernels use a few hundred ops) and documented in docs/ir.md.
+Worst case, a module at every limit decodes into roughly 150 MB of Python objects.
 """
 
 from __future__ import annotations
@@ -10,13 +11,13 @@ from __future__ import annotations
 __all__ = [
     "MAX_MODULE_BYTES", "MAX_TEXT_BYTES", "MAX_KERNELS", "MAX_PARAMS", "MAX_ARRAYS", "MAX_BLOCKS",
     "MAX_BLOCK_PARAMS", "MAX_OPS_PER_KERNEL", "MAX_OPERANDS", "MAX_NAME_LEN", "MAX_SHARED_BYTES",
-    "MAX_LOCAL_BYTES", "MAX_ARRAY_COUNT", "MAX_VALUES_PER_KERNEL",
+    "MAX_LOCAL_BYTES", "MAX_ARRAY_COUNT", "MAX_VALUES_PER_KERNEL", "MAX_OPS_PER_MODULE",
 ]
 
 #: Largest binary encoding accepted (bytes, header included).
-MAX_MODULE_BYTES = 16 * 1024 * 1024
+MAX_MODULE_BYTES = 4 * 1024 * 1024
 #: Largest .vxir text accepted (bytes).
-MAX_TEXT_BYTES = 64 * 1024 * 1024
+MAX_TEXT_BYTES = 32 * 1024 * 1024
 #: Kernels per module.
 MAX_KERNELS = 256
 #: Parameters per kernel.
@@ -24,11 +25,13 @@ MAX_PARAMS = 256
 #: Shared plus local arrays per kernel.
 MAX_ARRAYS = 256
 #: Blocks per kernel.
-MAX_BLOCKS = 65536
+MAX_BLOCKS = 16384
 #: Parameters per block (and so arguments per successor).
 MAX_BLOCK_PARAMS = 256
 #: Ops per kernel (all blocks together).
-MAX_OPS_PER_KERNEL = 1_000_000
+MAX_OPS_PER_KERNEL = 65536
+#: Ops per module (bounds the memory a decoded module takes: about 0.5 KiB per op in Python).
+MAX_OPS_PER_MODULE = 262144
 #: Operands of one op (the largest fixed arity is 3; successor args are bounded by MAX_BLOCK_PARAMS).
 MAX_OPERANDS = 3
 #: Values (params, block params and op results) per kernel.

@@ -32,7 +32,7 @@ import re
 from dataclasses import dataclass, field
 
 from .errors import IRError, Location, ParseError, Problem
-from .limits import MAX_BLOCKS, MAX_OPS_PER_KERNEL, MAX_TEXT_BYTES
+from .limits import MAX_BLOCKS, MAX_OPS_PER_KERNEL, MAX_OPS_PER_MODULE, MAX_TEXT_BYTES
 from .model import (
     Block, Kernel, LocalArray, Module, Op, Param, SharedArray, Successor, Value, is_valid_name,
     resolve_derived_types,
@@ -285,6 +285,7 @@ class _Parser:
         self.kernels: list[_KernelRec] = []
         self.current: _KernelRec | None = None
         self.line = 0
+        self.module_ops = 0
 
     def problem(self, message: str, line: int, col: int, kernel: str | None = None) -> None:
         self.problems.append(Problem(Location(kernel=kernel, line=line, col=col), message))
@@ -339,8 +340,11 @@ class _Parser:
             if not self.current.blocks:
                 raise _Syntax("op outside a block: start a block with '^name:' first", first.col)
             self.current.n_ops += 1
+            self.module_ops += 1
             if self.current.n_ops > MAX_OPS_PER_KERNEL:
                 raise _TooBig(f"kernel @{self.current.name} has more than {MAX_OPS_PER_KERNEL} ops")
+            if self.module_ops > MAX_OPS_PER_MODULE:
+                raise _TooBig(f"the module has more than {MAX_OPS_PER_MODULE} ops")
             self.current.blocks[-1].ops.append(self._op(cur))
 
     def _top_level(self, cur: _Cursor) -> None:

@@ -38,7 +38,7 @@ from typing import Iterable
 from .errors import Location, Problem, VerifyError
 from .limits import (
     MAX_ARRAY_COUNT, MAX_ARRAYS, MAX_BLOCK_PARAMS, MAX_BLOCKS, MAX_KERNELS, MAX_LOCAL_BYTES, MAX_OPS_PER_KERNEL,
-    MAX_PARAMS, MAX_SHARED_BYTES,
+    MAX_OPS_PER_MODULE, MAX_PARAMS, MAX_SHARED_BYTES,
 )
 from .model import (
     Block, BlockParam, Kernel, LocalArray, Module, Op, OpResult, Param, SharedArray, Value, is_valid_name,
@@ -83,6 +83,10 @@ def check(module: Module) -> list[Problem]:
         problems.append(Problem(where, f"invalid module name {module.name!r}: use a C identifier"))
     if len(module.kernels) > MAX_KERNELS:
         problems.append(Problem(where, f"{len(module.kernels)} kernels exceed the limit of {MAX_KERNELS}"))
+        return problems
+    total_ops = sum(len(b.ops) for k in module.kernels for b in k.blocks)
+    if total_ops > MAX_OPS_PER_MODULE:
+        problems.append(Problem(where, f"{total_ops} ops exceed the limit of {MAX_OPS_PER_MODULE} per module"))
         return problems
     seen: set[str] = set()
     for k in module.kernels:

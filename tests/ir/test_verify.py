@@ -181,8 +181,8 @@ def test_dominators_on_a_loop():
 
 
 def test_deep_nesting_and_long_chains_are_near_linear():
-    """20,000 nested blocks (each dominating the next) and a 20,000-op chain verify quickly."""
-    n = 20_000
+    """10,000 nested blocks (each dominating the next) and a 20,000-op chain verify quickly."""
+    n = 10_000
     b = KernelBuilder("deep", params=[("n", i32)])
     blocks = [b.block(f"b{i}") for i in range(n)]
     exit_ = b.block("exit")
@@ -201,7 +201,7 @@ def test_deep_nesting_and_long_chains_are_near_linear():
     start = time.perf_counter()
     verify(m)
     chain_s = time.perf_counter() - start
-    assert deep_s < 2.0 and chain_s < 1.0, (deep_s, chain_s)
+    assert deep_s < 1.0 and chain_s < 1.0, (deep_s, chain_s)
 
 
 def test_thousand_op_kernel_verifies_in_milliseconds():
