@@ -30,8 +30,10 @@ import errno
 import logging
 import os
 import selectors
+import shutil
 import socket
 import stat
+import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +51,7 @@ log = logging.getLogger(__name__)
 
 BACKLOG_LIMIT = 8 << 20        # stop reading requests while this many reply bytes are unsent
 BATCH_LIMIT = 64               # messages handled per readiness event before polling others
+_SUN_PATH_MAX = 108            # sizeof(sockaddr_un.sun_path), NUL included
 WARN_BUDGET = 64               # hostile-input warnings per connection before they go to DEBUG
 
 Reply = tuple[list[Any], list[int]]
@@ -437,16 +440,7 @@ class VfioUserServer:
         if self._listener is not None:
             return
         _remove_stale_socket(self.path)
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            listener.bind(str(self.path))
-            os.chmod(self.path, 0o600)
-            listener.listen(4)
-        except OSError as exc:
-            listener.close()
-            raise ConfigError(f"cannot listen on {self.path}: {exc.strerror}; "
-                              "check the directory exists and is writable") from None
-        listener.setblocking(False)
+        listener = _listen(self.path)
         self._listener = listener
         self._sel = selectors.DefaultSelector()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
@@ -610,6 +604,36 @@ class VfioUserServer:
         self.log.info("client disconnected: %s", why, extra={"conn": conn.number})
         if self._sel is not None and self._listener is not None and not self._stopping:
             self._sel.register(self._listener, selectors.EVENT_READ, "accept")
+
+
+def _listen(path: Path) -> socket.socket:
+    """A non-blocking listening socket at ``path`` that appears there already listening and
+    with mode 0600: bound in a private directory beside ``path``, then renamed into place.
+
+    Raises:
+        ConfigError: the directory is missing or not writable, or the path is too long.
+    """
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    tmpdir = None
+    try:
+        tmpdir = tempfile.mkdtemp(prefix=".vxpu-", dir=path.parent)
+        tmp = os.path.join(tmpdir, "s")
+        direct = len(os.fsencode(tmp)) >= _SUN_PATH_MAX
+        where = str(path) if direct else tmp
+        listener.bind(where)
+        os.chmod(where, 0o600)
+        listener.listen(4)
+        if not direct:
+            os.rename(tmp, path)
+    except OSError as exc:
+        listener.close()
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}; check that the directory "
+                          f"exists and is writable and the path is shorter than {_SUN_PATH_MAX} bytes") from None
+    finally:
+        if tmpdir is not None:
+            shutil.rmtree(tmpdir, ignore_errors=True)
+    listener.setblocking(False)
+    return listener
 
 
 def _remove_stale_socket(path: Path) -> None:

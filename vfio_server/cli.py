@@ -1,0 +1,114 @@
+"""``vxpu serve``: run one vfio-user device server (one process per device per VM).
+
+::
+
+    vxpu serve --socket /run/vxpu/vu0.sock [--device test] [--backend cpu|cuda[:N]|hip[:N]|npu] [--msix]
+
+The process listens on ``--socket`` (mode 0600; a stale socket is replaced), serves one QEMU
+connection at a time and keeps serving across disconnects (hot re-plug), until SIGTERM or
+SIGINT, when it closes the connection, removes the socket and exits 0. Logging goes through
+:mod:`vxpu.log` (``vxpu --log-format json serve ...`` for one JSON object per line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vxpu.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceKind:
+    """A device model ``vxpu serve --device`` can run."""
+
+    help: str
+    factory: Callable[[argparse.Namespace, Any], Any]   # (args, backend or None) -> VfioDevice
+    needs_backend: bool
+
+
+def _test_device(args: argparse.Namespace, _backend: Any) -> Any:
+    from vxpu.vfio_server.testdev import TestDevice
+    return TestDevice(msix=args.msix)
+
+
+DEVICES: dict[str, DeviceKind] = {
+    "test": DeviceKind("the vxpu test device (registers, DMA, interrupts; no accelerator)", _test_device, False),
+}
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``serve`` sub-command."""
+    p = subparsers.add_parser("serve", help="serve one vfio-user device on a Unix socket",
+                              description="Serve one vfio-user device for QEMU's vfio-user-pci.")
+    p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (created mode 0600)")
+    p.add_argument("--device", default="test", choices=sorted(DEVICES),
+                   help="device model (default: test). " + "; ".join(f"{k}: {v.help}" for k, v in DEVICES.items()))
+    p.add_argument("--backend", default="cpu", metavar="SPEC",
+                   help="accelerator backend: cpu (default), cuda[:N], hip[:N] or npu")
+    p.add_argument("--msix", action="store_true",
+                   help="also offer an MSI-X capability (default: MSI only). Warning: QEMU 11.1.3 aborts the "
+                        "whole VM when a device with MSI-X is hot-unplugged (device_del); use it only for "
+                        "cold-plugged devices")
+    p.set_defaults(func=serve)
+
+
+def _open_backend(spec: str, needed: bool) -> Any:
+    """Check the spec always; open the backend only for devices that use one.
+
+    Raises:
+        ConfigError: a malformed spec or a backend that cannot be opened (the reason is kept).
+    """
+    try:
+        from vxpu.accel import registry
+    except ImportError as exc:
+        if needed:
+            raise ConfigError(f"--backend {spec}: the accelerator layer is not installed ({exc})") from None
+        return None
+    try:
+        if not needed:
+            registry.parse_spec(spec)
+            return None
+        return registry.open_backend(spec)
+    except Exception as exc:   # BackendUnavailable and friends: report, don't trace
+        raise ConfigError(f"--backend {spec}: {exc}") from None
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the server until SIGTERM/SIGINT. Returns the exit status.
+
+    Raises:
+        ConfigError: bad socket path, a live server already on it, or an unusable backend.
+    """
+    from vxpu.vfio_server.server import VfioUserServer
+
+    kind = DEVICES[args.device]
+    backend = _open_backend(args.backend, kind.needs_backend)
+    if args.backend != "cpu" and not kind.needs_backend:
+        log.warning("device %r uses no accelerator; --backend %s is ignored", args.device, args.backend)
+    device = kind.factory(args, backend)
+    server = VfioUserServer(args.socket, device)
+    server.bind()
+
+    def _stop(signum: int, _frame: object) -> None:
+        log.info("%s: shutting down", signal.Signals(signum).name)
+        server.stop()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    log.info("serving", extra={"device": args.device, "socket": args.socket, "msix": args.msix,
+                               "backend": args.backend})
+    try:
+        server.serve_forever()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
+    return 0
