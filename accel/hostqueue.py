@@ -101,9 +101,37 @@ class HostQueue:
             return not self._ops and not self._busy
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until every submitted operation has run or been dropped; False on timeout."""
-        with self._cv:
-            return self._cv.wait_for(lambda: not self._ops and not self._busy, timeout)
+        """Block until every submitted operation has run or been dropped; False on timeout.
+
+        Without a timeout the waiting thread helps: it runs queued operations itself whenever
+        the worker is not busy (still one at a time, in order), which saves the hand-off to the
+        worker thread on the common launch-then-synchronize path.
+        """
+        if timeout is not None:
+            with self._cv:
+                return self._cv.wait_for(lambda: not self._ops and not self._busy, timeout)
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: not self._busy)
+                if not self._ops:
+                    return True
+                item = self._ops.popleft()
+                self._busy = True
+            self._run_item(item)
+
+    def _run_item(self, item: tuple[int, Op, HostEvent | None]) -> None:
+        generation, op, event = item
+        try:
+            if generation == self._generation():
+                op()
+            elif event is not None:
+                event.fire()       # a reset dropped the work before it; nothing to wait for
+        except BaseException as exc:  # reported to the backend, never kills the thread
+            self._on_error(exc)
+        finally:
+            with self._cv:
+                self._busy = False
+                self._cv.notify_all()
 
     def stop(self) -> None:
         """Wait for the queue, then end its worker thread (idempotent)."""
@@ -122,16 +150,6 @@ class HostQueue:
                 self._cv.wait_for(lambda: self._stopping or (self._ops and not self._busy))
                 if self._stopping and not self._ops:
                     return
-                generation, op, event = self._ops.popleft()
+                item = self._ops.popleft()
                 self._busy = True
-            try:
-                if generation == self._generation():
-                    op()
-                elif event is not None:
-                    event.fire()       # a reset dropped the work before it; nothing to wait for
-            except BaseException as exc:  # reported to the backend, never kills the worker
-                self._on_error(exc)
-            finally:
-                with self._cv:
-                    self._busy = False
-                    self._cv.notify_all()
+            self._run_item(item)
