@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from vxpu.errors import ConfigError
+from vxpu.errors import ConfigError, Error
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def _open_backend(spec: str, needed: bool) -> Any:
             registry.parse_spec(spec)
             return None
         return registry.open_backend(spec)
-    except Exception as exc:   # BackendUnavailable and friends: report, don't trace
+    except Error as exc:       # BackendUnavailable and friends: report, don't trace
         raise ConfigError(f"--backend {spec}: {exc}") from None
 
 

@@ -20,7 +20,7 @@ import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.errors import PeerClosed, ProtocolError
@@ -65,7 +65,7 @@ class GuestMemory:
             os.close(self.fd)
             self.fd = -1
 
-    def __enter__(self) -> GuestMemory:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -134,7 +134,7 @@ class VfioUserClient:
             ram.view.release()
         self._ram = []
 
-    def __enter__(self) -> VfioUserClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

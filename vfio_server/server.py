@@ -37,15 +37,16 @@ import tempfile
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from vxpu.errors import ConfigError
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.device import NUM_IRQS, NUM_REGIONS, RegionFlags, VfioDevice
 from vxpu.vfio_server.dma import DmaSpace
 from vxpu.vfio_server.errors import DmaError, PeerClosed, ProtocolError
 from vxpu.vfio_server.irq import IrqTable
 from vxpu.vfio_server.transport import Incoming, Transport
+
+from vxpu.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +403,7 @@ class Connection:
             try:
                 self.device.detach()
             except Exception:
-                self.log.error("conn %d: device detach failed", self.number, exc_info=True)
+                self.log.exception("conn %d: device detach failed", self.number)
 
 
 class VfioUserServer:
@@ -478,8 +479,9 @@ class VfioUserServer:
             thread.join(timeout)
             self._thread = None
 
-    def __enter__(self) -> VfioUserServer:
-        return self.start()
+    def __enter__(self) -> Self:
+        self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
@@ -537,7 +539,7 @@ class VfioUserServer:
             try:
                 fn()
             except Exception:
-                self.log.error("scheduled call %r failed", fn, exc_info=True)
+                self.log.exception("scheduled call %r failed", fn)
 
     def _accept(self) -> None:
         assert self._listener is not None and self._sel is not None

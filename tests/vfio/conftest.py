@@ -15,7 +15,6 @@ import struct
 from collections.abc import Callable, Iterator
 
 import pytest
-
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import VfioUserClient
 from vxpu.vfio_server.device import RegionFlags, RegionInfo, SparseArea

@@ -12,7 +12,6 @@ import sys
 import time
 
 import pytest
-
 from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server.client import VfioUserClient
 
@@ -82,7 +81,7 @@ def test_stale_socket_replaced_live_socket_refused(tmp_path):
     proc = _start(path)
     try:
         second = subprocess.run([sys.executable, "-m", "vxpu", "serve", "--socket", str(path)],
-                                capture_output=True, text=True, timeout=30)
+                                capture_output=True, text=True, timeout=30, check=False)
         assert second.returncode == 2
         assert "another server is listening" in second.stderr
     finally:
@@ -93,8 +92,8 @@ def test_stale_socket_replaced_live_socket_refused(tmp_path):
 
 def test_bad_backend_spec_and_bad_path(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "vxpu", "serve", "--socket", str(tmp_path / "a.sock"),
-                          "--backend", "no such thing!"], capture_output=True, text=True, timeout=30)
+                          "--backend", "no such thing!"], capture_output=True, text=True, timeout=30, check=False)
     assert bad.returncode == 2 and "--backend" in bad.stderr
     missing = subprocess.run([sys.executable, "-m", "vxpu", "serve", "--socket", str(tmp_path / "no" / "a.sock")],
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30, check=False)
     assert missing.returncode == 2 and "cannot listen" in missing.stderr

@@ -6,7 +6,6 @@ import errno
 import os
 
 import pytest
-
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.dma import MAX_PENDING_DMA, DmaSpace
 from vxpu.vfio_server.errors import DmaError, ProtocolError

@@ -66,7 +66,7 @@ def test_overlapping_map_is_eexist(client, server, no_leak):
     with GuestMemory(4 * MiB) as mem:
         client.map_guest_ram(mem, 0x100000, size=MiB)
         for addr, size in ((0x100000, 0x2000), (0xFF000, 0x2000), (0x1FF000, 0x2000), (0, 0x200000)):
-            refused(client, errno.EEXIST, lambda: client.dma_map(addr, size, mem.fd, addr))
+            refused(client, errno.EEXIST, lambda a=addr, n=size: client.dma_map(a, n, mem.fd, a))
         refused(client, errno.EEXIST, lambda: client.dma_map(0x100000, MiB, mem.fd, 0x1000))   # other offset
         refused(client, errno.EEXIST, lambda: client.dma_map(0x100000, MiB, None))            # no fd now
         assert len(server.conn.dma) == 1
@@ -79,15 +79,15 @@ def test_unaligned_zero_or_wrapping_is_einval(client, no_leak):
     with GuestMemory(MiB) as mem:
         for addr, size, off in ((0x100800, 0x1000, 0), (0x100000, 0x800, 0), (0x100000, 0, 0),
                                 ((1 << 64) - 0x1000, 0x2000, 0), (0x100000, 0x1000, (1 << 64) - 0x800)):
-            refused(client, errno.EINVAL, lambda: client.dma_map(addr, size, mem.fd, off))
-            refused(client, errno.EINVAL, lambda: client.dma_map(addr, size, None, 0) if off == 0 else
-                    client.dma_map(addr, size, mem.fd, off))
+            refused(client, errno.EINVAL, lambda a=addr, n=size, o=off: client.dma_map(a, n, mem.fd, o))
+            if off == 0:
+                refused(client, errno.EINVAL, lambda a=addr, n=size: client.dma_map(a, n, None, 0))
     ping(client)
 
 
 def test_bad_flags_is_einval(client, no_leak):
     for flags in (0, P.DMA_WRITE_FLAG, 0x4 | 0x3, 0x80000003):
-        refused(client, errno.EINVAL, lambda: client.dma_map(0x100000, 0x1000, None, 0, flags))
+        refused(client, errno.EINVAL, lambda f=flags: client.dma_map(0x100000, 0x1000, None, 0, f))
 
 
 def test_fd_smaller_than_the_map_is_einval(client, no_leak):

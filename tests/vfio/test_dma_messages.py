@@ -4,7 +4,6 @@ hostile or missing reply break it."""
 
 from __future__ import annotations
 
-import errno
 import struct
 import zlib
 

@@ -23,7 +23,7 @@ def test_must_match_exactly(client, server, no_leak):
     with GuestMemory(MiB) as mem:
         client.map_guest_ram(mem, 0x100000)
         for addr, size in ((0x100000, 0x1000), (0x101000, MiB - 0x1000), (0x200000, MiB), (0, 0)):
-            refused(client, errno.ENOENT, lambda: client.dma_unmap(addr, size))
+            refused(client, errno.ENOENT, lambda a=addr, n=size: client.dma_unmap(a, n))
         assert len(server.conn.dma) == 1
         client.dma_unmap(0x100000, MiB)
         refused(client, errno.ENOENT, lambda: client.dma_unmap(0x100000, MiB))       # twice
@@ -42,7 +42,7 @@ def test_unmap_all(client, server, no_leak):
 def test_dirty_bitmap_and_unknown_flags_are_einval(client, no_leak):
     client.dma_map(0x100000, 0x1000)
     for flags in (P.DMA_UNMAP_GET_DIRTY_BITMAP, 0x8, 0x3):
-        refused(client, errno.EINVAL, lambda: client.dma_unmap(0x100000, 0x1000, flags))
+        refused(client, errno.EINVAL, lambda f=flags: client.dma_unmap(0x100000, 0x1000, f))
     client.dma_unmap(0x100000, 0x1000)
 
 

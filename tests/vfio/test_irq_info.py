@@ -5,8 +5,8 @@ from __future__ import annotations
 import errno
 
 from vxpu.vfio_server import protocol as P
-from vxpu.vfio_server.server import VfioUserServer
 from vxpu.vfio_server.client import VfioUserClient
+from vxpu.vfio_server.server import VfioUserServer
 
 from .conftest import MmapTestDevice, eventfds, expect_error, raw
 

@@ -29,7 +29,7 @@ def test_qemu_retry_with_larger_argsz(client, no_leak):
     reply = client.request(P.Command.DEVICE_GET_REGION_INFO, P.REGION_INFO.pack(32, 0, BAR2, 0, 0, 0))
     assert reply is not None
     assert len(reply.body) == 32 and reply.header.size == 48          # truncated to argsz
-    argsz, flags, index, cap_offset, size, offset = P.REGION_INFO.unpack(reply.body)
+    argsz, flags, _index, cap_offset, size, _offset = P.REGION_INFO.unpack(reply.body)
     assert argsz == 32 + 8 + 8 + 2 * 16                                # full size announced
     assert flags == 1 | 2 | 4 | 8 and cap_offset == 32 and size == 0x10000
     assert len(reply.fds) == 1

@@ -9,11 +9,11 @@ import stat
 import time
 
 import pytest
-
-from vxpu.errors import ConfigError
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import VfioUserClient
 from vxpu.vfio_server.server import VfioUserServer
+
+from vxpu.errors import ConfigError
 
 from .conftest import CMD_MEM_BME, CONFIG, MmapTestDevice, eventfds, expect_error, nfds, ping, raw
 
@@ -171,9 +171,8 @@ def test_stale_socket_is_replaced(tmp_path):
     s.bind(str(path))
     s.close()                                                       # bound, nobody listening
     dev = MmapTestDevice()
-    with VfioUserServer(path, dev) as srv:
-        with VfioUserClient(srv.path) as c:
-            c.handshake()
+    with VfioUserServer(path, dev) as srv, VfioUserClient(srv.path) as c:
+        c.handshake()
     assert not path.exists()
     dev.close()
 
