@@ -59,6 +59,7 @@ from vxpu.accel.gpu_common import (
     buffer_address,
     check_handle,
 )
+from vxpu.accel.gpu_ir import compile_ir
 
 log = logging.getLogger(__name__)
 
@@ -693,10 +694,8 @@ class CudaBackend:
 
     def _compile_ir(self, image: bytes) -> tuple[bytes, dict[str, KernelInfo]]:
         """Compile an IR module to a cubin for this device; returns the image and kernel layouts."""
-        from vxpu.accel import cuda_ir
-
-        cubin, signatures, hit = cuda_ir.compile_for_cuda(image, self.properties().architecture,
-                                                          self._opt_level, self._compile_cache)
+        cubin, signatures, hit = compile_ir(image, "nvptx", self.properties().architecture,
+                                            self._opt_level, self._compile_cache)
         if hit:
             self.stats.compile_cache_hits += 1
         else:

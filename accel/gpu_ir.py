@@ -1,0 +1,44 @@
+"""IR modules for the GPU backends: :func:`vxpu.ir.compile.compile_module` behind Backend errors.
+
+The CUDA backend asks for ``("nvptx", "sm_XY")`` and gets a cubin (PTX from LLVM, assembled by
+nvJitLink, so the driver never JITs PTX); the HIP backend asks for ``("amdgpu", "gfxNNN")`` and
+gets a linked hsaco. Both go through the compile cache, and both get every kernel's launch
+layout as a :class:`~vxpu.accel.backend.KernelInfo` from the IR signature.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vxpu.accel.backend import BackendError, KernelInfo, Status
+
+
+def compile_ir(image: bytes, target: str, arch: str, opt_level: int,
+               cache: Any = None) -> tuple[bytes, dict[str, KernelInfo], bool]:
+    """Compile an IR wire module; returns ``(binary, {kernel: KernelInfo}, cache_hit)``.
+
+    Raises:
+        BackendError: BAD_MODULE for invalid IR or a failed compile (the log carries the
+            compiler's message); UNSUPPORTED when the IR toolchain does not know ``arch``.
+    """
+    try:
+        from vxpu.ir.compile import compile_module, default_cache
+        from vxpu.ir.errors import IRError
+        from vxpu.ir.lower.errors import CompileError, ToolchainError
+    except ImportError as exc:
+        raise BackendError(Status.UNAVAILABLE, f"the vxpu IR compiler cannot be imported: {exc}") from exc
+    store = default_cache() if cache is None else cache
+    stats = getattr(store, "stats", None)
+    before = stats.hits if stats is not None else 0
+    try:
+        compiled = compile_module(image, target, arch=arch, opt_level=opt_level, cache=store)
+    except IRError as exc:
+        raise BackendError(Status.BAD_MODULE, f"invalid IR module: {exc}", log=str(exc)) from exc
+    except ToolchainError as exc:
+        status = Status.UNSUPPORTED if "unknown" in str(exc) and "arch" in str(exc) else Status.BAD_MODULE
+        raise BackendError(status, f"{target} code generation failed: {exc}", log=str(exc)) from exc
+    except CompileError as exc:
+        raise BackendError(Status.BAD_MODULE, f"{target} compile failed: {exc}", log=str(exc)) from exc
+    hit = stats is not None and stats.hits > before
+    kernels = {name: sig.kernel_info() for name, sig in compiled.kernels.items()}
+    return compiled.image, kernels, hit
