@@ -155,6 +155,18 @@ class CpuBackend(HostBackend):
             raise BackendError(Status.NOT_FOUND, str(exc.args[0]) if exc.args else f"no kernel {name!r}") from None
         return kernel, kernel.info
 
+    def _prepare(self, kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
+                 args: bytes, shared_bytes: int) -> tuple[Any, ...]:
+        threads = block[0] * block[1] * block[2]
+        if threads > MAX_THREADS_PER_BLOCK:
+            raise BackendError(Status.INVALID_ARGUMENT,
+                               f"{threads} threads per block exceed {MAX_THREADS_PER_BLOCK}")
+        if not 0 <= shared_bytes <= MAX_SHARED_PER_BLOCK - kernel.info.static_shared_bytes:
+            raise BackendError(Status.INVALID_ARGUMENT,
+                               f"dynamic shared memory {shared_bytes} + static {kernel.info.static_shared_bytes} "
+                               f"exceeds {MAX_SHARED_PER_BLOCK} bytes")
+        return grid, block, args, shared_bytes
+
     def _execute(self, kernel: Any, work: tuple[Any, ...]) -> None:
         grid, block, args, shared_bytes = work
         nblocks = grid[0] * grid[1] * grid[2]

@@ -141,6 +141,7 @@ class Session:
         self._kernels: dict[int, _Kernel] = {}
         self._queues: dict[int, _Queue] = {DEFAULT_QUEUE: _Queue(None)}
         self._events: dict[int, object] = {}
+        self._host_tokens: list[object] = []
         self._epoch = backend.stats.resets
 
     # -- internal helpers -------------------------------------------------------------
@@ -320,6 +321,31 @@ class Session:
             q = self._submit(queue)
             self.backend.copy_dtod(dst, src, size, q.token)
         self.stats.bytes_dtod += size
+
+    @_guarded
+    def register_host(self, view: memoryview, read_only: bool = False) -> object:
+        """Pin a DMA-mapped host region for zero-copy transfers; returns a token.
+        The session unregisters what is left at :meth:`close`.
+
+        Raises:
+            BackendError: from the backend (e.g. OUT_OF_MEMORY when pinning fails).
+        """
+        token = self.backend.register_host(view, read_only)
+        self._host_tokens.append(token)
+        return token
+
+    def unregister_host(self, token: object) -> None:
+        """Undo :meth:`register_host` before the region is unmapped (waits for queued copies).
+        Works on a closed session too, so teardown order does not matter.
+
+        Raises:
+            BackendError: INVALID_HANDLE for a token this session did not hand out.
+        """
+        with self._lock:
+            if token not in self._host_tokens:
+                raise BackendError(Status.INVALID_HANDLE, "unknown host registration")
+            self._host_tokens.remove(token)
+            self.backend.unregister_host(token)
 
     # -- code -------------------------------------------------------------------------
     @_guarded
@@ -539,6 +565,12 @@ class Session:
                 self.log.exception("internal error while closing session")
             finally:
                 self._closed = True
+            for token in self._host_tokens:
+                try:
+                    self.backend.unregister_host(token)
+                except Exception as exc:  # never raise from close
+                    self.log.warning("unregistering host memory failed: %s", exc)
+            self._host_tokens.clear()
 
     def _teardown(self) -> None:
         try:

@@ -1,0 +1,177 @@
+"""CPU-backend specifics: the reproducibility rule, parallel block ranges, options, recovery."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from vxpu.accel.backend import BackendError, BackendUnavailable, Status
+from vxpu.accel.cpu import CpuBackend
+from vxpu.accel.registry import open_backend, parse_spec
+from vxpu.accel.session import Session
+
+from .conformance.kernels import ATOMIC_SUM, OOB_STORE, VADD, image, vadd_args
+
+# c[i] = a[i] + b[i] over a 3-D grid of 3-D blocks, linearised like the backend does.
+VADD_3D = """
+module @v3
+kernel @vadd3(%a: ptr<global>, %c: ptr<global>) {
+^entry:
+  %bx = block_id.x
+  %by = block_id.y
+  %bz = block_id.z
+  %gx = grid_dim.x
+  %gy = grid_dim.y
+  %tx = thread_id.x
+  %ty = thread_id.y
+  %dx = block_dim.x
+  %dy = block_dim.y
+  %t1 = mul %by, %gx : i32
+  %t2 = mul %gx, %gy : i32
+  %t3 = mul %bz, %t2 : i32
+  %blk0 = add %bx, %t1 : i32
+  %blk = add %blk0, %t3 : i32
+  %nt = mul %dx, %dy : i32
+  %tt = mul %ty, %dx : i32
+  %th = add %tx, %tt : i32
+  %base = mul %blk, %nt : i32
+  %i = add %base, %th : i32
+  %pa = offset %a, %i : f32
+  %pc = offset %c, %i : f32
+  %v = load %pa : f32
+  %w = fadd %v, %v : f32
+  store %w, %pc
+  ret
+}
+"""
+
+
+def run_sum(threads: int, x: np.ndarray) -> bytes:
+    b = CpuBackend(arena="64M", threads=threads)
+    b.open()
+    s = Session(b)
+    try:
+        k, _ = s.get_kernel(s.load_module(image(ATOMIC_SUM)), "atomic_sum")
+        dx, dsum, dcount = s.alloc(x.nbytes), s.alloc(4), s.alloc(4)
+        s.copy_htod(dx, memoryview(x))
+        s.memset(dsum, 0, 4)
+        s.memset(dcount, 0, 4)
+        s.launch(k, ((x.size + 127) // 128,), (128,), struct.pack("<i4xQQQ", x.size, dx, dsum, dcount))
+        out = bytearray(4)
+        s.copy_dtoh(memoryview(out), dsum)
+        s.synchronize()
+        return bytes(out)
+    finally:
+        s.close()
+        b.close()
+
+
+def test_global_atomics_follow_linear_block_order():
+    x = np.random.default_rng(11).standard_normal(5000).astype(np.float32) * 1000
+    sequential = np.add.accumulate(x, dtype=np.float32)[-1]       # i = 0, 1, 2, ... in f32
+    one, two, four = run_sum(1, x), run_sum(2, x), run_sum(4, x)
+    assert one == two == four == np.float32(sequential).tobytes()
+
+
+def test_many_blocks_run_in_parallel_ranges():
+    b = CpuBackend(arena="64M", threads=3)
+    b.open()
+    s = Session(b)
+    try:
+        k, _ = s.get_kernel(s.load_module(image(VADD_3D)), "vadd3")
+        grid, block = (5, 3, 2), (4, 2, 1)
+        n = 5 * 3 * 2 * 4 * 2
+        a = np.arange(n, dtype=np.float32)
+        da, dc = s.alloc(a.nbytes), s.alloc(a.nbytes)
+        s.copy_htod(da, memoryview(a))
+        s.launch(k, grid, block, struct.pack("<QQ", da, dc))
+        out = np.empty_like(a)
+        s.copy_dtoh(memoryview(out), dc)
+        s.synchronize()
+        assert np.array_equal(out, 2 * a)
+    finally:
+        s.close()
+        b.close()
+
+
+def test_compile_cache_statistics():
+    b = CpuBackend(arena="16M", threads=1)
+    b.open()
+    try:
+        m1 = b.load_module(image(VADD))
+        m2 = b.load_module(image(VADD))
+        assert b.stats.compile_cache_hits >= 1
+        assert b.stats.compile_cache_hits + b.stats.compile_cache_misses == 2
+        b.unload_module(m1)
+        b.get_kernel(m2, "vadd")
+    finally:
+        b.close()
+
+
+def test_fault_on_one_queue_drops_work_on_all_and_recovers():
+    b = CpuBackend(arena="64M", threads=2)
+    b.open()
+    s = Session(b)
+    try:
+        bad, _ = s.get_kernel(s.load_module(image(OOB_STORE)), "oob_store")
+        good, _ = s.get_kernel(s.load_module(image(VADD)), "vadd")
+        q = s.create_queue()
+        buf = s.alloc(1 << 16)
+        s.launch(bad, (1,), (1,), struct.pack("<Q", buf), queue=q)
+        with pytest.raises(BackendError) as e:
+            s.synchronize()
+        assert e.value.status == Status.KERNEL_FAULT and "out of the arena" in str(e.value)
+        assert b.stats.resets == 1 and b.memory_info()[0] == b.memory_info()[1]   # all freed
+        with pytest.raises(BackendError):
+            s.synchronize(q)                                     # the queue is gone
+        good, _ = s.get_kernel(s.load_module(image(VADD)), "vadd")
+        a = s.alloc(1024)
+        s.memset(a, 0, 1024)
+        s.launch(good, (1,), (256,), vadd_args(256, a, a, a))
+        s.synchronize()
+    finally:
+        s.close()
+        b.close()
+
+
+def test_host_registration_through_the_session():
+    b = CpuBackend(arena="16M", threads=1)
+    b.open()
+    s = Session(b)
+    try:
+        host = bytearray(4096)
+        token = s.register_host(memoryview(host))
+        d = s.alloc(4096)
+        s.memset(d, 5, 4096)
+        s.copy_dtoh(memoryview(host), d)
+        s.unregister_host(token)
+        assert host == b"\x05" * 4096
+        with pytest.raises(BackendError) as e:
+            s.unregister_host(token)
+        assert e.value.status == Status.INVALID_HANDLE
+    finally:
+        s.close()
+        b.close()
+
+
+@pytest.mark.parametrize("spec,why", [
+    ("cpu:1", "only device 0"), ("cpu,arena=12", "between"), ("cpu,threads=0", "threads"),
+    ("cpu,arena=lots", "not a size"), ("cpu,bogus=1", "bad options"), ("gpu", "unknown backend"),
+    ("cpu:", "bad backend spec"),
+])
+def test_bad_specs(spec, why):
+    with pytest.raises(BackendUnavailable) as e:
+        open_backend(spec)
+    assert why in str(e.value)
+
+
+def test_spec_parsing():
+    s = parse_spec("CUDA:1,opt_level=2")
+    assert (s.name, s.index, s.options) == ("cuda", 1, (("opt_level", "2"),))
+    b = open_backend("cpu,arena=32M,threads=2")
+    try:
+        assert b.properties().memory_total == 32 << 20 and b.threads == 2
+    finally:
+        b.close()
