@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import bisect
 import errno
+import fcntl
 import logging
 import mmap
 import os
@@ -56,6 +57,7 @@ class DmaRegion:
     prot: int
     view: memoryview | None = None
     file_id: tuple[int, int] | None = None
+    sealed: bool = False
     _mm: mmap.mmap | None = field(default=None, repr=False)
 
     @property
@@ -148,6 +150,9 @@ class DmaSpace:
         region = DmaRegion(addr, size, offset, flags, file_id=file_id)
         if fd is not None:
             _mmap_region(region, fd)
+            region.sealed = shrink_sealed(fd)
+            if not region.sealed:
+                self.log.debug("DMA map [%#x, +%#x): file cannot be sealed against shrinking", addr, size)
         self._starts.insert(i + 1, addr)
         self._regions.insert(i + 1, region)
         for on_map, _ in self._listeners:
@@ -387,6 +392,20 @@ def _file_identity(fd: int, offset: int, size: int) -> tuple[int, int]:
         raise ProtocolError(errno.EINVAL, f"DMA_MAP: fd holds {st.st_size:#x} bytes, map needs "
                             f"{offset + size:#x} (use share=on RAM of the full size)")
     return (st.st_dev, st.st_ino)
+
+
+def shrink_sealed(fd: int) -> bool:
+    """Make sure the file behind ``fd`` can no longer shrink (a shrink under a live mapping
+    would SIGBUS the server): True when it carries F_SEAL_SHRINK, adding the seal if the memfd
+    allows sealing. QEMU's ``memory-backend-memfd`` seals by default (``seal=on``); plain files
+    and hugetlbfs cannot be sealed, and stay trusted to keep their size."""
+    try:
+        if fcntl.fcntl(fd, fcntl.F_GET_SEALS) & fcntl.F_SEAL_SHRINK:
+            return True
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+        return True
+    except OSError:
+        return False
 
 
 def _mmap_region(region: DmaRegion, fd: int) -> None:

@@ -14,7 +14,7 @@ import errno
 import json
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from vxpu.vfio_server.errors import ProtocolError
 
@@ -112,9 +112,8 @@ WRITE_MULTI_HDR = struct.Struct("<Q")       # wr_cnt
 WRITE_MULTI_ENTRY = struct.Struct("<QII8s")  # offset, region, count, data[8]
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """A parsed message header."""
+class Header(NamedTuple):
+    """A parsed message header (a NamedTuple: built once per message, so it must be cheap)."""
 
     id: int
     command: int

@@ -55,6 +55,8 @@ BATCH_LIMIT = 64               # messages handled per readiness event before pol
 _SUN_PATH_MAX = 108            # sizeof(sockaddr_un.sun_path), NUL included
 WARN_BUDGET = 64               # hostile-input warnings per connection before they go to DEBUG
 
+_READ = int(RegionFlags.READ)     # plain ints: IntFlag arithmetic is slow on the hot path
+_WRITE = int(RegionFlags.WRITE)
 Reply = tuple[list[Any], list[int]]
 _EMPTY: Reply = ([], [])
 DmaCallback = Callable[[bytes | None, ProtocolError | None], None]
@@ -184,10 +186,10 @@ class Connection:
         self.caps = caps
         self.max_chunk = min(caps.max_data_xfer_size, P.MAX_DATA_XFER_SIZE)
         self._regions = [self._region_limits(i) for i in range(NUM_REGIONS)]
-        self.negotiated = True
         self.dma.channel = self
-        self.device.attach(self)
+        self.device.attach(self)          # a failure here is EIO and leaves us un-negotiated
         self.attached = True
+        self.negotiated = True
         self.log.info("conn %d: client speaks vfio-user %d.%d", self.number, major, minor)
         return [P.build_version_payload(msg.header.size)], []
 
@@ -287,7 +289,7 @@ class Connection:
         if offset > size or count > size - offset:
             raise _einval(f"region {region} access [{offset:#x}, +{count:#x}) past its size {size:#x}")
         if count and not flags & need:
-            raise _einval(f"region {region} is not {'readable' if need == RegionFlags.READ else 'writable'}")
+            raise _einval(f"region {region} is not {'readable' if need == _READ else 'writable'}")
 
     def _region_read(self, msg: Incoming) -> Reply:
         self._no_fds(msg)
@@ -295,7 +297,7 @@ class Connection:
         if len(body) != P.REGION_ACCESS.size:
             raise _einval(f"REGION_READ: payload of {len(body)} bytes, expected {P.REGION_ACCESS.size}")
         offset, region, count = P.REGION_ACCESS.unpack_from(body, 0)
-        self._check_access(region, offset, count, RegionFlags.READ)
+        self._check_access(region, offset, count, _READ)
         data = self.device.region_read(region, offset, count)
         if len(data) != count:
             raise ProtocolError(errno.EIO, f"device returned {len(data)} bytes for a {count}-byte read")
@@ -308,7 +310,7 @@ class Connection:
         offset, region, count = P.REGION_ACCESS.unpack_from(body, 0)
         if len(body) != P.REGION_ACCESS.size + count:
             raise _einval(f"REGION_WRITE: count {count} but {len(body) - P.REGION_ACCESS.size} data bytes")
-        self._check_access(region, offset, count, RegionFlags.WRITE)
+        self._check_access(region, offset, count, _WRITE)
         self.device.region_write(region, offset, bytes(body[P.REGION_ACCESS.size:]))
         return [memoryview(body)[:P.REGION_ACCESS.size]], []
 
@@ -324,7 +326,7 @@ class Connection:
         for offset, region, count, _data in writes:
             if count > 8:
                 raise _einval(f"REGION_WRITE_MULTI: entry of {count} bytes (at most 8)")
-            self._check_access(region, offset, count, RegionFlags.WRITE)
+            self._check_access(region, offset, count, _WRITE)
         for offset, region, count, data in writes:
             self.device.region_write(region, offset, data[:count])
         return _EMPTY
@@ -344,6 +346,8 @@ class Connection:
             raise DmaError("client disconnected", errno.ENODEV)
         if count > self.max_chunk:
             raise DmaError(f"DMA message of {count} bytes > client's max_data_xfer_size", errno.E2BIG)
+        if self.transport.backlog >= BACKLOG_LIMIT:
+            raise DmaError("the client is not reading; DMA message refused", errno.EAGAIN)
         msg_id = self._next_id
         while msg_id in self._pending:
             msg_id = (msg_id + 1) & 0xFFFF

@@ -178,3 +178,17 @@ def test_async_refusals(space):
     chan.max_chunk = 1
     _raises(errno.EAGAIN, lambda: space.read_async(0x30000, MAX_PENDING_DMA + 1, lambda d, e: None))
     assert not chan.sent
+
+
+def test_maps_are_sealed_against_shrinking():
+    fd = os.memfd_create("sealable", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, 4 * PAGE)
+        s = DmaSpace()
+        region = s.map(0x10000, 4 * PAGE, 0, RW, fd)
+        assert region.sealed
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, PAGE)              # would SIGBUS the server if it were allowed
+        s.close()
+    finally:
+        os.close(fd)
