@@ -262,7 +262,12 @@ class HostBackend:
         return address
 
     def free(self, address: int) -> None:
-        """Free an allocation. Raises INVALID_HANDLE for anything else."""
+        """Free an allocation once queued work is done with it (like ``cuMemFree``, this waits
+        for the queues, so the range cannot be handed out while a kernel still uses it).
+        Raises INVALID_HANDLE for anything else."""
+        self._check()
+        for q in list(self._queues):
+            q.wait()
         self._check()
         with self._lock:
             try:

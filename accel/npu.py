@@ -250,6 +250,10 @@ class NpuBackend(HostBackend):
 
         try:
             model = onnx.load_model_from_string(image)
+        except Exception as exc:
+            raise BackendError(Status.BAD_MODULE, f"not an ONNX model: {exc}", log=str(exc)) from exc
+        _reject_external_data(model)
+        try:
             onnx.checker.check_model(model)
         except Exception as exc:
             raise BackendError(Status.BAD_MODULE, f"not a valid ONNX model: {exc}", log=str(exc)) from exc
@@ -401,6 +405,36 @@ class NpuBackend(HostBackend):
         for tmp, address in copies:
             self.array[address:address + tmp.nbytes] = tmp.reshape(-1).view(np.uint8)
         self.provider_runs[plan.provider] += 1
+
+
+def _reject_external_data(model: Any) -> None:
+    """Refuse tensors stored outside the model: ONNX Runtime would read them from the *server's*
+    file system (a guest could name any host file).
+
+    Raises:
+        BackendError: BAD_MODULE naming the tensor.
+    """
+    from onnx import TensorProto, external_data_helper
+
+    tensors = list(external_data_helper._get_all_tensors(model))
+    for graph in _graphs(model.graph):
+        tensors += [s.values for s in graph.sparse_initializer] + [s.indices for s in graph.sparse_initializer]
+    for t in tensors:
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+            raise BackendError(Status.BAD_MODULE, f"tensor {t.name!r} refers to external data; "
+                               "models must carry all their data inline")
+
+
+def _graphs(graph: Any) -> list[Any]:
+    """``graph`` and every subgraph in node attributes (If/Loop/Scan bodies)."""
+    out = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                out += _graphs(attr.g)
+            for g in attr.graphs:
+                out += _graphs(g)
+    return out
 
 
 def _nbytes(dtype: np.dtype[Any], shape: tuple[int, ...]) -> int:

@@ -125,6 +125,22 @@ def test_bad_and_unsupported_models(session):
     assert status_of(session.load_module, unknown_op, ModuleKind.ONNX) == Status.BAD_MODULE
 
 
+def test_external_data_is_refused(session, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    secret = tmp_path / "weights.bin"
+    secret.write_bytes(np.ones(8, np.float32).tobytes())
+    w = onnx.TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[8])
+    w.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", secret.name), ("offset", "0"), ("length", "32")):
+        entry = w.external_data.add()
+        entry.key, entry.value = key, value
+    blob = model([helper.make_node("Add", ["x", "w"], ["y"])], [tensor("x", [8])], [tensor("y", [8])],
+                 initializers=[w])
+    with pytest.raises(BackendError) as e:
+        session.load_module(blob, ModuleKind.ONNX)
+    assert e.value.status == Status.BAD_MODULE and "external data" in str(e.value)
+
+
 def test_runtime_failure_is_a_kernel_fault_and_recovers(session, npu):
     # Reshape to a shape whose element count differs from the input's: fails when run. The QNN
     # HTP simulator does not check runtime shapes (it computes garbage), so this is a CPU-EP test.
