@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vxpu.errors import Error
 from vxpu.images.guest import current_image
 from vxpu.images.qemu import find_qemu
 from vxpu.images.vm import Vm, VmSpec
 from vxpu.qmp.devices import vfio_user_device
 from vxpu.qmp.server import ServerProcess
+
+from vxpu.errors import Error
 
 KINDS = ("bar_read", "bar_write", "config_read", "ram_read")
 

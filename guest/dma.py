@@ -16,6 +16,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
+from typing import Self
 
 from vxpu.guest.errors import GuestError
 
@@ -133,7 +134,7 @@ class DmaBuffer:
             self.view.release()
             self._mm.close()
 
-    def __enter__(self) -> DmaBuffer:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+from typing import Self
 
 from vxpu.guest.errors import GuestError
 from vxpu.guest.pci import CAP_ID_MSI, PciFunction
@@ -111,7 +112,7 @@ class KmsgWatcher:
             os.close(self._fd)
             self._fd = -1
 
-    def __enter__(self) -> KmsgWatcher:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -14,6 +14,7 @@ import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from vxpu.guest.errors import DeviceNotFound, GuestError
 
@@ -241,7 +242,7 @@ class Bar:
         self.u32.release()
         self._mm.close()
 
-    def __enter__(self) -> Bar:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -71,9 +71,10 @@ def cmd_attach(args: argparse.Namespace) -> int:
 
 
 def cmd_detach(args: argparse.Namespace) -> int:
-    from vxpu.errors import ConfigError
     from vxpu.qmp.devices import detach
     from vxpu.qmp.monitor import Monitor
+
+    from vxpu.errors import ConfigError
 
     with Monitor(args.qmp) as mon:
         detach(mon, args.id, args.timeout)

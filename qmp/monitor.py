@@ -7,16 +7,14 @@ with a deadline. It uses ``qemu.qmp``'s synchronous shim, so it must stay on one
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from qemu.qmp import ExecuteError, QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from vxpu.qmp.errors import QmpError
 
 log = logging.getLogger(__name__)
@@ -62,7 +60,7 @@ class Monitor:
             return self._qmp.cmd(command, **arguments)
         except ExecuteError as exc:
             raise QmpError(f"QMP {command} failed: {exc.error.desc}", exc.error.class_) from exc
-        except (QMPError, OSError, EOFError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, QMPError, OSError, EOFError) as exc:
             raise QmpError(f"QMP {command} failed: {type(exc).__name__}: {exc}") from exc
 
     def status(self) -> str:
@@ -77,7 +75,7 @@ class Monitor:
     def _drain(self, wait: float) -> None:
         try:
             got = self._qmp.get_events(wait=float(wait) if wait else False)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return
         except (QMPError, OSError, EOFError) as exc:
             raise QmpError(f"QMP connection lost while waiting for events: {exc}") from exc
@@ -106,10 +104,10 @@ class Monitor:
             self._open = False
             try:
                 self._qmp.close()
-            except (QMPError, OSError, EOFError, asyncio.TimeoutError):
+            except (TimeoutError, QMPError, OSError, EOFError):
                 pass
 
-    def __enter__(self) -> Monitor:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

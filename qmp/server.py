@@ -18,6 +18,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Self
 
 from vxpu.qmp.errors import ServerError
 
@@ -111,7 +112,7 @@ class ServerProcess:
         self.socket_path.unlink(missing_ok=True)
         return self.proc.returncode
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: object) -> None:

@@ -63,7 +63,7 @@ def host_debian_mirror(etc: Path = Path("/etc/apt")) -> str:
             text = path.read_text(errors="replace")
         except OSError:
             continue
-        for m in re.finditer(r"(?:^deb\s+(?:\[[^\]]*\]\s+)?|^URIs:\s*)(\S+)", text, re.M):
+        for m in re.finditer(r"(?:^deb\s+(?:\[[^\]]*\]\s+)?|^URIs:\s*)(\S+)", text, re.MULTILINE):
             uri = m.group(1).rstrip("/")
             if uri.startswith(("http://", "https://")) and uri.endswith("/debian"):
                 return uri
@@ -139,7 +139,7 @@ class AptRepo:
     def _run(self, tool: str, args: Sequence[str], what: str) -> str:
         cmd = [tool, *self._options(), *args]
         log.debug("apt: %s", " ".join(cmd))
-        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=self.root)
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False, text=True, cwd=self.root)
         if res.returncode != 0:
             tail = (res.stderr or res.stdout).strip()[-1500:]
             raise ImageError(f"apt could not {what} (rc {res.returncode}): {tail}")
@@ -156,8 +156,8 @@ class AptRepo:
             return
         note(f"updating Debian package lists from {self.mirror} ({', '.join(self.suites)})", self.quiet)
         cmd = [self._apt_get, *self._options(), "-q", "update"]
-        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, cwd=self.root)
-        failed = re.findall(r"^(?:E|W): .*", res.stdout + res.stderr, re.M)
+        res = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, check=False, text=True, cwd=self.root)
+        failed = re.findall(r"^(?:E|W): .*", res.stdout + res.stderr, re.MULTILINE)
         if res.returncode != 0 or any(("Failed to fetch" in f or "NO_PUBKEY" in f) for f in failed):
             raise ImageError(f"could not download Debian package lists from {self.mirror}: "
                              f"{'; '.join(failed)[-1200:] or res.stderr[-1200:]}. Check the network, or set "
@@ -167,7 +167,7 @@ class AptRepo:
         """Direct ``Depends`` of ``spec`` (``name`` or ``name/suite``)."""
         out = self._run(self._apt_cache, ["depends", "--no-recommends", "--no-suggests", spec],
                         f"list the dependencies of {spec}")
-        return re.findall(r"^\s+\|?Depends: (\S+)", out, re.M)
+        return re.findall(r"^\s+\|?Depends: (\S+)", out, re.MULTILINE)
 
     def closure(self, packages: Sequence[str], target_release: str | None = None) -> list[str]:
         """Resolve the whole dependency closure of ``packages`` as ``name=version`` specs.
@@ -283,7 +283,7 @@ def unpack(debs: Sequence[Path], prefix: Path, quiet: bool = False, stage: str =
     with Progress(stage, len(debs), unit="packages", quiet=quiet) as prog:
         for deb in debs:
             res = subprocess.run([dpkg_deb, "-x", str(deb), str(prefix)], stdin=subprocess.DEVNULL,
-                                 capture_output=True, text=True)
+                                 capture_output=True, check=False, text=True)
             if res.returncode != 0:
                 raise ImageError(f"dpkg-deb -x {deb.name} failed: {res.stderr.strip()[-500:]}; "
                                  "delete the cache folder and retry")

@@ -142,7 +142,8 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         t0 = time.monotonic()
         with Vm(qemu, image, spec, workdir) as vm:
             accel = vm.accel + (f" (KVM not used: {vm.kvm_note})" if vm.kvm_note else "")
-            print(f"vxpu: QEMU {qemu.version_str} ({qemu.source}), accel {accel}", file=sys.stderr)
+            if not args.demo:
+                print(f"vxpu: QEMU {qemu.version_str} ({qemu.source}), accel {accel}", file=sys.stderr)
             if cmd is None:
                 return vm.wait_exit(args.timeout)
             if not args.demo:

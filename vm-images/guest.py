@@ -19,7 +19,6 @@ import base64
 import hashlib
 import json
 import logging
-import os
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
@@ -54,8 +53,8 @@ PY = "python3.13"
 CMDLINE_KEY = "vxpu_cmd"
 
 INIT_MARKER = "vxpu guest: init"
-INIT_SCRIPT = """#!/bin/sh
-echo "{marker}"
+INIT_SCRIPT = f"""#!/bin/sh
+echo "{INIT_MARKER}"
 export PATH=/usr/bin:/usr/sbin HOME=/root PYTHONPATH=/usr/lib/python3/dist-packages PYTHONDONTWRITEBYTECODE=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -64,18 +63,18 @@ mount -t tmpfs tmpfs /tmp
 mkdir -p /dev/hugepages && mount -t hugetlbfs hugetlbfs /dev/hugepages 2>/dev/null
 cmd=""
 for arg in $(cat /proc/cmdline); do
-  case "$arg" in {key}=*) cmd=$(echo "${{arg#{key}=}}" | base64 -d) ;; esac
+  case "$arg" in {CMDLINE_KEY}=*) cmd=$(echo "${{arg#{CMDLINE_KEY}=}}" | base64 -d) ;; esac
 done
 if [ -n "$cmd" ]; then
   sh -c "$cmd"
   echo "VXPU-EXIT $?"
 else
-  echo "vxpu guest: no {key} on the kernel command line; starting a shell (exit powers off)"
+  echo "vxpu guest: no {CMDLINE_KEY} on the kernel command line; starting a shell (exit powers off)"
   setsid cttyhack sh
 fi
 sync
 poweroff -f
-""".format(key=CMDLINE_KEY, marker=INIT_MARKER)
+"""
 
 
 @dataclass(frozen=True)
@@ -149,7 +148,7 @@ def _stdlib_closure(stage: Path) -> list[Path]:
               f"for m in {GUEST_STDLIB!r}: __import__(m)\n"
               "print(json.dumps(sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})))")
     res = subprocess.run([*_host_python(stage), "-c", script], env=_host_python_env(stage),
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                         capture_output=True, check=False, text=True, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise ImageError(f"the guest's python3.13 does not run on this host: {res.stderr.strip()[-800:]}")
     files = []
@@ -188,7 +187,7 @@ def _populate_rootfs(stage: Path, rootfs: Path) -> None:
     (rootfs / "init").chmod(0o755)
     res = subprocess.run([*_host_python(stage), "-m", "compileall", "-q", "-j1", "--invalidation-mode",
                           "unchecked-hash", "-d", f"/usr/lib/{PY}", str(rootfs / f"usr/lib/{PY}")],
-                         env=_host_python_env(stage), capture_output=True, text=True, stdin=subprocess.DEVNULL)
+                         env=_host_python_env(stage), capture_output=True, check=False, text=True, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise ImageError(f"precompiling the guest stdlib failed: {res.stdout[-500:]}{res.stderr[-500:]}")
 
@@ -202,7 +201,7 @@ def _extract_vmlinux(bzimage: Path, out: Path) -> bool:
         return False
     tmp = out.with_suffix(".tmp")
     with tmp.open("wb") as f:
-        subprocess.run([zstd, "-d", "-q", "-c"], input=data[pos:], stdout=f, stderr=subprocess.DEVNULL)
+        subprocess.run([zstd, "-d", "-q", "-c"], input=data[pos:], stdout=f, stderr=subprocess.DEVNULL, check=False)
     elf = tmp.read_bytes()[:4] == b"\x7fELF" and tmp.stat().st_size > 1 << 20
     if elf:
         tmp.replace(out)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from typing import TextIO
+from typing import Self, TextIO
 
 
 def _human(n: float) -> str:
@@ -82,7 +82,7 @@ class Progress:
         else:
             self._write(f"vxpu: {self.stage}: done in {took:.1f}s\n")
 
-    def __enter__(self) -> Progress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:

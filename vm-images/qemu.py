@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
-
 from vxpu.images.apt import AptRepo, unpack
 from vxpu.images.errors import ImageError
 from vxpu.images.progress import note
@@ -83,9 +82,9 @@ def _probe(argv_prefix: tuple[str, ...], env: dict[str, str]) -> tuple[tuple[int
     """Run ``--version`` and ``-device help``: (version, has vfio-user-pci, error text)."""
     full_env = {**os.environ, **env}
     try:
-        ver = subprocess.run([*argv_prefix, "--version"], capture_output=True, text=True, timeout=30,
+        ver = subprocess.run([*argv_prefix, "--version"], capture_output=True, check=False, text=True, timeout=30,
                              stdin=subprocess.DEVNULL, env=full_env)
-        dev = subprocess.run([*argv_prefix, "-machine", "none", "-device", "help"], capture_output=True,
+        dev = subprocess.run([*argv_prefix, "-machine", "none", "-device", "help"], capture_output=True, check=False,
                              text=True, timeout=30, stdin=subprocess.DEVNULL, env=full_env)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return (0, 0, 0), False, str(exc)

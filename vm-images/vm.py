@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from vxpu.images.errors import VmError
 from vxpu.images.guest import INIT_MARKER, GuestImage, encode_cmd
@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 ACCELS = ("auto", "kvm", "tcg")
 KVM_PROBE_S = 12.0
 _KVM_FAILURE = re.compile(r"KVM internal error|kvm run failed|emulation failure")
-_EXIT = re.compile(r"^VXPU-EXIT (\d+)", re.M)
+_EXIT = re.compile(r"^VXPU-EXIT (\d+)", re.MULTILINE)
 
 
 def kvm_usable() -> tuple[bool, str]:
@@ -121,7 +121,7 @@ class Console:
         Raises:
             VmError: timeout, or ``alive`` reported a failure; the message has the log tail.
         """
-        rx = re.compile(pattern, re.M) if isinstance(pattern, str) else pattern
+        rx = re.compile(pattern, re.MULTILINE) if isinstance(pattern, str) else pattern
         deadline = time.monotonic() + timeout
         while True:
             m = rx.search(self.text, self.cursor)
@@ -284,7 +284,12 @@ class Vm:
             ok, why = kvm_usable()
             verdict = kvm_verdict(self.qemu, self.image) if ok else None
             if not ok or (verdict and not verdict["ok"]) or self.spec.stdio_console:
-                self.kvm_note = why or (verdict or {}).get("reason", "") or "interactive console"
+                if not ok:
+                    self.kvm_note = why
+                elif verdict:
+                    self.kvm_note = f"KVM failed on this host earlier: {verdict['reason']}; --accel kvm retries"
+                else:
+                    self.kvm_note = "interactive console"
                 want = "tcg"
         if want in ("auto", "kvm"):
             self._launch("kvm")
@@ -344,7 +349,7 @@ class Vm:
         self._kill()
         self.qmp_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> Vm:
+    def __enter__(self) -> Self:
         return self.start() if self.proc is None else self
 
     def __exit__(self, *exc: object) -> None:

@@ -9,11 +9,10 @@ auto: KVM if it works here, TCG otherwise).
 from __future__ import annotations
 
 import os
-import pytest
 
+import pytest
 from vxpu.images.guest import GuestImage, build_image
 from vxpu.images.qemu import QemuBinary, find_qemu
-
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -20,13 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
 from vxpu.images.vm import Vm, VmSpec
 from vxpu.qmp.devices import attach, detach, vfio_user_device
 from vxpu.qmp.server import ServerProcess
 from vxpu.vfio_server import abi_test as abi
+
+from vxpu.errors import Error
 
 pytestmark = pytest.mark.qemu
 
@@ -98,7 +99,7 @@ def scenario(qemu_binary: QemuBinary, guest_image: GuestImage, tmp_path_factory:
     try:
         vm.start()
         _run(vm, server, sock, sc)
-    except Exception as exc:  # recorded for every test's message; the tests then fail
+    except (Error, AssertionError, OSError, ValueError) as exc:  # reported by every test that needs the phase
         sc.error = f"{type(exc).__name__}: {exc}"
     finally:
         sc.logs = f"{vm.log_tail(6000)}\n[server log]\n{server.log_tail(6000)}"

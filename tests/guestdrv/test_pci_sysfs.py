@@ -7,9 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from vxpu.guest.errors import DeviceNotFound, GuestError
-from vxpu.guest.irq import MSI_ADDRESS, KmsgWatcher, _NO_HANDLER, disable_msi, enable_msi
+from vxpu.guest.irq import _NO_HANDLER, MSI_ADDRESS, KmsgWatcher, disable_msi, enable_msi
 from vxpu.guest.pci import PciFunction
 
 BDF = "0000:00:03.0"

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from vxpu.qmp import passthrough as pt
 from vxpu.qmp.errors import PassthroughError
 

@@ -9,7 +9,6 @@ import stat
 from pathlib import Path
 
 import pytest
-
 from vxpu.images import apt, guest, qemu
 from vxpu.images.cpio import CpioWriter
 from vxpu.images.errors import ImageError
