@@ -29,9 +29,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import threading
 import os
 import platform
+import threading
 from typing import Any
 
 from vxpu.accel.backend import BackendError, DeviceProperties, KernelInfo, ModuleKind, Status
@@ -92,7 +92,7 @@ class CpuBackend(HostBackend):
             import llvmlite.binding as llvm
 
             self._arch = llvm.get_host_cpu_name() or self._arch
-        except Exception as exc:  # llvmlite missing or broken: IR loads will say so
+        except Exception as exc:  # noqa: BLE001 - llvmlite missing or broken: IR loads will say so
             log.debug("host CPU name unavailable: %s", exc)
         if self.threads > 1:
             self._executor = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="vxpu-cpu-block")

@@ -33,7 +33,6 @@ import threading
 from typing import Any
 
 import numpy as np
-
 from vxpu.accel.backend import BackendError, BackendStats, DeviceProperties, KernelInfo, ModuleKind, Status
 from vxpu.accel.hostqueue import HostEvent, HostQueue
 from vxpu.accel.pool import RangeAllocator
@@ -66,7 +65,7 @@ def parse_size(value: int | str, what: str) -> int:
 class _HostModule:
     """A loaded module; ``payload`` is the subclass's compiled object."""
 
-    __slots__ = ("payload", "kind", "live")
+    __slots__ = ("kind", "live", "payload")
 
     def __init__(self, payload: Any, kind: ModuleKind) -> None:
         self.payload = payload
@@ -77,7 +76,7 @@ class _HostModule:
 class HostKernel:
     """A kernel token: the subclass's runnable plus its module (for liveness checks)."""
 
-    __slots__ = ("module", "runnable", "info")
+    __slots__ = ("info", "module", "runnable")
 
     def __init__(self, module: _HostModule, runnable: Any, info: KernelInfo) -> None:
         self.module = module
@@ -203,7 +202,8 @@ class HostBackend:
         """Map a worker exception to KERNEL_FAULT/DEVICE_LOST; subclasses know their fault types."""
         if isinstance(exc, BackendError) and exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
             return exc
-        log.error("%s backend: unexpected error on a queue: %s", self.name, exc, exc_info=True)
+        log.error("%s backend: unexpected error on a queue: %s", self.name, exc)
+        log.debug("traceback", exc_info=(type(exc), exc, exc.__traceback__))
         return BackendError(Status.DEVICE_LOST, f"unexpected {type(exc).__name__} on a queue: {exc}")
 
     def _reset_context(self) -> None:

@@ -25,7 +25,7 @@ Op = Callable[[], None]
 class HostEvent:
     """A point in a queue's stream; ``time_ns`` is set when the queue passes it."""
 
-    __slots__ = ("recorded", "time_ns", "done")
+    __slots__ = ("done", "recorded", "time_ns")
 
     def __init__(self) -> None:
         self.recorded = False
@@ -126,7 +126,7 @@ class HostQueue:
                 op()
             elif event is not None:
                 event.fire()       # a reset dropped the work before it; nothing to wait for
-        except BaseException as exc:  # reported to the backend, never kills the thread
+        except BaseException as exc:  # noqa: BLE001 - reported to the backend, never kills the thread
             self._on_error(exc)
         finally:
             with self._cv:

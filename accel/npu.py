@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from vxpu.accel.backend import BackendError, DeviceProperties, KernelInfo, ModuleKind, Status
 from vxpu.accel.hostbase import ARENA_GUARD, DEFAULT_ARENA_BYTES, HostBackend
 
@@ -98,7 +97,7 @@ def register_plugins(ort: Any) -> dict[str, dict[str, str]]:
         if "qnn" not in _registered_plugins:
             try:
                 ort.register_execution_provider_library("qnn", onnxruntime_qnn.get_library_path())
-            except Exception as exc:  # already registered by someone else, or a broken install
+            except Exception as exc:  # noqa: BLE001 - already registered, or a broken install
                 if "already registered" not in str(exc):
                     log.warning("QNN plugin EP could not be registered: %s", exc)
                     return plugins
@@ -224,7 +223,7 @@ class NpuBackend(HostBackend):
                 else:
                     sess = ort.InferenceSession(blob, so, providers=self._builtin + [CPU_PROVIDER])
                 return sess, str(sess.get_providers()[0])
-            except Exception as exc:  # the NPU rejected the graph: fall back explicitly
+            except Exception as exc:  # noqa: BLE001 - the NPU rejected the graph: fall back explicitly
                 log.info("%s cannot run this graph (%s); using the CPU EP", self.target, str(exc).splitlines()[0])
         try:
             so = ort.SessionOptions()
@@ -353,7 +352,7 @@ class NpuBackend(HostBackend):
             if not 1 <= v <= MAX_DIM:
                 raise BackendError(Status.INVALID_ARGUMENT, f"dimension {sym!r} = {v} is out of range 1..{MAX_DIM}")
         bind = dict(zip(kernel.symbols, values))
-        tensors = [self.place(t.name, t.dtype, tuple(bind.get(d, d) for d in t.dims), addr)  # type: ignore[misc]
+        tensors = [self.place(t.name, t.dtype, tuple(d if isinstance(d, int) else bind[d] for d in t.dims), addr)
                    for t, addr in zip(kernel.inputs + kernel.outputs, words[:n_io])]
         session, provider = self._session(kernel, values)
         return _Plan(kernel, session, provider, tensors[:len(kernel.inputs)], tensors[len(kernel.inputs):])

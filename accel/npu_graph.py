@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
 from vxpu.accel.backend import BackendError, KernelInfo, Status
 
 OPSET = 18
@@ -98,7 +97,7 @@ class ElementwiseMap:
         info = self.info
 
         def arg(index: int, tname: str) -> Any:
-            fmt = _PACK[tname] if tname in _PACK else "<Q"
+            fmt = _PACK.get(tname, "<Q")
             return struct.unpack_from(fmt, args, info.param_offsets[index])[0]
 
         n = arg(self.n_param.index, self.n_param.type.name)
@@ -134,6 +133,7 @@ class _Lowerer:
         self.name: dict[Any, str] = {}      # value -> ONNX tensor name
         self.addr_param: dict[Any, Any] = {}
         self.emap = ElementwiseMap(param_layout(kernel), None)
+        self.guard_op: Any = None
         self._n = 0
 
     def fresh(self) -> str:
@@ -165,6 +165,7 @@ class _Lowerer:
             raise NotElementwise("the body must end in 'br ^exit'")
         for p in k.params:
             self.kind[p] = "address" if p.type.is_ptr else "uniform"
+        self.guard_op = getattr(term.operands[0], "op", None)
         for op in entry.ops[:-1]:
             self.visit(op)
         self.guard(term.operands[0])
@@ -207,7 +208,7 @@ class _Lowerer:
             self.load(op)
         elif code == "store":
             self.store(op)
-        elif code == "icmp" and op is getattr(self.kernel.blocks[0].terminator.operands[0], "op", None):
+        elif code == "icmp" and op is self.guard_op:
             self.kind[op.result] = "guard"
         elif op.defn.pure and code not in ("byte_offset", "shared_addr", "local_addr"):
             self.compute(op)

@@ -568,7 +568,7 @@ class Session:
             for token in self._host_tokens:
                 try:
                     self.backend.unregister_host(token)
-                except Exception as exc:  # never raise from close
+                except Exception as exc:  # noqa: BLE001 - never raise from close
                     self.log.warning("unregistering host memory failed: %s", exc)
             self._host_tokens.clear()
 
@@ -590,7 +590,7 @@ class Session:
         self.pool.release()
         self._invalidate()
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Session:  # noqa: PYI034
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -27,7 +27,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-
 from vxpu.accel.registry import open_backend
 from vxpu.accel.session import Session
 from vxpu.ir import binary, text

@@ -6,7 +6,6 @@ import struct
 
 import numpy as np
 import pytest
-
 from vxpu.accel.backend import BackendError, BackendUnavailable, Status
 from vxpu.accel.cpu import CpuBackend
 from vxpu.accel.registry import open_backend, parse_spec

@@ -10,16 +10,14 @@ import struct
 
 import numpy as np
 import pytest
-
 from vxpu.accel.backend import BackendError, BackendUnavailable, ModuleKind, Status
 from vxpu.accel.registry import open_backend
 from vxpu.accel.session import Session
 
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
-from onnx import TensorProto, helper  # noqa: E402
-
-from vxpu.ir import binary, text  # noqa: E402
+from onnx import TensorProto, helper
+from vxpu.ir import binary, text
 
 
 @pytest.fixture(scope="module", params=["cpu", "qnn"])

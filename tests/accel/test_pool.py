@@ -5,7 +5,6 @@ from __future__ import annotations
 import random
 
 import pytest
-
 from vxpu.accel.backend import BackendError, Status
 from vxpu.accel.pool import MemoryPool, RangeAllocator
 

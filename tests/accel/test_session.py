@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from vxpu.accel.backend import BackendError, ModuleKind, Status
 from vxpu.accel.cpu import CpuBackend
 from vxpu.accel.quota import Quota

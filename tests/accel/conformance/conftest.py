@@ -8,7 +8,6 @@ Backends are opened once per test session; each test gets a fresh :class:`Sessio
 from __future__ import annotations
 
 import pytest
-
 from vxpu.accel.backend import BackendUnavailable, ModuleKind
 from vxpu.accel.quota import Quota
 from vxpu.accel.registry import open_backend

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import struct
+
 import numpy as np
 import pytest
-
 from vxpu.accel.backend import BackendError, Status
 
 from .conftest import runs_simt
 from .kernels import ATOMIC_SUM, BLOCK_REVERSE, OOB_STORE, VADD, image, vadd_args
-
-import struct
 
 
 def upload(session, array: np.ndarray) -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from vxpu.accel.backend import BackendError, ModuleKind, Status
 
 from .kernels import ILL_TYPED, VADD, image, vadd_args

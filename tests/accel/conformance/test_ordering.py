@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from vxpu.accel.backend import BackendError, Status
 
 from .kernels import VADD, image, vadd_args
