@@ -234,6 +234,14 @@ class Vm:
         except QmpError as exc:
             raise VmError(f"QEMU did not come up: {exc}", self.log_tail()) from exc
 
+    def release_monitor(self) -> Path:
+        """Close vxpu's QMP connection so another client (``vxpu attach``) can use the socket,
+        which takes one client at a time; returns the socket path."""
+        if self.monitor is not None:
+            self.monitor.close()
+            self.monitor = None
+        return self.qmp_path
+
     def qemu_log(self) -> str:
         """QEMU's own stderr so far."""
         try:
