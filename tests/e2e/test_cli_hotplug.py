@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
 from vxpu.images.vm import Vm, VmSpec
