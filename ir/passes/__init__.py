@@ -6,7 +6,7 @@ the IR's exact semantics (docs/ir.md) and leaves the kernel valid for the verifi
 =============  ==================================================================================
 constfold      folds pure ops with constant operands exactly as the semantics say, plus safe
                algebraic identities (``x + 0``, ``select c, a, a`` ...)
-dce            removes unused pure ops and unused block parameters (also dead cycles)
+dce            removes unused pure ops, unused loads and unused block parameters (dead cycles too)
 simplifycfg    folds constant ``cbr``, removes unreachable blocks, merges straight-line blocks,
                forwards empty blocks, replaces block parameters that always get one value
 cse            merges identical pure ops along the dominator tree; merges identical loads only

@@ -9,7 +9,9 @@ shifts by >= the width, division by zero, ``MIN / -1``, saturating float-to-int 
 * the ops specified only to within a few ulp (``interp_ops.APPROX_OPS``: exp, log, sin, pow,
   rsqrt ...), because a folded result could differ from what the target computes;
 * results that are NaN, and bitcasts of a NaN: a ``const`` holds only the canonical NaN, while
-  the runtime result may carry another payload or sign (visible through ``bitcast``).
+  the runtime result may carry another payload or sign (visible through ``bitcast``);
+* ``fmin``/``fmax`` of zeros of opposite sign (either zero may be returned) and ``f16``
+  ``fma`` (may be computed in f32 and rounded twice): the choice is the target's.
 
 **Identities** (each exact for every input, including NaN and signed zeros): integer
 ``x+0, x-0, x*1, x&-1, x|0, x^0, x<<0, x>>0, x/1 -> x``; ``x*0, x&0, x-x, x^x, x%1 -> 0``;
@@ -61,13 +63,26 @@ def _fold(op: Op, operands: list[Value]) -> bool:
     if fn is None or op.result is None:
         return False
     args = [from_imm(v.type, i) for v, i in zip(operands, imms)]  # type: ignore[arg-type]
-    if op.opcode == "bitcast" and operands[0].type.is_float and math.isnan(args[0]):
+    if not _foldable(op, args):
         return False
     value = fn(*args)
     t = op.result.type
     if t.is_float and math.isnan(value):
         return False
     make_const(op, to_imm(t, value))
+    return True
+
+
+def _foldable(op: Op, args: list[int | float]) -> bool:
+    """False where the semantics leave a choice that a fold could make differently from the target."""
+    name = op.opcode
+    if name == "bitcast" and op.operands[0].type.is_float and math.isnan(args[0]):
+        return False                          # the NaN's bits are unspecified
+    if name in ("fmin", "fmax") and args[0] == 0 and args[1] == 0 \
+            and math.copysign(1.0, args[0]) != math.copysign(1.0, args[1]):
+        return False                          # either zero may be returned
+    if name == "fma" and op.type is not None and op.type.bits == 16:
+        return False                          # f16 fma may be computed in f32 and rounded twice
     return True
 
 

@@ -1,11 +1,12 @@
 """Dead code elimination by marking what is live (so dead cycles through block parameters go too).
 
-Roots are the ops that are not pure: stores, atomics, barriers, terminators, and loads (a load
-may fault, so removing it could hide a fault; loads are kept). A live op makes its operands
-live; a live block parameter makes the matching argument of every branch to its block live;
-a ``cbr`` condition is an operand of a live terminator. Everything else is removed: pure ops
-whose results are never (transitively) needed, and block parameters nobody needs, together with
-the arguments that fed them. The entry block has no parameters, so none are touched there.
+Roots are the ops that are not pure and not loads: stores, atomics, barriers, terminators. A
+load whose result is never needed is removed too: docs/ir.md (section 5.2) lets optimizations
+delete unused loads, so an out-of-bounds load without effect may or may not fault. A live op
+makes its operands live; a live block parameter makes the matching argument of every branch to
+its block live; a ``cbr`` condition is an operand of a live terminator. Everything else is
+removed: pure ops and loads whose results are never (transitively) needed, and block parameters
+nobody needs, together with the arguments that fed them. The entry block has no parameters, so none are touched there.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ def run(kernel: Kernel) -> bool:
     live_params: set[int] = set()
     work: list[Value] = []
     for op in kernel.ops():
-        if not op.defn.pure:
+        if not op.defn.pure and op.opcode != "load":
             live_ops.add(id(op))
             work.extend(op.operands)
     while work:
