@@ -9,7 +9,7 @@ import pytest
 from vxpu.accel.backend import BackendError, Status
 
 from .conftest import runs_simt
-from .kernels import ATOMIC_SUM, BLOCK_REVERSE, OOB_STORE, VADD, image, vadd_args
+from .kernels import ATOMIC_SUM, BLOCK_REVERSE, VADD, image, vadd_args
 
 
 def upload(session, array: np.ndarray) -> int:
@@ -81,21 +81,3 @@ def _load_status(session, source: str, name: str) -> Status:
     with pytest.raises(BackendError) as e:
         session.get_kernel(session.load_module(image(source)), name)
     return e.value.status
-
-
-def test_faulting_kernel_then_recovery(session, backend):
-    if not runs_simt(backend):
-        pytest.skip("IR out-of-bounds stores need a SIMT backend; NPU faults are in test_npu.py")
-    faults0 = backend.stats.faults
-    buf = session.alloc(64)
-    k, _ = session.get_kernel(session.load_module(image(OOB_STORE)), "oob_store")
-    with pytest.raises(BackendError) as e:
-        session.launch(k, (1,), (1,), struct.pack("<Q", buf))
-        session.synchronize()
-    assert e.value.status == Status.KERNEL_FAULT
-    assert backend.stats.faults == faults0 + 1 and session.stats.faults == 1
-    assert session.statistics()["vxpu_session_errors_kernel_fault"] == 1
-    with pytest.raises(BackendError) as e:                 # the old handles are gone
-        session.free(buf)
-    assert e.value.status == Status.INVALID_HANDLE
-    test_vector_add(session, 1000, 128)                   # and the device serves again
