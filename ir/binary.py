@@ -39,17 +39,38 @@ import math
 
 from .errors import DecodeError, IRError, Location, Problem, VerifyError
 from .limits import (
-    MAX_ARRAY_COUNT, MAX_ARRAYS, MAX_BLOCK_PARAMS, MAX_BLOCKS, MAX_KERNELS, MAX_MODULE_BYTES, MAX_NAME_LEN,
-    MAX_OPS_PER_KERNEL, MAX_OPS_PER_MODULE, MAX_PARAMS,
+    MAX_ARRAY_COUNT,
+    MAX_ARRAYS,
+    MAX_BLOCK_PARAMS,
+    MAX_BLOCKS,
+    MAX_KERNELS,
+    MAX_MODULE_BYTES,
+    MAX_NAME_LEN,
+    MAX_OPS_PER_KERNEL,
+    MAX_OPS_PER_MODULE,
+    MAX_PARAMS,
 )
 from .model import (
-    CANONICAL_NAN_BITS, Block, Kernel, LocalArray, Module, Op, Param, SharedArray, Successor, Value,
-    float_bits, float_from_bits, is_valid_name, is_valid_symbol, resolve_derived_types,
+    CANONICAL_NAN_BITS,
+    Block,
+    Kernel,
+    LocalArray,
+    Module,
+    Op,
+    Param,
+    SharedArray,
+    Successor,
+    Value,
+    float_bits,
+    float_from_bits,
+    is_valid_name,
+    is_valid_symbol,
+    resolve_derived_types,
 )
 from .ops import DIMS, OPS_BY_CODE, infer_result
 from .types import Type, i1, lookup_type_code
 
-__all__ = ["MAGIC", "VERSION", "FLAG_NAMES", "encode", "decode", "encode_kernel_body"]
+__all__ = ["FLAG_NAMES", "MAGIC", "VERSION", "decode", "encode", "encode_kernel_body"]
 
 log = logging.getLogger(__name__)
 
@@ -141,8 +162,8 @@ def encode_kernel_body(k: Kernel) -> bytes:
     _uleb(out, len(k.blocks))
     for b in k.blocks:
         _uleb(out, len(b.params))
-        for p in b.params:
-            out.append(p.type.code)
+        for bp in b.params:
+            out.append(bp.type.code)
         _uleb(out, len(b.ops))
         for op in b.ops:
             _encode_op(out, op, numbering, blocks, arrays_index)
@@ -214,13 +235,13 @@ def _encode_names(out: bytearray, k: Kernel) -> None:
         _str(out, p.name)
     for a in k.shared:
         _str(out, a.name)
-    for a in k.local:
-        _str(out, a.name)
+    for la in k.local:
+        _str(out, la.name)
     for b in k.blocks:
         _str(out, b.name)
     for b in k.blocks:
-        for p in b.params:
-            _str(out, p.name)
+        for bp in b.params:
+            _str(out, bp.name)
         for op in b.ops:
             if op.result is not None:
                 _str(out, op.result.name)
@@ -239,7 +260,7 @@ class _Fail(Exception):
 class _Reader:
     """Bounds-checked cursor over the input bytes."""
 
-    __slots__ = ("data", "pos", "end", "ops_left")
+    __slots__ = ("data", "end", "ops_left", "pos")
 
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -396,8 +417,8 @@ def _decode_module(r: _Reader) -> Module:
 def _default_array_names(k: Kernel) -> None:
     for i, a in enumerate(k.shared):
         a.name = f"shared{i}"
-    for i, a in enumerate(k.local):
-        a.name = f"local{i}"
+    for i, la in enumerate(k.local):
+        la.name = f"local{i}"
 
 
 def _decode_kernel(r: _Reader) -> Kernel:
@@ -407,12 +428,10 @@ def _decode_kernel(r: _Reader) -> Kernel:
     k = Kernel(name)
     for i in range(r.count("parameter count", MAX_PARAMS)):
         k.params.append(Param(r.type("parameter type"), None, i))
-    n_arrays = 0
-    for arrays, cls in ((k.shared, SharedArray), (k.local, LocalArray)):
-        n = r.count("array count", MAX_ARRAYS - n_arrays, 2)
-        n_arrays += n
-        for _ in range(n):
-            arrays.append(cls("", r.type("array element type"), r.uleb("array size", MAX_ARRAY_COUNT)))
+    for _ in range(r.count("shared array count", MAX_ARRAYS, 2)):
+        k.shared.append(SharedArray("", r.type("array element type"), r.uleb("array size", MAX_ARRAY_COUNT)))
+    for _ in range(r.count("local array count", MAX_ARRAYS - len(k.shared), 2)):
+        k.local.append(LocalArray("", r.type("array element type"), r.uleb("array size", MAX_ARRAY_COUNT)))
     n_blocks = r.count("block count", MAX_BLOCKS, 2)
     blocks = [k.add_block(Block()) for _ in range(n_blocks)]
     values: list[Value] = list(k.params)

@@ -29,7 +29,7 @@ verifier.
 
 from __future__ import annotations
 
-from typing import Sequence, Union
+from collections.abc import Sequence
 
 from .errors import IRError
 from .model import Block, Kernel, LocalArray, Op, Param, SharedArray, Successor, Value
@@ -39,7 +39,7 @@ from .types import Type, i1, i32
 __all__ = ["KernelBuilder", "Operand"]
 
 #: What builder methods accept as an operand: a value, or a Python number that becomes a const.
-Operand = Union[Value, int, float]
+Operand = Value | int | float
 
 
 class KernelBuilder:
@@ -168,7 +168,7 @@ class KernelBuilder:
         return self._value(opcode, (a,), a.type, name)
 
     # --- constants and geometry ----------------------------------------------------------------
-    def const(self, value: int | float, type: Type, name: str | None = None) -> Value:
+    def const(self, value: float, type: Type, name: str | None = None) -> Value:
         """A constant of ``type``."""
         return self._value("const", (), type, name, imm=value)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from vxpu.errors import Error
 
-__all__ = ["IRError", "ParseError", "DecodeError", "VerifyError", "Location", "Problem"]
+__all__ = ["DecodeError", "IRError", "Location", "ParseError", "Problem", "VerifyError"]
 
 #: At most this many problems are rendered into an error message (all stay in ``.problems``).
 MAX_RENDERED_PROBLEMS = 50

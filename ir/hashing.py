@@ -14,7 +14,7 @@ import hashlib
 from .binary import MAGIC, VERSION, decode, encode, encode_kernel_body
 from .model import Kernel, Module
 
-__all__ = ["module_hash", "kernel_hash", "encoded_hash"]
+__all__ = ["encoded_hash", "kernel_hash", "module_hash"]
 
 _KERNEL_DOMAIN = b"VXIR-kernel\x00"
 

@@ -9,9 +9,21 @@ Worst case, a module at every limit decodes into roughly 150 MB of Python object
 from __future__ import annotations
 
 __all__ = [
-    "MAX_MODULE_BYTES", "MAX_TEXT_BYTES", "MAX_KERNELS", "MAX_PARAMS", "MAX_ARRAYS", "MAX_BLOCKS",
-    "MAX_BLOCK_PARAMS", "MAX_OPS_PER_KERNEL", "MAX_OPERANDS", "MAX_NAME_LEN", "MAX_SHARED_BYTES",
-    "MAX_LOCAL_BYTES", "MAX_ARRAY_COUNT", "MAX_VALUES_PER_KERNEL", "MAX_OPS_PER_MODULE",
+    "MAX_ARRAYS",
+    "MAX_ARRAY_COUNT",
+    "MAX_BLOCKS",
+    "MAX_BLOCK_PARAMS",
+    "MAX_KERNELS",
+    "MAX_LOCAL_BYTES",
+    "MAX_MODULE_BYTES",
+    "MAX_NAME_LEN",
+    "MAX_OPERANDS",
+    "MAX_OPS_PER_KERNEL",
+    "MAX_OPS_PER_MODULE",
+    "MAX_PARAMS",
+    "MAX_SHARED_BYTES",
+    "MAX_TEXT_BYTES",
+    "MAX_VALUES_PER_KERNEL",
 ]
 
 #: Largest binary encoding accepted (bytes, header included).

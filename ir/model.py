@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 import struct
-from typing import Iterator, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 from .errors import IRError, Location
 from .limits import MAX_NAME_LEN
@@ -32,9 +32,24 @@ from .ops import DIMS, OPS, OpDef, infer_result
 from .types import Type, f64, i1
 
 __all__ = [
-    "Value", "Param", "BlockParam", "OpResult", "SharedArray", "LocalArray", "Successor", "Op",
-    "Block", "Kernel", "Module", "Array", "normalize_imm", "float_bits", "NAME_RE", "SYMBOL_RE",
-    "is_valid_name", "is_valid_symbol",
+    "NAME_RE",
+    "SYMBOL_RE",
+    "Array",
+    "Block",
+    "BlockParam",
+    "Kernel",
+    "LocalArray",
+    "Module",
+    "Op",
+    "OpResult",
+    "Param",
+    "SharedArray",
+    "Successor",
+    "Value",
+    "float_bits",
+    "is_valid_name",
+    "is_valid_symbol",
+    "normalize_imm",
 ]
 
 #: Value, block and array names: ``[A-Za-z_][A-Za-z0-9_.]*`` (numeric names mean "anonymous").
@@ -108,7 +123,7 @@ def float_from_bits(t: Type, bits: int) -> float:
 class Value:
     """An SSA value: a type and an optional name (None = anonymous, printed as %N)."""
 
-    __slots__ = ("type", "name")
+    __slots__ = ("name", "type")
 
     def __init__(self, type: Type, name: str | None = None) -> None:
         self.type = type
@@ -133,7 +148,7 @@ class BlockParam(Value):
 
     __slots__ = ("block", "index")
 
-    def __init__(self, type: Type, name: str | None, block: "Block", index: int) -> None:
+    def __init__(self, type: Type, name: str | None, block: Block, index: int) -> None:
         super().__init__(type, name)
         self.block = block
         self.index = index
@@ -144,7 +159,7 @@ class OpResult(Value):
 
     __slots__ = ("op",)
 
-    def __init__(self, type: Type, name: str | None, op: "Op") -> None:
+    def __init__(self, type: Type, name: str | None, op: Op) -> None:
         super().__init__(type, name)
         self.op = op
 
@@ -152,7 +167,7 @@ class OpResult(Value):
 class _ArrayBase:
     """A static array of ``count`` elements of a memory type."""
 
-    __slots__ = ("name", "type", "count", "loc")
+    __slots__ = ("count", "loc", "name", "type")
     space = ""
 
     def __init__(self, name: str, type: Type, count: int) -> None:
@@ -184,15 +199,15 @@ class LocalArray(_ArrayBase):
     space = "local"
 
 
-Array = Union[SharedArray, LocalArray]
+Array = SharedArray | LocalArray
 
 
 class Successor:
     """A branch target: a block and the arguments for its block parameters."""
 
-    __slots__ = ("block", "args")
+    __slots__ = ("args", "block")
 
-    def __init__(self, block: "Block", args: Sequence[Value] = ()) -> None:
+    def __init__(self, block: Block, args: Sequence[Value] = ()) -> None:
         self.block = block
         self.args: tuple[Value, ...] = tuple(args)
 
@@ -220,12 +235,24 @@ class Op:
         IRError: unknown opcode, bad dim, or a constant that cannot be represented.
     """
 
-    __slots__ = ("opcode", "defn", "operands", "result", "type", "pred", "dim", "array", "imm",
-                 "successors", "block", "loc")
+    __slots__ = (
+        "array",
+        "block",
+        "defn",
+        "dim",
+        "imm",
+        "loc",
+        "opcode",
+        "operands",
+        "pred",
+        "result",
+        "successors",
+        "type",
+    )
 
     def __init__(self, opcode: str, operands: Sequence[Value] = (), *, type: Type | None = None,
                  pred: str | None = None, dim: str | None = None, array: Array | None = None,
-                 imm: int | float | None = None, successors: Sequence[Successor] = (),
+                 imm: float | None = None, successors: Sequence[Successor] = (),
                  result_type: Type | None = None, name: str | None = None,
                  loc: Location | None = None) -> None:
         d = OPS.get(opcode)
@@ -266,7 +293,7 @@ class Op:
 class Block:
     """A basic block ("IR block"): parameters, then ops ending with one terminator."""
 
-    __slots__ = ("name", "params", "ops", "kernel", "loc")
+    __slots__ = ("kernel", "loc", "name", "ops", "params")
 
     def __init__(self, name: str | None = None, params: Sequence[tuple[str | None, Type]] = ()) -> None:
         self.name = name
@@ -296,7 +323,7 @@ class Block:
             return self.ops[-1]
         return None
 
-    def successor_blocks(self) -> list["Block"]:
+    def successor_blocks(self) -> list[Block]:
         """The blocks the terminator may jump to (empty without a terminator)."""
         term = self.terminator
         return [s.block for s in term.successors] if term is not None else []
@@ -308,7 +335,7 @@ class Block:
 class Kernel:
     """A kernel: the unit a host launches over a grid of blocks of threads."""
 
-    __slots__ = ("name", "params", "shared", "local", "blocks", "loc")
+    __slots__ = ("blocks", "loc", "local", "name", "params", "shared")
 
     def __init__(self, name: str, params: Sequence[Param | tuple[str | None, Type]] = (),
                  shared: Sequence[SharedArray] = (), local: Sequence[LocalArray] = (),
@@ -412,7 +439,7 @@ class Kernel:
 class Module:
     """A named collection of kernels: the unit of compilation, transfer and caching."""
 
-    __slots__ = ("name", "kernels")
+    __slots__ = ("kernels", "name")
 
     def __init__(self, name: str, kernels: Sequence[Kernel] = ()) -> None:
         self.name = name

@@ -23,18 +23,42 @@ division by zero, saturation, NaN) are specified in docs/ir.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Mapping, Sequence
 
 from .types import (
-    FLOAT_TYPES, INT_TYPES, MEMORY_TYPES, AddressSpace, Type, f32, f64, i1, i8, i16, i32, i64, ptr_local,
+    FLOAT_TYPES,
+    INT_TYPES,
+    MEMORY_TYPES,
+    AddressSpace,
+    Type,
+    f32,
+    f64,
+    i1,
+    i8,
+    i16,
+    i32,
+    i64,
+    ptr_local,
     ptr_shared,
 )
 
 __all__ = [
-    "OpDef", "OPS", "OPS_BY_CODE", "ICMP_PREDICATES", "FCMP_PREDICATES", "DIMS", "OPERAND_RULES",
-    "TYPE_CLASSES", "RESULT_RULES", "CONVERSIONS", "check_types", "infer_result", "opdef", "type_in_class",
+    "CONVERSIONS",
+    "DIMS",
+    "FCMP_PREDICATES",
+    "ICMP_PREDICATES",
+    "OPERAND_RULES",
+    "OPS",
+    "OPS_BY_CODE",
+    "RESULT_RULES",
+    "TYPE_CLASSES",
+    "OpDef",
+    "check_types",
+    "infer_result",
+    "opdef",
+    "type_in_class",
 ]
 
 ICMP_PREDICATES: tuple[str, ...] = ("eq", "ne", "slt", "sle", "sgt", "sge", "ult", "ule", "ugt", "uge")

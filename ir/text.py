@@ -30,17 +30,27 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from .errors import IRError, Location, ParseError, Problem
 from .limits import MAX_BLOCKS, MAX_OPS_PER_KERNEL, MAX_OPS_PER_MODULE, MAX_TEXT_BYTES
 from .model import (
-    Block, Kernel, LocalArray, Module, Op, Param, SharedArray, Successor, Value, is_valid_name,
+    Block,
+    Kernel,
+    LocalArray,
+    Module,
+    Op,
+    Param,
+    SharedArray,
+    Successor,
+    Value,
+    is_valid_name,
     resolve_derived_types,
 )
 from .ops import OPS, infer_result
 from .types import Type, i1, lookup_type
 
-__all__ = ["print_module", "print_kernel", "parse", "MAX_PARSE_PROBLEMS"]
+__all__ = ["MAX_PARSE_PROBLEMS", "parse", "print_kernel", "print_module"]
 
 #: The parser stops after this many problems.
 MAX_PARSE_PROBLEMS = 100
@@ -60,7 +70,7 @@ def print_module(module: Module) -> str:
     return "".join(parts)
 
 
-def format_imm(t: Type | None, imm: int | float) -> str:
+def format_imm(t: Type | None, imm: float) -> str:
     """How a constant is spelled: decimal integers; floats as Python's shortest repr."""
     if isinstance(imm, float):
         if math.isnan(imm):
@@ -104,8 +114,8 @@ def print_kernel(k: Kernel) -> str:
     lines = [f"kernel @{k.name}({params}) {{"]
     for a in k.shared:
         lines.append(f"  shared @{a.name}: {a.type}[{a.count}]")
-    for a in k.local:
-        lines.append(f"  local @{a.name}: {a.type}[{a.count}]")
+    for la in k.local:
+        lines.append(f"  local @{la.name}: {la.type}[{la.count}]")
     for b in k.blocks:
         head = names.block(b)
         if b.params:
@@ -462,13 +472,12 @@ class _Parser:
                 rec.imm = t
             elif t.kind == "block":
                 args: list[_Tok] = []
-                if cur.accept("punct", "("):
-                    if not cur.accept("punct", ")"):
-                        while True:
-                            args.append(cur.expect("value", what="%value"))
-                            if cur.accept("punct", ")"):
-                                break
-                            cur.expect("punct", ",", what="',' or ')'")
+                if cur.accept("punct", "(") and not cur.accept("punct", ")"):
+                    while True:
+                        args.append(cur.expect("value", what="%value"))
+                        if cur.accept("punct", ")"):
+                            break
+                        cur.expect("punct", ",", what="',' or ')'")
                 rec.successors.append((t, args))
             else:
                 raise _Syntax(f"expected an operand, got {t.text!r}", t.col)
@@ -511,6 +520,9 @@ def parse_number(tok_text: str, t: Type | None) -> int | float:
     if re.fullmatch(r"[-+]?(0[xX][0-9a-fA-F]+|\d+)", tok_text) is None:
         raise IRError(f"{tok_text!r} is not an integer")
     return int(tok_text, 0) if "x" in tok_text.lower() else int(tok_text, 10)
+
+
+_V = TypeVar("_V", bound=Value)
 
 
 class _KernelBuilderFromText:
@@ -556,7 +568,7 @@ class _KernelBuilderFromText:
             self.problem(str(exc), line, exc.col)
             return None
 
-    def _define(self, v: Value, tok: _Tok, line: int) -> Value:
+    def _define(self, v: _V, tok: _Tok, line: int) -> _V:
         if tok.text in self.values:
             self.problem(f"{tok.text} is defined twice", line, tok.col)
         else:

@@ -20,10 +20,29 @@ from enum import Enum
 from .errors import IRError
 
 __all__ = [
-    "AddressSpace", "Type", "i1", "i8", "i16", "i32", "i64", "f16", "f32", "f64",
-    "ptr", "ptr_global", "ptr_shared", "ptr_local", "ptr_constant",
-    "ALL_TYPES", "INT_TYPES", "FLOAT_TYPES", "PTR_TYPES", "MEMORY_TYPES", "PARAM_TYPES",
-    "parse_type", "type_from_code",
+    "ALL_TYPES",
+    "FLOAT_TYPES",
+    "INT_TYPES",
+    "MEMORY_TYPES",
+    "PARAM_TYPES",
+    "PTR_TYPES",
+    "AddressSpace",
+    "Type",
+    "f16",
+    "f32",
+    "f64",
+    "i1",
+    "i8",
+    "i16",
+    "i32",
+    "i64",
+    "parse_type",
+    "ptr",
+    "ptr_constant",
+    "ptr_global",
+    "ptr_local",
+    "ptr_shared",
+    "type_from_code",
 ]
 
 
@@ -39,7 +58,7 @@ class AddressSpace(Enum):
 class Type:
     """An interned IR type. Do not construct directly: use the module constants or :func:`ptr`."""
 
-    __slots__ = ("kind", "bits", "space", "name", "code")
+    __slots__ = ("bits", "code", "kind", "name", "space")
 
     kind: str  # "int" | "float" | "ptr"
     bits: int

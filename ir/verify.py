@@ -33,21 +33,41 @@ queries in O(1) through dominator-tree DFS intervals, all traversals iterative (
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+import math
+from collections.abc import Iterable
 
-from .errors import Location, Problem, VerifyError
+from .errors import IRError, Location, Problem, VerifyError
 from .limits import (
-    MAX_ARRAY_COUNT, MAX_ARRAYS, MAX_BLOCK_PARAMS, MAX_BLOCKS, MAX_KERNELS, MAX_LOCAL_BYTES, MAX_OPS_PER_KERNEL,
-    MAX_OPS_PER_MODULE, MAX_PARAMS, MAX_SHARED_BYTES,
+    MAX_ARRAY_COUNT,
+    MAX_ARRAYS,
+    MAX_BLOCK_PARAMS,
+    MAX_BLOCKS,
+    MAX_KERNELS,
+    MAX_LOCAL_BYTES,
+    MAX_OPS_PER_KERNEL,
+    MAX_OPS_PER_MODULE,
+    MAX_PARAMS,
+    MAX_SHARED_BYTES,
 )
 from .model import (
-    Block, BlockParam, Kernel, LocalArray, Module, Op, OpResult, Param, SharedArray, Value, is_valid_name,
-    is_valid_symbol, normalize_imm,
+    Block,
+    BlockParam,
+    Kernel,
+    LocalArray,
+    Module,
+    Op,
+    OpResult,
+    Param,
+    SharedArray,
+    Value,
+    is_valid_name,
+    is_valid_symbol,
+    normalize_imm,
 )
 from .ops import DIMS, check_types, infer_result
 from .types import PARAM_TYPES
 
-__all__ = ["verify", "verify_kernel", "check", "check_kernel", "Dominators"]
+__all__ = ["Dominators", "check", "check_kernel", "verify", "verify_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +259,7 @@ def _lengauer_tarjan(parent: list[int], preds: list[list[int]]) -> list[int]:
         s = p
         for v in preds[node]:
             s2 = v if v <= node else semi[lowest_semi(v)]
-            if s2 < s:
-                s = s2
+            s = min(s, s2)
         semi[node] = s
         bucket[s].append(node)
         ancestor[node] = p
@@ -423,9 +442,9 @@ class _KernelChecker:
         self._check_successors(b, i, op)
         if reachable:
             for v in op.uses():
-                msg = self._check_use(v, b, i)
-                if msg:
-                    self.error(msg, b, i, op)
+                use_problem = self._check_use(v, b, i)
+                if use_problem:
+                    self.error(use_problem, b, i, op)
 
     def _check_attrs(self, op: Op) -> Iterable[str]:
         d = op.defn
@@ -444,10 +463,11 @@ class _KernelChecker:
         elif op.imm is not None and op.type is not None and (op.type.is_int or op.type.is_float):
             try:
                 canon = normalize_imm(op.type, op.imm)
-            except Exception as exc:  # IRError; the message says why
+            except IRError as exc:
                 yield str(exc)
             else:
-                if canon != op.imm and not (canon != canon and op.imm != op.imm):
+                both_nan = isinstance(canon, float) and math.isnan(canon) and math.isnan(float(op.imm))
+                if canon != op.imm and not both_nan:
                     yield f"constant {op.imm!r} is not in canonical form for {op.type} (expected {canon!r})"
 
     def _check_array_attr(self, op: Op) -> Iterable[str]:

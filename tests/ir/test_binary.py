@@ -7,7 +7,6 @@ import struct
 import time
 
 import pytest
-
 from vxpu.ir import binary, limits
 from vxpu.ir.binary import MAGIC, VERSION, decode, encode
 from vxpu.ir.errors import DecodeError, IRError, VerifyError

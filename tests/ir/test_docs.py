@@ -29,8 +29,8 @@ def test_limits_table_matches():
 
 
 def test_python_example_runs(capsys):
-    code = re.search(r"```python\n(.*?)```", DOC, re.S).group(1)
-    exec(compile(code, "docs/ir.md", "exec"), {})
+    code = re.search(r"```python\n(.*?)```", DOC, re.DOTALL).group(1)
+    exec(compile(code, "docs/ir.md", "exec"), {})  # noqa: S102 - our own documentation
     assert "kernel @saxpy(" in capsys.readouterr().out
 
 
@@ -38,5 +38,5 @@ def test_text_example_verifies():
     from vxpu.ir.text import parse
     from vxpu.ir.verify import verify
 
-    text = re.search(r"## 1\. A first example\n\n```\n(.*?)```", DOC, re.S).group(1)
+    text = re.search(r"## 1\. A first example\n\n```\n(.*?)```", DOC, re.DOTALL).group(1)
     verify(parse(text))

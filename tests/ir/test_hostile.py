@@ -14,7 +14,6 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vxpu.ir import binary, limits
 from vxpu.ir.binary import MAGIC, VERSION, decode, encode
 from vxpu.ir.errors import DecodeError, ParseError, VerifyError

@@ -6,7 +6,6 @@ import math
 import time
 
 import pytest
-
 from vxpu.ir.errors import ParseError
 from vxpu.ir.text import parse, print_module
 from vxpu.ir.types import f16, f32, ptr_global

@@ -6,7 +6,6 @@ import math
 import pickle
 
 import pytest
-
 from vxpu.ir import ops, types
 from vxpu.ir.builder import KernelBuilder
 from vxpu.ir.errors import IRError, VerifyError

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from vxpu.ir import limits
 from vxpu.ir.builder import KernelBuilder
 from vxpu.ir.errors import ParseError, Problem, VerifyError
@@ -33,7 +32,7 @@ def expected_errors(text: str) -> list[tuple[int, str]]:
     """``(line, substring)`` for every ``; error: ...`` annotation."""
     out = []
     for lineno, line in enumerate(text.split("\n"), start=1):
-        code, sep, comment = line.partition(";")
+        _code, sep, comment = line.partition(";")
         if sep and lineno > 1 and "error:" in comment:
             out.extend((lineno, m.group(1)) for m in _EXPECT.finditer(comment))
     return out
@@ -157,7 +156,7 @@ def test_successor_to_a_foreign_block():
 
 def test_kernel_without_blocks_and_limits():
     assert _messages(Kernel("k")) == ["kernel has no blocks; it needs at least an entry block ending in ret"]
-    k = Kernel("k", [("p%d" % i, i32) for i in range(limits.MAX_PARAMS + 1)])
+    k = Kernel("k", [(f"p{i}", i32) for i in range(limits.MAX_PARAMS + 1)])
     k.add_block(Block("entry")).append(Op("ret"))
     assert _messages(k) == [f"{limits.MAX_PARAMS + 1} parameters exceed the limit of {limits.MAX_PARAMS}"]
     b = KernelBuilder("many_block_params")
