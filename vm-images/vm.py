@@ -300,8 +300,11 @@ class Vm:
                     self.kvm_note = "interactive console"
                 want = "tcg"
         if want in ("auto", "kvm"):
-            self._launch("kvm")
-            reason = self._probe_kvm()
+            try:
+                self._launch("kvm")
+                reason = self._probe_kvm()
+            except VmError as exc:  # QEMU refused KVM outright (no QMP socket appeared)
+                reason = f"QEMU could not start with KVM: {self.qemu_log().strip()[-300:] or exc}"
             if reason is None:
                 _record_verdict(self.qemu, self.image, True, "")
                 log.info("VM running under KVM")

@@ -155,3 +155,19 @@ def test_qemu_command_line(tmp_path: Path) -> None:
     assert "panic=-1" in argv[argv.index("-append") + 1]
     assert vm.argv("kvm")[vm.argv("kvm").index("-kernel") + 1].endswith("vmlinuz")
     assert "-no-reboot" not in Vm(binary, image, VmSpec(reboot=True), tmp_path / "vm2").argv("tcg")
+
+
+def test_console_waits_in_order_and_reports_failures(tmp_path: Path) -> None:
+    from vxpu.images.errors import VmError
+    from vxpu.images.vm import Console
+
+    log = tmp_path / "console.log"
+    log.write_bytes(b"boot\r\nVXPU-EVENT 1\r\nVXPU-EVENT 2\r\n")
+    con = Console(log)
+    assert con.wait_for(r"^VXPU-EVENT (\d)$", 1).group(1) == "1"
+    assert con.wait_for(r"^VXPU-EVENT (\d)$", 1).group(1) == "2"
+    with pytest.raises(VmError, match="QEMU exited with status 1") as exc:
+        con.wait_for(r"^VXPU-EVENT (\d)$", 5, lambda: "QEMU exited with status 1")
+    assert "VXPU-EVENT 2" in exc.value.log_tail
+    with pytest.raises(VmError, match="did not appear within 0s"):
+        con.wait_for("never", 0.1)
