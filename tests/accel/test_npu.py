@@ -230,3 +230,69 @@ def test_ir_module_with_no_lowerable_kernel(session):
 def test_provider_option_is_validated():
     with pytest.raises(BackendUnavailable):
         open_backend("npu,provider=tpu")
+
+
+def _elementwise(body: str, params: str, ty: str = "f32") -> str:
+    return f"""
+module @m
+kernel @k(%n: i32{params}) {{
+^entry:
+  %b = block_id.x
+  %d = block_dim.x
+  %m = mul %b, %d : i32
+  %t = thread_id.x
+  %i = add %m, %t : i32
+  %ok = icmp slt %i, %n
+  cbr %ok, ^body, ^exit
+^body:
+{body}
+  br ^exit
+^exit:
+  ret
+}}
+"""
+
+
+INT_MAP = _elementwise("""
+  %px = offset %x, %i : i32
+  %py = offset %y, %i : i32
+  %v = load %px : i32
+  %three = const 3 : i32
+  %m3 = mul %v, %three : i32
+  %mx = smax %m3, %c : i32
+  %x8 = xor %mx, %c : i32
+  store %x8, %py""", ", %c: i32, %x: ptr<global>, %y: ptr<global>")
+
+FILL = _elementwise("""
+  %py = offset %y, %i : f16
+  %h = fptrunc %a : f16
+  store %h, %py""", ", %a: f32, %y: ptr<global>")
+
+UNSIGNED = _elementwise("""
+  %px = offset %x, %i : i32
+  %v = load %px : i32
+  %lt = icmp ult %v, %n
+  %z = zext %lt : i32
+  store %z, %px""", ", %x: ptr<global>")
+
+
+def test_ir_integer_map(session):
+    k, _ = session.get_kernel(session.load_module(binary.encode(text.parse(INT_MAP))), "k")
+    x = np.arange(-50, 50, dtype=np.int32)
+    dx, dy = put(session, x), session.alloc(x.nbytes)
+    session.launch(k, (1,), (128,), struct.pack("<iiQQ", 100, 7, dx, dy))
+    assert np.array_equal(get(session, dy, x), np.maximum(x * 3, 7) ^ 7)
+
+
+def test_ir_uniform_store_broadcasts(session):
+    k, _ = session.get_kernel(session.load_module(binary.encode(text.parse(FILL))), "k")
+    dy = put(session, np.zeros(64, np.float16))
+    session.launch(k, (2,), (16,), struct.pack("<ifQ", 20, 1.5, dy))
+    out = get(session, dy, np.zeros(64, np.float16))
+    assert np.all(out[:20] == 1.5) and np.all(out[20:] == 0)
+
+
+def test_ir_unsigned_compare_is_unsupported(session):
+    with pytest.raises(BackendError) as e:
+        session.load_module(binary.encode(text.parse(UNSIGNED)))
+    assert e.value.status == Status.UNSUPPORTED and "icmp ult" in str(e.value)
