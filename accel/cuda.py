@@ -92,6 +92,15 @@ class CudaBackend:
         self._compile_cache = compile_cache
         self._opt_level = int(opt_level)
         self._drv: Any = None
+        self._cuMemcpyHtoD: Any = None
+        self._cuMemcpyDtoH: Any = None
+        self._cuMemcpyHtoDAsync: Any = None
+        self._cuMemcpyDtoHAsync: Any = None
+        self._cuMemcpyDtoDAsync: Any = None
+        self._cuMemsetD8Async: Any = None
+        self._cuLaunchKernel: Any = None
+        self._cuStreamSynchronize: Any = None
+        self._cuEventRecord: Any = None
         self._dev: Any = None
         self._ctx: Any = None
         self._generation = 0
@@ -129,6 +138,10 @@ class CudaBackend:
         if err:
             raise BackendUnavailable("cuInit failed: no usable NVIDIA GPU", vendor=err.name)
         self._drv = driver
+        # Hot-path driver entry points, bound once (saves a module attribute lookup per call).
+        for fn in ("cuMemcpyHtoD", "cuMemcpyDtoH", "cuMemcpyHtoDAsync", "cuMemcpyDtoHAsync", "cuMemcpyDtoDAsync",
+                   "cuMemsetD8Async", "cuLaunchKernel", "cuStreamSynchronize", "cuEventRecord"):
+            setattr(self, f"_{fn}", getattr(driver, fn))
         err, count = driver.cuDeviceGetCount()
         if err or not 0 <= self.index < count:
             raise BackendUnavailable(f"CUDA device {self.index} does not exist ({count if not err else 0} present)")
@@ -213,7 +226,7 @@ class CudaBackend:
         if not 0 <= value <= 0xFF:
             raise BackendError(Status.INVALID_ARGUMENT, f"memset value {value} is not a byte")
         stream = self._null_stream if queue is None else self._stream(queue)
-        (err,) = self._drv.cuMemsetD8Async(address, value, size, stream)
+        (err,) = self._cuMemsetD8Async(address, value, size, stream)
         if err:
             self._raise(err, "cuMemsetD8Async")
 
@@ -224,9 +237,9 @@ class CudaBackend:
         n = src.nbytes
         try:
             if queue is None:
-                (err,) = self._drv.cuMemcpyHtoD(dst, src, n)
+                (err,) = self._cuMemcpyHtoD(dst, src, n)
             else:
-                (err,) = self._drv.cuMemcpyHtoDAsync(dst, src, n, self._stream(queue))
+                (err,) = self._cuMemcpyHtoDAsync(dst, src, n, self._stream(queue))
         except (BufferError, TypeError, OverflowError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad host buffer for copy_htod: {exc}") from exc
         if err:
@@ -242,9 +255,9 @@ class CudaBackend:
             raise BackendError(Status.INVALID_ARGUMENT, "copy_dtoh destination is read-only")
         try:
             if queue is None:
-                (err,) = self._drv.cuMemcpyDtoH(dst, src, n)
+                (err,) = self._cuMemcpyDtoH(dst, src, n)
             else:
-                (err,) = self._drv.cuMemcpyDtoHAsync(dst, src, n, self._stream(queue))
+                (err,) = self._cuMemcpyDtoHAsync(dst, src, n, self._stream(queue))
         except (BufferError, TypeError, OverflowError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad host buffer for copy_dtoh: {exc}") from exc
         if err:
@@ -256,7 +269,7 @@ class CudaBackend:
         if _current.ctx is not self._ctx:
             self._ensure()
         stream = self._null_stream if queue is None else self._stream(queue)
-        (err,) = self._drv.cuMemcpyDtoDAsync(dst, src, size, stream)
+        (err,) = self._cuMemcpyDtoDAsync(dst, src, size, stream)
         if err:
             self._raise(err, "cuMemcpyDtoDAsync")
         self.stats.bytes_dtod += size
@@ -277,9 +290,9 @@ class CudaBackend:
         if reg is None or not (reg.address <= host and host + size <= reg.address + reg.size):
             self._host_region(host, size, writable=False)
         if queue is None:
-            (err,) = self._drv.cuMemcpyHtoD(dst, host, size)
+            (err,) = self._cuMemcpyHtoD(dst, host, size)
         else:
-            (err,) = self._drv.cuMemcpyHtoDAsync(dst, host, size, self._stream(queue))
+            (err,) = self._cuMemcpyHtoDAsync(dst, host, size, self._stream(queue))
         if err:
             self._raise(err, "cuMemcpyHtoD")
         self.stats.bytes_htod += size
@@ -296,9 +309,9 @@ class CudaBackend:
         if reg is None or reg.read_only or not (reg.address <= host and host + size <= reg.address + reg.size):
             self._host_region(host, size, writable=True)
         if queue is None:
-            (err,) = self._drv.cuMemcpyDtoH(host, src, size)
+            (err,) = self._cuMemcpyDtoH(host, src, size)
         else:
-            (err,) = self._drv.cuMemcpyDtoHAsync(host, src, size, self._stream(queue))
+            (err,) = self._cuMemcpyDtoHAsync(host, src, size, self._stream(queue))
         if err:
             self._raise(err, "cuMemcpyDtoH")
         self.stats.bytes_dtoh += size
@@ -446,7 +459,7 @@ class CudaBackend:
             gx, gy, gz = grid
             bx, by, bz = block
             pack.view[:] = args
-            (err,) = self._drv.cuLaunchKernel(kernel.handle, gx, gy, gz, bx, by, bz, shared_bytes, stream,
+            (err,) = self._cuLaunchKernel(kernel.handle, gx, gy, gz, bx, by, bz, shared_bytes, stream,
                                               pack.params_address, 0)
         except (ValueError, TypeError, OverflowError, IndexError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad launch of {pack.info.name!r}: {exc}") from exc
@@ -505,7 +518,7 @@ class CudaBackend:
             self._ensure()
         check_handle(event, GpuEvent, self._generation, "event")
         stream = self._null_stream if queue is None else self._stream(queue)
-        (err,) = self._drv.cuEventRecord(event.handle, stream)  # type: ignore[attr-defined]
+        (err,) = self._cuEventRecord(event.handle, stream)  # type: ignore[attr-defined]
         if err:
             self._raise(err, "cuEventRecord")
 
@@ -527,7 +540,7 @@ class CudaBackend:
         if queue is None:
             (err,) = self._drv.cuCtxSynchronize()
         else:
-            (err,) = self._drv.cuStreamSynchronize(self._stream(queue))
+            (err,) = self._cuStreamSynchronize(self._stream(queue))
         if err:
             self._raise(err, "synchronize")
 
@@ -748,7 +761,9 @@ class CudaBackend:
         if not err_b:
             self.pci_bus_id = bus.split(b"\0", 1)[0].decode().lower() if isinstance(bus, bytes) else str(bus).lower()
         self._ro_register = bool(get(attr.CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED))
-        features = {"ir", "ptx", "cubin", "atomics-f32", "fp16", "events", "host-register"}
+        # "sticky-faults": a kernel fault poisons the CUDA driver for the whole process (measured
+        # on driver 580); the backend then reports DEVICE_LOST and the process must be restarted.
+        features = {"ir", "ptx", "cubin", "atomics-f32", "fp16", "events", "host-register", "sticky-faults"}
         if major >= 6:
             features.add("atomics-f64")
         if major >= 8:

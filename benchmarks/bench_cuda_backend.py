@@ -103,6 +103,9 @@ def bench_copies(gpu: CudaBackend, drv: Any, quick: bool) -> list[dict[str, Any]
 
                     def native(h=native_host, d=dptr, n=size) -> None:
                         drv.cuMemcpyHtoD(d, h, n)
+
+                    def raw_memfd(h=token.address, d=dptr, n=size) -> None:
+                        drv.cuMemcpyHtoD(d, h, n)
                 else:
                     def ours(s=sl, d=dptr) -> None:
                         gpu.copy_dtoh(s, d)
@@ -112,15 +115,19 @@ def bench_copies(gpu: CudaBackend, drv: Any, quick: bool) -> list[dict[str, Any]
 
                     def native(h=native_host, d=dptr, n=size) -> None:
                         drv.cuMemcpyDtoH(h, d, n)
-                funcs = [ours, ours_addr, native]
+
+                    def raw_memfd(h=token.address, d=dptr, n=size) -> None:
+                        drv.cuMemcpyDtoH(h, d, n)
+                funcs = [ours, ours_addr, native, raw_memfd]
                 interleave(funcs, min(reps, 20), 5)  # warm-up
-                t_ours, t_addr, t_native = interleave(funcs, reps, max(reps // 10, 2))
-                m_ours, m_addr, m_native = (statistics.median(t) for t in (t_ours, t_addr, t_native))
+                t_ours, t_addr, t_native, t_raw = interleave(funcs, reps, max(reps // 10, 2))
+                m_ours, m_addr, m_native, m_raw = (statistics.median(t) for t in (t_ours, t_addr, t_native, t_raw))
                 rows.append({
                     "size": size, "direction": direction, "pinned": bool(token.pinned),
                     "backend_gbps": size / m_ours / 1e9, "backend_addr_gbps": size / m_addr / 1e9,
                     "native_gbps": size / m_native / 1e9,
                     "backend_us": m_ours * 1e6, "backend_addr_us": m_addr * 1e6, "native_us": m_native * 1e6,
+                    "raw_memfd_us": m_raw * 1e6, "raw_memfd_gbps": size / m_raw / 1e9,
                     "ratio": m_native / m_ours, "ratio_addr": m_native / m_addr, "reps": reps,
                 })
             sl.release()
@@ -228,13 +235,14 @@ def bench_register(gpu: CudaBackend, quick: bool) -> dict[str, Any]:
 def print_table(result: dict[str, Any]) -> None:
     print(f"device: {result['device']}  driver {result['driver_version']}  cuda-bindings {result['bindings']}")
     print("\ncopies (registered memfd via backend vs cuMemAllocHost via raw driver), wall clock, median")
-    print("(view: copy_htod/copy_dtoh on a memoryview slice; addr: copy_*_address on the registered region)")
+    print("(view: copy_htod/copy_dtoh on a memoryview slice; addr: copy_*_address on the registered region;")
+    print(" raw-memfd: raw cuMemcpy* on the same registered memfd address, i.e. the cost of the memory itself)")
     print(f"{'size':>9} {'dir':>5} {'view GB/s':>10} {'addr GB/s':>10} {'native GB/s':>12} {'ratio':>6} "
-          f"{'r.addr':>6} {'view us':>8} {'addr us':>8} {'native us':>10}")
+          f"{'r.addr':>6} {'view us':>8} {'addr us':>8} {'native us':>10} {'raw-memfd us':>12}")
     for r in result["copies"]:
         print(f"{_size(r['size']):>9} {r['direction']:>5} {r['backend_gbps']:10.2f} {r['backend_addr_gbps']:10.2f} "
               f"{r['native_gbps']:12.2f} {r['ratio']:6.3f} {r['ratio_addr']:6.3f} {r['backend_us']:8.2f} "
-              f"{r['backend_addr_us']:8.2f} {r['native_us']:10.2f}")
+              f"{r['backend_addr_us']:8.2f} {r['native_us']:10.2f} {r['raw_memfd_us']:12.2f}")
     print("\nlaunch (1 block x 32 threads, non-blocking stream), median per launch")
     print(f"{'path':>24} {'backend us':>11} {'native us':>10} {'ratio':>6} {'b p99':>7} {'n p99':>7}")
     for r in result["launch"]:
