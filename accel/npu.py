@@ -203,6 +203,10 @@ class NpuBackend(HostBackend):
             features=frozenset({"onnx", "ir-elementwise"}),
         )
 
+    def extra_stats(self) -> dict[str, float]:
+        """Launches per execution provider that actually ran them (``vxpu_npu_runs_<provider>``)."""
+        return {f"vxpu_npu_runs_{name.lower()}": count for name, count in list(self.provider_runs.items())}
+
     def create_session(self, blob: bytes) -> tuple[Any, str]:
         """An InferenceSession for ``blob`` on the preferred provider, else on the CPU EP.
 

@@ -544,11 +544,15 @@ class Session:
 
     # -- life cycle and figures ---------------------------------------------------------
     def statistics(self) -> dict[str, float]:
-        """Flat metrics of this session, its pool and the backend (see :func:`stats.metrics`)."""
+        """Flat metrics of this session, its pool and the backend (see :func:`stats.metrics`),
+        plus the backend's own ``extra_stats()`` if it has one (e.g. the NPU's provider runs)."""
         with self._lock:
             out = metrics(self.stats, self.pool.stats(), self.backend.stats)
             out["vxpu_session_memory_bytes"] = self.usage.memory_bytes
             out["vxpu_session_live_allocations"] = self.usage.allocations
+            extra = getattr(self.backend, "extra_stats", None)
+            if callable(extra):
+                out.update(extra())
             return out
 
     def close(self) -> None:

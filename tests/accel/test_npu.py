@@ -81,6 +81,7 @@ def test_static_graph_runs_and_records_provider(session, npu):
     assert sum(npu.provider_runs.values()) == before + 1
     expected = "qnn" if npu.provider_choice == "qnn" else "CPUExecutionProvider"
     assert npu.properties().architecture == expected and npu.provider_runs[expected] >= 1
+    assert session.statistics()[f"vxpu_npu_runs_{expected.lower()}"] == npu.provider_runs[expected]
 
 
 def test_symbolic_dims_come_from_the_args(session):
