@@ -24,7 +24,16 @@ never talks to a backend directly. The session is the backend-independent policy
   client's handles (and notices resets caused by other clients through ``stats.resets``).
 * **Statistics.** :class:`vxpu.accel.stats.SessionStats` plus the pool's figures.
 
-Memory goes through a :class:`vxpu.accel.pool.MemoryPool` per session.
+Memory goes through a :class:`vxpu.accel.pool.MemoryPool` per session. Typical use::
+
+    backend = open_backend("cpu")                     # vxpu.accel.registry
+    with Session(backend, Quota(memory_bytes=1 << 30)) as s:
+        x = s.alloc(4 * n)
+        s.copy_htod(x, memoryview(host_array))
+        kernel, info = s.get_kernel(s.load_module(ir_image), "saxpy")
+        s.launch(kernel, grid=(n // 256,), block=(256,), args=packed_args)
+        s.copy_dtoh(memoryview(result), x)
+        s.synchronize()                               # raises KERNEL_FAULT etc.
 """
 
 from __future__ import annotations
