@@ -446,21 +446,22 @@ class CudaBackend:
         """
         if _current.ctx is not self._ctx:
             self._ensure()
-        if kernel.__class__ is not GpuKernel or kernel.generation != self._generation:
+        if kernel.__class__ is not GpuKernel or kernel.generation != self._generation:  # type: ignore[attr-defined]
             check_handle(kernel, GpuKernel, self._generation, "kernel")
         if queue is None:
             stream = self._null_stream
-        elif queue.__class__ is GpuQueue and queue.generation == self._generation:
+        elif queue.__class__ is GpuQueue and queue.generation == self._generation:  # type: ignore[attr-defined]
             stream = queue.handle  # type: ignore[attr-defined]
         else:
             stream = self._stream(queue)
-        pack = kernel.pack
+        pack = kernel.pack  # type: ignore[attr-defined]
         try:
             gx, gy, gz = grid
             bx, by, bz = block
             pack.view[:] = args
-            (err,) = self._cuLaunchKernel(kernel.handle, gx, gy, gz, bx, by, bz, shared_bytes, stream,
-                                              pack.params_address, 0)
+            (err,) = self._cuLaunchKernel(kernel.handle,  # type: ignore[attr-defined]
+                                          gx, gy, gz, bx, by, bz, shared_bytes, stream,
+                                          pack.params_address, 0)
         except (ValueError, TypeError, OverflowError, IndexError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad launch of {pack.info.name!r}: {exc}") from exc
         if err:
@@ -568,7 +569,7 @@ class CudaBackend:
         self._bind()
 
     def _stream(self, queue: object) -> Any:
-        if queue.__class__ is not GpuQueue or queue.generation != self._generation:
+        if queue.__class__ is not GpuQueue or queue.generation != self._generation:  # type: ignore[attr-defined]
             check_handle(queue, GpuQueue, self._generation, "queue")
         return queue.handle  # type: ignore[attr-defined]
 

@@ -155,6 +155,6 @@ def probe_devices() -> list[dict[str, Any]]:
                 "memory_total": int(total),
             })
         return out
-    except Exception as exc:  # any runtime problem means "no CUDA devices", never a failure
+    except Exception as exc:  # noqa: BLE001 - any runtime problem means "no CUDA devices"
         log.debug("CUDA probe failed: %s", exc)
         return []

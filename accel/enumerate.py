@@ -254,7 +254,7 @@ def merge_runtimes(devices: Iterable[PciDevice], *, cuda: bool = True, hip: bool
     for name, probe in probes:
         try:
             found = probe()
-        except Exception as exc:  # runtime probing must never break enumeration
+        except Exception as exc:  # noqa: BLE001 - runtime probing must never break enumeration
             log.debug("%s probe failed: %s", name, exc)
             continue
         if found:
@@ -286,7 +286,7 @@ def _merge_onnxruntime(devices: Iterable[PciDevice]) -> bool:
         import onnxruntime as ort
 
         ep_devices = ort.get_ep_devices()
-    except Exception as exc:  # not installed, or an ORT too old for get_ep_devices
+    except Exception as exc:  # noqa: BLE001 - not installed, or an ORT without get_ep_devices
         log.debug("ONNX Runtime probe failed: %s", exc)
         return False
     pool = list(devices)
@@ -296,7 +296,7 @@ def _merge_onnxruntime(devices: Iterable[PciDevice]) -> bool:
         if kind not in ("gpu", "npu"):
             continue
         meta = dict(hw.metadata)
-        bdf = normalize_bdf(meta.get("pci_bus_id", meta.get("PciBusId", "")))
+        bdf = normalize_bdf(str(meta.get("pci_bus_id", meta.get("PciBusId", ""))))
         matches = [d for d in pool if d.bdf == bdf] if bdf else \
                   [d for d in pool if d.vendor_id == hw.vendor_id and d.device_id == hw.device_id]
         for dev in matches:

@@ -401,15 +401,16 @@ class HipBackend:
         """
         if _current.backend is not self:
             self._ensure()
-        if kernel.__class__ is not GpuKernel or kernel.generation != self._generation:
+        if kernel.__class__ is not GpuKernel or kernel.generation != self._generation:  # type: ignore[attr-defined]
             check_handle(kernel, GpuKernel, self._generation, "kernel")
         stream = self._stream(queue)
-        pack = kernel.pack
+        pack = kernel.pack  # type: ignore[attr-defined]
         try:
             gx, gy, gz = grid
             bx, by, bz = block
             pack.view[:] = args
-            (err,) = self._hip.hipModuleLaunchKernel(kernel.handle, gx, gy, gz, bx, by, bz, shared_bytes,
+            (err,) = self._hip.hipModuleLaunchKernel(kernel.handle,  # type: ignore[attr-defined]
+                                                     gx, gy, gz, bx, by, bz, shared_bytes,
                                                      stream, None, pack.extra_address)
         except (ValueError, TypeError, OverflowError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad launch of {pack.info.name!r}: {exc}") from exc

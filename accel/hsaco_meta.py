@@ -100,12 +100,12 @@ def kernel_layouts(metadata: bytes) -> dict[str, KernelInfo]:
         root = decode_msgpack(metadata)
         kernels = root.get("amdhsa.kernels", []) if isinstance(root, dict) else None
         if not isinstance(kernels, list):
-            raise ValueError("no amdhsa.kernels list")
+            raise ValueError("no amdhsa.kernels list")  # noqa: TRY004 - all malformations are ValueError
         out: dict[str, KernelInfo] = {}
         for k in kernels:
             name = k.get(".name") if isinstance(k, dict) else None
             if not isinstance(name, str):
-                raise ValueError("kernel without a name")
+                raise ValueError("kernel without a name")  # noqa: TRY004
             args = [a for a in k.get(".args", []) or []
                     if isinstance(a, dict) and not str(a.get(".value_kind", "")).startswith("hidden_")]
             if len(args) > _MAX_ARGS:

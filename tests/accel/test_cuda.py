@@ -389,6 +389,62 @@ def test_cubin_from_nvjitlink_loads(gpu: CudaBackend) -> None:
     assert info.value.status is Status.INVALID_HANDLE
 
 
+VADD_IR = """
+module @vadd
+
+kernel @vadd(%n: i32, %a: ptr<global>, %b: ptr<global>, %c: ptr<global>) {
+^entry:
+  %bid = block_id.x
+  %bdim = block_dim.x
+  %base = mul %bid, %bdim : i32
+  %tid = thread_id.x
+  %i = add %base, %tid : i32
+  %ok = icmp slt %i, %n
+  cbr %ok, ^body, ^exit
+^body:
+  %pa = offset %a, %i : f32
+  %pb = offset %b, %i : f32
+  %pc = offset %c, %i : f32
+  %x = load %pa : f32
+  %y = load %pb : f32
+  %z = fadd %x, %y : f32
+  store %z, %pc
+  br ^exit
+^exit:
+  ret
+}
+"""
+
+
+@pytest.mark.gpu
+def test_ir_module_compiles_to_cubin_and_runs(gpu: CudaBackend) -> None:
+    from vxpu.ir import binary, text
+
+    image = binary.encode(text.parse(VADD_IR), names=False)
+    misses, hits = gpu.stats.compile_cache_misses, gpu.stats.compile_cache_hits
+    module = gpu.load_module(image, ModuleKind.IR)
+    again = gpu.load_module(image, ModuleKind.IR)
+    assert gpu.stats.compile_cache_misses + gpu.stats.compile_cache_hits == misses + hits + 2
+    assert gpu.stats.compile_cache_hits >= hits + 1
+    kernel, info = gpu.get_kernel(module, "vadd")
+    assert info.param_offsets == (0, 8, 16, 24) and info.args_size == 32
+    n = 5000
+    rng = np.random.default_rng()
+    a, b = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
+    da, db, dc = gpu.alloc(a.nbytes), gpu.alloc(b.nbytes), gpu.alloc(a.nbytes)
+    gpu.copy_htod(da, memoryview(a))
+    gpu.copy_htod(db, memoryview(b))
+    gpu.memset(dc, 0xFF, a.nbytes)
+    gpu.launch(kernel, ((n + 127) // 128, 1, 1), (128, 1, 1), struct.pack("<i4xQQQ", n, da, db, dc))
+    out = np.empty_like(a)
+    gpu.copy_dtoh(memoryview(out), dc)
+    assert np.array_equal(out, a + b)
+    for d in (da, db, dc):
+        gpu.free(d)
+    gpu.unload_module(module)
+    gpu.unload_module(again)
+
+
 @pytest.mark.gpu
 def test_newer_ptx_goes_through_nvjitlink(gpu: CudaBackend) -> None:
     newer = PTX.replace(b".version 8.0", b".version 9.9")

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 import pytest
-
 from vxpu.accel.enumerate import classify, merge_runtimes, normalize_bdf, read_device, scan_pci
+
 from vxpu.cli import main
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sysfs"

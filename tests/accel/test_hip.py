@@ -14,7 +14,6 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-
 from vxpu.accel.backend import BackendError, BackendUnavailable, KernelInfo, ModuleKind, Status
 from vxpu.accel.hip import (
     HIP_LAUNCH_PARAM_BUFFER_POINTER,
@@ -265,6 +264,7 @@ def test_fake_runtime_launch_passes_packed_args_through_extra(monkeypatch: pytes
                                     False))
     module = backend.load_module(b"ir", ModuleKind.IR)
     kernel, info = backend.get_kernel(module, "vadd")
+    assert info.args_size == 32
     args = struct.pack("<i4xQQQ", 5, 1, 2, 3)
     backend.launch(kernel, (2, 1, 1), (64, 1, 1), args)
     assert fake.launches[-1] == (("function", b"vadd"), (2, 1, 1), (64, 1, 1), 0, None, None, args)
