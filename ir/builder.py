@@ -427,15 +427,36 @@ class KernelBuilder:
         return self.emit("barrier")
 
     # --- terminators ---------------------------------------------------------------------------
-    def br(self, target: Block, *args: Value) -> Op:
-        """Jump to ``target`` passing ``args`` to its block parameters."""
-        return self.emit("br", successors=[Successor(target, args)])
+    def br(self, target: Block, *args: Operand) -> Op:
+        """Jump to ``target`` passing ``args`` to its block parameters.
 
-    def cbr(self, cond: Value, if_true: Block, if_false: Block, true_args: Sequence[Value] = (),
-            false_args: Sequence[Value] = ()) -> Op:
-        """Jump to ``if_true`` when ``cond`` (i1) is 1, else to ``if_false``."""
-        return self.emit("cbr", (cond,), successors=[Successor(if_true, true_args),
-                                                     Successor(if_false, false_args)])
+        Raises:
+            IRError: the arguments do not match the target's parameters.
+        """
+        return self.emit("br", successors=[self._successor(target, args)])
+
+    def cbr(self, cond: Value, if_true: Block, if_false: Block, true_args: Sequence[Operand] = (),
+            false_args: Sequence[Operand] = ()) -> Op:
+        """Jump to ``if_true`` when ``cond`` (i1) is 1, else to ``if_false``.
+
+        Raises:
+            IRError: the arguments do not match the targets' parameters.
+        """
+        return self.emit("cbr", (cond,), successors=[self._successor(if_true, true_args),
+                                                     self._successor(if_false, false_args)])
+
+    def _successor(self, target: Block, args: Sequence[Operand]) -> Successor:
+        if target.kernel is not self.kernel:
+            raise IRError(f"branch target ^{target.name} belongs to another kernel")
+        if len(args) != len(target.params):
+            raise IRError(f"^{target.name} takes {len(target.params)} argument(s), got {len(args)}")
+        values: list[Value] = []
+        for i, (arg, param) in enumerate(zip(args, target.params)):
+            v = arg if isinstance(arg, Value) else self.const(arg, param.type)
+            if v.type is not param.type:
+                raise IRError(f"argument {i} to ^{target.name} has type {v.type}, expected {param.type}")
+            values.append(v)
+        return Successor(target, values)
 
     def ret(self) -> Op:
         """End this thread."""

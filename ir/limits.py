@@ -22,6 +22,7 @@ __all__ = [
     "MAX_OPS_PER_MODULE",
     "MAX_PARAMS",
     "MAX_SHARED_BYTES",
+    "MAX_SUCCESSORS",
     "MAX_TEXT_BYTES",
     "MAX_VALUES_PER_KERNEL",
 ]
@@ -46,6 +47,8 @@ MAX_OPS_PER_KERNEL = 65536
 MAX_OPS_PER_MODULE = 262144
 #: Operands of one op (the largest fixed arity is 3; successor args are bounded by MAX_BLOCK_PARAMS).
 MAX_OPERANDS = 3
+#: Successors of one terminator (cbr has two).
+MAX_SUCCESSORS = 2
 #: Values (params, block params and op results) per kernel.
 MAX_VALUES_PER_KERNEL = MAX_PARAMS + MAX_OPS_PER_KERNEL + 4 * MAX_BLOCKS
 #: Characters of any name.

@@ -33,7 +33,16 @@ from dataclasses import dataclass, field
 from typing import TypeVar
 
 from .errors import IRError, Location, ParseError, Problem
-from .limits import MAX_BLOCKS, MAX_OPS_PER_KERNEL, MAX_OPS_PER_MODULE, MAX_TEXT_BYTES
+from .limits import (
+    MAX_BLOCK_PARAMS,
+    MAX_BLOCKS,
+    MAX_OPERANDS,
+    MAX_OPS_PER_KERNEL,
+    MAX_OPS_PER_MODULE,
+    MAX_PARAMS,
+    MAX_SUCCESSORS,
+    MAX_TEXT_BYTES,
+)
 from .model import (
     Block,
     Kernel,
@@ -372,12 +381,12 @@ class _Parser:
         if self.module_name is None:
             raise _Syntax("missing 'module @name' line before the first kernel", t.col)
         name = cur.expect("sym", what="@name")
-        params = self._param_list(cur, required=True)
+        params = self._param_list(cur, required=True, limit=MAX_PARAMS)
         cur.expect("punct", "{")
         cur.done()
         self.current = _KernelRec(name.text[1:], self.line, name.col, params)
 
-    def _param_list(self, cur: _Cursor, required: bool) -> list[tuple[_Tok, Type]]:
+    def _param_list(self, cur: _Cursor, required: bool, limit: int) -> list[tuple[_Tok, Type]]:
         params: list[tuple[_Tok, Type]] = []
         if cur.accept("punct", "(") is None:
             if required:
@@ -388,6 +397,8 @@ class _Parser:
             return params
         while True:
             name = cur.expect("value", what="%name")
+            if len(params) >= limit:
+                raise _Syntax(f"more than {limit} parameters", name.col)
             cur.expect("punct", ":")
             params.append((name, self._type(cur)))
             if cur.accept("punct", ")"):
@@ -418,7 +429,7 @@ class _Parser:
 
     def _block_header(self, cur: _Cursor, k: _KernelRec) -> None:
         name = cur.next("^name")
-        params = self._param_list(cur, required=False)
+        params = self._param_list(cur, required=False, limit=MAX_BLOCK_PARAMS)
         cur.expect("punct", ":")
         cur.done()
         if len(k.blocks) >= MAX_BLOCKS:
@@ -465,6 +476,8 @@ class _Parser:
         while True:
             t = cur.next("an operand")
             if t.kind == "value":
+                if len(rec.operands) >= MAX_OPERANDS:
+                    raise _Syntax(f"more than {MAX_OPERANDS} operands", t.col)
                 rec.operands.append(t)
             elif t.kind == "num":
                 if rec.imm is not None:
@@ -475,9 +488,13 @@ class _Parser:
                 if cur.accept("punct", "(") and not cur.accept("punct", ")"):
                     while True:
                         args.append(cur.expect("value", what="%value"))
+                        if len(args) > MAX_BLOCK_PARAMS:
+                            raise _Syntax(f"more than {MAX_BLOCK_PARAMS} branch arguments", args[-1].col)
                         if cur.accept("punct", ")"):
                             break
                         cur.expect("punct", ",", what="',' or ')'")
+                if len(rec.successors) >= MAX_SUCCESSORS:
+                    raise _Syntax(f"more than {MAX_SUCCESSORS} successors", t.col)
                 rec.successors.append((t, args))
             else:
                 raise _Syntax(f"expected an operand, got {t.text!r}", t.col)

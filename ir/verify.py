@@ -51,7 +51,6 @@ from .limits import (
 )
 from .model import (
     Block,
-    BlockParam,
     Kernel,
     LocalArray,
     Module,
@@ -303,6 +302,7 @@ class _KernelChecker:
             return self.problems
         self._check_params()
         self._check_arrays()
+        self._def_pos = self._definition_positions()
         self._check_names()
         if not k.blocks:
             self.error("kernel has no blocks; it needs at least an entry block ending in ret")
@@ -311,7 +311,6 @@ class _KernelChecker:
             self.error("the entry block cannot have parameters", k.blocks[0])
         self.dom = Dominators(k)
         self.numbering = k.numbering()
-        self._def_pos = self._definition_positions()
         for b in k.blocks:
             self._check_block(b)
         return self.problems
@@ -387,12 +386,13 @@ class _KernelChecker:
             blocks.add(b.name)
 
     def _where(self, v: Value) -> tuple[Block | None, int | None, Op | None]:
-        if isinstance(v, BlockParam):
-            return v.block, None, None
-        if isinstance(v, OpResult) and v.op.block is not None:
-            blk = v.op.block
-            return blk, None, v.op
-        return None, None, None
+        pos = self._def_pos.get(v)
+        if pos is None:
+            return None, None, None
+        block, index = pos
+        if isinstance(v, OpResult):
+            return block, index, v.op
+        return block, None, None
 
     def _definition_positions(self) -> dict[Value, tuple[Block, int]]:
         """For every op result: its block and op index (block params: index -1)."""

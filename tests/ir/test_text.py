@@ -204,3 +204,14 @@ def test_thousand_op_kernel_parses_and_prints_in_milliseconds():
     assert sum(len(b.ops) for b in m.kernels[0].blocks) == 1000
     assert parse(printed) == m
     assert parse_s < 0.25 and print_s < 0.1, (parse_s, print_s)
+
+
+def test_per_line_limits():
+    many = ", ".join(["%n"] * 5)
+    errs = _errors(f"module @m\nkernel @k(%n: i32) {{\n^e:\n  %x = add {many} : i32\n  ret\n}}\n")
+    assert any("more than 3 operands" in e[2] for e in errs)
+    params = ", ".join(f"%p{i}: i32" for i in range(300))
+    errs = _errors(f"module @m\nkernel @k({params}) {{\n^e:\n  ret\n}}\n")
+    assert any("more than 256 parameters" in e[2] for e in errs)
+    errs = _errors("module @m\nkernel @k(%c: i1) {\n^e:\n  cbr %c, ^e, ^e, ^e\n}\n")
+    assert any("more than 2 successors" in e[2] for e in errs)

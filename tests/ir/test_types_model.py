@@ -200,3 +200,28 @@ def test_structural_equality_and_numbering():
     with pytest.raises(IRError, match="no kernel @nope"):
         a.kernel("nope")
     assert a.kernel("saxpy").param("a").type is f32
+
+
+def test_builder_checks_branch_arguments():
+    b = KernelBuilder("k", params=[("n", i32)])
+    entry, loop = b.block("entry"), b.block("loop", [("i", i32)])
+    b.set_block(entry)
+    with pytest.raises(IRError, match="takes 1 argument"):
+        b.br(loop)
+    with pytest.raises(IRError, match=r"argument 0 to \^loop has type f32, expected i32"):
+        b.br(loop, b.const(1.0, f32))
+    b.br(loop, 0)
+    assert entry.ops[-1].successors[0].args[0].type is i32
+
+
+def test_ir_core_imports_only_the_standard_library():
+    """The guest imports the IR core: it must not pull in numpy, llvmlite or anything else."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "import vxpu.ir.binary, vxpu.ir.builder, vxpu.ir.hashing, vxpu.ir.text, vxpu.ir.verify\n"
+            "extra = {m.split('.')[0] for m in sys.modules} - set(sys.stdlib_module_names)\n"
+            "print(sorted(x for x in extra if not x.startswith('_') and x != 'vxpu'))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
