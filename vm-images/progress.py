@@ -68,8 +68,10 @@ class Progress:
             bar = "#" * int(frac * 30)
             self._write(f"\r\x1b[Kvxpu: {self.stage} [{bar:<30}] {frac * 100:3.0f}% "
                         f"{self._fmt(self.done)}/{self._fmt(self.total)}")
-        else:
+        elif self.done:
             self._write(f"\r\x1b[Kvxpu: {self.stage} {self._fmt(self.done)}")
+        else:
+            self._write(f"\r\x1b[Kvxpu: {self.stage}...")
 
     def finish(self) -> None:
         """End the stage with one summary line."""
