@@ -195,3 +195,35 @@ def test_events_and_statistics(session):
     st = session.statistics()
     assert st["vxpu_session_memsets"] == 1 and st["vxpu_pool_live_allocations"] == 1
     assert st["vxpu_session_errors_invalid_argument"] == 1
+
+
+def test_range_check_matches_an_oracle(backend):
+    """Property: a range passes exactly when it lies inside one allocation (no wrap-around)."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    s = Session(backend)
+    allocs = [(a, n) for n in (1, 256, 1000, 4096) for a in [s.alloc(n)]]
+    points = [a + d for a, n in allocs for d in (-1, 0, 1, n - 1, n, n + 1)] + [0, 2**63, 2**64 - 1]
+
+    @settings(max_examples=400, deadline=None)
+    @given(st.one_of(st.sampled_from(points), st.integers(-(2**65), 2**65)),
+           st.one_of(st.sampled_from([0, 1, 255, 256, 999, 1000, 1001, 4096, 2**64 - 1]),
+                     st.integers(-(2**65), 2**65)))
+    def check(address: int, length: int) -> None:
+        inside = any(a <= address and address + length <= a + n and (length or address < a + n)
+                     for a, n in allocs)
+        if not (0 <= address < 2**64 and 0 <= length < 2**64):
+            inside = False
+        try:
+            s.check_range(address, length)
+            ok = True
+        except BackendError as exc:
+            assert exc.status in (Status.OUT_OF_RANGE, Status.INVALID_ARGUMENT)
+            ok = False
+        assert ok == inside
+
+    try:
+        check()
+    finally:
+        s.close()
