@@ -226,7 +226,10 @@ class CudaBackend:
         if not 0 <= value <= 0xFF:
             raise BackendError(Status.INVALID_ARGUMENT, f"memset value {value} is not a byte")
         stream = self._null_stream if queue is None else self._stream(queue)
-        (err,) = self._cuMemsetD8Async(address, value, size, stream)
+        try:
+            (err,) = self._cuMemsetD8Async(address, value, size, stream)
+        except (TypeError, OverflowError) as exc:
+            raise BackendError(Status.INVALID_ARGUMENT, f"bad memset {address!r}+{size!r}: {exc}") from exc
         if err:
             self._raise(err, "cuMemsetD8Async")
 
@@ -234,13 +237,13 @@ class CudaBackend:
         """Copy ``src`` to device address ``dst``; synchronous when ``queue`` is ``None``."""
         if _current.ctx is not self._ctx:
             self._ensure()
-        n = src.nbytes
         try:
+            n = src.nbytes
             if queue is None:
                 (err,) = self._cuMemcpyHtoD(dst, src, n)
             else:
                 (err,) = self._cuMemcpyHtoDAsync(dst, src, n, self._stream(queue))
-        except (BufferError, TypeError, OverflowError) as exc:
+        except (BufferError, TypeError, OverflowError, AttributeError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad host buffer for copy_htod: {exc}") from exc
         if err:
             self._raise(err, "cuMemcpyHtoD")
@@ -250,15 +253,15 @@ class CudaBackend:
         """Copy device memory at ``src`` into ``dst``; synchronous when ``queue`` is ``None``."""
         if _current.ctx is not self._ctx:
             self._ensure()
-        n = dst.nbytes
-        if dst.readonly:
-            raise BackendError(Status.INVALID_ARGUMENT, "copy_dtoh destination is read-only")
         try:
+            n = dst.nbytes
+            if dst.readonly:
+                raise BackendError(Status.INVALID_ARGUMENT, "copy_dtoh destination is read-only")
             if queue is None:
                 (err,) = self._cuMemcpyDtoH(dst, src, n)
             else:
                 (err,) = self._cuMemcpyDtoHAsync(dst, src, n, self._stream(queue))
-        except (BufferError, TypeError, OverflowError) as exc:
+        except (BufferError, TypeError, OverflowError, AttributeError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad host buffer for copy_dtoh: {exc}") from exc
         if err:
             self._raise(err, "cuMemcpyDtoH")
@@ -269,7 +272,10 @@ class CudaBackend:
         if _current.ctx is not self._ctx:
             self._ensure()
         stream = self._null_stream if queue is None else self._stream(queue)
-        (err,) = self._cuMemcpyDtoDAsync(dst, src, size, stream)
+        try:
+            (err,) = self._cuMemcpyDtoDAsync(dst, src, size, stream)
+        except (TypeError, OverflowError) as exc:
+            raise BackendError(Status.INVALID_ARGUMENT, f"bad copy_dtod of {size!r} bytes: {exc}") from exc
         if err:
             self._raise(err, "cuMemcpyDtoDAsync")
         self.stats.bytes_dtod += size
@@ -289,10 +295,13 @@ class CudaBackend:
         reg = self._last_host
         if reg is None or not (reg.address <= host and host + size <= reg.address + reg.size):
             self._host_region(host, size, writable=False)
-        if queue is None:
-            (err,) = self._cuMemcpyHtoD(dst, host, size)
-        else:
-            (err,) = self._cuMemcpyHtoDAsync(dst, host, size, self._stream(queue))
+        try:
+            if queue is None:
+                (err,) = self._cuMemcpyHtoD(dst, host, size)
+            else:
+                (err,) = self._cuMemcpyHtoDAsync(dst, host, size, self._stream(queue))
+        except (TypeError, OverflowError) as exc:
+            raise BackendError(Status.INVALID_ARGUMENT, f"bad copy_htod_address: {exc}") from exc
         if err:
             self._raise(err, "cuMemcpyHtoD")
         self.stats.bytes_htod += size
@@ -308,10 +317,13 @@ class CudaBackend:
         reg = self._last_host
         if reg is None or reg.read_only or not (reg.address <= host and host + size <= reg.address + reg.size):
             self._host_region(host, size, writable=True)
-        if queue is None:
-            (err,) = self._cuMemcpyDtoH(host, src, size)
-        else:
-            (err,) = self._cuMemcpyDtoHAsync(host, src, size, self._stream(queue))
+        try:
+            if queue is None:
+                (err,) = self._cuMemcpyDtoH(host, src, size)
+            else:
+                (err,) = self._cuMemcpyDtoHAsync(host, src, size, self._stream(queue))
+        except (TypeError, OverflowError) as exc:
+            raise BackendError(Status.INVALID_ARGUMENT, f"bad copy_dtoh_address: {exc}") from exc
         if err:
             self._raise(err, "cuMemcpyDtoH")
         self.stats.bytes_dtoh += size

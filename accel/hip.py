@@ -262,19 +262,22 @@ class HipBackend:
         self._ensure()
         if not 0 <= value <= 0xFF:
             raise BackendError(Status.INVALID_ARGUMENT, f"memset value {value} is not a byte")
-        (err,) = self._hip.hipMemsetD8Async(address, value, size, self._stream(queue))
+        try:
+            (err,) = self._hip.hipMemsetD8Async(address, value, size, self._stream(queue))
+        except (TypeError, OverflowError) as exc:
+            raise BackendError(Status.INVALID_ARGUMENT, f"bad memset {address!r}+{size!r}: {exc}") from exc
         self._check(err, "hipMemsetD8Async")
 
     def copy_htod(self, dst: int, src: memoryview, queue: object | None = None) -> None:
         """Copy ``src`` to ``dst``; synchronous when ``queue`` is ``None``."""
         self._ensure()
-        n = src.nbytes
         try:
+            n = src.nbytes
             if queue is None:
                 (err,) = self._hip.hipMemcpyHtoD(dst, src, n)
             else:
                 (err,) = self._hip.hipMemcpyHtoDAsync(dst, src, n, self._stream(queue))
-        except (BufferError, TypeError, OverflowError, RuntimeError) as exc:
+        except (BufferError, TypeError, OverflowError, RuntimeError, AttributeError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad host buffer for copy_htod: {exc}") from exc
         self._check(err, "hipMemcpyHtoD")
         self.stats.bytes_htod += n
@@ -282,15 +285,15 @@ class HipBackend:
     def copy_dtoh(self, dst: memoryview, src: int, queue: object | None = None) -> None:
         """Copy device memory at ``src`` into ``dst``; synchronous when ``queue`` is ``None``."""
         self._ensure()
-        if dst.readonly:
-            raise BackendError(Status.INVALID_ARGUMENT, "copy_dtoh destination is read-only")
-        n = dst.nbytes
         try:
+            n = dst.nbytes
+            if dst.readonly:
+                raise BackendError(Status.INVALID_ARGUMENT, "copy_dtoh destination is read-only")
             if queue is None:
                 (err,) = self._hip.hipMemcpyDtoH(dst, src, n)
             else:
                 (err,) = self._hip.hipMemcpyDtoHAsync(dst, src, n, self._stream(queue))
-        except (BufferError, TypeError, OverflowError, RuntimeError) as exc:
+        except (BufferError, TypeError, OverflowError, RuntimeError, AttributeError) as exc:
             raise BackendError(Status.INVALID_ARGUMENT, f"bad host buffer for copy_dtoh: {exc}") from exc
         self._check(err, "hipMemcpyDtoH")
         self.stats.bytes_dtoh += n
@@ -298,7 +301,10 @@ class HipBackend:
     def copy_dtod(self, dst: int, src: int, size: int, queue: object | None = None) -> None:
         """Copy ``size`` bytes between device addresses, ordered on ``queue``."""
         self._ensure()
-        (err,) = self._hip.hipMemcpyDtoDAsync(dst, src, size, self._stream(queue))
+        try:
+            (err,) = self._hip.hipMemcpyDtoDAsync(dst, src, size, self._stream(queue))
+        except (TypeError, OverflowError) as exc:
+            raise BackendError(Status.INVALID_ARGUMENT, f"bad copy_dtod of {size!r} bytes: {exc}") from exc
         self._check(err, "hipMemcpyDtoDAsync")
         self.stats.bytes_dtod += size
 

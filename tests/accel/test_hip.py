@@ -303,3 +303,21 @@ def test_fake_runtime_fault_resets_then_serves(monkeypatch: pytest.MonkeyPatch) 
     with pytest.raises(BackendError) as err:
         backend.alloc(64)
     assert err.value.status is Status.DEVICE_LOST
+
+
+def test_fake_runtime_native_hsaco_layouts_come_from_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vxpu.accel.gpu_ir import compile_ir
+
+    try:
+        hsaco, _, _ = compile_ir(vadd_image(), "amdgpu", "gfx942", 3, False)
+    except BackendError as exc:
+        pytest.skip(f"no AMDGPU toolchain here: {exc}")
+    backend, fake = fake_backend(monkeypatch)
+    module = backend.load_module(hsaco, ModuleKind.HSACO)
+    kernel, info = backend.get_kernel(module, "vadd")
+    assert info.param_offsets == (0, 8, 16, 24) and info.args_size == 32
+    backend.launch(kernel, (1, 1, 1), (64, 1, 1), bytes(32))
+    assert fake.launches[-1][-1] == bytes(32)
+    with pytest.raises(BackendError) as err:
+        backend.load_module(b"\x7fELF" + bytes(100), ModuleKind.HSACO)
+    assert err.value.status is Status.BAD_MODULE
