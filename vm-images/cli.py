@@ -120,12 +120,15 @@ def _stream_until_exit(vm: Any, timeout: float) -> int:
 
 
 def cmd_vm_run(args: argparse.Namespace) -> int:
+    from vxpu.images.errors import VmError
     from vxpu.images.guest import current_image
     from vxpu.images.qemu import find_qemu
     from vxpu.images.vm import Vm, VmSpec
     from vxpu.qmp.devices import vfio_user_device
     from vxpu.qmp.server import ServerProcess
 
+    if not args.debug:  # qemu.qmp logs its own ERROR lines for failures we report anyway
+        logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     qemu = find_qemu(args.qemu)
     image = current_image()
     cmd = DEMO_CMD if args.demo else args.cmd
@@ -139,27 +142,41 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
                 server = ServerProcess(sock, workdir / "server.log", args.server_arg).start()
             devices.append(vfio_user_device("vxpu0", sock))
         spec = VmSpec(cmd=cmd, memory=args.memory, accel=args.accel, devices=devices, stdio_console=cmd is None)
-        t0 = time.monotonic()
-        with Vm(qemu, image, spec, workdir) as vm:
-            accel = vm.accel + (f" (KVM not used: {vm.kvm_note})" if vm.kvm_note else "")
-            if not args.demo:
-                print(f"vxpu: QEMU {qemu.version_str} ({qemu.source}), accel {accel}", file=sys.stderr)
-            if cmd is None:
-                return vm.wait_exit(args.timeout)
-            if not args.demo:
-                _stream_until_exit(vm, args.timeout)
-                return vm.payload_status() if vm.payload_status() is not None else 1
-            m = vm.console.wait_for(SELFTEST_LINE, args.timeout, vm.problem)
-            result = json.loads(m.group(1))
-            vm.wait_exit(30)
-        print(f"vxpu demo: guest booted and ran the selftest in {time.monotonic() - t0:.1f} s "
-              f"(QEMU {qemu.version_str}, {accel})")
-        print_selftest(result)
-        if server is not None and not server.alive():
-            print("FAIL: the vxpu server died during the run:\n" + server.log_tail(), file=sys.stderr)
-            return 1
-        return 0 if result.get("ok") else 1
+        try:
+            return _run_vm(args, Vm(qemu, image, spec, workdir), server)
+        except VmError as exc:
+            if server is not None:
+                raise VmError(f"{exc}\n--- vxpu server log ---\n{server.log_tail()}") from exc
+            raise
     finally:
         if server is not None:
             server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_vm(args: argparse.Namespace, vm: Any, server: Any) -> int:
+    """Boot ``vm`` and run the interactive shell, the --cmd payload or the demo."""
+    cmd = DEMO_CMD if args.demo else args.cmd
+    qemu = vm.qemu
+    t0 = time.monotonic()
+    with vm:
+        accel = vm.accel + (f" (KVM not used: {vm.kvm_note})" if vm.kvm_note else "")
+        if not args.demo:
+            print(f"vxpu: QEMU {qemu.version_str} ({qemu.source}), accel {accel}", file=sys.stderr)
+        if cmd is None:
+            return vm.wait_exit(args.timeout)
+        if not args.demo:
+            _stream_until_exit(vm, args.timeout)
+            return vm.payload_status() if vm.payload_status() is not None else 1
+        m = vm.console.wait_for(SELFTEST_LINE, args.timeout, vm.problem)
+        result = json.loads(m.group(1))
+        vm.wait_exit(30)
+    print(f"vxpu demo: guest booted and ran the selftest in {time.monotonic() - t0:.1f} s "
+          f"(QEMU {qemu.version_str}, {accel})")
+    print_selftest(result)
+    if server is not None and not server.alive():
+        print("FAIL: the vxpu server died during the run:\n" + server.log_tail(), file=sys.stderr)
+        return 1
+    if not result.get("ok") and server is not None:
+        print("--- vxpu server log ---\n" + server.log_tail(), file=sys.stderr)
+    return 0 if result.get("ok") else 1

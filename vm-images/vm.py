@@ -232,6 +232,10 @@ class Vm:
         try:
             self.monitor = Monitor(self.qmp_path, timeout=20.0)
         except QmpError as exc:
+            rc = self.proc.poll()
+            if rc is not None:
+                last = (self.qemu_log().strip().splitlines() or ["(no output)"])[-1]
+                raise VmError(f"QEMU exited with status {rc} at start-up: {last}", self.log_tail()) from exc
             raise VmError(f"QEMU did not come up: {exc}", self.log_tail()) from exc
 
     def release_monitor(self) -> Path:
