@@ -13,6 +13,27 @@ from typing import Any
 from vxpu.accel.backend import BackendError, KernelInfo, Status
 
 
+def resolve_cache(option: Any) -> Any:
+    """A backend's ``compile_cache`` option → what ``compile_module`` takes.
+
+    ``None`` (the process default cache), ``False``/``"off"`` (no caching), a directory path
+    string (a :class:`vxpu.ir.cache.CompileCache` there, e.g. from ``cuda:0,compile_cache=/var/cache/vxpu``),
+    or a ready cache object.
+
+    Raises:
+        BackendError: UNAVAILABLE when the IR compiler cannot be imported.
+    """
+    if not isinstance(option, str):
+        return option
+    if option.lower() in ("off", "none", "false", "0", "no"):
+        return False
+    try:
+        from vxpu.ir.cache import CompileCache
+    except ImportError as exc:
+        raise BackendError(Status.UNAVAILABLE, f"the vxpu IR compiler cannot be imported: {exc}") from exc
+    return CompileCache(option)
+
+
 def compile_ir(image: bytes, target: str, arch: str, opt_level: int,
                cache: Any = None) -> tuple[bytes, dict[str, KernelInfo], bool]:
     """Compile an IR wire module; returns ``(binary, {kernel: KernelInfo}, cache_hit)``.
@@ -27,7 +48,7 @@ def compile_ir(image: bytes, target: str, arch: str, opt_level: int,
         from vxpu.ir.lower.errors import CompileError, ToolchainError
     except ImportError as exc:
         raise BackendError(Status.UNAVAILABLE, f"the vxpu IR compiler cannot be imported: {exc}") from exc
-    store = default_cache() if cache is None else cache
+    store = default_cache() if cache is None else resolve_cache(cache)
     stats = getattr(store, "stats", None)
     before = stats.hits if stats is not None else 0
     try:

@@ -48,7 +48,7 @@ from vxpu.accel.gpu_common import (
     buffer_address,
     check_handle,
 )
-from vxpu.accel.gpu_ir import compile_ir
+from vxpu.accel.gpu_ir import compile_ir, resolve_cache
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ class HipBackend:
     def __init__(self, device_index: int = 0, *, compile_cache: Any = None, opt_level: int | str = 3) -> None:
         self.index = int(device_index)
         self.stats = BackendStats()
-        self._compile_cache = compile_cache
+        self._compile_cache = resolve_cache(compile_cache)
         self._opt_level = int(opt_level)
         self._hip: Any = None
         self._open = False
