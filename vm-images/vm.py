@@ -232,7 +232,10 @@ class Vm:
         try:
             self.monitor = Monitor(self.qmp_path, timeout=20.0)
         except QmpError as exc:
-            rc = self.proc.poll()
+            try:
+                rc: int | None = self.proc.wait(2)  # QEMU closes QMP when it exits on an error
+            except subprocess.TimeoutExpired:
+                rc = None
             if rc is not None:
                 last = (self.qemu_log().strip().splitlines() or ["(no output)"])[-1]
                 raise VmError(f"QEMU exited with status {rc} at start-up: {last}", self.log_tail()) from exc
