@@ -534,14 +534,14 @@ def _run_block(c: _Compiled, st: _State, bid: tuple[int, int, int], block: tuple
                 done = done or tid
                 continue
             except InterpFault as exc:
-                raise InterpFault(f"{exc} [block {bid}, thread {tid}]") from None
+                raise InterpFault(f"kernel fault: {exc} [block {bid}, thread {tid}]") from None
             at.setdefault(barrier, tid)
             waiting.append((tid, gen))
         if waiting and (done is not None or len(at) > 1):
             where = "; ".join(f"thread {t} waits at the {b}" for b, t in at.items())
             if done is not None:
                 where += f"; thread {done} returned"
-            raise InterpFault(f"non-uniform barrier in block {bid}: {where}")
+            raise InterpFault(f"kernel fault: non-uniform barrier in block {bid}: {where}")
         threads = waiting
 
 
