@@ -32,7 +32,8 @@ QNN plugin registered they fail instead of falling back.
   INVALID_ARGUMENT at launch). Outputs that overlap an input are computed into a temporary
   and then copied, so in-place graphs work.
 * *IR modules*: only kernels that are elementwise maps ``y[i] = f(x[i], scalars ...)`` guarded
-  by ``i < n`` with ``i = block_id.x * block_dim.x + thread_id.x`` (see
+  by ``i < n`` with ``i = block_id.x * block_dim.x + thread_id.x``, optionally with atomic
+  sum/min/max reductions into a pointer parameter (see
   :mod:`vxpu.accel.npu_graph`). They take the IR argument layout and any grid/block; the
   element count is ``min(n, grid.x * block.x)``. Anything else is UNSUPPORTED with the reason.
 

@@ -13,7 +13,10 @@ index. Recognised shape (names are illustrative)::
              br ^exit
     ^exit:   ret
 
-``offset`` may take ``%i`` or its ``sext``/``zext`` to i64. Entry and body may also compute
+``offset`` may take ``%i`` or its ``sext``/``zext`` to i64. A global ``atomic_fadd``/``atomic_add``
+/``atomic_smin``/``atomic_smax`` on a pointer parameter whose result is unused is a
+**reduction**: ``*acc = *acc + sum(v)`` (or min/max) over the N elements (``ReduceSum``/``Min``
+/``Max``; float sums in ONNX Runtime's order, which atomics do not fix anyway). Entry and body may also compute
 values that do not depend on ``%i`` (from scalar params and constants); they become 0-d tensors
 that broadcast. The graph has one 1-D input of length N per loaded pointer, one 0-d input per
 scalar param used, and one output per stored pointer; the element count of a launch is
@@ -23,7 +26,7 @@ before it is stored (element-wise read-before-write).
 Ops lower only where ONNX has the *same* semantics: float arithmetic and math, signed integer
 add/sub/mul/min/max, bitwise ops, signed and ordered/unordered comparisons, select, widening
 and float conversions. Integer division and shifts (IR defines x/0 and over-wide shifts; ONNX
-does not), unsigned comparisons, saturating float→int conversions, atomics, barriers, shared
+does not), unsigned comparisons, saturating float→int conversions, other atomics, barriers, shared
 and local memory, loops and data-dependent addressing are rejected; :func:`lower_module` then
 records *why* for each kernel, and the backend answers UNSUPPORTED with that reason.
 Approximations: ``fma`` is a multiply then an add (two roundings), ``exp2``/``log2`` go through
@@ -54,6 +57,9 @@ _FCMP = {"oeq": ("Equal", False), "olt": ("Less", False), "ole": ("LessOrEqual",
          "ogt": ("Greater", False), "oge": ("GreaterOrEqual", False), "une": ("Equal", True),
          "ult": ("GreaterOrEqual", True), "ule": ("Greater", True), "ugt": ("LessOrEqual", True),
          "uge": ("Less", True)}
+# Global atomics whose result is unused become reductions: *acc = combine(*acc, reduce(v[0..N))).
+_REDUCE = {"atomic_fadd": ("ReduceSum", "Add"), "atomic_add": ("ReduceSum", "Add"),
+           "atomic_smin": ("ReduceMin", "Min"), "atomic_smax": ("ReduceMax", "Max")}
 _NP = {"i1": np.bool_, "i8": np.int8, "i16": np.int16, "i32": np.int32, "i64": np.int64,
        "f16": np.float16, "f32": np.float32, "f64": np.float64}
 _PACK = {"i1": "<B", "i8": "<b", "i16": "<h", "i32": "<i", "i64": "<q", "f16": "<e", "f32": "<f", "f64": "<d"}
@@ -86,6 +92,7 @@ class ElementwiseMap:
     inputs: dict[int, str] = field(default_factory=dict)    # pointer param index -> IR type name
     outputs: dict[int, str] = field(default_factory=dict)
     scalars: dict[int, str] = field(default_factory=dict)   # scalar param index -> IR type name
+    reductions: dict[int, tuple[str, str]] = field(default_factory=dict)  # param -> (IR type, atomic op)
     needs_shape: bool = False
     model: Any = None
 
@@ -109,10 +116,14 @@ class ElementwiseMap:
         tensors = {}
         for index, tname in list(self.inputs.items()) + list(self.outputs.items()):
             tensors[index] = backend.place(f"p{index}", np.dtype(_NP[tname]), (count,), arg(index, "ptr"))
+        for index, (tname, _) in self.reductions.items():
+            tensors[index] = backend.place(f"acc{index}", np.dtype(_NP[tname]), (), arg(index, "ptr"))
         session, provider = backend._session(kernel, (count,))
         plan = _Plan(kernel, session, provider,
-                     [(f"p{i}",) + tensors[i][1:] for i in self.inputs],
-                     [(f"o{i}",) + tensors[i][1:] for i in self.outputs])
+                     [(f"p{i}",) + tensors[i][1:] for i in self.inputs]
+                     + [(f"a{i}",) + tensors[i][1:] for i in self.reductions],
+                     [(f"o{i}",) + tensors[i][1:] for i in self.outputs]
+                     + [(f"r{i}",) + tensors[i][1:] for i in self.reductions])
         for index, tname in self.scalars.items():
             plan.feeds[f"s{index}"] = np.array(arg(index, tname), dtype=_NP[tname])
         if self.needs_shape:
@@ -134,6 +145,7 @@ class _Lowerer:
         self.addr_param: dict[Any, Any] = {}
         self.emap = ElementwiseMap(param_layout(kernel), None)
         self.guard_op: Any = None
+        self.used = {v for op in kernel.ops() for v in op.uses()}
         self._n = 0
 
     def fresh(self) -> str:
@@ -171,7 +183,7 @@ class _Lowerer:
         self.guard(term.operands[0])
         for op in body.ops[:-1]:
             self.visit(op)
-        if not self.emap.outputs:
+        if not self.emap.outputs and not self.emap.reductions:
             raise NotElementwise("stores nothing")
         return self.finish()
 
@@ -208,6 +220,8 @@ class _Lowerer:
             self.load(op)
         elif code == "store":
             self.store(op)
+        elif code in _REDUCE:
+            self.reduce(op)
         elif code == "icmp" and op is self.guard_op:
             self.kind[op.result] = "guard"
         elif op.defn.pure and code not in ("byte_offset", "shared_addr", "local_addr"):
@@ -257,6 +271,22 @@ class _Lowerer:
             src = self.node("Expand", [src, "__shape"])
         self.nodes.append(self.helper.make_node("Identity", [src], [f"o{index}"]))
         self.emap.outputs[index] = value.type.name
+
+    def reduce(self, op: Any) -> None:
+        ptr, value = op.operands
+        if ptr not in self.kernel.params or op.result in self.used:
+            raise NotElementwise(f"{op.opcode} must target a pointer parameter and its result must be unused")
+        index = int(ptr.index)
+        if index in self.emap.reductions or index in self.emap.inputs or index in self.emap.outputs:
+            raise NotElementwise("a reduction target is used by another access")
+        src = self.value(value)
+        if self.kind[value] == "uniform":
+            self.emap.needs_shape = True
+            src = self.node("Expand", [src, "__shape"])
+        reduce_op, combine = _REDUCE[op.opcode]
+        total = self.node(reduce_op, [src], keepdims=0)
+        self.nodes.append(self.helper.make_node(combine, [f"a{index}", total], [f"r{index}"]))
+        self.emap.reductions[index] = (value.type.name, op.opcode)
 
     def value(self, v: Any) -> str:
         kind = self.kind.get(v)
@@ -321,6 +351,8 @@ class _Lowerer:
         if e.needs_shape:
             graph_in.append(helper.make_tensor_value_info("__shape", TensorProto.INT64, [1]))
         graph_out = [helper.make_tensor_value_info(f"o{i}", _onnx_type(t), [SYMBOL]) for i, t in e.outputs.items()]
+        graph_in += [helper.make_tensor_value_info(f"a{i}", _onnx_type(t), []) for i, (t, _) in e.reductions.items()]
+        graph_out += [helper.make_tensor_value_info(f"r{i}", _onnx_type(t), []) for i, (t, _) in e.reductions.items()]
         graph = helper.make_graph(self.nodes, self.kernel.name, graph_in, graph_out)
         e.model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
         e.model.ir_version = 8
@@ -358,7 +390,9 @@ def lower_module(image: bytes, backend: Any) -> dict[str, Any]:
             out[k.name] = f"not an elementwise map y[i] = f(x[i], ...) guarded by i < n: {why}"
             continue
         ins = [_Tensor(f"p{i}", np.dtype(_NP[t]), (SYMBOL,)) for i, t in e.inputs.items()]
+        ins += [_Tensor(f"a{i}", np.dtype(_NP[t]), ()) for i, (t, _) in e.reductions.items()]
         outs = [_Tensor(f"o{i}", np.dtype(_NP[t]), (SYMBOL,)) for i, t in e.outputs.items()]
+        outs += [_Tensor(f"r{i}", np.dtype(_NP[t]), ()) for i, (t, _) in e.reductions.items()]
         kernel = OnnxKernel(e.info, e.model, ins, outs, (SYMBOL,), lowered=e)
         if not backend._static_shapes():
             backend._session(kernel, ())

@@ -297,3 +297,28 @@ def test_ir_unsigned_compare_is_unsupported(session):
     with pytest.raises(BackendError) as e:
         session.load_module(binary.encode(text.parse(UNSIGNED)))
     assert e.value.status == Status.UNSUPPORTED and "icmp ult" in str(e.value)
+
+
+REDUCE = _elementwise("""
+  %px = offset %x, %i : f32
+  %v = load %px : f32
+  %sq = fmul %v, %v : f32
+  %old = atomic_fadd %sum, %sq : f32
+  %pz = offset %z, %i : i32
+  %k = load %pz : i32
+  %oldm = atomic_smax %mx, %k : i32
+  %py = offset %y, %i : f32
+  store %sq, %py""", ", %x: ptr<global>, %y: ptr<global>, %z: ptr<global>, %sum: ptr<global>, %mx: ptr<global>")
+
+
+def test_ir_atomic_reductions(session, npu):
+    k, _ = session.get_kernel(session.load_module(binary.encode(text.parse(REDUCE))), "k")
+    x = np.linspace(-3, 2.5, 200).astype(np.float32)
+    z = np.random.default_rng(2).integers(-1000, 1000, 200).astype(np.int32)
+    dx, dy, dz = put(session, x), session.alloc(x.nbytes), put(session, z)
+    dsum, dmax = put(session, np.array([10.0], np.float32)), put(session, np.array([-100], np.int32))
+    session.launch(k, (4,), (64,), struct.pack("<i4xQQQQQ", 150, dx, dy, dz, dsum, dmax))
+    total = get(session, dsum, np.zeros(1, np.float32))[0]
+    assert total == pytest.approx(10.0 + float((x[:150].astype(np.float64) ** 2).sum()), rel=2e-3)
+    assert get(session, dmax, np.zeros(1, np.int32))[0] == max(-100, int(z[:150].max()))
+    np.testing.assert_allclose(get(session, dy, x)[:150], x[:150] ** 2, rtol=2e-3)
