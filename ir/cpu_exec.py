@@ -235,6 +235,40 @@ class CpuModule:
                            f"{', '.join(self._kernels) or 'none'}") from None
 
 
+_IMPORT_LIBS = (None, "libm.so.6", "libc.so.6")
+_resolved: dict[str, int] = {}
+
+
+def _resolve_imports(compiled: CompiledModule) -> None:
+    """Check that every symbol the object imports (``memset``, ``fmaf`` on CPUs without FMA ...)
+    exists in this process, and bind it explicitly: MCJIT would otherwise bind a missing one to
+    address 0 and the first call would crash the server.
+
+    Raises:
+        CompileError: an import cannot be found in this process or the runtime libraries.
+    """
+    import llvmlite.binding as llvm
+
+    from vxpu.ir.lower.toolchain import elf_undefined_symbols
+
+    for name in elf_undefined_symbols(compiled.image):
+        if name in _resolved:
+            continue
+        addr = 0
+        for lib in _IMPORT_LIBS:
+            try:
+                fn = getattr(ctypes.CDLL(lib), name)
+            except (OSError, AttributeError):
+                continue
+            addr = ctypes.cast(fn, ctypes.c_void_p).value or 0
+            if addr:
+                break
+        if not addr:
+            raise CompileError(f"x86 code of module {compiled.name!r} needs {name!r}, which this host lacks")
+        llvm.add_symbol(name, addr)
+        _resolved[name] = addr
+
+
 def load(module_or_bytes: Any, *, opt_level: int = 3, cache: Any = None) -> CpuModule:
     """Compile (through the cache) for this host and load: ``compile_module`` + :class:`CpuModule`."""
     return CpuModule(compile_module(module_or_bytes, "x86", opt_level=opt_level, cache=cache))

@@ -51,7 +51,7 @@ _RMW = {"atomic_add": "add", "atomic_fadd": "fadd", "atomic_smin": "min", "atomi
         "atomic_umin": "umin", "atomic_umax": "umax", "atomic_and": "and", "atomic_or": "or",
         "atomic_xor": "xor", "atomic_xchg": "xchg"}
 _INT_BIN = {"add": "add", "sub": "sub", "mul": "mul", "and": "and_", "or": "or_", "xor": "xor"}
-_FLOAT_BIN = {"fadd": "fadd", "fsub": "fsub", "fmul": "fmul", "fdiv": "fdiv", "frem": "frem"}
+_FLOAT_BIN = {"fadd": "fadd", "fsub": "fsub", "fmul": "fmul", "fdiv": "fdiv"}
 _FLOAT_INTRINSIC1 = {"fabs": "llvm.fabs", "sqrt": "llvm.sqrt", "floor": "llvm.floor", "ceil": "llvm.ceil"}
 _FLOAT_INTRINSIC2 = {"fmin": "llvm.minnum", "fmax": "llvm.maxnum"}
 _INT_MINMAX = {"smin": ("<", True), "smax": (">", True), "umin": ("<", False), "umax": (">", False)}
@@ -309,6 +309,11 @@ def _float_binary(kl: KernelLowering, op: Op) -> ir.Value:
     return getattr(kl.b, _FLOAT_BIN[op.opcode])(a, c)
 
 
+def _frem(kl: KernelLowering, op: Op) -> ir.Value:
+    a, c = kl.args(op)
+    return vmath.call_fmod(kl.b, a, c)
+
+
 def _fsuffix(v: ir.Value) -> str:
     t = v.type
     return "f16" if isinstance(t, ir.HalfType) else "f32" if isinstance(t, ir.FloatType) else "f64"
@@ -362,6 +367,8 @@ def _convert(kl: KernelLowering, op: Op) -> ir.Value:
     to = scalar_type(op.type)
     b = kl.b
     name = op.opcode
+    if name == "fptrunc" and op.type.bits == 16 and isinstance(a.type, ir.DoubleType):
+        return vmath.fptrunc_f64_to_f16(b, a)
     if name in ("trunc", "zext", "sext", "fptrunc", "fpext", "sitofp", "uitofp", "bitcast"):
         return getattr(b, name)(a, to)
     sat = "llvm.fptosi.sat" if name == "fptosi" else "llvm.fptoui.sat"
@@ -467,7 +474,7 @@ _HANDLERS = {
     "sdiv": _div_rem, "udiv": _div_rem, "srem": _div_rem, "urem": _div_rem,
     "shl": _shift, "lshr": _shift, "ashr": _shift,
     "neg": _int_unary, "not": _int_unary, "abs": _int_unary,
-    "fneg": _float_unary, "rsqrt": _float_unary, "fma": _float_intrinsic,
+    "frem": _frem, "fneg": _float_unary, "rsqrt": _float_unary, "fma": _float_intrinsic,
     "icmp": _icmp, "fcmp": _fcmp, "select": _select, "const": _const,
     "thread_id": _geometry, "block_id": _geometry, "block_dim": _geometry, "grid_dim": _geometry,
     "offset": _offset, "byte_offset": _offset, "shared_addr": _array_addr, "local_addr": _array_addr,

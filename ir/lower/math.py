@@ -82,42 +82,42 @@ def _scale(b: ir.IRBuilder, p: ir.Value, n: ir.Value) -> ir.Value:
     return b.fmul(b.fmul(p, _pow2i(b, n1)), _pow2i(b, n2))
 
 
-def _exp_core(b: ir.IRBuilder, x: ir.Value, k: ir.Value, r: ir.Value) -> ir.Value:
+def _exp_core(b: ir.IRBuilder, x: ir.Value, k: ir.Value, r: ir.Value, lo: bool = False) -> ir.Value:
     """e**r * 2**k, with the overflow/underflow/NaN cases of exp(x) applied."""
-    p = _horner(b, r, [1.0 / math.factorial(i) for i in range(14)])
+    p = _horner(b, r, [1.0 / math.factorial(i) for i in range(10 if lo else 14)])
     n = b.fptosi(k, I64)
-    res = _scale(b, p, n)
+    # For f32/f16 results |k| <= 160, so one exact power of two suffices.
+    res = b.fmul(p, _pow2i(b, n)) if lo else _scale(b, p, n)
     res = b.select(b.fcmp_ordered(">", x, _c(709.782712893384)), _c(math.inf), res)
     res = b.select(b.fcmp_ordered("<", x, _c(-745.2)), _c(0.0), res)
     return b.select(b.fcmp_unordered("uno", x, x), x, res)
 
 
-def _def(mod: ir.Module, name: str, nargs: int,
-         body: Callable[[ir.IRBuilder, list[ir.Value]], ir.Value]) -> ir.Function:
+def _def(mod: ir.Module, name: str, nargs: int, body: Callable[..., ir.Value], lo: bool) -> ir.Function:
     fn = mod.globals.get(name)
     if fn is not None:
         return fn
     fn = ir.Function(mod, ir.FunctionType(F64, [F64] * nargs), name=name)
     fn.linkage = "internal"
     b = ir.IRBuilder(fn.append_basic_block("entry"))
-    b.ret(body(b, list(fn.args)))
+    b.ret(body(b, list(fn.args), lo))
     return fn
 
 
-def _exp(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
+def _exp(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     x = a[0]
-    xc = _clamp(b, x, -746.0, 710.0)
+    xc = _clamp(b, x, -110.0, 100.0) if lo else _clamp(b, x, -746.0, 710.0)
     k = _intrinsic(b, "llvm.rint.f64", [b.fmul(xc, _c(LOG2E))])
     r = b.fsub(b.fsub(xc, b.fmul(k, _c(LN2_HI))), b.fmul(k, _c(LN2_LO)))
-    return _exp_core(b, x, k, r)
+    return _exp_core(b, x, k, r, lo)
 
 
-def _exp2(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
+def _exp2(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     x = a[0]
-    xc = _clamp(b, x, -1080.0, 1030.0)
+    xc = _clamp(b, x, -160.0, 140.0) if lo else _clamp(b, x, -1080.0, 1030.0)
     k = _intrinsic(b, "llvm.rint.f64", [xc])
     r = b.fmul(b.fsub(xc, k), _c(math.log(2.0)))
-    res = _exp_core(b, b.fmul(xc, _c(math.log(2.0))), k, r)
+    res = _exp_core(b, b.fmul(xc, _c(math.log(2.0))), k, r, lo)
     res = b.select(b.fcmp_ordered(">=", x, _c(1024.0)), _c(math.inf), res)
     return b.select(b.fcmp_unordered("uno", x, x), x, res)
 
@@ -128,7 +128,7 @@ def _clamp(b: ir.IRBuilder, x: ir.Value, lo: float, hi: float) -> ir.Value:
     return b.select(b.fcmp_unordered("uno", x, x), _c(0.0), x)
 
 
-def _log_parts(b: ir.IRBuilder, x: ir.Value) -> tuple[ir.Value, ir.Value]:
+def _log_parts(b: ir.IRBuilder, x: ir.Value, lo: bool = False) -> tuple[ir.Value, ir.Value]:
     """(k as f64, log(m)) with x = m * 2**k, m in [sqrt(1/2), sqrt(2)); x finite and > 0."""
     tiny = b.fcmp_ordered("<", x, _c(2.2250738585072014e-308))
     xs = b.select(tiny, b.fmul(x, _c(2.0 ** 54)), x)
@@ -142,7 +142,7 @@ def _log_parts(b: ir.IRBuilder, x: ir.Value) -> tuple[ir.Value, ir.Value]:
     f = b.fsub(m, _c(1.0))
     s = b.fdiv(f, b.fadd(_c(2.0), f))
     z = b.fmul(s, s)
-    r = b.fmul(z, _horner(b, z, [2.0 / (2 * i + 3) for i in range(11)]))
+    r = b.fmul(z, _horner(b, z, [2.0 / (2 * i + 3) for i in range(7 if lo else 11)]))
     hfsq = b.fmul(_c(0.5), b.fmul(f, f))
     logm = b.fsub(f, b.fsub(hfsq, b.fmul(s, b.fadd(hfsq, r))))
     return b.sitofp(k, F64), logm
@@ -155,26 +155,26 @@ def _log_special(b: ir.IRBuilder, x: ir.Value, res: ir.Value) -> ir.Value:
     return b.select(b.fcmp_unordered("uno", x, x), x, res)
 
 
-def _log(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
+def _log(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     x = a[0]
-    k, logm = _log_parts(b, x)
+    k, logm = _log_parts(b, x, lo)
     res = b.fadd(b.fmul(k, _c(LN2_HI)), b.fadd(logm, b.fmul(k, _c(LN2_LO))))
     return _log_special(b, x, res)
 
 
-def _log2(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
+def _log2(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     x = a[0]
-    k, logm = _log_parts(b, x)
+    k, logm = _log_parts(b, x, lo)
     return _log_special(b, x, b.fadd(k, b.fmul(logm, _c(LOG2E))))
 
 
-def _sincos_reduce(b: ir.IRBuilder, x: ir.Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+def _sincos_reduce(b: ir.IRBuilder, x: ir.Value, lo: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
     """(sin(r), cos(r), quadrant) with x = r + q*pi/2, |r| <= pi/4."""
     k = _intrinsic(b, "llvm.rint.f64", [b.fmul(x, _c(TWO_OVER_PI))])
     r = b.fsub(b.fsub(b.fsub(x, b.fmul(k, _c(PIO2_1))), b.fmul(k, _c(PIO2_2))), b.fmul(k, _c(PIO2_3)))
     z = b.fmul(r, r)
-    sin_c = [(-1.0) ** i / math.factorial(2 * i + 1) for i in range(9)]
-    cos_c = [(-1.0) ** i / math.factorial(2 * i) for i in range(10)]
+    sin_c = [(-1.0) ** i / math.factorial(2 * i + 1) for i in range(7 if lo else 9)]
+    cos_c = [(-1.0) ** i / math.factorial(2 * i) for i in range(8 if lo else 10)]
     s = b.fmul(r, _horner(b, z, sin_c))
     c = _horner(b, z, cos_c)
     ksat = _intrinsic_sat(b, k)
@@ -196,40 +196,41 @@ def _quadrant(b: ir.IRBuilder, q: ir.Value, vals: tuple[ir.Value, ir.Value, ir.V
     return b.select(b.icmp_unsigned("<", q, ir.Constant(I64, 2)), r01, r23)
 
 
-def _sin(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
-    s, c, q = _sincos_reduce(b, a[0])
+def _sin(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
+    s, c, q = _sincos_reduce(b, a[0], lo)
     res = _quadrant(b, q, (s, c, b.fneg(s), b.fneg(c)))
     # sin(-0) = -0: r is exact for tiny x, but keep the sign of zero explicitly.
     return b.select(b.fcmp_ordered("==", a[0], _c(0.0)), a[0], res)
 
 
-def _cos(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
-    s, c, q = _sincos_reduce(b, a[0])
+def _cos(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
+    s, c, q = _sincos_reduce(b, a[0], lo)
     return _quadrant(b, q, (c, b.fneg(s), b.fneg(c), s))
 
 
-def _expm1_pos(b: ir.IRBuilder, u: ir.Value) -> ir.Value:
+def _expm1_pos(b: ir.IRBuilder, u: ir.Value, lo: bool = False) -> ir.Value:
     """expm1(u) for u >= 0, accurate near 0."""
-    small = _horner(b, u, [1.0 / math.factorial(i) for i in range(1, 16)])
+    small = _horner(b, u, [1.0 / math.factorial(i) for i in range(1, 12 if lo else 16)])
     small = b.fmul(u, small)
-    big = b.fsub(_exp(b, [u]), _c(1.0))
+    big = b.fsub(_exp(b, [u], lo), _c(1.0))
     return b.select(b.fcmp_ordered("<", u, _c(0.35)), small, big)
 
 
-def _tanh(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
+def _tanh(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     x = a[0]
     ax = _intrinsic(b, "llvm.fabs.f64", [x])
     axc = b.select(b.fcmp_ordered(">", ax, _c(40.0)), _c(40.0), ax)
-    em1 = _expm1_pos(b, b.fmul(axc, _c(2.0)))
+    em1 = _expm1_pos(b, b.fmul(axc, _c(2.0)), lo)
     t = b.fdiv(em1, b.fadd(em1, _c(2.0)))
     t = b.select(b.fcmp_ordered(">", ax, _c(22.0)), _c(1.0), t)
     res = _intrinsic(b, "llvm.copysign.f64", [t, x])
     return b.select(b.fcmp_unordered("uno", x, x), x, res)
 
 
-def _pow(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
+def _pow(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     x, y = a
     ax = _intrinsic(b, "llvm.fabs.f64", [x])
+    # pow needs the full-precision log even for f32 (|y·log x| amplifies its error).
     r = _exp(b, [b.fmul(y, _log(b, [ax]))])
     fy = _intrinsic(b, "llvm.floor.f64", [y])
     y_int = b.fcmp_ordered("==", fy, y)
@@ -237,7 +238,7 @@ def _pow(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
     y_odd = b.and_(y_int, b.fcmp_unordered("!=", _intrinsic(b, "llvm.floor.f64", [half]), half))
     x_neg = b.fcmp_ordered("<", _intrinsic(b, "llvm.copysign.f64", [_c(1.0), x]), _c(0.0))
     r = b.select(b.and_(x_neg, y_odd), b.fneg(r), r)
-    x_neg_finite = b.fcmp_ordered("<", x, _c(0.0))
+    x_neg_finite = b.and_(b.fcmp_ordered("<", x, _c(0.0)), b.fcmp_ordered(">", x, _c(-math.inf)))
     y_finite = b.fcmp_ordered("<", _intrinsic(b, "llvm.fabs.f64", [y]), _c(math.inf))
     r = b.select(b.and_(b.and_(x_neg_finite, b.not_(y_int)), y_finite), _c(math.nan), r)
     # pow(-1, ±inf) = 1; pow(1, y) = 1; pow(x, ±0) = 1 (also for NaN x and y).
@@ -247,7 +248,7 @@ def _pow(b: ir.IRBuilder, a: list[ir.Value]) -> ir.Value:
     return b.select(b.fcmp_ordered("==", y, _c(0.0)), _c(1.0), r)
 
 
-_BODIES: dict[str, tuple[int, Callable[[ir.IRBuilder, list[ir.Value]], ir.Value]]] = {
+_BODIES: dict[str, tuple[int, Callable[..., ir.Value]]] = {
     "exp": (1, _exp), "exp2": (1, _exp2), "log": (1, _log), "log2": (1, _log2),
     "sin": (1, _sin), "cos": (1, _cos), "tanh": (1, _tanh), "pow": (2, _pow),
 }
@@ -256,9 +257,135 @@ _BODIES: dict[str, tuple[int, Callable[[ir.IRBuilder, list[ir.Value]], ir.Value]
 def call_math(b: ir.IRBuilder, name: str, args: list[ir.Value]) -> ir.Value:
     """Emit ``name(args)`` (one of :data:`FUNCTIONS`) for f16/f32/f64 operands of one type."""
     nargs, body = _BODIES[name]
-    fn = _def(b.module, f"vxpu.math.{name}.f64", nargs, body)
     ty = args[0].type
     if isinstance(ty, ir.DoubleType):
-        return b.call(fn, args)
+        return b.call(_def(b.module, f"vxpu.math.{name}.f64", nargs, body, False), args)
+    # f32/f16 results: computed in f64 with series cut to ~1e-11 relative error (far below
+    # half an f32 ulp), then rounded once.
+    fn = _def(b.module, f"vxpu.math.{name}.f64lo", nargs, body, True)
     wide = [b.fpext(v, F64) for v in args]
-    return b.fptrunc(b.call(fn, wide), ty)
+    res = b.call(fn, wide)
+    return fptrunc_f64_to_f16(b, res) if isinstance(ty, ir.HalfType) else b.fptrunc(res, ty)
+
+
+def _fmod_fn(mod: ir.Module, ft: ir.Type) -> ir.Function:
+    """Exact C ``fmod`` on the bit patterns (musl's algorithm; no division, no libcall).
+
+    At most (exponent range) loop iterations: 277 for f32, 2098 for f64.
+    """
+    wide = isinstance(ft, ir.DoubleType)
+    name = f"vxpu.math.fmod.{'f64' if wide else 'f32'}"
+    fn = mod.globals.get(name)
+    if fn is not None:
+        return fn
+    w, m, emask = (64, 52, 0x7FF) if wide else (32, 23, 0xFF)
+    it = ir.IntType(w)
+
+    def c(v: int) -> ir.Constant:
+        return ir.Constant(it, v)
+
+    fn = ir.Function(mod, ir.FunctionType(ft, [ft, ft]), name=name)
+    fn.linkage = "internal"
+    x, y = fn.args
+    blocks = {n: fn.append_basic_block(n) for n in ("entry", "special", "small", "norm", "loop", "step", "tail",
+                                                     "exit")}
+    b = ir.IRBuilder(blocks["entry"])
+    ctlz = mod.globals.get(f"llvm.ctlz.i{w}") or ir.Function(mod, ir.FunctionType(it, [it, I1]), name=f"llvm.ctlz.i{w}")
+    ux, uy = b.bitcast(x, it), b.bitcast(y, it)
+    ex = b.and_(b.lshr(ux, c(m)), c(emask))
+    ey = b.and_(b.lshr(uy, c(m)), c(emask))
+    sx = b.and_(ux, c(1 << (w - 1)))
+    ux2, uy2 = b.shl(ux, c(1)), b.shl(uy, c(1))
+    special = b.or_(b.or_(b.icmp_unsigned("==", uy2, c(0)), b.fcmp_unordered("uno", y, y)),
+                    b.icmp_unsigned("==", ex, c(emask)))
+    b.cbranch(special, blocks["special"], blocks["small"])
+    sb = ir.IRBuilder(blocks["special"])
+    xy = sb.fmul(x, y)
+    nan_res = sb.fdiv(xy, xy)
+    sb.branch(blocks["exit"])
+    b.position_at_end(blocks["small"])
+    zero_x = b.fmul(x, ir.Constant(ft, 0.0))
+    le = b.icmp_unsigned("<=", ux2, uy2)
+    small_res = b.select(b.icmp_unsigned("==", ux2, uy2), zero_x, x)
+    b.cbranch(le, blocks["exit"], blocks["norm"])
+    b.position_at_end(blocks["norm"])
+    mant = c((1 << m) - 1)
+
+    def normalize(u: ir.Value, e: ir.Value) -> tuple[ir.Value, ir.Value]:
+        lz = b.call(ctlz, [b.shl(u, c(w - m)), ir.Constant(I1, 0)])
+        sub_e, sub_u = b.sub(c(0), lz), b.shl(u, b.add(lz, c(1)))
+        norm_u = b.or_(b.and_(u, mant), c(1 << m))
+        is_sub = b.icmp_unsigned("==", e, c(0))
+        return b.select(is_sub, sub_u, norm_u), b.select(is_sub, sub_e, e)
+
+    nx, nex = normalize(ux, ex)
+    ny, ney = normalize(uy, ey)
+    pre = b.block
+    b.branch(blocks["loop"])
+    b.position_at_end(blocks["loop"])
+    cur_u = b.phi(it)
+    cur_e = b.phi(it)
+    cur_u.add_incoming(nx, pre)
+    cur_e.add_incoming(nex, pre)
+    diff = b.sub(cur_u, ny)
+    nonneg = b.icmp_signed(">=", diff, c(0))
+    is_zero = b.icmp_unsigned("==", diff, c(0))
+    kept = b.select(nonneg, diff, cur_u)
+    more = b.icmp_signed(">", cur_e, ney)
+    zero_exit = b.and_(nonneg, is_zero)
+    b.cbranch(zero_exit, blocks["exit"], blocks["step"])
+    b.position_at_end(blocks["step"])
+    b.cbranch(more, blocks["step"].function.append_basic_block("again"), blocks["tail"])
+    again = fn.blocks[-1]
+    ab = ir.IRBuilder(again)
+    cur_u.add_incoming(ab.shl(kept, c(1)), again)
+    cur_e.add_incoming(ab.sub(cur_e, c(1)), again)
+    ab.branch(blocks["loop"])
+    b.position_at_end(blocks["tail"])
+    lz = b.call(ctlz, [kept, ir.Constant(I1, 0)])
+    shift = b.sub(lz, c(w - 1 - m))
+    u = b.shl(kept, shift)
+    e = b.sub(cur_e, shift)
+    normal = b.or_(b.sub(u, c(1 << m)), b.shl(e, c(m)))
+    sub_shift = b.sub(c(1), e)
+    subn = b.lshr(u, b.select(b.icmp_signed(">", sub_shift, c(w - 1)), c(w - 1), sub_shift))
+    bits = b.or_(b.select(b.icmp_signed(">", e, c(0)), normal, subn), sx)
+    tail_res = b.bitcast(bits, ft)
+    b.branch(blocks["exit"])
+    b.position_at_end(blocks["exit"])
+    res = b.phi(ft)
+    res.add_incoming(nan_res, blocks["special"])
+    res.add_incoming(small_res, blocks["small"])
+    res.add_incoming(zero_x, blocks["loop"])
+    res.add_incoming(tail_res, blocks["tail"])
+    b.ret(res)
+    return fn
+
+
+def call_fmod(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
+    """Exact ``fmod(x, y)`` for f16/f32/f64 (f16 through f32, which is exact)."""
+    if isinstance(x.type, ir.HalfType):
+        f32t = ir.FloatType()
+        r = b.call(_fmod_fn(b.module, f32t), [b.fpext(x, f32t), b.fpext(y, f32t)])
+        return b.fptrunc(r, x.type)
+    return b.call(_fmod_fn(b.module, x.type), [x, y])
+
+
+def fptrunc_f64_to_f16(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
+    """Correctly rounded f64 → f16 without a libcall: round to f32 *to odd*, then to f16.
+
+    Round-to-odd to a format with at least two more bits than the target makes the second
+    rounding correct (f32 has 24 bits, f16 11)."""
+    f32t = ir.FloatType()
+    i32t = ir.IntType(32)
+    r = b.fptrunc(x, f32t)
+    back = b.fpext(r, F64)
+    inexact = b.fcmp_ordered("!=", back, x)
+    # Nearest rounding went away from zero: step one ulp back toward zero (truncation).
+    ax = _intrinsic(b, "llvm.fabs.f64", [x])
+    aback = _intrinsic(b, "llvm.fabs.f64", [back])
+    bits = b.bitcast(r, i32t)
+    away = b.and_(inexact, b.fcmp_ordered(">", aback, ax))
+    bits = b.select(away, b.sub(bits, ir.Constant(i32t, 1)), bits)
+    bits = b.select(inexact, b.or_(bits, ir.Constant(i32t, 1)), bits)
+    return b.fptrunc(b.bitcast(bits, f32t), ir.HalfType())

@@ -431,3 +431,26 @@ def _x86_object_machine(spec: TargetSpec, opt_level: int) -> Any:
     target = llvm.Target.from_triple(spec.triple)
     return target.create_target_machine(cpu=spec.arch, features=spec.features, opt=opt_level,
                                         reloc="static", codemodel="large")
+
+
+def elf_undefined_symbols(image: bytes) -> list[str]:
+    """Names of the undefined symbols of an ELF64 object (what it imports).
+
+    Raises:
+        ToolchainError: not a valid ELF64 image.
+    """
+    if len(image) < 64 or image[:4] != b"\x7fELF" or image[4] != 2:
+        raise ToolchainError("not an ELF64 image")
+    sections = _elf_sections(image)
+    names: list[str] = []
+    for sh_type, off, size, link, ent in sections:
+        if sh_type != 2 or ent != 24 or link >= len(sections):
+            continue
+        str_off, str_size = sections[link][1], sections[link][2]
+        strtab = image[str_off:str_off + str_size]
+        for s in range(off + 24, off + size, 24):
+            st_name, _info, _other, st_shndx = struct.unpack_from("<IBBH", image, s)
+            end = strtab.find(b"\0", st_name)
+            if st_shndx == 0 and 0 < st_name < len(strtab) and end > st_name:
+                names.append(strtab[st_name:end].decode(errors="replace"))
+    return names

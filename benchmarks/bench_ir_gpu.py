@@ -1,0 +1,502 @@
+"""IR kernels on a real NVIDIA GPU: correctness against numpy and speed against hand-written CUDA C.
+
+For each kernel the same algorithm exists twice: built with the vxpu IR builder (compiled by
+``vxpu.ir.compile.compile_module`` → PTX 8.0 → nvJitLink cubin) and written by hand in CUDA C
+(compiled with NVRTC to a cubin in the same run). Both are loaded through
+``cuda.bindings.driver``, checked against numpy on fresh random inputs (outputs poisoned with
+NaN first) and timed with CUDA events (median of trials, launches alternated). It also times
+the compile path: cold (IR bytes → cubin → ``cuModuleLoadData`` → function, no cache) and warm
+(``compile_module`` hit in a warm cache).
+
+Run on a machine with a GPU::
+
+    python benchmarks/bench_ir_gpu.py [--quick] [--json out.json]
+
+Without a GPU it only compiles (``--compile-only``). Prints a Markdown table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+try:
+    import vxpu.ir.compile  # noqa: F401
+except ImportError:  # running from a checkout that is not installed: map the layer folders
+    sys.path.insert(0, str(ROOT))
+    import vxpu
+
+    vxpu.__path__.append(str(ROOT))
+
+from vxpu.ir import binary  # noqa: E402
+from vxpu.ir.builder import KernelBuilder  # noqa: E402
+from vxpu.ir.cache import CompileCache  # noqa: E402
+from vxpu.ir.compile import compile_module  # noqa: E402
+from vxpu.ir.model import Module  # noqa: E402
+from vxpu.ir.types import f32, i32, ptr_global  # noqa: E402
+
+ARCH = "sm_90"
+
+
+# ------------------------------------------------------------------------------- IR kernels
+
+
+def _gid(b: KernelBuilder):  # type: ignore[no-untyped-def]
+    return b.add(b.mul(b.block_id("x"), b.block_dim("x")), b.thread_id("x"))
+
+
+def ir_vadd() -> Module:
+    b = KernelBuilder("vadd", [("n", i32), ("a", ptr_global), ("b", ptr_global), ("c", ptr_global)])
+    n, pa, pb, pc = b.params
+    entry, body, done = b.block("entry"), b.block("body"), b.block("done")
+    b.set_block(entry)
+    i = _gid(b)
+    b.cbr(b.icmp("slt", i, n), body, done)
+    b.set_block(body)
+    b.store(b.fadd(b.load(b.offset(pa, i, f32), f32), b.load(b.offset(pb, i, f32), f32)), b.offset(pc, i, f32))
+    b.br(done)
+    b.set_block(done)
+    b.ret()
+    return Module("vadd", [b.finish()])
+
+
+def ir_saxpy() -> Module:
+    b = KernelBuilder("saxpy", [("n", i32), ("a", f32), ("x", ptr_global), ("y", ptr_global)])
+    n, a, x, y = b.params
+    entry, body, done = b.block("entry"), b.block("body"), b.block("done")
+    b.set_block(entry)
+    i = _gid(b)
+    b.cbr(b.icmp("slt", i, n), body, done)
+    b.set_block(body)
+    py = b.offset(y, i, f32)
+    b.store(b.fadd(b.fmul(a, b.load(b.offset(x, i, f32), f32)), b.load(py, f32)), py)
+    b.br(done)
+    b.set_block(done)
+    b.ret()
+    return Module("saxpy", [b.finish()])
+
+
+def ir_stencil() -> Module:
+    """5-point Jacobi step on a W×H grid; border cells are copied."""
+    b = KernelBuilder("stencil", [("w", i32), ("h", i32), ("src", ptr_global), ("dst", ptr_global)])
+    w, h, src, dst = b.params
+    entry, inside, interior, border, done = (b.block(n) for n in ("entry", "inside", "interior", "border", "done"))
+    b.set_block(entry)
+    x = b.add(b.mul(b.block_id("x"), b.block_dim("x")), b.thread_id("x"))
+    y = b.add(b.mul(b.block_id("y"), b.block_dim("y")), b.thread_id("y"))
+    b.cbr(b.and_(b.icmp("slt", x, w), b.icmp("slt", y, h)), inside, done)
+    b.set_block(inside)
+    c = b.add(b.mul(y, w), x)
+    is_int = b.and_(b.and_(b.icmp("sgt", x, 0), b.icmp("slt", x, b.sub(w, 1))),
+                    b.and_(b.icmp("sgt", y, 0), b.icmp("slt", y, b.sub(h, 1))))
+    b.cbr(is_int, interior, border)
+    b.set_block(interior)
+    pc = b.offset(src, c, f32)
+    s = b.fadd(b.fadd(b.load(pc, f32), b.load(b.offset(pc, -1, f32), f32)), b.load(b.offset(pc, 1, f32), f32))
+    s = b.fadd(b.fadd(s, b.load(b.offset(src, b.sub(c, w), f32), f32)), b.load(b.offset(src, b.add(c, w), f32), f32))
+    b.store(b.fmul(s, b.const(0.2, f32)), b.offset(dst, c, f32))
+    b.br(done)
+    b.set_block(border)
+    b.store(b.load(b.offset(src, c, f32), f32), b.offset(dst, c, f32))
+    b.br(done)
+    b.set_block(done)
+    b.ret()
+    return Module("stencil", [b.finish()])
+
+
+def ir_reduce() -> Module:
+    """Block tree reduction in shared memory (256 threads), one atomic add per block."""
+    b = KernelBuilder("reduce", [("n", i32), ("x", ptr_global), ("out", ptr_global)])
+    n, x, out = b.params
+    buf = b.shared_array("buf", f32, 256)
+    entry, loop, body, upd, after, fin, atom, done = (
+        b.block(nm, [("s", i32)] if nm == "loop" else ())
+        for nm in ("entry", "loop", "body", "upd", "after", "fin", "atom", "done"))
+    b.set_block(entry)
+    t = b.thread_id("x")
+    i = _gid(b)
+    inb = b.icmp("slt", i, n)
+    v = b.select(inb, b.load(b.offset(x, b.select(inb, i, 0), f32), f32), b.const(0.0, f32))
+    base = b.shared_addr(buf)
+    b.store(v, b.offset(base, t, f32))
+    b.barrier()
+    b.br(loop, b.const(128, i32))
+    b.set_block(loop)
+    s = loop.params[0]
+    b.cbr(b.icmp("sgt", s, 0), body, fin)
+    b.set_block(body)
+    b.cbr(b.icmp("slt", t, s), upd, after)
+    b.set_block(upd)
+    p = b.offset(base, t, f32)
+    b.store(b.fadd(b.load(p, f32), b.load(b.offset(base, b.add(t, s), f32), f32)), p)
+    b.br(after)
+    b.set_block(after)
+    b.barrier()
+    b.br(loop, b.ashr(s, 1))
+    b.set_block(fin)
+    b.cbr(b.icmp("eq", t, 0), atom, done)
+    b.set_block(atom)
+    b.atomic_fadd(out, b.load(base, f32))
+    b.br(done)
+    b.set_block(done)
+    b.ret()
+    return Module("reduce", [b.finish()])
+
+
+def ir_matmul() -> Module:
+    """C = A·B for N×N floats (N a multiple of 16), 16×16 shared-memory tiles."""
+    b = KernelBuilder("matmul", [("n", i32), ("a", ptr_global), ("b", ptr_global), ("c", ptr_global)])
+    n, pa, pb, pc = b.params
+    ta = b.shared_array("ta", f32, 256)
+    tb = b.shared_array("tb", f32, 256)
+    entry = b.block("entry")
+    tile = b.block("tile", [("t", i32), ("acc", f32)])
+    tbody = b.block("tbody")
+    kloop = b.block("kloop", [("k", i32), ("acc2", f32)])
+    kbody = b.block("kbody")
+    tnext = b.block("tnext")
+    done = b.block("done")
+    b.set_block(entry)
+    tx, ty = b.thread_id("x"), b.thread_id("y")
+    col = b.add(b.mul(b.block_id("x"), 16), tx)
+    row = b.add(b.mul(b.block_id("y"), 16), ty)
+    sa, sb = b.shared_addr(ta), b.shared_addr(tb)
+    lidx = b.add(b.mul(ty, 16), tx)
+    b.br(tile, b.const(0, i32), b.const(0.0, f32))
+    b.set_block(tile)
+    t, acc = tile.params
+    b.cbr(b.icmp("slt", t, n), tbody, done, (), ())
+    b.set_block(tbody)
+    b.store(b.load(b.offset(pa, b.add(b.mul(row, n), b.add(t, tx)), f32), f32), b.offset(sa, lidx, f32))
+    b.store(b.load(b.offset(pb, b.add(b.mul(b.add(t, ty), n), col), f32), f32), b.offset(sb, lidx, f32))
+    b.barrier()
+    b.br(kloop, b.const(0, i32), acc)
+    b.set_block(kloop)
+    k, acc2 = kloop.params
+    b.cbr(b.icmp("slt", k, 16), kbody, tnext)
+    b.set_block(kbody)
+    av = b.load(b.offset(sa, b.add(b.mul(ty, 16), k), f32), f32)
+    bv = b.load(b.offset(sb, b.add(b.mul(k, 16), tx), f32), f32)
+    b.br(kloop, b.add(k, 1), b.fadd(acc2, b.fmul(av, bv)))
+    b.set_block(tnext)
+    b.barrier()
+    b.br(tile, b.add(t, 16), acc2)
+    b.set_block(done)
+    b.store(acc, b.offset(pc, b.add(b.mul(row, n), col), f32))
+    b.ret()
+    return Module("matmul", [b.finish()])
+
+
+def ir_expk() -> Module:
+    """y[i] = exp(x[i]) * s (transcendental throughput, memory-bound size)."""
+    b = KernelBuilder("expk", [("n", i32), ("s", f32), ("x", ptr_global), ("y", ptr_global)])
+    n, s, x, y = b.params
+    entry, body, done = b.block("entry"), b.block("body"), b.block("done")
+    b.set_block(entry)
+    i = _gid(b)
+    b.cbr(b.icmp("slt", i, n), body, done)
+    b.set_block(body)
+    b.store(b.fmul(b.exp(b.load(b.offset(x, i, f32), f32)), s), b.offset(y, i, f32))
+    b.br(done)
+    b.set_block(done)
+    b.ret()
+    return Module("expk", [b.finish()])
+
+
+CUDA_SRC = r"""
+extern "C" __global__ void vadd(int n, const float* a, const float* b, float* c) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) c[i] = a[i] + b[i];
+}
+extern "C" __global__ void saxpy(int n, float a, const float* x, float* y) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = a * x[i] + y[i];
+}
+extern "C" __global__ void stencil(int w, int h, const float* src, float* dst) {
+  int x = blockIdx.x * blockDim.x + threadIdx.x, y = blockIdx.y * blockDim.y + threadIdx.y;
+  if (x >= w || y >= h) return;
+  int c = y * w + x;
+  if (x > 0 && x < w - 1 && y > 0 && y < h - 1)
+    dst[c] = (src[c] + src[c - 1] + src[c + 1] + src[c - w] + src[c + w]) * 0.2f;
+  else dst[c] = src[c];
+}
+extern "C" __global__ void reduce(int n, const float* x, float* out) {
+  __shared__ float buf[256];
+  int t = threadIdx.x, i = blockIdx.x * blockDim.x + t;
+  buf[t] = i < n ? x[i] : 0.0f;
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (t < s) buf[t] += buf[t + s];
+    __syncthreads();
+  }
+  if (t == 0) atomicAdd(out, buf[0]);
+}
+extern "C" __global__ void matmul(int n, const float* a, const float* b, float* c) {
+  __shared__ float ta[256], tb[256];
+  int tx = threadIdx.x, ty = threadIdx.y;
+  int col = blockIdx.x * 16 + tx, row = blockIdx.y * 16 + ty;
+  float acc = 0.0f;
+  for (int t = 0; t < n; t += 16) {
+    ta[ty * 16 + tx] = a[row * n + t + tx];
+    tb[ty * 16 + tx] = b[(t + ty) * n + col];
+    __syncthreads();
+    for (int k = 0; k < 16; ++k) acc += ta[ty * 16 + k] * tb[k * 16 + tx];
+    __syncthreads();
+  }
+  c[row * n + col] = acc;
+}
+extern "C" __global__ void expk(int n, float s, const float* x, float* y) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = expf(x[i]) * s;
+}
+"""
+
+KERNELS = {"vadd": ir_vadd, "saxpy": ir_saxpy, "stencil": ir_stencil, "reduce": ir_reduce,
+           "matmul": ir_matmul, "expk": ir_expk}
+#: Kernels judged as memory-bound (target ratio 0.95; others 0.9).
+MEMORY_BOUND = {"vadd", "saxpy", "stencil"}
+
+
+# ------------------------------------------------------------------------------- CUDA plumbing
+
+
+def _check(res):  # type: ignore[no-untyped-def]
+    err = res[0] if isinstance(res, tuple) else res
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA error {err!r}")
+    if isinstance(res, tuple):
+        return res[1] if len(res) == 2 else res[1:]
+    return None
+
+
+class Gpu:
+    """Just enough of the driver API for this benchmark."""
+
+    def __init__(self) -> None:
+        from cuda.bindings import driver as cu
+
+        self.cu = cu
+        _check(cu.cuInit(0))
+        self.dev = _check(cu.cuDeviceGet(0))
+        self.ctx = _check(cu.cuDevicePrimaryCtxRetain(self.dev))
+        _check(cu.cuCtxSetCurrent(self.ctx))
+        self.name = _check(cu.cuDeviceGetName(100, self.dev)).split(b"\0")[0].decode()
+        self.stream = _check(cu.cuStreamCreate(0))
+
+    def load(self, image: bytes, name: str):  # type: ignore[no-untyped-def]
+        mod = _check(self.cu.cuModuleLoadData(image))
+        return mod, _check(self.cu.cuModuleGetFunction(mod, name.encode()))
+
+    def alloc(self, nbytes: int) -> int:
+        return int(_check(self.cu.cuMemAlloc(nbytes)))
+
+    def htod(self, dst: int, arr: np.ndarray) -> None:
+        _check(self.cu.cuMemcpyHtoD(dst, arr, arr.nbytes))
+
+    def dtoh(self, arr: np.ndarray, src: int) -> None:
+        _check(self.cu.cuMemcpyDtoH(arr, src, arr.nbytes))
+
+    def launch(self, fn, grid, block, args: bytes) -> None:  # type: ignore[no-untyped-def]
+        cu = self.cu
+        buf = np.frombuffer(args, dtype=np.uint8).copy()
+        size = np.array([len(args)], dtype=np.uint64)
+        extra = np.array([1, buf.ctypes.data, 2, size.ctypes.data, 0], dtype=np.uint64)  # BUFFER_POINTER, SIZE, END
+        self._keep = (buf, size, extra)
+        _check(cu.cuLaunchKernel(fn, *grid, *block, 0, self.stream, None, extra.ctypes.data))
+
+    def time_ms(self, fn, grid, block, args: bytes, reps: int) -> float:  # type: ignore[no-untyped-def]
+        cu = self.cu
+        e0, e1 = _check(cu.cuEventCreate(0)), _check(cu.cuEventCreate(0))
+        _check(cu.cuEventRecord(e0, self.stream))
+        for _ in range(reps):
+            self.launch(fn, grid, block, args)
+        _check(cu.cuEventRecord(e1, self.stream))
+        _check(cu.cuEventSynchronize(e1))
+        ms = float(_check(cu.cuEventElapsedTime(e0, e1)))
+        cu.cuEventDestroy(e0)
+        cu.cuEventDestroy(e1)
+        return ms / reps
+
+    def sync(self) -> None:
+        _check(self.cu.cuStreamSynchronize(self.stream))
+
+
+def nvrtc_cubin(src: str, arch: str) -> bytes:
+    from cuda.bindings import nvrtc
+
+    prog = _check(nvrtc.nvrtcCreateProgram(src.encode(), b"hand.cu", 0, [], []))
+    opts = [f"--gpu-architecture={arch}".encode()]
+    res = nvrtc.nvrtcCompileProgram(prog, len(opts), opts)
+    if int(res[0]) != 0:
+        size = _check(nvrtc.nvrtcGetProgramLogSize(prog))
+        log = b" " * size
+        nvrtc.nvrtcGetProgramLog(prog, log)
+        raise RuntimeError(log.decode())
+    size = _check(nvrtc.nvrtcGetCUBINSize(prog))
+    out = b" " * size
+    _check(nvrtc.nvrtcGetCUBIN(prog, out))
+    return out
+
+
+# ------------------------------------------------------------------------------- cases
+
+
+def _case(name: str, quick: bool, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """(inputs dict, grid, block, args-fn(ptrs), outputs, reference fn, bytes moved, flops)."""
+    n = (1 << 22) if quick else (1 << 26)
+    if name in ("vadd", "saxpy", "expk"):
+        x = rng.standard_normal(n, dtype=np.float32)
+        y = rng.standard_normal(n, dtype=np.float32)
+        grid, block = ((n + 255) // 256, 1, 1), (256, 1, 1)
+        if name == "vadd":
+            return dict(a=x, b=y, c=np.full(n, np.nan, np.float32)), grid, block, \
+                lambda p: struct.pack("<iiQQQ", n, 0, p["a"], p["b"], p["c"]), ["c"], \
+                lambda d: {"c": d["a"] + d["b"]}, 12 * n
+        if name == "saxpy":
+            return dict(x=x, y=y), grid, block, lambda p: struct.pack("<ifQQ", n, 2.5, p["x"], p["y"]), ["y"], \
+                lambda d: {"y": np.float32(2.5) * d["x"] + d["y"]}, 12 * n
+        x = (x * 3).astype(np.float32)
+        return dict(x=x, y=np.full(n, np.nan, np.float32)), grid, block, \
+            lambda p: struct.pack("<ifQQ", n, 0.5, p["x"], p["y"]), ["y"], \
+            lambda d: {"y": (np.exp(d["x"].astype(np.float64)) * 0.5).astype(np.float32)}, 8 * n
+    if name == "stencil":
+        w = h = 2048 if quick else 8192
+        src = rng.standard_normal(w * h, dtype=np.float32)
+
+        def ref(d):  # type: ignore[no-untyped-def]
+            s = d["src"].reshape(h, w).astype(np.float64)
+            out = s.copy()
+            out[1:-1, 1:-1] = (s[1:-1, 1:-1] + s[1:-1, :-2] + s[1:-1, 2:] + s[:-2, 1:-1] + s[2:, 1:-1]) * np.float32(0.2)
+            return {"dst": out.astype(np.float32).ravel()}
+
+        return dict(src=src, dst=np.full(w * h, np.nan, np.float32)), ((w + 31) // 32, (h + 7) // 8, 1), (32, 8, 1), \
+            lambda p: struct.pack("<iiQQ", w, h, p["src"], p["dst"]), ["dst"], ref, 8 * w * h
+    if name == "reduce":
+        x = rng.random(n, dtype=np.float32)
+        return dict(x=x, out=np.zeros(1, np.float32)), ((n + 255) // 256, 1, 1), (256, 1, 1), \
+            lambda p: struct.pack("<iiQQ", n, 0, p["x"], p["out"]), ["out"], \
+            lambda d: {"out": np.array([d["x"].astype(np.float64).sum()])}, 4 * n
+    nn = 1024 if quick else 2048
+    a = rng.standard_normal((nn, nn), dtype=np.float32)
+    bm = rng.standard_normal((nn, nn), dtype=np.float32)
+    return dict(a=a.ravel(), b=bm.ravel(), c=np.full(nn * nn, np.nan, np.float32)), (nn // 16, nn // 16, 1), (16, 16, 1), \
+        lambda p: struct.pack("<iiQQQ", nn, 0, p["a"], p["b"], p["c"]), ["c"], \
+        lambda d: {"c": (d["a"].reshape(nn, nn).astype(np.float64) @ d["b"].reshape(nn, nn)).ravel()}, 12 * nn * nn
+
+
+def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    if not np.all(np.isfinite(got)):
+        return float("inf")
+    return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def run_kernel(gpu: Gpu, name: str, ours, hand, quick: bool, rng: np.random.Generator) -> dict:  # type: ignore[no-untyped-def]
+    results = {}
+    trials, reps = (5, 10) if quick else (9, 20)
+    for label, fn in (("ir", ours), ("cuda", hand)):
+        inputs, grid, block, pack, outs, ref, nbytes = _case(name, quick, rng)
+        ptrs = {k: gpu.alloc(v.nbytes) for k, v in inputs.items()}
+        for k, v in inputs.items():
+            gpu.htod(ptrs[k], v)
+        args = pack(ptrs)
+        gpu.launch(fn, grid, block, args)
+        gpu.sync()
+        got = {k: np.empty_like(inputs[k]) for k in outs}
+        for k in outs:
+            gpu.dtoh(got[k], ptrs[k])
+        want = ref(inputs)
+        err = max(_rel_err(got[k], want[k]) for k in outs)
+        results[label] = {"rel_err": err, "args": args, "grid": grid, "block": block, "nbytes": nbytes,
+                          "ptrs": ptrs, "fn": fn}
+    times: dict[str, list[float]] = {"ir": [], "cuda": []}
+    for _ in range(trials):
+        for label in ("ir", "cuda"):
+            r = results[label]
+            times[label].append(gpu.time_ms(r["fn"], r["grid"], r["block"], r["args"], reps))
+    out = {"kernel": name}
+    for label in ("ir", "cuda"):
+        r = results[label]
+        med = statistics.median(times[label])
+        out[label] = {"ms": med, "spread": (max(times[label]) - min(times[label])) / med, "rel_err": r["rel_err"],
+                      "gbps": r["nbytes"] / med / 1e6}
+        for p in r["ptrs"].values():
+            gpu.cu.cuMemFree(p)
+    out["ratio"] = out["cuda"]["ms"] / out["ir"]["ms"]
+    return out
+
+
+def compile_timings(gpu: Gpu | None, reps: int) -> dict:
+    """Cold compile (bytes → cubin → loaded function) and warm cache-hit medians per kernel."""
+    out = {}
+    compile_module(ir_vadd(), "nvptx", arch=ARCH, cache=False)  # load nvJitLink and LLVM once
+    with tempfile.TemporaryDirectory() as tmp:
+        cache = CompileCache(tmp)
+        for name, mk in KERNELS.items():
+            data = binary.encode(mk())
+            cold = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                cm = compile_module(data, "nvptx", arch=ARCH, cache=False)
+                if gpu is not None:
+                    mod, _fn = gpu.load(cm.image, name)
+                cold.append(time.perf_counter() - t0)
+                if gpu is not None:
+                    gpu.cu.cuModuleUnload(mod)
+            compile_module(data, "nvptx", arch=ARCH, cache=cache)
+            warm = []
+            for _ in range(max(reps, 50)):
+                t0 = time.perf_counter()
+                compile_module(data, "nvptx", arch=ARCH, cache=cache)
+                warm.append(time.perf_counter() - t0)
+            out[name] = {"cold_ms": statistics.median(cold) * 1e3, "warm_us": statistics.median(warm) * 1e6}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
+    ap.add_argument("--compile-only", action="store_true", help="no GPU: only compile and time compiles")
+    ap.add_argument("--json", help="write all numbers here")
+    ns = ap.parse_args(argv)
+    rng = np.random.default_rng(20261123)
+    gpu = None if ns.compile_only else Gpu()
+    rows = []
+    if gpu is not None:
+        hand_mod = gpu.load(nvrtc_cubin(CUDA_SRC, ARCH), "vadd")[0]
+        for name, mk in KERNELS.items():
+            cm = compile_module(mk(), "nvptx", arch=ARCH, cache=False)
+            _mod, ours = gpu.load(cm.image, name)
+            hand = _check(gpu.cu.cuModuleGetFunction(hand_mod, name.encode()))
+            rows.append(run_kernel(gpu, name, ours, hand, ns.quick, rng))
+            print(f"{name}: done", flush=True)
+    ct = compile_timings(gpu, 5 if ns.quick else 11)
+    if ns.json:
+        Path(ns.json).write_text(json.dumps({"device": gpu.name if gpu else None, "kernels": rows, "compile": ct},
+                                            indent=1, default=str))
+    print(f"\ndevice: {gpu.name if gpu else 'none (compile only)'}")
+    if rows:
+        print("| kernel | IR ms | CUDA C ms | ratio (CUDA/IR) | target | IR GB/s | rel err IR / CUDA |")
+        print("|---|---|---|---|---|---|---|")
+        for r in rows:
+            tgt = 0.95 if r["kernel"] in MEMORY_BOUND else 0.9
+            ok = "ok" if r["ratio"] >= tgt else "MISS"
+            print(f"| {r['kernel']} | {r['ir']['ms']:.4f} | {r['cuda']['ms']:.4f} | {r['ratio']:.3f} | ≥{tgt} {ok} | "
+                  f"{r['ir']['gbps']:.0f} | {r['ir']['rel_err']:.1e} / {r['cuda']['rel_err']:.1e} |")
+    print("\n| kernel | cold compile → loaded function (ms) | warm cache hit (µs) |")
+    print("|---|---|---|")
+    for name, c in ct.items():
+        print(f"| {name} | {c['cold_ms']:.1f} | {c['warm_us']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

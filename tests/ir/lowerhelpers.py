@@ -1,0 +1,72 @@
+"""Helpers for the lowering tests: run a kernel on the x86 JIT (and on the reference
+interpreter) over one interpreter ``Memory`` arena, and the sample kernels' numpy references."""
+
+from __future__ import annotations
+
+import functools
+import struct
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vxpu.ir.compile import compile_module
+from vxpu.ir.cpu_exec import CpuModule
+from vxpu.ir.interp import Memory, run_kernel
+from vxpu.ir.model import Module
+from vxpu.ir.text import parse
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = REPO / "examples" / "kernels"
+_FMT = {"i8": "b", "i16": "h", "i32": "i", "i64": "q", "f16": "e", "f32": "f", "f64": "d"}
+
+
+@functools.lru_cache(maxsize=None)
+def load_sample(name: str) -> Module:
+    """Parse ``examples/kernels/<name>.vxir`` (memoised: treat the result as read-only)."""
+    return parse((EXAMPLES / f"{name}.vxir").read_text())
+
+
+def pack_args(module: Module, kernel: str, args: Sequence[Any]) -> bytes:
+    """Pack argument values the way ``KernelSignature`` lays them out (natural alignment, LE)."""
+    k = module.kernel(kernel)
+    out = bytearray()
+    for p, v in zip(k.params, args, strict=True):
+        size = p.type.size
+        out += b"\0" * ((-len(out)) % size)
+        fmt = "Q" if p.type.is_ptr else _FMT[p.type.name]
+        if fmt in "bhiq" and isinstance(v, int) and v >= 1 << (8 * size - 1):
+            v -= 1 << (8 * size)
+        out += struct.pack("<" + fmt, v)
+    align = max([p.type.size for p in k.params], default=1)
+    out += b"\0" * ((-len(out)) % align)
+    return bytes(out)
+
+
+_loaded: dict[int, tuple[Module, CpuModule]] = {}
+
+
+def cpu_module(module: Module, opt_level: int = 3) -> CpuModule:
+    """Compile for x86 (no cache) and load; memoised per module object."""
+    key = id(module) * 4 + opt_level
+    if key not in _loaded:  # the module is kept alive with it, so ids are never reused
+        _loaded[key] = (module, CpuModule(compile_module(module, "x86", opt_level=opt_level, cache=False)))
+    return _loaded[key][1]
+
+
+def run_x86(module: Module, kernel: str, grid: Sequence[int], block: Sequence[int], args: Sequence[Any],
+            mem: Memory, **kw: Any) -> None:
+    """Run on the x86 JIT with ``mem``'s buffer as the arena."""
+    k = cpu_module(module).kernel(kernel)
+    k.run(grid, block, pack_args(module, kernel, args), mem.buf.ctypes.data, mem.size, **kw)
+
+
+def differential(module: Module, kernel: str, grid: Sequence[int], block: Sequence[int],
+                 args: Sequence[Any], mem: Memory) -> tuple[np.ndarray, np.ndarray]:
+    """Run the interpreter and the x86 JIT from the same memory; return both arenas."""
+    mem_x86 = Memory(mem.size, guard=mem.guard, strict=False)
+    mem_x86.buf[:] = mem.buf
+    run_kernel(module, kernel, grid, block, args, mem)
+    run_x86(module, kernel, grid, block, args, mem_x86)
+    return mem.buf, mem_x86.buf
