@@ -86,6 +86,7 @@ class AptRepo:
         mirror: Debian mirror URL; the host's by default.
         keyring: the Debian archive keyring that signs those suites.
         missing_apt_fix: the advice given when apt-get is not installed.
+        offline_fix: extra advice when the mirror cannot be reached.
         quiet: no progress output.
 
     Raises:
@@ -94,11 +95,12 @@ class AptRepo:
 
     def __init__(self, root: Path, suites: Sequence[str] = DEFAULT_SUITES, mirror: str | None = None,
                  keyring: Path = DEFAULT_KEYRING, missing_apt_fix: str = "install apt",
-                 quiet: bool = False) -> None:
+                 offline_fix: str = "", quiet: bool = False) -> None:
         self.root = root
         self.mirror = mirror or host_debian_mirror()
         self.suites = tuple(suites)
         self.quiet = quiet
+        self._offline_fix = offline_fix
         self._apt_get = _apt_tool("apt-get", missing_apt_fix)
         self._apt_cache = _apt_tool("apt-cache", missing_apt_fix)
         if not keyring.is_file():
@@ -161,7 +163,7 @@ class AptRepo:
         if res.returncode != 0 or any(("Failed to fetch" in f or "NO_PUBKEY" in f) for f in failed):
             raise ImageError(f"could not download Debian package lists from {self.mirror}: "
                              f"{'; '.join(failed)[-1200:] or res.stderr[-1200:]}. Check the network, or set "
-                             "VXPU_DEBIAN_MIRROR to a reachable Debian mirror")
+                             f"VXPU_DEBIAN_MIRROR to a reachable Debian mirror{self._offline_fix}")
 
     def depends(self, spec: str) -> list[str]:
         """Direct ``Depends`` of ``spec`` (``name`` or ``name/suite``)."""

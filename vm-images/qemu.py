@@ -183,7 +183,8 @@ def fetch_qemu(quiet: bool = False) -> QemuBinary:
         ImageError: apt or the network is missing, or the packages do not unpack.
     """
     with cache_lock("qemu"):
-        apt = AptRepo(cache_dir() / "apt", missing_apt_fix=_NO_APT_FIX, quiet=quiet)
+        apt = AptRepo(cache_dir() / "apt", missing_apt_fix=_NO_APT_FIX, quiet=quiet,
+                      offline_fix=", or set VXPU_QEMU=/path/to/qemu-system-x86_64 (>= 10.1 with vfio-user-pci)")
         apt.update()
         note(f"resolving {QEMU_PACKAGE} from {QEMU_RELEASE}", quiet)
         refs = apt.resolve(apt.closure([QEMU_PACKAGE], QEMU_RELEASE))
