@@ -63,6 +63,8 @@ PROVIDER_PRIORITY = (
     "OpenVINOExecutionProvider", "RknpuExecutionProvider", "VSINPUExecutionProvider", "NnapiExecutionProvider",
 )
 CPU_PROVIDER = "CPUExecutionProvider"
+#: Options a built-in EP needs to reach the NPU (the QNN EP defaults to its CPU backend).
+BUILTIN_OPTIONS: dict[str, dict[str, str]] = {"QNNExecutionProvider": {"backend_path": "libQnnHtp.so"}}
 PROVIDER_CHOICES = ("auto", "qnn", "cpu")
 SESSIONS_PER_KERNEL = 8
 MAX_DIM = (1 << 31) - 1
@@ -226,7 +228,8 @@ class NpuBackend(HostBackend):
                     so.add_provider_for_devices(self._npu_devices, self._npu_options)
                     sess = ort.InferenceSession(blob, so)
                 else:
-                    sess = ort.InferenceSession(blob, so, providers=self._builtin + [CPU_PROVIDER])
+                    providers = [(p, BUILTIN_OPTIONS.get(p, {})) for p in self._builtin] + [CPU_PROVIDER]
+                    sess = ort.InferenceSession(blob, so, providers=providers)
                 return sess, str(sess.get_providers()[0])
             except Exception as exc:  # noqa: BLE001 - the NPU rejected the graph: fall back explicitly
                 log.info("%s cannot run this graph (%s); using the CPU EP", self.target, str(exc).splitlines()[0])

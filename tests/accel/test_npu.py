@@ -322,3 +322,20 @@ def test_ir_atomic_reductions(session, npu):
     assert total == pytest.approx(10.0 + float((x[:150].astype(np.float64) ** 2).sum()), rel=2e-3)
     assert get(session, dmax, np.zeros(1, np.int32))[0] == max(-100, int(z[:150].max()))
     np.testing.assert_allclose(get(session, dy, x)[:150], x[:150] ** 2, rtol=2e-3)
+
+
+def test_unusable_npu_provider_falls_back_and_records_cpu():
+    b = open_backend("npu,arena=16M")
+    try:
+        b._npu_devices, b._builtin = [], ["QNNExecutionProvider"]   # as on a build that lists it
+        s = Session(b, allowed_kinds=frozenset({ModuleKind.ONNX}))
+        blob = model([helper.make_node("Abs", ["x"], ["y"])], [tensor("x", [4])], [tensor("y", [4])])
+        k, _ = s.get_kernel(s.load_module(blob, ModuleKind.ONNX), "g")
+        x = np.array([-1, 2, -3, 4], np.float32)
+        dx = put(s, x)
+        s.launch(k, (1,), (1,), struct.pack("<2Q", dx, dx))
+        assert np.array_equal(get(s, dx, x), np.abs(x))
+        assert dict(b.provider_runs) == {"CPUExecutionProvider": 1}
+        s.close()
+    finally:
+        b.close()
