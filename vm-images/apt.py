@@ -87,6 +87,7 @@ class AptRepo:
         keyring: the Debian archive keyring that signs those suites.
         missing_apt_fix: the advice given when apt-get is not installed.
         offline_fix: extra advice when the mirror cannot be reached.
+        retries: how often apt retries a failed index download.
         quiet: no progress output.
 
     Raises:
@@ -95,12 +96,13 @@ class AptRepo:
 
     def __init__(self, root: Path, suites: Sequence[str] = DEFAULT_SUITES, mirror: str | None = None,
                  keyring: Path = DEFAULT_KEYRING, missing_apt_fix: str = "install apt",
-                 offline_fix: str = "", quiet: bool = False) -> None:
+                 offline_fix: str = "", retries: int = 3, quiet: bool = False) -> None:
         self.root = root
         self.mirror = mirror or host_debian_mirror()
         self.suites = tuple(suites)
         self.quiet = quiet
         self._offline_fix = offline_fix
+        self._retries = retries
         self._apt_get = _apt_tool("apt-get", missing_apt_fix)
         self._apt_cache = _apt_tool("apt-cache", missing_apt_fix)
         if not keyring.is_file():
@@ -135,6 +137,7 @@ class AptRepo:
             "APT::Install-Recommends": "false",
             "Acquire::Languages": "none",
             "Debug::NoLocking": "1",
+            "Acquire::Retries": str(self._retries),
         }
         return [arg for k, v in opts.items() for arg in ("-o", f"{k}={v}")]
 

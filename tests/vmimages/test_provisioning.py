@@ -174,6 +174,7 @@ def test_console_waits_in_order_and_reports_failures(tmp_path: Path) -> None:
 
 
 def test_unreachable_mirror_names_the_fix(tmp_path: Path) -> None:
-    repo = apt.AptRepo(tmp_path, mirror="http://127.0.0.1:9/debian", quiet=True, offline_fix=", or set VXPU_QEMU")
+    repo = apt.AptRepo(tmp_path, mirror="http://127.0.0.1:9/debian", quiet=True, retries=0,
+                         offline_fix=", or set VXPU_QEMU")
     with pytest.raises(ImageError, match="Check the network.*VXPU_DEBIAN_MIRROR.*or set VXPU_QEMU"):
         repo.update()
