@@ -111,7 +111,12 @@ def _sleb(out: bytearray, v: int) -> None:
 
 
 def _str(out: bytearray, s: str | None) -> None:
-    data = (s or "").encode("ascii", "replace")
+    try:
+        data = (s or "").encode("ascii")
+    except UnicodeEncodeError:
+        raise IRError(f"cannot encode the name {s!r}: names are ASCII; run the verifier") from None
+    if len(data) > MAX_NAME_LEN:
+        raise IRError(f"cannot encode a name of {len(data)} characters (limit {MAX_NAME_LEN})")
     _uleb(out, len(data))
     out += data
 

@@ -54,6 +54,7 @@ from .model import (
     Successor,
     Value,
     is_valid_name,
+    normalize_imm,
     resolve_derived_types,
 )
 from .ops import OPS, infer_result
@@ -80,12 +81,29 @@ def print_module(module: Module) -> str:
 
 
 def format_imm(t: Type | None, imm: float) -> str:
-    """How a constant is spelled: decimal integers; floats as Python's shortest repr."""
-    if isinstance(imm, float):
-        if math.isnan(imm):
-            return "nan"
+    """How a constant is spelled: integers in decimal; floats as the shortest decimal that reads
+    back to the same value of their type (``0.1`` for f32 0.1, not ``0.10000000149011612``)."""
+    if not isinstance(imm, float):
+        return str(imm)
+    if math.isnan(imm):
+        return "nan"
+    if math.isinf(imm) or t is None or t.bits == 64:
         return repr(imm)
-    return str(imm)
+    text = repr(imm)
+    for digits in range(1, 18):
+        candidate = format(imm, f".{digits}g")
+        try:
+            exact = normalize_imm(t, float(candidate)) == imm
+        except IRError:  # rounded up past the largest finite value
+            continue
+        if exact:
+            shortest = repr(float(candidate))  # "1500.0" rather than "1.5e+03"
+            if len(shortest) < len(text):  # the exact value when it is as short ("65504.0")
+                text = shortest
+            break
+    if not any(c in text for c in ".en"):
+        text += ".0"
+    return text
 
 
 class _Names:
@@ -533,7 +551,10 @@ def parse_number(tok_text: str, t: Type | None) -> int | float:
         body = tok_text.lstrip("+-")
         if body.lower().startswith("0x"):
             raise IRError("float constants are decimal (or inf, nan)")
-        return float(tok_text)
+        value = float(tok_text)
+        if math.isinf(value) and not body.startswith("inf"):
+            raise IRError(f"constant {tok_text} overflows {t}; write inf or -inf")
+        return value
     if re.fullmatch(r"[-+]?(0[xX][0-9a-fA-F]+|\d+)", tok_text) is None:
         raise IRError(f"{tok_text!r} is not an integer")
     return int(tok_text, 0) if "x" in tok_text.lower() else int(tok_text, 10)

@@ -85,6 +85,17 @@ def test_encoder_refuses_malformed_ops():
         encode(m)
 
 
+def test_encoder_refuses_names_the_wire_cannot_carry():
+    m = build_saxpy()
+    m.kernels[0].params[0].name = "n\u00e9"
+    with pytest.raises(IRError, match="names are ASCII"):
+        encode(m)
+    m.kernels[0].params[0].name = "n" * 129
+    with pytest.raises(IRError, match="a name of 129 characters"):
+        encode(m)
+    assert len(encode(m, names=False)) > 0  # the hashed form carries no value names
+
+
 def test_decode_verifies_by_default():
     m = parse("module @m\nkernel @k(%p: ptr<constant>, %v: f32) {\n^e:\n  store %v, %p\n  ret\n}\n")
     data = encode(m)

@@ -138,6 +138,7 @@ def test_parse_errors_carry_line_and_column_and_are_all_reported():
     ("  %x = const 300 : i8\n  ret", 4, 14, "does not fit i8"),
     ("  %x = const 1e39 : f32\n  ret", 4, 14, "overflows f32"),
     ("  %x = const 1.5 : i32\n  ret", 4, 14, "is not an integer"),
+    ("  %x = const 1e400 : f64\n  ret", 4, 14, "overflows f64"),
     ("  %x = const " + "9" * 80 + " : i64\n  ret", 4, 14, "longer than"),
     ("  %p = shared_addr @missing\n  ret", 4, 20, "no shared array @missing"),
     ("  %t = thread_id\n  ret", 4, 8, "needs a dimension"),
@@ -215,3 +216,26 @@ def test_per_line_limits():
     assert any("more than 256 parameters" in e[2] for e in errs)
     errs = _errors("module @m\nkernel @k(%c: i1) {\n^e:\n  cbr %c, ^e, ^e, ^e\n}\n")
     assert any("more than 2 successors" in e[2] for e in errs)
+
+
+def test_float_constants_print_short_and_read_back_exactly():
+    import random
+
+    from vxpu.ir.model import float_from_bits, normalize_imm
+    from vxpu.ir.text import format_imm, parse_number
+    from vxpu.ir.types import f64
+
+    assert [format_imm(f32, normalize_imm(f32, x)) for x in (0.1, 1e20, -1500.0, 3.4028234663852886e+38)] == \
+        ["0.1", "1e+20", "-1500.0", "3.4028235e+38"]
+    assert format_imm(f16, 65504.0) == "65504.0" and format_imm(f16, normalize_imm(f16, 1 / 3)) == "0.3333"
+
+    def same(t, value):
+        back = normalize_imm(t, parse_number(format_imm(t, value), t))
+        return back == value and math.copysign(1, back) == math.copysign(1, value)
+
+    f16_values = (float_from_bits(f16, bits) for bits in range(1 << 16))
+    assert all(same(f16, v) for v in f16_values if not math.isnan(v))
+    rng = random.Random(7)
+    for t in (f32, f64):
+        values = (float_from_bits(t, rng.getrandbits(t.bits)) for _ in range(20_000))
+        assert all(same(t, v) for v in values if not math.isnan(v))
