@@ -40,3 +40,18 @@ def test_text_example_verifies():
 
     text = re.search(r"## 1\. A first example\n\n```\n(.*?)```", DOC, re.DOTALL).group(1)
     verify(parse(text))
+
+
+def test_every_exported_name_is_documented():
+    import importlib
+    import inspect
+
+    undocumented = []
+    for name in ("types", "ops", "model", "builder", "text", "binary", "hashing", "verify", "errors", "limits"):
+        module = importlib.import_module(f"vxpu.ir.{name}")
+        assert module.__doc__ and len(module.__doc__) > 80, name
+        for export in module.__all__:
+            obj = getattr(module, export)
+            if (inspect.isclass(obj) or inspect.isfunction(obj)) and not (obj.__doc__ or "").strip():
+                undocumented.append(f"{name}.{export}")
+    assert not undocumented
