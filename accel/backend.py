@@ -18,9 +18,22 @@ Contract:
   DMA-mapped guest RAM region). Backends copy directly from/to it (zero-copy when registered).
 * ``queue`` is a backend queue handle from :meth:`Backend.create_queue`, or ``None`` for the
   backend's default, ordered queue. Operations on one queue run in submission order.
-* After :attr:`Status.KERNEL_FAULT` or :attr:`Status.DEVICE_LOST` the backend has already reset
-  its context (all device allocations, modules, queues and events are gone) and keeps serving;
-  the session invalidates the client's handles.
+* After :attr:`Status.KERNEL_FAULT` the backend has already reset its context (all device
+  allocations, modules, queues and events are gone) and keeps serving; the session invalidates
+  the client's handles.
+* Some faults cannot be recovered inside the process. CUDA driver 580 keeps illegal-address
+  faults *sticky for the whole process*: neither a primary-context reset nor a new context
+  works afterwards (measured on the H100 machine). A backend that can hit this advertises the
+  feature ``"sticky-faults"``; after such a fault it raises :attr:`Status.DEVICE_LOST`, sets its
+  optional ``lost`` attribute to the reason, and refuses further work. Recovering then means a
+  new server process (the supervisor's job), never silently continuing.
+
+Optional extensions (feature-tested with ``getattr``, not part of the Protocol):
+
+* ``lost: str | None`` -- set once the device is unusable in this process (see above).
+* ``copy_htod_address(dst, host, size, queue=None)`` / ``copy_dtoh_address(host, src, size,
+  queue=None)`` -- copies by raw host address, accepted only inside a registered host region;
+  they save the memoryview-to-pointer conversion on the hot path of small copies.
 """
 
 from __future__ import annotations
