@@ -437,7 +437,8 @@ def _decode_kernel(r: _Reader) -> Kernel:
         k.shared.append(SharedArray("", r.type("array element type"), r.uleb("array size", MAX_ARRAY_COUNT)))
     for _ in range(r.count("local array count", MAX_ARRAYS - len(k.shared), 2)):
         k.local.append(LocalArray("", r.type("array element type"), r.uleb("array size", MAX_ARRAY_COUNT)))
-    n_blocks = r.count("block count", MAX_BLOCKS, 2)
+    # Every valid block holds at least one op, so blocks share the module's op budget.
+    n_blocks = r.count("block count", min(MAX_BLOCKS, r.ops_left), 2)
     blocks = [k.add_block(Block()) for _ in range(n_blocks)]
     values: list[Value] = list(k.params)
     fixups: list[tuple[list[Value], int, int]] = []  # (list to fill, slot, value number)

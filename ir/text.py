@@ -36,6 +36,7 @@ from .errors import IRError, Location, ParseError, Problem
 from .limits import (
     MAX_BLOCK_PARAMS,
     MAX_BLOCKS,
+    MAX_KERNELS,
     MAX_OPERANDS,
     MAX_OPS_PER_KERNEL,
     MAX_OPS_PER_MODULE,
@@ -323,6 +324,7 @@ class _Parser:
         self.current: _KernelRec | None = None
         self.line = 0
         self.module_ops = 0
+        self.module_blocks = 0
 
     def problem(self, message: str, line: int, col: int, kernel: str | None = None) -> None:
         self.problems.append(Problem(Location(kernel=kernel, line=line, col=col), message))
@@ -402,6 +404,8 @@ class _Parser:
         params = self._param_list(cur, required=True, limit=MAX_PARAMS)
         cur.expect("punct", "{")
         cur.done()
+        if len(self.kernels) >= MAX_KERNELS:
+            raise _TooBig(f"the module has more than {MAX_KERNELS} kernels")
         self.current = _KernelRec(name.text[1:], self.line, name.col, params)
 
     def _param_list(self, cur: _Cursor, required: bool, limit: int) -> list[tuple[_Tok, Type]]:
@@ -452,6 +456,9 @@ class _Parser:
         cur.done()
         if len(k.blocks) >= MAX_BLOCKS:
             raise _TooBig(f"kernel @{k.name} has more than {MAX_BLOCKS} blocks")
+        self.module_blocks += 1
+        if self.module_blocks > MAX_OPS_PER_MODULE:  # every valid block holds at least one op
+            raise _TooBig(f"the module has more than {MAX_OPS_PER_MODULE} blocks")
         k.blocks.append(_BlockRec(name, params, self.line))
 
     def _op(self, cur: _Cursor) -> _OpRec:

@@ -177,3 +177,12 @@ def test_mutated_text_fails_cleanly():
             assert print_module(parse(printed)) == printed
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
     assert outcomes.get("parse", 0) > 50 and outcomes.get("verify", 0) > 20, outcomes
+
+
+def test_text_kernel_and_block_counts_are_bounded():
+    kernels = "".join(f"kernel @k{i}() {{\n^e:\n  ret\n}}\n" for i in range(limits.MAX_KERNELS + 1))
+    with pytest.raises(ParseError, match=f"more than {limits.MAX_KERNELS} kernels"):
+        parse("module @m\n" + kernels)
+    blocks = "".join(f"^b{i}:\n" for i in range(limits.MAX_BLOCKS + 1))
+    with pytest.raises(ParseError, match=f"more than {limits.MAX_BLOCKS} blocks"):
+        parse("module @m\nkernel @k() {\n" + blocks + "}\n")
