@@ -114,6 +114,7 @@ class CompileCache:
         self._lru: OrderedDict[bytes, Any] = OrderedDict()
         self._lock = threading.Lock()
         self._disk_used: int | None = None
+        self._building: dict[bytes, threading.Lock] = {}
 
     # ------------------------------------------------------------------ memory level
 
@@ -148,6 +149,24 @@ class CompileCache:
         """
         obj = self.get_memory(key)
         if obj is not None:
+            return obj
+        # Single flight: concurrent requests for one key wait for the first builder.
+        with self._lock:
+            gate = self._building.setdefault(key, threading.Lock())
+        with gate:
+            try:
+                return self._get_or_build_locked(key, build, dump, load)
+            finally:
+                with self._lock:
+                    self._building.pop(key, None)
+
+    def _get_or_build_locked(self, key: bytes, build: Callable[[], Any], dump: Callable[[Any], bytes],
+                             load: Callable[[bytes], Any]) -> Any:
+        with self._lock:
+            obj = self._lru.get(key)
+        if obj is not None:
+            with self._lock:
+                self.stats.memory_hits += 1
             return obj
         payload = self.get_disk(key)
         if payload is not None:

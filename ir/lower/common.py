@@ -73,6 +73,23 @@ def float_constant(t: Type, value: float) -> ir.Constant:
     return ir.FormattedConstant(_SCALAR[t.name], f"0x{bits64:016X}")
 
 
+class FreezeInstr(ir.instructions.Instruction):
+    """``freeze T %v``: an arbitrary but fixed value instead of undef/poison (llvmlite lacks it)."""
+
+    def __init__(self, parent: ir.Block, val: ir.Value, name: str = "") -> None:
+        super().__init__(parent, val.type, "freeze", [val], name=name)
+
+    def descr(self, buf: list[str]) -> None:
+        buf.append(f"freeze {self.operands[0].type} {self.operands[0].get_reference()}\n")
+
+
+def freeze(b: ir.IRBuilder, val: ir.Value) -> ir.Value:
+    """Emit ``freeze`` of ``val`` at the builder's position."""
+    inst = FreezeInstr(b.block, val)
+    b._insert(inst)  # noqa: SLF001 - llvmlite has no public hook for custom instructions
+    return inst
+
+
 def declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
     """Get or declare the function ``name`` (intrinsics and helpers)."""
     fn = module.globals.get(name)
@@ -128,6 +145,10 @@ class TargetHooks:
 
     def invariant_load(self, space: AddressSpace) -> bool:
         """Whether loads from ``space`` may be marked ``!invariant.load``."""
+        return False
+
+    def freeze_loads(self, space: AddressSpace) -> bool:
+        """Whether loads from ``space`` need ``freeze`` (memory LLVM may consider undef)."""
         return False
 
 
@@ -414,6 +435,8 @@ def _load(kl: KernelLowering, op: Op) -> ir.Value:
     space = op.operands[0].type.space
     if space is not None and kl.hooks.invariant_load(space):
         inst.set_metadata("invariant.load", kl.module.add_metadata([]))
+    if space is not None and kl.hooks.freeze_loads(space):
+        return freeze(kl.b, inst)
     return inst
 
 

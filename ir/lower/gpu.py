@@ -50,6 +50,11 @@ class GpuHooks(TargetHooks):
         space = AddressSpace.SHARED if isinstance(op.array, SharedArray) else AddressSpace.LOCAL
         return kl.b.bitcast(arr, self.ptr_type(space))
 
+    def freeze_loads(self, space: AddressSpace) -> bool:
+        # Shared arrays are globals with an undef initializer (GPUs allow no other): a read of
+        # a never-written element must give some bit pattern, never undef (docs/ir.md §5.2).
+        return space is AddressSpace.SHARED
+
     def ret(self, kl: KernelLowering) -> None:
         kl.b.ret_void()
 
