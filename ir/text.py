@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from .errors import IRError, Location, ParseError, Problem
 from .limits import (
@@ -186,8 +186,9 @@ def _print_op(op: Op, names: _Names) -> str:
 # ---------------------------------------------------------------------------------------------
 
 _TOKEN = re.compile(r"""
-    (?P<ws>[ \t\r]+)
-  | (?P<comment>;.*)
+    [ \t\r]*
+  (?:
+    (?P<comment>;.*)
   | (?P<value>%[A-Za-z0-9_.]+)
   | (?P<block>\^[A-Za-z0-9_.]+)
   | (?P<sym>@[A-Za-z0-9_.]+)
@@ -195,11 +196,12 @@ _TOKEN = re.compile(r"""
   | (?P<num>[-+]?(?:0[xX][0-9a-fA-F]+|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?|(?:inf|nan)\b))
   | (?P<ident>[A-Za-z_][A-Za-z0-9_.]*)
   | (?P<punct>[(){}\[\],:=])
+  | (?P<bad>.)
+  )
 """, re.VERBOSE)
 
 
-@dataclass
-class _Tok:
+class _Tok(NamedTuple):
     kind: str
     text: str
     col: int
@@ -215,18 +217,14 @@ class _Syntax(Exception):
 
 def _tokenize(line: str) -> list[_Tok]:
     toks: list[_Tok] = []
-    pos = 0
-    n = len(line)
-    while pos < n:
-        m = _TOKEN.match(line, pos)
-        if m is None:
-            raise _Syntax(f"unexpected character {line[pos]!r}", pos + 1)
-        kind = m.lastgroup or ""
+    for m in _TOKEN.finditer(line.rstrip(" \t\r")):
+        kind = m.lastgroup
         if kind == "comment":
             break
-        if kind != "ws":
-            toks.append(_Tok(kind, m.group(), pos + 1))
-        pos = m.end()
+        start = m.start(kind)
+        if kind == "bad":
+            raise _Syntax(f"unexpected character {line[start]!r}", start + 1)
+        toks.append(_Tok(kind, m.group(kind), start + 1))  # type: ignore[arg-type]
     return toks
 
 
