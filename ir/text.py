@@ -218,13 +218,13 @@ class _Syntax(Exception):
 def _tokenize(line: str) -> list[_Tok]:
     toks: list[_Tok] = []
     for m in _TOKEN.finditer(line.rstrip(" \t\r")):
-        kind = m.lastgroup
+        kind = m.lastgroup or "bad"
         if kind == "comment":
             break
         start = m.start(kind)
         if kind == "bad":
             raise _Syntax(f"unexpected character {line[start]!r}", start + 1)
-        toks.append(_Tok(kind, m.group(kind), start + 1))  # type: ignore[arg-type]
+        toks.append(_Tok(kind, m.group(kind), start + 1))
     return toks
 
 
