@@ -105,6 +105,7 @@ class HostBackend:
         self.arena_size = size - size % mmap.PAGESIZE
         self.stats = BackendStats()
         self._lock = threading.RLock()
+        self._fault_lock = threading.Lock()      # guards _fault and _generation only
         self._mmap: mmap.mmap | None = None
         self._generation = 0
         self._fault: BackendError | None = None
@@ -169,7 +170,8 @@ class HostBackend:
         """Drop every allocation, module, queue and event; the default queue stays."""
         with self._lock:
             self._check_open()
-            self._generation += 1
+            with self._fault_lock:
+                self._generation += 1
             self._reset_context()
 
     # -- internal: state, faults --------------------------------------------------------
@@ -178,25 +180,35 @@ class HostBackend:
             raise BackendError(Status.UNAVAILABLE, f"the {self.name} backend is not open")
 
     def _check(self) -> None:
-        """Raise (once) a fault a queue worker recorded, after resetting the context."""
+        """Raise (once) a fault a queue recorded, after resetting the context."""
         if self._fault is None and self._mmap is not None:
             return
         with self._lock:
             self._check_open()
-            fault, self._fault = self._fault, None
+            with self._fault_lock:
+                fault, self._fault = self._fault, None
             if fault is not None:
                 self._reset_context()
                 raise fault
 
-    def _on_queue_error(self, exc: BaseException) -> None:
-        """Worker-thread hook: turn a failed operation into a pending fault."""
+    def _on_queue_error(self, exc: BaseException, generation: int) -> None:
+        """Queue hook: turn a failed operation into a pending fault.
+
+        Takes only the small fault lock (never the backend lock): a reset in progress holds the
+        backend lock while it waits for the queues, and a second kernel may fault meanwhile.
+        A fault of an older generation belongs to a context that is already being reset: it is
+        counted, not raised again.
+        """
         fault = self._map_fault(exc)
-        with self._lock:
+        with self._fault_lock:
             self.stats.faults += 1
-            self._generation += 1           # drop everything queued in this context
-            if self._fault is None:
-                self._fault = fault
-        log.warning("%s backend: %s; resetting the context", self.name, fault)
+            current = generation == self._generation
+            if current:
+                self._generation += 1       # drop everything queued in this context
+                if self._fault is None:
+                    self._fault = fault
+        log.warning("%s backend: %s; %s", self.name, fault,
+                    "resetting the context" if current else "its context is already being reset")
 
     def _map_fault(self, exc: BaseException) -> BackendError:
         """Map a worker exception to KERNEL_FAULT/DEVICE_LOST; subclasses know their fault types."""

@@ -49,11 +49,12 @@ class HostQueue:
     Args:
         name: thread name suffix, for debugging.
         generation: a callable returning the backend's current context generation.
-        on_error: called on the worker thread with the exception an operation raised; the
-            backend turns it into a pending fault.
+        on_error: called with the exception an operation raised and the generation it was
+            submitted in; the backend turns it into a pending fault.
     """
 
-    def __init__(self, name: str, generation: Callable[[], int], on_error: Callable[[BaseException], None]) -> None:
+    def __init__(self, name: str, generation: Callable[[], int],
+                 on_error: Callable[[BaseException, int], None]) -> None:
         self.name = name
         self._generation = generation
         self._on_error = on_error
@@ -127,7 +128,7 @@ class HostQueue:
             elif event is not None:
                 event.fire()       # a reset dropped the work before it; nothing to wait for
         except BaseException as exc:  # noqa: BLE001 - reported to the backend, never kills the thread
-            self._on_error(exc)
+            self._on_error(exc, generation)
         finally:
             with self._cv:
                 self._busy = False

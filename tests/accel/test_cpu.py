@@ -174,3 +174,69 @@ def test_spec_parsing():
         assert b.properties().memory_total == 32 << 20 and b.threads == 2
     finally:
         b.close()
+
+
+SLOW_OOB = """
+module @slow
+kernel @slow_oob(%x: ptr<global>, %n: i32) {
+^entry:
+  %zero = const 0 : i32
+  %fzero = const 0.0 : f32
+  br ^loop(%zero, %fzero)
+^loop(%k: i32, %acc: f32):
+  %one = const 1 : i32
+  %fone = const 1.0 : f32
+  %k1 = add %k, %one : i32
+  %acc1 = fadd %acc, %fone : f32
+  %more = icmp slt %k1, %n
+  cbr %more, ^loop(%k1, %acc1), ^done
+^done:
+  store %acc1, %x
+  %far = const 1000000000 : i32
+  %p = offset %x, %far : f32
+  store %acc1, %p
+  ret
+}
+"""
+
+
+def test_faults_on_two_queues_at_once_do_not_deadlock():
+    import threading
+    import time
+
+    b = CpuBackend(arena="16M", threads=2)
+    b.open()
+    s = Session(b)
+    outcome: list[object] = []
+
+    def scenario() -> None:
+        slow, _ = s.get_kernel(s.load_module(image(SLOW_OOB)), "slow_oob")
+        fast, _ = s.get_kernel(s.load_module(image(OOB_STORE)), "oob_store")
+        buf = s.alloc(64)
+        q1, q2 = s.create_queue(), s.create_queue()
+        s.launch(slow, (1,), (1,), struct.pack("<Qi4x", buf, 400_000_000), queue=q1)   # faults late
+        s.launch(fast, (1,), (1,), struct.pack("<Q", buf), queue=q2)                   # faults at once
+        while b.stats.faults == 0:
+            time.sleep(0.001)
+        try:
+            s.alloc(64)                  # the reset waits for q1, whose kernel faults meanwhile
+        except BackendError as exc:
+            outcome.append(exc.status)
+        try:
+            s.synchronize()
+        except BackendError as exc:
+            outcome.append(exc.status)
+        s.memset(s.alloc(64), 0, 64)     # serving again
+        outcome.append("served")
+
+    t = threading.Thread(target=scenario, daemon=True)
+    t.start()
+    t.join(60)
+    try:
+        assert not t.is_alive(), "deadlock: a second fault during the context reset"
+        assert outcome[0] == Status.KERNEL_FAULT and outcome[-1] == "served"
+        assert b.stats.faults == 2
+    finally:
+        if not t.is_alive():
+            s.close()
+            b.close()
