@@ -59,7 +59,7 @@ class Monitor:
         try:
             return self._qmp.cmd(command, **arguments)
         except ExecuteError as exc:
-            raise QmpError(f"QMP {command} failed: {exc.error.desc}", exc.error.class_) from exc
+            raise QmpError(f"QMP {command} failed: {exc}", exc.error_class) from exc
         except (TimeoutError, QMPError, OSError, EOFError) as exc:
             raise QmpError(f"QMP {command} failed: {type(exc).__name__}: {exc}") from exc
 

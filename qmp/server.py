@@ -113,7 +113,9 @@ class ServerProcess:
         return self.proc.returncode
 
     def __enter__(self) -> Self:
-        return self.start() if self.proc is None else self
+        if self.proc is None:
+            self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -189,7 +190,7 @@ class AptRepo:
             parts = line.split()
             if len(parts) >= 2 and line.startswith("'"):
                 name, version, _ = parts[1].split("_", 2)
-                specs.append(f"{name}={urllib.request.unquote(version)}")
+                specs.append(f"{name}={urllib.parse.unquote(version)}")
         if not specs:
             raise ImageError(f"apt resolved nothing for {' '.join(packages)}")
         return specs
@@ -210,7 +211,7 @@ class AptRepo:
             if m.group("algo").upper() != "SHA256":
                 raise ImageError(f"apt offered only {m.group('algo')} for {m.group('file')}; need SHA256")
             name, version, _ = m.group("file").split("_", 2)
-            refs.append(DebRef(name, urllib.request.unquote(version), m.group("file"), m.group("url"),
+            refs.append(DebRef(name, urllib.parse.unquote(version), m.group("file"), m.group("url"),
                                int(m.group("size")), m.group("hash")))
         if len(refs) != len(specs):
             raise ImageError(f"apt resolved {len(refs)} of {len(specs)} packages ({' '.join(specs)})")

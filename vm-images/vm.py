@@ -368,7 +368,9 @@ class Vm:
         self.qmp_path.unlink(missing_ok=True)
 
     def __enter__(self) -> Self:
-        return self.start() if self.proc is None else self
+        if self.proc is None:
+            self.start()
+        return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()

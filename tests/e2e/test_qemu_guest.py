@@ -24,6 +24,7 @@ from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
 from vxpu.images.vm import Vm, VmSpec
 from vxpu.qmp.devices import attach, detach, vfio_user_device
+from vxpu.qmp.errors import QmpError
 from vxpu.qmp.server import ServerProcess
 from vxpu.vfio_server import abi_test as abi
 
@@ -50,6 +51,7 @@ class Scenario:
         self.error = ""
         self.logs = ""
         self.server_alive_after = False
+        self.duplicate_refused: tuple[str, str] | None = None
         self.accel = ""
 
     def require(self, phase: str) -> dict[str, Any]:
@@ -80,6 +82,10 @@ def _run(vm: Vm, server: ServerProcess, sock: Path, sc: Scenario) -> None:
     attach(vm.monitor, "vxpu0", sock)
     sc.added = _json(vm.console.wait_for(EVENT.replace("{}", "added"), HOTPLUG_S, vm.problem))
     sc.timings["device_add_s"] = time.monotonic() - t2
+    try:
+        attach(vm.monitor, "vxpu0", sock)
+    except QmpError as exc:
+        sc.duplicate_refused = (exc.klass, str(exc))
     t3 = time.monotonic()
     vm.monitor.execute("system_reset")
     sc.boot2 = _json(vm.console.wait_for(RESULT, BOOT_TIMEOUT_S, vm.problem))
@@ -151,6 +157,13 @@ def test_hot_unplug_and_replug(scenario: Scenario) -> None:
     added = scenario.require("added")
     assert added["ok"], f"re-plugged device did not answer: {added}\n{scenario.explain()}"
     assert added["magic"] == abi.MAGIC_VALUE
+
+
+def test_duplicate_attach_is_refused_with_qemus_error(scenario: Scenario) -> None:
+    scenario.require("added")
+    assert scenario.duplicate_refused is not None, scenario.explain()
+    klass, message = scenario.duplicate_refused
+    assert klass == "GenericError" and "vxpu0" in message, scenario.duplicate_refused
 
 
 def test_reset_increments_reset_count_and_device_still_works(scenario: Scenario) -> None:
