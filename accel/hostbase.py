@@ -26,6 +26,7 @@ queues, so the caller may unmap the memory right after it.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import mmap
 import re
@@ -73,6 +74,18 @@ class _HostModule:
         self.live = True
 
 
+class _HostRegion:
+    """A registered host region; holding the view keeps the memory mapped."""
+
+    __slots__ = ("address", "size", "view", "writable")
+
+    def __init__(self, view: memoryview, address: int, size: int, read_only: bool) -> None:
+        self.view = view
+        self.address = address
+        self.size = size
+        self.writable = not read_only
+
+
 class HostKernel:
     """A kernel token: the subclass's runnable plus its module (for liveness checks)."""
 
@@ -112,6 +125,7 @@ class HostBackend:
         self._modules: set[_HostModule] = set()
         self._queues: set[HostQueue] = set()
         self._events: set[HostEvent] = set()
+        self._hosts: set[_HostRegion] = set()
         self._queue_seq = 0
 
     # -- life cycle -------------------------------------------------------------------
@@ -150,6 +164,7 @@ class HostBackend:
             self._queues.clear()
             self._drop_modules()
             self._events.clear()
+            self._hosts.clear()
             del self.array
             self.memory.release()
             try:
@@ -329,14 +344,60 @@ class HostBackend:
         self.stats.bytes_dtod += size
 
     def register_host(self, view: memoryview, read_only: bool = False) -> object:
-        """Host memory needs no pinning here; returns a token for :meth:`unregister_host`."""
+        """Record a host region (no pinning is needed here) for the address-copy extension;
+        returns the token for :meth:`unregister_host`, which keeps the region mapped.
+
+        Raises:
+            BackendError: INVALID_ARGUMENT for an empty or non-contiguous view.
+        """
         self._check()
-        return ("host", id(view))
+        view = self._bytes(view)
+        if view.nbytes == 0:
+            raise BackendError(Status.INVALID_ARGUMENT, "cannot register an empty host region")
+        address = int(np.frombuffer(view, dtype=np.uint8).ctypes.data)
+        region = _HostRegion(view, address, view.nbytes, bool(read_only or view.readonly))
+        with self._lock:
+            self._hosts.add(region)
+        return region
 
     def unregister_host(self, token: object) -> None:
-        """Wait until no queued copy can still touch the memory (it may be unmapped next)."""
+        """Forget a region once no queued copy can still touch it (it may be unmapped next).
+
+        Raises:
+            BackendError: INVALID_HANDLE for an unknown or already released token.
+        """
+        with self._lock:
+            if token not in self._hosts:
+                raise BackendError(Status.INVALID_HANDLE, "unknown or already released host registration")
+            self._hosts.discard(token)  # type: ignore[arg-type]
         for q in list(self._queues):
             q.wait()
+
+    def _host_range(self, host: int, size: int, writable: bool) -> None:
+        for r in self._hosts:
+            if r.address <= host and host + size <= r.address + r.size and (r.writable or not writable):
+                return
+        raise BackendError(Status.OUT_OF_RANGE, f"host range {host:#x}+{size} is not inside a registered "
+                           f"{'writable ' if writable else ''}region")
+
+    def copy_htod_address(self, dst: int, host: int, size: int, queue: object | None = None) -> None:
+        """Copy from a host address inside a registered region (the optional address-copy
+        extension of the Backend contract). Raises OUT_OF_RANGE outside every region."""
+        self._check()
+        self._range(dst, size)
+        self._host_range(host, size, writable=False)
+        target = self.arena_base + dst
+        self._queue(queue).run(lambda: ctypes.memmove(target, host, size))
+        self.stats.bytes_htod += size
+
+    def copy_dtoh_address(self, host: int, src: int, size: int, queue: object | None = None) -> None:
+        """Copy to a host address inside a registered writable region. Raises OUT_OF_RANGE."""
+        self._check()
+        self._range(src, size)
+        self._host_range(host, size, writable=True)
+        source = self.arena_base + src
+        self._queue(queue).run(lambda: ctypes.memmove(host, source, size))
+        self.stats.bytes_dtoh += size
 
     # -- code -------------------------------------------------------------------------
     def load_module(self, image: bytes, kind: ModuleKind = ModuleKind.IR) -> object:

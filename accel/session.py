@@ -356,6 +356,45 @@ class Session:
             self._host_tokens.remove(token)
             self.backend.unregister_host(token)
 
+    @_guarded
+    def copy_htod_address(self, dst: int, host: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
+        """Copy ``size`` bytes from a host *address* inside a region given to
+        :meth:`register_host` (the fast path for device models that translate guest-physical
+        addresses themselves). The backend checks the host range; the session the device range.
+
+        Raises:
+            BackendError: UNSUPPORTED if the backend lacks the extension; OUT_OF_RANGE;
+                INVALID_ARGUMENT; INVALID_HANDLE.
+        """
+        fn = getattr(self.backend, "copy_htod_address", None)
+        if fn is None:
+            raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
+        if not 0 <= host <= U64_MAX:
+            raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
+        self.check_range(dst, size)
+        if size:
+            q = self._submit(queue)
+            fn(dst, host, size, q.token)
+        self.stats.bytes_htod += size
+
+    @_guarded
+    def copy_dtoh_address(self, host: int, src: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
+        """Copy ``size`` bytes to a host *address* inside a writable registered region.
+
+        Raises:
+            BackendError: as :meth:`copy_htod_address`.
+        """
+        fn = getattr(self.backend, "copy_dtoh_address", None)
+        if fn is None:
+            raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
+        if not 0 <= host <= U64_MAX:
+            raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
+        self.check_range(src, size)
+        if size:
+            q = self._submit(queue)
+            fn(host, src, size, q.token)
+        self.stats.bytes_dtoh += size
+
     # -- code -------------------------------------------------------------------------
     @_guarded
     def load_module(self, image: bytes | memoryview, kind: ModuleKind = ModuleKind.IR) -> int:

@@ -103,3 +103,24 @@ def test_pool_statistics(session):
     st = session.statistics()
     assert st["vxpu_pool_bytes_in_use"] == 0 and st["vxpu_pool_fragmentation"] == 0
     assert st["vxpu_session_allocations"] == 8 and st["vxpu_session_frees"] == 8
+
+
+def test_address_copies_inside_registered_host_memory(session, backend):
+    if not hasattr(backend, "copy_htod_address"):
+        pytest.skip(f"the {backend.name} backend has no address-copy extension")
+    host = np.arange(4096, dtype=np.uint8)
+    back = np.zeros(4096, np.uint8)
+    t1 = session.register_host(memoryview(host), read_only=True)
+    t2 = session.register_host(memoryview(back))
+    d = session.alloc(4096)
+    session.copy_htod_address(d, host.ctypes.data + 96, 1000)
+    session.copy_dtoh_address(back.ctypes.data + 5, d, 1000)
+    session.synchronize()
+    assert np.array_equal(back[5:1005], host[96:1096]) and not back[:5].any() and not back[1005:].any()
+    # outside every registered region, or into a read-only one
+    assert status_of(session.copy_htod_address, d, host.ctypes.data + 4000, 200) == Status.OUT_OF_RANGE
+    assert status_of(session.copy_dtoh_address, host.ctypes.data, d, 16) == Status.OUT_OF_RANGE
+    assert status_of(session.copy_htod_address, d + 4000, host.ctypes.data, 200) == Status.OUT_OF_RANGE
+    session.unregister_host(t1)
+    session.unregister_host(t2)
+    assert status_of(session.copy_htod_address, d, host.ctypes.data, 16) == Status.OUT_OF_RANGE
