@@ -133,7 +133,8 @@ class HostBackend:
         """Reserve the arena and start the default queue.
 
         Raises:
-            BackendUnavailable-like BackendError (UNAVAILABLE) if the arena cannot be mapped.
+            BackendError: UNAVAILABLE if the arena cannot be mapped (the registry turns it into
+                BackendUnavailable) or the subclass's runtime is missing.
         """
         with self._lock:
             if self._mmap is not None:
@@ -271,8 +272,11 @@ class HostBackend:
 
     @staticmethod
     def _bytes(view: memoryview) -> memoryview:
-        view = view if isinstance(view, memoryview) else memoryview(view)
-        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        try:
+            view = view if isinstance(view, memoryview) else memoryview(view)
+            return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+        except (TypeError, ValueError) as exc:
+            raise BackendError(Status.INVALID_ARGUMENT, f"host memory must be a contiguous buffer: {exc}") from None
 
     # -- memory -----------------------------------------------------------------------
     def alloc(self, size: int) -> int:
