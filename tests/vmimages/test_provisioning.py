@@ -178,3 +178,17 @@ def test_unreachable_mirror_names_the_fix(tmp_path: Path) -> None:
                          offline_fix=", or set VXPU_QEMU")
     with pytest.raises(ImageError, match="Check the network.*VXPU_DEBIAN_MIRROR.*or set VXPU_QEMU"):
         repo.update()
+
+
+def test_qemu_tests_skip_only_when_disabled_explicitly() -> None:
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/e2e", "-rs"],
+                         cwd=root, capture_output=True, text=True, timeout=120, check=False,
+                         env={**os.environ, "VXPU_SKIP_QEMU": "1"})
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert " passed" not in res.stdout and " skipped" in res.stdout
+    assert "disabled by VXPU_SKIP_QEMU=1" in res.stdout
