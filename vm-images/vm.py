@@ -292,8 +292,16 @@ class Vm:
         """Start QEMU, choosing the accelerator as described in the module docstring.
 
         Raises:
-            VmError: QEMU did not start, or KVM was requested explicitly and failed.
+            VmError: QEMU did not start, or KVM was requested explicitly and failed. QEMU is
+                killed before the error propagates.
         """
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> Vm:
         want = self.spec.accel
         if want == "auto":
             ok, why = kvm_usable()

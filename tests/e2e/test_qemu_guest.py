@@ -52,6 +52,7 @@ class Scenario:
         self.logs = ""
         self.server_alive_after = False
         self.duplicate_refused: tuple[str, str] | None = None
+        self.console = ""
         self.accel = ""
 
     def require(self, phase: str) -> dict[str, Any]:
@@ -108,6 +109,7 @@ def scenario(qemu_binary: QemuBinary, guest_image: GuestImage, tmp_path_factory:
     except (Error, AssertionError, OSError, ValueError) as exc:  # reported by every test that needs the phase
         sc.error = f"{type(exc).__name__}: {exc}"
     finally:
+        sc.console = vm.console.text
         sc.logs = f"{vm.log_tail(6000)}\n[server log]\n{server.log_tail(6000)}"
         vm.stop()
         server.stop()
@@ -171,6 +173,12 @@ def test_reset_increments_reset_count_and_device_still_works(scenario: Scenario)
     after = scenario.require("boot2")
     assert after["reset_count"] > before, scenario.explain()
     assert after["ok"], f"selftest after reset failed: {after}\n{scenario.explain()}"
+
+
+def test_guest_kernel_stays_clean(scenario: Scenario) -> None:
+    scenario.require("boot2")
+    for bad in ("Oops", "BUG:", "Kernel panic", "general protection fault", "Call Trace"):
+        assert bad not in scenario.console, f"{bad!r} on the guest console\n{scenario.explain()}"
 
 
 def test_server_survives_the_whole_run(scenario: Scenario) -> None:
