@@ -400,10 +400,11 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def run_kernel(gpu: Gpu, name: str, ours, hand, quick: bool, rng: np.random.Generator) -> dict:  # type: ignore[no-untyped-def]
+def run_kernel(gpu: Gpu, name: str, fns: dict, quick: bool, rng: np.random.Generator) -> dict:  # type: ignore[no-untyped-def]
+    """Check and time each variant in ``fns`` (label → CUfunction; "ir" and "cuda" required)."""
     results = {}
     trials, reps = (5, 10) if quick else (9, 20)
-    for label, fn in (("ir", ours), ("cuda", hand)):
+    for label, fn in fns.items():
         inputs, grid, block, pack, outs, ref, nbytes = _case(name, quick, rng)
         ptrs = {k: gpu.alloc(v.nbytes) for k, v in inputs.items()}
         for k, v in inputs.items():
@@ -418,13 +419,13 @@ def run_kernel(gpu: Gpu, name: str, ours, hand, quick: bool, rng: np.random.Gene
         err = max(_rel_err(got[k], want[k]) for k in outs)
         results[label] = {"rel_err": err, "args": args, "grid": grid, "block": block, "nbytes": nbytes,
                           "ptrs": ptrs, "fn": fn}
-    times: dict[str, list[float]] = {"ir": [], "cuda": []}
+    times: dict[str, list[float]] = {label: [] for label in fns}
     for _ in range(trials):
-        for label in ("ir", "cuda"):
+        for label in fns:
             r = results[label]
             times[label].append(gpu.time_ms(r["fn"], r["grid"], r["block"], r["args"], reps))
     out = {"kernel": name}
-    for label in ("ir", "cuda"):
+    for label in fns:
         r = results[label]
         med = statistics.median(times[label])
         out[label] = {"ms": med, "spread": (max(times[label]) - min(times[label])) / med, "rel_err": r["rel_err"],
@@ -432,10 +433,13 @@ def run_kernel(gpu: Gpu, name: str, ours, hand, quick: bool, rng: np.random.Gene
         for p in r["ptrs"].values():
             gpu.cu.cuMemFree(p)
     out["ratio"] = out["cuda"]["ms"] / out["ir"]["ms"]
+    for label in fns:
+        if label not in ("ir", "cuda"):
+            out[f"ratio_{label}"] = out["cuda"]["ms"] / out[label]["ms"]
     return out
 
 
-def compile_timings(gpu: Gpu | None, reps: int) -> dict:
+def compile_timings(gpu: Gpu | None, reps: int, opt: int = 3) -> dict:
     """Cold compile (bytes → cubin → loaded function) and warm cache-hit medians per kernel."""
     out = {}
     compile_module(ir_vadd(), "nvptx", arch=ARCH, cache=False)  # load nvJitLink and LLVM once
@@ -452,7 +456,7 @@ def compile_timings(gpu: Gpu | None, reps: int) -> dict:
                 variant.kernels[0].name = uniq
                 vdata = binary.encode(variant)
                 t0 = time.perf_counter()
-                cm = compile_module(vdata, "nvptx", arch=ARCH, cache=False)
+                cm = compile_module(vdata, "nvptx", arch=ARCH, opt_level=opt, cache=False)
                 t1 = time.perf_counter()
                 if gpu is not None:
                     mod, _fn = gpu.load(cm.image, uniq)
@@ -479,6 +483,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     ap.add_argument("--compile-only", action="store_true", help="no GPU: only compile and time compiles")
     ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--opt", type=int, default=3, help="opt level of the IR kernels (default 3)")
+    ap.add_argument("--also-opt", type=int, nargs="*", default=[], help="also time these opt levels")
     ns = ap.parse_args(argv)
     rng = np.random.default_rng(20261123)
     gpu = None if ns.compile_only else Gpu()
@@ -486,12 +492,14 @@ def main(argv: list[str] | None = None) -> int:
     if gpu is not None:
         hand_mod = gpu.load(nvrtc_cubin(CUDA_SRC, ARCH), "vadd")[0]
         for name, mk in KERNELS.items():
-            cm = compile_module(mk(), "nvptx", arch=ARCH, cache=False)
-            _mod, ours = gpu.load(cm.image, name)
-            hand = _check(gpu.cu.cuModuleGetFunction(hand_mod, name.encode()))
-            rows.append(run_kernel(gpu, name, ours, hand, ns.quick, rng))
+            fns = {}
+            for label, opt in (("ir", ns.opt), *((f"ir_O{o}", o) for o in ns.also_opt)):
+                cm = compile_module(mk(), "nvptx", arch=ARCH, opt_level=opt, cache=False)
+                fns[label] = gpu.load(cm.image, name)[1]
+            fns["cuda"] = _check(gpu.cu.cuModuleGetFunction(hand_mod, name.encode()))
+            rows.append(run_kernel(gpu, name, fns, ns.quick, rng))
             print(f"{name}: done", flush=True)
-    ct = compile_timings(gpu, 5 if ns.quick else 11)
+    ct = {o: compile_timings(gpu, 5 if ns.quick else 11, o) for o in (ns.opt, *ns.also_opt)}
     if ns.json:
         Path(ns.json).write_text(json.dumps({"device": gpu.name if gpu else None, "kernels": rows, "compile": ct},
                                             indent=1, default=str))
@@ -504,11 +512,15 @@ def main(argv: list[str] | None = None) -> int:
             ok = "ok" if r["ratio"] >= tgt else "MISS"
             print(f"| {r['kernel']} | {r['ir']['ms']:.4f} | {r['cuda']['ms']:.4f} | {r['ratio']:.3f} | ≥{tgt} {ok} | "
                   f"{r['ir']['gbps']:.0f} | {r['ir']['rel_err']:.1e} / {r['cuda']['rel_err']:.1e} |")
+        for o in ns.also_opt:
+            print(f"(O{o}: " + ", ".join(f"{r['kernel']} {r[f'ratio_ir_O{o}']:.3f}" for r in rows) + ")")
     print("\n| kernel | cold compile → loaded function (ms) | of which nvJitLink / cuModuleLoadData (ms) "
           "| warm cache hit (µs) |")
     print("|---|---|---|---|")
-    for name, c in ct.items():
-        print(f"| {name} | {c['cold_ms']:.1f} | {c['nvjitlink_ms']:.1f} / {c['load_ms']:.1f} | {c['warm_us']:.1f} |")
+    for o, per in ct.items():
+        for name, c in per.items():
+            print(f"| {name} (O{o}) | {c['cold_ms']:.1f} | {c['nvjitlink_ms']:.1f} / {c['load_ms']:.1f} | "
+                  f"{c['warm_us']:.1f} |")
     return 0
 
 

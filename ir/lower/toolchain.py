@@ -205,8 +205,9 @@ def ptx_to_cubin(ptx: str, arch: str, *, opt_level: int = 3) -> tuple[bytes, str
         from cuda.bindings import nvjitlink
     except ImportError as exc:  # pragma: no cover - depends on the installation
         raise ToolchainError("nvJitLink is not installed: pip install 'vxpu[cuda]'") from exc
-    arch_opt = "-arch=" + arch.replace("sm_", "sm_")
-    opts = [arch_opt, f"-O{min(max(opt_level, 0), 3)}"]
+    # nvJitLink knows -O0 and -O3 only: ptxas always optimizes fully unless opt_level is 0
+    # (opt_level 1-2 only lighten the LLVM side).
+    opts = [f"-arch={arch}", "-O0" if opt_level <= 0 else "-O3"]
     try:
         handle = nvjitlink.create(len(opts), opts)
     except Exception as exc:
