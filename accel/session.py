@@ -576,6 +576,8 @@ class Session:
     @_guarded
     def synchronize(self, queue: int | None = None) -> None:
         """Wait for one queue, or for all of this client's work when ``queue`` is ``None``.
+        (The default queue is the backend's ``None`` queue, so waiting for it waits for the
+        whole device; that is a superset, never less.)
 
         Raises:
             BackendError: INVALID_HANDLE; KERNEL_FAULT / DEVICE_LOST (handles are invalidated).
