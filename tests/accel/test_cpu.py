@@ -240,3 +240,22 @@ def test_faults_on_two_queues_at_once_do_not_deadlock():
         if not t.is_alive():
             s.close()
             b.close()
+
+
+def test_no_thread_or_queue_leaks():
+    import threading
+
+    before = threading.active_count()
+    for _ in range(5):
+        b = CpuBackend(arena="8M", threads=2)
+        b.open()
+        s = Session(b)
+        k, _ = s.get_kernel(s.load_module(image(VADD)), "vadd")
+        a = s.alloc(1024)
+        for _ in range(20):
+            q = s.create_queue()
+            s.launch(k, (1,), (256,), vadd_args(256, a, a, a), queue=q)    # starts the queue's thread
+            s.destroy_queue(q)
+        s.close()
+        b.close()
+    assert threading.active_count() <= before
