@@ -22,6 +22,14 @@ if ! "$PYTHON" -c 'import venv, ensurepip' >/dev/null 2>&1; then
     || die "could not install python3-venv; run 'sudo apt-get install python3-venv' and retry"
 fi
 
+# QEMU and the guest image come from Debian's archive, verified with Debian's keyring
+# (Ubuntu hosts don't have it by default).
+if [ ! -f /usr/share/keyrings/debian-archive-keyring.gpg ] && command -v apt-get >/dev/null; then
+  echo "vxpu bootstrap: installing debian-archive-keyring (to verify Debian's QEMU packages)" >&2
+  as_root apt-get install -y -qq debian-archive-keyring \
+    || echo "vxpu bootstrap: warning: could not install debian-archive-keyring; fetching QEMU will fail until it is installed (or set VXPU_QEMU)" >&2
+fi
+
 stamp_src=$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -c1-16)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.vxpu-stamp" 2>/dev/null)" != "$stamp_src" ]; then
   echo "vxpu bootstrap: creating $VENV and installing vxpu[dev] (first run downloads ~400 MB of wheels)" >&2
