@@ -9,6 +9,8 @@ What a guest pays per trapped access, minus QEMU's own share:
   cost per write (time to hand the message to the socket), and the sustained server cost per
   write (a burst of N posted writes fenced by one read, divided by N).
 * ``REGION_READ`` of 4 KiB from BAR2 (bulk trapped access).
+* with a server process: the server's own CPU time per REGION_READ and per posted write
+  (from ``/proc/PID/schedstat``), which excludes the wake-up latency both ends pay per message.
 
 The server runs the real TestDevice in a separate process (``--server process``, default: no
 GIL sharing, like QEMU and ``vxpu serve``) or in a thread of this process (``--server thread``).
@@ -35,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 from vxpu.vfio_server import abi_test as abi
-from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import VfioUserClient
 
 CONFIG = 7
@@ -76,6 +77,20 @@ def posted_burst(client: VfioUserClient, writes: int, rounds: int) -> dict[str, 
             "mean_us": statistics.fmean(per_write) / 1000.0, "n": writes * rounds}
 
 
+def server_cpu_ns(pid: int) -> int:
+    """CPU time the server's main thread has run, in ns (``/proc/PID/schedstat``)."""
+    with open(f"/proc/{pid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def cpu_per_op(pid: int, fn: Callable[[], object], iterations: int) -> float:
+    """Server CPU µs per call of ``fn`` (excludes wake-up and scheduling latency)."""
+    start = server_cpu_ns(pid)
+    for _ in range(iterations):
+        fn()
+    return (server_cpu_ns(pid) - start) / iterations / 1000.0
+
+
 def _wait_listening(path: Path, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -95,6 +110,7 @@ def run(iterations: int, mode: str) -> dict[str, Any]:
     path = tmp / "bench.sock"
     proc = None
     server = None
+    cpu: dict[str, float] = {}
     if mode == "process":
         proc = subprocess.Popen([sys.executable, "-m", "vxpu", "--log-level", "WARNING", "serve", "--socket",
                                  str(path)], stdin=subprocess.DEVNULL)
@@ -118,6 +134,12 @@ def run(iterations: int, mode: str) -> dict[str, Any]:
             }
             c.region_read(0, abi.SCRATCH, 4)            # drain the posted writes above
             results["region_write_posted_server_4B"] = posted_burst(c, 100, max(iterations // 100, 20))
+            if proc is not None:
+                cpu = {"region_read_bar0_4B": cpu_per_op(proc.pid, lambda: c.region_read(0, abi.MAGIC, 4),
+                                                         iterations)}
+                cpu["region_write_posted_4B"] = cpu_per_op(
+                    proc.pid, lambda: c.region_write(0, abi.SCRATCH, data, posted=True), iterations)
+                c.region_read(0, abi.SCRATCH, 4)
     finally:
         if proc is not None:
             proc.terminate()
@@ -128,7 +150,7 @@ def run(iterations: int, mode: str) -> dict[str, Any]:
             leftover.unlink()
         tmp.rmdir()
     return {"server": mode, "python": platform.python_version(), "cpu_count": os.cpu_count(),
-            "machine": platform.machine(), "results": results}
+            "machine": platform.machine(), "results": results, "server_cpu_us_per_op": cpu}
 
 
 def main() -> int:
@@ -142,6 +164,8 @@ def main() -> int:
     print(f"{'operation':34} {'median µs':>10} {'p99 µs':>10} {'mean µs':>10} {'n':>8}")
     for name, r in out["results"].items():
         print(f"{name:34} {r['median_us']:10.1f} {r['p99_us']:10.1f} {r['mean_us']:10.1f} {r['n']:8d}")
+    for name, us in out["server_cpu_us_per_op"].items():
+        print(f"server CPU per {name}: {us:.1f} µs")
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return 0

@@ -180,7 +180,10 @@ class VfioUserClient:
         self.sock.settimeout(self.timeout if timeout is None else timeout)
         fds: list[int] = []
         try:
-            hdr = P.parse_header(self._recv_exact(P.HEADER_SIZE, fds))
+            try:
+                hdr = P.parse_header(self._recv_exact(P.HEADER_SIZE, fds))
+            except BlockingIOError:         # timeout 0 makes the socket non-blocking
+                raise TimeoutError("no message") from None
             self.sock.settimeout(self.timeout)
             body = self._recv_exact(hdr.size - P.HEADER_SIZE, fds) if hdr.size > P.HEADER_SIZE else b""
         finally:

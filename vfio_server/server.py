@@ -311,7 +311,7 @@ class Connection:
         if len(body) != P.REGION_ACCESS.size + count:
             raise _einval(f"REGION_WRITE: count {count} but {len(body) - P.REGION_ACCESS.size} data bytes")
         self._check_access(region, offset, count, _WRITE)
-        self.device.region_write(region, offset, bytes(body[P.REGION_ACCESS.size:]))
+        self.device.region_write(region, offset, bytes(memoryview(body)[P.REGION_ACCESS.size:]))
         return [memoryview(body)[:P.REGION_ACCESS.size]], []
 
     def _write_multi(self, msg: Incoming) -> Reply:
