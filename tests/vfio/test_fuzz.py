@@ -8,7 +8,6 @@ import os
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.errors import ProtocolError
 
