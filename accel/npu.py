@@ -37,6 +37,10 @@ QNN plugin registered they fail instead of falling back.
   :mod:`vxpu.accel.npu_graph`). They take the IR argument layout and any grid/block; the
   element count is ``min(n, grid.x * block.x)``. Anything else is UNSUPPORTED with the reason.
 
+Models must carry all their data inline: tensors with external data (files ONNX Runtime would
+read from the *server's* disk) are BAD_MODULE. A graph that fails while running (a runtime shape
+error, say) is a KERNEL_FAULT with the usual context reset.
+
 NPU providers want static shapes, so sessions are built per concrete shape (symbolic
 dimensions fixed to the launch's values) and cached (:data:`SESSIONS_PER_KERNEL`); with
 ``provider=cpu`` one dynamic-shape session serves all shapes.

@@ -70,16 +70,11 @@ class NotElementwise(Exception):
 
 
 def param_layout(kernel: Any) -> KernelInfo:
-    """The packed argument layout of an IR kernel: natural alignment, little-endian."""
-    sizes, offsets, offset = [], [], 0
-    for p in kernel.params:
-        size = p.type.size
-        offset = (offset + size - 1) // size * size
-        sizes.append(size)
-        offsets.append(offset)
-        offset += size
-    static_shared = sum(a.size for a in kernel.shared)
-    return KernelInfo(kernel.name, tuple(sizes), tuple(offsets), offset, static_shared)
+    """The packed argument layout of an IR kernel, exactly as every other backend has it."""
+    from vxpu.ir.compile import kernel_signature
+
+    info: KernelInfo = kernel_signature(kernel).kernel_info()
+    return info
 
 
 @dataclass

@@ -116,3 +116,20 @@ def image(source: str) -> bytes:
 
 def vadd_args(n: int, a: int, b: int, c: int) -> bytes:
     return struct.pack("<i4xQQQ", n, a, b, c)
+
+# Parameters (ptr, i32): the packed size rounds up to the largest alignment (16, not 12).
+DOUBLE_IN_PLACE = f"""
+module @dbl
+
+kernel @double(%x: ptr<global>, %n: i32) {{
+^entry:{_INDEX}
+^body:
+  %px = offset %x, %i : f32
+  %v = load %px : f32
+  %w = fadd %v, %v : f32
+  store %w, %px
+  br ^exit
+^exit:
+  ret
+}}
+"""

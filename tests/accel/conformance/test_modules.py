@@ -7,7 +7,7 @@ import os
 import pytest
 from vxpu.accel.backend import BackendError, ModuleKind, Status
 
-from .kernels import ILL_TYPED, VADD, image, vadd_args
+from .kernels import DOUBLE_IN_PLACE, ILL_TYPED, VADD, image, vadd_args
 
 
 def status_of(fn, *args):
@@ -24,6 +24,23 @@ def test_load_module_and_get_kernel(session):
     assert session.get_kernel(mod, "vadd")[0] == k            # same handle on a second lookup
     session.unload_module(mod)
     assert status_of(session.launch, k, (1,), (1,), vadd_args(0, 0, 0, 0)) == Status.INVALID_HANDLE
+
+
+def test_argument_layout_is_the_same_everywhere(session):
+    import struct
+
+    import numpy as np
+
+    k, info = session.get_kernel(session.load_module(image(DOUBLE_IN_PLACE)), "double")
+    assert (info.param_sizes, info.param_offsets, info.args_size) == ((8, 4), (0, 8), 16)
+    x = np.arange(100, dtype=np.float32)
+    d = session.alloc(x.nbytes)
+    session.copy_htod(d, memoryview(x))
+    session.launch(k, (1,), (128,), struct.pack("<Qi4x", d, 100))
+    out = np.empty_like(x)
+    session.copy_dtoh(memoryview(out), d)
+    session.synchronize()
+    assert np.array_equal(out, 2 * x)
 
 
 @pytest.mark.parametrize("blob", [b"", b"VXIR", os.urandom(64), b"VXIR\x01\x00\x00" + os.urandom(40)])
