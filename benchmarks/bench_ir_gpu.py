@@ -439,6 +439,12 @@ def run_kernel(gpu: Gpu, name: str, fns: dict, quick: bool, rng: np.random.Gener
     return out
 
 
+def _hand_source(name: str) -> str:
+    """The hand-written CUDA C of one kernel (for NVRTC compile-time comparison)."""
+    parts = CUDA_SRC.split('extern "C"')
+    return 'extern "C"' + next(p for p in parts if f"void {name}(" in p)
+
+
 def compile_timings(gpu: Gpu | None, reps: int, opt: int = 3) -> dict:
     """Cold compile (bytes → cubin → loaded function) and warm cache-hit medians per kernel."""
     out = {}
@@ -473,7 +479,17 @@ def compile_timings(gpu: Gpu | None, reps: int, opt: int = 3) -> dict:
                 t0 = time.perf_counter()
                 compile_module(data, "nvptx", arch=ARCH, cache=cache)
                 warm.append(time.perf_counter() - t0)
+            src = _hand_source(name)
+            nv = []
+            try:
+                for rep in range(reps):
+                    t0 = time.perf_counter()
+                    nvrtc_cubin(src.replace(f"void {name}(", f"void {name}_r{rep}("), ARCH)
+                    nv.append(time.perf_counter() - t0)
+            except Exception:  # noqa: BLE001 - NVRTC missing here: leave the column empty
+                nv = []
             out[name] = {"cold_ms": statistics.median(cold) * 1e3, "warm_us": statistics.median(warm) * 1e6,
+                         **({"nvrtc_ms": statistics.median(nv) * 1e3} if nv else {}),
                          "load_ms": statistics.median(load) * 1e3, "nvjitlink_ms": statistics.median(ptxas) * 1e3}
     return out
 
@@ -515,12 +531,13 @@ def main(argv: list[str] | None = None) -> int:
         for o in ns.also_opt:
             print(f"(O{o}: " + ", ".join(f"{r['kernel']} {r[f'ratio_ir_O{o}']:.3f}" for r in rows) + ")")
     print("\n| kernel | cold compile → loaded function (ms) | of which nvJitLink / cuModuleLoadData (ms) "
-          "| warm cache hit (µs) |")
-    print("|---|---|---|---|")
+          "| warm cache hit (µs) | NVRTC CUDA C → cubin (ms) |")
+    print("|---|---|---|---|---|")
     for o, per in ct.items():
         for name, c in per.items():
+            nvrtc = f"{c['nvrtc_ms']:.1f}" if "nvrtc_ms" in c else "-"
             print(f"| {name} (O{o}) | {c['cold_ms']:.1f} | {c['nvjitlink_ms']:.1f} / {c['load_ms']:.1f} | "
-                  f"{c['warm_us']:.1f} |")
+                  f"{c['warm_us']:.1f} | {nvrtc} |")
     return 0
 
 

@@ -120,6 +120,8 @@ class CpuKernel:
         if nthreads > MAX_THREADS_PER_BLOCK:
             raise ValueError(f"block has {nthreads} threads; at most {MAX_THREADS_PER_BLOCK}")
         total = g[0] * g[1] * g[2]
+        if total >= 1 << 63:
+            raise ValueError(f"grid {g} has more than 2^63 blocks")
         rng = range(total) if blocks is None else blocks
         if rng.step != 1 or rng.start < 0 or rng.stop > total:
             raise ValueError(f"blocks must be a step-1 range within 0..{total}, got {rng}")

@@ -179,9 +179,9 @@ def parse_and_optimize(llvm_ir: str, spec: TargetSpec, opt_level: int) -> Any:
 
 
 def emit_ptx(mod: Any, spec: TargetSpec, opt_level: int = 3) -> str:
-    """Emit PTX text for an optimized NVPTX ``ModuleRef`` (emits from a clone)."""
+    """Emit PTX text for an optimized NVPTX ``ModuleRef`` (consumes it: emit once)."""
     with LLVM_LOCK:
-        return str(target_machine(spec, opt_level).emit_assembly(mod.clone()))
+        return str(target_machine(spec, opt_level).emit_assembly(mod))
 
 
 def emit_amdgpu_object(mod: Any, spec: TargetSpec, opt_level: int = 3) -> bytes:
