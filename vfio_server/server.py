@@ -6,7 +6,8 @@ too, so a device never needs locks): accept a client, read its messages, validat
 header and payload, call the device, reply. Device state survives a disconnect; the
 connection's DMA maps and interrupt eventfds do not. While a client is connected further
 clients wait in the listen backlog (QEMU connects once per device instance; a hot re-plug
-connects again after the old socket closed).
+connects again after the old socket closed). A client that sends no VERSION within
+:data:`HANDSHAKE_TIMEOUT` is dropped, so a stuck probe cannot block the next QEMU.
 
 Per message: the transport already bounded its size; :meth:`Connection.handle` checks the
 type bits (client replies go to the pending DMA_READ/DMA_WRITE table), the fd count, that
@@ -35,6 +36,7 @@ import socket
 import stat
 import tempfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
@@ -53,6 +55,8 @@ log = logging.getLogger(__name__)
 BACKLOG_LIMIT = 8 << 20        # stop reading requests while this many reply bytes are unsent
 BATCH_LIMIT = 64               # messages handled per readiness event before polling others
 _SUN_PATH_MAX = 108            # sizeof(sockaddr_un.sun_path), NUL included
+HANDSHAKE_TIMEOUT = 10.0       # seconds a new client has to send VERSION (QEMU sends it at once)
+ACCEPT_BACKOFF = 0.1           # seconds to wait after a failed accept (fd exhaustion)
 WARN_BUDGET = 64               # hostile-input warnings per connection before they go to DEBUG
 
 _READ = int(RegionFlags.READ)     # plain ints: IntFlag arithmetic is slow on the hot path
@@ -77,6 +81,7 @@ class Connection:
         self.server = server
         self.device = server.device
         self.number = number
+        self.connected_at = time.monotonic()
         self.log = server.conn_log
         self.transport = Transport(sock)
         self.dma = DmaSpace(logger=self.log)
@@ -459,10 +464,11 @@ class VfioUserServer:
         assert self._sel is not None
         try:
             while not self._stopping:
-                for key, mask in self._sel.select():
+                for key, mask in self._sel.select(self._handshake_left()):
                     self._on_event(key.data, mask)
                     if self._stopping:
                         break
+                self._check_handshake()
         finally:
             self._shutdown()
 
@@ -545,14 +551,29 @@ class VfioUserServer:
             except Exception:
                 self.log.exception("scheduled call %r failed", fn)
 
+    def _handshake_left(self) -> float | None:
+        """Seconds until the connected client must have sent VERSION (None: no deadline)."""
+        conn = self.conn
+        if conn is None or conn.negotiated:
+            return None
+        return max(0.0, conn.connected_at + HANDSHAKE_TIMEOUT - time.monotonic())
+
+    def _check_handshake(self) -> None:
+        conn = self.conn
+        if conn is not None and not conn.negotiated and self._handshake_left() == 0.0:
+            self.log.warning("conn %d: no VERSION within %.0f s; dropped so the next client can connect",
+                             conn.number, HANDSHAKE_TIMEOUT)
+            self._drop(conn, "handshake timeout")
+
     def _accept(self) -> None:
         assert self._listener is not None and self._sel is not None
         try:
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:
-            self.log.error("accept failed: %s", exc)
+        except OSError as exc:      # EMFILE/ENFILE/ENOBUFS: back off instead of spinning
+            self.log.error("accept failed: %s; retrying in %.1f s", exc, ACCEPT_BACKOFF)
+            time.sleep(ACCEPT_BACKOFF)
             return
         self.connections_served += 1
         self.conn = Connection(self, sock, self.connections_served)

@@ -11,6 +11,7 @@ import time
 import pytest
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import VfioUserClient
+from vxpu.vfio_server.errors import PeerClosed
 from vxpu.vfio_server.server import VfioUserServer
 
 from vxpu.errors import ConfigError
@@ -201,3 +202,15 @@ def test_whole_lifecycle_leaks_nothing(tmp_path):
     dev.close()
     assert not (tmp_path / "l.sock").exists()
     assert nfds() == before
+
+
+def test_silent_client_is_dropped_after_the_handshake_timeout(server, monkeypatch):
+    from vxpu.vfio_server import server as server_mod
+    monkeypatch.setattr(server_mod, "HANDSHAKE_TIMEOUT", 0.2)
+    with VfioUserClient(server.path) as silent:
+        time.sleep(0.05)
+        with VfioUserClient(server.path) as waiting:
+            waiting.version()                    # answered once the silent one was dropped
+            ping(waiting)
+        with pytest.raises(PeerClosed):
+            silent.recv_message(timeout=1.0)
