@@ -136,9 +136,9 @@ class Connection:
             raise
         except ProtocolError as exc:
             self._refuse(hdr, exc)
-        except Exception as exc:   # a device bug: never let it kill the server
-            self.log.error("conn %d: %s failed: %s: %s", self.number, hdr.command_name(), type(exc).__name__,
-                           exc, exc_info=self.log.isEnabledFor(logging.DEBUG))
+        except Exception as exc:  # noqa: BLE001 -- a device bug must never kill the server
+            self._warn("conn %d: %s failed: %s: %s", self.number, hdr.command_name(), type(exc).__name__, exc,
+                       level=logging.ERROR, exc_info=self.log.isEnabledFor(logging.DEBUG))
             self._refuse(hdr, None)
         finally:
             msg.close_fds()
@@ -166,14 +166,16 @@ class Connection:
         if not hdr.no_reply and hdr.type != P.TYPE_REPLY:
             self.transport.send([P.error_header(hdr, err)])
 
-    def _warn(self, fmt: str, *args: Any) -> None:
+    def _warn(self, fmt: str, *args: Any, level: int = logging.WARNING, exc_info: bool = False) -> None:
+        """Log hostile input (or a device failure it caused) at ``level``, at most WARN_BUDGET
+        times per connection; then at DEBUG, so a client cannot flood the log."""
         if self._warn_budget > 0:
             self._warn_budget -= 1
-            self.log.warning(fmt, *args)
+            self.log.log(level, fmt, *args, exc_info=exc_info)
             if self._warn_budget == 0:
                 self.log.warning("conn %d: further refusals are logged at DEBUG", self.number)
         else:
-            self.log.debug(fmt, *args)
+            self.log.debug(fmt, *args, exc_info=exc_info)
 
     @staticmethod
     def _no_fds(msg: Incoming) -> None:
