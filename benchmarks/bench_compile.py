@@ -20,18 +20,19 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    import vxpu.ir.compile  # noqa: F401
+    import vxpu.ir.compile
 except ImportError:
     sys.path.insert(0, str(ROOT))
     import vxpu
 
     vxpu.__path__.append(str(ROOT))
 
-from vxpu.ir import binary  # noqa: E402
-from vxpu.ir.cache import CompileCache  # noqa: E402
-from vxpu.ir.compile import compile_module  # noqa: E402
-from vxpu.ir.lower import amdgpu, nvptx, toolchain as tc, x86  # noqa: E402
-from vxpu.ir.text import parse  # noqa: E402
+from vxpu.ir import binary
+from vxpu.ir.cache import CompileCache
+from vxpu.ir.compile import compile_module
+from vxpu.ir.lower import amdgpu, nvptx, x86
+from vxpu.ir.lower import toolchain as tc
+from vxpu.ir.text import parse
 
 TARGETS = (("x86", None), ("nvptx", "sm_90"), ("amdgpu", "gfx942"))
 

@@ -30,20 +30,20 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 try:
-    import vxpu.ir.compile  # noqa: F401
+    import vxpu.ir.compile
 except ImportError:  # running from a checkout that is not installed: map the layer folders
     sys.path.insert(0, str(ROOT))
     import vxpu
 
     vxpu.__path__.append(str(ROOT))
 
-from vxpu.ir import binary  # noqa: E402
-from vxpu.ir.builder import KernelBuilder  # noqa: E402
-from vxpu.ir.cache import CompileCache  # noqa: E402
-from vxpu.ir.compile import compile_module  # noqa: E402
-from vxpu.ir.lower import toolchain  # noqa: E402
-from vxpu.ir.model import Module  # noqa: E402
-from vxpu.ir.types import f32, i32, ptr_global  # noqa: E402
+from vxpu.ir import binary
+from vxpu.ir.builder import KernelBuilder
+from vxpu.ir.cache import CompileCache
+from vxpu.ir.compile import compile_module
+from vxpu.ir.lower import toolchain
+from vxpu.ir.model import Module
+from vxpu.ir.types import f32, i32, ptr_global
 
 ARCH = "sm_90"
 
@@ -359,14 +359,14 @@ def _case(name: str, quick: bool, rng: np.random.Generator):  # type: ignore[no-
         y = rng.standard_normal(n, dtype=np.float32)
         grid, block = ((n + 255) // 256, 1, 1), (256, 1, 1)
         if name == "vadd":
-            return dict(a=x, b=y, c=np.full(n, np.nan, np.float32)), grid, block, \
+            return {"a": x, "b": y, "c": np.full(n, np.nan, np.float32)}, grid, block, \
                 lambda p: struct.pack("<iiQQQ", n, 0, p["a"], p["b"], p["c"]), ["c"], \
                 lambda d: {"c": d["a"] + d["b"]}, 12 * n
         if name == "saxpy":
-            return dict(x=x, y=y), grid, block, lambda p: struct.pack("<ifQQ", n, 2.5, p["x"], p["y"]), ["y"], \
+            return {"x": x, "y": y}, grid, block, lambda p: struct.pack("<ifQQ", n, 2.5, p["x"], p["y"]), ["y"], \
                 lambda d: {"y": np.float32(2.5) * d["x"] + d["y"]}, 12 * n
         x = (x * 3).astype(np.float32)
-        return dict(x=x, y=np.full(n, np.nan, np.float32)), grid, block, \
+        return {"x": x, "y": np.full(n, np.nan, np.float32)}, grid, block, \
             lambda p: struct.pack("<ifQQ", n, 0.5, p["x"], p["y"]), ["y"], \
             lambda d: {"y": (np.exp(d["x"].astype(np.float64)) * 0.5).astype(np.float32)}, 8 * n
     if name == "stencil":
@@ -379,17 +379,17 @@ def _case(name: str, quick: bool, rng: np.random.Generator):  # type: ignore[no-
             out[1:-1, 1:-1] = (s[1:-1, 1:-1] + s[1:-1, :-2] + s[1:-1, 2:] + s[:-2, 1:-1] + s[2:, 1:-1]) * np.float32(0.2)
             return {"dst": out.astype(np.float32).ravel()}
 
-        return dict(src=src, dst=np.full(w * h, np.nan, np.float32)), ((w + 31) // 32, (h + 7) // 8, 1), (32, 8, 1), \
+        return {"src": src, "dst": np.full(w * h, np.nan, np.float32)}, ((w + 31) // 32, (h + 7) // 8, 1), (32, 8, 1), \
             lambda p: struct.pack("<iiQQ", w, h, p["src"], p["dst"]), ["dst"], ref, 8 * w * h
     if name == "reduce":
         x = rng.random(n, dtype=np.float32)
-        return dict(x=x, out=np.zeros(1, np.float32)), ((n + 255) // 256, 1, 1), (256, 1, 1), \
+        return {"x": x, "out": np.zeros(1, np.float32)}, ((n + 255) // 256, 1, 1), (256, 1, 1), \
             lambda p: struct.pack("<iiQQ", n, 0, p["x"], p["out"]), ["out"], \
             lambda d: {"out": np.array([d["x"].astype(np.float64).sum()])}, 4 * n
     nn = 1024 if quick else 2048
     a = rng.standard_normal((nn, nn), dtype=np.float32)
     bm = rng.standard_normal((nn, nn), dtype=np.float32)
-    return dict(a=a.ravel(), b=bm.ravel(), c=np.full(nn * nn, np.nan, np.float32)), (nn // 16, nn // 16, 1), (16, 16, 1), \
+    return {"a": a.ravel(), "b": bm.ravel(), "c": np.full(nn * nn, np.nan, np.float32)}, (nn // 16, nn // 16, 1), (16, 16, 1), \
         lambda p: struct.pack("<iiQQQ", nn, 0, p["a"], p["b"], p["c"]), ["c"], \
         lambda d: {"c": (d["a"].reshape(nn, nn).astype(np.float64) @ d["b"].reshape(nn, nn)).ravel()}, 12 * nn * nn
 

@@ -32,8 +32,16 @@ from vxpu.ir.model import Kernel, Module
 
 log = logging.getLogger(__name__)
 
-__all__ = ["compile_module", "CompiledModule", "KernelSignature", "CompileError", "ToolchainError",
-           "LoweringError", "kernel_signature", "default_cache"]
+__all__ = [
+    "CompileError",
+    "CompiledModule",
+    "KernelSignature",
+    "LoweringError",
+    "ToolchainError",
+    "compile_module",
+    "default_cache",
+    "kernel_signature",
+]
 
 _PAYLOAD_MAGIC = b"VXCM"
 _PAYLOAD_VERSION = 1
@@ -122,7 +130,7 @@ class CompiledModule:
         return _PAYLOAD_MAGIC + struct.pack("<HI", _PAYLOAD_VERSION, len(head)) + head + self.image
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> "CompiledModule":
+    def from_bytes(cls, data: bytes) -> CompiledModule:
         """Inverse of :meth:`to_bytes`.
 
         Raises:
@@ -252,7 +260,7 @@ def _build(module: Module, spec: Any, opt: int) -> CompiledModule:
             extra["layouts"] = {lay.name: x86.layout_to_json(lay) for lay in layouts}
     except CompileError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any LLVM/tool failure becomes a precise CompileError
+    except Exception as exc:
         log.debug("compile of %s for %s failed", module.name, spec.key(), exc_info=True)
         raise CompileError(f"compiling module {module.name!r} for {spec.key()} failed: {exc}") from exc
     dt = time.perf_counter() - t0

@@ -24,15 +24,23 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from vxpu.errors import Error
 from vxpu.ir.compile import CompiledModule, KernelSignature, compile_module
 from vxpu.ir.lower import x86 as x86_lower
 from vxpu.ir.lower.errors import CompileError
 
+from vxpu.errors import Error
+
 log = logging.getLogger(__name__)
 
-__all__ = ["CpuModule", "CpuKernel", "KernelFault", "FAULT_MESSAGES", "MAX_THREADS_PER_BLOCK",
-           "MAX_SHARED_BYTES", "load"]
+__all__ = [
+    "FAULT_MESSAGES",
+    "MAX_SHARED_BYTES",
+    "MAX_THREADS_PER_BLOCK",
+    "CpuKernel",
+    "CpuModule",
+    "KernelFault",
+    "load",
+]
 
 MAX_THREADS_PER_BLOCK = 1024
 #: Largest shared window (static + dynamic) per block.
@@ -78,7 +86,7 @@ class KernelFault(Error):
 class CpuKernel:
     """One loaded kernel. Get it from :meth:`CpuModule.kernel`."""
 
-    def __init__(self, module: "CpuModule", sig: KernelSignature, layout: x86_lower.X86KernelLayout,
+    def __init__(self, module: CpuModule, sig: KernelSignature, layout: x86_lower.X86KernelLayout,
                  address: int) -> None:
         self._module = module  # keeps the machine code alive
         self.name = sig.name
@@ -193,7 +201,6 @@ class CpuModule:
         if compiled.kind != "x86":
             raise CompileError(f"module {compiled.name!r} was compiled for {compiled.kind}, not x86")
         import llvmlite.binding as llvm
-
         from vxpu.ir.lower.toolchain import LLVM_LOCK, _llvm, resolve_target
 
         _llvm()
@@ -250,7 +257,6 @@ def _resolve_imports(compiled: CompiledModule) -> None:
         CompileError: an import cannot be found in this process or the runtime libraries.
     """
     import llvmlite.binding as llvm
-
     from vxpu.ir.lower.toolchain import elf_undefined_symbols
 
     for name in elf_undefined_symbols(compiled.image):

@@ -12,8 +12,9 @@ The code-object version is a module flag (``amdhsa_code_object_version`` 400 or 
 
 from __future__ import annotations
 
-from llvmlite import ir
+from typing import ClassVar
 
+from llvmlite import ir
 from vxpu.ir.lower.common import I8, I16, I32, I64, KernelLowering, declare
 from vxpu.ir.lower.gpu import GpuHooks, lower_gpu_module
 from vxpu.ir.lower.toolchain import AMDGPU_DATALAYOUT, AMDGPU_TRIPLE, COV_FLAGS
@@ -40,7 +41,7 @@ class AmdgpuHooks(GpuHooks):
 
     triple = AMDGPU_TRIPLE
     datalayout = AMDGPU_DATALAYOUT
-    spaces = {AddressSpace.GLOBAL: 1, AddressSpace.CONSTANT: 4, AddressSpace.SHARED: 3,
+    spaces: ClassVar[dict[AddressSpace, int]] = {AddressSpace.GLOBAL: 1, AddressSpace.CONSTANT: 4, AddressSpace.SHARED: 3,
               AddressSpace.LOCAL: 5}
     cov = 5
 
@@ -78,7 +79,7 @@ class AmdgpuHooks(GpuHooks):
     def make_local(self, b: ir.IRBuilder, ty: ir.ArrayType, align: int) -> ir.Value:
         inst = _PrivateAlloca(b.block, ty)
         inst.align = align
-        b._insert(inst)  # noqa: SLF001 - llvmlite has no public hook for custom instructions
+        b._insert(inst)
         return inst
 
     def finish_module(self, mod: ir.Module) -> None:

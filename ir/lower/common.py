@@ -21,11 +21,11 @@ on GPUs and arena offsets (``i64``) on x86; loads and stores ask the hooks for a
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Iterator
 
 from llvmlite import ir
-
 from vxpu.ir.lower import math as vmath
 from vxpu.ir.lower.errors import LoweringError
 from vxpu.ir.model import Block, Kernel, Op, Value
@@ -65,9 +65,9 @@ def scalar_type(t: Type) -> ir.Type:
 def float_constant(t: Type, value: float) -> ir.Constant:
     """An exact LLVM float constant (hex bit patterns; f16 as ``0xH``)."""
     if t.bits == 16:
-        bits = struct.unpack("<H", struct.pack("<e", value))[0] if value == value else 0x7E00
+        bits = 0x7E00 if math.isnan(value) else struct.unpack("<H", struct.pack("<e", value))[0]
         return ir.FormattedConstant(_SCALAR["f16"], f"0xH{bits:04X}")
-    if value != value:
+    if math.isnan(value):
         return ir.FormattedConstant(_SCALAR[t.name], "0x7FF8000000000000")
     bits64 = struct.unpack("<Q", struct.pack("<d", float(value)))[0]
     return ir.FormattedConstant(_SCALAR[t.name], f"0x{bits64:016X}")
@@ -86,7 +86,7 @@ class FreezeInstr(ir.instructions.Instruction):
 def freeze(b: ir.IRBuilder, val: ir.Value) -> ir.Value:
     """Emit ``freeze`` of ``val`` at the builder's position."""
     inst = FreezeInstr(b.block, val)
-    b._insert(inst)  # noqa: SLF001 - llvmlite has no public hook for custom instructions
+    b._insert(inst)
     return inst
 
 
@@ -112,34 +112,34 @@ class TargetHooks:
         """LLVM type of an IR pointer in ``space``."""
         raise NotImplementedError
 
-    def geometry(self, kl: "KernelLowering", opcode: str, dim: str) -> ir.Value:
+    def geometry(self, kl: KernelLowering, opcode: str, dim: str) -> ir.Value:
         """An i32 for thread_id / block_id / block_dim / grid_dim."""
         raise NotImplementedError
 
-    def offset(self, kl: "KernelLowering", p: ir.Value, nbytes: ir.Value, space: AddressSpace) -> ir.Value:
+    def offset(self, kl: KernelLowering, p: ir.Value, nbytes: ir.Value, space: AddressSpace) -> ir.Value:
         """``p + nbytes`` (i64, wrapping) in ``space``."""
         raise NotImplementedError
 
-    def address(self, kl: "KernelLowering", p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
+    def address(self, kl: KernelLowering, p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
                 atomic: bool) -> ir.Value:
         """A typed LLVM pointer for an access of ``size`` bytes at IR pointer ``p``.
 
         The x86 target emits the sandbox checks here (and may change the current block)."""
         raise NotImplementedError
 
-    def array_addr(self, kl: "KernelLowering", op: Op) -> ir.Value:
+    def array_addr(self, kl: KernelLowering, op: Op) -> ir.Value:
         """The pointer value of ``shared_addr``/``local_addr``."""
         raise NotImplementedError
 
-    def barrier(self, kl: "KernelLowering") -> None:
+    def barrier(self, kl: KernelLowering) -> None:
         """Emit a block-wide barrier (the x86 target splits the function here)."""
         raise NotImplementedError
 
-    def trap(self, kl: "KernelLowering") -> None:
+    def trap(self, kl: KernelLowering) -> None:
         """Terminate the current block with a kernel fault."""
         raise NotImplementedError
 
-    def ret(self, kl: "KernelLowering") -> None:
+    def ret(self, kl: KernelLowering) -> None:
         """Terminate the current block: this thread is done."""
         raise NotImplementedError
 

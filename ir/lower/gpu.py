@@ -10,10 +10,20 @@ context), so no software bounds checks are emitted here. The subclasses supply t
 from __future__ import annotations
 
 import re
+from typing import ClassVar
 
 from llvmlite import ir
-
-from vxpu.ir.lower.common import I8, I32, I64, VOID, KernelLowering, TargetHooks, declare, new_module, scalar_type
+from vxpu.ir.lower.common import (
+    I8,
+    I32,
+    I64,
+    VOID,
+    KernelLowering,
+    TargetHooks,
+    declare,
+    new_module,
+    scalar_type,
+)
 from vxpu.ir.model import Kernel, LocalArray, Module, Op, SharedArray
 from vxpu.ir.types import AddressSpace
 
@@ -29,8 +39,7 @@ class GpuHooks(TargetHooks):
     """Common GPU behaviour; subclasses set the address spaces and intrinsics."""
 
     #: LLVM address space per IR address space.
-    spaces: dict[AddressSpace, int] = {}
-    local_space = 0
+    spaces: ClassVar[dict[AddressSpace, int]] = {}
 
     def __init__(self) -> None:
         self.arrays: dict[int, ir.Value] = {}
@@ -120,4 +129,4 @@ def lower_gpu_module(module: Module, hooks_factory: type[GpuHooks]) -> ir.Module
     return mod
 
 
-__all__ = ["GpuHooks", "lower_gpu_module", "array_align", "I32", "I64"]
+__all__ = ["I32", "I64", "GpuHooks", "array_align", "lower_gpu_module"]

@@ -12,8 +12,9 @@ constant pointer is an ordinary device allocation, which the ``.const`` window
 
 from __future__ import annotations
 
-from llvmlite import ir
+from typing import ClassVar
 
+from llvmlite import ir
 from vxpu.ir.lower.common import I32, KernelLowering, declare
 from vxpu.ir.lower.gpu import GpuHooks, lower_gpu_module
 from vxpu.ir.lower.toolchain import NVPTX_DATALAYOUT, NVPTX_TRIPLE
@@ -28,7 +29,7 @@ class NvptxHooks(GpuHooks):
 
     triple = NVPTX_TRIPLE
     datalayout = NVPTX_DATALAYOUT
-    spaces = {AddressSpace.GLOBAL: 1, AddressSpace.CONSTANT: 1, AddressSpace.SHARED: 3,
+    spaces: ClassVar[dict[AddressSpace, int]] = {AddressSpace.GLOBAL: 1, AddressSpace.CONSTANT: 1, AddressSpace.SHARED: 3,
               AddressSpace.LOCAL: 0}
 
     def __init__(self) -> None:

@@ -424,7 +424,7 @@ def toolchain_versions() -> str:
 
 def emit_x86_object(mod: Any, spec: TargetSpec, opt_level: int = 3) -> bytes:
     """Emit a host ELF object (large code model, so MCJIT may place it anywhere)."""
-    llvm = _llvm()
+    _llvm()
     with LLVM_LOCK:
         tm = _x86_object_machine(spec, opt_level)
         return bytes(tm.emit_object(mod.clone()))

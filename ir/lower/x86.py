@@ -27,7 +27,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llvmlite import ir
-
 from vxpu.ir.lower.common import I1, I8, I32, I64, KernelLowering, TargetHooks, new_module, scalar_type
 from vxpu.ir.model import BlockParam, Kernel, Module, Op, OpResult, SharedArray, Value
 from vxpu.ir.types import AddressSpace
@@ -443,9 +442,20 @@ def lower_module(module: Module) -> tuple[ir.Module, list[X86KernelLayout]]:
     return mod, layouts
 
 
-__all__ = ["lower_module", "kernel_layout", "crossing_values", "X86KernelLayout", "CTX_FIELDS",
-           "FAULT_GLOBAL", "FAULT_SHARED", "FAULT_LOCAL", "FAULT_MISALIGNED", "FAULT_TRAP", "FAULT_BARRIER",
-           "SharedArray"]
+__all__ = [
+    "CTX_FIELDS",
+    "FAULT_BARRIER",
+    "FAULT_GLOBAL",
+    "FAULT_LOCAL",
+    "FAULT_MISALIGNED",
+    "FAULT_SHARED",
+    "FAULT_TRAP",
+    "SharedArray",
+    "X86KernelLayout",
+    "crossing_values",
+    "kernel_layout",
+    "lower_module",
+]
 
 
 def layout_to_json(layout: X86KernelLayout) -> dict:  # type: ignore[type-arg]

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 from vxpu.ir.compile import compile_module
 from vxpu.ir.cpu_exec import CpuModule
 from vxpu.ir.interp import Memory, run_kernel
@@ -22,7 +21,7 @@ EXAMPLES = REPO / "examples" / "kernels"
 _FMT = {"i8": "b", "i16": "h", "i32": "i", "i64": "q", "f16": "e", "f32": "f", "f64": "d"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_sample(name: str) -> Module:
     """Parse ``examples/kernels/<name>.vxir`` (memoised: treat the result as read-only)."""
     return parse((EXAMPLES / f"{name}.vxir").read_text())

@@ -7,11 +7,11 @@ import threading
 from pathlib import Path
 
 import pytest
-
-from tests.ir.irhelpers import build_saxpy
 from vxpu.ir import binary
 from vxpu.ir.cache import HEADER_SIZE, CompileCache, cache_key
 from vxpu.ir.compile import CompiledModule, compile_module
+
+from tests.ir.irhelpers import build_saxpy
 
 
 def _key(n: int) -> bytes:

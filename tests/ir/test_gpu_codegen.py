@@ -11,12 +11,12 @@ import re
 import struct
 
 import pytest
-
-from tests.ir.irhelpers import sample_files
 from vxpu.ir.compile import compile_module
 from vxpu.ir.lower import amdgpu, nvptx, toolchain
 from vxpu.ir.lower.errors import ToolchainError
 from vxpu.ir.text import parse
+
+from tests.ir.irhelpers import sample_files
 
 SAMPLES = {p.stem: p for p in sample_files()}
 
@@ -49,8 +49,8 @@ def test_every_sample_assembles_to_cubin(modules, sample: str, arch: str) -> Non
     mod = modules[sample]
     cm = compile_module(mod, "nvptx", arch=arch, cache=False)
     assert cm.image[:4] == b"\x7fELF"
-    assert re.search(r"^\.version 8\.0$", cm.asm, re.M), "PTX ISA must stay <= 8.x for driver 580"
-    assert re.search(rf"^\.target {arch}\b", cm.asm, re.M)
+    assert re.search(r"^\.version 8\.0$", cm.asm, re.MULTILINE), "PTX ISA must stay <= 8.x for driver 580"
+    assert re.search(rf"^\.target {arch}\b", cm.asm, re.MULTILINE)
     for k in mod.kernels:
         assert re.search(rf"\.visible \.entry {k.name}\(", cm.asm), k.name
     assert set(cm.kernels) == {k.name for k in mod.kernels}
