@@ -216,7 +216,7 @@ class DmaSpace:
 
     def _lookup(self, gpa: int, length: int) -> DmaRegion:
         region = self._last
-        if region is None or not (region.addr <= gpa and gpa + length <= region.end):
+        if region is None or not (region.addr <= gpa and 0 <= length and gpa + length <= region.end):
             if gpa < 0 or length < 0 or gpa + length > P.U64_LIMIT:
                 raise DmaError(f"invalid DMA range [{gpa:#x}, +{length:#x})", errno.EINVAL)
             region = self.find(gpa)

@@ -62,6 +62,8 @@ def test_translate_bounds(space):
     _raises(errno.EINVAL, lambda: space.translate((1 << 64) - 4, 8, write=False))  # wraps
     _raises(errno.EINVAL, lambda: space.translate(-1, 8, write=False))
     _raises(errno.EINVAL, lambda: space.translate(0x10000, -1, write=False))
+    space.translate(0x10010, 4, write=False)                                       # warm the lookup cache
+    _raises(errno.EINVAL, lambda: space.translate(0x10020, -8, write=False))       # ... and miss it
     _raises(errno.EINVAL, lambda: space.translate(1 << 70, 1, write=False))
 
 
