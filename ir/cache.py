@@ -255,7 +255,7 @@ class CompileCache:
             self._disk_used = None
 
     def _entries(self) -> list[tuple[float, int, Path]]:
-        out = []
+        out: list[tuple[float, int, Path]] = []
         if self.directory is None or not self.directory.is_dir():
             return out
         for shard in self.directory.iterdir():

@@ -279,57 +279,23 @@ class _Loop:
 
 
 def _lower_driver(mod: ir.Module, kernel: Kernel, layout: X86KernelLayout, body: ir.Function) -> None:
+    """Emit ``vxpu_launch_<kernel>(ctx*)``: the block loop around the thread loops."""
     fn = ir.Function(mod, ir.FunctionType(I32, [I64.as_pointer()]), name=layout.symbol)
-    ctx = fn.args[0]
-    ctx.add_attribute("noalias")
-    b = ir.IRBuilder(fn.append_basic_block("entry"))
-
-    def field(name: str) -> ir.Value:
-        return b.gep(ctx, [ir.Constant(I32, _CTX[name])])
-
-    def get(name: str) -> ir.Value:
-        return b.load(field(name), align=8)
-
-    i8p = I8.as_pointer()
-    arena = b.inttoptr(get("arena_base"), i8p)
-    arena_size = get("arena_size")
-    args_ptr = b.inttoptr(get("args"), i8p)
-    shared = b.inttoptr(get("shared"), i8p)
-    shared_size = get("shared_size")
-    spill = b.inttoptr(get("spill"), i8p)
-    local = b.inttoptr(get("local"), i8p)
-    grid = [b.trunc(get(f"grid_{d}"), I32) for d in "xyz"]
-    blk = [b.trunc(get(f"block_{d}"), I32) for d in "xyz"]
-    fault_addr = b.alloca(I64)
-    agreed = b.alloca(I32)
-    params = _load_params(b, kernel, args_ptr)
-    fault_exit = fn.append_basic_block("fault")
-    fb = ir.IRBuilder(fault_exit)
-    f_code = fb.phi(I32)
-    f_block = fb.phi(I64)
-    f_thread = fb.phi(I64)
-    fb.store(fb.sext(fb.neg(f_code), I64), fb.gep(ctx, [ir.Constant(I32, _CTX["fault_code"])]))
-    fb.store(fb.load(fault_addr), fb.gep(ctx, [ir.Constant(I32, _CTX["fault_addr"])]))
-    fb.store(f_block, fb.gep(ctx, [ir.Constant(I32, _CTX["fault_block"])]))
-    fb.store(f_thread, fb.gep(ctx, [ir.Constant(I32, _CTX["fault_thread"])]))
-    fb.ret(ir.Constant(I32, -1))
-
-    lb = _Loop(b, fn, get("block_begin"), get("block_end"), "blk")
-    gx, gy = b.zext(grid[0], I64), b.zext(grid[1], I64)
-    bx = b.trunc(b.urem(lb.i, gx), I32)
+    fn.args[0].add_attribute("noalias")
+    drv = _Driver(fn, kernel, layout, body)
+    b = drv.b
+    lb = _Loop(b, fn, drv.ctx_load("block_begin"), drv.ctx_load("block_end"), "blk")
+    drv.block_index = lb.i
+    gx, gy = b.zext(drv.grid[0], I64), b.zext(drv.grid[1], I64)
     rest = b.udiv(lb.i, gx)
-    by = b.trunc(b.urem(rest, gy), I32)
-    bz = b.trunc(b.udiv(rest, gy), I32)
-    state = _ThreadState(b, fn, body, [arena, arena_size, shared, shared_size], spill, local, fault_addr,
-                         blk, grid, (bx, by, bz), params, layout, (f_code, f_block, f_thread), fault_exit, lb.i)
-    state.agreed = agreed
+    drv.bid = (b.trunc(b.urem(lb.i, gx), I32), b.trunc(b.urem(rest, gy), I32), b.trunc(b.udiv(rest, gy), I32))
     if layout.static_shared:
         # Shared memory starts zeroed in every block (deterministic, never stale).
-        b.call(_memset(mod), [shared, ir.Constant(I8, 0), shared_size, ir.Constant(I1, 0)])
+        b.call(_memset(mod), [drv.shared, ir.Constant(I8, 0), drv.shared_size, ir.Constant(I1, 0)])
     if layout.has_barriers:
-        state.emit_regions()
+        drv.emit_regions()
     else:
-        state.emit_threads(ir.Constant(I32, 0))
+        drv.emit_threads(ir.Constant(I32, 0), check_agreement=False)
     lb.close()
     b.ret(ir.Constant(I32, 0))
 
@@ -346,18 +312,42 @@ def _load_params(b: ir.IRBuilder, kernel: Kernel, args_ptr: ir.Value) -> list[ir
     return out
 
 
-class _ThreadState:
-    """Emits the per-block thread loops of the driver (with or without barrier regions)."""
+class _Driver:
+    """State of one launch driver while it is emitted: context values, the fault exit, and
+    the per-block thread loops (with or without barrier regions)."""
 
-    def __init__(self, b, fn, body, mem, spill, local, fault_addr, blk, grid, bid, params, layout,  # type: ignore[no-untyped-def]
-                 fault_phis, fault_exit, block_index) -> None:
-        self.b, self.fn, self.body, self.mem = b, fn, body, mem
-        self.spill, self.local, self.fault_addr = spill, local, fault_addr
-        self.blk, self.grid, self.bid, self.params = blk, grid, bid, params
-        self.layout = layout
-        self.f_code, self.f_block, self.f_thread = fault_phis
-        self.fault_exit = fault_exit
-        self.block_index = block_index
+    def __init__(self, fn: ir.Function, kernel: Kernel, layout: X86KernelLayout, body: ir.Function) -> None:
+        self.fn, self.layout, self.body = fn, layout, body
+        self.ctx = fn.args[0]
+        self.b = b = ir.IRBuilder(fn.append_basic_block("entry"))
+        i8p = I8.as_pointer()
+        self.arena = b.inttoptr(self.ctx_load("arena_base"), i8p)
+        self.arena_size = self.ctx_load("arena_size")
+        self.shared = b.inttoptr(self.ctx_load("shared"), i8p)
+        self.shared_size = self.ctx_load("shared_size")
+        self.spill = b.inttoptr(self.ctx_load("spill"), i8p)
+        self.local = b.inttoptr(self.ctx_load("local"), i8p)
+        self.grid = [b.trunc(self.ctx_load(f"grid_{d}"), I32) for d in "xyz"]
+        self.blk = [b.trunc(self.ctx_load(f"block_{d}"), I32) for d in "xyz"]
+        self.fault_addr = b.alloca(I64)
+        self.agreed = b.alloca(I32)
+        self.params = _load_params(b, kernel, b.inttoptr(self.ctx_load("args"), i8p))
+        self.block_index: ir.Value = ir.Constant(I64, 0)
+        self.bid: tuple[ir.Value, ...] = ()
+        self.fault_exit = fn.append_basic_block("fault")
+        fb = ir.IRBuilder(self.fault_exit)
+        self.f_code, self.f_block, self.f_thread = fb.phi(I32), fb.phi(I64), fb.phi(I64)
+        fb.store(fb.sext(fb.neg(self.f_code), I64), self._field(fb, "fault_code"))
+        fb.store(fb.load(self.fault_addr), self._field(fb, "fault_addr"))
+        fb.store(self.f_block, self._field(fb, "fault_block"))
+        fb.store(self.f_thread, self._field(fb, "fault_thread"))
+        fb.ret(ir.Constant(I32, -1))
+
+    def _field(self, b: ir.IRBuilder, name: str) -> ir.Value:
+        return b.gep(self.ctx, [ir.Constant(I32, _CTX[name])])
+
+    def ctx_load(self, name: str) -> ir.Value:
+        return self.b.load(self._field(self.b, name), align=8)
 
     def _fault(self, code: ir.Value, thread: ir.Value) -> None:
         b = self.b
@@ -366,60 +356,61 @@ class _ThreadState:
         self.f_thread.add_incoming(thread, b.block)
         b.branch(self.fault_exit)
 
-    def emit_threads(self, resume: ir.Value, expected: ir.Value | None = None) -> ir.Value | None:
-        """The z/y/x thread loops running ``body`` from ``resume``; returns the agreed barrier id
-        (barrier kernels) after checking that every thread returned the same code."""
+    def _thread_memory(self, lin: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(spill frame, local area) of thread ``lin`` (shared by all threads without barriers)."""
+        b, lay = self.b, self.layout
+        spill, local = self.spill, self.local
+        if lay.has_barriers:
+            if lay.spill_frame:
+                spill = b.gep(spill, [b.mul(lin, ir.Constant(I64, lay.spill_frame))])
+            if lay.local_size:
+                local = b.gep(local, [b.mul(lin, ir.Constant(I64, lay.local_size))])
+        return spill, local
+
+    def emit_threads(self, resume: ir.Value, *, check_agreement: bool) -> ir.Value | None:
+        """The z/y/x thread loops running ``body`` from ``resume``. With ``check_agreement``,
+        faults unless every thread returned the same code, and returns that code."""
         b, fn = self.b, self.fn
-        agreed = self.agreed if expected is not None else None
-        if agreed is not None:
-            b.store(ir.Constant(I32, -1), agreed)
+        if check_agreement:
+            b.store(ir.Constant(I32, -1), self.agreed)
         lz = _Loop(b, fn, ir.Constant(I32, 0), self.blk[2], "tz")
         ly = _Loop(b, fn, ir.Constant(I32, 0), self.blk[1], "ty")
         lx = _Loop(b, fn, ir.Constant(I32, 0), self.blk[0], "tx")
         nx, ny = b.zext(self.blk[0], I64), b.zext(self.blk[1], I64)
         lin = b.add(b.mul(b.add(b.mul(b.zext(lz.i, I64), ny), b.zext(ly.i, I64)), nx), b.zext(lx.i, I64))
-        spill, local = self.spill, self.local
-        if self.layout.has_barriers:
-            if self.layout.spill_frame:
-                spill = b.gep(spill, [b.mul(lin, ir.Constant(I64, self.layout.spill_frame))])
-            if self.layout.local_size:
-                local = b.gep(local, [b.mul(lin, ir.Constant(I64, self.layout.local_size))])
-        args = [*self.mem, local, spill, self.fault_addr, lx.i, ly.i, lz.i, *self.bid, *self.blk, *self.grid,
-                resume, *self.params]
+        spill, local = self._thread_memory(lin)
+        args = [self.arena, self.arena_size, self.shared, self.shared_size, local, spill, self.fault_addr,
+                lx.i, ly.i, lz.i, *self.bid, *self.blk, *self.grid, resume, *self.params]
         r = b.call(self.body, args)
-        bad = fn.append_basic_block("thread.fault")
-        good = fn.append_basic_block("thread.ok")
+        bad, good = fn.append_basic_block("thread.fault"), fn.append_basic_block("thread.ok")
         b.cbranch(b.icmp_signed("<", r, ir.Constant(I32, 0)), bad, good)
         b.position_at_end(bad)
         self._fault(r, lin)
         b.position_at_end(good)
-        if agreed is not None:
-            prev = b.load(agreed)
-            first = b.icmp_signed("<", prev, ir.Constant(I32, 0))
-            same = b.icmp_unsigned("==", prev, r)
-            mismatch = fn.append_basic_block("barrier.mismatch")
-            fine = fn.append_basic_block("barrier.ok")
-            b.cbranch(b.or_(first, same), fine, mismatch)
+        if check_agreement:
+            prev = b.load(self.agreed)
+            agree = b.or_(b.icmp_signed("<", prev, ir.Constant(I32, 0)), b.icmp_unsigned("==", prev, r))
+            mismatch, fine = fn.append_basic_block("barrier.mismatch"), fn.append_basic_block("barrier.ok")
+            b.cbranch(agree, fine, mismatch)
             b.position_at_end(mismatch)
             self._fault(ir.Constant(I32, -FAULT_BARRIER), lin)
             b.position_at_end(fine)
-            b.store(r, agreed)
+            b.store(r, self.agreed)
         lx.close()
         ly.close()
         lz.close()
-        return b.load(agreed) if agreed is not None else None
+        return b.load(self.agreed) if check_agreement else None
 
     def emit_regions(self) -> None:
         """Run regions between barriers until every thread has returned."""
         b, fn = self.b, self.fn
         pre = b.block
-        head = fn.append_basic_block("region")
-        done = fn.append_basic_block("block.done")
+        head, done = fn.append_basic_block("region"), fn.append_basic_block("block.done")
         b.branch(head)
         b.position_at_end(head)
         resume = b.phi(I32)
         resume.add_incoming(ir.Constant(I32, 0), pre)
-        agreed = self.emit_threads(resume, expected=ir.Constant(I32, 0))
+        agreed = self.emit_threads(resume, check_agreement=True)
         assert agreed is not None
         resume.add_incoming(agreed, b.block)
         b.cbranch(b.icmp_signed(">", agreed, ir.Constant(I32, 0)), head, done)
