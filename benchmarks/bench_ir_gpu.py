@@ -261,6 +261,174 @@ extern "C" __global__ void expk(int n, float s, const float* x, float* y) {
 }
 """
 
+# ------------------------------------------------------------------------------- sample kernels
+# examples/kernels/*.vxir and their hand-written CUDA C twins (the same algorithm, op for op).
+
+SAMPLE_CUDA = r"""
+#define NEG_INF __int_as_float(0xff800000)
+extern "C" __global__ void s_vector_add(int n, const float* a, const float* b, float* c) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) c[i] = a[i] + b[i];
+}
+extern "C" __global__ void s_saxpy(int n, float a, const float* x, float* y) {
+  int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = a * x[i] + y[i];
+}
+extern "C" __global__ void s_stencil5(int w, int h, float cc, float cn, const float* src, float* dst) {
+  int x = blockIdx.x * blockDim.x + threadIdx.x, y = blockIdx.y * blockDim.y + threadIdx.y;
+  if (x >= w || y >= h) return;
+  int idx = y * w + x;
+  float center = src[idx];
+  if (x > 0 && x < w - 1 && y > 0 && y < h - 1)
+    dst[idx] = cc * center + cn * ((src[idx - 1] + src[idx + 1]) + (src[idx - w] + src[idx + w]));
+  else dst[idx] = center;
+}
+extern "C" __global__ void s_dot(int n, const float* x, const float* y, float* out) {
+  __shared__ float partial[256];
+  int tid = threadIdx.x, i = blockIdx.x * blockDim.x + tid;
+  partial[tid] = i < n ? x[i] * y[i] : 0.0f;
+  __syncthreads();
+  for (unsigned s = blockDim.x >> 1; s > 0; s >>= 1) {
+    if (tid < s) partial[tid] += partial[tid + s];
+    __syncthreads();
+  }
+  if (tid == 0) atomicAdd(out, partial[0]);
+}
+extern "C" __global__ void s_histogram(int n, int nbins, const int* data, int* hist) {
+  __shared__ int bins[256];
+  for (int j = threadIdx.x; j < nbins; j += blockDim.x) bins[j] = 0;
+  __syncthreads();
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += blockDim.x * gridDim.x)
+    atomicAdd(&bins[(unsigned)data[i] % (unsigned)nbins], 1);
+  __syncthreads();
+  for (int m = threadIdx.x; m < nbins; m += blockDim.x)
+    if (bins[m] != 0) atomicAdd(&hist[m], bins[m]);
+}
+extern "C" __global__ void s_scan_blocks(int n, const int* in, int* out, int* sums) {
+  __shared__ int buf[512];
+  int tid = threadIdx.x, i = blockIdx.x * blockDim.x + tid;
+  buf[tid] = i < n ? in[i] : 0;
+  __syncthreads();
+  int src = 0;
+  for (unsigned d = 1; d < blockDim.x; d <<= 1) {
+    int dst = 256 - src;
+    int x = buf[src + tid];
+    int add = tid >= d ? buf[src + tid - d] : 0;
+    buf[dst + tid] = x + add;
+    __syncthreads();
+    src = dst;
+  }
+  int r = buf[src + tid];
+  if (i < n) out[i] = r;
+  if (tid == blockDim.x - 1) sums[blockIdx.x] = r;
+}
+extern "C" __global__ void s_sgemm(int m, int n, int k, const float* a, const float* b, float* c) {
+  __shared__ float ta[256], tb[256];
+  int tx = threadIdx.x, ty = threadIdx.y, row = blockIdx.y * 16 + ty, col = blockIdx.x * 16 + tx;
+  float acc = 0.0f;
+  for (int t = 0; t < k; t += 16) {
+    int acol = t + tx, brow = t + ty;
+    ta[ty * 16 + tx] = (row < m && acol < k) ? a[row * k + acol] : 0.0f;
+    tb[ty * 16 + tx] = (brow < k && col < n) ? b[brow * n + col] : 0.0f;
+    __syncthreads();
+    for (int kk = 0; kk < 16; ++kk) acc = fmaf(ta[ty * 16 + kk], tb[kk * 16 + tx], acc);
+    __syncthreads();
+  }
+  if (row < m && col < n) c[row * n + col] = acc;
+}
+extern "C" __global__ void s_softmax(int rows, int cols, const float* x, float* y) {
+  __shared__ float red[256];
+  int tid = threadIdx.x, bdim = blockDim.x;
+  const float* px = x + blockIdx.x * cols;
+  float* py = y + blockIdx.x * cols;
+  float m = NEG_INF;
+  for (int j = tid; j < cols; j += bdim) m = fmaxf(m, px[j]);
+  red[tid] = m;
+  __syncthreads();
+  for (unsigned s = bdim >> 1; s > 0; s >>= 1) {
+    if (tid < s) red[tid] = fmaxf(red[tid], red[tid + s]);
+    __syncthreads();
+  }
+  float rowmax = red[0];
+  __syncthreads();
+  float acc = 0.0f;
+  for (int k = tid; k < cols; k += bdim) acc += expf(px[k] - rowmax);
+  red[tid] = acc;
+  __syncthreads();
+  for (unsigned s = bdim >> 1; s > 0; s >>= 1) {
+    if (tid < s) red[tid] += red[tid + s];
+    __syncthreads();
+  }
+  float total = red[0];
+  for (int q = tid; q < cols; q += bdim) py[q] = expf(px[q] - rowmax) / total;
+}
+"""
+
+#: sample file stem → kernel name in it.
+SAMPLES = {"vector_add": "vector_add", "saxpy": "saxpy", "stencil2d": "stencil5", "dot": "dot",
+           "histogram": "histogram", "scan": "scan_blocks", "sgemm": "sgemm", "softmax": "softmax"}
+SAMPLE_MEMORY_BOUND = {"vector_add", "saxpy", "stencil2d"}
+
+
+def _sample_case(name: str, quick: bool, rng: np.random.Generator):  # type: ignore[no-untyped-def]
+    """Like :func:`_case`, for the sample kernels (launch shapes from the samples' headers)."""
+    n = (1 << 22) if quick else (1 << 26)
+    grid1 = ((n + 255) // 256, 1, 1)
+    if name == "vector_add":
+        return _case("vadd", quick, rng)
+    if name == "saxpy":
+        return _case("saxpy", quick, rng)
+    if name == "stencil2d":
+        w = h = 2048 if quick else 8192
+        src = rng.standard_normal(w * h, dtype=np.float32)
+        cc, cn = np.float32(0.5), np.float32(0.125)
+
+        def ref(d):  # type: ignore[no-untyped-def]
+            s2 = d["src"].reshape(h, w)
+            out = s2.copy()
+            out[1:-1, 1:-1] = cc * s2[1:-1, 1:-1] + cn * ((s2[1:-1, :-2] + s2[1:-1, 2:]) + (s2[:-2, 1:-1] + s2[2:, 1:-1]))
+            return {"dst": out.ravel().astype(np.float64)}
+
+        return {"src": src, "dst": np.full(w * h, np.nan, np.float32)}, ((w + 15) // 16, (h + 15) // 16, 1), \
+            (16, 16, 1), lambda p: struct.pack("<iiffQQ", w, h, cc, cn, p["src"], p["dst"]), ["dst"], ref, 8 * w * h
+    if name == "dot":
+        x, y = rng.standard_normal(n, dtype=np.float32), rng.standard_normal(n, dtype=np.float32)
+        return {"x": x, "y": y, "out": np.zeros(1, np.float32)}, grid1, (256, 1, 1), \
+            lambda p: struct.pack("<iiQQQ", n, 0, p["x"], p["y"], p["out"]), ["out"], \
+            lambda d: {"out": np.array([np.dot(d["x"].astype(np.float64), d["y"])])}, 8 * n
+    if name == "histogram":
+        data = rng.integers(0, 1 << 31, n, dtype=np.int32)
+        return {"data": data, "hist": np.zeros(256, np.int32)}, (132 * 8, 1, 1), (256, 1, 1), \
+            lambda p: struct.pack("<iiQQ", n, 256, p["data"], p["hist"]), ["hist"], \
+            lambda d: {"hist": np.bincount(d["data"] % 256, minlength=256).astype(np.float64)}, 4 * n
+    if name == "scan":
+        data = rng.integers(-1000, 1000, n, dtype=np.int32)
+        g = (n + 255) // 256
+
+        def ref(d):  # type: ignore[no-untyped-def]
+            blocks = np.cumsum(d["in"].reshape(g, 256).astype(np.int64), axis=1).astype(np.int32)
+            return {"out": blocks.ravel().astype(np.float64), "sums": blocks[:, -1].astype(np.float64)}
+
+        return {"in": data, "out": np.zeros(n, np.int32), "sums": np.zeros(g, np.int32)}, grid1, (256, 1, 1), \
+            lambda p: struct.pack("<iiQQQ", n, 0, p["in"], p["out"], p["sums"]), ["out", "sums"], ref, 8 * n
+    if name == "sgemm":
+        m = 1024 if quick else 2048
+        a, bm = rng.standard_normal((m, m), dtype=np.float32), rng.standard_normal((m, m), dtype=np.float32)
+        return {"a": a.ravel(), "b": bm.ravel(), "c": np.full(m * m, np.nan, np.float32)}, (m // 16, m // 16, 1), \
+            (16, 16, 1), lambda p: struct.pack("<iiiiQQQ", m, m, m, 0, p["a"], p["b"], p["c"]), ["c"], \
+            lambda d: {"c": (d["a"].reshape(m, m).astype(np.float64) @ d["b"].reshape(m, m)).ravel()}, 12 * m * m
+    rows, cols = (4096, 1024) if quick else (16384, 4096)
+    x = (rng.standard_normal((rows, cols)) * 3).astype(np.float32)
+
+    def ref_softmax(d):  # type: ignore[no-untyped-def]
+        xx = d["x"].reshape(rows, cols).astype(np.float64)
+        e = np.exp(xx - xx.max(axis=1, keepdims=True))
+        return {"y": (e / e.sum(axis=1, keepdims=True)).ravel()}
+
+    return {"x": x.ravel(), "y": np.full(rows * cols, np.nan, np.float32)}, (rows, 1, 1), (256, 1, 1), \
+        lambda p: struct.pack("<iiQQ", rows, cols, p["x"], p["y"]), ["y"], ref_softmax, 8 * rows * cols
+
+
 KERNELS = {"vadd": ir_vadd, "saxpy": ir_saxpy, "stencil": ir_stencil, "reduce": ir_reduce,
            "matmul": ir_matmul, "expk": ir_expk}
 #: Kernels judged as memory-bound (target ratio 0.95; others 0.9).
@@ -400,12 +568,13 @@ def _rel_err(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.linalg.norm(got.astype(np.float64) - want) / max(np.linalg.norm(want), 1e-30))
 
 
-def run_kernel(gpu: Gpu, name: str, fns: dict, quick: bool, rng: np.random.Generator) -> dict:  # type: ignore[no-untyped-def]
+def run_kernel(gpu: Gpu, name: str, fns: dict, quick: bool, rng: np.random.Generator,  # type: ignore[no-untyped-def]
+               case=None) -> dict:
     """Check and time each variant in ``fns`` (label → CUfunction; "ir" and "cuda" required)."""
     results = {}
     trials, reps = (5, 10) if quick else (9, 20)
     for label, fn in fns.items():
-        inputs, grid, block, pack, outs, ref, nbytes = _case(name, quick, rng)
+        inputs, grid, block, pack, outs, ref, nbytes = (case or _case)(name, quick, rng)
         ptrs = {k: gpu.alloc(v.nbytes) for k, v in inputs.items()}
         for k, v in inputs.items():
             gpu.htod(ptrs[k], v)
@@ -499,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes, few repetitions")
     ap.add_argument("--compile-only", action="store_true", help="no GPU: only compile and time compiles")
     ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--no-samples", action="store_true", help="skip the examples/kernels samples")
     ap.add_argument("--opt", type=int, default=3, help="opt level of the IR kernels (default 3)")
     ap.add_argument("--also-opt", type=int, nargs="*", default=[], help="also time these opt levels")
     ns = ap.parse_args(argv)
@@ -515,9 +685,23 @@ def main(argv: list[str] | None = None) -> int:
             fns["cuda"] = _check(gpu.cu.cuModuleGetFunction(hand_mod, name.encode()))
             rows.append(run_kernel(gpu, name, fns, ns.quick, rng))
             print(f"{name}: done", flush=True)
+    sample_rows = []
+    if gpu is not None and not ns.no_samples:
+        from vxpu.ir.text import parse
+
+        twin_mod = gpu.load(nvrtc_cubin(SAMPLE_CUDA, ARCH), "s_vector_add")[0]
+        for stem, kname in SAMPLES.items():
+            mod = parse((ROOT / "examples" / "kernels" / f"{stem}.vxir").read_text())
+            cm = compile_module(mod, "nvptx", arch=ARCH, opt_level=ns.opt, cache=False)
+            fns = {"ir": gpu.load(cm.image, kname)[1],
+                   "cuda": _check(gpu.cu.cuModuleGetFunction(twin_mod, f"s_{kname}".encode()))}
+            row = run_kernel(gpu, stem, fns, ns.quick, rng, case=_sample_case)
+            sample_rows.append(row)
+            print(f"sample {stem}: done", flush=True)
     ct = {o: compile_timings(gpu, 5 if ns.quick else 11, o) for o in (ns.opt, *ns.also_opt)}
     if ns.json:
-        Path(ns.json).write_text(json.dumps({"device": gpu.name if gpu else None, "kernels": rows, "compile": ct},
+        Path(ns.json).write_text(json.dumps({"device": gpu.name if gpu else None, "kernels": rows,
+                                             "samples": sample_rows, "compile": ct},
                                             indent=1, default=str))
     print(f"\ndevice: {gpu.name if gpu else 'none (compile only)'}")
     if rows:
@@ -530,6 +714,15 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['ir']['gbps']:.0f} | {r['ir']['rel_err']:.1e} / {r['cuda']['rel_err']:.1e} |")
         for o in ns.also_opt:
             print(f"(O{o}: " + ", ".join(f"{r['kernel']} {r[f'ratio_ir_O{o}']:.3f}" for r in rows) + ")")
+    if sample_rows:
+        print("\nSample kernels (examples/kernels/*.vxir) vs hand-written CUDA C twins:")
+        print("| sample | IR ms | CUDA C ms | ratio (CUDA/IR) | target | IR GB/s | rel err IR / CUDA |")
+        print("|---|---|---|---|---|---|---|")
+        for r in sample_rows:
+            tgt = 0.95 if r["kernel"] in SAMPLE_MEMORY_BOUND else 0.9
+            ok = "ok" if r["ratio"] >= tgt else "MISS"
+            print(f"| {r['kernel']} | {r['ir']['ms']:.4f} | {r['cuda']['ms']:.4f} | {r['ratio']:.3f} | ≥{tgt} {ok} | "
+                  f"{r['ir']['gbps']:.0f} | {r['ir']['rel_err']:.1e} / {r['cuda']['rel_err']:.1e} |")
     print("\n| kernel | cold compile → loaded function (ms) | of which nvJitLink / cuModuleLoadData (ms) "
           "| warm cache hit (µs) | NVRTC CUDA C → cubin (ms) |")
     print("|---|---|---|---|---|")
