@@ -13,6 +13,7 @@ space, 8 VGA. Irq indexes: 0 INTx, 1 MSI, 2 MSI-X, 3 ERR, 4 REQ.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -62,7 +63,7 @@ class RegionInfo:
     """
 
     size: int = 0
-    flags: RegionFlags = RegionFlags(0)
+    flags: RegionFlags = field(default_factory=lambda: RegionFlags(0))
     mmap_fd: int | None = None
     mmap_offset: int = 0
     sparse: tuple[SparseArea, ...] = ()
@@ -87,6 +88,10 @@ class DeviceContext(Protocol):
     @property
     def log(self) -> logging.Logger:
         """The per-connection logger."""
+
+    def call_soon_threadsafe(self, fn: Callable[[], object]) -> None:
+        """Run ``fn`` on the serve loop. ``raise_irq`` and the DMA space must only be used on
+        that loop, so work finishing on another thread (a GPU queue, say) hands over here."""
 
     def raise_irq(self, vector: int = 0) -> bool:
         """Signal interrupt ``vector`` on whichever of MSI-X, MSI or INTx the guest enabled
