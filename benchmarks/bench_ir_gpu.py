@@ -614,6 +614,23 @@ def _hand_source(name: str) -> str:
     return 'extern "C"' + next(p for p in parts if f"void {name}(" in p)
 
 
+def exp_accuracy(gpu: Gpu, fn, n: int, rng: np.random.Generator) -> float:  # type: ignore[no-untyped-def]
+    """Max ulp error of the IR ``expk`` kernel (s = 1) on the GPU over n inputs in [-104, 89]."""
+    x = rng.uniform(-104.0, 89.0, n).astype(np.float32)
+    px, py = gpu.alloc(x.nbytes), gpu.alloc(x.nbytes)
+    gpu.htod(px, x)
+    gpu.launch(fn, ((n + 255) // 256, 1, 1), (256, 1, 1), struct.pack("<ifQQ", n, 1.0, px, py))
+    gpu.sync()
+    y = np.empty_like(x)
+    gpu.dtoh(y, py)
+    gpu.cu.cuMemFree(px)
+    gpu.cu.cuMemFree(py)
+    want = np.exp(x.astype(np.float64))
+    ok = (want > 1.2e-38) & (want < 3.4e38)
+    spacing = np.spacing(want[ok].astype(np.float32)).astype(np.float64)
+    return float(np.max(np.abs(y[ok].astype(np.float64) - want[ok]) / spacing))
+
+
 def compile_timings(gpu: Gpu | None, reps: int, opt: int = 3) -> dict:
     """Cold compile (bytes → cubin → loaded function) and warm cache-hit medians per kernel."""
     out = {}
@@ -685,6 +702,10 @@ def main(argv: list[str] | None = None) -> int:
             fns["cuda"] = _check(gpu.cu.cuModuleGetFunction(hand_mod, name.encode()))
             rows.append(run_kernel(gpu, name, fns, ns.quick, rng))
             print(f"{name}: done", flush=True)
+    exp_ulp = None
+    if gpu is not None:
+        cm = compile_module(ir_expk(), "nvptx", arch=ARCH, opt_level=ns.opt, cache=False)
+        exp_ulp = exp_accuracy(gpu, gpu.load(cm.image, "expk")[1], 1 << 24, rng)
     sample_rows = []
     if gpu is not None and not ns.no_samples:
         from vxpu.ir.text import parse
@@ -714,6 +735,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['ir']['gbps']:.0f} | {r['ir']['rel_err']:.1e} / {r['cuda']['rel_err']:.1e} |")
         for o in ns.also_opt:
             print(f"(O{o}: " + ", ".join(f"{r['kernel']} {r[f'ratio_ir_O{o}']:.3f}" for r in rows) + ")")
+    if exp_ulp is not None:
+        print(f"\nIR f32 exp on the GPU: max error {exp_ulp:.2f} ulp over 2^24 inputs in [-104, 89] (spec: 4)")
     if sample_rows:
         print("\nSample kernels (examples/kernels/*.vxir) vs hand-written CUDA C twins:")
         print("| sample | IR ms | CUDA C ms | ratio (CUDA/IR) | target | IR GB/s | rel err IR / CUDA |")

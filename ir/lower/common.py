@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from llvmlite import ir
 from vxpu.ir.lower import math as vmath
@@ -150,6 +150,10 @@ class TargetHooks:
     def freeze_loads(self, space: AddressSpace) -> bool:
         """Whether loads from ``space`` need ``freeze`` (memory LLVM may consider undef)."""
         return False
+
+    def exp2_core(self) -> Callable[[ir.IRBuilder, ir.Value], ir.Value] | None:
+        """The target's fast f32 2^f for |f| <= 1/2 (≤ 2 ulp), or None for the polynomial."""
+        return None
 
 
 def reverse_postorder(kernel: Kernel) -> list[Block]:
@@ -356,7 +360,7 @@ def _float_unary(kl: KernelLowering, op: Op) -> ir.Value:
 
 
 def _math(kl: KernelLowering, op: Op) -> ir.Value:
-    return vmath.call_math(kl.b, op.opcode, kl.args(op))
+    return vmath.call_math(kl.b, op.opcode, kl.args(op), kl.hooks.exp2_core())
 
 
 def _icmp(kl: KernelLowering, op: Op) -> ir.Value:

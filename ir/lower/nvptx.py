@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import ClassVar
 
+from collections.abc import Callable
+
 from llvmlite import ir
 from vxpu.ir.lower.common import I32, KernelLowering, declare
 from vxpu.ir.lower.gpu import GpuHooks, lower_gpu_module
@@ -46,11 +48,19 @@ class NvptxHooks(GpuHooks):
     def invariant_load(self, space: AddressSpace) -> bool:
         return space is AddressSpace.CONSTANT
 
+    def exp2_core(self) -> Callable[[ir.IRBuilder, ir.Value], ir.Value] | None:
+        return _ex2_approx
+
     def mark_kernel(self, fn: ir.Function) -> None:
         fn.calling_convention = "ptx_kernel"
         mod = fn.module
         ann = mod.add_named_metadata("nvvm.annotations")
         ann.add(mod.add_metadata([fn, "kernel", ir.Constant(I32, 1)]))
+
+
+def _ex2_approx(b: ir.IRBuilder, f: ir.Value) -> ir.Value:
+    """``ex2.approx.f32`` (the SFU; ≤ 2 ulp, subnormals kept): the core of f32 exp/exp2."""
+    return b.call(declare(b.module, "llvm.nvvm.ex2.approx.f", f.type, [f.type]), [f])
 
 
 def lower_module(module: Module) -> ir.Module:
