@@ -12,9 +12,8 @@ constant pointer is an ordinary device allocation, which the ``.const`` window
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from collections.abc import Callable
+from typing import ClassVar
 
 from llvmlite import ir
 from vxpu.ir.lower.common import I32, KernelLowering, declare
