@@ -28,8 +28,9 @@ import bisect
 import logging
 import math
 import struct
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -38,7 +39,7 @@ from .interp_ops import evaluator, from_imm, round_float
 from .model import Block, Kernel, Module, Op
 from .types import AddressSpace, Type
 
-__all__ = ["InterpFault", "Memory", "run_kernel", "MAX_THREADS_PER_BLOCK", "DEFAULT_GUARD"]
+__all__ = ["DEFAULT_GUARD", "MAX_THREADS_PER_BLOCK", "InterpFault", "Memory", "run_kernel"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class _Segment:
     """A byte buffer with the ranges that may be accessed (allocations or arrays)."""
 
     def __init__(self, buf: np.ndarray, name: str) -> None:
-        self.buf = buf
+        self.buf: Any = buf                    # a numpy uint8 array (struct packs straight into it)
         self.name = name
         self._starts: list[int] = []
         self._ends: list[int] = []
@@ -204,7 +205,7 @@ class _State:
 class _CBlock:
     """A compiled IR block: op closures split at barriers, and the terminator."""
 
-    __slots__ = ("name", "segments", "barrier_ids", "term")
+    __slots__ = ("barrier_ids", "name", "segments", "term")
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -278,7 +279,8 @@ class _KernelCompiler:
             self.template[out] = from_imm(op.type, op.imm)
             return None
         if name in ("thread_id", "block_id", "block_dim", "grid_dim"):
-            return self._geometry(name, _DIM[op.dim or "x"], out)
+            self._geometry(name, _DIM[op.dim or "x"], out)
+            return None
         if name in ("shared_addr", "local_addr"):
             offsets = self.shared_off if name == "shared_addr" else self.local_off
             self.template[out] = offsets[id(op.array)]
@@ -303,7 +305,6 @@ class _KernelCompiler:
             self.block_id_regs.append((out, dim))
         else:
             self.template[out] = (self.block if name == "block_dim" else self.grid)[dim]
-        return None
 
     def _offset(self, op: Op, out: int) -> Step:
         p, i = self.num[op.operands[0]], self.num[op.operands[1]]

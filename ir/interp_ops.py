@@ -23,15 +23,23 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Callable
 from fractions import Fraction
-from typing import Callable
 
 from .model import Op, float_bits, float_from_bits
 from .types import Type
 
 __all__ = [
-    "EXACT_OPS", "APPROX_OPS", "evaluator", "from_imm", "to_imm", "round_float", "round_fraction",
-    "int_to_float", "to_signed", "scalar_fn",
+    "APPROX_OPS",
+    "EXACT_OPS",
+    "evaluator",
+    "from_imm",
+    "int_to_float",
+    "round_float",
+    "round_fraction",
+    "scalar_fn",
+    "to_imm",
+    "to_signed",
 ]
 
 Scalar = int | float
@@ -41,6 +49,7 @@ Fn = Callable[..., Scalar]
 APPROX_OPS = frozenset({"rsqrt", "exp", "exp2", "log", "log2", "sin", "cos", "tanh", "pow"})
 
 _INF = math.inf
+_isnan = math.isnan
 _NAN = math.nan
 #: (significand bits incl. the implicit one, minimum normal exponent, maximum exponent)
 _FORMATS = {16: (11, -14, 15), 32: (24, -126, 127), 64: (53, -1022, 1023)}
@@ -53,7 +62,7 @@ def to_signed(v: int, bits: int) -> int:
     return v - (1 << bits) if v >> (bits - 1) else v
 
 
-def from_imm(t: Type, imm: int | float) -> Scalar:
+def from_imm(t: Type, imm: float) -> Scalar:
     """The interpreter value of a ``const`` immediate (integers become unsigned patterns)."""
     if t.is_int:
         return int(imm) & t.max_unsigned
@@ -141,13 +150,13 @@ def _fdiv(a: float, b: float) -> float:
     try:
         return a / b
     except ZeroDivisionError:
-        if a != a or a == 0:
+        if _isnan(a) or a == 0:
             return _NAN
         return math.copysign(_INF, math.copysign(1.0, a) * math.copysign(1.0, b))
 
 
 def _frem(a: float, b: float) -> float:
-    if a != a or b != b or a in (_INF, -_INF) or b == 0:
+    if _isnan(a) or _isnan(b) or a in (_INF, -_INF) or b == 0:
         return _NAN
     if b in (_INF, -_INF):
         return a
@@ -155,23 +164,23 @@ def _frem(a: float, b: float) -> float:
 
 
 def _fmin(a: float, b: float) -> float:
-    if a != a:
+    if _isnan(a):
         return b
-    if b != b:
+    if _isnan(b):
         return a
     if a == b:  # equal, possibly +0 and -0: -0 is the smaller one
         return a if math.copysign(1.0, a) < 0 else b
-    return a if a < b else b
+    return min(b, a)
 
 
 def _fmax(a: float, b: float) -> float:
-    if a != a:
+    if _isnan(a):
         return b
-    if b != b:
+    if _isnan(b):
         return a
     if a == b:
         return a if math.copysign(1.0, a) > 0 else b
-    return a if a > b else b
+    return max(b, a)
 
 
 def _is_odd_int(y: float) -> bool:
@@ -207,7 +216,7 @@ def _exp_err(x: float) -> float:
 
 
 def _rsqrt(x: float) -> float:
-    if x != x or x < 0:
+    if _isnan(x) or x < 0:
         return _NAN
     if x == 0:
         return math.copysign(_INF, x)
@@ -270,19 +279,19 @@ _BINARY_F: dict[str, Callable[[float, float], float]] = {
 
 _FCMP: dict[str, Callable[[float, float], bool]] = {
     "oeq": lambda a, b: a == b,
-    "one": lambda a, b: a == a and b == b and a != b,
+    "one": lambda a, b: not _isnan(a) and not _isnan(b) and a != b,
     "olt": lambda a, b: a < b,
     "ole": lambda a, b: a <= b,
     "ogt": lambda a, b: a > b,
     "oge": lambda a, b: a >= b,
-    "ord": lambda a, b: a == a and b == b,
+    "ord": lambda a, b: not _isnan(a) and not _isnan(b),
     "ueq": lambda a, b: not (a < b or a > b),
     "une": lambda a, b: a != b,
     "ult": lambda a, b: not a >= b,
     "ule": lambda a, b: not a > b,
     "ugt": lambda a, b: not a <= b,
     "uge": lambda a, b: not a < b,
-    "uno": lambda a, b: a != a or b != b,
+    "uno": lambda a, b: _isnan(a) or _isnan(b),
 }
 
 
@@ -305,7 +314,7 @@ def _float_op(name: str, t: Type) -> Fn | None:
 
 # --- integer ops ------------------------------------------------------------------------------
 
-def _int_op(name: str, t: Type) -> Fn | None:  # noqa: C901 - one table, read top to bottom
+def _int_op(name: str, t: Type) -> Fn | None:
     w = t.bits
     m = t.max_unsigned
     smin = 1 << (w - 1)            # the pattern of the most negative value
@@ -380,7 +389,7 @@ def _f2i(dst: Type, signed: bool) -> Fn:
     m = dst.max_unsigned
 
     def conv(x: float) -> int:
-        if x != x:
+        if _isnan(x):
             return 0
         if x == _INF:
             v = hi

@@ -19,4 +19,4 @@ licm           hoists pure ops out of natural loops into a preheader (never load
 
 from .pipeline import LEVELS, PASSES, optimize, run_pass
 
-__all__ = ["optimize", "run_pass", "LEVELS", "PASSES"]
+__all__ = ["LEVELS", "PASSES", "optimize", "run_pass"]

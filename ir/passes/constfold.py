@@ -81,12 +81,11 @@ def _foldable(op: Op, args: list[int | float]) -> bool:
     if name in ("fmin", "fmax") and args[0] == 0 and args[1] == 0 \
             and math.copysign(1.0, args[0]) != math.copysign(1.0, args[1]):
         return False                          # either zero may be returned
-    if name == "fma" and op.type is not None and op.type.bits == 16:
-        return False                          # f16 fma may be computed in f32 and rounded twice
-    return True
+    # f16 fma may be computed in f32 and rounded twice
+    return not (name == "fma" and op.type is not None and op.type.bits == 16)
 
 
-def _is(v: Value, imm: int | float) -> bool:
+def _is(v: Value, imm: float) -> bool:
     c = const_value(v)
     if c is None:
         return False

@@ -55,13 +55,13 @@ def _visit(block: Block, table: dict[tuple[object, ...], Value], mapping: dict[V
     loads: dict[tuple[object, ...], Value] = {}
     for op in block.ops:
         if op.opcode == "load" and op.result is not None:
-            key = ("load", op.type, id(resolve(mapping, op.operands[0])))
-            prev = loads.get(key)
+            lkey: tuple[object, ...] = ("load", op.type, id(resolve(mapping, op.operands[0])))
+            prev = loads.get(lkey)
             if prev is not None:
                 mapping[op.result] = prev
                 dead.add(id(op))
             else:
-                loads[key] = op.result
+                loads[lkey] = op.result
             continue
         if op.defn.writes_memory or op.defn.side_effects:
             loads.clear()

@@ -22,7 +22,7 @@ from ..model import Block, Kernel, Op, Successor
 from ..verify import Dominators
 from .util import incoming_edges, unique_block_name
 
-__all__ = ["run", "natural_loops"]
+__all__ = ["natural_loops", "run"]
 
 
 def natural_loops(kernel: Kernel) -> list[tuple[Block, list[Block]]]:

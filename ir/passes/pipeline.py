@@ -16,14 +16,14 @@ a failure names the pass (tests use this; a failure is a bug in the pass).
 from __future__ import annotations
 
 import logging
-from typing import Callable, Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 
 from ..errors import IRError
 from ..model import Kernel, Module
 from . import constfold, cse, dce, licm, simplifycfg
 
-__all__ = ["LEVELS", "PASSES", "MAX_ROUNDS", "optimize", "run_pass", "PassFailed"]
+__all__ = ["LEVELS", "MAX_ROUNDS", "PASSES", "PassFailed", "optimize", "run_pass"]
 
 log = logging.getLogger(__name__)
 

@@ -6,17 +6,35 @@ between blocks and delete ops, but a value that survives is the same Python obje
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 from ..model import (
-    Block, BlockParam, Kernel, LocalArray, Module, Op, OpResult, Param, SharedArray, Successor, Value,
-    float_bits, normalize_imm,
+    Block,
+    Kernel,
+    LocalArray,
+    Module,
+    Op,
+    OpResult,
+    Param,
+    SharedArray,
+    Successor,
+    Value,
+    float_bits,
+    normalize_imm,
 )
 from ..ops import OPS
 
 __all__ = [
-    "incoming_edges", "use_counts", "replace_uses", "resolve", "clone_module", "unique_block_name",
-    "const_value", "make_const", "remove_block_params", "op_key_imm",
+    "clone_module",
+    "const_value",
+    "incoming_edges",
+    "make_const",
+    "op_key_imm",
+    "remove_block_params",
+    "replace_uses",
+    "resolve",
+    "unique_block_name",
+    "use_counts",
 ]
 
 
@@ -87,7 +105,7 @@ def const_value(v: Value) -> int | float | None:
     return None
 
 
-def make_const(op: Op, imm: int | float) -> None:
+def make_const(op: Op, imm: float) -> None:
     """Turn ``op`` (which has a result) into ``const imm`` of its result type, in place.
 
     The result value keeps its identity, so no use needs rewriting.
@@ -136,41 +154,33 @@ def _clone_kernel(k: Kernel) -> Kernel:
         q = Param(p.type, p.name, p.index)
         vmap[p] = q
         params.append(q)
-    amap: dict[int, SharedArray | LocalArray] = {}
     shared = [SharedArray(a.name, a.type, a.count) for a in k.shared]
     local = [LocalArray(a.name, a.type, a.count) for a in k.local]
-    for old, new in zip(k.shared, shared):
-        amap[id(old)] = new
-    for old, new in zip(k.local, local):
-        amap[id(old)] = new
+    amap: dict[int, SharedArray | LocalArray] = {id(old): new for old, new in zip(k.shared, shared)}
+    amap.update({id(old): new for old, new in zip(k.local, local)})
     out = Kernel(k.name, params, shared, local)
     out.loc = k.loc
     bmap: dict[int, Block] = {}
     for b in k.blocks:
         nb = Block(b.name)
         nb.loc = b.loc
-        for p in b.params:
-            vmap[p] = nb.add_param(p.type, p.name)
+        for bp in b.params:
+            vmap[bp] = nb.add_param(bp.type, bp.name)
         bmap[id(b)] = nb
         out.add_block(nb)
     for b in k.blocks:
         nb = bmap[id(b)]
         for op in b.ops:
-            new = Op(op.opcode, [], type=op.type, pred=op.pred, dim=op.dim,
-                     array=amap.get(id(op.array)) if op.array is not None else None, imm=op.imm,
-                     result_type=op.result.type if op.result is not None else None,
-                     name=op.result.name if op.result is not None else None, loc=op.loc)
-            if op.result is not None and new.result is not None:
-                vmap[op.result] = new.result
-            nb.append(new)
+            copy = Op(op.opcode, [], type=op.type, pred=op.pred, dim=op.dim,
+                      array=amap.get(id(op.array)) if op.array is not None else None, imm=op.imm,
+                      result_type=op.result.type if op.result is not None else None,
+                      name=op.result.name if op.result is not None else None, loc=op.loc)
+            if op.result is not None and copy.result is not None:
+                vmap[op.result] = copy.result
+            nb.append(copy)
     for b in k.blocks:
-        for op, new in zip(b.ops, bmap[id(b)].ops):
-            new.operands = [vmap.get(v, v) for v in op.operands]
-            new.successors = [Successor(bmap.get(id(s.block), s.block), [vmap.get(a, a) for a in s.args])
-                              for s in op.successors]
+        for op, copy in zip(b.ops, bmap[id(b)].ops):
+            copy.operands = [vmap.get(v, v) for v in op.operands]
+            copy.successors = [Successor(bmap.get(id(s.block), s.block), [vmap.get(a, a) for a in s.args])
+                               for s in op.successors]
     return out
-
-
-def is_block_param(v: Value) -> bool:
-    """True for block parameters."""
-    return isinstance(v, BlockParam)

@@ -38,7 +38,6 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from vxpu.ir import samples
 from vxpu.ir.builder import KernelBuilder
 from vxpu.ir.model import Module, Value
@@ -64,8 +63,8 @@ MAX_OUT = 40
 #: cannot resolve, and the process dies (SIGSEGV). Until that is fixed the generator leaves f16
 #: fma out; test_f16_fma_on_x86 (below, in a subprocess) tracks the bug.
 X86_F16_FMA_BROKEN = True
-SETTINGS = dict(deadline=None, derandomize=True, database=None, print_blob=True,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = {"deadline": None, "derandomize": True, "database": None, "print_blob": True,
+            "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 
 
 # --- the generator -------------------------------------------------------------------------------------
@@ -130,7 +129,7 @@ class Gen:
             else:
                 self.exchange()
 
-    def op(self) -> None:  # noqa: C901 - a dispatch table written out
+    def op(self) -> None:
         b = self.b
         kind = self.draw(st.sampled_from(["ibin", "ibin", "iun", "icmp", "fbin", "fbin", "fun", "fma", "fcmp",
                                           "select", "iconv", "fconv", "f2i", "i2f", "bitcast"]))
@@ -464,6 +463,7 @@ def test_f16_fma_on_x86(tmp_path):
     path = tmp_path / "fma16.vxir"
     path.write_text(F16_FMA)
     out = subprocess.run([sys.executable, "-m", "vxpu", "ir", "run", str(path), "--json",
-                          "--args", "x=list:f16:1.5", "y=zeros:f16:1"], capture_output=True, text=True, timeout=120)
+                          "--args", "x=list:f16:1.5", "y=zeros:f16:1"], capture_output=True, text=True, timeout=120,
+                         check=False)
     assert out.returncode == 0, f"exit status {out.returncode}: {out.stderr[-500:]}"
     assert '"data": [3.75]' in out.stdout

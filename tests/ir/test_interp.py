@@ -10,14 +10,12 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
-
-from vxpu.ir.builder import KernelBuilder
 from vxpu.ir.errors import IRError
 from vxpu.ir.interp import InterpFault, Memory, run_kernel
 from vxpu.ir.interp_ops import evaluator, int_to_float, round_fraction
 from vxpu.ir.model import Module, Op, Param
 from vxpu.ir.text import parse
-from vxpu.ir.types import f16, f32, f64, i1, i8, i32, i64, ptr_global
+from vxpu.ir.types import f16, f32, f64, i1, i8, i32, i64
 
 from .irhelpers import build_saxpy
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from vxpu.ir import samples
 from vxpu.ir.errors import IRError
 from vxpu.ir.interp import Memory, run_kernel

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from vxpu.ir import samples
 from vxpu.ir.errors import IRError
 
