@@ -643,6 +643,24 @@ def _hand_source(name: str) -> str:
     return 'extern "C"' + next(p for p in parts if f"void {name}(" in p)
 
 
+def _experimental_softmax(mod, nsw: bool) -> bytes:  # type: ignore[no-untyped-def]
+    """softmax with unroll-by-4 loop metadata on its three strided loops (and, for the
+    experiment only, ``nsw`` on every i32 add, which the IR's wrapping semantics forbid)."""
+    import re
+
+    from vxpu.ir.lower import nvptx
+
+    text = str(nvptx.lower_module(mod))
+    if nsw:
+        text = re.sub(r"= add i32", "= add nsw i32", text)
+    for h in ("max_loop", "sum_loop", "out_loop"):
+        text = re.sub('(br label %"b[.]' + h + '")\n', r"\1, !llvm.loop !900\n", text)
+    text += '\n!900 = distinct !{!900, !901}\n!901 = !{!"llvm.loop.unroll.count", i32 4}\n'
+    spec = toolchain.resolve_target("nvptx", ARCH)
+    ptx = toolchain.emit_ptx(toolchain.parse_and_optimize(text, spec, 3), spec)
+    return toolchain.ptx_to_cubin(ptx, ARCH)[0]
+
+
 def exp_accuracy(gpu: Gpu, fn, n: int, rng: np.random.Generator) -> float:  # type: ignore[no-untyped-def]
     """Max ulp error of the IR ``expk`` kernel (s = 1) on the GPU over n inputs in [-104, 89]."""
     x = rng.uniform(-104.0, 89.0, n).astype(np.float32)
@@ -715,6 +733,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--compile-only", action="store_true", help="no GPU: only compile and time compiles")
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--no-samples", action="store_true", help="skip the examples/kernels samples")
+    ap.add_argument("--experiments", action="store_true", help="also time experimental softmax builds")
     ap.add_argument("--opt", type=int, default=3, help="opt level of the IR kernels (default 3)")
     ap.add_argument("--also-opt", type=int, nargs="*", default=[], help="also time these opt levels")
     ns = ap.parse_args(argv)
@@ -747,6 +766,9 @@ def main(argv: list[str] | None = None) -> int:
                    "cuda": _check(gpu.cu.cuModuleGetFunction(twin_mod, f"s_{kname}".encode()))}
             if stem == "softmax":  # the same CUDA C without loop unrolling, to explain the gap
                 fns["cuda_nounroll"] = _check(gpu.cu.cuModuleGetFunction(twin_mod, b"s_softmax_nounroll"))
+                if ns.experiments:
+                    for label, nsw in (("ir_unroll4", False), ("ir_nsw_unroll4", True)):
+                        fns[label] = gpu.load(_experimental_softmax(mod, nsw), kname)[1]
             row = run_kernel(gpu, stem, fns, ns.quick, rng, case=_sample_case)
             sample_rows.append(row)
             print(f"sample {stem}: done", flush=True)
@@ -777,8 +799,9 @@ def main(argv: list[str] | None = None) -> int:
             ok = "ok" if r["ratio"] >= tgt else "MISS"
             print(f"| {r['kernel']} | {r['ir']['ms']:.4f} | {r['cuda']['ms']:.4f} | {r['ratio']:.3f} | ≥{tgt} {ok} | "
                   f"{r['ir']['gbps']:.0f} | {r['ir']['rel_err']:.1e} / {r['cuda']['rel_err']:.1e} |")
-            if "cuda_nounroll" in r:
-                print(f"  ({r['kernel']}: CUDA C with '#pragma unroll 1' on its loops: {r['cuda_nounroll']['ms']:.4f} ms)")
+            for extra in ("cuda_nounroll", "ir_unroll4", "ir_nsw_unroll4"):
+                if extra in r:
+                    print(f"  ({r['kernel']} variant {extra}: {r[extra]['ms']:.4f} ms, rel err {r[extra]['rel_err']:.1e})")
     print("\n| kernel | cold compile → loaded function (ms) | of which nvJitLink / cuModuleLoadData (ms) "
           "| warm cache hit (µs) | NVRTC CUDA C → cubin (ms) |")
     print("|---|---|---|---|---|")
