@@ -194,12 +194,52 @@ def _fresh(seg: _Segment) -> _Segment:
 # ---------------------------------------------------------------------------------------------
 
 class _State:
-    """Mutable launch state the closures read: memory, the current block's shared segment."""
+    """Mutable launch state the closures read: memory, the current block's shared segment, the
+    current epoch (linear block, barrier round) and the race tracker (None: not tracking)."""
 
-    def __init__(self, mem: Memory, shared: _Segment, step_limit: int) -> None:
+    def __init__(self, mem: Memory, shared: _Segment, step_limit: int, races: _Races | None) -> None:
         self.mem = mem
         self.shared = shared
         self.steps_left = step_limit
+        self.epoch = (0, 0)
+        self.races = races
+
+
+class _Races:
+    """Finds data races: two accesses to one byte by different threads, at least one a write,
+    that no barrier orders. Accesses of one block are ordered when a barrier lies between them
+    (different rounds); accesses of different blocks are never ordered. Atomics are not
+    tracked. Per byte: the last writer and the readers since, each as (thread, epoch)."""
+
+    def __init__(self) -> None:
+        self.tables: dict[str, dict[int, list[Any]]] = {"shared": {}, "global": {}}
+
+    @staticmethod
+    def _unordered(t1: Any, e1: tuple[int, int], t2: Any, e2: tuple[int, int]) -> bool:
+        return t1 != t2 and not (e1[0] == e2[0] and e1[1] != e2[1])
+
+    def access(self, space: str, addr: int, n: int, thread: Any, epoch: tuple[int, int], write: bool,
+               where: str) -> None:
+        table = self.tables[space]
+        for byte in range(addr, addr + n):
+            cell = table.get(byte)
+            if cell is None:
+                cell = table[byte] = [None, None, {}]
+            wt, we, readers = cell
+            if wt is not None and self._unordered(wt, we, thread, epoch):
+                self._race(where, space, byte, thread, wt, "wrote")
+            if write:
+                for rt, re in readers.items():
+                    if self._unordered(rt, re, thread, epoch):
+                        self._race(where, space, byte, thread, rt, "read")
+                cell[0], cell[1], cell[2] = thread, epoch, {}
+            else:
+                readers[thread] = epoch
+
+    @staticmethod
+    def _race(where: str, space: str, byte: int, thread: Any, other: Any, did: str) -> None:
+        raise InterpFault(f"{where}: data race on {space} byte {byte:#x}: thread {other[1]} of block "
+                          f"{other[0]} {did} it with no barrier in between")
 
 
 class _CBlock:
@@ -228,6 +268,8 @@ class _Compiled:
     block_id_regs: list[tuple[int, int]]     # (register, dim index)
     thread_id_regs: list[tuple[int, int]]
     local: _Segment | None
+    local_slot: int                          # register holding the thread's local segment
+    thread_slot: int                         # register holding (linear block, linear thread)
 
 
 _DIM = {"x": 0, "y": 1, "z": 2}
@@ -242,7 +284,8 @@ class _KernelCompiler:
         self.block = block
         self.num = kernel.numbering()
         self.local_slot = len(self.num)
-        self.template: list[Any] = [None] * (self.local_slot + 1)
+        self.thread_slot = self.local_slot + 1
+        self.template: list[Any] = [None] * (self.local_slot + 2)
         _, self.shared_off = _array_segment(kernel.shared, "shared")
         self.local_seg, self.local_off = _array_segment(kernel.local, "local")
         self.block_id_regs: list[tuple[int, int]] = []
@@ -253,8 +296,8 @@ class _KernelCompiler:
         for bi, b in enumerate(self.k.blocks):
             self._compile_block(bi, b)
         local = self.local_seg if self.k.local else None
-        return _Compiled([self.cblocks[id(b)] for b in self.k.blocks], self.local_slot + 1, self.template,
-                         self.block_id_regs, self.thread_id_regs, local)
+        return _Compiled([self.cblocks[id(b)] for b in self.k.blocks], self.local_slot + 2, self.template,
+                         self.block_id_regs, self.thread_id_regs, local, self.local_slot, self.thread_slot)
 
     def _compile_block(self, bi: int, b: Block) -> None:
         cb = self.cblocks[id(b)]
@@ -342,7 +385,19 @@ class _KernelCompiler:
             a = r[p]
             seg.check(a, n, where)
             r[out] = unpack(seg.buf, a)[0]
-        return load
+        return self._tracked(load, op.operands[0].type.space, p, n, False, where)
+
+    def _tracked(self, step: Step, space: AddressSpace | None, p: int, n: int, write: bool, where: str) -> Step:
+        """``step`` plus race tracking of its access, when the launch tracks races."""
+        races, st, slot = self.st.races, self.st, self.thread_slot
+        if races is None or space is AddressSpace.LOCAL:
+            return step
+        name = "shared" if space is AddressSpace.SHARED else "global"
+
+        def tracked(r: Regs) -> None:
+            step(r)                            # checks bounds first
+            races.access(name, r[p], n, r[slot], st.epoch, write, where)
+        return tracked
 
     def _store(self, op: Op, where: str) -> Step:
         vt = op.operands[0].type
@@ -356,7 +411,7 @@ class _KernelCompiler:
             a = r[p]
             seg.check(a, n, where)
             pack(seg.buf, a, r[v])
-        return store
+        return self._tracked(store, op.operands[1].type.space, p, n, True, where)
 
     def _atomic(self, op: Op, out: int, where: str) -> Step:
         t = op.type
@@ -505,13 +560,15 @@ def _thread(entry: _CBlock, regs: Regs, st: _State) -> Iterator[str]:
         b = b.term(regs)
 
 
-def _run_block(c: _Compiled, st: _State, bid: tuple[int, int, int], block: tuple[int, int, int],
+def _run_block(c: _Compiled, st: _State, bid: tuple[int, int, int], linear: int, block: tuple[int, int, int],
                shared: _Segment | None) -> None:
     base = list(c.template)
     for reg, dim in c.block_id_regs:
         base[reg] = bid[dim]
     if shared is not None:
         st.shared = _fresh(shared)
+    if st.races is not None:
+        st.races.tables["shared"] = {}
     threads: list[tuple[tuple[int, int, int], Iterator[str]]] = []
     bx, by, bz = block
     for z in range(bz):
@@ -522,9 +579,13 @@ def _run_block(c: _Compiled, st: _State, bid: tuple[int, int, int], block: tuple
                 for reg, dim in c.thread_id_regs:
                     regs[reg] = tid[dim]
                 if c.local is not None:
-                    regs[-1] = _fresh(c.local)
+                    regs[c.local_slot] = _fresh(c.local)
+                regs[c.thread_slot] = (linear, len(threads))
                 threads.append((tid, _thread(c.blocks[0], regs, st)))
+    rounds = 0
     while threads:
+        st.epoch = (linear, rounds)
+        rounds += 1
         waiting: list[tuple[tuple[int, int, int], Iterator[str]]] = []
         at: dict[str, tuple[int, int, int]] = {}
         done: tuple[int, int, int] | None = None
@@ -548,7 +609,7 @@ def _run_block(c: _Compiled, st: _State, bid: tuple[int, int, int], block: tuple
 
 def run_kernel(module: Module, name: str, grid: int | Sequence[int], block: int | Sequence[int],
                args: Sequence[Any], memory: Memory, *, verify: bool = True,
-               step_limit: int = 100_000_000) -> None:
+               step_limit: int = 100_000_000, detect_races: bool = False) -> None:
     """Run kernel ``name`` of ``module`` over ``grid`` x ``block`` threads on ``memory``.
 
     Args:
@@ -562,12 +623,14 @@ def run_kernel(module: Module, name: str, grid: int | Sequence[int], block: int 
         memory: the device memory; kernels read and write it in place.
         verify: run the verifier first (leave on for untrusted modules).
         step_limit: most blocks executed in total over all threads before faulting.
+        detect_races: fault on data races (non-atomic accesses of different threads to one
+            byte, at least one a write, with no barrier ordering them; slower).
 
     Raises:
         VerifyError: the module is invalid (with ``verify``).
         IRError: unknown kernel, bad geometry or arguments.
         InterpFault: the kernel faulted (out of bounds, misaligned, trap, non-uniform barrier,
-            step limit); the message says where.
+            step limit, a data race with ``detect_races``); the message says where.
     """
     if verify:
         from .verify import verify as verify_module
@@ -580,7 +643,7 @@ def run_kernel(module: Module, name: str, grid: int | Sequence[int], block: int 
     if len(args) != len(kernel.params):
         raise IRError(f"kernel @{name} takes {len(kernel.params)} arguments, got {len(args)}")
     shared, _ = _array_segment(kernel.shared, "shared")
-    st = _State(memory, shared, step_limit)
+    st = _State(memory, shared, step_limit, _Races() if detect_races else None)
     compiled = _KernelCompiler(kernel, st, g, b).compile()
     num = kernel.numbering()
     for p, value in zip(kernel.params, args):
@@ -589,7 +652,8 @@ def run_kernel(module: Module, name: str, grid: int | Sequence[int], block: int 
         for z in range(g[2]):
             for y in range(g[1]):
                 for x in range(g[0]):
-                    _run_block(compiled, st, (x, y, z), b, shared if kernel.shared else None)
+                    linear = x + g[0] * (y + g[1] * z)
+                    _run_block(compiled, st, (x, y, z), linear, b, shared if kernel.shared else None)
 
 
 def launch_threads(grid: int | Sequence[int], block: int | Sequence[int]) -> int:

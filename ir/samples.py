@@ -22,17 +22,29 @@ from __future__ import annotations
 import math
 import os
 import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from .errors import IRError
 from .model import Kernel, Module
 
-__all__ = ["Buf", "Launch", "Case", "Sample", "SAMPLES", "kernels_dir", "load_module", "run_case",
-           "run_launches", "compare", "pack_args"]
+__all__ = [
+    "SAMPLES",
+    "Buf",
+    "Case",
+    "Launch",
+    "Sample",
+    "compare",
+    "kernels_dir",
+    "load_module",
+    "pack_args",
+    "run_case",
+    "run_launches",
+]
 
 BLOCK = 256
 TILE = 16
@@ -307,7 +319,8 @@ def pack_args(kernel: Kernel, offsets: Sequence[int], size: int, values: Sequenc
 
 
 def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, np.ndarray], *,
-                 backend: str = "interp", opt_level: int = 3, cache: Any = None) -> dict[str, np.ndarray]:
+                 backend: str = "interp", opt_level: int = 3, cache: Any = None,
+                 detect_races: bool = False) -> dict[str, np.ndarray]:
     """Upload ``buffers``, run ``launches`` in order on ``backend`` and return every buffer's
     final contents (same dtype and shape).
 
@@ -319,6 +332,7 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
             :mod:`vxpu.ir.cpu_exec`, running on the same arena layout).
         opt_level: LLVM optimization level for ``"x86"``.
         cache: compile cache for ``"x86"`` (see :func:`vxpu.ir.compile.compile_module`).
+        detect_races: with ``"interp"``, fault on data races (see :func:`vxpu.ir.interp.run_kernel`).
 
     Raises:
         IRError: unknown backend, buffer or argument problems; InterpFault from the interpreter.
@@ -332,7 +346,7 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
     run: Callable[[Launch, list[Any]], None]
     if backend == "interp":
         def run(launch: Launch, args: list[Any]) -> None:
-            run_kernel(module, launch.kernel, launch.grid, launch.block, args, mem)
+            run_kernel(module, launch.kernel, launch.grid, launch.block, args, mem, detect_races=detect_races)
     elif backend == "x86":
         from .compile import compile_module
         from .cpu_exec import CpuModule
@@ -361,14 +375,15 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
 
 
 def run_case(case: Case, module: Module | None = None, *, backend: str = "interp", opt_level: int = 3,
-             cache: Any = None) -> dict[str, np.ndarray]:
+             cache: Any = None, detect_races: bool = False) -> dict[str, np.ndarray]:
     """Run a case (on ``module``, default the sample's own) and return its output buffers.
 
     Raises:
         the errors of :func:`run_launches`.
     """
     mod = module if module is not None else SAMPLES[case.sample].module()
-    out = run_launches(mod, case.launches, case.buffers, backend=backend, opt_level=opt_level, cache=cache)
+    out = run_launches(mod, case.launches, case.buffers, backend=backend, opt_level=opt_level, cache=cache,
+                       detect_races=detect_races)
     return {name: out[name] for name in case.outputs}
 
 

@@ -389,3 +389,40 @@ kernel @k(%a: f16, %out: ptr<global>) {
     run_kernel(m, "k", 1, 1, [0.1, out], mem)
     assert mem.read(out, np.float16, 1)[0] == np.float16(0.1)
     assert struct.unpack("<e", np.float16(0.1).tobytes())[0] == float(np.float16(0.1))
+
+
+RACY = """module @m
+kernel @k(%out: ptr<global>) {
+  shared @s: i32[4]
+^entry:
+  %t = thread_id.x
+  %sp = shared_addr @s
+  %z = const 0 : i32
+  store %t, %sp
+  SYNC
+  %v = load %sp : i32
+  %p = offset %out, %t : i32
+  store %v, %p
+  ret
+}
+"""
+
+
+def test_race_detection():
+    mem = Memory()
+    out = mem.alloc(64)
+    # Every thread writes s[0] in the same round: a write-write race.
+    with pytest.raises(InterpFault, match="data race on shared"):
+        run_kernel(parse(RACY.replace("SYNC", "")), "k", 1, 4, [out], mem, detect_races=True)
+    # Without tracking the result is just one of the values.
+    run_kernel(parse(RACY.replace("SYNC", "")), "k", 1, 4, [out], mem)
+    # A barrier between the writes and the reads does not help the writes themselves.
+    with pytest.raises(InterpFault, match="thread 0 of block 0 wrote"):
+        run_kernel(parse(RACY.replace("SYNC", "barrier")), "k", 1, 4, [out], mem, detect_races=True)
+    # One writer, a barrier, then everyone reads: race-free.
+    fine = RACY.replace("  store %t, %sp\n  SYNC", "  %c = icmp eq %t, %z\n  cbr %c, ^w, ^r\n^w:\n  store %t, %sp\n"
+                        "  br ^r\n^r:\n  barrier")
+    run_kernel(parse(fine), "k", 1, 4, [out], mem, detect_races=True)
+    # Blocks are never ordered: two blocks writing out[t] race in global memory.
+    with pytest.raises(InterpFault, match="data race on global"):
+        run_kernel(parse(fine), "k", 2, 4, [out], mem, detect_races=True)

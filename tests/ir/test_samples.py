@@ -25,7 +25,7 @@ def test_sample_matches_numpy_on_both_backends(name, size):
     sample = samples.SAMPLES[name]
     case = sample.case(size, seed=11)
     module = sample.module()
-    interp = samples.run_case(case, module, backend="interp")
+    interp = samples.run_case(case, module, backend="interp", detect_races=True)   # race-free, too
     assert samples.compare(case, interp) == []
     x86 = samples.run_case(case, module, backend="x86")
     assert samples.compare(case, x86) == []
