@@ -374,6 +374,43 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
     return {name: mem.read(addrs[name], arr.dtype, arr.size).reshape(arr.shape) for name, arr in buffers.items()}
 
 
+def run_on_device(module: Module, launches: Sequence[Launch], buffers: dict[str, np.ndarray],
+                  device: Any) -> dict[str, np.ndarray]:
+    """Like :func:`run_launches`, on an opened accelerator backend (the ``vxpu.accel`` Backend
+    contract: alloc, copy_htod, load_module, get_kernel, launch, synchronize, copy_dtoh, free,
+    unload_module). The ir layer does not import accel; the caller passes the backend.
+
+    Raises:
+        IRError: argument problems; whatever the backend raises (BackendError ...).
+    """
+    from .binary import encode
+
+    addrs: dict[str, int] = {}
+    loaded = device.load_module(encode(module))
+    try:
+        for name, arr in buffers.items():
+            data = np.ascontiguousarray(arr)
+            addrs[name] = device.alloc(max(1, data.nbytes))
+            device.copy_htod(addrs[name], data.view(np.uint8).reshape(-1).data)
+        for launch in launches:
+            kernel, info = device.get_kernel(loaded, launch.kernel)
+            args = [addrs[a.name] if isinstance(a, Buf) else a for a in launch.args]
+            packed = pack_args(module.kernel(launch.kernel), info.param_offsets, info.args_size, args)
+            device.launch(kernel, launch.grid, launch.block, packed)
+        device.synchronize()
+        out = {}
+        for name, arr in buffers.items():
+            host = np.empty_like(np.ascontiguousarray(arr))
+            device.copy_dtoh(host.view(np.uint8).reshape(-1).data, addrs[name])
+            out[name] = host
+        device.synchronize()
+        return out
+    finally:
+        for addr in addrs.values():
+            device.free(addr)
+        device.unload_module(loaded)
+
+
 def run_case(case: Case, module: Module | None = None, *, backend: str = "interp", opt_level: int = 3,
              cache: Any = None, detect_races: bool = False) -> dict[str, np.ndarray]:
     """Run a case (on ``module``, default the sample's own) and return its output buffers.

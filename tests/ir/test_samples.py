@@ -76,3 +76,40 @@ def test_pack_args_layout():
     assert int.from_bytes(data[24:32], "little") == 0x20000
     with pytest.raises(IRError, match="does not fit"):
         samples.pack_args(k, [0, 4, 8, 12, 16, 24], 32, [1 << 40, 0, 0.0, 0.0, 0, 0])
+
+
+@pytest.fixture(scope="module")
+def accel_device(request):
+    """An opened accelerator backend from vxpu.accel: cuda, else hip (skips without a GPU)."""
+    from vxpu.accel.registry import open_backend
+
+    reasons = []
+    for spec in ("cuda", "hip"):
+        try:
+            device = open_backend(spec)
+        except Exception as exc:  # noqa: BLE001 - BackendUnavailable or a vendor error: skip
+            reasons.append(f"{spec}: {exc}")
+            continue
+        yield device
+        device.close()
+        return
+    pytest.skip("no GPU backend: " + "; ".join(reasons))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name,size", CASES, ids=[f"{n}-{'x'.join(map(str, s))}" for n, s in CASES])
+def test_sample_matches_numpy_on_gpu(accel_device, name, size):
+    sample = samples.SAMPLES[name]
+    case = sample.case(size, seed=11)
+    module = sample.module()
+    out = samples.run_on_device(module, case.launches, case.buffers, accel_device)
+    assert samples.compare(case, {k: out[k] for k in case.outputs}) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", sorted(samples.SAMPLES))
+def test_sample_default_size_on_gpu(accel_device, name):
+    sample = samples.SAMPLES[name]
+    case = sample.case(None, seed=5)
+    out = samples.run_on_device(sample.module(), case.launches, case.buffers, accel_device)
+    assert samples.compare(case, {k: out[k] for k in case.outputs}) == []
