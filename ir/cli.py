@@ -87,6 +87,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--block", default="1", help="threads per block: X, XxY or XxYxZ (default 1)")
     p.add_argument("--args", nargs="*", default=[], metavar="NAME=VALUE", help="kernel arguments (see below)")
     p.add_argument("--interp", action="store_true", help="use the reference interpreter instead of the x86 JIT")
+    p.add_argument("--detect-races", action="store_true",
+                   help="with --interp: fail on data races (accesses no barrier orders)")
     p.add_argument("-O", dest="opt", type=int, default=3, choices=range(4), help="level 0-3 (default 3)")
     p.add_argument("--show", type=int, default=16, help="elements printed per buffer (default 16)")
     p.add_argument("--full", action="store_true", help="print every element")
@@ -251,7 +253,6 @@ def emit(module: Any, target: str, what: str, *, arch: str | None = None, opt_le
 def cmd_run(args: argparse.Namespace) -> int:
     """``vxpu ir run``: run one kernel launch and print every buffer afterwards."""
     import numpy as np
-
     from vxpu.ir import cliargs, samples
 
     module = load_file(args.file)
@@ -261,8 +262,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     values, buffers = cliargs.parse_args(kernel, args.args)
     launch = samples.Launch(kernel.name, grid, block, tuple(values))
     backend = "interp" if args.interp else "x86"
+    if args.detect_races and not args.interp:
+        raise ConfigError("--detect-races needs --interp (the x86 JIT does not track accesses)")
     t0 = time.perf_counter()
-    out = samples.run_launches(module, [launch], buffers, backend=backend, opt_level=args.opt)
+    out = samples.run_launches(module, [launch], buffers, backend=backend, opt_level=args.opt,
+                               detect_races=args.detect_races)
     seconds = time.perf_counter() - t0
     if args.save is not None:
         try:

@@ -10,8 +10,9 @@ the fix.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -20,8 +21,15 @@ from vxpu.errors import ConfigError
 from .model import Kernel
 from .samples import Buf
 
-__all__ = ["parse_dims", "parse_args", "parse_buffer", "format_buffer", "buffer_json", "DTYPES",
-           "MAX_BUFFER_BYTES"]
+__all__ = [
+    "DTYPES",
+    "MAX_BUFFER_BYTES",
+    "buffer_json",
+    "format_buffer",
+    "parse_args",
+    "parse_buffer",
+    "parse_dims",
+]
 
 DTYPES = {"i8": np.int8, "i16": np.int16, "i32": np.int32, "i64": np.int64, "f16": np.float16,
           "f32": np.float32, "f64": np.float64}

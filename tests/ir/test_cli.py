@@ -162,3 +162,20 @@ def test_run_reports_kernel_faults(capsys):
 def test_module_entry_point_runs_check():
     out = subprocess.run([sys.executable, "-m", "vxpu", "ir", "check", SAXPY], capture_output=True, text=True, check=False)
     assert out.returncode == 0 and "ok" in out.stdout
+
+
+def test_run_detects_races_in_the_interpreter(capsys, tmp_path):
+    racy = tmp_path / "racy.vxir"
+    racy.write_text("""module @m
+kernel @k(%out: ptr<global>) {
+^entry:
+  %t = thread_id.x
+  store %t, %out
+  ret
+}
+""")
+    rc, _, err = vxpu(capsys, "ir", "run", str(racy), "--block", "4", "--interp", "--detect-races",
+                      "--args", "out=zeros:i32:1")
+    assert rc == 2 and "data race on global" in err
+    rc, _, err = vxpu(capsys, "ir", "run", str(racy), "--block", "4", "--detect-races", "--args", "out=zeros:i32:1")
+    assert rc == 2 and "needs --interp" in err
