@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from vxpu.ir.builder import KernelBuilder
 from vxpu.ir.model import Module
 from vxpu.ir.types import f32, i32, ptr_global
+
+T = TypeVar("T")
 
 HERE = Path(__file__).parent
 REPO = HERE.parent.parent
@@ -46,3 +51,17 @@ def big_kernel_text(n_ops: int) -> str:
               "  %i1 = add %i, %one : i32", "  %more = icmp slt %i1, %n", "  cbr %more, ^loop(%i1), ^exit",
               "^exit:", "  ret", "}"]
     return "\n".join(lines) + "\n"
+
+
+def best_time(fn: Callable[[], T], repeat: int = 5) -> tuple[float, T]:
+    """The fastest of ``repeat`` runs of ``fn`` (seconds) and its last result.
+
+    Speed bounds in tests are about the code, not about a busy 2-core CI machine: the minimum
+    over a few runs filters out scheduler and GC stalls without loosening the bound.
+    """
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return best, result
