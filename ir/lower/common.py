@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from llvmlite import ir
 from vxpu.ir.lower import math as vmath
 from vxpu.ir.lower.errors import LoweringError
+from vxpu.ir.lower.versioning import CountedLoop, find_counted_loops
 from vxpu.ir.model import Block, Kernel, Op, Value
 from vxpu.ir.types import AddressSpace, Type
 
@@ -90,6 +91,26 @@ def freeze(b: ir.IRBuilder, val: ir.Value) -> ir.Value:
     return inst
 
 
+#: Unroll factor requested for the no-wrap copy of a counted loop.
+UNROLL_COUNT = 4
+
+
+class _LoopID(ir.values.MDValue):
+    """``distinct !{!self, ...}``: a loop ID (llvmlite cannot print self-referential nodes)."""
+
+    def descr(self, buf: list[str]) -> None:
+        ops = ", ".join(op.get_reference() for op in self.operands)
+        buf += (f"distinct !{{ {ops} }}", "\n")
+
+
+def loop_id(module: ir.Module, unroll_count: int) -> ir.values.MDValue:
+    """A fresh loop ID asking for unrolling by ``unroll_count``."""
+    opt = module.add_metadata(["llvm.loop.unroll.count", ir.Constant(I32, unroll_count)])
+    md = _LoopID(module, [], name=str(len(module.metadata)))
+    md.operands = (md, opt)
+    return md
+
+
 def declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
     """Get or declare the function ``name`` (intrinsics and helpers)."""
     fn = module.globals.get(name)
@@ -107,6 +128,8 @@ class TargetHooks:
 
     triple = ""
     datalayout = ""
+    #: Emit counted loops twice (see :mod:`vxpu.ir.lower.versioning`).
+    version_loops = True
 
     def ptr_type(self, space: AddressSpace) -> ir.Type:
         """LLVM type of an IR pointer in ``space``."""
@@ -200,6 +223,13 @@ class KernelLowering:
         #: Values kept in per-thread spill slots (x86 barrier fission): value -> typed slot pointer.
         self.spill: dict[Value, ir.Value] = {}
         self.current_op: Op | None = None
+        self.current_block: Block | None = None
+        self.versioned: dict[int, CountedLoop] = {}
+        self.slow_blocks: dict[int, ir.Block] = {}
+        self.slow_phis: dict[int, list[ir.PhiInstr]] = {}
+        #: id() of the ops emitted with nsw/nuw (increments of the fast copy of a counted loop).
+        self.no_wrap: dict[int, str] = {}
+        self.fast_loop: CountedLoop | None = None
 
     # ------------------------------------------------------------------ types and values
 
@@ -231,22 +261,95 @@ class KernelLowering:
         order = reverse_postorder(self.kernel)
         if not order:
             raise LoweringError(f"kernel @{self.kernel.name} has no blocks")
+        if self.hooks.version_loops and not self.spill:
+            self.versioned = {id(cl.header): cl for cl in find_counted_loops(self.kernel, order)}
         for blk in order:
             lb = self.fn.append_basic_block(f"b.{blk.name or len(self.blocks)}")
             self.blocks[id(blk)] = lb
             pb = ir.IRBuilder(lb)
             self.phis[id(blk)] = [pb.phi(self.llvm_type(p.type)) for p in blk.params]
+        for cl in self.versioned.values():
+            for blk in cl.blocks:
+                lb = self.fn.append_basic_block(f"b.{blk.name or 'loop'}.wrap")
+                self.slow_blocks[id(blk)] = lb
+                pb = ir.IRBuilder(lb)
+                self.slow_phis[id(blk)] = [pb.phi(self.llvm_type(p.type)) for p in blk.params]
         self.b.branch(self.blocks[id(order[0])])
+        done: set[int] = set()
         for blk in order:
-            self.b = ir.IRBuilder(self.blocks[id(blk)])
-            for p, phi in zip(blk.params, self.phis[id(blk)]):
-                self.define(p, phi)
-            for op in blk.ops:
-                self.current_op = op
-                self.lower_op(op)
+            if id(blk) in done:
+                continue
+            cl = self.versioned.get(id(blk))
+            if cl is not None:
+                self._lower_versioned(cl)
+                done.update(id(b) for b in cl.blocks)
+            else:
+                self._lower_block(blk)
+
+    def _lower_block(self, blk: Block) -> None:
+        self.current_block = blk
+        self.b = ir.IRBuilder(self.blocks[id(blk)])
+        for p, phi in zip(blk.params, self.phis[id(blk)]):
+            self.define(p, phi)
+        for op in blk.ops:
+            self.current_op = op
+            self.lower_op(op)
+
+    def _lower_versioned(self, cl: CountedLoop) -> None:
+        """Emit ``cl`` twice: the no-wrap copy (fast) and the wrapping original (slow)."""
+        ends: list[ir.Block] = []
+        escaped: list[dict[Value, ir.Value]] = []
+        saved = {id(b): (self.blocks[id(b)], self.phis[id(b)]) for b in cl.blocks}
+        for fast in (True, False):
+            if not fast:
+                for b in cl.blocks:
+                    self.blocks[id(b)], self.phis[id(b)] = self.slow_blocks[id(b)], self.slow_phis[id(b)]
+            flag = "nsw" if cl.signed else "nuw"
+            self.no_wrap = {i: flag for i in cl.increments} if fast else {}
+            self.fast_loop = cl if fast else None
+            for b in cl.blocks:
+                self._lower_block(b)
+                if b is cl.header:
+                    ends.append(self.b.block)
+            escaped.append({v: self.values[v] for v in cl.escaping})
+        for b in cl.blocks:
+            self.blocks[id(b)], self.phis[id(b)] = saved[id(b)]
+        self.no_wrap, self.fast_loop = {}, None
+        merge = ir.IRBuilder(self.blocks[id(cl.exit)])  # holds only its parameter phis so far
+        for v in cl.escaping:
+            phi = merge.phi(self.llvm_type(v.type))
+            phi.add_incoming(escaped[0][v], ends[0])
+            phi.add_incoming(escaped[1][v], ends[1])
+            self.values[v] = phi
+
+    def _dispatch(self, cl: CountedLoop, args: tuple[Value, ...]) -> ir.Block:
+        """The preheader edge of a versioned loop: a block that checks that no increment can
+        wrap (``step > 0`` and ``bound + step - 1`` representable) and enters the right copy."""
+        vals = [self.get(a) for a in args]
+        n, step = self.get(cl.bound), self.get(cl.step)
+        d = self.fn.append_basic_block("loop.version")
+        db = ir.IRBuilder(d)
+        ty = n.type
+        if cl.signed:
+            top = ir.Constant(ty, (1 << (ty.width - 1)) - 1)
+            pos = db.icmp_signed(">", step, ir.Constant(ty, 0))
+            fits = db.icmp_signed("<=", n, db.add(db.sub(top, step), ir.Constant(ty, 1)))
+        else:
+            top = ir.Constant(ty, (1 << ty.width) - 1)
+            pos = db.icmp_unsigned("!=", step, ir.Constant(ty, 0))
+            fits = db.icmp_unsigned("<=", n, db.add(db.sub(top, step), ir.Constant(ty, 1)))
+        h = cl.header
+        db.cbranch(db.and_(pos, fits), self.blocks[id(h)], self.slow_blocks[id(h)])
+        for fast_phi, slow_phi, v in zip(self.phis[id(h)], self.slow_phis[id(h)], vals):
+            fast_phi.add_incoming(v, d)
+            slow_phi.add_incoming(v, d)
+        return d
 
     def branch_to(self, succ_block: Block, args: tuple[Value, ...]) -> ir.Block:
         """Add phi incomings for a branch from the current block; returns the target block."""
+        cl = self.versioned.get(id(succ_block))
+        if cl is not None and self.current_block is cl.preheader:
+            return self._dispatch(cl, args)
         target = self.blocks[id(succ_block)]
         for phi, a in zip(self.phis[id(succ_block)], args):
             phi.add_incoming(self.get(a), self.b.block)
@@ -277,6 +380,9 @@ class KernelLowering:
 
 def _int_binary(kl: KernelLowering, op: Op) -> ir.Value:
     a, c = kl.args(op)
+    flag = kl.no_wrap.get(id(op))
+    if flag is not None:  # proven by the loop-version check (see versioning.py)
+        return kl.b.add(a, c, flags=(flag,))
     return getattr(kl.b, _INT_BIN[op.opcode])(a, c)
 
 
@@ -468,7 +574,9 @@ def _barrier(kl: KernelLowering, op: Op) -> None:
 
 def _br(kl: KernelLowering, op: Op) -> None:
     s = op.successors[0]
-    kl.b.branch(kl.branch_to(s.block, s.args))
+    inst = kl.b.branch(kl.branch_to(s.block, s.args))
+    if kl.fast_loop is not None and s.block is kl.fast_loop.header:
+        inst.set_metadata("llvm.loop", loop_id(kl.module, UNROLL_COUNT))
 
 
 def _cbr(kl: KernelLowering, op: Op) -> None:

@@ -130,6 +130,7 @@ class X86Hooks(TargetHooks):
         self.switch: ir.SwitchInstr | None = None
         self.n_barriers = 0
         self.args: dict[str, ir.Value] = {}
+        self.version_loops = not layout.has_barriers
 
     def ptr_type(self, space: AddressSpace) -> ir.Type:
         return I64

@@ -386,3 +386,54 @@ def test_opt_level_zero_gives_same_results() -> None:
         k.run((2,), (64,), pack_args(mod, "rev", [px, py]), mem.buf.ctypes.data, mem.size)
         outs.append(mem.read(py, np.float32, 128))
     np.testing.assert_array_equal(outs[0], outs[1])
+
+
+# ---------------------------------------------------------------------------- loop versioning
+
+
+def _strided_loop_kernel(t, pred: str) -> Module:  # type: ignore[no-untyped-def]
+    """out[thread] = number of iterations of ``for (j = j0; j pred n; j += s)`` and the last j."""
+    kb = KernelBuilder("k", [("j0", t), ("n", t), ("s", t), ("o", ptr_global)])
+    j0, n, s, po = kb.params
+    e, head, body, done = kb.block("e"), kb.block("head", [("j", t), ("c", i32)]), kb.block("body"), kb.block("done")
+    kb.set_block(e)
+    kb.br(head, j0, kb.const(0, i32))
+    kb.set_block(head)
+    j, c = head.params
+    more = kb.icmp(pred, j, n)
+    kb.cbr(more, body, done)
+    kb.set_block(body)
+    kb.br(head, kb.add(j, s), kb.add(c, 1))
+    kb.set_block(done)
+    slot = kb.mul(kb.thread_id("x"), 2)
+    kb.store(c, kb.offset(po, slot, i32))
+    kb.store(kb.sext(j, i32) if t.bits < 32 else (kb.trunc(j, i32) if t.bits > 32 else j), kb.offset(po, kb.add(slot, 1), i32))
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+@pytest.mark.parametrize("pred", ["slt", "ult"])
+def test_counted_loops_are_versioned_and_exact(pred: str) -> None:
+    from vxpu.ir.lower.common import reverse_postorder
+    from vxpu.ir.lower.versioning import find_counted_loops
+
+    mod = _strided_loop_kernel(i8, pred)
+    k = mod.kernels[0]
+    assert len(find_counted_loops(k, reverse_postorder(k))) == 1
+    cases = [(0, 126, 3), (0, 126, 2), (0, 127, 1), (5, 0, 1), (-100, 100, 7), (0, 10, 0 + 1), (120, 127, 3),
+             (-128, 127, 127), (0, -1, 85), (3, 125, 5), (0, 100, 60)]
+    if pred == "ult":
+        cases += [(0, 250, 3), (200, 255, 27)]
+    for j0, n, s in cases:
+        mem = Memory(1 << 20)
+        po = mem.upload(np.zeros(2, np.int32))
+        ref, got = differential(mod, "k", (1,), (1,), [j0 & 0xFF, n & 0xFF, s & 0xFF, po], mem)
+        np.testing.assert_array_equal(got[po:po + 8], ref[po:po + 8]), (j0, n, s)
+
+
+def test_versioned_loop_in_llvm_ir_carries_no_wrap_and_unroll() -> None:
+    from vxpu.ir.lower import nvptx
+
+    text = str(nvptx.lower_module(_strided_loop_kernel(i32, "slt")))
+    assert "add nsw i32" in text and "llvm.loop.unroll.count" in text and "loop.version" in text
+    assert "distinct !{" in text
