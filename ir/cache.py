@@ -115,6 +115,7 @@ class CompileCache:
         self._lock = threading.Lock()
         self._disk_used: int | None = None
         self._building: dict[bytes, threading.Lock] = {}
+        self._aliases: dict[bytes, Any] = {}
 
     # ------------------------------------------------------------------ memory level
 
@@ -126,6 +127,24 @@ class CompileCache:
                 self._lru.move_to_end(key)
                 self.stats.memory_hits += 1
             return obj
+
+    def get_alias(self, raw_key: bytes) -> Any | None:
+        """The object remembered under a secondary key (e.g. a digest of raw wire bytes), or None.
+        A hit counts as a memory hit."""
+        obj = self._aliases.get(raw_key)
+        if obj is not None:
+            with self._lock:
+                self.stats.memory_hits += 1
+        return obj
+
+    def put_alias(self, raw_key: bytes, obj: Any) -> None:
+        """Remember ``obj`` under a secondary key (bounded like the LRU; cleared when full)."""
+        if self.memory_entries == 0:
+            return
+        with self._lock:
+            if len(self._aliases) >= 8 * self.memory_entries:
+                self._aliases.clear()
+            self._aliases[raw_key] = obj
 
     def put_memory(self, key: bytes, obj: Any) -> None:
         """Remember ``obj`` under ``key`` in the LRU (evicting the least recently used)."""
@@ -292,6 +311,7 @@ class CompileCache:
         """Drop every entry, in memory and on disk."""
         with self._lock:
             self._lru.clear()
+            self._aliases.clear()
             self._disk_used = None
         for _, _, p in self._entries():
             _unlink(p)

@@ -150,9 +150,6 @@ class CompiledModule:
 
 _default_cache: CompileCache | None = None
 _default_lock = threading.Lock()
-#: Raw wire bytes digest + options → compiled module: the fast path for repeated loads.
-_alias: dict[bytes, CompiledModule] = {}
-_ALIAS_MAX = 4096
 
 
 def default_cache() -> CompileCache:
@@ -195,9 +192,8 @@ def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, tar
         data = bytes(module_or_bytes)
         raw_key = hashlib.sha256(data + spec.key().encode() + bytes([opt]) + _versions_tag()).digest()
         if store is not None:
-            hit = _alias.get(raw_key)
+            hit = store.get_alias(raw_key)
             if hit is not None:
-                store.stats.memory_hits += 1
                 return hit
         from vxpu.ir.binary import decode
 
@@ -218,9 +214,7 @@ def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, tar
         return build()
     result = store.get_or_build(key, build, dump=CompiledModule.to_bytes, load=CompiledModule.from_bytes)
     if raw_key is not None:
-        if len(_alias) >= _ALIAS_MAX:
-            _alias.clear()
-        _alias[raw_key] = result
+        store.put_alias(raw_key, result)
     return result
 
 

@@ -54,6 +54,10 @@ def test_wire_bytes_fast_path(tmp_path: Path) -> None:
     a = compile_module(data, "x86", cache=c)
     assert compile_module(data, "x86", cache=c) is a
     assert compile_module(bytearray(data), "x86", cache=c) is a
+    assert c.stats.memory_hits == 2 and c.stats.misses == 1
+    fresh = CompileCache(tmp_path)  # another process: the disk entry, found by the canonical hash
+    b = compile_module(data, "x86", cache=fresh)
+    assert fresh.stats.disk_hits == 1 and b.image == a.image
 
 
 def test_corrupt_entry_is_deleted_and_rebuilt(tmp_path: Path) -> None:
