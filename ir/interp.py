@@ -89,7 +89,8 @@ class _Segment:
 
 
 class Memory(_Segment):
-    """Device memory for the interpreter: a flat arena with an allocator.
+    """Device memory for the interpreter: a flat arena with a bump allocator (allocations live as
+    long as the Memory; make a new one per test or run).
 
     Args:
         size: arena size in bytes.
@@ -655,8 +656,3 @@ def run_kernel(module: Module, name: str, grid: int | Sequence[int], block: int 
                     linear = x + g[0] * (y + g[1] * z)
                     _run_block(compiled, st, (x, y, z), linear, b, shared if kernel.shared else None)
 
-
-def launch_threads(grid: int | Sequence[int], block: int | Sequence[int]) -> int:
-    """Total threads of a launch (handy for sizing outputs)."""
-    g, b = _dims(grid, "grid"), _dims(block, "block")
-    return math.prod(g) * math.prod(b)
