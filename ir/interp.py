@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import bisect
 import logging
-import math
 import struct
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
