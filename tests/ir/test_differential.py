@@ -65,7 +65,7 @@ MAX_OUT = 40
 #: The x86 lowering turns an f16 fma into an f64 fma plus a ``__truncdfhf2`` call that MCJIT
 #: cannot resolve, and the process dies (SIGSEGV). Until that is fixed the generator leaves f16
 #: fma out; test_f16_fma_on_x86 (below, in a subprocess) tracks the bug.
-X86_F16_FMA_BROKEN = True
+X86_F16_FMA_BROKEN = False
 SETTINGS = {"deadline": None, "derandomize": True, "database": None, "print_blob": True,
             "suppress_health_check": [HealthCheck.too_slow, HealthCheck.data_too_large]}
 
