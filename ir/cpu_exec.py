@@ -208,6 +208,7 @@ class CpuModule:
         with LLVM_LOCK:
             try:
                 spec = resolve_target("x86", compiled.arch)
+                _resolve_imports(compiled)
                 # MCJIT takes ownership of the TargetMachine and frees it with the engine, so
                 # each engine needs its own: never hand it the cached ``target_machine()``.
                 own_tm = llvm.Target.from_triple(spec.triple).create_target_machine(

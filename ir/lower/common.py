@@ -130,6 +130,8 @@ class TargetHooks:
     datalayout = ""
     #: Emit counted loops twice (see :mod:`vxpu.ir.lower.versioning`).
     version_loops = True
+    #: The target has a correctly rounded f16 fma (else it is emulated exactly in f64).
+    native_f16_fma = False
 
     def ptr_type(self, space: AddressSpace) -> ir.Type:
         """LLVM type of an IR pointer in ``space``."""
@@ -452,6 +454,8 @@ def _fsuffix(v: ir.Value) -> str:
 
 def _float_intrinsic(kl: KernelLowering, op: Op) -> ir.Value:
     args = kl.args(op)
+    if op.opcode == "fma" and isinstance(args[0].type, ir.HalfType) and not kl.hooks.native_f16_fma:
+        return vmath.fma_f16(kl.b, *args)
     base = _FLOAT_INTRINSIC1.get(op.opcode) or _FLOAT_INTRINSIC2.get(op.opcode) or "llvm.fma"
     return kl.intrinsic(f"{base}.{_fsuffix(args[0])}", args[0].type, args)
 

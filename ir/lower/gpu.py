@@ -40,6 +40,7 @@ class GpuHooks(TargetHooks):
 
     #: LLVM address space per IR address space.
     spaces: ClassVar[dict[AddressSpace, int]] = {}
+    native_f16_fma = True
 
     def __init__(self) -> None:
         self.arrays: dict[int, ir.Value] = {}

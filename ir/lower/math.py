@@ -17,7 +17,7 @@ log2         exponent + log(m)·log2(e)                         ≤ 2 ulp
 sin, cos     3-part π/2 reduction, degree-17/18 Taylor        ≤ 2 ulp for |x| < 2^20·π/2; beyond
                                                               that the reduction loses accuracy
                                                               (f32 inputs: ≤ 1 ulp for |x| < 1.6e6)
-tanh         expm1(2|x|) / (expm1(2|x|) + 2)                   ≤ 2 ulp
+tanh         expm1(2|x|) / (expm1(2|x|) + 2)                   ≤ 3 ulp
 pow          exp(b·log|a|) with C99 special cases              ≤ 1 ulp for f32; f64 error grows with
                                                               |b·log a| (about |b·log a|·2^-53
                                                               relative, ≤ ~2^10 ulp)
@@ -454,3 +454,23 @@ def _exp_f32(b: ir.IRBuilder, x: ir.Value, base2: bool,
 
     res = b.fmul(b.fmul(p, pow2(n1)), pow2(n2))
     return b.select(b.fcmp_unordered("uno", x, x), x, res)
+
+
+def fma_f16(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:
+    """Correctly rounded f16 ``fma`` without a libcall (for CPUs without f16 arithmetic).
+
+    In f64 the product of two f16 values is exact; TwoSum gives the exact error of adding z,
+    which turns the f64 sum into its round-to-odd value; rounding that to f16 (through f32, again
+    to odd) is then a single correct rounding of x·y + z."""
+    i64t = ir.IntType(64)
+    xd, yd, zd = (b.fpext(v, F64) for v in (x, y, z))
+    p = b.fmul(xd, yd)
+    s = b.fadd(p, zd)
+    bb = b.fsub(s, p)
+    err = b.fadd(b.fsub(p, b.fsub(s, bb)), b.fsub(zd, bb))
+    inexact = b.fcmp_ordered("!=", err, _c(0.0))
+    away = b.and_(inexact, b.xor(b.fcmp_ordered("<", err, _c(0.0)), b.fcmp_ordered("<", s, _c(0.0))))
+    bits = b.bitcast(s, i64t)
+    bits = b.select(away, b.sub(bits, ir.Constant(i64t, 1)), bits)
+    bits = b.select(inexact, b.or_(bits, ir.Constant(i64t, 1)), bits)
+    return fptrunc_f64_to_f16(b, b.bitcast(bits, F64))

@@ -418,8 +418,25 @@ def toolchain_versions() -> str:
         vxpu_version = "dev"
     llvm = _llvm()
     llvm_v = ".".join(map(str, llvm.llvm_version_info))
-    return (f"vxpu={vxpu_version};llvmlite={llvmlite.__version__};llvm={llvm_v};"
-            f"nvjitlink={nvjitlink_version()};lld={lld_version()}")
+    return (f"vxpu={vxpu_version};lowering={lowering_fingerprint()};llvmlite={llvmlite.__version__};"
+            f"llvm={llvm_v};nvjitlink={nvjitlink_version()};lld={lld_version()}")
+
+
+@functools.lru_cache(maxsize=1)
+def lowering_fingerprint() -> str:
+    """sha256 (16 hex digits) of the lowering's own source files: a cached entry made by other
+    lowering code (a development checkout, an upgrade without a version bump) is never reused."""
+    import hashlib
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted([*here.glob("*.py"), here.parent / "compile.py"]):
+        try:
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+        except OSError:
+            h.update(path.name.encode() + b"\0?")
+    return h.hexdigest()[:16]
 
 
 def emit_x86_object(mod: Any, spec: TargetSpec, opt_level: int = 3) -> bytes:

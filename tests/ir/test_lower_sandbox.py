@@ -192,3 +192,18 @@ def test_process_survives_many_faults() -> None:
     _run("store", 8, arena)
     assert arena.buf[GUARD + 8:GUARD + 12].view(np.float32)[0] == 1.0
     assert arena.intact()
+
+
+def test_missing_import_is_a_compile_error_not_a_crash(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    from tests.ir.lowerhelpers import load_sample
+    from vxpu.ir import cpu_exec
+    from vxpu.ir.compile import compile_module
+    from vxpu.ir.lower.errors import CompileError
+    from vxpu.ir.lower.toolchain import elf_undefined_symbols
+
+    cm = compile_module(load_sample("histogram"), "x86", cache=False)
+    assert elf_undefined_symbols(cm.image)  # it calls memset
+    monkeypatch.setattr(cpu_exec, "_IMPORT_LIBS", ())
+    monkeypatch.setattr(cpu_exec, "_resolved", {})
+    with pytest.raises(CompileError, match="needs"):
+        cpu_exec.CpuModule(cm)

@@ -245,6 +245,29 @@ def test_frem_is_exact(t) -> None:  # type: ignore[no-untyped-def]
     assert_same_floats(ref, want)
 
 
+def test_f16_fma_is_exact_and_needs_no_libcall() -> None:
+    kb = KernelBuilder("k", [("n", i32), ("a", ptr_global), ("b", ptr_global), ("o", ptr_global)])
+    n, pa, pb, po = kb.params
+    e, body, done = kb.block("e"), kb.block("body"), kb.block("done")
+    kb.set_block(e)
+    i = kb.add(kb.mul(kb.block_id("x"), kb.block_dim("x")), kb.thread_id("x"))
+    kb.cbr(kb.icmp("slt", i, n), body, done)
+    kb.set_block(body)
+    x = kb.load(kb.offset(pa, i, f16), f16)
+    y = kb.load(kb.offset(pb, i, f16), f16)
+    kb.store(kb.fma(x, y, kb.fneg(kb.fmul(x, y))), kb.offset(po, i, f16))
+    kb.br(done)
+    kb.set_block(done)
+    kb.ret()
+    mod = Module("m", [kb.finish()])
+    a = RNG.standard_normal(3000).astype(np.float16)
+    b = (RNG.standard_normal(3000) * 8).astype(np.float16)
+    a[:4] = [np.inf, 65504, 6e-8, np.nan]
+    b[:4] = [2.0, 2.0, 6e-8, 1.0]
+    ref, got = _run_diff(mod, a, b, np.float16)
+    assert_same_floats(got, ref)  # the interpreter rounds the exact value: bit-exact agreement
+
+
 def _ulps(got: np.ndarray, want: np.ndarray) -> float:
     got64, want64 = got.astype(np.float64), want.astype(np.float64)
     ok = np.isfinite(want64) & (want64 != 0)
@@ -256,10 +279,11 @@ def _ulps(got: np.ndarray, want: np.ndarray) -> float:
 
 @pytest.mark.parametrize("op,lo,hi,f32_ulp,f64_ulp", [
     ("exp", -100, 100, 1.1, 1), ("exp2", -140, 140, 1.1, 1), ("log", 1e-30, 1e30, 1, 1), ("log2", 1e-30, 1e30, 1, 2),
-    ("sin", -1e4, 1e4, 1, 2), ("cos", -1e4, 1e4, 1, 2), ("tanh", -20, 20, 1, 2),
+    ("sin", -1e4, 1e4, 1, 2), ("cos", -1e4, 1e4, 1, 2), ("tanh", -20, 20, 1, 3),
 ])
 def test_math_accuracy(op: str, lo: float, hi: float, f32_ulp: float, f64_ulp: float) -> None:
-    x = RNG.uniform(lo, hi, 4000) if lo < 0 else np.exp(RNG.uniform(math.log(lo), math.log(hi), 4000))
+    rng = np.random.default_rng(sum(map(ord, op)))  # fixed per op, whatever ran before
+    x = rng.uniform(lo, hi, 4000) if lo < 0 else np.exp(rng.uniform(math.log(lo), math.log(hi), 4000))
     x = np.concatenate([x, [0.0, -0.0, np.inf, -np.inf, np.nan, 1.0, -1.0]])
     ref = getattr(np, op)
     for t, limit in ((f32, f32_ulp), (f64, f64_ulp)):
