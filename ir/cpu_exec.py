@@ -122,17 +122,7 @@ class CpuKernel:
             ValueError: malformed launch arguments (shape, sizes, ranges).
             KernelFault: the kernel faulted; blocks after the faulting one were not run.
         """
-        g = _dims(grid, "grid")
-        bl = _dims(block, "block")
-        nthreads = bl[0] * bl[1] * bl[2]
-        if nthreads > MAX_THREADS_PER_BLOCK:
-            raise ValueError(f"block has {nthreads} threads; at most {MAX_THREADS_PER_BLOCK}")
-        total = g[0] * g[1] * g[2]
-        if total >= 1 << 63:
-            raise ValueError(f"grid {g} has more than 2^63 blocks")
-        rng = range(total) if blocks is None else blocks
-        if rng.step != 1 or rng.start < 0 or rng.stop > total:
-            raise ValueError(f"blocks must be a step-1 range within 0..{total}, got {rng}")
+        g, bl, rng = self._check_launch(grid, block, blocks)
         if len(rng) == 0:
             return
         data = bytes(args)
@@ -144,28 +134,38 @@ class CpuKernel:
         if not 0 <= dynamic_shared <= MAX_SHARED_BYTES - self.layout.static_shared:
             raise ValueError(f"dynamic shared memory must be 0..{MAX_SHARED_BYTES - self.layout.static_shared}")
         shared_size = self.layout.static_shared + dynamic_shared
-        per = nthreads if self.layout.has_barriers else 1
-        spill_bytes = per * self.layout.spill_frame
-        local_bytes = per * self.layout.local_size
-        scratch = ctypes.create_string_buffer(max(1, shared_size + spill_bytes + local_bytes + 64))
-        base = (ctypes.addressof(scratch) + 63) & ~63
+        per = bl[0] * bl[1] * bl[2] if self.layout.has_barriers else 1
+        spill_at = _align64(shared_size)
+        local_at = spill_at + _align64(per * self.layout.spill_frame)
+        scratch = ctypes.create_string_buffer(local_at + _align64(per * self.layout.local_size) + 64)
+        base = _align64(ctypes.addressof(scratch))
         argbuf = ctypes.create_string_buffer(data, max(1, len(data)))
         ctx = _CtxArray()
-        ctx[_F["arena_base"]] = arena_base
-        ctx[_F["arena_size"]] = arena_size
-        ctx[_F["args"]] = ctypes.addressof(argbuf)
-        ctx[_F["shared"]] = base
-        ctx[_F["shared_size"]] = shared_size
-        ctx[_F["spill"]] = base + shared_size
-        ctx[_F["local"]] = base + shared_size + spill_bytes
-        ctx[_F["block_begin"]] = rng.start
-        ctx[_F["block_end"]] = rng.stop
-        for i, d in enumerate("xyz"):
-            ctx[_F[f"grid_{d}"]] = g[i]
-            ctx[_F[f"block_{d}"]] = bl[i]
+        for name, value in (("arena_base", arena_base), ("arena_size", arena_size), ("args", ctypes.addressof(argbuf)),
+                            ("shared", base), ("shared_size", shared_size), ("spill", base + spill_at),
+                            ("local", base + local_at), ("block_begin", rng.start), ("block_end", rng.stop),
+                            ("grid_x", g[0]), ("grid_y", g[1]), ("grid_z", g[2]),
+                            ("block_x", bl[0]), ("block_y", bl[1]), ("block_z", bl[2])):
+            ctx[_F[name]] = value
         rc = self._fn(ctypes.addressof(ctx))
         if rc != 0:
             self._raise(ctx, g, bl)
+
+    @staticmethod
+    def _check_launch(grid: Sequence[int], block: Sequence[int], blocks: range | None
+                      ) -> tuple[tuple[int, int, int], tuple[int, int, int], range]:
+        g = _dims(grid, "grid")
+        bl = _dims(block, "block")
+        nthreads = bl[0] * bl[1] * bl[2]
+        if nthreads > MAX_THREADS_PER_BLOCK:
+            raise ValueError(f"block has {nthreads} threads; at most {MAX_THREADS_PER_BLOCK}")
+        total = g[0] * g[1] * g[2]
+        if total >= 1 << 63:
+            raise ValueError(f"grid {g} has more than 2^63 blocks")
+        rng = range(total) if blocks is None else blocks
+        if rng.step != 1 or rng.start < 0 or rng.stop > total:
+            raise ValueError(f"blocks must be a step-1 range within 0..{total}, got {rng}")
+        return g, bl, rng
 
     def _raise(self, ctx: Any, g: tuple[int, int, int], bl: tuple[int, int, int]) -> None:
         lb, lt = ctx[_F["fault_block"]], ctx[_F["fault_thread"]]
@@ -174,6 +174,10 @@ class CpuKernel:
         fault = KernelFault(self.name, int(ctx[_F["fault_code"]]), blk, thr, int(ctx[_F["fault_addr"]]))
         log.debug("%s", fault)
         raise fault
+
+
+def _align64(n: int) -> int:
+    return (n + 63) & ~63
 
 
 def _dims(dims: Sequence[int], what: str) -> tuple[int, int, int]:

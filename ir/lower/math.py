@@ -279,93 +279,109 @@ def _fmod_fn(mod: ir.Module, ft: ir.Type) -> ir.Function:
 
     At most (exponent range) loop iterations: 277 for f32, 2098 for f64.
     """
-    wide = isinstance(ft, ir.DoubleType)
-    name = f"vxpu.math.fmod.{'f64' if wide else 'f32'}"
+    name = f"vxpu.math.fmod.{'f64' if isinstance(ft, ir.DoubleType) else 'f32'}"
     fn = mod.globals.get(name)
-    if fn is not None:
-        return fn
-    w, m, emask = (64, 52, 0x7FF) if wide else (32, 23, 0xFF)
-    it = ir.IntType(w)
-
-    def c(v: int) -> ir.Constant:
-        return ir.Constant(it, v)
-
-    fn = ir.Function(mod, ir.FunctionType(ft, [ft, ft]), name=name)
-    fn.linkage = "internal"
-    x, y = fn.args
-    blocks = {n: fn.append_basic_block(n) for n in ("entry", "special", "small", "norm", "loop", "step", "tail",
-                                                     "exit")}
-    b = ir.IRBuilder(blocks["entry"])
-    ctlz = mod.globals.get(f"llvm.ctlz.i{w}") or ir.Function(mod, ir.FunctionType(it, [it, I1]), name=f"llvm.ctlz.i{w}")
-    ux, uy = b.bitcast(x, it), b.bitcast(y, it)
-    ex = b.and_(b.lshr(ux, c(m)), c(emask))
-    ey = b.and_(b.lshr(uy, c(m)), c(emask))
-    sx = b.and_(ux, c(1 << (w - 1)))
-    ux2, uy2 = b.shl(ux, c(1)), b.shl(uy, c(1))
-    special = b.or_(b.or_(b.icmp_unsigned("==", uy2, c(0)), b.fcmp_unordered("uno", y, y)),
-                    b.icmp_unsigned("==", ex, c(emask)))
-    b.cbranch(special, blocks["special"], blocks["small"])
-    sb = ir.IRBuilder(blocks["special"])
-    xy = sb.fmul(x, y)
-    nan_res = sb.fdiv(xy, xy)
-    sb.branch(blocks["exit"])
-    b.position_at_end(blocks["small"])
-    zero_x = b.fmul(x, ir.Constant(ft, 0.0))
-    le = b.icmp_unsigned("<=", ux2, uy2)
-    small_res = b.select(b.icmp_unsigned("==", ux2, uy2), zero_x, x)
-    b.cbranch(le, blocks["exit"], blocks["norm"])
-    b.position_at_end(blocks["norm"])
-    mant = c((1 << m) - 1)
-
-    def normalize(u: ir.Value, e: ir.Value) -> tuple[ir.Value, ir.Value]:
-        lz = b.call(ctlz, [b.shl(u, c(w - m)), ir.Constant(I1, 0)])
-        sub_e, sub_u = b.sub(c(0), lz), b.shl(u, b.add(lz, c(1)))
-        norm_u = b.or_(b.and_(u, mant), c(1 << m))
-        is_sub = b.icmp_unsigned("==", e, c(0))
-        return b.select(is_sub, sub_u, norm_u), b.select(is_sub, sub_e, e)
-
-    nx, nex = normalize(ux, ex)
-    ny, ney = normalize(uy, ey)
-    pre = b.block
-    b.branch(blocks["loop"])
-    b.position_at_end(blocks["loop"])
-    cur_u = b.phi(it)
-    cur_e = b.phi(it)
-    cur_u.add_incoming(nx, pre)
-    cur_e.add_incoming(nex, pre)
-    diff = b.sub(cur_u, ny)
-    nonneg = b.icmp_signed(">=", diff, c(0))
-    is_zero = b.icmp_unsigned("==", diff, c(0))
-    kept = b.select(nonneg, diff, cur_u)
-    more = b.icmp_signed(">", cur_e, ney)
-    zero_exit = b.and_(nonneg, is_zero)
-    b.cbranch(zero_exit, blocks["exit"], blocks["step"])
-    b.position_at_end(blocks["step"])
-    b.cbranch(more, blocks["step"].function.append_basic_block("again"), blocks["tail"])
-    again = fn.blocks[-1]
-    ab = ir.IRBuilder(again)
-    cur_u.add_incoming(ab.shl(kept, c(1)), again)
-    cur_e.add_incoming(ab.sub(cur_e, c(1)), again)
-    ab.branch(blocks["loop"])
-    b.position_at_end(blocks["tail"])
-    lz = b.call(ctlz, [kept, ir.Constant(I1, 0)])
-    shift = b.sub(lz, c(w - 1 - m))
-    u = b.shl(kept, shift)
-    e = b.sub(cur_e, shift)
-    normal = b.or_(b.sub(u, c(1 << m)), b.shl(e, c(m)))
-    sub_shift = b.sub(c(1), e)
-    subn = b.lshr(u, b.select(b.icmp_signed(">", sub_shift, c(w - 1)), c(w - 1), sub_shift))
-    bits = b.or_(b.select(b.icmp_signed(">", e, c(0)), normal, subn), sx)
-    tail_res = b.bitcast(bits, ft)
-    b.branch(blocks["exit"])
-    b.position_at_end(blocks["exit"])
-    res = b.phi(ft)
-    res.add_incoming(nan_res, blocks["special"])
-    res.add_incoming(small_res, blocks["small"])
-    res.add_incoming(zero_x, blocks["loop"])
-    res.add_incoming(tail_res, blocks["tail"])
-    b.ret(res)
+    if fn is None:
+        fn = _Fmod(mod, ft, name).fn
     return fn
+
+
+class _Fmod:
+    """Emits one ``fmod`` function: special cases, normalisation, shift-subtract loop, repack."""
+
+    def __init__(self, mod: ir.Module, ft: ir.Type, name: str) -> None:
+        wide = isinstance(ft, ir.DoubleType)
+        self.ft = ft
+        self.w, self.m, self.emask = (64, 52, 0x7FF) if wide else (32, 23, 0xFF)
+        self.it = ir.IntType(self.w)
+        self.ctlz = mod.globals.get(f"llvm.ctlz.i{self.w}") or ir.Function(
+            mod, ir.FunctionType(self.it, [self.it, I1]), name=f"llvm.ctlz.i{self.w}")
+        self.fn = fn = ir.Function(mod, ir.FunctionType(ft, [ft, ft]), name=name)
+        fn.linkage = "internal"
+        self.blk = {n: fn.append_basic_block(n) for n in ("entry", "special", "small", "norm", "loop", "step",
+                                                          "again", "tail", "exit")}
+        self.b = ir.IRBuilder(self.blk["entry"])
+        self.result: list[tuple[ir.Value, ir.Block]] = []
+        self._emit()
+
+    def c(self, v: int) -> ir.Constant:
+        return ir.Constant(self.it, v)
+
+    def _emit(self) -> None:
+        b, c, (x, y) = self.b, self.c, self.fn.args
+        ux, uy = b.bitcast(x, self.it), b.bitcast(y, self.it)
+        ex = b.and_(b.lshr(ux, c(self.m)), c(self.emask))
+        ey = b.and_(b.lshr(uy, c(self.m)), c(self.emask))
+        ux2, uy2 = b.shl(ux, c(1)), b.shl(uy, c(1))
+        sign = b.and_(ux, c(1 << (self.w - 1)))
+        special = b.or_(b.or_(b.icmp_unsigned("==", uy2, c(0)), b.fcmp_unordered("uno", y, y)),
+                        b.icmp_unsigned("==", ex, c(self.emask)))
+        b.cbranch(special, self.blk["special"], self.blk["small"])
+        sb = ir.IRBuilder(self.blk["special"])
+        xy = sb.fmul(x, y)
+        self.result.append((sb.fdiv(xy, xy), self.blk["special"]))  # NaN
+        sb.branch(self.blk["exit"])
+        b.position_at_end(self.blk["small"])
+        zero_x = b.fmul(x, ir.Constant(self.ft, 0.0))  # ±0 with the sign of x
+        self.result.append((b.select(b.icmp_unsigned("==", ux2, uy2), zero_x, x), self.blk["small"]))
+        b.cbranch(b.icmp_unsigned("<=", ux2, uy2), self.blk["exit"], self.blk["norm"])
+        b.position_at_end(self.blk["norm"])
+        nx, nex = self._normalize(ux, ex)
+        ny, ney = self._normalize(uy, ey)
+        kept, cur_e = self._loop(nx, nex, ny, ney, zero_x)
+        self._tail(kept, cur_e, sign)
+        b.position_at_end(self.blk["exit"])
+        res = b.phi(self.ft)
+        for val, blk in self.result:
+            res.add_incoming(val, blk)
+        b.ret(res)
+
+    def _normalize(self, u: ir.Value, e: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """(mantissa with its leading 1 at bit m, exponent) also for subnormals."""
+        b, c = self.b, self.c
+        lz = b.call(self.ctlz, [b.shl(u, c(self.w - self.m)), ir.Constant(I1, 0)])
+        amount = b.add(lz, c(1))
+        amount = b.select(b.icmp_unsigned(">=", amount, c(self.w)), c(0), amount)  # never a poison shift
+        is_sub = b.icmp_unsigned("==", e, c(0))
+        norm_u = b.or_(b.and_(u, c((1 << self.m) - 1)), c(1 << self.m))
+        return b.select(is_sub, b.shl(u, amount), norm_u), b.select(is_sub, b.sub(c(0), lz), e)
+
+    def _loop(self, nx: ir.Value, nex: ir.Value, ny: ir.Value, ney: ir.Value,
+              zero_x: ir.Value) -> tuple[ir.Value, ir.Value]:
+        """Shift-subtract from exponent ex down to ey; exits early with ±0 on an exact zero."""
+        b, c = self.b, self.c
+        pre = b.block
+        b.branch(self.blk["loop"])
+        b.position_at_end(self.blk["loop"])
+        cur_u, cur_e = b.phi(self.it), b.phi(self.it)
+        cur_u.add_incoming(nx, pre)
+        cur_e.add_incoming(nex, pre)
+        diff = b.sub(cur_u, ny)
+        nonneg = b.icmp_signed(">=", diff, c(0))
+        kept = b.select(nonneg, diff, cur_u)
+        self.result.append((zero_x, self.blk["loop"]))
+        b.cbranch(b.and_(nonneg, b.icmp_unsigned("==", diff, c(0))), self.blk["exit"], self.blk["step"])
+        b.position_at_end(self.blk["step"])
+        b.cbranch(b.icmp_signed(">", cur_e, ney), self.blk["again"], self.blk["tail"])
+        ab = ir.IRBuilder(self.blk["again"])
+        cur_u.add_incoming(ab.shl(kept, c(1)), self.blk["again"])
+        cur_e.add_incoming(ab.sub(cur_e, c(1)), self.blk["again"])
+        ab.branch(self.blk["loop"])
+        return kept, cur_e
+
+    def _tail(self, kept: ir.Value, e0: ir.Value, sign: ir.Value) -> None:
+        """Renormalise the remainder and pack it (normal or subnormal) with the sign of x."""
+        b, c, w, m = self.b, self.c, self.w, self.m
+        b.position_at_end(self.blk["tail"])
+        shift = b.sub(b.call(self.ctlz, [kept, ir.Constant(I1, 0)]), c(w - 1 - m))  # kept != 0 here
+        u = b.shl(kept, shift)
+        e = b.sub(e0, shift)
+        normal = b.or_(b.sub(u, c(1 << m)), b.shl(e, c(m)))
+        sub_shift = b.sub(c(1), e)
+        subn = b.lshr(u, b.select(b.icmp_signed(">", sub_shift, c(w - 1)), c(w - 1), sub_shift))
+        bits = b.or_(b.select(b.icmp_signed(">", e, c(0)), normal, subn), sign)
+        self.result.append((b.bitcast(bits, self.ft), self.blk["tail"]))
+        b.branch(self.blk["exit"])
 
 
 def call_fmod(b: ir.IRBuilder, x: ir.Value, y: ir.Value) -> ir.Value:
