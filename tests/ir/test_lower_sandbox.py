@@ -195,11 +195,12 @@ def test_process_survives_many_faults() -> None:
 
 
 def test_missing_import_is_a_compile_error_not_a_crash(monkeypatch) -> None:  # type: ignore[no-untyped-def]
-    from tests.ir.lowerhelpers import load_sample
     from vxpu.ir import cpu_exec
     from vxpu.ir.compile import compile_module
     from vxpu.ir.lower.errors import CompileError
     from vxpu.ir.lower.toolchain import elf_undefined_symbols
+
+    from tests.ir.lowerhelpers import load_sample
 
     cm = compile_module(load_sample("histogram"), "x86", cache=False)
     assert elf_undefined_symbols(cm.image)  # it calls memset
