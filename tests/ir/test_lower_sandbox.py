@@ -208,3 +208,13 @@ def test_missing_import_is_a_compile_error_not_a_crash(monkeypatch) -> None:  # 
     monkeypatch.setattr(cpu_exec, "_resolved", {})
     with pytest.raises(CompileError, match="needs"):
         cpu_exec.CpuModule(cm)
+
+
+@pytest.mark.parametrize("target", ["x86", "nvptx", "amdgpu"])
+def test_hostile_wire_bytes_are_rejected_before_lowering(target: str) -> None:
+    from vxpu.ir.compile import compile_module
+    from vxpu.ir.errors import DecodeError
+
+    for junk in (b"", b"garbage", b"VXIR\x01\x00\x00" + b"\xff" * 64):
+        with pytest.raises(DecodeError):
+            compile_module(junk, target, cache=False)
