@@ -65,13 +65,10 @@ def cache_key(ir_digest: bytes, target: str, options: Iterable[tuple[str, object
 
 
 def default_cache_dir() -> Path:
-    """``$VXPU_CACHE_DIR/jit`` if set, else ``user_cache_dir("vxpu")/jit``."""
-    env = os.environ.get("VXPU_CACHE_DIR")
-    if env:
-        return Path(env) / "jit"
-    import platformdirs
+    """``jit/`` under vxpu's cache root (``$VXPU_CACHE`` or ``~/.cache/vxpu``)."""
+    from vxpu.paths import cache_dir
 
-    return Path(platformdirs.user_cache_dir("vxpu")) / "jit"
+    return cache_dir() / "jit"
 
 
 @dataclass

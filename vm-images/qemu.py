@@ -25,10 +25,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import platformdirs
 from vxpu.images.apt import AptRepo, unpack
 from vxpu.images.errors import ImageError
 from vxpu.images.progress import note
+
+from vxpu import paths
 
 log = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ _NO_APT_FIX = ("install apt or set VXPU_QEMU=/path/to/qemu-system-x86_64 "
                "(QEMU >= 10.1 built with vfio-user-pci)")
 
 
-def cache_dir() -> Path:
-    """vxpu's cache folder: ``VXPU_CACHE`` or the user cache dir (``~/.cache/vxpu``)."""
-    return Path(os.environ.get("VXPU_CACHE") or platformdirs.user_cache_dir("vxpu"))
+cache_dir = paths.cache_dir
 
 
 @dataclass(frozen=True)
