@@ -289,7 +289,8 @@ class DmaSpace:
 
         Raises:
             DmaError: the range is not inside one map, no client is connected, or too many
-                DMA messages are outstanding (EAGAIN).
+                DMA messages are outstanding (EAGAIN). When this raises, ``done`` never runs,
+                even for chunks that were already sent before a later one was refused.
         """
         region = self._message_region(gpa, length)
         if region.view is not None:
@@ -317,8 +318,12 @@ class DmaSpace:
                     done(b"".join(parts), None)
             return cb
 
-        for i, (addr, count) in enumerate(chunks):
-            channel.dma_request(P.Command.DMA_READ, addr, count, None, one(i))
+        try:
+            for i, (addr, count) in enumerate(chunks):
+                channel.dma_request(P.Command.DMA_READ, addr, count, None, one(i))
+        except DmaError:
+            state["failed"] = True      # we raise: replies to chunks already sent must not call done
+            raise
 
     def write_async(self, gpa: int, data: bytes | memoryview, done: WriteDone) -> None:
         """Write ``data`` to guest memory; ``done(None)`` on success or ``done(error)``.
@@ -356,9 +361,13 @@ class DmaSpace:
             if state["left"] == 0:
                 done(None)
 
-        for addr, count in chunks:
-            off = addr - gpa
-            channel.dma_request(P.Command.DMA_WRITE, addr, count, blob[off:off + count], cb)
+        try:
+            for addr, count in chunks:
+                off = addr - gpa
+                channel.dma_request(P.Command.DMA_WRITE, addr, count, blob[off:off + count], cb)
+        except DmaError:
+            state["failed"] = True      # we raise: replies to chunks already sent must not call done
+            raise
 
 
 def _chunks(gpa: int, length: int, chunk: int) -> list[tuple[int, int]]:
