@@ -15,7 +15,7 @@ is mapped, ``on_unmap`` before it is unmapped.
 Rules (checked before anything is mapped; errnos follow the vfio-user spec and libvfio-user):
 unknown flags, zero size, unaligned address or size, or a range that wraps 2^64 → EINVAL; an
 fd that is not a regular file or is smaller than ``offset + size`` (a later access would
-SIGBUS) → EINVAL; a range overlapping an existing map → EEXIST, except an identical re-map
+SIGBUS; checked after the file is sealed against shrinking, where it can be) → EINVAL; a range overlapping an existing map → EEXIST, except an identical re-map
 (same range, offset, flags and file), which is accepted as libvfio-user does; more than
 :data:`~vxpu.vfio_server.protocol.MAX_DMA_MAPS` maps → ENOSPC. Unmaps must match a map exactly
 (else ENOENT).
@@ -134,7 +134,13 @@ class DmaSpace:
         if self.closed:
             raise ProtocolError(errno.ENODEV, "DMA_MAP after the connection closed")
         _check_map_args(addr, size, offset, flags)
-        file_id = _file_identity(fd, offset, size) if fd is not None else None
+        sealed = False
+        file_id = None
+        if fd is not None:
+            # Seal first, then check the size: checked before the seal, a peer could shrink the
+            # file in between and leave a "sealed" map that SIGBUSes on first access.
+            sealed = shrink_sealed(fd)
+            file_id = _file_identity(fd, offset, size)
         i = bisect.bisect_right(self._starts, addr) - 1
         for j in (i, i + 1):
             if 0 <= j < len(self._regions):
@@ -150,8 +156,8 @@ class DmaSpace:
         region = DmaRegion(addr, size, offset, flags, file_id=file_id)
         if fd is not None:
             _mmap_region(region, fd)
-            region.sealed = shrink_sealed(fd)
-            if not region.sealed:
+            region.sealed = sealed
+            if not sealed:
                 self.log.debug("DMA map [%#x, +%#x): file cannot be sealed against shrinking", addr, size)
         self._starts.insert(i + 1, addr)
         self._regions.insert(i + 1, region)
