@@ -14,6 +14,12 @@ the caller's arena; every access is bounds-checked there (see :mod:`vxpu.ir.lowe
 hostile kernel raises :class:`KernelFault` instead of touching host memory. ``run`` keeps no
 state between calls: several OS threads may run disjoint ``blocks`` ranges of the same launch
 at once (each call allocates its own context and scratch memory).
+
+**Cancellation.** ``run(..., cancel=token)`` takes a :class:`CancelToken`: another thread may
+call ``token.cancel()`` at any time and the generated code stops at its next check (every loop
+header and every thread start, see :mod:`vxpu.ir.lower.x86`), raising :class:`KernelFault`
+with code :data:`FAULT_CANCELLED`. One token may be shared by the concurrent block ranges of a
+launch; it stays set until :meth:`CancelToken.reset`.
 """
 
 from __future__ import annotations
@@ -33,9 +39,11 @@ from vxpu.errors import Error
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "FAULT_CANCELLED",
     "FAULT_MESSAGES",
     "MAX_SHARED_BYTES",
     "MAX_THREADS_PER_BLOCK",
+    "CancelToken",
     "CpuKernel",
     "CpuModule",
     "KernelFault",
@@ -54,11 +62,44 @@ FAULT_MESSAGES = {
     x86_lower.FAULT_MISALIGNED: "misaligned memory access",
     x86_lower.FAULT_TRAP: "the kernel executed trap",
     x86_lower.FAULT_BARRIER: "barrier reached non-uniformly (threads of a block diverged at a barrier)",
+    x86_lower.FAULT_CANCELLED: "cancelled by the host",
 }
+FAULT_CANCELLED = x86_lower.FAULT_CANCELLED
 _CTX_LEN = len(x86_lower.CTX_FIELDS)
 _CtxArray = ctypes.c_uint64 * _CTX_LEN
 _F = {name: i for i, name in enumerate(x86_lower.CTX_FIELDS)}
 _LAUNCH_TYPE = ctypes.CFUNCTYPE(ctypes.c_int32, ctypes.c_void_p)
+
+
+class CancelToken:
+    """The cancel word of a launch: an aligned u32 that generated code polls.
+
+    ``cancel()`` and ``reset()`` are single aligned 4-byte stores, safe from any thread while
+    kernels run; the kernels read the word with relaxed atomic loads, so a cancel is seen at
+    their next check (microseconds later).
+    """
+
+    __slots__ = ("_word", "address")
+
+    def __init__(self) -> None:
+        self._word = ctypes.c_uint32(0)
+        self.address = ctypes.addressof(self._word)
+
+    def cancel(self) -> None:
+        """Ask every kernel running with this token to stop."""
+        self._word.value = 1
+
+    def reset(self) -> None:
+        """Clear the word, so the token can serve the next launch."""
+        self._word.value = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return bool(self._word.value)
+
+
+#: Passed to launches that have no token; never set.
+_NEVER = CancelToken()
 
 
 class KernelFault(Error):
@@ -105,7 +146,8 @@ class CpuKernel:
         return self._info
 
     def run(self, grid: Sequence[int], block: Sequence[int], args: bytes | bytearray | memoryview,
-            arena_base: int, arena_size: int, dynamic_shared: int = 0, blocks: range | None = None) -> None:
+            arena_base: int, arena_size: int, dynamic_shared: int = 0, blocks: range | None = None,
+            cancel: CancelToken | None = None) -> None:
         """Run blocks of a launch to completion on the calling OS thread.
 
         Args:
@@ -117,10 +159,12 @@ class CpuKernel:
             dynamic_shared: extra shared bytes per block (beyond the static arrays).
             blocks: which linear block indices to run (x fastest); default all. Disjoint ranges may
                 run concurrently from different threads.
+            cancel: a token another thread may set to stop the launch (see :class:`CancelToken`).
 
         Raises:
             ValueError: malformed launch arguments (shape, sizes, ranges).
-            KernelFault: the kernel faulted; blocks after the faulting one were not run.
+            KernelFault: the kernel faulted (or was cancelled: code :data:`FAULT_CANCELLED`);
+                blocks after the faulting one were not run.
         """
         g, bl, rng = self._check_launch(grid, block, blocks)
         if len(rng) == 0:
@@ -145,7 +189,8 @@ class CpuKernel:
                             ("shared", base), ("shared_size", shared_size), ("spill", base + spill_at),
                             ("local", base + local_at), ("block_begin", rng.start), ("block_end", rng.stop),
                             ("grid_x", g[0]), ("grid_y", g[1]), ("grid_z", g[2]),
-                            ("block_x", bl[0]), ("block_y", bl[1]), ("block_z", bl[2])):
+                            ("block_x", bl[0]), ("block_y", bl[1]), ("block_z", bl[2]),
+                            ("cancel", (cancel or _NEVER).address)):
             ctx[_F[name]] = value
         rc = self._fn(ctypes.addressof(ctx))
         if rc != 0:
