@@ -80,6 +80,22 @@ VERSION = 1
 FLAG_NAMES = 0x01
 _HEADER_LEN = 7
 _MAX_LEB_BYTES = 10  # 64-bit values
+#: Rejected encodings logged at WARNING per process (one server process per guest device);
+#: further rejections go to DEBUG, so a guest submitting garbage in a loop cannot flood the log.
+REJECT_WARNINGS = 16
+_reject_budget = [REJECT_WARNINGS]
+
+
+def _log_rejection(fmt: str, *args: object) -> None:
+    """Log a rejected hostile input at WARNING while the budget lasts, then at DEBUG."""
+    left = _reject_budget[0]
+    if left > 0:
+        _reject_budget[0] = left - 1
+        log.warning(fmt, *args)
+        if left == 1:
+            log.warning("further rejected VXIR encodings are logged at DEBUG")
+    else:
+        log.debug(fmt, *args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -381,14 +397,14 @@ def decode(data: bytes | bytearray | memoryview, *, verify: bool = True) -> Modu
     try:
         module = _decode_module(r)
     except _Fail as exc:
-        log.warning("rejected a VXIR encoding: %s (byte %d)", exc, exc.offset)
+        _log_rejection("rejected a VXIR encoding: %s (byte %d)", exc, exc.offset)
         raise DecodeError(Problem(Location(offset=exc.offset), str(exc))) from None
     if verify:
         from .verify import check
 
         problems = check(module)
         if problems:
-            log.warning("a decoded VXIR module failed verification (%d problems)", len(problems))
+            _log_rejection("a decoded VXIR module failed verification (%d problems)", len(problems))
             raise VerifyError(problems)
     return module
 

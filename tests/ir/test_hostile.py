@@ -194,3 +194,19 @@ def test_text_kernel_and_block_counts_are_bounded():
     blocks = "".join(f"^b{i}:\n" for i in range(limits.MAX_BLOCKS + 1))
     with pytest.raises(ParseError, match=f"more than {limits.MAX_BLOCKS} blocks"):
         parse("module @m\nkernel @k() {\n" + blocks + "}\n")
+
+
+def test_rejections_do_not_flood_the_log(caplog):
+    """A guest can submit garbage modules in a loop: each is refused, but only a bounded number
+    of WARNING lines reach the log (the rest go to DEBUG), so it cannot flood the host's log."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="vxpu.ir.binary")
+    bad_bytes = MAGIC + VERSION.to_bytes(2, "little") + b"\x00\x05ab"     # truncated module name
+    for _ in range(500):
+        with pytest.raises(DecodeError):
+            decode(bad_bytes)
+    warnings = [r for r in caplog.records if r.name == "vxpu.ir.binary" and r.levelno >= logging.WARNING]
+    debug = [r for r in caplog.records if r.name == "vxpu.ir.binary" and r.levelno == logging.DEBUG]
+    assert len(warnings) <= 32, f"{len(warnings)} warnings for 500 rejections"
+    assert len(warnings) + len(debug) >= 500, "every rejection is still logged (at DEBUG past the budget)"
