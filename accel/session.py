@@ -13,7 +13,8 @@ never talks to a backend directly. The session is the backend-independent policy
   the 64-bit limit and the allocation, never by wrapping arithmetic). Host memory arrives as
   ``memoryview`` slices the device model has already translated from DMA mappings.
 * **Quotas.** Memory, allocations, modules, kernels, queues and events are charged before the
-  backend is asked and refunded afterwards (:mod:`vxpu.accel.quota`). Queue depth is bounded:
+  backend is asked and refunded afterwards (:mod:`vxpu.accel.quota`); memory at the size the
+  pool really holds (rounded up to its alignment). Queue depth is bounded:
   by default a full queue makes the submitter wait for it (back-pressure, like a full CUDA
   launch queue); ``depth_policy="fail"`` answers QUOTA_EXCEEDED instead.
 * **Launch checks.** Grid and block shapes, threads per block, shared memory and the exact
@@ -48,7 +49,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vxpu.accel.backend import Backend, BackendError, KernelInfo, ModuleKind, Status, pack_dims
-from vxpu.accel.pool import MemoryPool
+from vxpu.accel.pool import MemoryPool, align_up
 from vxpu.accel.quota import DEFAULT_QUOTA, Quota, QuotaUsage
 from vxpu.accel.stats import SessionStats, metrics
 
@@ -209,6 +210,11 @@ class Session:
         raise BackendError(Status.OUT_OF_RANGE,
                            f"device range {address:#x}+{length} is not inside one allocation of this client")
 
+    def _charged(self, size: int) -> int:
+        """What an allocation of ``size`` bytes costs against the memory quota: the size the
+        pool really holds (rounded up to its alignment), so rounding cannot bypass the quota."""
+        return align_up(size, self.pool.alignment)
+
     def _submit(self, queue: int) -> _Queue:
         """Account one operation on ``queue``, applying the depth policy."""
         q = self._queue(queue)
@@ -242,11 +248,12 @@ class Session:
         """
         if not 1 <= size <= U64_MAX:
             raise BackendError(Status.INVALID_ARGUMENT, f"allocation size must be 1..2^64-1, got {size!r}")
-        self.usage.charge_memory(size)
+        charged = self._charged(size)
+        self.usage.charge_memory(charged)
         try:
             address = self.pool.alloc(size)
         except BaseException:
-            self.usage.refund_memory(size)
+            self.usage.refund_memory(charged)
             raise
         self._allocs[address] = size
         bisect.insort(self._alloc_starts, address)
@@ -264,7 +271,7 @@ class Session:
         if size is None:
             raise BackendError(Status.INVALID_HANDLE, f"{address!r} is not a live allocation of this client")
         del self._alloc_starts[bisect.bisect_left(self._alloc_starts, address)]
-        self.usage.refund_memory(size)
+        self.usage.refund_memory(self._charged(size))
         self.stats.frees += 1
         self.pool.free(address)
 

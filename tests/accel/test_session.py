@@ -227,3 +227,23 @@ def test_range_check_matches_an_oracle(backend):
         check()
     finally:
         s.close()
+
+
+def test_memory_quota_counts_pool_rounding(backend):
+    """The pool rounds every allocation up to its alignment (256 bytes), so the quota must
+    charge the rounded size: many 1-byte allocations must not hold 256x the memory quota."""
+    quota = Quota(memory_bytes=64 << 10, max_allocations=4096)
+    with Session(backend, quota) as s:
+        held = []
+        for _ in range(1024):
+            try:
+                held.append(s.alloc(1))
+            except BackendError as exc:
+                assert exc.status == Status.QUOTA_EXCEEDED
+                break
+        in_use = s.pool.stats().bytes_in_use
+        assert in_use <= quota.memory_bytes, f"{len(held)} allocations hold {in_use} bytes, quota {quota.memory_bytes}"
+        assert len(held) == quota.memory_bytes // s.pool.alignment
+        for a in held:
+            s.free(a)
+        assert s.usage.memory_bytes == 0 and s.usage.allocations == 0
