@@ -247,12 +247,16 @@ def server_caps_json(max_dma_maps: int = MAX_DMA_MAPS, full: bool = True) -> byt
 
 
 def build_version_payload(request_size: int) -> bytes:
-    """The VERSION reply payload, no larger than the client's request (QEMU's receive buffer)."""
+    """The VERSION reply payload, no larger than the client's request (QEMU's receive buffer):
+    the full capabilities, else the minimal ones, else the version alone (the JSON is optional;
+    a client that sent less than that gets the spec's defaults). A parsed VERSION request is
+    always at least ``HEADER_SIZE + 4`` bytes, so the version alone always fits."""
+    version = VERSION_HDR.pack(VERSION_MAJOR, VERSION_MINOR)
     for full in (True, False):
-        payload = VERSION_HDR.pack(VERSION_MAJOR, VERSION_MINOR) + server_caps_json(full=full)
+        payload = version + server_caps_json(full=full)
         if HEADER_SIZE + len(payload) <= request_size:
             return payload
-    return payload
+    return version
 
 
 def client_version_payload(caps: dict[str, Any]) -> bytes:
