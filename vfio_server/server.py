@@ -57,7 +57,8 @@ BATCH_LIMIT = 64               # messages handled per readiness event before pol
 _SUN_PATH_MAX = 108            # sizeof(sockaddr_un.sun_path), NUL included
 HANDSHAKE_TIMEOUT = 10.0       # seconds a new client has to send VERSION (QEMU sends it at once)
 ACCEPT_BACKOFF = 0.1           # seconds to wait after a failed accept (fd exhaustion)
-WARN_BUDGET = 64               # hostile-input warnings per connection before they go to DEBUG
+WARN_BUDGET = 64               # hostile-input warnings (all connections together) before they go to DEBUG
+WARN_REFILL_S = 60.0           # the warning budget regains one warning per this many seconds
 
 _READ = int(RegionFlags.READ)     # plain ints: IntFlag arithmetic is slow on the hot path
 _WRITE = int(RegionFlags.WRITE)
@@ -68,6 +69,33 @@ DmaCallback = Callable[[bytes | None, ProtocolError | None], None]
 
 def _einval(what: str) -> ProtocolError:
     return ProtocolError(errno.EINVAL, what)
+
+
+class WarnBudget:
+    """How many hostile-input warnings may still go out at WARNING: a token bucket of
+    ``capacity`` that regains one token every ``refill_s`` seconds. It belongs to the server,
+    not to a connection, so a peer that reconnects in a loop cannot refill it."""
+
+    def __init__(self, capacity: int = WARN_BUDGET, refill_s: float = WARN_REFILL_S) -> None:
+        self.capacity = capacity
+        self.refill_s = refill_s
+        self.tokens = capacity
+        self._stamp = time.monotonic()
+
+    def take(self) -> bool:
+        """Use one token; False when none is left (log at DEBUG then)."""
+        now = time.monotonic()
+        if self.tokens >= self.capacity:
+            self._stamp = now
+        else:
+            gained = int((now - self._stamp) / self.refill_s)
+            if gained:
+                self.tokens = min(self.capacity, self.tokens + gained)
+                self._stamp += gained * self.refill_s
+        if self.tokens <= 0:
+            return False
+        self.tokens -= 1
+        return True
 
 
 class Connection:
@@ -93,7 +121,6 @@ class Connection:
         self.attached = False
         self._next_id = 0
         self._pending: dict[int, tuple[int, int, int, DmaCallback]] = {}
-        self._warn_budget = WARN_BUDGET
         self._regions = [(0, 0)] * NUM_REGIONS   # (size, flags), filled at VERSION
         self._handlers: dict[int, Callable[[Incoming], Reply]] = {
             P.Command.VERSION: self._version,
@@ -167,12 +194,13 @@ class Connection:
             self.transport.send([P.error_header(hdr, err)])
 
     def _warn(self, fmt: str, *args: Any, level: int = logging.WARNING, exc_info: bool = False) -> None:
-        """Log hostile input (or a device failure it caused) at ``level``, at most WARN_BUDGET
-        times per connection; then at DEBUG, so a client cannot flood the log."""
-        if self._warn_budget > 0:
-            self._warn_budget -= 1
+        """Log hostile input (or a device failure it caused) at ``level`` while the server's
+        :class:`WarnBudget` lasts; then at DEBUG, so a client cannot flood the log (not even by
+        reconnecting)."""
+        budget = self.server.warn_budget
+        if budget.take():
             self.log.log(level, fmt, *args, exc_info=exc_info)
-            if self._warn_budget == 0:
+            if budget.tokens == 0:
                 self.log.warning("conn %d: further refusals are logged at DEBUG", self.number)
         else:
             self.log.debug(fmt, *args, exc_info=exc_info)
@@ -435,6 +463,7 @@ class VfioUserServer:
         self.conn_log = self.log.getChild("conn")
         self.conn: Connection | None = None
         self.connections_served = 0
+        self.warn_budget = WarnBudget()
         self._sel: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
         self._wake_fd = -1
