@@ -20,8 +20,19 @@ threads (the native call releases the GIL).
 Within a block, threads run in thread-index order between barriers (the compiler's
 work-item-loop scheme), so shared-memory atomics are deterministic too.
 
-Options (``cpu,arena=2G,threads=4``): ``arena`` (size of the arena, default 1G) and ``threads``
-(block worker threads, default the number of CPUs).
+**Time limit.** Guest kernels may never terminate (``^l: br ^l``). Every launch runs under a
+watchdog: one thread per backend keeps the deadlines of the running launches and, when one
+passes, sets that launch's cancel word (:class:`vxpu.ir.cpu_exec.CancelToken`); the generated
+code polls it at every loop header and thread start and stops. The launch then fails with
+:attr:`Status.TIMEOUT` and the context is reset like after a kernel fault; the backend keeps
+serving. A reset or :meth:`CpuBackend.close` cancels running kernels the same way, so neither
+hangs. ``kernel_timeout`` (seconds, ``None`` = no limit) may be changed at run time; it applies
+to launches that start afterwards.
+
+Options (``cpu,arena=2G,threads=4,timeout=10s``): ``arena`` (size of the arena, default 1G),
+``threads`` (block worker threads, default the number of CPUs) and ``timeout`` (the time limit
+per launch: ``500ms``, ``10s``, ``2m``, ``1h`` or plain seconds; ``off`` or ``0`` for none;
+default :data:`DEFAULT_KERNEL_TIMEOUT`).
 """
 
 from __future__ import annotations
@@ -29,9 +40,12 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
+import math
 import os
 import platform
+import re
 import threading
+import time
 from typing import Any
 
 from vxpu.accel.backend import BackendError, DeviceProperties, KernelInfo, ModuleKind, Status
@@ -46,6 +60,119 @@ MAX_WORKER_THREADS = 256
 RANGES_PER_THREAD = 4
 #: Loaded (MCJIT) modules kept for reuse when the same IR is loaded again.
 LOADED_MODULES = 64
+#: Seconds a launch may run before it is cancelled and reported as TIMEOUT (option ``timeout``).
+DEFAULT_KERNEL_TIMEOUT = 30.0
+#: Longest settable limit (a day); ``off`` disables the limit altogether.
+MAX_KERNEL_TIMEOUT = 86400.0
+_DURATION_RE = re.compile(r"^(\d{1,9}(?:\.\d{1,6})?)\s*(ms|s|m|h)?$")
+_UNIT_SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_timeout(value: float | str | None) -> float | None:
+    """Parse the ``timeout`` option: seconds as a number or ``"500ms"``, ``"10s"``, ``"2m"``,
+    ``"1h"``; ``None``, ``0``, ``"off"`` or ``"none"`` mean no limit.
+
+    Raises:
+        BackendError: INVALID_ARGUMENT for anything else or a limit above a day.
+    """
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    else:
+        text = str(value).strip().lower()
+        if text in ("off", "none", "0"):
+            return None
+        m = _DURATION_RE.match(text)
+        if not m:
+            raise BackendError(Status.INVALID_ARGUMENT,
+                               f"timeout={value!r} is not a duration (use e.g. 500ms, 10s, 2m, or off)")
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2) or "s"]
+    if not math.isfinite(seconds) or seconds < 0 or seconds > MAX_KERNEL_TIMEOUT:
+        raise BackendError(Status.INVALID_ARGUMENT,
+                           f"timeout={value!r} must be 0 (off) to {MAX_KERNEL_TIMEOUT:g} seconds")
+    return seconds or None
+
+
+class _Launch:
+    """The watchdog's record of a launch running on one thread (reused: one per thread)."""
+
+    __slots__ = ("deadline", "timed_out", "token")
+
+    def __init__(self, token: Any) -> None:
+        self.token = token
+        self.deadline = math.inf
+        self.timed_out = False
+
+
+class _Watchdog:
+    """One thread that cancels launches running past their deadline.
+
+    :meth:`arm`/:meth:`disarm` cost a lock and a set update; the thread sleeps until the
+    earliest deadline (or indefinitely while no launch has one).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._cv = threading.Condition()
+        self._running: set[_Launch] = set()
+        self._wake = math.inf
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def arm(self, launch: _Launch, limit: float | None) -> None:
+        """Clear ``launch``'s token and watch it (``limit`` seconds from now; None: no limit)."""
+        with self._cv:
+            launch.token.reset()
+            launch.timed_out = False
+            launch.deadline = math.inf if limit is None else time.monotonic() + limit
+            self._running.add(launch)
+            if launch.deadline == math.inf:
+                return
+            if self._thread is None:
+                self._wake = launch.deadline
+                self._thread = threading.Thread(target=self._run, name=f"vxpu-{self._name}-watchdog", daemon=True)
+                self._thread.start()
+            elif launch.deadline < self._wake:
+                self._cv.notify()
+
+    def disarm(self, launch: _Launch) -> None:
+        with self._cv:
+            self._running.discard(launch)
+
+    def cancel_all(self) -> None:
+        """Cancel every running launch (they are not marked as timed out)."""
+        with self._cv:
+            for launch in self._running:
+                launch.token.cancel()
+
+    def stop(self) -> None:
+        """End the thread (idempotent); call after every launch has finished."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join()
+        with self._cv:
+            self._stopping = False
+            self._wake = math.inf
+
+    def _run(self) -> None:
+        with self._cv:
+            while not self._stopping:
+                now = time.monotonic()
+                nearest = math.inf
+                for launch in self._running:
+                    if launch.timed_out:
+                        continue
+                    if launch.deadline <= now:
+                        launch.timed_out = True
+                        launch.token.cancel()
+                    else:
+                        nearest = min(nearest, launch.deadline)
+                self._wake = nearest
+                self._cv.wait(None if nearest == math.inf else nearest - now)
 
 
 def _cpu_model() -> str:
@@ -66,13 +193,16 @@ class CpuBackend(HostBackend):
         index: device index (only 0).
         arena: arena size (bytes or a size string such as ``"2G"``).
         threads: block worker threads (default: the number of CPUs).
+        timeout: time limit per launch (seconds or a duration string such as ``"10s"``;
+            ``"off"`` for none); default :data:`DEFAULT_KERNEL_TIMEOUT`.
         cache: a ``vxpu.ir.cache.CompileCache`` (default: the process-wide memory + disk cache).
     """
 
     name = "cpu"
 
     def __init__(self, index: int = 0, *, arena: int | str = DEFAULT_ARENA_BYTES,
-                 threads: int | str | None = None, cache: Any = None) -> None:
+                 threads: int | str | None = None, timeout: float | str | None = DEFAULT_KERNEL_TIMEOUT,
+                 cache: Any = None) -> None:
         super().__init__(index, arena=arena)
         try:
             n = int(threads) if threads is not None else (os.cpu_count() or 1)
@@ -81,6 +211,10 @@ class CpuBackend(HostBackend):
         if not 1 <= n <= MAX_WORKER_THREADS:
             raise BackendError(Status.INVALID_ARGUMENT, f"threads={n} must be 1..{MAX_WORKER_THREADS}")
         self.threads = n
+        #: Seconds a launch may run (None: no limit); read when each launch starts.
+        self.kernel_timeout = parse_timeout(timeout)
+        self._watchdog = _Watchdog(self.name)
+        self._tls = threading.local()
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache = cache
         self._compile_lock = threading.Lock()
@@ -102,13 +236,18 @@ class CpuBackend(HostBackend):
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
+        self._watchdog.stop()
+
+    def _cancel_running(self) -> None:
+        self._watchdog.cancel_all()
 
     def properties(self) -> DeviceProperties:
         return DeviceProperties(
             backend="cpu", name=_cpu_model(), vendor="host", architecture=self._arch,
             memory_total=self.arena_size, compute_units=self.threads,
             max_threads_per_block=MAX_THREADS_PER_BLOCK, max_shared_memory_per_block=MAX_SHARED_PER_BLOCK,
-            features=frozenset({"ir", "atomics-f32", "atomics-f64", "fp16", "deterministic-atomics"}),
+            features=frozenset({"ir", "atomics-f32", "atomics-f64", "fp16", "deterministic-atomics",
+                                "kernel-timeout"}),
         )
 
     # -- code -------------------------------------------------------------------------
@@ -165,19 +304,53 @@ class CpuBackend(HostBackend):
             raise BackendError(Status.INVALID_ARGUMENT,
                                f"dynamic shared memory {shared_bytes} + static {kernel.info.static_shared_bytes} "
                                f"exceeds {MAX_SHARED_PER_BLOCK} bytes")
-        return grid, block, args, shared_bytes
+        return grid, block, args, shared_bytes, self._generation
 
     def _execute(self, kernel: Any, work: tuple[Any, ...]) -> None:
-        grid, block, args, shared_bytes = work
+        """Run a launch under the watchdog; a cancel by the time limit becomes TIMEOUT."""
+        from vxpu.ir.cpu_exec import FAULT_CANCELLED, KernelFault
+
+        launch = self._launch_record()
+        limit = self.kernel_timeout
+        self._watchdog.arm(launch, limit)
+        try:
+            if work[4] != self._generation:
+                return      # a reset or close dropped this launch's context as it was dequeued
+            self._run(kernel, work, launch.token)
+        except KernelFault as exc:
+            if exc.code != FAULT_CANCELLED:
+                raise
+            if launch.timed_out:
+                raise BackendError(Status.TIMEOUT, f"kernel {kernel.name!r} ran longer than the {limit:g} s time "
+                                   "limit and was stopped; the context was reset. Raise the limit with the "
+                                   "backend option timeout= (e.g. 'cpu,timeout=120s', or 'off')") from None
+            # Cancelled by a reset or close: the generation has moved on, so the backend counts
+            # this as a fault of the old context and raises nothing to anyone.
+            raise BackendError(Status.KERNEL_FAULT, f"kernel {kernel.name!r} was cancelled: its context "
+                               "was reset or the backend closed") from None
+        finally:
+            self._watchdog.disarm(launch)
+
+    def _launch_record(self) -> _Launch:
+        """This thread's reusable watchdog record (its cancel token serves one launch at a time)."""
+        launch = getattr(self._tls, "launch", None)
+        if launch is None:
+            from vxpu.ir.cpu_exec import CancelToken
+
+            launch = self._tls.launch = _Launch(CancelToken())
+        return launch
+
+    def _run(self, kernel: Any, work: tuple[Any, ...], token: Any) -> None:
+        grid, block, args, shared_bytes, _ = work
         nblocks = grid[0] * grid[1] * grid[2]
         base, size = self.arena_base, self.arena_size
         if self._executor is None or nblocks == 1 or kernel.uses_global_atomics:
-            kernel.run(grid, block, args, base, size, dynamic_shared=shared_bytes)
+            kernel.run(grid, block, args, base, size, dynamic_shared=shared_bytes, cancel=token)
             return
         parts = min(nblocks, self.threads * RANGES_PER_THREAD)
         bounds = [nblocks * i // parts for i in range(parts + 1)]
-        futures = [self._executor.submit(kernel.run, grid, block, args, base, size,
-                                         dynamic_shared=shared_bytes, blocks=range(bounds[i], bounds[i + 1]))
+        futures = [self._executor.submit(kernel.run, grid, block, args, base, size, dynamic_shared=shared_bytes,
+                                         blocks=range(bounds[i], bounds[i + 1]), cancel=token)
                    for i in range(parts)]
         first: BaseException | None = None
         for fut in futures:           # wait for all; report the fault of the lowest block range

@@ -16,8 +16,13 @@ on a queue's worker thread) plus :meth:`properties`.
 bumps its context *generation*, so every queued operation of the old context is dropped. The
 next call into the backend (any method) waits for the queues to drain, resets the context
 (frees every allocation, zeroes the arena, drops modules, queues and events) and raises the
-fault once: KERNEL_FAULT for a kernel fault, DEVICE_LOST for anything unexpected. After that the
-backend serves normally.
+fault once: KERNEL_FAULT for a kernel fault, TIMEOUT for a kernel stopped by the subclass's time
+limit, DEVICE_LOST for anything unexpected. After that the backend serves normally.
+
+**Cancellation.** A reset (explicit, or after a fault) and :meth:`HostBackend.close` first call
+:meth:`HostBackend._cancel_running`, where a subclass stops kernels still running in the old
+context (the CPU backend sets their cancel words), so neither ever waits on a kernel that does
+not terminate. ``close`` also drops work still queued: nothing can observe it any more.
 
 **Host memory lifetime.** Copies queued behind other work keep a reference to the host
 ``memoryview`` until they run; :meth:`HostBackend.unregister_host` therefore waits for all
@@ -156,10 +161,14 @@ class HostBackend:
         """Subclasses start their runtime here."""
 
     def close(self) -> None:
-        """Stop every queue and unmap the arena (idempotent)."""
+        """Cancel running kernels, drop queued work, stop every queue and unmap the arena
+        (idempotent)."""
         with self._lock:
             if self._mmap is None:
                 return
+            with self._fault_lock:
+                self._generation += 1       # queued operations are dropped, not run
+            self._cancel_running()
             for q in list(self._queues):
                 q.stop()
             self._queues.clear()
@@ -227,14 +236,20 @@ class HostBackend:
                     "resetting the context" if current else "its context is already being reset")
 
     def _map_fault(self, exc: BaseException) -> BackendError:
-        """Map a worker exception to KERNEL_FAULT/DEVICE_LOST; subclasses know their fault types."""
-        if isinstance(exc, BackendError) and exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
+        """Map a worker exception to KERNEL_FAULT/TIMEOUT/DEVICE_LOST; subclasses know their
+        fault types."""
+        if isinstance(exc, BackendError) and exc.status in (Status.KERNEL_FAULT, Status.TIMEOUT, Status.DEVICE_LOST):
             return exc
         log.error("%s backend: unexpected error on a queue: %s", self.name, exc)
         log.debug("traceback", exc_info=(type(exc), exc, exc.__traceback__))
         return BackendError(Status.DEVICE_LOST, f"unexpected {type(exc).__name__} on a queue: {exc}")
 
+    def _cancel_running(self) -> None:
+        """Stop the kernels running in the context being reset or closed (the generation was
+        already bumped, so every running kernel belongs to the old context). Must not block."""
+
     def _reset_context(self) -> None:
+        self._cancel_running()
         for q in list(self._queues):
             q.wait()
         self._allocator.reset()
