@@ -305,8 +305,8 @@ class DmaSpace:
             return
         channel = self.channel
         assert channel is not None
+        _reserve(channel, _chunk_count(length, channel.max_chunk))     # before building anything
         chunks = _chunks(gpa, length, channel.max_chunk)
-        _reserve(channel, len(chunks))
         parts: list[bytes] = [b""] * len(chunks)
         state = {"left": len(chunks), "failed": False}
 
@@ -351,8 +351,8 @@ class DmaSpace:
             return
         channel = self.channel
         assert channel is not None
+        _reserve(channel, _chunk_count(length, channel.max_chunk))     # before building anything
         chunks = _chunks(gpa, length, channel.max_chunk)
-        _reserve(channel, len(chunks))
         blob = bytes(data)
         state = {"left": len(chunks), "failed": False}
 
@@ -374,6 +374,11 @@ class DmaSpace:
         except DmaError:
             state["failed"] = True      # we raise: replies to chunks already sent must not call done
             raise
+
+
+def _chunk_count(length: int, chunk: int) -> int:
+    """How many messages :func:`_chunks` makes (a zero-length access is one message)."""
+    return max(1, -(-length // chunk))
 
 
 def _chunks(gpa: int, length: int, chunk: int) -> list[tuple[int, int]]:

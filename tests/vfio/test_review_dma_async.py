@@ -75,3 +75,25 @@ def test_complete_request_still_completes_once():
     for _cmd, _addr, _count, cb in ch.sent:
         cb(None, None)
     assert calls == [None]
+
+
+def test_oversized_request_is_refused_before_building_chunks():
+    """The chunk count is checked against MAX_PENDING_DMA before any per-chunk bookkeeping is
+    built: a client that negotiated a tiny max_data_xfer_size (16 bytes) and a huge message-only
+    map must not make one read cost memory in proportion to length / chunk."""
+    import tracemalloc
+
+    ch = _Channel(max_chunk=16, accept=1 << 30)
+    space = DmaSpace()
+    space.map(1 << 32, 1 << 30, 0, P.DMA_READ_FLAG | P.DMA_WRITE_FLAG, None)   # message-only, 1 GiB
+    space.channel = ch
+    tracemalloc.start()
+    try:
+        with pytest.raises(DmaError) as info:
+            space.read_async(1 << 32, 1 << 20, lambda data, err: None)       # 65536 chunks of 16 bytes
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.errno == errno.EAGAIN
+    assert ch.sent == []
+    assert peak < 256 << 10, f"{peak} bytes allocated to refuse the request"
