@@ -70,6 +70,18 @@ __all__ = ["Dominators", "check", "check_kernel", "verify", "verify_kernel"]
 
 log = logging.getLogger(__name__)
 
+#: The verifier stops after this many problems (like the parser): a hostile module at the op
+#: limit could otherwise produce one Problem per use, hundreds of thousands of them.
+MAX_VERIFY_PROBLEMS = 100
+
+
+class _Enough(Exception):
+    """Raised inside a kernel check once the problem budget is used up."""
+
+
+def _not_listed(where: Location) -> Problem:
+    return Problem(where, f"more than {MAX_VERIFY_PROBLEMS} problems; the rest are not listed (fix these first)")
+
 
 def verify(module: Module) -> None:
     """Check ``module``.
@@ -110,14 +122,21 @@ def check(module: Module) -> list[Problem]:
     seen: set[str] = set()
     for k in module.kernels:
         if k.name in seen:
+            if len(problems) >= MAX_VERIFY_PROBLEMS:
+                problems.append(_not_listed(_kloc(k)))
+                break
             problems.append(Problem(_kloc(k), f"duplicate kernel name @{k.name}"))
         seen.add(k.name)
-        problems.extend(check_kernel(k))
+        found = _KernelChecker(k, MAX_VERIFY_PROBLEMS - len(problems)).run()
+        problems.extend(found)
+        if found and "are not listed" in found[-1].message:
+            break
     return problems
 
 
 def check_kernel(kernel: Kernel) -> list[Problem]:
-    """Every problem of one kernel (empty if it is valid)."""
+    """Every problem of one kernel (empty if it is valid), at most MAX_VERIFY_PROBLEMS of
+    them plus a last one saying that the rest are not listed."""
     return _KernelChecker(kernel).run()
 
 
@@ -278,9 +297,10 @@ def _lengauer_tarjan(parent: list[int], preds: list[list[int]]) -> list[int]:
 class _KernelChecker:
     """Checks one kernel; collects problems instead of stopping at the first."""
 
-    def __init__(self, kernel: Kernel) -> None:
+    def __init__(self, kernel: Kernel, limit: int = MAX_VERIFY_PROBLEMS) -> None:
         self.k = kernel
         self.problems: list[Problem] = []
+        self.limit = max(0, limit)
 
     def error(self, message: str, block: Block | None = None, op_index: int | None = None,
               op: Op | None = None, at: Location | None = None) -> None:
@@ -292,8 +312,18 @@ class _KernelChecker:
             kernel=self.k.name, block=bname, op=op_index,
             line=loc.line if loc is not None else None, col=loc.col if loc is not None else None,
         ), message))
+        if len(self.problems) > self.limit:
+            self.problems.pop()          # one too many: report that there are more instead
+            raise _Enough
 
     def run(self) -> list[Problem]:
+        try:
+            return self._run()
+        except _Enough:
+            self.problems.append(_not_listed(_kloc(self.k)))
+            return self.problems
+
+    def _run(self) -> list[Problem]:
         k = self.k
         self._block_index = {id(b): i for i, b in enumerate(k.blocks)}
         if not is_valid_symbol(k.name):

@@ -210,3 +210,37 @@ def test_rejections_do_not_flood_the_log(caplog):
     debug = [r for r in caplog.records if r.name == "vxpu.ir.binary" and r.levelno == logging.DEBUG]
     assert len(warnings) <= 32, f"{len(warnings)} warnings for 500 rejections"
     assert len(warnings) + len(debug) >= 500, "every rejection is still logged (at DEBUG past the budget)"
+
+
+def test_problem_count_is_bounded():
+    """A module at the op limit where every op is invalid must not produce one Problem per use
+    (hundreds of thousands of objects, seconds of CPU): the verifier stops after a bounded
+    number, like the parser does, and says so."""
+    from vxpu.ir.ops import OPS
+    from vxpu.ir.types import i32
+    from vxpu.ir.verify import MAX_VERIFY_PROBLEMS
+
+    n = limits.MAX_OPS_PER_KERNEL
+    out = bytearray()
+    binary._str(out, "k")
+    out += b"\x00\x00\x00"                       # no params, shared or local arrays
+    binary._uleb(out, 1)                         # one block
+    out += b"\x00"                               # no block params
+    binary._uleb(out, n)
+    add = OPS["add"].code
+    for i in range(n - 1):                       # %i = add %i, %i: each op uses itself
+        binary._uleb(out, add)
+        out.append(i32.code)
+        binary._uleb(out, i)
+        binary._uleb(out, i)
+    out.append(OPS["ret"].code)
+    module = decode(MAGIC + b"\x01\x00\x00\x01m\x01" + bytes(out), verify=False)
+    start = time.perf_counter()
+    problems = check(module)
+    seconds = time.perf_counter() - start
+    assert 0 < len(problems) <= MAX_VERIFY_PROBLEMS + 1, len(problems)
+    assert "not listed" in problems[-1].message
+    assert seconds < 1.0
+    with pytest.raises(VerifyError) as info:
+        decode(MAGIC + b"\x01\x00\x00\x01m\x01" + bytes(out))
+    assert len(info.value.problems) <= MAX_VERIFY_PROBLEMS + 1
