@@ -176,6 +176,8 @@ class VfioUserClient:
         Raises:
             TimeoutError: nothing arrived within ``timeout`` (default: the client's timeout).
             PeerClosed: the server closed the connection.
+            ProtocolError: E2BIG for a size field above MAX_MESSAGE_SIZE (nothing is allocated
+                for it; the stream cannot be resynchronised, so close the client).
         """
         self.sock.settimeout(self.timeout if timeout is None else timeout)
         fds: list[int] = []
@@ -184,6 +186,10 @@ class VfioUserClient:
                 hdr = P.parse_header(self._recv_exact(P.HEADER_SIZE, fds))
             except BlockingIOError:         # timeout 0 makes the socket non-blocking
                 raise TimeoutError("no message") from None
+            if hdr.size > P.MAX_MESSAGE_SIZE:
+                close_fds(fds)
+                raise ProtocolError(errno.E2BIG, f"server message of {hdr.size} bytes "
+                                    f"(limit {P.MAX_MESSAGE_SIZE}); close this client")
             self.sock.settimeout(self.timeout)
             body = self._recv_exact(hdr.size - P.HEADER_SIZE, fds) if hdr.size > P.HEADER_SIZE else b""
         finally:
