@@ -16,7 +16,8 @@ Rules (checked before anything is mapped; errnos follow the vfio-user spec and l
 unknown flags, zero size, unaligned address or size, or a range that wraps 2^64 → EINVAL; an
 fd that is not a regular file or is smaller than ``offset + size`` (a later access would
 SIGBUS; checked after the file is sealed against shrinking, where it can be) → EINVAL; a range overlapping an existing map → EEXIST, except an identical re-map
-(same range, offset, flags and file), which is accepted as libvfio-user does; more than
+(same range, offset, flags and file), which is accepted as libvfio-user does; with
+``require_sealed``, a file that cannot be sealed against shrinking → EINVAL; more than
 :data:`~vxpu.vfio_server.protocol.MAX_DMA_MAPS` maps → ENOSPC. Unmaps must match a map exactly
 (else ENOENT).
 """
@@ -86,10 +87,14 @@ class DmaSpace:
     Args:
         max_maps: cap on the number of maps (against rogue clients).
         logger: where to log (the connection's logger).
+        require_sealed: refuse fd-backed maps whose file cannot be sealed against shrinking
+            (a peer that shrinks such a file makes the next access SIGBUS the server).
     """
 
-    def __init__(self, max_maps: int = P.MAX_DMA_MAPS, logger: logging.Logger | None = None) -> None:
+    def __init__(self, max_maps: int = P.MAX_DMA_MAPS, logger: logging.Logger | None = None,
+                 require_sealed: bool = False) -> None:
         self.max_maps = max_maps
+        self.require_sealed = require_sealed
         self.log = logger or log
         self._starts: list[int] = []
         self._regions: list[DmaRegion] = []
@@ -140,6 +145,9 @@ class DmaSpace:
             # Seal first, then check the size: checked before the seal, a peer could shrink the
             # file in between and leave a "sealed" map that SIGBUSes on first access.
             sealed = shrink_sealed(fd)
+            if not sealed and self.require_sealed:
+                raise ProtocolError(errno.EINVAL, "DMA_MAP: the file cannot be sealed against shrinking; use "
+                                    "memory-backend-memfd with seal=on (QEMU's default) for guest RAM")
             file_id = _file_identity(fd, offset, size)
         i = bisect.bisect_right(self._starts, addr) - 1
         for j in (i, i + 1):

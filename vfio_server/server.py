@@ -112,7 +112,7 @@ class Connection:
         self.connected_at = time.monotonic()
         self.log = server.conn_log
         self.transport = Transport(sock)
-        self.dma = DmaSpace(logger=self.log)
+        self.dma = DmaSpace(logger=self.log, require_sealed=server.require_sealed_ram)
         self.irqs = IrqTable(self.device, self.log)
         self.irqs.on_resample_change = server.follow_resample
         self.caps = P.ClientCaps()
@@ -453,12 +453,15 @@ class VfioUserServer:
             a live one or a non-socket file is an error. The socket file gets mode 0600.
         device: the device model; its state outlives connections.
         logger: parent logger (default ``vxpu.vfio_server.server``).
+        require_sealed_ram: refuse DMA_MAP files that cannot be sealed against shrinking
+            (see :class:`~vxpu.vfio_server.dma.DmaSpace`); QEMU's memory-backend-memfd passes.
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], device: VfioDevice,
-                 logger: logging.Logger | None = None) -> None:
+                 logger: logging.Logger | None = None, require_sealed_ram: bool = False) -> None:
         self.path = Path(socket_path)
         self.device = device
+        self.require_sealed_ram = require_sealed_ram
         self.log = logger or log
         self.conn_log = self.log.getChild("conn")
         self.conn: Connection | None = None
