@@ -23,6 +23,9 @@ never talks to a backend directly. The session is the backend-independent policy
   logged once and becomes INTERNAL (:func:`status_of` maps any exception to a status). After
   KERNEL_FAULT or DEVICE_LOST the backend has reset its context; the session drops all of the
   client's handles (and notices resets caused by other clients through ``stats.resets``).
+  Guest-caused log lines (faults, resets, internal errors) share a per-process budget
+  (:data:`WARN_BUDGET`, refilled slowly); past it they go to DEBUG, so a guest faulting in a
+  loop cannot flood the log.
 * **Statistics.** :class:`vxpu.accel.stats.SessionStats` plus the pool's figures.
 
 Memory goes through a :class:`vxpu.accel.pool.MemoryPool` per session. Typical use::
@@ -44,6 +47,7 @@ import functools
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -65,6 +69,48 @@ _TAG_MODULE, _TAG_KERNEL, _TAG_QUEUE, _TAG_EVENT = 0x4D4F, 0x4B45, 0x5155, 0x455
 _TAG_SHIFT = 48
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+#: Guest-caused warnings (kernel faults, context resets, internal errors) logged at WARNING or
+#: ERROR per process before they go to DEBUG; one more is allowed every WARN_REFILL_S seconds.
+#: A guest faulting its kernels in a loop cannot flood the host's log (stats still count all).
+WARN_BUDGET = 64
+WARN_REFILL_S = 60.0
+
+
+class _WarnBudget:
+    """A token bucket for guest-caused log lines (shared by every session of the process)."""
+
+    def __init__(self, capacity: int = WARN_BUDGET, refill_s: float = WARN_REFILL_S) -> None:
+        self.capacity = capacity
+        self.refill_s = refill_s
+        self.tokens = capacity
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        with self._lock:
+            now = time.monotonic()
+            if self.tokens >= self.capacity:
+                self._stamp = now
+            else:
+                gained = int((now - self._stamp) / self.refill_s)
+                if gained:
+                    self.tokens = min(self.capacity, self.tokens + gained)
+                    self._stamp += gained * self.refill_s
+            if self.tokens <= 0:
+                return False
+            self.tokens -= 1
+            if self.tokens == 0:
+                log.warning("further guest-caused device warnings are logged at DEBUG for a while")
+            return True
+
+
+_budget = _WarnBudget()
+
+
+def _guest_log(logger: logging.Logger, level: int, fmt: str, *args: Any) -> None:
+    """Log a guest-caused event at ``level`` while the budget lasts, else at DEBUG."""
+    logger.log(level if _budget.take() else logging.DEBUG, fmt, *args)
 
 
 def status_of(exc: BaseException) -> Status:
@@ -107,7 +153,7 @@ def _guarded(method: F) -> F:
                 self._on_error(exc)
                 raise
             except Exception as exc:  # a bug below us: never let it reach the guest raw
-                log.error("internal error in %s: %s", method.__name__, exc)
+                _guest_log(log, logging.ERROR, "internal error in %s: %s", method.__name__, exc)
                 log.debug("traceback", exc_info=True)
                 err = BackendError(Status.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
                 self._on_error(err)
@@ -160,14 +206,15 @@ class Session:
 
     def _check_epoch(self) -> None:
         if self.backend.stats.resets != self._epoch:
-            self.log.warning("device context was reset (another client faulted); dropping this client's handles")
+            _guest_log(self.log, logging.WARNING,
+                       "device context was reset (another client faulted); dropping this client's handles")
             self._invalidate()
 
     def _on_error(self, exc: BackendError) -> None:
         self.stats.errors[exc.status.name] += 1
         if exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
             self.stats.faults += 1
-            self.log.warning("device fault, context reset, handles invalidated: %s", exc)
+            _guest_log(self.log, logging.WARNING, "device fault, context reset, handles invalidated: %s", exc)
             self._invalidate()
 
     def _invalidate(self) -> None:

@@ -247,3 +247,43 @@ def test_memory_quota_counts_pool_rounding(backend):
         for a in held:
             s.free(a)
         assert s.usage.memory_bytes == 0 and s.usage.allocations == 0
+
+
+class _FaultingBackend:
+    """Unit-test fake: every synchronize reports a kernel fault (and a context reset)."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        from vxpu.accel.backend import BackendStats, DeviceProperties
+
+        self.stats = BackendStats()
+        self._props = DeviceProperties("fake", "fake", "host", "x", 1 << 30, 1, 1024, 48 << 10)
+
+    def properties(self):
+        return self._props
+
+    def alloc(self, size: int) -> int:
+        return 1 << 20
+
+    def free(self, address: int) -> None:
+        pass
+
+    def synchronize(self, queue) -> None:
+        self.stats.faults += 1
+        self.stats.resets += 1
+        raise BackendError(Status.KERNEL_FAULT, "kernel faulted at 0x0")
+
+
+def test_guest_triggered_faults_do_not_flood_the_log(caplog):
+    """A guest can make its kernels fault in a loop; each fault is counted and answered, but
+    only a bounded number of WARNING lines reach the log (the rest go to DEBUG)."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="vxpu.accel.session")
+    s = Session(_FaultingBackend())
+    for _ in range(500):
+        assert status(s.synchronize) == Status.KERNEL_FAULT
+    assert s.stats.faults == 500
+    warned = [r for r in caplog.records if r.name.startswith("vxpu.accel.session") and r.levelno >= logging.WARNING]
+    assert len(warned) <= 70, f"{len(warned)} WARNING lines for 500 faults"
