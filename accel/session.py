@@ -323,8 +323,12 @@ class Session:
         self.pool.free(address)
 
     def allocation_size(self, address: int) -> int | None:
-        """The requested size of the live allocation at ``address``, or ``None``."""
+        """The requested size of the live allocation at ``address``, or ``None`` (also after
+        a context reset, which this notices first: the address may belong to someone else now)."""
         with self._lock:
+            if self._closed:
+                return None
+            self._check_epoch()
             return self._allocs.get(address)
 
     @_guarded

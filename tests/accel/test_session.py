@@ -287,3 +287,15 @@ def test_guest_triggered_faults_do_not_flood_the_log(caplog):
     assert s.stats.faults == 500
     warned = [r for r in caplog.records if r.name.startswith("vxpu.accel.session") and r.levelno >= logging.WARNING]
     assert len(warned) <= 70, f"{len(warned)} WARNING lines for 500 faults"
+
+
+def test_allocation_size_forgets_allocations_lost_in_a_reset():
+    """After another client's fault reset the device context, this client's allocations are
+    gone (their addresses may be handed to someone else): allocation_size must not vouch for
+    them, even before this client's next guarded call."""
+    backend = _FaultingBackend()
+    s = Session(backend)
+    a = s.alloc(100)
+    assert s.allocation_size(a) == 100
+    backend.stats.resets += 1                  # a reset caused elsewhere
+    assert s.allocation_size(a) is None
