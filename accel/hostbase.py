@@ -19,10 +19,13 @@ next call into the backend (any method) waits for the queues to drain, resets th
 fault once: KERNEL_FAULT for a kernel fault, TIMEOUT for a kernel stopped by the subclass's time
 limit, DEVICE_LOST for anything unexpected. After that the backend serves normally.
 
-**Cancellation.** A reset (explicit, or after a fault) and :meth:`HostBackend.close` first call
-:meth:`HostBackend._cancel_running`, where a subclass stops kernels still running in the old
-context (the CPU backend sets their cancel words), so neither ever waits on a kernel that does
-not terminate. ``close`` also drops work still queued: nothing can observe it any more.
+**Cancellation.** A fault, a reset and :meth:`HostBackend.close` call
+:meth:`HostBackend._cancel_running` right after bumping the generation: a subclass stops there
+the kernels still running in the old context (the CPU backend sets their cancel words), so
+nothing ever waits on a kernel that does not terminate, and a fault surfaces at once instead
+of after the other queues' kernels. A cancelled launch counts as a fault of the old context
+(``stats.faults``), never raised. ``close`` also drops work still queued: nothing can observe
+it any more.
 
 **Host memory lifetime.** Copies queued behind other work keep a reference to the host
 ``memoryview`` until they run; :meth:`HostBackend.unregister_host` therefore waits for all
@@ -232,6 +235,8 @@ class HostBackend:
                 self._generation += 1       # drop everything queued in this context
                 if self._fault is None:
                     self._fault = fault
+        if current:
+            self._cancel_running()          # the rest of the old context's work is void: stop it now
         log.warning("%s backend: %s; %s", self.name, fault,
                     "resetting the context" if current else "its context is already being reset")
 
