@@ -3,7 +3,7 @@
 ::
 
     vxpu serve --socket /run/vxpu/vu0.sock [--device test] [--backend cpu|cuda[:N]|hip[:N]|npu] [--msix]
-               [--require-sealed-ram]
+               [--allow-unsealed-ram]
 
 The process listens on ``--socket`` (mode 0600; a stale socket is replaced), serves one QEMU
 connection at a time and keeps serving across disconnects (hot re-plug), until SIGTERM or
@@ -57,10 +57,11 @@ def register(subparsers: Any) -> None:
                    help="also offer an MSI-X capability (default: MSI only). Warning: QEMU 11.1.3 aborts the "
                         "whole VM when a device with MSI-X is hot-unplugged (device_del); use it only for "
                         "cold-plugged devices")
-    p.add_argument("--require-sealed-ram", action="store_true",
-                   help="refuse guest RAM whose file cannot be sealed against shrinking (a shrink under the "
-                        "server's mapping would crash it with SIGBUS). QEMU's memory-backend-memfd is sealed "
-                        "by default (seal=on); memory-backend-file and seal=off are then refused")
+    p.add_argument("--allow-unsealed-ram", action="store_true",
+                   help="accept guest RAM whose file cannot be sealed against shrinking (memory-backend-file, "
+                        "hugetlbfs, memory-backend-memfd seal=off). By default such DMA maps are refused, "
+                        "because a peer shrinking the file under the server's mapping would crash it with "
+                        "SIGBUS; QEMU's memory-backend-memfd is sealed by default and always accepted")
     p.set_defaults(func=serve)
 
 
@@ -98,7 +99,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.backend != "cpu" and not kind.needs_backend:
         log.warning("device %r uses no accelerator; --backend %s is ignored", args.device, args.backend)
     device = kind.factory(args, backend)
-    server = VfioUserServer(args.socket, device, require_sealed_ram=args.require_sealed_ram)
+    server = VfioUserServer(args.socket, device, require_sealed_ram=not args.allow_unsealed_ram)
     server.bind()
 
     def _stop(signum: int, _frame: object) -> None:

@@ -455,10 +455,11 @@ class VfioUserServer:
         logger: parent logger (default ``vxpu.vfio_server.server``).
         require_sealed_ram: refuse DMA_MAP files that cannot be sealed against shrinking
             (see :class:`~vxpu.vfio_server.dma.DmaSpace`); QEMU's memory-backend-memfd passes.
+            On by default: a peer that shrinks an unsealed mapped file would SIGBUS the server.
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], device: VfioDevice,
-                 logger: logging.Logger | None = None, require_sealed_ram: bool = False) -> None:
+                 logger: logging.Logger | None = None, require_sealed_ram: bool = True) -> None:
         self.path = Path(socket_path)
         self.device = device
         self.require_sealed_ram = require_sealed_ram

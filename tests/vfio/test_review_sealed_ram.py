@@ -4,8 +4,8 @@ A shrink (ftruncate) of a mapped file makes the next access to the missing pages
 server, which Python cannot survive. The server seals each DMA_MAP file against shrinking when
 the file allows it (QEMU's memory-backend-memfd is created sealed: seal=on is its default); an
 unsealable file (a memfd without MFD_ALLOW_SEALING, memory-backend-memfd with seal=off, a file
-on hugetlbfs or disk) stays a SIGBUS risk. ``require_sealed_ram`` (``vxpu serve
---require-sealed-ram``) refuses such files; without it they are accepted, as before.
+on hugetlbfs or disk) stays a SIGBUS risk. ``require_sealed_ram`` (on by default;
+``vxpu serve --allow-unsealed-ram`` turns it off) refuses such files.
 """
 
 from __future__ import annotations
@@ -82,5 +82,5 @@ def test_cli_flag():
 
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
-    assert parser.parse_args(["serve", "--socket", "x", "--require-sealed-ram"]).require_sealed_ram
-    assert not parser.parse_args(["serve", "--socket", "x"]).require_sealed_ram
+    assert parser.parse_args(["serve", "--socket", "x", "--allow-unsealed-ram"]).allow_unsealed_ram
+    assert not parser.parse_args(["serve", "--socket", "x"]).allow_unsealed_ram
