@@ -35,8 +35,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llvmlite import ir
-from vxpu.ir.lower.common import (I1, I8, I32, I64, KernelLowering, TargetHooks, new_module, reverse_postorder,
-                                  scalar_type)
+from vxpu.ir.lower.common import (
+    I1,
+    I8,
+    I32,
+    I64,
+    KernelLowering,
+    TargetHooks,
+    new_module,
+    reverse_postorder,
+    scalar_type,
+)
 from vxpu.ir.model import Block, BlockParam, Kernel, Module, Op, OpResult, SharedArray, Value
 from vxpu.ir.types import AddressSpace
 
