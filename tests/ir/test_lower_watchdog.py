@@ -280,3 +280,108 @@ def test_results_unchanged_with_a_token(n):
     k.run((1,), (32,), struct.pack("<i4xQ", n, 0), out.ctypes.data, out.nbytes)
     expected = (n * (n - 1) // 2 + (1 << 31)) % (1 << 32) - (1 << 31)     # i32 arithmetic wraps
     assert np.array_equal(first, out) and (out == expected).all()
+
+
+def _counted(ty: str, start: str, bound: str, step: str, back_from_exit: bool = False) -> str:
+    """``for (i = start; i < bound; i += step)`` (start/bound/step: constants or the param %p)."""
+    consts = "".join(f"  %{name} = const {value} : {ty}\n" for name, value in
+                     (("start", start), ("bound", bound), ("step", step)) if value != "%p")
+    names = {v: ("%p" if v == "%p" else f"%{k}") for k, v in (("start", start), ("bound", bound), ("step", step))}
+    exit_branch = "br ^head(%next)" if back_from_exit else "ret"
+    return f"""
+module @counted
+kernel @counted(%p: {ty}) {{
+^entry:
+{consts}  br ^head({names[start]})
+^head(%i: {ty}):
+  %more = icmp slt %i, {names[bound]}
+  cbr %more, ^body, ^out
+^body:
+  %next = add %i, {names[step]} : {ty}
+  br ^head(%next)
+^out:
+  %next2 = add %i, {names[step]} : {ty}
+  {exit_branch.replace('%next', '%next2')}
+}}
+"""
+
+
+def test_small_constant_trip_loops_need_no_check():
+    assert _headers(_counted("i32", "0", "16", "1")) == []
+    assert _headers(_counted("i8", "-100", "100", "3")) == []
+    sgemm = next(k for k in __import__("vxpu.ir.samples", fromlist=["SAMPLES"]).SAMPLES["sgemm"].module().kernels)
+    assert [b.name for b in x86_lower.loop_headers(sgemm)] == ["slab"]      # the 16-step tile loop is exempt
+
+
+@pytest.mark.parametrize("start,bound,step,why", [
+    ("%p", "16", "1", "start not constant"),
+    ("0", "%p", "1", "bound not constant"),
+    ("0", "16", "%p", "step not constant"),
+    ("0", "16", "0", "step 0 never advances"),
+    ("0", "16", "-1", "negative step"),
+    ("0", "1000000", "1", "too many trips to skip the check"),
+])
+def test_loops_that_are_not_provably_short_keep_their_check(start, bound, step, why):
+    assert _headers(_counted("i32", start, bound, step)) == ["head"], why
+
+
+def test_near_misses_that_really_spin_are_checked_and_cancelled():
+    # i8: 0, 2, ..., 126, then 128 wraps to -128 < 127: never exits.
+    wrap = _counted("i8", "0", "127", "2")
+    # The exit edge jumps back into the header: the count wraps and the loop never ends.
+    reenter = _counted("i32", "0", "16", "1", back_from_exit=True)
+    for source in (wrap, reenter):
+        assert _headers(source) == ["head"]
+        _run_cancelled(_kernel(source), (1,), (1,), struct.pack("<i", 1))
+
+
+# Two 4-step loops whose exits jump into each other: the cycle through both must keep a check.
+PING_PONG = """
+module @pingpong
+kernel @pingpong(%p: i32) {
+^entry:
+  %z = const 0 : i32
+  %four = const 4 : i32
+  %one = const 1 : i32
+  br ^h1(%z)
+^h1(%i: i32):
+  %m1 = icmp slt %i, %four
+  cbr %m1, ^b1, ^h2(%z)
+^b1:
+  %i2 = add %i, %one : i32
+  br ^h1(%i2)
+^h2(%j: i32):
+  %m2 = icmp slt %j, %four
+  cbr %m2, ^b2, ^h1(%z)
+^b2:
+  %j2 = add %j, %one : i32
+  br ^h2(%j2)
+}
+"""
+
+# An endless outer loop around a 16-step inner loop: the inner is exempt, the outer checked.
+OUTER_SPIN = """
+module @outer
+kernel @outer(%p: i32) {
+^entry:
+  %z = const 0 : i32
+  %sixteen = const 16 : i32
+  %one = const 1 : i32
+  br ^outer
+^outer:
+  br ^inner(%z)
+^inner(%k: i32):
+  %more = icmp slt %k, %sixteen
+  cbr %more, ^step, ^outer
+^step:
+  %k2 = add %k, %one : i32
+  br ^inner(%k2)
+}
+"""
+
+
+def test_exempt_loops_never_form_an_unchecked_cycle():
+    assert len(_headers(PING_PONG)) == 1
+    assert _headers(OUTER_SPIN) == ["outer"]
+    for source in (PING_PONG, OUTER_SPIN):
+        _run_cancelled(_kernel(source), (2,), (2,), struct.pack("<i", 0))
