@@ -284,32 +284,22 @@ BOUNDED_LOOP_WORK = 1 << 16
 
 
 def loop_headers(kernel: Kernel) -> list[Block]:
-    """The blocks that open with a cancellation check (see :func:`_cancel_plan`)."""
-    return _cancel_plan(kernel)[0]
-
-
-def _cancel_plan(kernel: Kernel) -> tuple[list[Block], int]:
     """The blocks that get a cancellation check: targets of retreating edges in reverse
     post-order (an edge to a block not later in the order). Every cycle of the control-flow
     graph contains such an edge, reducible or not, so every loop passes a check, except an
     innermost loop with a small constant trip count (:func:`constant_loop_work`), which cannot
-    spin: there the check would only cost time (tiled sgemm's 16-step tile loop: ~10 %).
-    Returns the checked headers and the summed work bound of the exempt loops."""
+    spin: there the check would only cost time (tiled sgemm's 16-step tile loop: ~10 %)."""
     order = reverse_postorder(kernel)
     index = {id(blk): i for i, blk in enumerate(order)}
-    targets: list[Block] = []
-    for blk in order:
-        for succ in blk.successor_blocks():
-            if index[id(succ)] <= index[id(blk)] and all(succ is not t for t in targets):
-                targets.append(succ)
+    targets: dict[int, Block] = {}
     preds: dict[int, list[Block]] = {id(b): [] for b in order}
     for blk in order:
-        for succ in blk.successor_blocks():
-            if all(p is not blk for p in preds[id(succ)]):
-                preds[id(succ)].append(blk)
-    others = {id(t) for t in targets}
-    work = {id(h): constant_loop_work(h, others - {id(h)}, preds) for h in targets}
-    exempt = {id(h): h for h in targets if work[id(h)] is not None}
+        for succ in dict.fromkeys(blk.successor_blocks()):
+            preds[id(succ)].append(blk)
+            if index[id(succ)] <= index[id(blk)]:
+                targets[id(succ)] = succ
+    others = set(targets)
+    exempt = {i: h for i, h in targets.items() if constant_loop_work(h, others - {i}, preds) is not None}
     changed = True
     while changed:      # a cycle through an exempt loop's exit edge must pass a checked header
         changed = False
@@ -319,7 +309,7 @@ def _cancel_plan(kernel: Kernel) -> tuple[list[Block], int]:
                 del exempt[i]
                 changed = True
                 break           # one at a time: the next test sees this header as checked
-    return [h for h in targets if id(h) not in exempt], sum(work[i] or 0 for i in exempt)
+    return [h for i, h in targets.items() if i not in exempt]
 
 
 def _reaches_unchecked(start: Block, h: Block, checked: set[int]) -> bool:
