@@ -21,7 +21,8 @@ never talks to a backend directly. The session is the backend-independent policy
   argument-buffer size from the kernel's :class:`KernelInfo`.
 * **Errors.** Every public method raises only :class:`BackendError`: an unexpected exception is
   logged once and becomes INTERNAL (:func:`status_of` maps any exception to a status). After
-  KERNEL_FAULT or DEVICE_LOST the backend has reset its context; the session drops all of the
+  KERNEL_FAULT, DEVICE_LOST, or a TIMEOUT for which the backend cancelled an overrunning kernel,
+  the backend has reset its context; the session drops all of the
   client's handles (and notices resets caused by other clients through ``stats.resets``).
   Guest-caused log lines (faults, resets, internal errors) share a per-process budget
   (:data:`WARN_BUDGET`, refilled slowly); past it they go to DEBUG, so a guest faulting in a
@@ -210,9 +211,16 @@ class Session:
                        "device context was reset (another client faulted); dropping this client's handles")
             self._invalidate()
 
+    def _context_lost(self, exc: BackendError) -> bool:
+        """Did ``exc`` come with a context reset? Faults always do; a TIMEOUT does when the
+        backend cancelled an overrunning kernel and reset (a plain wait timeout does not)."""
+        if exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
+            return True
+        return exc.status is Status.TIMEOUT and self.backend.stats.resets != self._epoch
+
     def _on_error(self, exc: BackendError) -> None:
         self.stats.errors[exc.status.name] += 1
-        if exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
+        if self._context_lost(exc):
             self.stats.faults += 1
             _guest_log(self.log, logging.WARNING, "device fault, context reset, handles invalidated: %s", exc)
             self._invalidate()
@@ -688,7 +696,7 @@ class Session:
         try:
             self.backend.synchronize(None)
         except BackendError as exc:
-            if exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
+            if self._context_lost(exc):
                 self._invalidate()     # everything is gone already
                 return
             raise

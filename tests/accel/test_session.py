@@ -299,3 +299,27 @@ def test_allocation_size_forgets_allocations_lost_in_a_reset():
     assert s.allocation_size(a) == 100
     backend.stats.resets += 1                  # a reset caused elsewhere
     assert s.allocation_size(a) is None
+
+
+class _WaitTimeoutBackend(CpuBackend):
+    """Unit-test fake: synchronize reports a plain wait TIMEOUT without resetting anything."""
+
+    def synchronize(self, queue=None):
+        raise BackendError(Status.TIMEOUT, "wait timed out")
+
+
+def test_plain_wait_timeout_keeps_handles():
+    """TIMEOUT invalidates handles only when the backend reset its context (an overrunning
+    kernel it cancelled); a wait that merely timed out leaves the client's objects alone."""
+    backend = _WaitTimeoutBackend()
+    backend.open()
+    try:
+        s = Session(backend)
+        buf = s.alloc(64)
+        with pytest.raises(BackendError) as e:
+            s.synchronize()
+        assert e.value.status == Status.TIMEOUT
+        assert s.stats.faults == 0
+        s.free(buf)                                    # still a valid handle
+    finally:
+        backend.close()

@@ -50,6 +50,7 @@ def test_non_terminating_kernel_times_out_and_the_backend_keeps_serving(session,
             session.synchronize()
         assert e.value.status == Status.TIMEOUT and time.monotonic() - t0 < LIMIT + 2.0
         assert "time limit" in str(e.value)
+        assert session.stats.faults == 1               # counted as this client's fault, not a foreign reset
         with pytest.raises(BackendError) as e2:        # the context was reset: old handles are gone
             session.free(buf)
         assert e2.value.status == Status.INVALID_HANDLE
