@@ -754,6 +754,10 @@ class CudaBackend:
         if signature is not None and (signature.param_sizes, signature.param_offsets) != (info.param_sizes,
                                                                                         info.param_offsets):
             raise BackendError(Status.BAD_MODULE, f"kernel {name!r}: compiled layout differs from the IR signature")
+        if signature is not None:
+            # IR kernels take the IR's packed layout on every backend: the driver reports where
+            # the last parameter ends, the IR rounds the buffer up to its widest alignment.
+            return KernelInfo(name, info.param_sizes, info.param_offsets, signature.args_size, shared)
         return info
 
     def _read_properties(self) -> DeviceProperties:
