@@ -48,7 +48,6 @@ import functools
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -57,6 +56,8 @@ from vxpu.accel.backend import Backend, BackendError, KernelInfo, ModuleKind, St
 from vxpu.accel.pool import MemoryPool, align_up
 from vxpu.accel.quota import DEFAULT_QUOTA, Quota, QuotaUsage
 from vxpu.accel.stats import SessionStats, metrics
+
+from vxpu.log import LogBudget
 
 log = logging.getLogger(__name__)
 
@@ -78,40 +79,13 @@ WARN_BUDGET = 64
 WARN_REFILL_S = 60.0
 
 
-class _WarnBudget:
-    """A token bucket for guest-caused log lines (shared by every session of the process)."""
-
-    def __init__(self, capacity: int = WARN_BUDGET, refill_s: float = WARN_REFILL_S) -> None:
-        self.capacity = capacity
-        self.refill_s = refill_s
-        self.tokens = capacity
-        self._stamp = time.monotonic()
-        self._lock = threading.Lock()
-
-    def take(self) -> bool:
-        with self._lock:
-            now = time.monotonic()
-            if self.tokens >= self.capacity:
-                self._stamp = now
-            else:
-                gained = int((now - self._stamp) / self.refill_s)
-                if gained:
-                    self.tokens = min(self.capacity, self.tokens + gained)
-                    self._stamp += gained * self.refill_s
-            if self.tokens <= 0:
-                return False
-            self.tokens -= 1
-            if self.tokens == 0:
-                log.warning("further guest-caused device warnings are logged at DEBUG for a while")
-            return True
-
-
-_budget = _WarnBudget()
+_budget = LogBudget(WARN_BUDGET, WARN_REFILL_S,
+                    "further guest-caused device warnings are logged at DEBUG for a while")
 
 
 def _guest_log(logger: logging.Logger, level: int, fmt: str, *args: Any) -> None:
     """Log a guest-caused event at ``level`` while the budget lasts, else at DEBUG."""
-    logger.log(level if _budget.take() else logging.DEBUG, fmt, *args)
+    _budget.log(logger, level, fmt, *args)
 
 
 def status_of(exc: BaseException) -> Status:

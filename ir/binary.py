@@ -37,6 +37,8 @@ from __future__ import annotations
 import logging
 import math
 
+from vxpu.log import LogBudget
+
 from .errors import DecodeError, IRError, Location, Problem, VerifyError
 from .limits import (
     MAX_ARRAY_COUNT,
@@ -83,19 +85,12 @@ _MAX_LEB_BYTES = 10  # 64-bit values
 #: Rejected encodings logged at WARNING per process (one server process per guest device);
 #: further rejections go to DEBUG, so a guest submitting garbage in a loop cannot flood the log.
 REJECT_WARNINGS = 16
-_reject_budget = [REJECT_WARNINGS]
+_reject_budget = LogBudget(REJECT_WARNINGS, None, "further rejected VXIR encodings are logged at DEBUG")
 
 
 def _log_rejection(fmt: str, *args: object) -> None:
     """Log a rejected hostile input at WARNING while the budget lasts, then at DEBUG."""
-    left = _reject_budget[0]
-    if left > 0:
-        _reject_budget[0] = left - 1
-        log.warning(fmt, *args)
-        if left == 1:
-            log.warning("further rejected VXIR encodings are logged at DEBUG")
-    else:
-        log.debug(fmt, *args)
+    _reject_budget.log(log, logging.WARNING, fmt, *args)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,6 +49,7 @@ from vxpu.vfio_server.irq import IrqTable
 from vxpu.vfio_server.transport import Incoming, Transport
 
 from vxpu.errors import ConfigError
+from vxpu.log import LogBudget
 
 log = logging.getLogger(__name__)
 
@@ -69,33 +70,6 @@ DmaCallback = Callable[[bytes | None, ProtocolError | None], None]
 
 def _einval(what: str) -> ProtocolError:
     return ProtocolError(errno.EINVAL, what)
-
-
-class WarnBudget:
-    """How many hostile-input warnings may still go out at WARNING: a token bucket of
-    ``capacity`` that regains one token every ``refill_s`` seconds. It belongs to the server,
-    not to a connection, so a peer that reconnects in a loop cannot refill it."""
-
-    def __init__(self, capacity: int = WARN_BUDGET, refill_s: float = WARN_REFILL_S) -> None:
-        self.capacity = capacity
-        self.refill_s = refill_s
-        self.tokens = capacity
-        self._stamp = time.monotonic()
-
-    def take(self) -> bool:
-        """Use one token; False when none is left (log at DEBUG then)."""
-        now = time.monotonic()
-        if self.tokens >= self.capacity:
-            self._stamp = now
-        else:
-            gained = int((now - self._stamp) / self.refill_s)
-            if gained:
-                self.tokens = min(self.capacity, self.tokens + gained)
-                self._stamp += gained * self.refill_s
-        if self.tokens <= 0:
-            return False
-        self.tokens -= 1
-        return True
 
 
 class Connection:
@@ -195,15 +169,9 @@ class Connection:
 
     def _warn(self, fmt: str, *args: Any, level: int = logging.WARNING, exc_info: bool = False) -> None:
         """Log hostile input (or a device failure it caused) at ``level`` while the server's
-        :class:`WarnBudget` lasts; then at DEBUG, so a client cannot flood the log (not even by
+        :class:`~vxpu.log.LogBudget` lasts; then at DEBUG, so a client cannot flood the log (not even by
         reconnecting)."""
-        budget = self.server.warn_budget
-        if budget.take():
-            self.log.log(level, fmt, *args, exc_info=exc_info)
-            if budget.tokens == 0:
-                self.log.warning("conn %d: further refusals are logged at DEBUG", self.number)
-        else:
-            self.log.debug(fmt, *args, exc_info=exc_info)
+        self.server.warn_budget.log(self.log, level, fmt, *args, exc_info=exc_info)
 
     @staticmethod
     def _no_fds(msg: Incoming) -> None:
@@ -467,7 +435,7 @@ class VfioUserServer:
         self.conn_log = self.log.getChild("conn")
         self.conn: Connection | None = None
         self.connections_served = 0
-        self.warn_budget = WarnBudget()
+        self.warn_budget = LogBudget(WARN_BUDGET, WARN_REFILL_S, "further refused client input is logged at DEBUG")
         self._sel: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
         self._wake_fd = -1

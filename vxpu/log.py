@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
 import time
 from typing import Any
 
@@ -70,3 +71,48 @@ def setup(level: str | int = "INFO", fmt: str = "text", stream: Any = None) -> N
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper() if isinstance(level, str) else level)
+
+
+class LogBudget:
+    """How many log lines caused by hostile input may still go out at their own level.
+
+    A token bucket of ``capacity`` lines that regains one line every ``refill_s`` seconds
+    (``None``: never). Past it, lines go to DEBUG, and ``exhausted_note`` is logged once when
+    the last token goes, so a guest or peer repeating bad input in a loop cannot flood the
+    host's log, while every event is still recorded at DEBUG. Thread-safe. Keep one per
+    process or per server, never per connection: reconnecting must not refill it.
+    """
+
+    def __init__(self, capacity: int, refill_s: float | None = 60.0, exhausted_note: str = "") -> None:
+        self.capacity = capacity
+        self.refill_s = refill_s
+        self.tokens = capacity
+        self.exhausted_note = exhausted_note
+        self._stamp = time.monotonic()
+        self._lock = threading.Lock()
+
+    def take(self) -> bool:
+        """Use one token; False when none is left."""
+        with self._lock:
+            if self.refill_s is not None:
+                now = time.monotonic()
+                if self.tokens >= self.capacity:
+                    self._stamp = now
+                else:
+                    gained = int((now - self._stamp) / self.refill_s)
+                    if gained:
+                        self.tokens = min(self.capacity, self.tokens + gained)
+                        self._stamp += gained * self.refill_s
+            if self.tokens <= 0:
+                return False
+            self.tokens -= 1
+            return True
+
+    def log(self, logger: logging.Logger, level: int, fmt: str, *args: Any, exc_info: bool = False) -> None:
+        """Log at ``level`` while the budget lasts, else at DEBUG (with the traceback, if any)."""
+        if self.take():
+            logger.log(level, fmt, *args, exc_info=exc_info)
+            if self.tokens == 0 and self.exhausted_note:
+                logger.warning("%s", self.exhausted_note)
+        else:
+            logger.debug(fmt, *args, exc_info=exc_info)

@@ -14,6 +14,8 @@ from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server import server as srvmod
 from vxpu.vfio_server.client import VfioUserClient
 
+from vxpu.log import LogBudget
+
 from .conftest import expect_error, raw
 
 
@@ -34,7 +36,7 @@ def test_reconnecting_does_not_refill_the_warning_budget(server, caplog):
 def test_budget_refills_slowly():
     import time
 
-    budget = srvmod.WarnBudget(capacity=2, refill_s=0.05)
+    budget = LogBudget(capacity=2, refill_s=0.05)
     assert budget.take() and budget.take()
     assert not budget.take() and not budget.take()
     time.sleep(0.12)
