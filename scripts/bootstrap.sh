@@ -32,7 +32,7 @@ fi
 
 stamp_src=$(cat "$ROOT/pyproject.toml" "$ROOT/setup.py" | sha256sum | cut -c1-16)
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$VENV/.vxpu-stamp" 2>/dev/null)" != "$stamp_src" ]; then
-  echo "vxpu bootstrap: creating $VENV and installing vxpu[dev] (first run downloads ~400 MB of wheels)" >&2
+  echo "vxpu bootstrap: creating $VENV and installing vxpu[dev] (first run: about 1.6 GB installed)" >&2
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q -e "$ROOT[dev]" || die "pip install failed (is PyPI reachable?)"
