@@ -162,11 +162,16 @@ class MemoryPool:
         large_threshold: requests of at least this size bypass the chunks.
         alignment: allocation granularity (power of two).
         max_idle_chunks: fully free chunks kept for reuse; more go back to the device.
+        reserve_limit: the most bytes the pool may hold from the device (chunks plus direct
+            allocations), or ``None``. Fragmentation strands free space inside chunks, so a
+            client's quota on bytes *in use* alone does not bound what it holds; past the limit
+            a small request falls back to an exact-size allocation, then QUOTA_EXCEEDED.
     """
 
     def __init__(self, device_alloc: Callable[[int], int], device_free: Callable[[int], None], *,
                  chunk_size: int = DEFAULT_CHUNK_SIZE, large_threshold: int | None = None,
-                 alignment: int = DEFAULT_ALIGNMENT, max_idle_chunks: int = DEFAULT_MAX_IDLE_CHUNKS) -> None:
+                 alignment: int = DEFAULT_ALIGNMENT, max_idle_chunks: int = DEFAULT_MAX_IDLE_CHUNKS,
+                 reserve_limit: int | None = None) -> None:
         if chunk_size < alignment or chunk_size % alignment:
             raise ValueError(f"chunk_size {chunk_size} must be a positive multiple of the alignment {alignment}")
         self._device_alloc = device_alloc
@@ -175,6 +180,7 @@ class MemoryPool:
         self.large_threshold = large_threshold if large_threshold is not None else chunk_size // 2
         self.alignment = alignment
         self.max_idle_chunks = max_idle_chunks
+        self.reserve_limit = reserve_limit
         self._chunks: dict[int, RangeAllocator] = {}     # chunk base -> allocator
         self._chunk_bases: list[int] = []                # sorted, to find a chunk by address
         self._owner: dict[int, RangeAllocator | None] = {}  # allocation -> chunk (None = direct)
@@ -187,7 +193,8 @@ class MemoryPool:
         """Allocate ``size`` bytes; returns the device address.
 
         Raises:
-            BackendError: INVALID_ARGUMENT for a size < 1; OUT_OF_MEMORY from the device.
+            BackendError: INVALID_ARGUMENT for a size < 1; QUOTA_EXCEEDED past ``reserve_limit``;
+                OUT_OF_MEMORY from the device.
         """
         if size < 1:
             raise BackendError(Status.INVALID_ARGUMENT, f"allocation size must be positive, got {size}")
@@ -201,7 +208,14 @@ class MemoryPool:
         self._peak = max(self._peak, self._in_use)
         return address
 
+    def _fits_reserve(self, size: int) -> bool:
+        return self.reserve_limit is None or self._reserved + size <= self.reserve_limit
+
     def _alloc_direct(self, size: int) -> int:
+        if not self._fits_reserve(size):
+            raise BackendError(Status.QUOTA_EXCEEDED,
+                               f"the pool already holds {self._reserved} of its {self.reserve_limit} device bytes "
+                               f"(fragmented free space counts); free memory to allocate {size} more")
         address = self._device_alloc(size)
         self._dev_allocs += 1
         self._direct[address] = size
@@ -216,6 +230,8 @@ class MemoryPool:
             if chunk.largest_free >= size and (best is None or chunk.largest_free < best[0]):
                 best = (chunk.largest_free, base)
         if best is None:
+            if not self._fits_reserve(self.chunk_size):
+                return self._alloc_direct(size)     # a new chunk would pass the limit: exact size only
             try:
                 base = self._device_alloc(self.chunk_size)
             except BackendError as exc:

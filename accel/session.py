@@ -53,7 +53,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vxpu.accel.backend import Backend, BackendError, KernelInfo, ModuleKind, Status, pack_dims
-from vxpu.accel.pool import MemoryPool, align_up
+from vxpu.accel.pool import DEFAULT_CHUNK_SIZE, MemoryPool, align_up
 from vxpu.accel.quota import DEFAULT_QUOTA, Quota, QuotaUsage
 from vxpu.accel.stats import SessionStats, metrics
 
@@ -86,6 +86,13 @@ _budget = LogBudget(WARN_BUDGET, WARN_REFILL_S,
 def _guest_log(logger: logging.Logger, level: int, fmt: str, *args: Any) -> None:
     """Log a guest-caused event at ``level`` while the budget lasts, else at DEBUG."""
     _budget.log(logger, level, fmt, *args)
+
+
+def reserve_limit(quota: Quota) -> int:
+    """Device bytes a client's pool may hold: twice its memory quota plus one chunk, so ordinary
+    fragmentation never stops a client short of its quota, while a client fragmenting on
+    purpose cannot make the host hold more than that."""
+    return 2 * quota.memory_bytes + DEFAULT_CHUNK_SIZE
 
 
 def status_of(exc: BaseException) -> Status:
@@ -157,7 +164,7 @@ class Session:
         self.backend = backend
         self.quota = quota
         self.usage = QuotaUsage(quota)
-        self.pool = pool or MemoryPool(backend.alloc, backend.free)
+        self.pool = pool or MemoryPool(backend.alloc, backend.free, reserve_limit=reserve_limit(quota))
         self.allowed_kinds = frozenset(allowed_kinds)
         self.depth_policy = depth_policy
         self.stats = SessionStats()

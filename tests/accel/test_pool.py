@@ -153,3 +153,30 @@ def test_pool_errors_and_teardown():
     pool.alloc(10)
     pool.forget()                                      # context reset: nothing freed on the device
     assert len(dev.live) == 1 and pool.stats().bytes_reserved == 0
+
+
+def test_reserve_limit_falls_back_to_exact_size_then_refuses():
+    """Past ``reserve_limit`` no new chunk is taken: a small request gets an exact-size device
+    allocation while that fits, then QUOTA_EXCEEDED; the device never holds more than the limit."""
+    dev = FakeDevice()
+    pool = MemoryPool(dev.alloc, dev.free, chunk_size=1 << 20, reserve_limit=(1 << 20) + 4096)
+    first = pool.alloc(600 << 10)              # takes the one chunk the limit allows
+    second = pool.alloc(300 << 10)             # still fits in that chunk
+    third = pool.alloc(4096)                   # the chunk has 124 KiB left: 4 KiB fits
+    with pytest.raises(BackendError) as exc:
+        pool.alloc(200 << 10)                  # a new chunk would pass the limit, exact size too
+    assert exc.value.status == Status.QUOTA_EXCEEDED
+    assert sum(dev.live.values()) <= pool.reserve_limit
+    pool.free(third)
+    tail = pool.alloc(100 << 10)               # the chunk's tail serves it again
+    assert pool.stats().bytes_reserved <= pool.reserve_limit
+    for a in (first, second, tail):
+        pool.free(a)
+
+
+def test_exact_size_fallback_when_a_chunk_would_not_fit_the_limit():
+    dev = FakeDevice()
+    pool = MemoryPool(dev.alloc, dev.free, chunk_size=1 << 20, reserve_limit=512 << 10)
+    a = pool.alloc(4096)                       # a whole chunk would pass the limit: exact size
+    assert ("alloc", 4096) in dev.calls and ("alloc", 1 << 20) not in dev.calls
+    pool.free(a)

@@ -323,3 +323,15 @@ def test_plain_wait_timeout_keeps_handles():
         s.free(buf)                                    # still a valid handle
     finally:
         backend.close()
+
+
+def test_session_bounds_what_its_pool_may_hold(backend):
+    """Quotas bound bytes in use; the pool's reserve limit bounds what the client can make the
+    device hold, stranded fragments included (the limit's mechanics: tests/accel/test_pool.py)."""
+    from vxpu.accel.pool import DEFAULT_CHUNK_SIZE
+    from vxpu.accel.session import reserve_limit
+
+    quota = Quota(memory_bytes=24 << 20)
+    assert reserve_limit(quota) == 2 * (24 << 20) + DEFAULT_CHUNK_SIZE
+    with Session(backend, quota) as s:
+        assert s.pool.reserve_limit == reserve_limit(quota)
