@@ -41,28 +41,13 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from vxpu.abi.status import Status as Status  # re-exported: the one status table is vxpu.abi.status
 from vxpu.errors import Error
 
-
-class Status(enum.IntEnum):
-    """Stable status codes. They appear on the wire (``docs/device-abi.md``): never renumber."""
-
-    OK = 0
-    INVALID_ARGUMENT = 1    # malformed request: bad size, alignment, flags, grid/block shape
-    INVALID_HANDLE = 2      # unknown, freed or foreign handle (double free lands here)
-    OUT_OF_RANGE = 3        # offset/length outside an allocation or DMA mapping
-    OUT_OF_MEMORY = 4       # the device itself is out of memory
-    QUOTA_EXCEEDED = 5      # the client's quota (memory, modules, queues, depth) is exhausted
-    BAD_MODULE = 6          # IR failed to decode/verify/compile, or native code failed to load
-    NOT_FOUND = 7           # no kernel of that name in the module
-    KERNEL_FAULT = 8        # the kernel faulted (illegal address, trap); context was reset
-    UNSUPPORTED = 9         # the backend cannot do this (e.g. SIMT kernel on an NPU)
-    UNAVAILABLE = 10        # runtime or device missing
-    DEVICE_LOST = 11        # unrecoverable device error; context was reset
-    TIMEOUT = 12            # a wait timed out
-    INTERNAL = 13           # a bug in vxpu; logged with its traceback
+if TYPE_CHECKING:
+    from vxpu.ir.args import KernelSignature
 
 
 class BackendError(Error):
@@ -124,6 +109,11 @@ class KernelInfo:
     param_offsets: tuple[int, ...]   # offset of each parameter in the packed argument buffer
     args_size: int                   # total packed size (natural alignment, little-endian)
     static_shared_bytes: int
+
+    @classmethod
+    def from_signature(cls, sig: KernelSignature) -> KernelInfo:
+        """The Backend contract's view of an IR kernel's :class:`~vxpu.ir.args.KernelSignature`."""
+        return cls(sig.name, sig.param_sizes, sig.param_offsets, sig.args_size, sig.static_shared_bytes)
 
 
 @dataclass

@@ -292,7 +292,7 @@ class CpuBackend(HostBackend):
             kernel = payload.kernel(name)
         except KeyError as exc:
             raise BackendError(Status.NOT_FOUND, str(exc.args[0]) if exc.args else f"no kernel {name!r}") from None
-        return kernel, kernel.info
+        return kernel, KernelInfo.from_signature(kernel.signature)
 
     def _prepare(self, kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
                  args: bytes, shared_bytes: int) -> tuple[Any, ...]:
@@ -300,9 +300,10 @@ class CpuBackend(HostBackend):
         if threads > MAX_THREADS_PER_BLOCK:
             raise BackendError(Status.INVALID_ARGUMENT,
                                f"{threads} threads per block exceed {MAX_THREADS_PER_BLOCK}")
-        if not 0 <= shared_bytes <= MAX_SHARED_PER_BLOCK - kernel.info.static_shared_bytes:
+        static = kernel.signature.static_shared_bytes
+        if not 0 <= shared_bytes <= MAX_SHARED_PER_BLOCK - static:
             raise BackendError(Status.INVALID_ARGUMENT,
-                               f"dynamic shared memory {shared_bytes} + static {kernel.info.static_shared_bytes} "
+                               f"dynamic shared memory {shared_bytes} + static {static} "
                                f"exceeds {MAX_SHARED_PER_BLOCK} bytes")
         return grid, block, args, shared_bytes, self._generation
 

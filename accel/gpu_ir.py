@@ -61,5 +61,5 @@ def compile_ir(image: bytes, target: str, arch: str, opt_level: int,
     except CompileError as exc:
         raise BackendError(Status.BAD_MODULE, f"{target} compile failed: {exc}", log=str(exc)) from exc
     hit = stats is not None and stats.hits > before
-    kernels = {name: sig.kernel_info() for name, sig in compiled.kernels.items()}
+    kernels = {name: KernelInfo.from_signature(sig) for name, sig in compiled.kernels.items()}
     return compiled.image, kernels, hit

@@ -71,10 +71,9 @@ class NotElementwise(Exception):
 
 def param_layout(kernel: Any) -> KernelInfo:
     """The packed argument layout of an IR kernel, exactly as every other backend has it."""
-    from vxpu.ir.compile import kernel_signature
+    from vxpu.ir.args import kernel_signature
 
-    info: KernelInfo = kernel_signature(kernel).kernel_info()
-    return info
+    return KernelInfo.from_signature(kernel_signature(kernel))
 
 
 @dataclass

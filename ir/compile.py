@@ -26,9 +26,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from vxpu.ir.args import KernelSignature, kernel_signature
 from vxpu.ir.cache import CompileCache, cache_key
 from vxpu.ir.lower.errors import CompileError, LoweringError, ToolchainError
-from vxpu.ir.model import Kernel, Module
+from vxpu.ir.model import Module
 
 log = logging.getLogger(__name__)
 
@@ -44,51 +45,7 @@ __all__ = [
 ]
 
 _PAYLOAD_MAGIC = b"VXCM"
-_PAYLOAD_VERSION = 1
-
-
-@dataclass(frozen=True)
-class KernelSignature:
-    """Launch-relevant facts of one kernel (the same on every target).
-
-    Parameters are packed little-endian with natural alignment (C struct rules: each parameter
-    at a multiple of its size, the total rounded up to the largest alignment).
-    """
-
-    name: str
-    param_sizes: tuple[int, ...]
-    param_offsets: tuple[int, ...]
-    args_size: int
-    static_shared_bytes: int
-    uses_global_atomics: bool
-    has_barriers: bool
-
-    def kernel_info(self) -> Any:
-        """This signature as an ``accel.backend.KernelInfo`` (the Backend contract's type)."""
-        from vxpu.accel.backend import KernelInfo
-
-        return KernelInfo(self.name, self.param_sizes, self.param_offsets, self.args_size,
-                          self.static_shared_bytes)
-
-
-def kernel_signature(kernel: Kernel) -> KernelSignature:
-    """The :class:`KernelSignature` of a verified kernel."""
-    from vxpu.ir.lower.x86 import ARRAY_ALIGN, _layout
-
-    sizes, offsets, pos, align = [], [], 0, 1
-    for p in kernel.params:
-        size = p.type.size
-        pos = (pos + size - 1) // size * size
-        sizes.append(size)
-        offsets.append(pos)
-        pos += size
-        align = max(align, size)
-    total = (pos + align - 1) // align * align
-    _, shared = _layout(kernel.shared, ARRAY_ALIGN)
-    atomics = any(op.opcode.startswith("atomic_") and op.operands[0].type.space is not None
-                  and op.operands[0].type.space.value == "global" for op in kernel.ops())
-    barriers = any(op.opcode == "barrier" for op in kernel.ops())
-    return KernelSignature(kernel.name, tuple(sizes), tuple(offsets), total, shared, atomics, barriers)
+_PAYLOAD_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -102,7 +59,7 @@ class CompiledModule:
         arch: the architecture compiled for.
         image: cubin, hsaco or x86 ELF object bytes.
         asm: PTX text for NVPTX ('' otherwise).
-        kernels: name → :class:`KernelSignature`, in module order.
+        kernels: name → :class:`~vxpu.ir.args.KernelSignature`, in module order.
         extra: target specifics (x86: each kernel's scratch layout).
         compile_seconds: wall time of the compile that produced it.
     """
@@ -122,7 +79,8 @@ class CompiledModule:
         meta = {
             "name": self.name, "target": self.target, "kind": self.kind, "arch": self.arch, "asm": self.asm,
             "kernels": [[k.name, list(k.param_sizes), list(k.param_offsets), k.args_size,
-                         k.static_shared_bytes, k.uses_global_atomics, k.has_barriers]
+                         k.static_shared_bytes, k.uses_global_atomics, k.has_barriers, list(k.param_types),
+                         list(k.param_names)]
                         for k in self.kernels.values()],
             "extra": self.extra, "compile_seconds": self.compile_seconds,
         }
@@ -142,7 +100,8 @@ class CompiledModule:
         if version != _PAYLOAD_VERSION or 10 + hlen > len(data):
             raise ValueError("compiled-module payload of another version or truncated")
         meta = json.loads(data[10:10 + hlen])
-        kernels = {k[0]: KernelSignature(k[0], tuple(k[1]), tuple(k[2]), k[3], k[4], k[5], k[6])
+        kernels = {k[0]: KernelSignature(k[0], tuple(k[1]), tuple(k[2]), k[3], k[4], k[5], k[6],
+                                         tuple(k[7]), tuple(k[8]))
                    for k in meta["kernels"]}
         return cls(meta["name"], meta["target"], meta["kind"], meta["arch"], bytes(data[10 + hlen:]),
                    meta["asm"], kernels, meta["extra"], meta["compile_seconds"])

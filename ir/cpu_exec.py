@@ -30,7 +30,8 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
-from vxpu.ir.compile import CompiledModule, KernelSignature, compile_module
+from vxpu.ir.args import KernelSignature
+from vxpu.ir.compile import CompiledModule, compile_module
 from vxpu.ir.lower import x86 as x86_lower
 from vxpu.ir.lower.errors import CompileError
 
@@ -136,14 +137,6 @@ class CpuKernel:
         self.uses_global_atomics = sig.uses_global_atomics
         self.has_barriers = layout.has_barriers
         self._fn = _LAUNCH_TYPE(address)
-        self._info: Any = None
-
-    @property
-    def info(self) -> Any:
-        """The ``accel.backend.KernelInfo`` of this kernel."""
-        if self._info is None:
-            self._info = self.signature.kernel_info()
-        return self._info
 
     def run(self, grid: Sequence[int], block: Sequence[int], args: bytes | bytearray | memoryview,
             arena_base: int, arena_size: int, dynamic_shared: int = 0, blocks: range | None = None,

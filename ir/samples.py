@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import os
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from .args import kernel_signature, pack_args
 from .errors import IRError
-from .model import Kernel, Module
+from .model import Module
 
 __all__ = [
     "SAMPLES",
@@ -41,7 +41,6 @@ __all__ = [
     "compare",
     "kernels_dir",
     "load_module",
-    "pack_args",
     "run_case",
     "run_launches",
 ]
@@ -287,37 +286,6 @@ SAMPLES: dict[str, Sample] = {s.name: s for s in (
 
 # --- running ----------------------------------------------------------------------------------
 
-_PACK = {"i8": "<B", "i16": "<H", "i32": "<I", "i64": "<Q", "f16": "<e", "f32": "<f", "f64": "<d"}
-
-
-def pack_args(kernel: Kernel, offsets: Sequence[int], size: int, values: Sequence[Any]) -> bytes:
-    """Pack launch arguments the way the backends take them (little-endian, at ``offsets``).
-
-    Integers may be given signed or unsigned; pointers are device addresses.
-
-    Raises:
-        IRError: wrong number of values or a value that does not fit its parameter.
-    """
-    if len(values) != len(kernel.params):
-        raise IRError(f"kernel @{kernel.name} takes {len(kernel.params)} arguments, got {len(values)}")
-    buf = bytearray(size)
-    for p, off, v in zip(kernel.params, offsets, values):
-        t = p.type
-        try:
-            if t.is_float:
-                struct.pack_into(_PACK[t.name], buf, off, float(v))
-            else:
-                fmt = "<Q" if t.is_ptr else _PACK[t.name]
-                bits = 64 if t.is_ptr else t.bits
-                iv = int(v)
-                if not -(1 << (bits - 1)) <= iv < (1 << bits):
-                    raise IRError(f"argument %{p.name} = {iv} does not fit {t}")
-                struct.pack_into(fmt, buf, off, iv & ((1 << bits) - 1))
-        except (struct.error, OverflowError, TypeError, ValueError) as exc:
-            raise IRError(f"argument %{p.name} ({t}) cannot take {v!r}: {exc}") from None
-    return bytes(buf)
-
-
 def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, np.ndarray], *,
                  backend: str = "interp", opt_level: int = 3, cache: Any = None,
                  detect_races: bool = False) -> dict[str, np.ndarray]:
@@ -356,8 +324,7 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
 
         def run(launch: Launch, args: list[Any]) -> None:
             k = cpu.kernel(launch.kernel)
-            sig = k.signature
-            packed = pack_args(module.kernel(launch.kernel), sig.param_offsets, sig.args_size, args)
+            packed = pack_args(k.signature, args)
             k.run(launch.grid, launch.block, packed, base, mem.size)
     else:
         raise IRError(f"unknown backend {backend!r}; use 'interp' or 'x86'")
@@ -393,9 +360,9 @@ def run_on_device(module: Module, launches: Sequence[Launch], buffers: dict[str,
             addrs[name] = device.alloc(max(1, data.nbytes))
             device.copy_htod(addrs[name], data.view(np.uint8).reshape(-1).data)
         for launch in launches:
-            kernel, info = device.get_kernel(loaded, launch.kernel)
+            kernel, _ = device.get_kernel(loaded, launch.kernel)
             args = [addrs[a.name] if isinstance(a, Buf) else a for a in launch.args]
-            packed = pack_args(module.kernel(launch.kernel), info.param_offsets, info.args_size, args)
+            packed = pack_args(kernel_signature(module.kernel(launch.kernel)), args)
             device.launch(kernel, launch.grid, launch.block, packed)
         device.synchronize()
         out = {}

@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llvmlite import ir
+from vxpu.ir.args import array_layout
 from vxpu.ir.lower.common import (
     I1,
     I8,
@@ -67,7 +68,6 @@ CTX_FIELDS = ("arena_base", "arena_size", "args", "shared", "shared_size", "spil
               "block_z", "fault_code", "fault_addr", "fault_block", "fault_thread", "cancel")
 _CTX = {name: i for i, name in enumerate(CTX_FIELDS)}
 SPILL_SLOT = 8
-ARRAY_ALIGN = 16
 
 
 @dataclass(frozen=True)
@@ -83,16 +83,6 @@ class X86KernelLayout:
     local_size: int
     spill_frame: int
     uses_global_atomics: bool
-
-
-def _layout(arrays: list, align: int = ARRAY_ALIGN) -> tuple[tuple[int, ...], int]:  # type: ignore[type-arg]
-    offsets, pos = [], 0
-    for arr in arrays:
-        a = max(align, arr.type.size)
-        pos = (pos + a - 1) // a * a
-        offsets.append(pos)
-        pos += arr.size
-    return tuple(offsets), (pos + align - 1) // align * align
 
 
 def crossing_values(kernel: Kernel) -> list[Value]:
@@ -239,8 +229,8 @@ _BODY_TYPES = (I8.as_pointer(), I64, I8.as_pointer(), I64, I8.as_pointer(), I8.a
 
 def kernel_layout(kernel: Kernel) -> X86KernelLayout:
     """The scratch-memory layout of ``kernel`` on x86."""
-    sh_off, sh_size = _layout(kernel.shared)
-    lo_off, lo_size = _layout(kernel.local)
+    sh_off, sh_size = array_layout(kernel.shared)
+    lo_off, lo_size = array_layout(kernel.local)
     has_barriers = any(op.opcode == "barrier" for op in kernel.ops())
     atom = any(op.opcode.startswith("atomic_") and op.operands[0].type.space is AddressSpace.GLOBAL
                for op in kernel.ops())

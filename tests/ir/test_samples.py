@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from vxpu.ir import samples
+from vxpu.ir.args import kernel_signature, pack_args
 from vxpu.ir.errors import IRError
 
 CASES = [(name, size) for name, s in sorted(samples.SAMPLES.items()) for size in s.test_sizes]
@@ -69,13 +70,16 @@ def test_size_and_backend_errors(monkeypatch, tmp_path):
 
 def test_pack_args_layout():
     module = samples.SAMPLES["stencil2d"].module()
-    k = module.kernels[0]
-    data = samples.pack_args(k, [0, 4, 8, 12, 16, 24], 32, [3, -1, 0.5, 2.0, 0x10000, 0x20000])
+    sig = kernel_signature(module.kernels[0])
+    assert sig.param_offsets == (0, 4, 8, 12, 16, 24) and sig.args_size == 32
+    data = pack_args(sig, [3, -1, 0.5, 2.0, 0x10000, 0x20000])
     assert data[:8] == b"\x03\x00\x00\x00\xff\xff\xff\xff"
     assert np.frombuffer(data[8:16], np.float32).tolist() == [0.5, 2.0]
     assert int.from_bytes(data[24:32], "little") == 0x20000
     with pytest.raises(IRError, match="does not fit"):
-        samples.pack_args(k, [0, 4, 8, 12, 16, 24], 32, [1 << 40, 0, 0.0, 0.0, 0, 0])
+        pack_args(sig, [1 << 40, 0, 0.0, 0.0, 0, 0])
+    with pytest.raises(IRError, match="takes 6 arguments"):
+        pack_args(sig, [1, 2])
 
 
 @pytest.fixture(scope="module")
