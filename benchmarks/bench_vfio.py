@@ -36,8 +36,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server.client import VfioUserClient
+
+from vxpu.abi import testdev as abi
 
 CONFIG = 7
 

@@ -23,7 +23,8 @@ import time
 from collections.abc import Callable
 
 from vxpu.guest.pci import PciFunction
-from vxpu.vfio_server import abi_test as abi
+
+from vxpu.abi import testdev as abi
 
 MARKER = "VXPU-BENCH"
 

@@ -32,7 +32,8 @@ from vxpu.guest.dma import DmaBuffer
 from vxpu.guest.errors import GuestError
 from vxpu.guest.irq import DEFAULT_TEST_VECTOR, KmsgWatcher, disable_msi, enable_msi
 from vxpu.guest.pci import CAP_ID_MSI, RES_MEM, RES_MEM_64, RES_PREFETCH, Bar, PciFunction
-from vxpu.vfio_server import abi_test as abi
+
+from vxpu.abi import testdev as abi
 
 RESULT_MARKER = "VXPU-SELFTEST"
 EVENT_MARKER = "VXPU-EVENT"

@@ -4,7 +4,7 @@ It exercises everything a real device model needs, with nothing accelerator-spec
 identity and BAR sizing (BAR0 registers, BAR2 64-bit prefetchable scratch memory), register
 accesses of every size, DMA through the guest's mapped memory (CRC32 of a buffer, filling a
 pattern, inverting in place), interrupts (MSI by default, MSI-X as an option, INTx as the
-fallback), and reset semantics. The register map lives in :mod:`vxpu.vfio_server.abi_test`
+fallback), and reset semantics. The register map lives in :mod:`vxpu.abi.testdev`
 (shared with the guest) and is documented in docs/device-abi.md.
 
 DMA runs synchronously inside the DMA_CMD register write, straight on the mmap'd guest RAM
@@ -20,7 +20,6 @@ import logging
 import zlib
 
 import numpy as np
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server.errors import DmaError
 from vxpu.vfio_server.pci import (
     Access,
@@ -33,6 +32,8 @@ from vxpu.vfio_server.pci import (
     Register,
     RegisterBank,
 )
+
+from vxpu.abi import testdev as abi
 
 log = logging.getLogger(__name__)
 

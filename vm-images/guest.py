@@ -22,6 +22,8 @@ import logging
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from vxpu.images.apt import AptRepo, unpack
@@ -44,10 +46,13 @@ GUEST_STDLIB = ("argparse", "array", "base64", "binascii", "collections", "conte
                 "time", "traceback", "typing", "weakref", "zlib", "encodings.ascii", "encodings.latin_1",
                 "encodings.utf_8", "runpy", "__future__", "abc", "copy", "heapq", "bisect", "operator")
 GUEST_LIBS = ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1", "libffi.so.8")
-# Host modules copied into the image besides vxpu.guest: repository path -> path under vxpu/
-# (those that exist; the rest are skipped). All are stdlib-only.
-GUEST_SHARED = {"vxpu/errors.py": "errors.py", "vfio_server/abi_test.py": "vfio_server/abi_test.py",
-                "vfio_server/abi.py": "vfio_server/abi.py"}
+# What the image carries of vxpu besides the guest package and the ABI package (vxpu.abi, whole):
+# the core modules guest code imports and the stdlib-only IR core (builder, text, encoder,
+# verifier, argument layout). All are stdlib-only; they are read as package data
+# (importlib.resources), so an installed wheel builds the same image as a checkout.
+GUEST_CORE = ("errors.py", "log.py")
+GUEST_IR = ("__init__.py", "args.py", "binary.py", "builder.py", "errors.py", "hashing.py", "limits.py",
+            "model.py", "ops.py", "text.py", "types.py", "verify.py")
 BASE_FORMAT = 1  # bump when the base layout changes
 PY = "python3.13"
 CMDLINE_KEY = "vxpu_cmd"
@@ -103,26 +108,36 @@ def _guest_root() -> Path:
 
 
 def guest_files() -> dict[str, bytes]:
-    """The overlay content: path inside the image -> bytes (the vxpu guest package)."""
-    import vxpu.guest
-    import vxpu.vfio_server
+    """The overlay content: path inside the image -> bytes (the vxpu guest package).
 
+    ``vxpu.guest`` and ``vxpu.abi`` go in whole, with :data:`GUEST_CORE` from ``vxpu`` and
+    :data:`GUEST_IR` from ``vxpu.ir``. Every file is read through :mod:`importlib.resources`.
+
+    Raises:
+        ImageError: a listed module is missing from the installed vxpu.
+    """
     site = "usr/lib/python3/dist-packages/vxpu"
-    files = {
-        f"{site}/__init__.py": b'"""vxpu inside a guest: the guest driver and the shared device ABI."""\n',
-        f"{site}/vfio_server/__init__.py": b'"""The device ABI modules shared with the host server."""\n',
-    }
-    guest_dir = Path(vxpu.guest.__file__).parent
-    for src in sorted(guest_dir.rglob("*.py")):
-        files[f"{site}/guest/{src.relative_to(guest_dir)}"] = src.read_bytes()
-    root = Path(vxpu.vfio_server.__file__).parent.parent
-    for rel, dst in GUEST_SHARED.items():
-        src = root / rel
-        if src.is_file():
-            files[f"{site}/{dst}"] = src.read_bytes()
-        else:
-            log.debug("guest image: %s not present yet, skipped", rel)
+    files = {f"{site}/__init__.py": b'"""vxpu inside a guest: the guest driver, the device ABI and the IR core."""\n'}
+    _add_tree(files, resources.files("vxpu.guest"), f"{site}/guest")
+    _add_tree(files, resources.files("vxpu.abi"), f"{site}/abi")
+    for package, names, dst in (("vxpu", GUEST_CORE, site), ("vxpu.ir", GUEST_IR, f"{site}/ir")):
+        root = resources.files(package)
+        for name in names:
+            src = root.joinpath(name)
+            if not src.is_file():
+                raise ImageError(f"{package}/{name} is missing from the installed vxpu; reinstall it")
+            files[f"{dst}/{name}"] = src.read_bytes()
     return files
+
+
+def _add_tree(files: dict[str, bytes], root: Traversable, dst: str) -> None:
+    """Every ``.py`` file under ``root`` (sub-packages included), at ``dst/<relative path>``."""
+    for entry in sorted(root.iterdir(), key=lambda e: e.name):
+        if entry.is_dir():
+            if entry.name != "__pycache__":
+                _add_tree(files, entry, f"{dst}/{entry.name}")
+        elif entry.name.endswith(".py"):
+            files[f"{dst}/{entry.name}"] = entry.read_bytes()
 
 
 def _resolve(apt: AptRepo) -> list:

@@ -15,7 +15,8 @@ import pytest
 from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
 from vxpu.images.vm import Vm, VmSpec
-from vxpu.vfio_server import abi_test as abi
+
+from vxpu.abi import testdev as abi
 
 pytestmark = pytest.mark.qemu
 

@@ -26,8 +26,8 @@ from vxpu.images.vm import Vm, VmSpec
 from vxpu.qmp.devices import attach, detach, vfio_user_device
 from vxpu.qmp.errors import QmpError
 from vxpu.qmp.server import ServerProcess
-from vxpu.vfio_server import abi_test as abi
 
+from vxpu.abi import testdev as abi
 from vxpu.errors import Error
 
 pytestmark = pytest.mark.qemu

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server.pci import Command
 from vxpu.vfio_server.server import VfioUserServer
 from vxpu.vfio_server.testdev import TestDevice
 
+from vxpu.abi import testdev as abi
 from vxpu.errors import Error
 
 pytestmark = pytest.mark.qemu

@@ -15,12 +15,13 @@ import zlib
 from collections.abc import Iterator
 
 import pytest
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import GuestMemory, VfioUserClient
 from vxpu.vfio_server.device import RegionFlags
 from vxpu.vfio_server.server import VfioUserServer
 from vxpu.vfio_server.testdev import TestDevice
+
+from vxpu.abi import testdev as abi
 
 CONFIG = 7
 RAM_BASE = 0x10_0000

@@ -12,8 +12,9 @@ import sys
 import time
 
 import pytest
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server.client import VfioUserClient
+
+from vxpu.abi import testdev as abi
 
 from .conftest import CMD_MEM_BME, CONFIG
 

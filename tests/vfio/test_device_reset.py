@@ -5,9 +5,10 @@ from __future__ import annotations
 import errno
 import struct
 
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import GuestMemory
+
+from vxpu.abi import testdev as abi
 
 from .conftest import CMD_MEM_BME, CONFIG, eventfds, expect_error, raw, read_eventfd, refused
 

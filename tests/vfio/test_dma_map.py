@@ -7,9 +7,10 @@ import os
 import struct
 import zlib
 
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import GuestMemory
+
+from vxpu.abi import testdev as abi
 
 from .conftest import eventfds, expect_error, ping, raw, refused
 

@@ -7,9 +7,10 @@ from __future__ import annotations
 import struct
 import zlib
 
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.client import QEMU_CAPS, GuestMemory, VfioUserClient
+
+from vxpu.abi import testdev as abi
 
 from .conftest import CMD_MEM_BME, CONFIG, ping, raw
 

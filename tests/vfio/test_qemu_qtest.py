@@ -25,9 +25,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server.server import VfioUserServer
 from vxpu.vfio_server.testdev import TestDevice
+
+from vxpu.abi import testdev as abi
 
 pytestmark = pytest.mark.qemu
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import errno
 import struct
 
-from vxpu.vfio_server import abi_test as abi
 from vxpu.vfio_server import protocol as P
+
+from vxpu.abi import testdev as abi
 
 from .conftest import CONFIG, eventfds, expect_error, raw
 

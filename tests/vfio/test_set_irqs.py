@@ -86,7 +86,7 @@ def test_msix_then_msi_then_intx_preference(tmp_path):
 def test_device_raises_through_its_register(client, no_leak):
     import struct
 
-    from vxpu.vfio_server import abi_test as abi
+    from vxpu.abi import testdev as abi
     with eventfds(1) as (efd,):
         client.set_irqs(INTX, EVENTFD_TRIGGER, 0, 1, [efd])
         client.region_write(0, abi.IRQ_RAISE, struct.pack("<I", 0))

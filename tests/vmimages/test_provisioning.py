@@ -136,7 +136,7 @@ def test_payload_command_round_trips_through_base64() -> None:
 def test_guest_overlay_carries_the_guest_package_and_abi() -> None:
     files = guest.guest_files()
     site = "usr/lib/python3/dist-packages/vxpu"
-    for rel in ("__init__.py", "errors.py", "guest/selftest.py", "guest/pci.py", "vfio_server/abi_test.py"):
+    for rel in ("__init__.py", "errors.py", "guest/selftest.py", "guest/pci.py", "abi/testdev.py"):
         assert f"{site}/{rel}" in files
 
 
