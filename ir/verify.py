@@ -12,6 +12,8 @@ Kernel
   K4 there is at least one block; the entry block has no parameters and is no branch target.
   K5 every block is reachable from the entry block (unreachable blocks are an error: delete them).
   K6 limits: blocks, ops, block parameters.
+  K7 complexity: loops nested at most MAX_LOOP_DEPTH deep; at most MAX_PHI_FAN_IN branch edges
+     into a block that has parameters (see :mod:`vxpu.ir.complexity`).
 Block
   B1 a block is not empty and ends with exactly one terminator; no terminator elsewhere.
 Op (against its row in the opcode table, ``vxpu.ir.ops.OPS``)
@@ -36,6 +38,7 @@ import logging
 import math
 from collections.abc import Iterable
 
+from .complexity import loop_nest_depth, phi_fan_in
 from .errors import IRError, Location, Problem, VerifyError
 from .limits import (
     MAX_ARRAY_COUNT,
@@ -44,9 +47,11 @@ from .limits import (
     MAX_BLOCKS,
     MAX_KERNELS,
     MAX_LOCAL_BYTES,
+    MAX_LOOP_DEPTH,
     MAX_OPS_PER_KERNEL,
     MAX_OPS_PER_MODULE,
     MAX_PARAMS,
+    MAX_PHI_FAN_IN,
     MAX_SHARED_BYTES,
 )
 from .model import (
@@ -340,6 +345,8 @@ class _KernelChecker:
         if k.blocks[0].params:
             self.error("the entry block cannot have parameters", k.blocks[0])
         self.dom = Dominators(k)
+        if not self._check_complexity():
+            return self.problems
         self.numbering = k.numbering()
         for b in k.blocks:
             self._check_block(b)
@@ -357,13 +364,23 @@ class _KernelChecker:
         ok = True
         for count, limit, what in checks:
             if count > limit:
-                self.error(f"{count} {what} exceed the limit of {limit}")
+                self.error(f"{count} {what} exceed the limit of {limit} {what} per kernel")
                 ok = False
         for b in k.blocks:
             if len(b.params) > MAX_BLOCK_PARAMS:
                 self.error(f"{len(b.params)} block parameters exceed the limit of {MAX_BLOCK_PARAMS}", b)
                 ok = False
         return ok
+
+    def _check_complexity(self) -> bool:
+        depth = loop_nest_depth(self.dom)
+        if depth > MAX_LOOP_DEPTH:
+            self.error(f"loops are nested {depth} deep, more than the limit of {MAX_LOOP_DEPTH}")
+        fan_in, join = phi_fan_in(self.k)
+        if fan_in > MAX_PHI_FAN_IN:
+            self.error(f"{fan_in} branches pass arguments to this block, more than the limit of "
+                       f"{MAX_PHI_FAN_IN} (phi fan-in)", join)
+        return depth <= MAX_LOOP_DEPTH and fan_in <= MAX_PHI_FAN_IN
 
     def _check_params(self) -> None:
         for i, p in enumerate(self.k.params):

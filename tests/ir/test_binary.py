@@ -157,7 +157,7 @@ def _kernel_prefix(n_params: int = 0) -> bytes:
     (_kernel_prefix() + _uleb(limits.MAX_ARRAYS + 1), "array count"),
     (_kernel_prefix() + b"\x01\x07" + _uleb(10 ** 9), "array size is 1000000000"),
     (_kernel_prefix() + b"\x00\x00" + _uleb(limits.MAX_BLOCKS + 1), f"block count is {limits.MAX_BLOCKS + 1}"),
-    (_kernel_prefix() + b"\x00\x00" + _uleb(10_000), "block count is 10000, but only"),
+    (_kernel_prefix() + b"\x00\x00" + _uleb(2_000), "block count is 2000, but only"),
     (_kernel_prefix() + b"\x00\x00\x01\x00" + _uleb(limits.MAX_OPS_PER_KERNEL + 1), f"op count is {limits.MAX_OPS_PER_KERNEL + 1}"),
     (_kernel_prefix() + b"\x00\x00\x01\x00\x01" + _uleb(999), "unknown opcode 999"),
     (_kernel_prefix() + b"\x00\x00\x01\x00\x01\x80\x80\x80\x80\x80\x80\x80\x80\x80\x80\x01", "longer than 10 bytes"),

@@ -158,7 +158,7 @@ def test_kernel_without_blocks_and_limits():
     assert _messages(Kernel("k")) == ["kernel has no blocks; it needs at least an entry block ending in ret"]
     k = Kernel("k", [(f"p{i}", i32) for i in range(limits.MAX_PARAMS + 1)])
     k.add_block(Block("entry")).append(Op("ret"))
-    assert _messages(k) == [f"{limits.MAX_PARAMS + 1} parameters exceed the limit of {limits.MAX_PARAMS}"]
+    assert _messages(k) == [f"{limits.MAX_PARAMS + 1} parameters exceed the limit of {limits.MAX_PARAMS} parameters per kernel"]
     b = KernelBuilder("many_block_params")
     b.set_block(b.block("entry"))
     b.ret()
@@ -180,8 +180,9 @@ def test_dominators_on_a_loop():
 
 
 def test_deep_nesting_and_long_chains_are_near_linear():
-    """10,000 nested blocks (each dominating the next) and a 20,000-op chain verify quickly."""
-    n = 10_000
+    """Blocks nested as deep as the block limit (each dominating the next) and a chain at the
+    op limit verify quickly."""
+    n = limits.MAX_BLOCKS - 1
     b = KernelBuilder("deep", params=[("n", i32)])
     blocks = [b.block(f"b{i}") for i in range(n)]
     exit_ = b.block("exit")
@@ -196,7 +197,7 @@ def test_deep_nesting_and_long_chains_are_near_linear():
     start = time.perf_counter()
     verify(Module("deep", [b.kernel]))
     deep_s = time.perf_counter() - start
-    m = parse(big_kernel_text(20_000))
+    m = parse(big_kernel_text(limits.MAX_OPS_PER_KERNEL))
     start = time.perf_counter()
     verify(m)
     chain_s = time.perf_counter() - start
