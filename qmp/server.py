@@ -1,7 +1,13 @@
 """Start and stop a ``vxpu serve`` process for one vfio-user device.
 
-One server process serves one device of one VM (ARCHITECTURE decision 4). A
-:class:`ServerProcess` unlinks a stale socket first (QEMU could otherwise connect to the stale
+One server process serves one device of one VM (ARCHITECTURE decision 4).
+
+For servers that outlive the caller (``vxpu attach``): :func:`spawn_server` starts one in its
+own session with its output in a log file and returns only its pid, :func:`wait_listening`
+waits until its socket listens (or reports its death with the log tail), and
+:func:`stop_server` ends it by pid and start time: SIGTERM, then SIGKILL after a grace period.
+
+For servers owned by one process (tests, ``vxpu vm run``): a :class:`ServerProcess` unlinks a stale socket first (QEMU could otherwise connect to the stale
 path before the new server listens), starts ``python -m vxpu serve --socket PATH`` with its
 output in a log file, waits until the socket accepts connections, and stops the process on
 :meth:`stop` or when used as a context manager.
@@ -9,6 +15,7 @@ output in a log file, waits until the socket accepts connections, and stops the 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -21,6 +28,7 @@ from pathlib import Path
 from typing import Self
 
 from vxpu.qmp.errors import ServerError
+from vxpu.qmp.runtime import pid_start_time, process_alive, server_listening
 
 log = logging.getLogger(__name__)
 
@@ -119,3 +127,88 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+STOP_GRACE_S = 5.0
+
+
+def serve_argv(socket_path: str | Path, args: Sequence[str] = (), python: str = sys.executable) -> list[str]:
+    """The ``vxpu serve`` command line for one device on ``socket_path``."""
+    return [python, "-m", "vxpu", "--log-level", "INFO", "serve", "--socket", str(socket_path), *args]
+
+
+def spawn_server(socket_path: Path, log_path: Path, args: Sequence[str] = (),
+                 python: str = sys.executable) -> tuple[int, int | None]:
+    """Start ``vxpu serve`` detached (own session, stdin /dev/null, output in ``log_path``).
+
+    A stale socket file is removed first, so QEMU cannot connect to it before the server listens.
+
+    Returns:
+        (pid, start time) of the server; the pair identifies it in :func:`stop_server`.
+
+    Raises:
+        ServerError: the interpreter could not be executed.
+    """
+    socket_path.unlink(missing_ok=True)
+    actions = [(os.POSIX_SPAWN_OPEN, 0, "/dev/null", os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600),
+               (os.POSIX_SPAWN_DUP2, 1, 2)]
+    argv = serve_argv(socket_path, args, python)
+    try:
+        pid = os.posix_spawn(python, argv, os.environ, file_actions=actions, setsid=True)
+    except OSError as exc:
+        raise ServerError(f"cannot start {python} -m vxpu serve: {exc.strerror}") from exc
+    log.info("started vxpu server pid %d on %s", pid, socket_path)
+    return pid, pid_start_time(pid)
+
+
+async def wait_listening(pid: int, start: int | None, socket_path: Path, log_path: Path,
+                         timeout: float = 20.0) -> None:
+    """Wait until the server listens on ``socket_path``.
+
+    Raises:
+        ServerError: it exited first, or did not listen within ``timeout`` seconds (the message
+            carries the tail of its log; the caller stops it).
+    """
+    deadline = time.monotonic() + timeout
+    while not server_listening(pid, socket_path):
+        if not process_alive(pid, start):
+            raise ServerError(f"vxpu server (pid {pid}) exited before listening on {socket_path}. "
+                              f"Its log ({log_path}) ends:\n{_tail(log_path, 1500).rstrip()}")
+        if time.monotonic() > deadline:
+            raise ServerError(f"vxpu server (pid {pid}) did not listen on {socket_path} within "
+                              f"{timeout:.0f}s. Its log ({log_path}) ends:\n{_tail(log_path, 1500).rstrip()}")
+        await asyncio.sleep(0.02)
+
+
+def stop_server(pid: int, start: int | None, grace: float = STOP_GRACE_S) -> str:
+    """Stop the server ``pid`` (only if it is still the process that started at ``start``).
+
+    Sends SIGTERM to its process group, waits up to ``grace`` seconds, then SIGKILLs it. This
+    blocks (polling every 20 ms), so that it also works in clean-up paths of a cancelled task;
+    async callers run it through :func:`asyncio.to_thread`.
+
+    Returns:
+        ``"gone"`` (it had exited already), ``"terminated"`` or ``"killed"``.
+
+    Raises:
+        ServerError: it survived SIGKILL.
+    """
+    if not process_alive(pid, start):
+        return "gone"
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return "terminated"
+        deadline = time.monotonic() + wait
+        while process_alive(pid, start):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        else:
+            if sig == signal.SIGKILL:
+                log.warning("vxpu server pid %d ignored SIGTERM for %.0fs; killed it", pid, grace)
+                return "killed"
+            return "terminated"
+    raise ServerError(f"vxpu server pid {pid} survived SIGKILL (stuck in the kernel?); check 'ps -o stat {pid}'")
