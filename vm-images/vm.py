@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from vxpu.images.cpio import CpioWriter
 from vxpu.images.errors import VmError
 from vxpu.images.guest import INIT_MARKER, GuestImage, encode_cmd
 from vxpu.images.qemu import QemuBinary, cache_dir
@@ -153,6 +155,8 @@ class VmSpec:
         kernel_args: extra kernel command-line parameters.
         extra_args: extra QEMU arguments.
         stdio_console: console on the caller's terminal instead of a log file (interactive).
+        extra_files: files added to the initramfs for this boot only (path inside the image ->
+            bytes, e.g. a test program), appended as a second cpio archive in the workdir.
     """
 
     cmd: str | None = None
@@ -163,6 +167,7 @@ class VmSpec:
     kernel_args: str = ""
     extra_args: Sequence[str] = ()
     stdio_console: bool = False
+    extra_files: dict[str, bytes] = field(default_factory=dict)
 
 
 class Vm:
@@ -204,13 +209,32 @@ class Vm:
         args = ["-accel", accel, "-cpu", "max", "-m", self.spec.memory,
                 "-object", f"memory-backend-memfd,id=mem,size={self.spec.memory},share=on",
                 "-machine", "pc,memory-backend=mem", "-nographic", "-nic", "none",
-                "-kernel", str(kernel), "-initrd", str(self.image.initrd), "-append", append,
+                "-kernel", str(kernel), "-initrd", str(self._initrd()), "-append", append,
                 "-qmp", f"unix:{self.qmp_path},server=on,wait=off"]
         if not self.spec.reboot:
             args.append("-no-reboot")
         for dev in self.spec.devices:
             args += ["-device", json.dumps(dev)]
         return self.qemu.argv(*args, *self.spec.extra_args)
+
+    def _initrd(self) -> Path:
+        """The image's initramfs, or a copy with :attr:`VmSpec.extra_files` appended."""
+        if not self.spec.extra_files:
+            return self.image.initrd
+        path = self.workdir / "initrd-extra.cpio"
+        if not path.exists():
+            with path.open("wb") as f:
+                with self.image.initrd.open("rb") as src:
+                    shutil.copyfileobj(src, f, 1 << 20)
+                w = CpioWriter(f)
+                names = sorted(self.spec.extra_files)
+                dirs = sorted({str(p) for n in names for p in Path(n).parents if str(p) != "."})
+                for d in dirs:
+                    w.directory(d)
+                for name in names:
+                    w.file(name, self.spec.extra_files[name], 0o755)
+                w.close()
+        return path
 
     def _launch(self, accel: str) -> None:
         self.qmp_path.unlink(missing_ok=True)
