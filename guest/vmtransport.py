@@ -46,6 +46,7 @@ import time
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 from vxpu.guest.errors import DeviceNotFound, GuestError
 from vxpu.guest.pci import RES_MEM, SYSFS_PCI, Bar, PciFunction
@@ -420,7 +421,7 @@ class VmTransport:
         """Stop the queue, clear bus mastering, unmap BAR0 and free all DMA memory (idempotent)."""
         self._finalizer()
 
-    def __enter__(self) -> VmTransport:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
