@@ -1,4 +1,4 @@
-"""The sample kernels (examples/kernels/*.vxir) as a registry: inputs, launches and numpy references.
+"""The sample kernels (``vxpu/ir/sample_kernels/*.vxir``) as a registry: inputs, launches, references.
 
 For every sample, :class:`Sample` knows its .vxir file and builds a :class:`Case` for a
 problem size: the initial contents of every device buffer, the launches (kernel, grid, block,
@@ -13,8 +13,9 @@ reference. Tests, the CPU backend and the GPU benchmarks share this::
     out = samples.run_case(case, backend="x86")
     assert not samples.compare(case, out)
 
-The .vxir files are read from ``examples/kernels`` next to the ``ir`` folder (an editable
-install or a checkout), or from the directory in ``$VXPU_KERNELS_DIR``.
+The .vxir files are package data of ``vxpu.ir`` (the ``ir/sample_kernels`` folder, which a
+checkout's ``examples/kernels`` links to), read through :mod:`importlib.resources`, so a wheel
+install has them too; ``$VXPU_KERNELS_DIR`` names another directory to read them from.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -47,16 +49,20 @@ __all__ = [
 
 BLOCK = 256
 TILE = 16
+#: The package-data folder of ``vxpu.ir`` that holds the sample kernels.
+SAMPLE_KERNELS = "sample_kernels"
 
 
 def kernels_dir() -> Path:
-    """The directory holding the sample .vxir files.
+    """The directory holding the sample .vxir files (``$VXPU_KERNELS_DIR``, else the package data).
 
     Raises:
-        IRError: it cannot be found (set VXPU_KERNELS_DIR to examples/kernels of a checkout).
+        IRError: it cannot be found (an install without its package data, or a wrong
+            VXPU_KERNELS_DIR; point VXPU_KERNELS_DIR at examples/kernels of a checkout).
     """
     env = os.environ.get("VXPU_KERNELS_DIR")
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "examples" / "kernels"
+    data = resources.files(__package__).joinpath(SAMPLE_KERNELS)
+    path = Path(env) if env else Path(str(data))
     if not path.is_dir():
         raise IRError(f"sample kernels not found at {path}; set VXPU_KERNELS_DIR to the examples/kernels "
                       "folder of a vxpu checkout")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -32,6 +33,8 @@ from vxpu.images.errors import ImageError
 from vxpu.images.progress import Progress, note
 from vxpu.images.qemu import cache_dir, cache_lock
 
+from vxpu.imports import ImportRef, imports_of
+
 log = logging.getLogger(__name__)
 
 SUITE = "trixie"
@@ -46,13 +49,13 @@ GUEST_STDLIB = ("argparse", "array", "base64", "binascii", "collections", "conte
                 "time", "traceback", "typing", "weakref", "zlib", "encodings.ascii", "encodings.latin_1",
                 "encodings.utf_8", "runpy", "__future__", "abc", "copy", "heapq", "bisect", "operator")
 GUEST_LIBS = ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1", "libffi.so.8")
-# What the image carries of vxpu besides the guest package and the ABI package (vxpu.abi, whole):
-# the core modules guest code imports and the stdlib-only IR core (builder, text, encoder,
-# verifier, argument layout). All are stdlib-only; they are read as package data
+# The vxpu modules in the image: the import closure (every import, lazy ones included) of every
+# module in GUEST_TREES and of GUEST_MODULES. That is the guest package, the ABI package, the
+# core modules they use (vxpu.errors ...) and the stdlib-only IR core (builder, text, encoder,
+# verifier, argument layout); all stdlib-only. Files are read as package data
 # (importlib.resources), so an installed wheel builds the same image as a checkout.
-GUEST_CORE = ("errors.py", "log.py")
-GUEST_IR = ("__init__.py", "args.py", "binary.py", "builder.py", "errors.py", "hashing.py", "limits.py",
-            "model.py", "ops.py", "text.py", "types.py", "verify.py")
+GUEST_TREES = ("vxpu.guest", "vxpu.abi")
+GUEST_MODULES = ("vxpu.ir", "vxpu.ir.args")
 BASE_FORMAT = 1  # bump when the base layout changes
 PY = "python3.13"
 CMDLINE_KEY = "vxpu_cmd"
@@ -108,36 +111,76 @@ def _guest_root() -> Path:
 
 
 def guest_files() -> dict[str, bytes]:
-    """The overlay content: path inside the image -> bytes (the vxpu guest package).
+    """The overlay content: path inside the image -> bytes (the vxpu modules of the guest).
 
-    ``vxpu.guest`` and ``vxpu.abi`` go in whole, with :data:`GUEST_CORE` from ``vxpu`` and
-    :data:`GUEST_IR` from ``vxpu.ir``. Every file is read through :mod:`importlib.resources`.
+    The modules are the import closure of :data:`GUEST_TREES` and :data:`GUEST_MODULES`, each
+    parent package's ``__init__.py`` included, read through :mod:`importlib.resources`.
 
     Raises:
-        ImageError: a listed module is missing from the installed vxpu.
+        ImageError: a module the closure names is not installed (an incomplete vxpu install).
     """
-    site = "usr/lib/python3/dist-packages/vxpu"
-    files = {f"{site}/__init__.py": b'"""vxpu inside a guest: the guest driver, the device ABI and the IR core."""\n'}
-    _add_tree(files, resources.files("vxpu.guest"), f"{site}/guest")
-    _add_tree(files, resources.files("vxpu.abi"), f"{site}/abi")
-    for package, names, dst in (("vxpu", GUEST_CORE, site), ("vxpu.ir", GUEST_IR, f"{site}/ir")):
-        root = resources.files(package)
-        for name in names:
-            src = root.joinpath(name)
-            if not src.is_file():
-                raise ImageError(f"{package}/{name} is missing from the installed vxpu; reinstall it")
-            files[f"{dst}/{name}"] = src.read_bytes()
-    return files
+    site = "usr/lib/python3/dist-packages"
+    files: dict[str, bytes] = {}
+    todo = [name for tree in GUEST_TREES for name in _package_modules(tree)] + list(GUEST_MODULES)
+    while todo:
+        name = todo.pop()
+        path = "/".join(name.split(".")) + ("/__init__.py" if _is_package(name) else ".py")
+        if f"{site}/{path}" in files:
+            continue
+        source = _source(name).read_bytes()
+        files[f"{site}/{path}"] = source
+        parent = name.rpartition(".")[0]
+        todo += [parent] if parent else []
+        for ref in imports_of(source.decode(), name, _is_package(name)):
+            todo += [m for m in _vxpu_modules(ref) if f"{site}/{m.replace('.', '/')}" not in files]
+    return dict(sorted(files.items()))
 
 
-def _add_tree(files: dict[str, bytes], root: Traversable, dst: str) -> None:
-    """Every ``.py`` file under ``root`` (sub-packages included), at ``dst/<relative path>``."""
-    for entry in sorted(root.iterdir(), key=lambda e: e.name):
-        if entry.is_dir():
-            if entry.name != "__pycache__":
-                _add_tree(files, entry, f"{dst}/{entry.name}")
-        elif entry.name.endswith(".py"):
-            files[f"{dst}/{entry.name}"] = entry.read_bytes()
+def _is_package(name: str) -> bool:
+    try:
+        spec = importlib.util.find_spec(name)
+    except ImportError:
+        return False
+    return spec is not None and spec.submodule_search_locations is not None
+
+
+def _source(name: str) -> Traversable:
+    parent, _, last = name.rpartition(".")
+    if _is_package(name):
+        src = resources.files(name).joinpath("__init__.py")
+    else:
+        src = resources.files(parent).joinpath(f"{last}.py")
+    if not src.is_file():
+        raise ImageError(f"the guest image needs {name}, which is not installed; reinstall vxpu")
+    return src
+
+
+def _package_modules(name: str) -> list[str]:
+    """``name``, and when it is a package every module in it (sub-packages included)."""
+    if not _is_package(name):
+        return [name]
+    names = [name]
+    for entry in resources.files(name).iterdir():
+        if entry.is_dir() and entry.joinpath("__init__.py").is_file():
+            names += _package_modules(f"{name}.{entry.name}")
+        elif entry.name.endswith(".py") and entry.name != "__init__.py":
+            names.append(f"{name}.{entry.name[:-3]}")
+    return names
+
+
+def _vxpu_modules(ref: ImportRef) -> list[str]:
+    """The vxpu modules an import names: the module, and each imported name that is a submodule."""
+    if ref.module != "vxpu" and not ref.module.startswith("vxpu."):
+        return []
+    subs = [f"{ref.module}.{n}" for n in ref.names if _is_package(ref.module) and _exists(f"{ref.module}.{n}")]
+    return [ref.module, *subs]
+
+
+def _exists(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except ImportError:
+        return False
 
 
 def _resolve(apt: AptRepo) -> list:
