@@ -29,8 +29,8 @@ SHAPES = {
     "line65000": (lambda: hs.straight_line(65000), "65000 ops exceed the limit of 32768 per module"),
     "chain16000": (lambda: hs.branch_chain(16000), "47999 ops exceed the limit of 32768 per module"),
     "many256x1000": (lambda: hs.many_kernels(256, 1000), "256000 ops exceed the limit of 32768 per module"),
-    "fanin1000": (lambda: hs.phi_fan_in(1000), "1000 branches pass arguments to this block, more than the "
-                                                "limit of 256 (phi fan-in)"),
+    "fanin1000": (lambda: hs.phi_fan_in(1000),
+                  ("1000 branches pass arguments to this block, more than the limit of 256 (phi fan-in)")),
 }
 
 
