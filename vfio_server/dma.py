@@ -18,8 +18,10 @@ fd that is not a regular file or is smaller than ``offset + size`` (a later acce
 SIGBUS; checked after the file is sealed against shrinking, where it can be) → EINVAL; a range overlapping an existing map → EEXIST, except an identical re-map
 (same range, offset, flags and file), which is accepted as libvfio-user does; with
 ``require_sealed``, a file that cannot be sealed against shrinking → EINVAL; more than
-:data:`~vxpu.vfio_server.protocol.MAX_DMA_MAPS` maps → ENOSPC. Unmaps must match a map exactly
-(else ENOENT).
+:data:`~vxpu.vfio_server.protocol.MAX_DMA_MAPS` maps → ENOSPC; fd-backed maps totalling more
+than :data:`MAX_DMA_MAPPED_BYTES` of address space → ENOSPC (a sparse 64 TiB memfd costs no
+RAM, but a few such maps exhaust the server's address space, and the next allocation anywhere
+in the server fails). Unmaps must match a map exactly (else ENOENT).
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ from vxpu.vfio_server.errors import DmaError, ProtocolError
 log = logging.getLogger(__name__)
 
 MAX_PENDING_DMA = 256          # outstanding DMA_READ/DMA_WRITE messages per client
+#: Address space the fd-backed maps of one client may take together (4 TiB: far above any guest
+#: RAM here, 1/32 of the 128 TiB user address space of x86-64).
+MAX_DMA_MAPPED_BYTES = 1 << 42
 MAX_SG_ENTRIES = 1 << 16       # scatter-gather list entries accepted by translate_sg
 
 ReadDone = Callable[[bytes | None, DmaError | None], None]
@@ -89,11 +94,17 @@ class DmaSpace:
         logger: where to log (the connection's logger).
         require_sealed: refuse fd-backed maps whose file cannot be sealed against shrinking
             (a peer that shrinks such a file makes the next access SIGBUS the server).
+        max_mapped_bytes: cap on the address space of all fd-backed maps together.
+
+    Attributes:
+        mapped_bytes: the address space the fd-backed maps take now.
     """
 
     def __init__(self, max_maps: int = P.MAX_DMA_MAPS, logger: logging.Logger | None = None,
-                 require_sealed: bool = False) -> None:
+                 require_sealed: bool = False, max_mapped_bytes: int = MAX_DMA_MAPPED_BYTES) -> None:
         self.max_maps = max_maps
+        self.max_mapped_bytes = max_mapped_bytes
+        self.mapped_bytes = 0
         self.require_sealed = require_sealed
         self.log = logger or log
         self._starts: list[int] = []
@@ -161,9 +172,14 @@ class DmaSpace:
                                         f"[{old.addr:#x}, +{old.size:#x})")
         if len(self._regions) >= self.max_maps:
             raise ProtocolError(errno.ENOSPC, f"DMA_MAP: table full ({self.max_maps} maps)")
+        if fd is not None and size > self.max_mapped_bytes - self.mapped_bytes:
+            raise ProtocolError(errno.ENOSPC, f"DMA_MAP [{addr:#x}, +{size:#x}): fd-backed maps would take "
+                                f"{self.mapped_bytes + size:#x} bytes of address space, more than the "
+                                f"limit {self.max_mapped_bytes:#x}")
         region = DmaRegion(addr, size, offset, flags, file_id=file_id)
         if fd is not None:
             _mmap_region(region, fd)
+            self.mapped_bytes += size
             region.sealed = sealed
             if not sealed:
                 self.log.debug("DMA map [%#x, +%#x): file cannot be sealed against shrinking", addr, size)
@@ -203,6 +219,8 @@ class DmaSpace:
         del self._regions[i]
         if self._last is region:
             self._last = None
+        if region.view is not None:
+            self.mapped_bytes -= region.size
         _release(region, self.log)
 
     def clear(self) -> int:

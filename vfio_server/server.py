@@ -19,6 +19,14 @@ answered with EIO. Messages flagged NO_REPLY are never answered, not even with a
 Unmatched replies from the client are logged and dropped. Every fd received and not kept
 is closed.
 
+Per-connection resource limits (named constants, listed in docs/device-abi.md, "Server limits
+per connection"): message size (``protocol.MAX_MESSAGE_SIZE``; a larger size field is answered
+E2BIG and the connection closed), fds held by one message (``transport.MAX_PENDING_FDS``), DMA
+maps (``protocol.MAX_DMA_MAPS``) and their address space (``dma.MAX_DMA_MAPPED_BYTES``), unsent
+reply bytes (:data:`BACKLOG_LIMIT`) and outstanding DMA messages (``dma.MAX_PENDING_DMA``). An
+allocation failure (``MemoryError``) while serving a client drops that client with one log
+line; the server keeps listening for the next.
+
 Use :meth:`VfioUserServer.serve_forever` in a process of its own (``vxpu serve``), or
 :meth:`VfioUserServer.start` / :meth:`VfioUserServer.stop` (or ``with server:``) to run it
 in a background thread, as the tests do.
@@ -43,7 +51,7 @@ from typing import Any, Self
 
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.device import NUM_IRQS, NUM_REGIONS, RegionFlags, VfioDevice
-from vxpu.vfio_server.dma import DmaSpace
+from vxpu.vfio_server.dma import MAX_DMA_MAPPED_BYTES, DmaSpace
 from vxpu.vfio_server.errors import DmaError, PeerClosed, ProtocolError
 from vxpu.vfio_server.irq import IrqTable
 from vxpu.vfio_server.transport import Incoming, Transport
@@ -86,7 +94,8 @@ class Connection:
         self.connected_at = time.monotonic()
         self.log = server.conn_log
         self.transport = Transport(sock)
-        self.dma = DmaSpace(logger=self.log, require_sealed=server.require_sealed_ram)
+        self.dma = DmaSpace(logger=self.log, require_sealed=server.require_sealed_ram,
+                            max_mapped_bytes=server.max_dma_bytes)
         self.irqs = IrqTable(self.device, self.log)
         self.irqs.on_resample_change = server.follow_resample
         self.caps = P.ClientCaps()
@@ -122,8 +131,15 @@ class Connection:
 
     # --- dispatch ---------------------------------------------------------------------------------
     def handle(self, msg: Incoming) -> None:
-        """Handle one message completely; never raises except PeerClosed."""
+        """Handle one message completely; never raises except PeerClosed (also after answering
+        a message whose framing makes the rest of the stream untrustworthy) and MemoryError."""
         hdr = msg.header
+        if msg.fatal:
+            try:
+                self._refuse(hdr, ProtocolError(msg.error, msg.reason))
+            finally:
+                msg.close_fds()
+            raise PeerClosed(f"framing error: {msg.reason}")
         try:
             if hdr.type == P.TYPE_REPLY:
                 self._on_reply(msg)
@@ -133,7 +149,7 @@ class Connection:
                 parts, fds = reply
                 size = P.HEADER_SIZE + sum(len(p) for p in parts)
                 self.transport.send([P.HEADER.pack(hdr.id, hdr.command, size, P.TYPE_REPLY, 0), *parts], fds)
-        except PeerClosed:
+        except (PeerClosed, MemoryError):
             raise
         except ProtocolError as exc:
             self._refuse(hdr, exc)
@@ -424,13 +440,16 @@ class VfioUserServer:
         require_sealed_ram: refuse DMA_MAP files that cannot be sealed against shrinking
             (see :class:`~vxpu.vfio_server.dma.DmaSpace`); QEMU's memory-backend-memfd passes.
             On by default: a peer that shrinks an unsealed mapped file would SIGBUS the server.
+        max_dma_bytes: address space one client's fd-backed DMA maps may take together.
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], device: VfioDevice,
-                 logger: logging.Logger | None = None, require_sealed_ram: bool = True) -> None:
+                 logger: logging.Logger | None = None, require_sealed_ram: bool = True,
+                 max_dma_bytes: int = MAX_DMA_MAPPED_BYTES) -> None:
         self.path = Path(socket_path)
         self.device = device
         self.require_sealed_ram = require_sealed_ram
+        self.max_dma_bytes = max_dma_bytes
         self.log = logger or log
         self.conn_log = self.log.getChild("conn")
         self.conn: Connection | None = None
@@ -468,7 +487,10 @@ class VfioUserServer:
         try:
             while not self._stopping:
                 for key, mask in self._sel.select(self._handshake_left()):
-                    self._on_event(key.data, mask)
+                    try:
+                        self._on_event(key.data, mask)
+                    except MemoryError:
+                        self._out_of_memory(key.data)
                     if self._stopping:
                         break
                 self._check_handshake()
@@ -541,6 +563,16 @@ class VfioUserServer:
                 self.conn.irqs.on_resample()
         elif self.conn is not None:
             self._service(self.conn, mask)
+
+    def _out_of_memory(self, kind: str) -> None:
+        """An allocation failed while serving ``kind``: drop the client (its maps and buffers go
+        with it) and keep listening; the server itself never exits on MemoryError."""
+        conn = self.conn
+        if conn is not None:
+            self.log.error("conn %d: out of memory while serving the client; dropped", conn.number)
+            self._drop(conn, "out of memory")
+        else:
+            self.log.error("out of memory while handling %s; no client to drop", kind)
 
     def _run_calls(self) -> None:
         try:

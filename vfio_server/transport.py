@@ -4,8 +4,15 @@
 (header first, then ``size - 16`` body bytes) using ``recvmsg`` for every read, so file
 descriptors are never lost and are attributed to the message whose bytes carried them. It
 never allocates more than :data:`~vxpu.vfio_server.protocol.MAX_MESSAGE_SIZE` for a body: a
-larger size field is reported as an E2BIG message and its body is skipped, and a size field
-below the header size is reported as EINVAL (the message is taken to be its header alone).
+larger size field is reported as an E2BIG message marked *fatal*, and the server closes the
+connection after answering it (reading and discarding up to 4 GiB of a stream whose framing
+is already a lie would only let the client hold the server); a size field below the header size
+is reported as EINVAL (the message is taken to be its header alone).
+
+At most :data:`MAX_PENDING_FDS` fds are held for one message while it is being received, however
+many chunks (each with up to :data:`~vxpu.vfio_server.protocol.MAX_RX_FDS` fds) it arrives in:
+extras are closed as soon as they arrive, and the message is refused (EINVAL, as for fds the
+kernel truncated), so a slow message cannot pin thousands of fds.
 
 Ownership of fds: every fd received belongs to the :class:`Incoming` message it came with. A
 handler that keeps an fd removes it with :meth:`Incoming.take_fd`; the dispatcher closes the
@@ -29,7 +36,8 @@ from vxpu.vfio_server.errors import PeerClosed
 
 _ANC_SIZE = socket.CMSG_SPACE(P.MAX_RX_FDS * 4)
 _SEND_FLAGS = socket.MSG_NOSIGNAL
-_DISCARD_CHUNK = 1 << 16
+#: fds kept for one message being received; more is refused (the protocol allows MAX_MSG_FDS).
+MAX_PENDING_FDS = P.MAX_MSG_FDS
 
 
 def fds_from_ancillary(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
@@ -68,7 +76,9 @@ class Incoming:
         fds: fds that arrived with the message; owned by it until taken.
         error: non-zero when the transport already found the message malformed (reply this errno).
         reason: why, for the log.
-        fds_truncated: the kernel dropped fds because more than MAX_RX_FDS were sent.
+        fds_truncated: fds were dropped: more than MAX_RX_FDS in one read (by the kernel) or
+            more than MAX_PENDING_FDS for the message (closed here).
+        fatal: the stream cannot be trusted after this message; answer it, then close.
     """
 
     header: P.Header
@@ -77,6 +87,7 @@ class Incoming:
     error: int = 0
     reason: str = ""
     fds_truncated: bool = False
+    fatal: bool = False
 
     def take_fd(self, i: int = 0) -> int:
         """Remove fd number ``i`` from the message and hand its ownership to the caller."""
@@ -105,8 +116,6 @@ class Transport:
         self._cur: P.Header | None = None
         self._body: bytearray | None = None
         self._bgot = 0
-        self._discard = 0
-        self._scratch = bytearray(_DISCARD_CHUNK)
         self._fds: list[int] = []
         self._ctrunc = False
         self._outq: deque[tuple[memoryview, list[int]]] = deque()
@@ -130,7 +139,13 @@ class Transport:
         except (ConnectionResetError, BrokenPipeError) as exc:
             raise PeerClosed(f"connection broke: {exc}") from None
         if anc:
-            self._fds.extend(fds_from_ancillary(anc))
+            fds = fds_from_ancillary(anc)
+            room = MAX_PENDING_FDS - len(self._fds)
+            if len(fds) > room:
+                close_fds(fds[max(room, 0):])
+                fds = fds[:max(room, 0)]
+                self._ctrunc = True
+            self._fds.extend(fds)
         if flags & socket.MSG_CTRUNC:
             self._ctrunc = True
         if n == 0:
@@ -150,14 +165,6 @@ class Transport:
             PeerClosed: the peer closed the connection (a partial message is dropped, its fds closed).
         """
         while True:
-            if self._discard:
-                n = self._recv_into(memoryview(self._scratch)[: min(self._discard, _DISCARD_CHUNK)])
-                if n is None:
-                    return None
-                self._discard -= n
-                close_fds(self._fds)
-                self._fds.clear()
-                continue
             if self._body is None:
                 n = self._recv_into(self._hview[self._hgot:])
                 if n is None:
@@ -184,9 +191,10 @@ class Transport:
         if hdr.size < P.HEADER_SIZE:
             return self._finish(hdr, b"", errno.EINVAL, f"size field {hdr.size} is smaller than the header")
         if hdr.size > self.max_message_size:
-            self._discard = hdr.size - P.HEADER_SIZE
-            return self._finish(hdr, b"", errno.E2BIG,
-                                f"size field {hdr.size} exceeds the limit {self.max_message_size}")
+            msg = self._finish(hdr, b"", errno.E2BIG, f"size field {hdr.size} exceeds the limit "
+                               f"{self.max_message_size}; the connection is closed")
+            msg.fatal = True
+            return msg
         if hdr.size == P.HEADER_SIZE:
             return self._finish(hdr, b"")
         self._cur = hdr
