@@ -60,7 +60,9 @@ class CompiledModule:
         image: cubin, hsaco or x86 ELF object bytes.
         asm: PTX text for NVPTX ('' otherwise).
         kernels: name → :class:`~vxpu.ir.args.KernelSignature`, in module order.
-        extra: target specifics (x86: each kernel's scratch layout).
+        extra: target specifics (x86: each kernel's scratch layout); ``extra["checked"]``: the
+            code checks every access against its own buffer and takes the hidden bounds
+            arguments (docs/ir-lowering.md §6); False only for host-side unchecked builds.
         compile_seconds: wall time of the compile that produced it.
     """
 
@@ -122,7 +124,7 @@ def default_cache() -> CompileCache:
 
 def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, target: str = "x86", *,
                    arch: str | None = None, opt_level: int = 3, cache: CompileCache | None | bool = None,
-                   cov: int = 5, features: str | None = None) -> CompiledModule:
+                   cov: int = 5, features: str | None = None, checked: bool = True) -> CompiledModule:
     """Compile an IR module for ``target``.
 
     Args:
@@ -135,6 +137,9 @@ def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, tar
         cache: a :class:`CompileCache`; ``None`` = the process default; ``False`` = no caching.
         cov: AMDGPU code-object version (4 or 5).
         features: LLVM feature string override (e.g. ``+ptx78``).
+        checked: per-buffer bounds checks (the default, and the only choice for guest
+            modules). ``False`` builds the unchecked lowering for trusted, host-side modules
+            (benchmarks, ``vxpu ir compile --unchecked``); no guest request can select it.
 
     Raises:
         vxpu.ir.errors.DecodeError / VerifyError: invalid IR (every problem listed).
@@ -149,7 +154,7 @@ def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, tar
     raw_key = None
     if isinstance(module_or_bytes, (bytes, bytearray, memoryview)):
         data = bytes(module_or_bytes)
-        raw_key = hashlib.sha256(data + spec.key().encode() + bytes([opt]) + _versions_tag()).digest()
+        raw_key = hashlib.sha256(data + spec.key().encode() + bytes([opt, int(checked)]) + _versions_tag()).digest()
         if store is not None:
             hit = store.get_alias(raw_key)
             if hit is not None:
@@ -164,10 +169,11 @@ def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, tar
         verify(module)
     from vxpu.ir.hashing import module_hash
 
-    key = cache_key(bytes.fromhex(module_hash(module)), spec.key(), [("opt", opt)], toolchain_versions())
+    key = cache_key(bytes.fromhex(module_hash(module)), spec.key(), [("opt", opt), ("checked", bool(checked))],
+                    toolchain_versions())
 
     def build() -> CompiledModule:
-        return _build(module, spec, opt)
+        return _build(module, spec, opt, bool(checked))
 
     if store is None:
         return build()
@@ -183,31 +189,31 @@ def _versions_tag() -> bytes:
     return toolchain_versions().encode()
 
 
-def _build(module: Module, spec: Any, opt: int) -> CompiledModule:
+def _build(module: Module, spec: Any, opt: int, checked: bool) -> CompiledModule:
     from vxpu.ir.lower import toolchain as tc
 
     t0 = time.perf_counter()
     sigs = {k.name: kernel_signature(k) for k in module.kernels}
-    extra: dict[str, Any] = {}
+    extra: dict[str, Any] = {"checked": checked}
     asm = ""
     try:
         if spec.kind == "nvptx":
             from vxpu.ir.lower import nvptx
 
-            mod = tc.parse_and_optimize(str(nvptx.lower_module(module)), spec, opt)
+            mod = tc.parse_and_optimize(str(nvptx.lower_module(module, checked)), spec, opt)
             asm = tc.emit_ptx(mod, spec, opt)
             image, info = tc.ptx_to_cubin(asm, spec.arch, opt_level=opt)
             extra["ptxas_info"] = info
         elif spec.kind == "amdgpu":
             from vxpu.ir.lower import amdgpu
 
-            mod = tc.parse_and_optimize(str(amdgpu.lower_module(module, spec.cov)), spec, opt)
+            mod = tc.parse_and_optimize(str(amdgpu.lower_module(module, spec.cov, checked)), spec, opt)
             image = tc.link_hsaco(tc.emit_amdgpu_object(mod, spec, opt))
             tc.check_hsaco(image, list(sigs))
         else:
             from vxpu.ir.lower import x86
 
-            llmod, layouts = x86.lower_module(module)
+            llmod, layouts = x86.lower_module(module, checked)
             mod = tc.parse_and_optimize(str(llmod), spec, opt)
             image = tc.emit_x86_object(mod, spec, opt)
             extra["layouts"] = {lay.name: x86.layout_to_json(lay) for lay in layouts}

@@ -10,8 +10,12 @@
 
 One :meth:`CpuKernel.run` is one native call (``ctypes``, so the GIL is released) that loops
 over its range of blocks and their threads in generated code. Device pointers are offsets into
-the caller's arena; every access is bounds-checked there (see :mod:`vxpu.ir.lower.x86`), so a
-hostile kernel raises :class:`KernelFault` instead of touching host memory. ``run`` keeps no
+the caller's arena. In the checked build (the default) every access is checked against its own
+buffer: ``run(..., bounds=[(base, length), ...])`` gives one pair per pointer parameter (the
+allocation behind the address; checked here to lie inside the arena, so the arena can never be
+left); without ``bounds`` each pointer may reach the whole arena. A hostile kernel raises
+:class:`KernelFault` (with the parameter and the offset within its buffer) instead of touching
+host memory. ``run`` keeps no
 state between calls: several OS threads may run disjoint ``blocks`` ranges of the same launch
 at once (each call allocates its own context and scratch memory).
 
@@ -33,6 +37,7 @@ from typing import Any
 from vxpu.ir.args import KernelSignature
 from vxpu.ir.compile import CompiledModule, compile_module
 from vxpu.ir.lower import x86 as x86_lower
+from vxpu.ir.lower.bounds import ORIGIN_NONE, describe_origin
 from vxpu.ir.lower.errors import CompileError
 
 from vxpu.errors import Error
@@ -57,9 +62,9 @@ MAX_SHARED_BYTES = 1 << 20
 _MAX_DIM = 0x7FFFFFFF
 
 FAULT_MESSAGES = {
-    x86_lower.FAULT_GLOBAL: "global/constant memory access out of the arena",
-    x86_lower.FAULT_SHARED: "shared memory access out of bounds",
-    x86_lower.FAULT_LOCAL: "local memory access out of bounds",
+    x86_lower.FAULT_GLOBAL: "global/constant memory access outside its buffer",
+    x86_lower.FAULT_SHARED: "shared memory access outside its array",
+    x86_lower.FAULT_LOCAL: "local memory access outside its array",
     x86_lower.FAULT_MISALIGNED: "misaligned memory access",
     x86_lower.FAULT_TRAP: "the kernel executed trap",
     x86_lower.FAULT_BARRIER: "barrier reached non-uniformly (threads of a block diverged at a barrier)",
@@ -104,25 +109,31 @@ _NEVER = CancelToken()
 
 
 class KernelFault(Error):
-    """A kernel faulted; the launch stopped. Nothing outside the arena was touched.
+    """A kernel faulted; the launch stopped. The faulting access was not performed, and
+    nothing outside the buffers the launch was given (the arena, unchecked) was touched.
 
     Attributes:
-        code: one of the ``FAULT_*`` codes of :mod:`vxpu.ir.lower.x86`.
+        code: one of the ``FAULT_*`` codes of :mod:`vxpu.ir.lower.bounds`.
         block: the faulting block's (x, y, z).
         thread: the faulting thread's (x, y, z).
-        address: the offending offset (arena / shared / local), 0 for traps and barriers.
+        address: the offending offset within the buffer (checked build; the arena / shared /
+            local offset in an unchecked one), 0 for traps, barriers and cancels.
+        param: the buffer's origin: the pointer parameter's index, ``0x100 + j`` for shared
+            array ``j``, ``0x200 + j`` for local array ``j``, or ``ORIGIN_NONE``.
     """
 
     def __init__(self, kernel: str, code: int, block: tuple[int, int, int], thread: tuple[int, int, int],
-                 address: int) -> None:
+                 address: int, param: int = ORIGIN_NONE) -> None:
         what = FAULT_MESSAGES.get(code, f"fault code {code}")
-        super().__init__(f"kernel {kernel!r} faulted: {what} (block {block}, thread {thread}, "
+        where = "" if param == ORIGIN_NONE else f", {describe_origin(param)}"
+        super().__init__(f"kernel {kernel!r} faulted: {what} (block {block}, thread {thread}{where}, "
                          f"offset {address:#x})")
         self.kernel = kernel
         self.code = code
         self.block = block
         self.thread = thread
         self.address = address
+        self.param = param
 
 
 class CpuKernel:
@@ -140,7 +151,7 @@ class CpuKernel:
 
     def run(self, grid: Sequence[int], block: Sequence[int], args: bytes | bytearray | memoryview,
             arena_base: int, arena_size: int, dynamic_shared: int = 0, blocks: range | None = None,
-            cancel: CancelToken | None = None) -> None:
+            cancel: CancelToken | None = None, bounds: Sequence[tuple[int, int]] | None = None) -> None:
         """Run blocks of a launch to completion on the calling OS thread.
 
         Args:
@@ -153,6 +164,9 @@ class CpuKernel:
             blocks: which linear block indices to run (x fastest); default all. Disjoint ranges may
                 run concurrently from different threads.
             cancel: a token another thread may set to stop the launch (see :class:`CancelToken`).
+            bounds: ``(base, length)`` arena offsets of each pointer parameter's buffer, in
+                parameter order (checked build); a zero length makes every access through that
+                parameter fault. Default: the whole arena for each.
 
         Raises:
             ValueError: malformed launch arguments (shape, sizes, ranges).
@@ -168,6 +182,7 @@ class CpuKernel:
                              f"got {len(data)}")
         if arena_size < 0 or arena_base < 0 or (arena_size and not arena_base) or arena_base + arena_size >= 1 << 64:
             raise ValueError("arena_base/arena_size do not describe a host memory range")
+        table = self._bounds_table(bounds, arena_size)
         if not 0 <= dynamic_shared <= MAX_SHARED_BYTES - self.layout.static_shared:
             raise ValueError(f"dynamic shared memory must be 0..{MAX_SHARED_BYTES - self.layout.static_shared}")
         shared_size = self.layout.static_shared + dynamic_shared
@@ -183,11 +198,25 @@ class CpuKernel:
                             ("local", base + local_at), ("block_begin", rng.start), ("block_end", rng.stop),
                             ("grid_x", g[0]), ("grid_y", g[1]), ("grid_z", g[2]),
                             ("block_x", bl[0]), ("block_y", bl[1]), ("block_z", bl[2]),
-                            ("cancel", (cancel or _NEVER).address)):
+                            ("cancel", (cancel or _NEVER).address), ("bounds", ctypes.addressof(table))):
             ctx[_F[name]] = value
         rc = self._fn(ctypes.addressof(ctx))
         if rc != 0:
             self._raise(ctx, g, bl)
+
+    def _bounds_table(self, bounds: Sequence[tuple[int, int]] | None, arena_size: int) -> Any:
+        """The ``(base, length)`` u64 pairs the generated code reads, after checking that each
+        range lies inside the arena (so a per-buffer check can never leave it)."""
+        count = len(self.layout.pointer_params)
+        pairs = [(0, arena_size)] * count if bounds is None else [(int(b), int(n)) for b, n in bounds]
+        if len(pairs) != count:
+            raise ValueError(f"kernel {self.name!r} has {count} pointer parameters, got {len(pairs)} bounds")
+        table = (ctypes.c_uint64 * max(1, 2 * count))()
+        for k, (base, length) in enumerate(pairs):
+            if base < 0 or length < 0 or base + length > arena_size:
+                raise ValueError(f"bounds {k} ({base:#x}, {length}) do not lie inside the {arena_size}-byte arena")
+            table[2 * k], table[2 * k + 1] = base, length
+        return table
 
     @staticmethod
     def _check_launch(grid: Sequence[int], block: Sequence[int], blocks: range | None
@@ -209,7 +238,8 @@ class CpuKernel:
         lb, lt = ctx[_F["fault_block"]], ctx[_F["fault_thread"]]
         blk = (lb % g[0], lb // g[0] % g[1], lb // (g[0] * g[1]))
         thr = (lt % bl[0], lt // bl[0] % bl[1], lt // (bl[0] * bl[1]))
-        fault = KernelFault(self.name, int(ctx[_F["fault_code"]]), blk, thr, int(ctx[_F["fault_addr"]]))
+        fault = KernelFault(self.name, int(ctx[_F["fault_code"]]), blk, thr, int(ctx[_F["fault_addr"]]),
+                            int(ctx[_F["fault_param"]]))
         log.debug("%s", fault)
         raise fault
 
@@ -320,6 +350,7 @@ def _resolve_imports(compiled: CompiledModule) -> None:
         _resolved[name] = addr
 
 
-def load(module_or_bytes: Any, *, opt_level: int = 3, cache: Any = None) -> CpuModule:
-    """Compile (through the cache) for this host and load: ``compile_module`` + :class:`CpuModule`."""
-    return CpuModule(compile_module(module_or_bytes, "x86", opt_level=opt_level, cache=cache))
+def load(module_or_bytes: Any, *, opt_level: int = 3, cache: Any = None, checked: bool = True) -> CpuModule:
+    """Compile (through the cache) for this host and load: ``compile_module`` + :class:`CpuModule`
+    (``checked=False``: the unchecked build, for trusted modules only)."""
+    return CpuModule(compile_module(module_or_bytes, "x86", opt_level=opt_level, cache=cache, checked=checked))

@@ -88,11 +88,12 @@ class AmdgpuHooks(GpuHooks):
                                     ir.Constant(I32, COV_FLAGS[self.cov])]))
 
 
-def lower_module(module: Module, cov: int = 5) -> ir.Module:
-    """The AMDGPU LLVM module for ``module`` with code-object version ``cov`` (4 or 5)."""
+def lower_module(module: Module, cov: int = 5, checked: bool = True) -> ir.Module:
+    """The AMDGPU LLVM module for ``module`` with code-object version ``cov`` (4 or 5);
+    ``checked``: per-buffer bounds (see :mod:`vxpu.ir.lower.gpu`)."""
 
     class _Hooks(AmdgpuHooks):
         pass
 
     _Hooks.cov = cov
-    return lower_gpu_module(module, _Hooks)
+    return lower_gpu_module(module, _Hooks, checked)

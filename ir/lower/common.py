@@ -17,6 +17,11 @@ What differs per target lives behind :class:`TargetHooks` (pointer representatio
 geometry, memory addressing and sandbox checks, barriers, traps, kernel marking), implemented in
 ``nvptx.py``, ``amdgpu.py`` and ``x86.py``. Pointers are byte pointers (``i8 addrspace(N)*``)
 on GPUs and arena offsets (``i64``) on x86; loads and stores ask the hooks for a typed address.
+
+**Checked lowering** (``hooks.checked``, the default for every guest module): each pointer value
+also carries its buffer's bounds (see :mod:`vxpu.ir.lower.bounds`): this class tracks the tag of
+pointers that may point into more than one buffer (through offsets, selects and phis) and hands
+the hooks ``(base, length, origin)`` for every access.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Callable, Iterator
 
 from llvmlite import ir
 from vxpu.ir.lower import math as vmath
+from vxpu.ir.lower.bounds import ORIGIN_NONE, FaultExit, i32, pointer_origins
 from vxpu.ir.lower.errors import LoweringError
 from vxpu.ir.lower.versioning import CountedLoop, find_counted_loops
 from vxpu.ir.model import Block, Kernel, Op, Value
@@ -132,6 +138,9 @@ class TargetHooks:
     version_loops = True
     #: The target has a correctly rounded f16 fma (else it is emulated exactly in f64).
     native_f16_fma = False
+    #: Check every access against its own buffer (per-buffer bounds); False only for trusted
+    #: modules compiled with ``checked=False`` on the host.
+    checked = False
 
     def ptr_type(self, space: AddressSpace) -> ir.Type:
         """LLVM type of an IR pointer in ``space``."""
@@ -146,10 +155,20 @@ class TargetHooks:
         raise NotImplementedError
 
     def address(self, kl: KernelLowering, p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
-                atomic: bool) -> ir.Value:
+                atomic: bool, bounds: tuple[ir.Value, ir.Value, ir.Value] | None) -> ir.Value:
         """A typed LLVM pointer for an access of ``size`` bytes at IR pointer ``p``.
 
-        The x86 target emits the sandbox checks here (and may change the current block)."""
+        ``bounds`` is ``(base, length, origin)`` of ``p``'s buffer when :attr:`checked` (the
+        hooks emit the check, see :func:`vxpu.ir.lower.bounds.check_access`, and may change
+        the current block); ``None`` in an unchecked build."""
+        raise NotImplementedError
+
+    def origin_bounds(self, kl: KernelLowering, origin: int) -> tuple[ir.Value, ir.Value]:
+        """``(base, length)`` (i64, in the frame of the space's pointers) of a buffer origin."""
+        raise NotImplementedError
+
+    def fault_exit(self, kl: KernelLowering) -> FaultExit:
+        """The current function's fault exit (made on first use)."""
         raise NotImplementedError
 
     def array_addr(self, kl: KernelLowering, op: Op) -> ir.Value:
@@ -232,6 +251,15 @@ class KernelLowering:
         #: id() of the ops emitted with nsw/nuw (increments of the fast copy of a counted loop).
         self.no_wrap: dict[int, str] = {}
         self.fast_loop: CountedLoop | None = None
+        self.checked = hooks.checked
+        #: Possible buffers of every pointer value (checked builds only).
+        self.origins = pointer_origins(kernel) if self.checked else {}
+        #: The i32 origin tag of pointers with several possible buffers.
+        self.tags: dict[Value, ir.Value] = {}
+        #: Spill slots (i32*) of tags live across a barrier (x86 barrier fission).
+        self.tag_spill: dict[Value, ir.Value] = {}
+        #: id(LLVM block) -> {block param index: phi of that param's tag}.
+        self.tag_phis: dict[int, dict[int, ir.PhiInstr]] = {}
 
     # ------------------------------------------------------------------ types and values
 
@@ -256,6 +284,67 @@ class KernelLowering:
         if slot is not None:
             self.b.store(self.b.zext(val, I8) if v.type.name == "i1" else val, slot)
 
+    # ------------------------------------------------------------------ pointer bounds
+
+    def multi(self, v: Value) -> bool:
+        """Whether pointer ``v`` may point into more than one buffer (it carries a tag)."""
+        return len(self.origins.get(v, ())) > 1
+
+    def tag(self, v: Value) -> ir.Value:
+        """The i32 origin of pointer ``v`` at the current point (a constant if it has one)."""
+        origins = self.origins.get(v)
+        if not origins:
+            return i32(ORIGIN_NONE)
+        if len(origins) == 1:
+            return i32(next(iter(origins)))
+        slot = self.tag_spill.get(v)
+        if slot is not None:
+            return self.b.load(slot)
+        return self.tags[v]
+
+    def set_tag(self, v: Value, tag: ir.Value) -> None:
+        if not self.multi(v):
+            return
+        self.tags[v] = tag
+        slot = self.tag_spill.get(v)
+        if slot is not None:
+            self.b.store(tag, slot)
+
+    def bounds_of(self, v: Value) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """``(base, length, origin)`` of the buffer pointer ``v`` points into."""
+        origins = sorted(self.origins.get(v, ()))
+        if not origins:
+            return ir.Constant(I64, 0), ir.Constant(I64, 0), i32(ORIGIN_NONE)
+        tag = self.tag(v)
+        base, length = self.hooks.origin_bounds(self, origins[0])
+        for o in origins[1:]:
+            ob, ol = self.hooks.origin_bounds(self, o)
+            hit = self.b.icmp_unsigned("==", tag, i32(o))
+            base, length = self.b.select(hit, ob, base), self.b.select(hit, ol, length)
+        return base, length, tag
+
+    def _make_phis(self, lb: ir.Block, blk: Block) -> list[ir.PhiInstr]:
+        pb = ir.IRBuilder(lb)
+        phis = [pb.phi(self.llvm_type(p.type)) for p in blk.params]
+        tags = {p.index: pb.phi(I32) for p in blk.params if self.multi(p)}
+        if tags:
+            self.tag_phis[id(lb)] = tags
+        return phis
+
+    def define_params(self, blk: Block) -> None:
+        """Define ``blk``'s parameters (and their tags) from the phis of its current LLVM block."""
+        for p, phi in zip(blk.params, self.phis[id(blk)]):
+            self.define(p, phi)
+        for i, phi in self.tag_phis.get(id(self.blocks[id(blk)]), {}).items():
+            self.set_tag(blk.params[i], phi)
+
+    def _tag_incoming(self, target: ir.Block, tags: dict[int, ir.Value], src: ir.Block) -> None:
+        for i, phi in self.tag_phis.get(id(target), {}).items():
+            phi.add_incoming(tags[i], src)
+
+    def _arg_tags(self, target: ir.Block, args: tuple[Value, ...]) -> dict[int, ir.Value]:
+        return {i: self.tag(args[i]) for i in self.tag_phis.get(id(target), {})}
+
     # ------------------------------------------------------------------ driver
 
     def lower(self) -> None:
@@ -268,14 +357,12 @@ class KernelLowering:
         for blk in order:
             lb = self.fn.append_basic_block(f"b.{blk.name or len(self.blocks)}")
             self.blocks[id(blk)] = lb
-            pb = ir.IRBuilder(lb)
-            self.phis[id(blk)] = [pb.phi(self.llvm_type(p.type)) for p in blk.params]
+            self.phis[id(blk)] = self._make_phis(lb, blk)
         for cl in self.versioned.values():
             for blk in cl.blocks:
                 lb = self.fn.append_basic_block(f"b.{blk.name or 'loop'}.wrap")
                 self.slow_blocks[id(blk)] = lb
-                pb = ir.IRBuilder(lb)
-                self.slow_phis[id(blk)] = [pb.phi(self.llvm_type(p.type)) for p in blk.params]
+                self.slow_phis[id(blk)] = self._make_phis(lb, blk)
         self.b.branch(self.blocks[id(order[0])])
         done: set[int] = set()
         for blk in order:
@@ -291,8 +378,7 @@ class KernelLowering:
     def _lower_block(self, blk: Block) -> None:
         self.current_block = blk
         self.b = ir.IRBuilder(self.blocks[id(blk)])
-        for p, phi in zip(blk.params, self.phis[id(blk)]):
-            self.define(p, phi)
+        self.define_params(blk)
         for op in blk.ops:
             self.current_op = op
             self.lower_op(op)
@@ -301,6 +387,7 @@ class KernelLowering:
         """Emit ``cl`` twice: the no-wrap copy (fast) and the wrapping original (slow)."""
         ends: list[ir.Block] = []
         escaped: list[dict[Value, ir.Value]] = []
+        escaped_tags: list[dict[Value, ir.Value]] = []
         saved = {id(b): (self.blocks[id(b)], self.phis[id(b)]) for b in cl.blocks}
         for fast in (True, False):
             if not fast:
@@ -314,6 +401,7 @@ class KernelLowering:
                 if b is cl.header:
                     ends.append(self.b.block)
             escaped.append({v: self.values[v] for v in cl.escaping})
+            escaped_tags.append({v: self.tags[v] for v in cl.escaping if self.multi(v)})
         for b in cl.blocks:
             self.blocks[id(b)], self.phis[id(b)] = saved[id(b)]
         self.no_wrap, self.fast_loop = {}, None
@@ -323,11 +411,17 @@ class KernelLowering:
             phi.add_incoming(escaped[0][v], ends[0])
             phi.add_incoming(escaped[1][v], ends[1])
             self.values[v] = phi
+            if v in escaped_tags[0]:
+                tphi = merge.phi(I32)
+                tphi.add_incoming(escaped_tags[0][v], ends[0])
+                tphi.add_incoming(escaped_tags[1][v], ends[1])
+                self.tags[v] = tphi
 
     def _dispatch(self, cl: CountedLoop, args: tuple[Value, ...]) -> ir.Block:
         """The preheader edge of a versioned loop: a block that checks that no increment can
         wrap (``step > 0`` and ``bound + step - 1`` representable) and enters the right copy."""
         vals = [self.get(a) for a in args]
+        tags = self._arg_tags(self.blocks[id(cl.header)], args)
         n, step = self.get(cl.bound), self.get(cl.step)
         d = self.fn.append_basic_block("loop.version")
         db = ir.IRBuilder(d)
@@ -345,6 +439,8 @@ class KernelLowering:
         for fast_phi, slow_phi, v in zip(self.phis[id(h)], self.slow_phis[id(h)], vals):
             fast_phi.add_incoming(v, d)
             slow_phi.add_incoming(v, d)
+        self._tag_incoming(self.blocks[id(h)], tags, d)
+        self._tag_incoming(self.slow_blocks[id(h)], tags, d)
         return d
 
     def branch_to(self, succ_block: Block, args: tuple[Value, ...]) -> ir.Block:
@@ -355,6 +451,7 @@ class KernelLowering:
         target = self.blocks[id(succ_block)]
         for phi, a in zip(self.phis[id(succ_block)], args):
             phi.add_incoming(self.get(a), self.b.block)
+        self._tag_incoming(target, self._arg_tags(target, args), self.b.block)
         return target
 
     # ------------------------------------------------------------------ ops
@@ -493,6 +590,9 @@ def _fcmp(kl: KernelLowering, op: Op) -> ir.Value:
 
 def _select(kl: KernelLowering, op: Op) -> ir.Value:
     c, a, d = kl.args(op)
+    assert op.result is not None
+    if kl.multi(op.result):
+        kl.set_tag(op.result, kl.b.select(c, kl.tag(op.operands[1]), kl.tag(op.operands[2])))
     return kl.b.select(c, a, d)
 
 
@@ -528,7 +628,9 @@ def _offset(kl: KernelLowering, op: Op) -> ir.Value:
         assert op.type is not None
         idx = kl.b.mul(idx, ir.Constant(I64, op.type.size))
     space = op.operands[0].type.space
-    assert space is not None
+    assert space is not None and op.result is not None
+    if kl.multi(op.result):
+        kl.set_tag(op.result, kl.tag(op.operands[0]))
     return kl.hooks.offset(kl, p, idx, space)
 
 
@@ -539,7 +641,8 @@ def _array_addr(kl: KernelLowering, op: Op) -> ir.Value:
 def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False) -> ir.Value:
     space = pv.type.space
     assert space is not None
-    return kl.hooks.address(kl, kl.get(pv), space, scalar_type(t), t.size, atomic)
+    bounds = kl.bounds_of(pv) if kl.checked else None
+    return kl.hooks.address(kl, kl.get(pv), space, scalar_type(t), t.size, atomic, bounds)
 
 
 def _load(kl: KernelLowering, op: Op) -> ir.Value:
@@ -592,6 +695,8 @@ def _cbr(kl: KernelLowering, op: Op) -> None:
         target = kl.blocks[id(t.block)]
         for phi, a in zip(kl.phis[id(t.block)], args):
             phi.add_incoming(a, kl.b.block)
+        tags = {i: kl.b.select(cond, kl.tag(t.args[i]), kl.tag(f.args[i])) for i in kl.tag_phis.get(id(target), {})}
+        kl._tag_incoming(target, tags, kl.b.block)
         kl.b.branch(target)
         return
     src = kl.b.block

@@ -3,8 +3,18 @@
 A GPU kernel is a plain SIMT function: its parameters are the IR parameters, shared arrays
 are ``addrspace(3)`` globals of the module, local arrays are zero-initialised ``alloca`` s in
 the entry block, pointers are byte pointers and offsets are (non-``inbounds``, wrapping)
-``getelementptr i8``. Memory protection comes from the GPU itself (a bad address faults the
-context), so no software bounds checks are emitted here. The subclasses supply the intrinsics.
+``getelementptr i8``. The subclasses supply the intrinsics.
+
+**Checked build** (the default; :mod:`vxpu.ir.lower.bounds`). After the IR parameters the
+kernel takes hidden ones, filled by the host at launch: ``(base: i64, length: i64)`` per
+pointer parameter, then ``fault: i8 addrspace(1)*`` (the context's fault record) and
+``kernel_id: i32``. Every load, store and atomic is checked against its own buffer (shared and
+local arrays against their declared size) and alignment; a violation — or ``trap`` — never
+performs the access: the thread claims the record with a ``cmpxchg`` of its first word
+(0 → 1, so the first violation wins), writes :data:`FAULT_RECORD` fields and returns. The
+launch then completes normally (no sticky driver fault); the host reads the record. The
+unchecked build (``checked=False``, host-side only) has no hidden parameters and no checks:
+a bad address faults the context, and ``trap`` is ``llvm.trap``.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ import re
 from typing import ClassVar
 
 from llvmlite import ir
+from vxpu.ir.lower.bounds import ORIGIN_LOCAL, ORIGIN_NONE, ORIGIN_SHARED, FAULT_TRAP, FaultExit, check_access
 from vxpu.ir.lower.common import (
     I8,
     I32,
@@ -29,6 +40,13 @@ from vxpu.ir.types import AddressSpace
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
 
+#: The fault record (little-endian, in device memory): byte offset of each field. ``claimed``
+#: is 0 until the first violation sets it to 1; the other fields are written once, after it.
+FAULT_RECORD = {"claimed": 0, "code": 4, "origin": 8, "kernel_id": 12, "offset": 16,
+                "block_x": 24, "block_y": 28, "block_z": 32,
+                "thread_x": 36, "thread_y": 40, "thread_z": 44}
+FAULT_RECORD_SIZE = 64
+
 
 def array_align(elem_size: int) -> int:
     """Alignment of shared/local arrays: at least 16 bytes (room for vector accesses)."""
@@ -42,8 +60,15 @@ class GpuHooks(TargetHooks):
     spaces: ClassVar[dict[AddressSpace, int]] = {}
     native_f16_fma = True
 
-    def __init__(self) -> None:
+    def __init__(self, checked: bool = True) -> None:
         self.arrays: dict[int, ir.Value] = {}
+        self.checked = checked
+        self.kernel: Kernel | None = None
+        self.exit: FaultExit | None = None
+        #: parameter index -> (base, length) hidden parameters.
+        self.param_bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self.record: ir.Value | None = None
+        self.kernel_id: ir.Value | None = None
 
     def ptr_type(self, space: AddressSpace) -> ir.Type:
         return I8.as_pointer(self.spaces[space])
@@ -52,8 +77,49 @@ class GpuHooks(TargetHooks):
         return kl.b.gep(p, [nbytes])
 
     def address(self, kl: KernelLowering, p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
-                atomic: bool) -> ir.Value:
+                atomic: bool, bounds: tuple[ir.Value, ir.Value, ir.Value] | None) -> ir.Value:
+        if bounds is not None:
+            addr = kl.b.ptrtoint(p, I64)
+            kl.b = check_access(kl.b, kl.fn, self.fault_exit(kl), addr, addr, bounds, size, space)
         return kl.b.bitcast(p, t.as_pointer(self.spaces[space]))
+
+    def origin_bounds(self, kl: KernelLowering, origin: int) -> tuple[ir.Value, ir.Value]:
+        if origin < ORIGIN_SHARED:
+            return self.param_bounds[origin]
+        assert self.kernel is not None
+        arr = self.kernel.shared[origin - ORIGIN_SHARED] if origin < ORIGIN_LOCAL else \
+            self.kernel.local[origin - ORIGIN_LOCAL]
+        # the arrays' places: link-time constants (shared) or the entry block's allocas (local)
+        return kl.b.ptrtoint(self.arrays[id(arr)], I64), ir.Constant(I64, arr.size)
+
+    def fault_exit(self, kl: KernelLowering) -> FaultExit:
+        if self.exit is None:
+            self.exit = FaultExit(kl.fn, lambda b, code, origin, off: self._record(kl, b, code, origin, off))
+        return self.exit
+
+    def _record(self, kl: KernelLowering, b: ir.IRBuilder, code: ir.Value, origin: ir.Value,
+                offset: ir.Value) -> None:
+        """Claim the fault record (first violation wins), fill it, end the thread."""
+        assert self.record is not None and self.kernel_id is not None
+        rec = self.record
+
+        def field(name: str, ty: ir.Type) -> ir.Value:
+            return b.bitcast(b.gep(rec, [ir.Constant(I64, FAULT_RECORD[name])]), ty.as_pointer(1))
+
+        pair = b.cmpxchg(field("claimed", I32), ir.Constant(I32, 0), ir.Constant(I32, 1), "monotonic", "monotonic")
+        write, done = kl.fn.append_basic_block("fault.first"), kl.fn.append_basic_block("fault.done")
+        b.cbranch(b.extract_value(pair, 1), write, done)
+        b.position_at_end(write)
+        for name, val in (("code", code), ("origin", origin), ("kernel_id", self.kernel_id), ("offset", offset)):
+            b.store(val, field(name, val.type), align=4)
+        saved, kl.b = kl.b, b                   # geometry() emits through kl.b
+        for dim in "xyz":
+            b.store(self.geometry(kl, "block_id", dim), field(f"block_{dim}", I32), align=4)
+            b.store(self.geometry(kl, "thread_id", dim), field(f"thread_{dim}", I32), align=4)
+        kl.b = saved
+        b.branch(done)
+        b.position_at_end(done)
+        b.ret_void()
 
     def array_addr(self, kl: KernelLowering, op: Op) -> ir.Value:
         arr = self.arrays[id(op.array)]
@@ -69,6 +135,9 @@ class GpuHooks(TargetHooks):
         kl.b.ret_void()
 
     def trap(self, kl: KernelLowering) -> None:
+        if self.checked:
+            self.fault_exit(kl).jump(kl.b, FAULT_TRAP, ORIGIN_NONE)
+            return
         kl.b.call(declare(kl.module, "llvm.trap", VOID, []), [])
         kl.b.unreachable()
 
@@ -87,7 +156,16 @@ class GpuHooks(TargetHooks):
 
     def lower_kernel(self, mod: ir.Module, kernel: Kernel) -> ir.Function:
         params = [kl_type for kl_type in (self._param_type(p.type) for p in kernel.params)]
+        ptrs = [i for i, p in enumerate(kernel.params) if p.type.is_ptr]
+        if self.checked:
+            params += [I64, I64] * len(ptrs) + [I8.as_pointer(1), I32]
         fn = ir.Function(mod, ir.FunctionType(VOID, params), name=kernel.name)
+        self.kernel = kernel
+        if self.checked:
+            hidden = fn.args[len(kernel.params):]
+            self.param_bounds = {i: (hidden[2 * k], hidden[2 * k + 1]) for k, i in enumerate(ptrs)}
+            self.record, self.kernel_id = hidden[-2], hidden[-1]
+            fn.args[len(fn.args) - 2].add_attribute("noalias")
         self.mark_kernel(fn)
         entry = fn.append_basic_block("entry")
         b = ir.IRBuilder(entry)
@@ -120,14 +198,15 @@ class GpuHooks(TargetHooks):
         return slot
 
 
-def lower_gpu_module(module: Module, hooks_factory: type[GpuHooks]) -> ir.Module:
-    """Lower every kernel of ``module`` into one LLVM module for a GPU target."""
-    proto = hooks_factory()
+def lower_gpu_module(module: Module, hooks_factory: type[GpuHooks], checked: bool = True) -> ir.Module:
+    """Lower every kernel of ``module`` into one LLVM module for a GPU target (``checked``:
+    per-buffer bounds and the fault record; False only for trusted modules)."""
+    proto = hooks_factory(checked)
     mod = new_module(module.name, proto)
     for kernel in module.kernels:
-        hooks_factory().lower_kernel(mod, kernel)
+        hooks_factory(checked).lower_kernel(mod, kernel)
     proto.finish_module(mod)
     return mod
 
 
-__all__ = ["I32", "I64", "GpuHooks", "array_align", "lower_gpu_module"]
+__all__ = ["FAULT_RECORD", "FAULT_RECORD_SIZE", "I32", "I64", "GpuHooks", "array_align", "lower_gpu_module"]

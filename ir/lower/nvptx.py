@@ -33,8 +33,8 @@ class NvptxHooks(GpuHooks):
     spaces: ClassVar[dict[AddressSpace, int]] = {AddressSpace.GLOBAL: 1, AddressSpace.CONSTANT: 1, AddressSpace.SHARED: 3,
               AddressSpace.LOCAL: 0}
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, checked: bool = True) -> None:
+        super().__init__(checked)
         self.kernels: list[ir.Function] = []
 
     def geometry(self, kl: KernelLowering, opcode: str, dim: str) -> ir.Value:
@@ -62,6 +62,7 @@ def _ex2_approx(b: ir.IRBuilder, f: ir.Value) -> ir.Value:
     return b.call(declare(b.module, "llvm.nvvm.ex2.approx.f", f.type, [f.type]), [f])
 
 
-def lower_module(module: Module) -> ir.Module:
-    """The NVPTX LLVM module for ``module`` (every kernel a ``.entry``)."""
-    return lower_gpu_module(module, NvptxHooks)
+def lower_module(module: Module, checked: bool = True) -> ir.Module:
+    """The NVPTX LLVM module for ``module`` (every kernel a ``.entry``; ``checked``: per-buffer
+    bounds, see :mod:`vxpu.ir.lower.gpu`)."""
+    return lower_gpu_module(module, NvptxHooks, checked)

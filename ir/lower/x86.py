@@ -5,10 +5,16 @@ sandbox:
 
 * **Pointers are offsets**, never host addresses: ``ptr<global>``/``ptr<constant>`` are offsets
   into the client's arena (``arena_base``, ``arena_size``), ``ptr<shared>`` offsets into the
-  block's shared window, ``ptr<local>`` offsets into the thread's local area. Every access checks
-  ``size <= limit && offset <= limit - size`` (unsigned, overflow-free) and natural alignment;
-  a failed check stores a fault code and the offset and stops the launch — it never touches
-  memory outside the window.
+  block's shared window, ``ptr<local>`` offsets into the thread's local area.
+* **Per-buffer bounds** (checked build, the default): every access is checked against its own
+  buffer (:mod:`vxpu.ir.lower.bounds`): a pointer parameter's ``(base, length)`` comes from the
+  launch context's ``bounds`` array (one pair per pointer parameter, filled by the host from
+  the allocation behind the address and checked by :mod:`vxpu.ir.cpu_exec` to lie inside the
+  arena), a shared or local array's from its declared size. A failed check stores the fault
+  code, the offset within the buffer and the origin (parameter index, ``0x100 + j`` shared
+  array ``j``, ``0x200 + j`` local array ``j``) and stops the launch. The unchecked build
+  (``checked=False``, trusted modules only) checks against the whole window (arena, shared
+  window, local area) instead, so it still never touches memory outside it.
 * **Barriers** use work-item loop fission: the kernel becomes a per-thread *body* function that
   runs from a resume point (0 = kernel entry, k = just after barrier k) to the next barrier
   (returns k), to its end (returns 0) or to a fault (returns ``-code``). Values live across a
@@ -38,6 +44,8 @@ from dataclasses import dataclass
 
 from llvmlite import ir
 from vxpu.ir.args import array_layout
+from vxpu.ir.lower import bounds as vb
+from vxpu.ir.lower.bounds import ORIGIN_LOCAL, ORIGIN_NONE, ORIGIN_SHARED, FaultExit, check_access, i32
 from vxpu.ir.lower.common import (
     I1,
     I8,
@@ -52,20 +60,23 @@ from vxpu.ir.lower.common import (
 from vxpu.ir.model import Block, BlockParam, Kernel, Module, Op, OpResult, SharedArray, Value
 from vxpu.ir.types import AddressSpace
 
-#: Fault codes written to ``ctx.fault_code`` (stable: the CPU backend maps them to messages).
-FAULT_GLOBAL = 1
-FAULT_SHARED = 2
-FAULT_LOCAL = 3
-FAULT_MISALIGNED = 4
-FAULT_TRAP = 5
-FAULT_BARRIER = 6
+#: Fault codes written to ``ctx.fault_code`` (stable, the same on every target: see bounds.py).
+FAULT_GLOBAL = vb.FAULT_GLOBAL
+FAULT_SHARED = vb.FAULT_SHARED
+FAULT_LOCAL = vb.FAULT_LOCAL
+FAULT_MISALIGNED = vb.FAULT_MISALIGNED
+FAULT_TRAP = vb.FAULT_TRAP
+FAULT_BARRIER = vb.FAULT_BARRIER
 #: The host set the launch's cancel word (e.g. the CPU backend's time limit expired).
-FAULT_CANCELLED = 7
+FAULT_CANCELLED = vb.FAULT_CANCELLED
 
-#: The launch context record: one little-endian u64 per field, in this order.
+#: The launch context record: one little-endian u64 per field, in this order. ``bounds`` is
+#: the host address of ``(base, length)`` u64 pairs, one per pointer parameter (checked build);
+#: ``fault_param`` receives the faulting access's origin (``ORIGIN_NONE`` if none).
 CTX_FIELDS = ("arena_base", "arena_size", "args", "shared", "shared_size", "spill", "local",
               "block_begin", "block_end", "grid_x", "grid_y", "grid_z", "block_x", "block_y",
-              "block_z", "fault_code", "fault_addr", "fault_block", "fault_thread", "cancel")
+              "block_z", "fault_code", "fault_addr", "fault_block", "fault_thread", "cancel",
+              "bounds", "fault_param")
 _CTX = {name: i for i, name in enumerate(CTX_FIELDS)}
 SPILL_SLOT = 8
 
@@ -83,6 +94,10 @@ class X86KernelLayout:
     local_size: int
     spill_frame: int
     uses_global_atomics: bool
+    #: Per-buffer bounds checks (False: unchecked build, arena-wide checks only).
+    checked: bool = True
+    #: Indices of the pointer parameters (one ``bounds`` pair each, in this order).
+    pointer_params: tuple[int, ...] = ()
 
 
 def crossing_values(kernel: Kernel) -> list[Value]:
@@ -136,9 +151,12 @@ class X86Hooks(TargetHooks):
         self.triple = llvm.get_process_triple()
         self.kernel = kernel
         self.layout = layout
+        self.checked = layout.checked
         self.arrays = {id(a): off for a, off in zip(kernel.shared, layout.shared_offsets)}
         self.arrays.update({id(a): off for a, off in zip(kernel.local, layout.local_offsets)})
-        self.fault_blocks: dict[int, tuple[ir.Block, ir.PhiInstr]] = {}
+        self.exit: FaultExit | None = None
+        #: parameter index -> (base, length) body arguments (checked build).
+        self.param_bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
         self.switch: ir.SwitchInstr | None = None
         self.n_barriers = 0
         self.args: dict[str, ir.Value] = {}
@@ -158,51 +176,45 @@ class X86Hooks(TargetHooks):
     def array_addr(self, kl: KernelLowering, op: Op) -> ir.Value:
         return ir.Constant(I64, self.arrays[id(op.array)])
 
-    def _fault_block(self, kl: KernelLowering, code: int) -> tuple[ir.Block, ir.PhiInstr]:
-        fb = self.fault_blocks.get(code)
-        if fb is None:
-            blk = kl.fn.append_basic_block(f"fault.{code}")
-            b = ir.IRBuilder(blk)
-            phi = b.phi(I64)
-            b.store(phi, self.args["fault_addr"])
-            b.ret(ir.Constant(I32, -code))
-            fb = self.fault_blocks[code] = (blk, phi)
-        return fb
+    def _stop(self, b: ir.IRBuilder, code: ir.Value, origin: ir.Value, offset: ir.Value) -> None:
+        """Report (code, origin, offset) to the driver and end the thread's body."""
+        b.store(offset, self.args["fault_addr"])
+        b.store(b.zext(origin, I64), b.gep(self.args["fault_addr"], [ir.Constant(I32, 1)]))
+        b.ret(ir.Constant(I32, -code.constant) if isinstance(code, ir.Constant) else b.neg(code))
+
+    def fault_exit(self, kl: KernelLowering) -> FaultExit:
+        if self.exit is None:
+            self.exit = FaultExit(kl.fn, self._stop)
+        return self.exit
 
     def cancel_check(self, b: ir.IRBuilder, fn: ir.Function, cont: ir.Block) -> None:
         """Terminate ``b``'s block: to the cancel exit if the cancel word is set, else ``cont``."""
         if self.cancel_exit is None:
             self.cancel_exit = fn.append_basic_block("cancelled")
-            eb = ir.IRBuilder(self.cancel_exit)
-            eb.store(ir.Constant(I64, 0), self.args["fault_addr"])
-            eb.ret(ir.Constant(I32, -FAULT_CANCELLED))
+            self._stop(ir.IRBuilder(self.cancel_exit), i32(FAULT_CANCELLED), i32(ORIGIN_NONE),
+                       ir.Constant(I64, 0))
         emit_cancel_branch(b, self.args["cancel"], self.cancel_exit, cont)
 
-    def _check(self, kl: KernelLowering, ok: ir.Value, code: int, off: ir.Value) -> None:
-        blk, phi = self._fault_block(kl, code)
-        cont = kl.fn.append_basic_block("ok")
-        phi.add_incoming(off, kl.b.block)
-        kl.b.cbranch(ok, cont, blk)
-        kl.b = ir.IRBuilder(cont)
+    def origin_bounds(self, kl: KernelLowering, origin: int) -> tuple[ir.Value, ir.Value]:
+        if origin < ORIGIN_SHARED:
+            return self.param_bounds[origin]
+        arr = self.kernel.shared[origin - ORIGIN_SHARED] if origin < ORIGIN_LOCAL else \
+            self.kernel.local[origin - ORIGIN_LOCAL]
+        return ir.Constant(I64, self.arrays[id(arr)]), ir.Constant(I64, arr.size)
 
     def address(self, kl: KernelLowering, p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
-                atomic: bool) -> ir.Value:
+                atomic: bool, bounds: tuple[ir.Value, ir.Value, ir.Value] | None) -> ir.Value:
         b = kl.b
         if space in (AddressSpace.GLOBAL, AddressSpace.CONSTANT):
-            base, limit, code = self.args["arena"], self.args["arena_size"], FAULT_GLOBAL
+            frame, limit = self.args["arena"], self.args["arena_size"]
         elif space is AddressSpace.SHARED:
-            base, limit, code = self.args["shared"], self.args["shared_size"], FAULT_SHARED
+            frame, limit = self.args["shared"], self.args["shared_size"]
         else:
-            base, limit, code = self.args["local"], ir.Constant(I64, self.layout.local_size), FAULT_LOCAL
-        sz = ir.Constant(I64, size)
-        ok = b.and_(b.icmp_unsigned(">=", limit, sz), b.icmp_unsigned("<=", p, b.sub(limit, sz)))
-        self._check(kl, ok, code, p)
-        b = kl.b
-        ptr = b.gep(base, [p])
-        if size > 1:
-            addr = b.ptrtoint(ptr, I64)
-            aligned = b.icmp_unsigned("==", b.and_(addr, ir.Constant(I64, size - 1)), ir.Constant(I64, 0))
-            self._check(kl, aligned, FAULT_MISALIGNED, p)
+            frame, limit = self.args["local"], ir.Constant(I64, self.layout.local_size)
+        if bounds is None:          # unchecked build: the whole window
+            bounds = (ir.Constant(I64, 0), limit, i32(ORIGIN_NONE))
+        ptr = b.gep(frame, [p])
+        kl.b = check_access(b, kl.fn, self.fault_exit(kl), p, b.ptrtoint(ptr, I64), bounds, size, space)
         return kl.b.bitcast(ptr, t.as_pointer())
 
     def barrier(self, kl: KernelLowering) -> None:
@@ -214,8 +226,7 @@ class X86Hooks(TargetHooks):
         kl.b = ir.IRBuilder(resume)
 
     def trap(self, kl: KernelLowering) -> None:
-        kl.b.store(ir.Constant(I64, 0), self.args["fault_addr"])
-        kl.b.ret(ir.Constant(I32, -FAULT_TRAP))
+        self._stop(kl.b, i32(FAULT_TRAP), i32(ORIGIN_NONE), ir.Constant(I64, 0))
 
     def ret(self, kl: KernelLowering) -> None:
         kl.b.ret(ir.Constant(I32, 0))
@@ -227,20 +238,31 @@ _BODY_TYPES = (I8.as_pointer(), I64, I8.as_pointer(), I64, I8.as_pointer(), I8.a
                I64.as_pointer(), I32.as_pointer()) + (I32,) * 13
 
 
-def kernel_layout(kernel: Kernel) -> X86KernelLayout:
+def _tagged_crossing(kernel: Kernel, crossing: list[Value], checked: bool) -> list[Value]:
+    """The crossing pointers that carry a tag (several possible buffers): one more slot each."""
+    if not checked or not crossing:
+        return []
+    origins = vb.pointer_origins(kernel)
+    return [v for v in crossing if len(origins.get(v, ())) > 1]
+
+
+def kernel_layout(kernel: Kernel, checked: bool = True) -> X86KernelLayout:
     """The scratch-memory layout of ``kernel`` on x86."""
     sh_off, sh_size = array_layout(kernel.shared)
     lo_off, lo_size = array_layout(kernel.local)
     has_barriers = any(op.opcode == "barrier" for op in kernel.ops())
     atom = any(op.opcode.startswith("atomic_") and op.operands[0].type.space is AddressSpace.GLOBAL
                for op in kernel.ops())
-    frame = len(crossing_values(kernel)) * SPILL_SLOT
+    crossing = crossing_values(kernel)
+    frame = (len(crossing) + len(_tagged_crossing(kernel, crossing, checked))) * SPILL_SLOT
     return X86KernelLayout(kernel.name, f"vxpu_launch_{kernel.name}", has_barriers, sh_off, sh_size,
-                           lo_off, lo_size, frame, atom)
+                           lo_off, lo_size, frame, atom, checked, vb.pointer_params(kernel))
 
 
 def _lower_body(mod: ir.Module, kernel: Kernel, layout: X86KernelLayout) -> ir.Function:
     ptypes = [I64 if p.type.is_ptr else scalar_type(p.type) for p in kernel.params]
+    if layout.checked:
+        ptypes += [I64, I64] * len(layout.pointer_params)      # (base, length) per pointer
     fnty = ir.FunctionType(I32, list(_BODY_TYPES) + ptypes)
     fn = ir.Function(mod, fnty, name=f"vxpu.body.{kernel.name}")
     fn.linkage = "internal"
@@ -249,14 +271,21 @@ def _lower_body(mod: ir.Module, kernel: Kernel, layout: X86KernelLayout) -> ir.F
         fn.args[i].add_attribute("noalias")
     hooks = X86Hooks(kernel, layout)
     hooks.args = dict(zip(_BODY_ARGS, fn.args))
+    extra = fn.args[len(_BODY_ARGS) + len(kernel.params):]
+    if layout.checked:
+        hooks.param_bounds = {i: (extra[2 * k], extra[2 * k + 1]) for k, i in enumerate(layout.pointer_params)}
     entry = fn.append_basic_block("entry")
     start = fn.append_basic_block("start")
     b = ir.IRBuilder(entry)
     slots: dict[Value, ir.Value] = {}
-    for i, v in enumerate(crossing_values(kernel)):
+    tag_slots: dict[Value, ir.Value] = {}
+    crossing = crossing_values(kernel)
+    for i, v in enumerate(crossing):
         raw = b.gep(hooks.args["spill"], [ir.Constant(I64, i * SPILL_SLOT)])
         lt = I8 if v.type.name == "i1" else I64 if v.type.is_ptr else scalar_type(v.type)
         slots[v] = b.bitcast(raw, lt.as_pointer())
+    for i, v in enumerate(_tagged_crossing(kernel, crossing, layout.checked), start=len(crossing)):
+        tag_slots[v] = b.bitcast(b.gep(hooks.args["spill"], [ir.Constant(I64, i * SPILL_SLOT)]), I32.as_pointer())
     hooks.switch = b.switch(hooks.args["resume"], start)
     sb = ir.IRBuilder(start)
     if layout.local_size:
@@ -265,6 +294,7 @@ def _lower_body(mod: ir.Module, kernel: Kernel, layout: X86KernelLayout) -> ir.F
                                ir.Constant(I64, layout.local_size), ir.Constant(I1, 0)])
     kl = _X86KernelLowering(kernel, hooks, fn, start, dict(zip(kernel.params, fn.args[len(_BODY_ARGS):])))
     kl.spill = slots
+    kl.tag_spill = tag_slots
     kl.lower()
     return fn
 
@@ -447,8 +477,7 @@ class _X86KernelLowering(KernelLowering):
         cont = self.fn.append_basic_block(f"{head.name}.go")
         self.x86.cancel_check(ir.IRBuilder(head), self.fn, cont)
         self.b = ir.IRBuilder(cont)
-        for p, phi in zip(blk.params, self.phis[id(blk)]):
-            self.define(p, phi)
+        self.define_params(blk)
         for op in blk.ops:
             self.current_op = op
             self.lower_op(op)
@@ -538,10 +567,16 @@ class _Driver:
         self.cancel = b.inttoptr(self.ctx_load("cancel"), I32.as_pointer())
         self.grid = [b.trunc(self.ctx_load(f"grid_{d}"), I32) for d in "xyz"]
         self.blk = [b.trunc(self.ctx_load(f"block_{d}"), I32) for d in "xyz"]
-        self.fault_addr = b.alloca(I64)
-        b.store(ir.Constant(I64, 0), self.fault_addr)     # what a cancel reports (body faults set it)
+        # [offset, origin] of a fault, set by the body (a barrier fault reports these defaults).
+        self.fault_addr = b.alloca(I64, size=2)
+        b.store(ir.Constant(I64, 0), self.fault_addr)
+        b.store(ir.Constant(I64, ORIGIN_NONE), b.gep(self.fault_addr, [ir.Constant(I32, 1)]))
         self.agreed = b.alloca(I32)
         self.params = _load_params(b, kernel, b.inttoptr(self.ctx_load("args"), i8p))
+        if layout.checked and layout.pointer_params:
+            table = b.inttoptr(self.ctx_load("bounds"), I64.as_pointer())
+            self.params += [b.load(b.gep(table, [ir.Constant(I64, k)]), align=8)
+                            for k in range(2 * len(layout.pointer_params))]
         self.block_index: ir.Value = ir.Constant(I64, 0)
         self.bid: tuple[ir.Value, ...] = ()
         self.fault_exit = fn.append_basic_block("fault")
@@ -549,6 +584,7 @@ class _Driver:
         self.f_code, self.f_block, self.f_thread = fb.phi(I32), fb.phi(I64), fb.phi(I64)
         fb.store(fb.sext(fb.neg(self.f_code), I64), self._field(fb, "fault_code"))
         fb.store(fb.load(self.fault_addr), self._field(fb, "fault_addr"))
+        fb.store(fb.load(fb.gep(self.fault_addr, [ir.Constant(I32, 1)])), self._field(fb, "fault_param"))
         fb.store(self.f_block, self._field(fb, "fault_block"))
         fb.store(self.f_thread, self._field(fb, "fault_thread"))
         fb.ret(ir.Constant(I32, -1))
@@ -637,8 +673,9 @@ class _Driver:
         b.position_at_end(done)
 
 
-def lower_module(module: Module) -> tuple[ir.Module, list[X86KernelLayout]]:
-    """The host LLVM module for ``module`` and each kernel's scratch layout."""
+def lower_module(module: Module, checked: bool = True) -> tuple[ir.Module, list[X86KernelLayout]]:
+    """The host LLVM module for ``module`` and each kernel's scratch layout (``checked``:
+    per-buffer bounds; False only for trusted modules)."""
     import llvmlite.binding as llvm
 
     hooks = TargetHooks()
@@ -646,7 +683,7 @@ def lower_module(module: Module) -> tuple[ir.Module, list[X86KernelLayout]]:
     mod = new_module(module.name, hooks)
     layouts = []
     for kernel in module.kernels:
-        layout = kernel_layout(kernel)
+        layout = kernel_layout(kernel, checked)
         body = _lower_body(mod, kernel, layout)
         _lower_driver(mod, kernel, layout, body)
         layouts.append(layout)
@@ -677,7 +714,8 @@ def layout_to_json(layout: X86KernelLayout) -> dict:  # type: ignore[type-arg]
     return {"name": layout.name, "symbol": layout.symbol, "has_barriers": layout.has_barriers,
             "shared_offsets": list(layout.shared_offsets), "static_shared": layout.static_shared,
             "local_offsets": list(layout.local_offsets), "local_size": layout.local_size,
-            "spill_frame": layout.spill_frame, "uses_global_atomics": layout.uses_global_atomics}
+            "spill_frame": layout.spill_frame, "uses_global_atomics": layout.uses_global_atomics,
+            "checked": layout.checked, "pointer_params": list(layout.pointer_params)}
 
 
 def layout_from_json(d: dict) -> X86KernelLayout:  # type: ignore[type-arg]
@@ -685,4 +723,5 @@ def layout_from_json(d: dict) -> X86KernelLayout:  # type: ignore[type-arg]
     return X86KernelLayout(str(d["name"]), str(d["symbol"]), bool(d["has_barriers"]),
                            tuple(int(x) for x in d["shared_offsets"]), int(d["static_shared"]),
                            tuple(int(x) for x in d["local_offsets"]), int(d["local_size"]),
-                           int(d["spill_frame"]), bool(d["uses_global_atomics"]))
+                           int(d["spill_frame"]), bool(d["uses_global_atomics"]), bool(d["checked"]),
+                           tuple(int(x) for x in d["pointer_params"]))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from vxpu.ir.builder import KernelBuilder
-from vxpu.ir.cpu_exec import KernelFault
+from vxpu.ir.compile import compile_module
+from vxpu.ir.cpu_exec import CpuModule, KernelFault
 from vxpu.ir.lower import x86
 from vxpu.ir.model import Module
 from vxpu.ir.types import f32, f64, i32, i64, ptr_constant, ptr_global
@@ -119,13 +120,19 @@ def test_shared_and_local_bounds(space: str, code: int, store: bool) -> None:
     assert arena.intact()
 
 
-def test_dynamic_shared_extends_the_window_but_is_bounded() -> None:
+def test_dynamic_shared_is_not_reachable_from_an_array() -> None:
+    """Checked: a shared array's pointer reaches its declared elements only, never the dynamic
+    shared bytes after it. Unchecked (host-side option): the whole window, but no further."""
     mod = _array_kernel("shared", True)
     k = cpu_module(mod).kernel("k")
     arena = Arena()
-    k.run((1,), (1,), pack_args(mod, "k", [5, 0]), arena.base, ARENA, dynamic_shared=64)
+    with pytest.raises(KernelFault) as info:
+        k.run((1,), (1,), pack_args(mod, "k", [5, 0]), arena.base, ARENA, dynamic_shared=64)
+    assert (info.value.code, info.value.param, info.value.address) == (x86.FAULT_SHARED, 0x100, 40)
+    unchecked = CpuModule(compile_module(mod, "x86", cache=False, checked=False)).kernel("k")
+    unchecked.run((1,), (1,), pack_args(mod, "k", [5, 0]), arena.base, ARENA, dynamic_shared=64)
     with pytest.raises(KernelFault):
-        k.run((1,), (1,), pack_args(mod, "k", [12, 0]), arena.base, ARENA, dynamic_shared=64)
+        unchecked.run((1,), (1,), pack_args(mod, "k", [12, 0]), arena.base, ARENA, dynamic_shared=64)
 
 
 def test_trap_and_fault_location() -> None:
