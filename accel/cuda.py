@@ -48,7 +48,7 @@ from vxpu.accel.backend import (
     ModuleKind,
     Status,
 )
-from vxpu.accel.cuda_util import _LOG_BYTES, _MAX_PARAMS, max_ptx_isa, ptx_to_cubin, status_for_cuda_error
+from vxpu.accel.cuda_util import LOG_BYTES, MAX_PARAMS, max_ptx_isa, ptx_to_cubin, status_for_cuda_error
 from vxpu.accel.gpu_common import (
     ArgPack,
     GpuEvent,
@@ -699,10 +699,10 @@ class CudaBackend:
     def _load_image(self, data: bytes) -> Any:
         drv = self._drv
         opt = drv.CUjit_option
-        err_buf, info_buf = bytearray(_LOG_BYTES), bytearray(_LOG_BYTES)
+        err_buf, info_buf = bytearray(LOG_BYTES), bytearray(LOG_BYTES)
         options = [opt.CU_JIT_ERROR_LOG_BUFFER, opt.CU_JIT_ERROR_LOG_BUFFER_SIZE_BYTES,
                    opt.CU_JIT_INFO_LOG_BUFFER, opt.CU_JIT_INFO_LOG_BUFFER_SIZE_BYTES, opt.CU_JIT_LOG_VERBOSE]
-        values = [err_buf, _LOG_BYTES, info_buf, _LOG_BYTES, 1]
+        values = [err_buf, LOG_BYTES, info_buf, LOG_BYTES, 1]
         err, module = drv.cuModuleLoadDataEx(data, len(options), options, values)
         if err:
             text = (err_buf.split(b"\0", 1)[0] + b"\n" + info_buf.split(b"\0", 1)[0]).decode(errors="replace")
@@ -736,14 +736,14 @@ class CudaBackend:
         shared = int(shared) if not err else 0
         sizes: list[int] = []
         offsets: list[int] = []
-        for index in range(_MAX_PARAMS):
+        for index in range(MAX_PARAMS):
             err, offset, size = drv.cuFuncGetParamInfo(func, index)
             if err:
                 break
             offsets.append(int(offset))
             sizes.append(int(size))
         else:
-            raise BackendError(Status.BAD_MODULE, f"kernel {name!r} has more than {_MAX_PARAMS} parameters")
+            raise BackendError(Status.BAD_MODULE, f"kernel {name!r} has more than {MAX_PARAMS} parameters")
         if err.name != "CUDA_ERROR_INVALID_VALUE":  # the driver cannot describe parameters
             if signature is None:
                 raise BackendError(Status.UNSUPPORTED, f"driver cannot report the parameters of {name!r} "

@@ -17,8 +17,10 @@ log = logging.getLogger(__name__)
 
 # Driver 580 (CUDA 13.0) JITs PTX ISA up to 9.0; newer PTX must become a cubin first.
 _DRIVER_PTX_ISA = {13000: (9, 0), 12090: (8, 8), 12080: (8, 7), 12060: (8, 5), 12040: (8, 4)}
-_LOG_BYTES = 1 << 16
-_MAX_PARAMS = 4096
+#: Size of the error and info log buffers given to the CUDA JIT/linker.
+LOG_BYTES = 1 << 16
+#: The most kernel parameters the CUDA backend reads back from a loaded function.
+MAX_PARAMS = 4096
 
 _KERNEL_FAULT = frozenset({
     "CUDA_ERROR_ILLEGAL_ADDRESS", "CUDA_ERROR_LAUNCH_FAILED", "CUDA_ERROR_MISALIGNED_ADDRESS",

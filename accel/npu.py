@@ -52,12 +52,12 @@ import collections
 import logging
 import struct
 import threading
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from vxpu.accel.backend import BackendError, DeviceProperties, KernelInfo, ModuleKind, Status
 from vxpu.accel.hostbase import ARENA_GUARD, DEFAULT_ARENA_BYTES, HostBackend
+from vxpu.accel.npu_types import OnnxKernel, Plan, Tensor
 
 log = logging.getLogger(__name__)
 
@@ -111,40 +111,6 @@ def register_plugins(ort: Any) -> dict[str, dict[str, str]]:
             _registered_plugins.add("qnn")
     plugins["qnn"] = {"backend_path": onnxruntime_qnn.get_qnn_htp_path()}
     return plugins
-
-
-@dataclass
-class _Tensor:
-    name: str
-    dtype: np.dtype[Any]
-    dims: tuple[int | str, ...]
-
-
-@dataclass
-class OnnxKernel:
-    """A runnable graph: the model, its I/O signature and its sessions per shape."""
-
-    info: KernelInfo
-    model: Any                         # onnx.ModelProto
-    inputs: list[_Tensor]
-    outputs: list[_Tensor]
-    symbols: tuple[str, ...]
-    lowered: Any = None                # npu_graph.ElementwiseMap for IR kernels
-    sessions: collections.OrderedDict[tuple[int, ...], tuple[Any, str]] = field(
-        default_factory=collections.OrderedDict)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-@dataclass
-class _Plan:
-    """A validated launch: concrete shapes and arena offsets."""
-
-    kernel: OnnxKernel
-    session: Any
-    provider: str
-    inputs: list[tuple[str, np.dtype[Any], tuple[int, ...], int]]
-    outputs: list[tuple[str, np.dtype[Any], tuple[int, ...], int]]
-    feeds: dict[str, np.ndarray] = field(default_factory=dict)   # scalar inputs of IR kernels
 
 
 class NpuBackend(HostBackend):
@@ -287,10 +253,10 @@ class NpuBackend(HostBackend):
         name = graph.name if graph.name and graph.name != "main" else "graph"
         info = KernelInfo(name, (8,) * count, tuple(range(0, 8 * count, 8)), 8 * count, 0)
         kernel = OnnxKernel(info, model, inputs, outputs, tuple(symbols))
-        if symbols and self._static_shapes():   # sessions come per shape; validate the graph now
+        if symbols and self.static_shapes():   # sessions come per shape; validate the graph now
             self._validate_on_cpu(image)
         else:
-            self._session(kernel, ())
+            self.session(kernel, ())
         return kernel
 
     def _validate_on_cpu(self, blob: bytes) -> None:
@@ -302,7 +268,7 @@ class NpuBackend(HostBackend):
             raise BackendError(Status.BAD_MODULE, f"ONNX Runtime rejected the model: {exc}", log=str(exc)) from exc
 
     @staticmethod
-    def _tensor(value: Any) -> _Tensor:
+    def _tensor(value: Any) -> Tensor:
         ttype = value.type.tensor_type if value.type.HasField("tensor_type") else None
         if ttype is None or ttype.elem_type not in _ONNX_DTYPES:
             raise BackendError(Status.UNSUPPORTED, f"graph I/O {value.name!r} is not a tensor of a supported type")
@@ -316,14 +282,15 @@ class NpuBackend(HostBackend):
                 dims.append(str(d.dim_param))
             else:
                 raise BackendError(Status.UNSUPPORTED, f"graph I/O {value.name!r} has an unnamed dynamic dimension")
-        return _Tensor(value.name, np.dtype(_ONNX_DTYPES[ttype.elem_type]), tuple(dims))
+        return Tensor(value.name, np.dtype(_ONNX_DTYPES[ttype.elem_type]), tuple(dims))
 
-    def _static_shapes(self) -> bool:
+    def static_shapes(self) -> bool:
+        """True when sessions are built per concrete shape (an NPU provider wants static shapes)."""
         return bool(self._npu_devices or self._builtin)
 
-    def _session(self, kernel: OnnxKernel, values: tuple[int, ...]) -> tuple[Any, str]:
+    def session(self, kernel: OnnxKernel, values: tuple[int, ...]) -> tuple[Any, str]:
         """The cached session for concrete symbol ``values`` (one for all when shapes may vary)."""
-        key = values if kernel.symbols and self._static_shapes() else ()
+        key = values if kernel.symbols and self.static_shapes() else ()
         with kernel.lock:
             hit = kernel.sessions.get(key)
             if hit is not None:
@@ -350,7 +317,7 @@ class NpuBackend(HostBackend):
 
     # -- launches ---------------------------------------------------------------------
     def _prepare(self, kernel: OnnxKernel, grid: tuple[int, int, int], block: tuple[int, int, int],
-                 args: bytes, shared_bytes: int) -> _Plan:
+                 args: bytes, shared_bytes: int) -> Plan:
         if shared_bytes:
             raise BackendError(Status.INVALID_ARGUMENT, "NPU kernels have no shared memory")
         if kernel.lowered is not None:
@@ -366,8 +333,8 @@ class NpuBackend(HostBackend):
         bind = dict(zip(kernel.symbols, values))
         tensors = [self.place(t.name, t.dtype, tuple(d if isinstance(d, int) else bind[d] for d in t.dims), addr)
                    for t, addr in zip(kernel.inputs + kernel.outputs, words[:n_io])]
-        session, provider = self._session(kernel, values)
-        return _Plan(kernel, session, provider, tensors[:len(kernel.inputs)], tensors[len(kernel.inputs):])
+        session, provider = self.session(kernel, values)
+        return Plan(kernel, session, provider, tensors[:len(kernel.inputs)], tensors[len(kernel.inputs):])
 
     def place(self, name: str, dtype: np.dtype[Any], shape: tuple[int, ...],
               address: int) -> tuple[str, np.dtype[Any], tuple[int, ...], int]:
@@ -389,7 +356,7 @@ class NpuBackend(HostBackend):
                                f"{dtype.itemsize} bytes")
         return name, dtype, shape, address
 
-    def _execute(self, runnable: OnnxKernel, plan: _Plan) -> None:
+    def _execute(self, runnable: OnnxKernel, plan: Plan) -> None:
         if plan.session is None:          # an elementwise launch with no elements
             return
         base = self.arena_base

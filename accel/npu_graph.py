@@ -41,6 +41,7 @@ from typing import Any
 
 import numpy as np
 from vxpu.accel.backend import BackendError, KernelInfo, Status
+from vxpu.accel.npu_types import OnnxKernel, Plan, Tensor
 
 OPSET = 18
 SYMBOL = "n"
@@ -93,8 +94,6 @@ class ElementwiseMap:
     def plan(self, backend: Any, kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
              args: bytes) -> Any:
         """Validate a launch and bind its tensors (see :meth:`NpuBackend._prepare`)."""
-        from vxpu.accel.npu import _Plan
-
         info = self.info
 
         def arg(index: int, tname: str) -> Any:
@@ -106,14 +105,14 @@ class ElementwiseMap:
             n += 1 << self.n_param.type.bits
         count = max(0, min(n, grid[0] * block[0]))
         if count == 0:
-            return _Plan(kernel, None, "", [], [])
+            return Plan(kernel, None, "", [], [])
         tensors = {}
         for index, tname in list(self.inputs.items()) + list(self.outputs.items()):
             tensors[index] = backend.place(f"p{index}", np.dtype(_NP[tname]), (count,), arg(index, "ptr"))
         for index, (tname, _) in self.reductions.items():
             tensors[index] = backend.place(f"acc{index}", np.dtype(_NP[tname]), (), arg(index, "ptr"))
-        session, provider = backend._session(kernel, (count,))
-        plan = _Plan(kernel, session, provider,
+        session, provider = backend.session(kernel, (count,))
+        plan = Plan(kernel, session, provider,
                      [(f"p{i}",) + tensors[i][1:] for i in self.inputs]
                      + [(f"a{i}",) + tensors[i][1:] for i in self.reductions],
                      [(f"o{i}",) + tensors[i][1:] for i in self.outputs]
@@ -368,7 +367,6 @@ def lower_module(image: bytes, backend: Any) -> dict[str, Any]:
         BackendError: BAD_MODULE for IR that does not decode or verify; UNSUPPORTED when no
             kernel of the module lowers (the message gives each kernel's reason).
     """
-    from vxpu.accel.npu import OnnxKernel, _Tensor
     from vxpu.ir import binary
     from vxpu.ir.errors import IRError
 
@@ -383,13 +381,13 @@ def lower_module(image: bytes, backend: Any) -> dict[str, Any]:
         except NotElementwise as why:
             out[k.name] = f"not an elementwise map y[i] = f(x[i], ...) guarded by i < n: {why}"
             continue
-        ins = [_Tensor(f"p{i}", np.dtype(_NP[t]), (SYMBOL,)) for i, t in e.inputs.items()]
-        ins += [_Tensor(f"a{i}", np.dtype(_NP[t]), ()) for i, (t, _) in e.reductions.items()]
-        outs = [_Tensor(f"o{i}", np.dtype(_NP[t]), (SYMBOL,)) for i, t in e.outputs.items()]
-        outs += [_Tensor(f"r{i}", np.dtype(_NP[t]), ()) for i, (t, _) in e.reductions.items()]
+        ins = [Tensor(f"p{i}", np.dtype(_NP[t]), (SYMBOL,)) for i, t in e.inputs.items()]
+        ins += [Tensor(f"a{i}", np.dtype(_NP[t]), ()) for i, (t, _) in e.reductions.items()]
+        outs = [Tensor(f"o{i}", np.dtype(_NP[t]), (SYMBOL,)) for i, t in e.outputs.items()]
+        outs += [Tensor(f"r{i}", np.dtype(_NP[t]), ()) for i, (t, _) in e.reductions.items()]
         kernel = OnnxKernel(e.info, e.model, ins, outs, (SYMBOL,), lowered=e)
-        if not backend._static_shapes():
-            backend._session(kernel, ())
+        if not backend.static_shapes():
+            backend.session(kernel, ())
         out[k.name] = kernel
     if not any(isinstance(v, OnnxKernel) for v in out.values()):
         reasons = "; ".join(f"{name}: {why}" for name, why in out.items()) or "the module has no kernels"
