@@ -240,6 +240,7 @@ class HugePageAllocator:
         self._lock = threading.Lock()
         self._arenas: list[_Mapping] = []
         self._owner: dict[int, tuple[_Mapping, int, int, bool]] = {}   # id(DmaMemory) -> (map, off, len, arena)
+        self._closed = False
 
     def alloc(self, size: int, contiguous: bool = False) -> DmaMemory:
         """Zeroed memory of at least ``size`` bytes (rounded up to 4 KiB).
@@ -248,6 +249,8 @@ class HugePageAllocator:
             GuestError: a bad size, a contiguous request above 2 MiB that the kernel could not
                 place in adjacent pages, or no huge pages.
         """
+        if self._closed:
+            raise GuestError("DMA memory requested from a closed transport")
         if size <= 0:
             raise GuestError(f"DMA size must be positive, not {size}")
         length = -(-size // ALIGN) * ALIGN
@@ -283,10 +286,15 @@ class HugePageAllocator:
     def free(self, mem: DmaMemory) -> None:
         """Return ``mem``.
 
+        After :meth:`close` this does nothing (finalizers of arrays may run after the device
+        closed).
+
         Raises:
             GuestError: ``mem`` is not live memory of this allocator (freed twice, or foreign).
         """
         with self._lock:
+            if self._closed:
+                return
             entry = self._owner.pop(id(mem), None)
             if entry is None:
                 raise GuestError("this DMA buffer is not allocated here (freed twice, or from another transport)")
@@ -315,6 +323,7 @@ class HugePageAllocator:
     def close(self) -> None:
         """Unmap everything (callers must have stopped the device first)."""
         with self._lock:
+            self._closed = True
             for m, _off, _len, arena in self._owner.values():
                 if not arena:
                     _close_mapping(m)

@@ -1,8 +1,9 @@
-"""``vxpu image build`` and ``vxpu vm run``: provision QEMU and the guest, boot VMs, run the demo.
+"""``vxpu image build`` and ``vxpu vm run``: provision QEMU and the guest, boot VMs.
 
-``vxpu vm run --demo`` is the project's main job: start a vxpu server on a temporary socket,
-boot the guest with the device attached, run ``python3 -m vxpu.guest.selftest`` inside it,
-print the result readably, and exit 0 only if every check passed.
+``vxpu vm run --selftest`` starts a vxpu server with the **test device** on a temporary socket,
+boots the guest with it attached, runs ``python3 -m vxpu.guest.selftest`` inside it (identity,
+BARs, registers, DMA both ways, MSI), prints the result readably, and exits 0 only if every
+check passed. The accelerator's demo is ``vxpu demo`` (:mod:`vxpu.images.demo`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-DEMO_CMD = "python3 -m vxpu.guest.selftest"
+SELFTEST_CMD = "python3 -m vxpu.guest.selftest"
 SELFTEST_LINE = r"^VXPU-SELFTEST (\{.*\})$"
 
 
@@ -35,7 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     vm = sub.add_parser("vm", help="boot the guest image")
     vm_sub = vm.add_subparsers(dest="vm_command", metavar="ACTION")
     run = vm_sub.add_parser("run", help="boot a VM with a vxpu device (serial console on this terminal)")
-    run.add_argument("--demo", action="store_true", help="run the guest selftest and report (exit 0 = passed)")
+    run.add_argument("--selftest", action="store_true",
+                     help="serve the test device and run the guest's register/DMA/MSI self-test (exit 0 = passed)")
+    run.add_argument("--demo", action="store_true", help=argparse.SUPPRESS)
     run.add_argument("--socket", help="attach the vxpu server already listening here (default: start one)")
     run.add_argument("--no-device", action="store_true", help="boot without a vxpu device")
     run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
@@ -129,9 +132,14 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
 
     if not args.debug:  # qemu.qmp logs its own ERROR lines for failures we report anyway
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+    if args.demo:
+        raise VmError("'vxpu vm run --demo' is now 'vxpu demo' (the accelerator computing in a guest); "
+                      "the test device's self-test is 'vxpu vm run --selftest'")
+    if args.selftest and (args.cmd or args.no_device or args.socket):
+        raise VmError("--selftest starts its own test-device server and payload: drop --cmd, --no-device and --socket")
     qemu = find_qemu(args.qemu)
     image = current_image()
-    cmd = DEMO_CMD if args.demo else args.cmd
+    cmd = SELFTEST_CMD if args.selftest else args.cmd
     workdir = Path(tempfile.mkdtemp(prefix="vxpu-vm-"))
     server = None
     try:
@@ -139,7 +147,8 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
         if not args.no_device:
             sock = Path(args.socket) if args.socket else workdir / "vxpu0.sock"
             if not args.socket:
-                server = ServerProcess(sock, workdir / "server.log", args.server_arg).start()
+                server_args = ["--device", "test", *args.server_arg] if args.selftest else args.server_arg
+                server = ServerProcess(sock, workdir / "server.log", server_args).start()
             devices.append(vfio_user_device("vxpu0", sock))
         spec = VmSpec(cmd=cmd, memory=args.memory, accel=args.accel, devices=devices, stdio_console=cmd is None)
         try:
@@ -155,23 +164,25 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
 
 
 def _run_vm(args: argparse.Namespace, vm: Any, server: Any) -> int:
-    """Boot ``vm`` and run the interactive shell, the --cmd payload or the demo."""
-    cmd = DEMO_CMD if args.demo else args.cmd
+    """Boot ``vm`` and run the interactive shell, the --cmd payload or the self-test."""
+    cmd = SELFTEST_CMD if args.selftest else args.cmd
     qemu = vm.qemu
     t0 = time.monotonic()
     with vm:
         accel = vm.accel + (f" (KVM not used: {vm.kvm_note})" if vm.kvm_note else "")
-        if not args.demo:
+        qmp = vm.release_monitor()  # QMP takes one client: leave it to vxpu attach/ls/detach
+        print(f"vxpu: QMP socket {qmp} (vxpu attach/ls/detach --qmp {qmp})", file=sys.stderr)
+        if not args.selftest:
             print(f"vxpu: QEMU {qemu.version_str} ({qemu.source}), accel {accel}", file=sys.stderr)
         if cmd is None:
             return vm.wait_exit(args.timeout)
-        if not args.demo:
+        if not args.selftest:
             _stream_until_exit(vm, args.timeout)
             return vm.payload_status() if vm.payload_status() is not None else 1
         m = vm.console.wait_for(SELFTEST_LINE, args.timeout, vm.problem)
         result = json.loads(m.group(1))
         vm.wait_exit(30)
-    print(f"vxpu demo: guest booted and ran the selftest in {time.monotonic() - t0:.1f} s "
+    print(f"vxpu selftest: guest booted and ran the test-device self-test in {time.monotonic() - t0:.1f} s "
           f"(QEMU {qemu.version_str}, {accel})")
     print_selftest(result)
     if server is not None and not server.alive():

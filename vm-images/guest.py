@@ -1,10 +1,11 @@
-"""The guest image: a Debian trixie kernel plus an initramfs with busybox, python3.13 and vxpu.
+"""The guest image: a Debian trixie kernel plus an initramfs with busybox, python3.13, numpy and vxpu.
 
 The image is built from Debian packages without root: the kernel (``linux-image-6.12.*-amd64``,
-whose bzImage boots as is), ``busybox-static``, python3.13 (minimal + stdlib) and the libraries
-it needs. A *base* archive holds everything that comes from Debian: merged-usr symlinks,
-busybox and its applet links, python3 with a trimmed stdlib (the import closure of
-:data:`GUEST_STDLIB`, precompiled), and ``/init``. It is cached under a key made of the
+whose bzImage boots as is), ``busybox-static``, python3.13 (minimal + stdlib), numpy with its
+BLAS/LAPACK libraries (:mod:`vxpu.images.pydeps`) and the libraries they need. A *base* archive
+holds everything that comes from Debian: merged-usr symlinks, busybox and its applet links,
+python3 with a trimmed stdlib (the import closure of :data:`GUEST_STDLIB` and of numpy,
+precompiled), numpy (trimmed, precompiled), and ``/init``. It is cached under a key made of the
 package versions. The vxpu guest package (``vxpu.guest`` plus the shared device ABI modules)
 goes into a small *overlay* archive, keyed by the files' hashes and appended to the base, so
 editing guest code rebuilds only a few kilobytes.
@@ -27,6 +28,7 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from vxpu.images import pydeps
 from vxpu.images.apt import AptRepo, unpack
 from vxpu.images.cpio import CpioWriter
 from vxpu.images.errors import ImageError
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 SUITE = "trixie"
 KERNEL_META = "linux-image-amd64"
 GUEST_PACKAGES = ("busybox-static", "python3.13-minimal", "libpython3.13-minimal", "libpython3.13-stdlib",
-                  "libc6", "zlib1g", "libexpat1", "libffi8")
+                  "libc6", "zlib1g", "libexpat1", "libffi8", *pydeps.PACKAGES)
 # Stdlib modules guest code may use; the image carries their import closure.
 GUEST_STDLIB = ("argparse", "array", "base64", "binascii", "collections", "contextlib", "ctypes", "dataclasses",
                 "enum", "errno", "fcntl", "functools", "glob", "hashlib", "io", "itertools", "json", "logging",
@@ -56,7 +58,7 @@ GUEST_LIBS = ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1", "li
 # (importlib.resources), so an installed wheel builds the same image as a checkout.
 GUEST_TREES = ("vxpu.guest", "vxpu.abi")
 GUEST_MODULES = ("vxpu.ir", "vxpu.ir.args")
-BASE_FORMAT = 1  # bump when the base layout changes
+BASE_FORMAT = 2  # bump when the base layout changes (2: numpy)
 PY = "python3.13"
 CMDLINE_KEY = "vxpu_cmd"
 
@@ -193,7 +195,8 @@ def _resolve(apt: AptRepo) -> list:
 def _host_python(rootfs: Path) -> list[str]:
     """argv to run the guest's python3.13 on the host through the guest's own loader."""
     lib = rootfs / "usr/lib/x86_64-linux-gnu"
-    return [str(lib / "ld-linux-x86-64.so.2"), "--library-path", str(lib), str(rootfs / "usr/bin" / PY)]
+    path = ":".join(str(d) for d in (lib, lib / "blas", lib / "lapack") if d.is_dir())  # dpkg -x runs no alternatives
+    return [str(lib / "ld-linux-x86-64.so.2"), "--library-path", path, str(rootfs / "usr/bin" / PY)]
 
 
 def _host_python_env(rootfs: Path) -> dict[str, str]:
@@ -201,9 +204,10 @@ def _host_python_env(rootfs: Path) -> dict[str, str]:
 
 
 def _stdlib_closure(stage: Path) -> list[Path]:
-    """Files (relative to ``stage``) of the stdlib modules that GUEST_STDLIB imports."""
+    """Files (relative to ``stage``) of the stdlib modules that GUEST_STDLIB and numpy import."""
     script = ("import sys, json\n"
-              f"for m in {GUEST_STDLIB!r}: __import__(m)\n"
+              f"sys.path.append({str(stage / pydeps.DIST)!r})\n"
+              f"for m in {GUEST_STDLIB + pydeps.CLOSURE_IMPORTS!r}: __import__(m)\n"
               "print(json.dumps(sorted({getattr(m, '__file__', None) or '' for m in list(sys.modules.values())})))")
     res = subprocess.run([*_host_python(stage), "-c", script], env=_host_python_env(stage),
                          capture_output=True, check=False, text=True, stdin=subprocess.DEVNULL)
@@ -239,15 +243,18 @@ def _populate_rootfs(stage: Path, rootfs: Path) -> None:
         dst = rootfs / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(stage / rel, dst)
+    pydeps.add_numpy(stage, rootfs)
     (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
     (rootfs / "etc/group").write_text("root:x:0:\n")
     (rootfs / "init").write_text(INIT_SCRIPT)
     (rootfs / "init").chmod(0o755)
-    res = subprocess.run([*_host_python(stage), "-m", "compileall", "-q", "-j1", "--invalidation-mode",
-                          "unchecked-hash", "-d", f"/usr/lib/{PY}", str(rootfs / f"usr/lib/{PY}")],
-                         env=_host_python_env(stage), capture_output=True, check=False, text=True, stdin=subprocess.DEVNULL)
-    if res.returncode != 0:
-        raise ImageError(f"precompiling the guest stdlib failed: {res.stdout[-500:]}{res.stderr[-500:]}")
+    for tree in (f"usr/lib/{PY}", f"{pydeps.DIST}/numpy"):
+        res = subprocess.run([*_host_python(stage), "-m", "compileall", "-q", "-j1", "--invalidation-mode",
+                              "unchecked-hash", "-d", f"/{tree}", str(rootfs / tree)],
+                             env=_host_python_env(stage), capture_output=True, check=False, text=True,
+                             stdin=subprocess.DEVNULL)
+        if res.returncode != 0:
+            raise ImageError(f"precompiling {tree} for the guest failed: {res.stdout[-500:]}{res.stderr[-500:]}")
 
 
 def _extract_vmlinux(bzimage: Path, out: Path) -> bool:

@@ -6,7 +6,9 @@ Layer ``cli`` modules must import heavy dependencies (llvmlite, CUDA, ONNX Runti
 their command functions, never at module level, so that ``vxpu --help`` stays instant.
 
 Errors: a :class:`vxpu.errors.Error` escaping a command prints one line ``vxpu: error: ...``
-(the message names the fix) and exits 2; ``--debug`` shows the traceback.
+(the message names the fix) and exits 2; ``--debug`` shows the traceback. A command-line
+mistake (unknown option, bad choice, missing value) is one line too, naming the ``--help``
+that lists the right spelling, and exits 2.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from vxpu import __version__, log
 from vxpu.errors import Error
@@ -25,6 +28,7 @@ from vxpu.errors import Error
 _COMMAND_MODULES = (
     "vxpu.vfio_server.cli",   # serve
     "vxpu.images.cli",        # image, vm
+    "vxpu.images.demo",       # demo
     "vxpu.qmp.cli",           # attach, detach, passthrough
     "vxpu.accel.cli",         # devices
     "vxpu.ir.cli",            # ir
@@ -33,9 +37,16 @@ _COMMAND_MODULES = (
 _log = logging.getLogger(__name__)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (sub-command parsers inherit the class)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Build the top-level parser with every layer's sub-commands registered."""
-    parser = argparse.ArgumentParser(prog="vxpu", description="Virtual accelerators for QEMU guests.")
+    parser = _Parser(prog="vxpu", description="Virtual accelerators for QEMU guests.")
     parser.add_argument("--version", action="version", version=f"vxpu {__version__}")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING or ERROR (default INFO)")
     parser.add_argument("--log-format", default="text", choices=("text", "json"), help="log line format")

@@ -1,4 +1,4 @@
-"""The README's main job, as a user runs it: ``vxpu vm run --demo`` exits 0 and reports PASS."""
+"""The README's main job, as a user runs it: ``vxpu vm run --selftest`` exits 0 and reports PASS."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from vxpu.images.qemu import QemuBinary
 pytestmark = pytest.mark.qemu
 
 
-def test_vm_run_demo_passes(qemu_binary: QemuBinary, guest_image: GuestImage) -> None:
+def test_vm_run_selftest_passes(qemu_binary: QemuBinary, guest_image: GuestImage) -> None:
     accel = os.environ.get("VXPU_E2E_ACCEL", "auto")
-    res = subprocess.run([sys.executable, "-m", "vxpu", "vm", "run", "--demo", "--accel", accel, "--timeout", "240"],
+    res = subprocess.run([sys.executable, "-m", "vxpu", "vm", "run", "--selftest", "--accel", accel, "--timeout", "240"],
                          capture_output=True, check=False, text=True, timeout=300, stdin=subprocess.DEVNULL)
     report = f"rc={res.returncode}\n[stdout]\n{res.stdout}\n[stderr]\n{res.stderr[-6000:]}"
     assert res.returncode == 0, report
