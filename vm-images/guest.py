@@ -58,6 +58,11 @@ GUEST_LIBS = ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1", "li
 # (importlib.resources), so an installed wheel builds the same image as a checkout.
 GUEST_TREES = ("vxpu.guest", "vxpu.abi")
 GUEST_MODULES = ("vxpu.ir", "vxpu.ir.args")
+# Host-only modules inside those trees, never in the image (nor their imports): the host
+# transport drives a vxpu serve child through the vfio-user client (vxpu.vfio_server).
+GUEST_EXCLUDE = ("vxpu.guest.local",)
+# Package data the guest programs read (importlib.resources): package -> file suffix.
+GUEST_DATA = {"vxpu.ir.sample_kernels": ".vxir"}
 BASE_FORMAT = 2  # bump when the base layout changes (2: numpy)
 PY = "python3.13"
 CMDLINE_KEY = "vxpu_cmd"
@@ -116,7 +121,8 @@ def guest_files() -> dict[str, bytes]:
     """The overlay content: path inside the image -> bytes (the vxpu modules of the guest).
 
     The modules are the import closure of :data:`GUEST_TREES` and :data:`GUEST_MODULES`, each
-    parent package's ``__init__.py`` included, read through :mod:`importlib.resources`.
+    parent package's ``__init__.py`` included, minus :data:`GUEST_EXCLUDE`, plus the data files
+    of :data:`GUEST_DATA`; all read through :mod:`importlib.resources`.
 
     Raises:
         ImageError: a module the closure names is not installed (an incomplete vxpu install).
@@ -127,7 +133,7 @@ def guest_files() -> dict[str, bytes]:
     while todo:
         name = todo.pop()
         path = "/".join(name.split(".")) + ("/__init__.py" if _is_package(name) else ".py")
-        if f"{site}/{path}" in files:
+        if f"{site}/{path}" in files or name in GUEST_EXCLUDE:
             continue
         source = _source(name).read_bytes()
         files[f"{site}/{path}"] = source
@@ -135,6 +141,10 @@ def guest_files() -> dict[str, bytes]:
         todo += [parent] if parent else []
         for ref in imports_of(source.decode(), name, _is_package(name)):
             todo += [m for m in _vxpu_modules(ref) if f"{site}/{m.replace('.', '/')}" not in files]
+    for package, suffix in GUEST_DATA.items():
+        for entry in resources.files(package).iterdir():
+            if entry.is_file() and entry.name.endswith(suffix):
+                files[f"{site}/{package.replace('.', '/')}/{entry.name}"] = entry.read_bytes()
     return dict(sorted(files.items()))
 
 
