@@ -1,0 +1,372 @@
+"""The ring driver: one submission ring and one completion ring in guest memory.
+
+This is the layer under :mod:`vxpu.guest.sdk` that speaks the queue protocol of
+:mod:`vxpu.abi.xpu` over any :class:`~vxpu.guest.transport.Transport`::
+
+    ring = Ring(transport, sq_entries=1024)
+    ring.start()                                      # program BAR0, QUEUE_ENABLE
+    seq = ring.submit(Opcode.MEM_ALLOC, 4096, waited=True)
+    status, result, _ = ring.wait(seq)
+
+One physically contiguous DMA block holds, in order: the queue header (one 4 KiB page), the
+submission ring, the completion ring, and a *side area* of :data:`SIDE_BYTES` per submission
+slot, for the data a descriptor points to that must live as long as the command (a launch's
+argument blob, an indirect scatter-gather list). The slot of a descriptor is its sequence
+number modulo the ring size, and so is its side area.
+
+Flow control: at most ``sq_entries`` commands are *in flight* (posted, completion not yet
+consumed). That one rule keeps the submission ring from overfilling (``sq_tail - sq_head``
+cannot pass it) and the completion ring from overflowing (``cq_entries >= sq_entries``), and it
+makes a side area free exactly when its slot is. :meth:`Ring.reserve` waits for room instead of
+overfilling. Posting does not trap: it stores ``sq_tail`` in guest memory and writes
+``REG_DOORBELL`` only when the device has set ``FLAG_NEED_WAKEUP`` (it sleeps). Completions are
+polled (no interrupts); each carries the descriptor's tag, which is its sequence number, and
+they arrive in submission order, which the driver checks.
+
+Results: a command posted with ``waited=True`` keeps its completion until :meth:`Ring.wait`
+takes it. Any other command that fails is recorded as the ring's first *asynchronous error*,
+which :meth:`Ring.drain` raises (the CUDA "sticky until synchronize" model, minus the
+stickiness). A device that stops with a fatal error (``DeviceStatus.FATAL``) makes every wait
+raise :class:`~vxpu.guest.errors.DeviceError` with the fatal code until :meth:`Ring.start`
+runs again after a reset.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from vxpu.guest.errors import DeviceError, GuestError
+from vxpu.guest.transport import DmaMemory, Transport
+
+from vxpu.abi import xpu
+from vxpu.abi.status import Status
+
+#: Bytes of side area per submission slot (an argument blob or an indirect SG list).
+SIDE_BYTES = 256
+#: Indirect scatter-gather entries that fit one side area.
+SIDE_SG_ENTRIES = SIDE_BYTES // xpu.SG_ENTRY.size
+#: Polls of the completion ring before the waiter starts to sleep between polls.
+SPIN_POLLS = 2000
+#: How long a waiter sees no progress before it reads REG_STATUS for a fatal error (seconds).
+FATAL_CHECK_S = 0.002
+#: How long :meth:`Ring.start` waits for the device to report its queue enabled (seconds).
+ENABLE_TIMEOUT_S = 10.0
+_MASK = xpu.INDEX_MASK
+_SQ_TAIL = xpu.QH_SQ_TAIL // 4
+_CQ_HEAD = xpu.QH_CQ_HEAD // 4
+_SQ_HEAD = xpu.QH_SQ_HEAD // 4
+_CQ_TAIL = xpu.QH_CQ_TAIL // 4
+_FLAGS = xpu.QH_FLAGS // 4
+
+
+def opcode_name(opcode: int) -> str:
+    """``"MEM_FREE"`` for a known opcode, ``"opcode 0x99"`` for any other."""
+    try:
+        return xpu.Opcode(opcode).name
+    except ValueError:
+        return f"opcode {opcode:#x}"
+
+
+class Ring:
+    """The queue of one device, in DMA memory from ``transport``.
+
+    Args:
+        transport: registers and DMA memory.
+        sq_entries: submission slots (a power of two, 2..4096).
+        cq_entries: completion slots (a power of two, ``>= sq_entries``; default the same).
+        timeout: seconds a wait may see no completion before it raises.
+
+    Raises:
+        GuestError: bad ring sizes, or the transport has no contiguous memory for the rings.
+    """
+
+    def __init__(self, transport: Transport, sq_entries: int = 1024, cq_entries: int | None = None,
+                 timeout: float = 120.0) -> None:
+        cq_entries = sq_entries if cq_entries is None else cq_entries
+        if not (xpu.is_valid_ring_size(sq_entries) and xpu.is_valid_ring_size(cq_entries)
+                and cq_entries >= sq_entries):
+            raise GuestError(f"ring sizes {sq_entries}/{cq_entries}: need powers of two in "
+                             f"{xpu.MIN_RING_ENTRIES}..{xpu.MAX_RING_ENTRIES} with cq >= sq")
+        self.transport = transport
+        self.sq_entries, self.cq_entries, self.timeout = sq_entries, cq_entries, timeout
+        self._sq_off = xpu.QUEUE_HEADER_ALIGN
+        self._cq_off = self._sq_off + sq_entries * xpu.SQ_ENTRY_SIZE
+        self._side_off = self._cq_off + cq_entries * xpu.CQ_ENTRY_SIZE
+        size = self._side_off + sq_entries * SIDE_BYTES
+        self.mem: DmaMemory = transport.alloc_dma(size, contiguous=True)
+        if not self.mem.contiguous:
+            transport.free_dma(self.mem)
+            raise GuestError("the transport returned non-contiguous memory for the rings")
+        view = self.mem.view
+        self._hdr = view[:xpu.QUEUE_HEADER_SIZE].cast("I")
+        self._sq = view[self._sq_off:self._cq_off]
+        self._cq = view[self._cq_off:self._side_off]
+        self._side = view[self._side_off:size]
+        self._base = self.mem.address(0)
+        self._sq_mask, self._cq_mask = sq_entries - 1, cq_entries - 1
+        self._waited = [False] * sq_entries
+        self._opcode = [0] * sq_entries
+        self._hold: list[DmaMemory | None] = [None] * sq_entries
+        self._done: dict[int, tuple[int, int, int]] = {}
+        self.batching = 0           # > 0: post() leaves publishing to publish()
+        self.doorbells = 0          # REG_DOORBELL writes, for benchmarks and tests
+        self.fatal: DeviceError | None = None
+        self._reset_counters()
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _reset_counters(self) -> None:
+        self._submitted = self._published = self._completed = 0
+        self._cq_head = 0
+        self._done.clear()
+        self.async_error: tuple[int, int, int, int] | None = None   # seq, opcode, status, result
+        for i, held in enumerate(self._hold):
+            if held is not None:
+                self.transport.free_dma(held)
+                self._hold[i] = None
+
+    def start(self) -> None:
+        """Program the queue registers and enable the queue (indices start at 0).
+
+        Raises:
+            DeviceError: the device refused the configuration (fatal BAD_QUEUE_CONFIG ...).
+        """
+        t = self.transport
+        self._reset_counters()
+        self.fatal = None
+        self.mem.view[:xpu.QUEUE_HEADER_SIZE] = bytes(xpu.QUEUE_HEADER_SIZE)
+        for reg, addr in ((xpu.REG_QUEUE_BASE_LO, self._base), (xpu.REG_SQ_BASE_LO, self._base + self._sq_off),
+                          (xpu.REG_CQ_BASE_LO, self._base + self._cq_off)):
+            t.write_reg(reg, addr & _MASK)
+            t.write_reg(reg + 4, addr >> 32)
+        t.write_reg(xpu.REG_SQ_ENTRIES, self.sq_entries)
+        t.write_reg(xpu.REG_CQ_ENTRIES, self.cq_entries)
+        t.write_reg(xpu.REG_QUEUE_ENABLE, 1)
+        deadline = time.monotonic() + ENABLE_TIMEOUT_S
+        pause = 50e-6
+        while True:                  # the device takes the request asynchronously
+            status = t.read_reg(xpu.REG_STATUS)
+            if status & xpu.DeviceStatus.FATAL:
+                self.check_fatal()
+            if status & xpu.DeviceStatus.ENABLED:
+                return
+            if time.monotonic() > deadline:
+                raise GuestError(f"the device did not enable its queue within {ENABLE_TIMEOUT_S:g} s "
+                                 f"(REG_STATUS {status:#x})")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+
+    def stop(self) -> None:
+        """Disable the queue (the device drains it first). Counters keep their values."""
+        self.transport.write_reg(xpu.REG_QUEUE_ENABLE, 0)
+
+    def close(self) -> None:
+        """Release the ring memory (after :meth:`stop`, or once the device is gone)."""
+        if self._hdr is None:
+            return
+        self._reset_counters()
+        for v in (self._hdr, self._sq, self._cq, self._side):
+            v.release()
+        self._hdr = None  # type: ignore[assignment]
+        self.transport.free_dma(self.mem)
+
+    def check_fatal(self) -> None:
+        """Read REG_STATUS; raise the device's fatal error if it has one.
+
+        Raises:
+            DeviceError: with ``fatal`` set to the FatalCode (and FATAL_INFO in the message).
+        """
+        if self.fatal is None:
+            t = self.transport
+            if not t.read_reg(xpu.REG_STATUS) & xpu.DeviceStatus.FATAL:
+                return
+            code, info = t.read_reg(xpu.REG_FATAL_CODE), t.read_reg(xpu.REG_FATAL_INFO)
+            try:
+                name = xpu.FatalCode(code).name
+            except ValueError:
+                name = f"FATAL_{code}"
+            self.fatal = DeviceError(0, "device", fatal=code or -1, fatal_name=name,
+                                     detail=f"fatal info {info:#x}")
+        raise self.fatal
+
+    # -- submission ------------------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """Commands posted whose completion has not been consumed."""
+        return self._submitted - self._completed
+
+    @property
+    def submitted(self) -> int:
+        """The sequence number the next command gets (= commands posted so far)."""
+        return self._submitted
+
+    def reserve(self) -> int:
+        """Wait for a free slot (publishing what is pending first); the next sequence number.
+
+        Raises:
+            DeviceError: a fatal device error, or no completion within the timeout.
+        """
+        if self._submitted - self._completed >= self.sq_entries:
+            self.publish()
+            self._wait_completed(self._submitted - self.sq_entries + 1)
+        return self._submitted
+
+    def side(self, seq: int) -> tuple[memoryview, int]:
+        """The side area of ``seq``'s slot: (writable view of SIDE_BYTES, its device address)."""
+        off = (seq & self._sq_mask) * SIDE_BYTES
+        return self._side[off:off + SIDE_BYTES], self._base + self._side_off + off
+
+    def post(self, opcode: int, a0: int = 0, a1: int = 0, a2: int = 0, a3: int = 0, *, flags: int = 0,
+             sg_addr: int = 0, sg_len: int = 0, sg_count: int | None = None, waited: bool = False,
+             hold: DmaMemory | None = None) -> int:
+        """Write one descriptor into the reserved slot and post it; its sequence number (= tag).
+
+        Call :meth:`reserve` first when the side area is used; otherwise this reserves itself.
+        ``sg_count`` defaults to 1 with an inline segment (``sg_len > 0``), else 0. ``hold`` is
+        DMA memory the command reads, freed when its completion arrives.
+
+        Raises:
+            DeviceError: a fatal device error, or no room within the timeout.
+            struct.error: an argument does not fit its field.
+        """
+        seq = self.reserve()
+        slot = seq & self._sq_mask
+        if sg_count is None:
+            sg_count = 1 if sg_len else 0
+        xpu.DESCRIPTOR.pack_into(self._sq, slot * xpu.SQ_ENTRY_SIZE, opcode, flags, sg_count, seq,
+                                 a0, a1, a2, a3, sg_addr, sg_len)
+        self._waited[slot] = waited
+        self._opcode[slot] = opcode
+        self._hold[slot] = hold
+        self._submitted = seq + 1
+        if not self.batching:
+            self.publish()
+        return seq
+
+    def publish(self) -> None:
+        """Store ``sq_tail`` for everything posted; ring the doorbell only if the device sleeps."""
+        if self._published != self._submitted:
+            self._published = self._submitted
+            self._hdr[_SQ_TAIL] = self._submitted & _MASK
+            if self._hdr[_FLAGS] & xpu.FLAG_NEED_WAKEUP:
+                self.transport.write_reg(xpu.REG_DOORBELL, 1)
+                self.doorbells += 1
+
+    def set_sq_tail(self, value: int) -> None:
+        """Store a raw ``sq_tail`` (a deliberate protocol violation, for tests) and ring."""
+        self._hdr[_SQ_TAIL] = value & _MASK
+        self.transport.write_reg(xpu.REG_DOORBELL, 1)
+
+    # -- completion ------------------------------------------------------------------------
+    def poll(self) -> int:
+        """Consume the completions the device has written; how many.
+
+        Raises:
+            GuestError: the device broke the ring protocol (too many completions, a wrong tag).
+        """
+        tail = self._hdr[_CQ_TAIL]
+        n = (tail - self._cq_head) & _MASK
+        if not n:
+            return 0
+        if n > self._submitted - self._completed:
+            raise GuestError(f"the device posted {n} completions with only {self.in_flight} commands in flight")
+        cq, unpack, cq_mask, sq_mask = self._cq, xpu.COMPLETION.unpack_from, self._cq_mask, self._sq_mask
+        head, seq = self._cq_head, self._completed
+        for _ in range(n):
+            tag, result, result2, status, _ = unpack(cq, (head & cq_mask) * xpu.CQ_ENTRY_SIZE)
+            if tag != seq:
+                raise GuestError(f"completion tag {tag} where {seq} was expected (the ring is corrupt)")
+            slot = seq & sq_mask
+            if self._waited[slot]:
+                self._done[seq] = (status, result, result2)
+            elif status and self.async_error is None:
+                self.async_error = (seq, self._opcode[slot], status, result)
+            held = self._hold[slot]
+            if held is not None:
+                self._hold[slot] = None
+                self.transport.free_dma(held)
+            head += 1
+            seq += 1
+        self._completed = seq
+        self._cq_head = head & _MASK
+        self._hdr[_CQ_HEAD] = self._cq_head
+        return n
+
+    def wait(self, seq: int) -> tuple[int, int, int]:
+        """Wait for the ``waited=True`` command ``seq``; its ``(status, result, result2)``.
+
+        Raises:
+            DeviceError: a fatal device error, or no completion within the timeout.
+            GuestError: ``seq`` was not posted with ``waited=True`` or was already taken.
+        """
+        if seq >= self._published:
+            self.publish()
+        self._wait_completed(seq + 1)
+        try:
+            return self._done.pop(seq)
+        except KeyError:
+            raise GuestError(f"command {seq} was not posted with waited=True, or its result was taken") from None
+
+    def check(self, seq: int) -> tuple[int, int]:
+        """:meth:`wait`, raising DeviceError for a status other than OK; ``(result, result2)``."""
+        opcode = self._opcode[seq & self._sq_mask]
+        status, result, result2 = self.wait(seq)
+        if status:
+            raise DeviceError(status, opcode_name(opcode), result=result)
+        return result, result2
+
+    def drain(self) -> None:
+        """Publish and wait for every posted command, then raise the first asynchronous error.
+
+        Raises:
+            DeviceError: an asynchronous command failed since the last drain (then cleared), a
+                fatal device error, or no completion within the timeout.
+        """
+        self.publish()
+        self._wait_completed(self._submitted)
+        self.raise_async()
+
+    def raise_async(self) -> None:
+        """Raise (and clear) the first recorded asynchronous error, if any."""
+        err = self.async_error
+        if err is not None:
+            self.async_error = None
+            seq, opcode, status, result = err
+            raise DeviceError(status, opcode_name(opcode), result=result,
+                              detail=f"asynchronous command #{seq} (reported at synchronize)")
+
+    def _wait_completed(self, target: int) -> None:
+        """Poll until ``target`` completions were consumed: spin briefly, then back off."""
+        if self._completed >= target:
+            return
+        if self.fatal is not None:
+            raise self.fatal
+        poll = self.poll
+        for _ in range(SPIN_POLLS):
+            if poll() and self._completed >= target:
+                return
+        self._wait_slow(target)
+
+    def _wait_slow(self, target: int) -> None:
+        start = last_check = time.monotonic()
+        pause = 20e-6
+        while self._completed < target:
+            if self.poll():
+                pause, start = 20e-6, time.monotonic()
+                continue
+            now = time.monotonic()
+            if now - last_check >= FATAL_CHECK_S:
+                self.check_fatal()
+                last_check = now
+            if now - start > self.timeout:
+                self.check_fatal()
+                raise DeviceError(Status.TIMEOUT, opcode_name(self._opcode[self._completed & self._sq_mask]),
+                                  detail=f"no completion for {self.timeout:g} s ({self.in_flight} in flight)")
+            time.sleep(pause)
+            pause = min(pause * 2, 1e-3)
+
+    def header(self) -> dict[str, Any]:
+        """The queue header's indices and flags (for diagnostics and tests)."""
+        h = self._hdr
+        return {"sq_tail": h[_SQ_TAIL], "sq_head": h[_SQ_HEAD], "cq_head": h[_CQ_HEAD],
+                "cq_tail": h[_CQ_TAIL], "flags": h[_FLAGS]}
