@@ -1,6 +1,8 @@
-"""``vxpu attach --start-server`` and ``vxpu detach --stop-server`` on a running VM, as a user
-types them: the guest (booted without a vxpu device) sees the device arrive with working
-registers, then leave; the server started by attach is stopped by detach."""
+"""``vxpu attach``, ``vxpu ls`` and ``vxpu detach`` on a running VM, as an operator types them.
+
+The guest (booted without a vxpu device) sees the device arrive with working registers, then
+leave; ``ls`` reports it healthy in between; detach stops the server and leaves no socket.
+"""
 
 from __future__ import annotations
 
@@ -8,13 +10,14 @@ import json
 import os
 import subprocess
 import sys
-import time
+import tempfile
 from pathlib import Path
 
 import pytest
 from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
 from vxpu.images.vm import Vm, VmSpec
+from vxpu.qmp.runtime import process_alive
 
 from vxpu.abi import testdev as abi
 
@@ -23,39 +26,48 @@ pytestmark = pytest.mark.qemu
 BOOT_TIMEOUT_S = float(os.environ.get("VXPU_E2E_BOOT_TIMEOUT", "180"))
 
 
-def _vxpu(*args: str) -> subprocess.CompletedProcess[str]:
+def _vxpu(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vxpu", *args], capture_output=True, text=True, timeout=60,
-                          stdin=subprocess.DEVNULL, check=False)
+                          stdin=subprocess.DEVNULL, check=False, env=env)
 
 
-def test_attach_and_detach_commands(qemu_binary: QemuBinary, guest_image: GuestImage, tmp_path: Path) -> None:
-    sock = tmp_path / "hot0.sock"
+def test_attach_ls_detach_commands(qemu_binary: QemuBinary, guest_image: GuestImage, tmp_path: Path) -> None:
+    runtime = Path(tempfile.mkdtemp(prefix="vxrt-", dir="/tmp"))
+    env = {**os.environ, "VXPU_RUNTIME_DIR": str(runtime)}
     spec = VmSpec(cmd=f"python3 -m vxpu.guest.selftest --skip-checks --watch-hotplug {BOOT_TIMEOUT_S + 60:.0f}",
                   accel=os.environ.get("VXPU_E2E_ACCEL", "auto"))
     with Vm(qemu_binary, guest_image, spec, tmp_path / "vm") as vm:
         def explain(res: subprocess.CompletedProcess[str] | None = None) -> str:
             out = f"rc={res.returncode}\n{res.stdout}\n{res.stderr}\n" if res else ""
-            server_log = sock.with_suffix(".log")
-            return out + vm.log_tail() + (f"\n[server]\n{server_log.read_text()}" if server_log.exists() else "")
+            logs = "".join(f"\n[{p.name}]\n{p.read_text()}" for p in runtime.rglob("*.log"))
+            return out + vm.log_tail() + logs
 
         watching = vm.console.wait_for(r'^VXPU-EVENT (\{"event":"watching".*\})$', BOOT_TIMEOUT_S, vm.problem)
         assert json.loads(watching.group(1))["present"] is False
-        qmp = vm.release_monitor()
-        res = _vxpu("attach", "--qmp", str(qmp), "--socket", str(sock), "--id", "hot0", "--start-server")
+        qmp = str(vm.release_monitor())
+        res = _vxpu(env, "attach", "--qmp", qmp, "--id", "hot0", "--device", "test", "--json")
         assert res.returncode == 0, explain(res)
-        pid = int(Path(f"{sock}.pid").read_text())
+        handle = json.loads(res.stdout)
+        assert handle["id"] == "hot0" and Path(handle["socket"]).is_socket(), handle
         added = json.loads(vm.console.wait_for(r'^VXPU-EVENT (\{"event":"added".*\})$', 30, vm.problem).group(1))
         assert added["ok"] and added["magic"] == abi.MAGIC_VALUE, explain()
-        res = _vxpu("detach", "--qmp", str(qmp), "--id", "hot0", "--stop-server", str(sock))
+        assert added["bdf"].endswith(handle["slot"]), (added, handle)
+
+        res = _vxpu(env, "ls", "--qmp", qmp, "--json")
         assert res.returncode == 0, explain(res)
+        rows = json.loads(res.stdout)
+        assert [(r["id"], r["pid"], r["health"], r["slot"]) for r in rows] == \
+            [("hot0", handle["pid"], "ok", handle["slot"])]
+        res = _vxpu(env, "ls", "--qmp", qmp)
+        assert "hot0" in res.stdout and " ok" in res.stdout, explain(res)
+
+        res = _vxpu(env, "detach", "--qmp", qmp, "--id", "hot0", "--json")
+        assert res.returncode == 0, explain(res)
+        assert json.loads(res.stdout)["server"] == "terminated"
         vm.console.wait_for(r'^VXPU-EVENT \{"event":"removed"', 30, vm.problem)
-        assert not Path(f"{sock}.pid").exists()
-    for _ in range(100):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            break
-        time.sleep(0.05)
-    else:
-        os.kill(pid, 9)
-        pytest.fail(f"detach --stop-server left server pid {pid} running")
+        assert not process_alive(handle["pid"], None)
+        assert not Path(handle["socket"]).exists()
+        assert json.loads(_vxpu(env, "ls", "--qmp", qmp, "--json").stdout) == []
+
+        res = _vxpu(env, "detach", "--qmp", qmp, "--id", "hot0")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and "does not exist" in res.stderr, explain(res)

@@ -1,7 +1,10 @@
-"""Host VFIO passthrough logic against a fixture sysfs tree (no real device is touched)."""
+"""Host VFIO passthrough logic against a fixture sysfs tree (no real device is touched): the
+plan, the refusals (IOMMU off, group not viable, host using the device) and the memory of the
+original driver. A real kernel does the same in tests/e2e/test_operators_passthrough.py."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -30,6 +33,12 @@ def _device(sysfs: Path, bdf: str, driver: str | None, group: int | None) -> Pat
         os.symlink(os.path.relpath(grp, dev), dev / "iommu_group")
         os.symlink(os.path.relpath(dev, grp / "devices"), grp / "devices" / bdf)
     return dev
+
+
+@pytest.fixture(autouse=True)
+def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("VXPU_RUNTIME_DIR", str(tmp_path / "rt"))
+    return tmp_path / "rt"
 
 
 @pytest.fixture
@@ -88,8 +97,63 @@ def test_group_sibling_on_a_host_driver_is_refused(sysfs: Path) -> None:
     grp = sysfs / "kernel/iommu_groups/7"
     os.symlink(os.path.relpath(grp, sib), sib / "iommu_group")
     os.symlink(os.path.relpath(sib, grp / "devices"), grp / "devices" / SIBLING)
-    with pytest.raises(PassthroughError, match=f"{SIBLING} shares IOMMU group 7 .* snd_hda_intel"):
+    with pytest.raises(PassthroughError, match=f"group 7 is not viable: {SIBLING} shares it .* snd_hda_intel"):
         pt.plan_bind(BDF, sysfs)
+
+
+def test_group_sibling_bridge_on_pcieport_is_viable(sysfs: Path) -> None:
+    _device(sysfs, BDF, "nvidia", 7)
+    sib = _device(sysfs, SIBLING, "pcieport", None)
+    grp = sysfs / "kernel/iommu_groups/7"
+    os.symlink(os.path.relpath(grp, sib), sib / "iommu_group")
+    os.symlink(os.path.relpath(sib, grp / "devices"), grp / "devices" / SIBLING)
+    assert pt.plan_bind(BDF, sysfs).iommu_group == 7
+
+
+def test_boot_display_is_refused_unless_forced(sysfs: Path) -> None:
+    dev = _device(sysfs, BDF, "nvidia", 7)
+    (dev / "boot_vga").write_text("1\n")
+    with pytest.raises(PassthroughError, match="host is using 0000:01:00.0 .*boot display.*--force"):
+        pt.plan_bind(BDF, sysfs)
+    assert len(pt.plan_bind(BDF, sysfs, force=True).writes) == 3
+
+
+def test_network_interface_up_is_refused(sysfs: Path) -> None:
+    dev = _device(sysfs, BDF, "e1000e", 7)
+    (dev / "net/eth0").mkdir(parents=True)
+    (dev / "net/eth0/flags").write_text("0x1003\n")
+    with pytest.raises(PassthroughError, match="interface eth0 is up .*ip link set eth0 down"):
+        pt.plan_bind(BDF, sysfs)
+    (dev / "net/eth0/flags").write_text("0x1002\n")
+    assert pt.plan_bind(BDF, sysfs).current_driver == "e1000e"
+
+
+def test_mounted_block_device_is_refused(sysfs: Path, tmp_path: Path) -> None:
+    dev = _device(sysfs, BDF, "nvme", 7)
+    (dev / "nvme/nvme0/block/nvme0n1/nvme0n1p2").mkdir(parents=True)
+    mounts = tmp_path / "mounts"
+    mounts.write_text("proc /proc proc rw 0 0\n/dev/nvme0n1p2 / ext4 rw 0 0\n")
+    with pytest.raises(PassthroughError, match="/dev/nvme0n1p2 is mounted"):
+        pt.plan_bind(BDF, sysfs, mounts=mounts)
+    mounts.write_text("proc /proc proc rw 0 0\n")
+    assert pt.plan_bind(BDF, sysfs, mounts=mounts).writes
+
+
+def test_bind_remembers_the_original_driver(sysfs: Path, runtime: Path) -> None:
+    _device(sysfs, BDF, "nvidia", 7)
+    with pytest.raises(PassthroughError):  # the fixture has no kernel to re-probe
+        pt.bind(BDF, sysfs, settle_s=0.05)
+    assert pt.original_driver(BDF) == "nvidia"
+    assert (runtime / "passthrough" / f"{BDF}.json").is_file()
+
+
+def test_unbind_reports_an_original_driver_that_did_not_come_back(sysfs: Path, runtime: Path) -> None:
+    _device(sysfs, BDF, "vfio-pci", 7)
+    (runtime / "passthrough").mkdir(parents=True)
+    (runtime / "passthrough" / f"{BDF}.json").write_text(json.dumps({"bdf": BDF, "driver": "e1000e"}))
+    with pytest.raises(PassthroughError, match="went to vfio-pci instead of its original driver e1000e"):
+        pt.unbind(BDF, sysfs, settle_s=0.05)
+    assert (sysfs / f"devices/pci0000:00/{BDF}/driver_override").read_text() == "\n"
 
 
 def test_vfio_pci_not_loaded(sysfs: Path) -> None:
