@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import struct
 
+from vxpu.guest.transport import DmaMemory
+
 from vxpu.abi import xpu
 from vxpu.abi.status import Status
-from vxpu.guest.transport import DmaMemory
 
 BASE = 0x1000_0000
 _U32 = struct.Struct("<I")

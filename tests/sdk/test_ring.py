@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from vxpu.abi import xpu
-from vxpu.abi.status import Status
 from vxpu.guest.errors import DeviceError, GuestError
 from vxpu.guest.ring import Ring
 from vxpu.guest.sdk import Device
+
+from vxpu.abi import xpu
+from vxpu.abi.status import Status
 
 from .fakedev import FakeTransport
 

@@ -1,0 +1,223 @@
+"""The SDK end to end on the CPU backend through the host transport (Device.local): the
+sample kernels against numpy, arrays, events, and deliberate misuse through the lower layer,
+after each of which the same device still computes correctly."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+from vxpu.guest import Device, DeviceError
+from vxpu.guest.array import StaleHandle
+from vxpu.guest.transport import LOCAL_RAM_BASE
+from vxpu.ir import encode, samples
+
+from vxpu.abi import xpu
+
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def dev():
+    with Device.local("cpu", ram_size=64 << 20, sq_entries=64) as d:
+        yield d
+
+
+def run_sample(dev: Device, name: str, size: tuple[int, ...], seed: int = 0) -> list[str]:
+    """Run one sample case on ``dev``; the mismatches against numpy (empty: correct)."""
+    case = samples.SAMPLES[name].case(size, seed=seed)
+    mod = dev.load_module(samples.SAMPLES[name].module())
+    arrays = {k: dev.to_device(v) for k, v in case.buffers.items()}
+    for launch in case.launches:
+        args = [arrays[a.name] if isinstance(a, samples.Buf) else a for a in launch.args]
+        mod[launch.kernel][launch.grid, launch.block](*args)
+    dev.synchronize()
+    out = {k: arrays[k].to_host() for k in case.outputs}
+    for a in arrays.values():
+        a.free()
+    mod.unload()
+    return samples.compare(case, out)
+
+
+def check_still_computes(dev: Device) -> None:
+    assert run_sample(dev, "saxpy", (1000,), seed=7) == []
+
+
+@pytest.mark.parametrize("name,size", [("saxpy", (10_000,)), ("dot", (3000,)), ("sgemm", (37, 21, 19)),
+                                       ("sgemm", (64, 48, 80)), ("softmax", (5, 300))])
+def test_sample_kernels_match_numpy(dev, name, size):
+    assert run_sample(dev, name, size, seed=1) == []
+
+
+def test_saxpy_as_a_user_writes_it(dev):
+    n = 5000
+    x = np.random.default_rng(0).random(n, dtype=np.float32)
+    y = np.random.default_rng(1).random(n, dtype=np.float32)
+    with dev.load_module(samples.SAMPLES["saxpy"].module()) as mod, dev.to_device(x) as dx, \
+            dev.to_device(y) as dy:
+        mod.saxpy[(n + 255) // 256, 256](n, 2.5, dx, dy)
+        assert np.array_equal(dy.to_host(), np.float32(2.5) * x + y)
+
+
+@pytest.mark.parametrize("shape,dtype", [((0,), np.float32), ((1,), np.int8), ((3, 5), np.float64),
+                                         (((1 << 20) + 3,), np.uint8), ((700, 1500), np.float32)])
+def test_round_trip(dev, shape, dtype):
+    data = (np.random.default_rng(3).random(shape) * 100).astype(dtype)
+    with dev.to_device(data) as arr:
+        back = arr.to_host()
+        assert back.shape == data.shape and back.dtype == data.dtype and np.array_equal(back, data)
+
+
+def test_bytes_pinned_and_memset(dev):
+    with dev.to_device(b"hello device") as arr:
+        assert bytes(arr.to_host(bytearray(12))) == b"hello device"
+        arr.fill_bytes(0x41)
+        assert bytes(arr.to_host(bytearray(12))) == b"A" * 12
+    with dev.pinned((256, 256), np.float32) as host, dev.empty((256, 256), np.float32) as arr:
+        host.array[:] = np.arange(256 * 256, dtype=np.float32).reshape(256, 256)
+        arr.copy_from(host)
+        assert np.array_equal(arr.to_host(), host.array)
+
+
+def test_events_time_work(dev):
+    mod = dev.load_module(samples.SAMPLES["saxpy"].module())
+    n = 1 << 16
+    x, y = dev.to_device(np.ones(n, np.float32)), dev.to_device(np.ones(n, np.float32))
+    start, end = dev.event(), dev.event()
+    start.record()
+    for _ in range(5):
+        mod.saxpy[n // 256, 256](n, 1.0, x, y)
+    end.record()
+    ms = dev.elapsed_ms(start, end)
+    assert end.query() and 0 < ms < 10_000
+    assert np.all(y.to_host() == 6.0)
+    start.destroy(), end.destroy(), x.free(), y.free(), mod.unload()
+
+
+def test_double_free_is_invalid_handle(dev):
+    addr = dev.raw.call(xpu.Opcode.MEM_ALLOC, 4096)[0]
+    dev.raw.call(xpu.Opcode.MEM_FREE, addr)
+    with pytest.raises(DeviceError) as info:
+        dev.raw.call(xpu.Opcode.MEM_FREE, addr)
+    assert info.value.name == "INVALID_HANDLE" and "double free" in info.value.meaning
+    check_still_computes(dev)
+
+
+def test_stale_module_handle_is_invalid_handle(dev):
+    mod = dev.load_module(samples.SAMPLES["saxpy"].module())
+    kernel = mod.saxpy
+    handle, khandle = mod.handle, kernel.handle
+    mod.unload()
+    with pytest.raises(StaleHandle):                       # the SDK knows the module is gone
+        kernel[1, 32](1, 1.0, 0, 0)
+    dev.synchronize()
+    with pytest.raises(DeviceError) as info:               # the device knows it too
+        dev.raw.call(xpu.Opcode.KERNEL_GET, handle, sg=_name_sg(dev, b"saxpy"))
+    assert info.value.name == "INVALID_HANDLE"
+    args = dev.raw.dma(64)
+    try:
+        with pytest.raises(DeviceError) as info:
+            dev.raw.call(xpu.Opcode.LAUNCH, khandle, *xpu.pack_launch_dims((1, 1, 1), (32, 1, 1), 0),
+                         sg=(args.address(0), 24))
+        assert info.value.name == "INVALID_HANDLE"
+    finally:
+        dev.raw.free_dma(args)
+    check_still_computes(dev)
+
+
+def _name_sg(dev: Device, name: bytes) -> tuple[int, int]:
+    mem = dev.staging.slots[1]
+    mem.view[:len(name)] = name
+    return mem.address(0), len(name)
+
+
+@pytest.mark.parametrize("sg", [(0x1000, 64), (LOCAL_RAM_BASE - 32, 64), (1 << 62, 16)])
+def test_sg_outside_guest_ram_is_out_of_range(dev, sg):
+    with dev.empty(64, np.uint8) as arr:
+        for op in (xpu.Opcode.MEM_COPY_HTOD, xpu.Opcode.MEM_COPY_DTOH):
+            with pytest.raises(DeviceError) as info:
+                dev.raw.call(op, arr.ptr, sg=sg)
+            assert info.value.name == "OUT_OF_RANGE"
+    check_still_computes(dev)
+
+
+def test_filling_the_ring_without_waiting(dev):
+    """Four ring-fulls of commands without a wait: the driver waits for room itself, every
+    completion arrives in order with the right result, and the data is intact."""
+    n = dev.ring.sq_entries * 4
+    src = np.arange(n, dtype=np.uint32)
+    with dev.empty(n, np.uint32) as arr, dev.pinned(n, np.uint32) as host:
+        host.array[:] = src
+        seqs = [dev.raw.submit(xpu.Opcode.MEM_COPY_HTOD, arr.ptr + 4 * i, sg=(host.mem.address(4 * i), 4))
+                for i in range(n)]
+        assert all(dev.raw.wait(s) == (0, 0, 0) for s in seqs)
+        assert np.array_equal(arr.to_host(), src)
+    check_still_computes(dev)
+
+
+def test_bad_sq_tail_is_fatal_until_reset(dev):
+    dev.synchronize()
+    dev.raw.set_sq_tail(dev.ring.submitted + dev.ring.sq_entries + 5)
+    with pytest.raises(DeviceError) as info:
+        dev.synchronize()
+    assert info.value.fatal == xpu.FatalCode.BAD_SQ_TAIL and info.value.name == "BAD_SQ_TAIL"
+    dev.reset()
+    check_still_computes(dev)
+
+
+def test_reset_makes_old_arrays_stale(dev):
+    arr = dev.to_device(np.zeros(10, np.float32))
+    dev.reset()
+    with pytest.raises(StaleHandle):
+        arr.to_host()
+    arr.free()                                             # a no-op, not a free of someone else's memory
+    check_still_computes(dev)
+
+
+def _children() -> set[int]:
+    me, out = os.getpid(), set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == me:
+                        out.add(int(pid))
+            except (OSError, IndexError, ValueError):
+                pass
+    return out
+
+
+def test_local_cleanup_leaves_no_process_or_fd():
+    before_fds, before_children = len(os.listdir("/proc/self/fd")), _children()
+    d = Device.local("cpu", ram_size=16 << 20, sq_entries=16)
+    pid = d.transport.server_pid
+    assert pid in _children()
+    with d.to_device(np.ones(4, np.float32)) as arr:
+        assert arr.to_host().sum() == 4
+    workdir = d.transport.workdir
+    d.close()
+    d.close()                                              # idempotent
+    assert _children() == before_children
+    assert len(os.listdir("/proc/self/fd")) == before_fds
+    assert not workdir.exists()
+    with pytest.raises(Exception, match="after close"):
+        d.empty(4)
+
+
+def test_server_start_failure_carries_the_log():
+    with pytest.raises(Exception, match="vxpu serve") as info:
+        Device.local("no-such-backend", ram_size=1 << 20)
+    assert "log" in str(info.value)
+
+
+def test_module_image_is_the_encoded_ir(dev):
+    """load_module sends vxpu.ir.encode(module); the raw layer can do the same by hand."""
+    image = encode(samples.SAMPLES["saxpy"].module())
+    mem = dev.raw.dma(len(image))
+    try:
+        mem.view[:len(image)] = image
+        handle = dev.raw.call(xpu.Opcode.MODULE_LOAD, int(xpu.ModuleKind.IR), sg=(mem.address(0), len(image)))[0]
+        dev.raw.call(xpu.Opcode.MODULE_UNLOAD, handle)
+    finally:
+        dev.raw.free_dma(mem)
