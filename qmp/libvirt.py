@@ -65,8 +65,7 @@ def _domain(name: str, memory_mib: int, kernel: str | None, initrd: str | None, 
         if initrd:
             ET.SubElement(os_el, "initrd").text = initrd
         ET.SubElement(os_el, "cmdline").text = "console=ttyS0 panic=-1"
-    cpu = ET.SubElement(dom, "cpu", mode="custom", match="exact")
-    ET.SubElement(cpu, "model", fallback="allow").text = "qemu64"
+    ET.SubElement(dom, "cpu", mode="maximum", check="none")  # TCG: qemu64 lacks RDRAND, Python stalls in getrandom
     ET.SubElement(dom, "on_reboot").text = "destroy"
     devices = ET.SubElement(dom, "devices")
     ET.SubElement(devices, "emulator").text = emulator or DEFAULT_EMULATOR
