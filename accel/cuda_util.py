@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from vxpu.accel.backend import BackendError, Status
+from vxpu.accel.gpu_common import ErrorMap
 
 log = logging.getLogger(__name__)
 
@@ -65,13 +66,12 @@ _STATUS_BY_NAME: dict[str, Status] = {
 }
 
 
+CUDA_ERRORS = ErrorMap(_KERNEL_FAULT, _DEVICE_LOST, _STATUS_BY_NAME)
+
+
 def status_for_cuda_error(name: str) -> Status:
     """Map a ``CUresult`` name (e.g. ``"CUDA_ERROR_ILLEGAL_ADDRESS"``) to a stable :class:`Status`."""
-    if name in _KERNEL_FAULT:
-        return Status.KERNEL_FAULT
-    if name in _DEVICE_LOST:
-        return Status.DEVICE_LOST
-    return _STATUS_BY_NAME.get(name, Status.INTERNAL)
+    return CUDA_ERRORS.status(name)
 
 
 def ptx_version(ptx: bytes) -> tuple[int, int] | None:

@@ -16,13 +16,14 @@ the vendor-neutral parts:
   registered view alive (so the mapping cannot be closed under the driver) and remembers
   whether the pinning actually succeeded, so it can be replayed after a context reset.
 * :func:`buffer_address` — the address of any buffer (read-only ones too).
+* :class:`ErrorMap` — a vendor's error names → :class:`Status` table.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -185,3 +186,26 @@ def check_handle(handle: object, cls: type[GpuHandle], generation: int, what: st
     """
     if not isinstance(handle, cls) or handle.generation != generation or generation < 0:
         raise BackendError(Status.INVALID_HANDLE, f"unknown, destroyed or stale {what} handle")
+
+
+@dataclass(frozen=True)
+class ErrorMap:
+    """A vendor runtime's error names (``CUresult``, ``hipError_t``) as stable :class:`Status` codes.
+
+    Attributes:
+        kernel_fault: names that mean the kernel faulted (the context must be reset).
+        device_lost: names that mean the device is unusable.
+        by_name: every other known name; unknown names are INTERNAL.
+    """
+
+    kernel_fault: frozenset[str]
+    device_lost: frozenset[str]
+    by_name: Mapping[str, Status]
+
+    def status(self, name: str) -> Status:
+        """The :class:`Status` for the vendor error ``name``."""
+        if name in self.kernel_fault:
+            return Status.KERNEL_FAULT
+        if name in self.device_lost:
+            return Status.DEVICE_LOST
+        return self.by_name.get(name, Status.INTERNAL)
