@@ -2,8 +2,11 @@
 
 ::
 
-    vxpu serve --socket /run/vxpu/vu0.sock [--device test] [--backend cpu|cuda[:N]|hip[:N]|npu] [--msix]
+    vxpu serve --socket /run/vxpu/vu0.sock [--device xpu|test] [--backend cpu|cuda[:N]|hip[:N]|npu] [--msix]
                [--allow-unsealed-ram]
+
+The default device is the accelerator (``xpu``, 0x5850:0x0100, docs/device-abi.md §4) on the
+CPU backend; ``--device test`` serves the test device (0x5850:0x0001) instead.
 
 The process listens on ``--socket`` (mode 0600; a stale socket is replaced), serves one QEMU
 connection at a time and keeps serving across disconnects (hot re-plug), until SIGTERM or
@@ -39,7 +42,14 @@ def _test_device(args: argparse.Namespace, _backend: Any) -> Any:
     return TestDevice(msix=args.msix)
 
 
+def _xpu_device(args: argparse.Namespace, backend: Any) -> Any:
+    from vxpu.vfio_server.xpu import XpuDevice
+    return XpuDevice(backend, msix=args.msix)
+
+
+DEFAULT_DEVICE = "xpu"
 DEVICES: dict[str, DeviceKind] = {
+    "xpu": DeviceKind("the vxpu accelerator (command rings in guest RAM, kernels on --backend)", _xpu_device, True),
     "test": DeviceKind("the vxpu test device (registers, DMA, interrupts; no accelerator)", _test_device, False),
 }
 
@@ -49,8 +59,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="serve one vfio-user device on a Unix socket",
                               description="Serve one vfio-user device for QEMU's vfio-user-pci.")
     p.add_argument("--socket", required=True, metavar="PATH", help="Unix socket to listen on (created mode 0600)")
-    p.add_argument("--device", default="test", choices=sorted(DEVICES),
-                   help="device model (default: test). " + "; ".join(f"{k}: {v.help}" for k, v in DEVICES.items()))
+    p.add_argument("--device", default=DEFAULT_DEVICE, choices=sorted(DEVICES),
+                   help=f"device model (default: {DEFAULT_DEVICE}). " + "; ".join(f"{k}: {v.help}" for k, v in DEVICES.items()))
     p.add_argument("--backend", default="cpu", metavar="SPEC",
                    help="accelerator backend: cpu (default), cuda[:N], hip[:N] or npu")
     p.add_argument("--msix", action="store_true",
@@ -114,6 +124,9 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        close_device = getattr(device, "close", None)
+        if callable(close_device):
+            close_device()
         close = getattr(backend, "close", None)
         if callable(close):
             close()

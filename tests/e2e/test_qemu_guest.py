@@ -99,7 +99,7 @@ def scenario(qemu_binary: QemuBinary, guest_image: GuestImage, tmp_path_factory:
     work = tmp_path_factory.mktemp("e2e")
     sock = work / "vxpu0.sock"
     sc = Scenario()
-    server = ServerProcess(sock, work / "server.log").start()
+    server = ServerProcess(sock, work / "server.log", ["--device", "test"]).start()
     spec = VmSpec(cmd=f"python3 -m vxpu.guest.selftest --watch-hotplug {BOOT_TIMEOUT_S + 120:.0f}",
                   accel=ACCEL, devices=[vfio_user_device("vxpu0", sock)], reboot=True)
     vm = Vm(qemu_binary, guest_image, spec, work / "vm")

@@ -20,7 +20,7 @@ from .conftest import CMD_MEM_BME, CONFIG
 
 
 def _start(path, *extra: str) -> subprocess.Popen[str]:
-    proc = subprocess.Popen([sys.executable, "-m", "vxpu", "serve", "--socket", str(path), *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "vxpu", "serve", "--socket", str(path), "--device", "test", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 20
     while not _listening(path):

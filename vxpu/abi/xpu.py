@@ -113,6 +113,17 @@ class FatalCode(enum.IntEnum):
     NO_BUS_MASTER = 5         # bus mastering was turned off while the queue ran
 
 
+class ConfigProblem(enum.IntEnum):
+    """REG_FATAL_INFO when REG_FATAL_CODE is BAD_QUEUE_CONFIG: what QUEUE_ENABLE refused."""
+
+    RING_SIZE = 1             # an entry count is not a power of two in MIN..MAX_RING_ENTRIES
+    CQ_TOO_SMALL = 2          # CQ entries < SQ entries
+    ALIGNMENT = 3             # header not 4 KiB aligned, or a ring not aligned to its entry size
+    HEADER = 4                # the queue header is not inside one writable DMA map of guest RAM
+    SQ = 5                    # the submission ring is not inside one DMA map of guest RAM
+    CQ = 6                    # the completion ring is not inside one writable DMA map of guest RAM
+
+
 class Feature(enum.IntFlag):
     """REG_FEATURES bits: what this device accepts. Bits not listed are reserved (0)."""
 
@@ -262,7 +273,7 @@ def is_valid_ring_size(entries: int) -> bool:
 
 
 __all__ = [
-    "ABI_MAJOR", "ABI_MINOR", "COMPLETION", "DESCRIPTOR", "SG_ENTRY", "Control", "DescFlags",
+    "ABI_MAJOR", "ABI_MINOR", "COMPLETION", "DESCRIPTOR", "SG_ENTRY", "ConfigProblem", "Control", "DescFlags",
     "DeviceStatus", "FatalCode", "Feature", "IrqControl", "ModuleKind", "Opcode", "Status",
     "is_valid_ring_size", "pack_launch_dims", "ring_bytes", "unpack_launch_dims",
 ]

@@ -1,0 +1,66 @@
+"""``vxpu serve`` without ``--device`` serves the accelerator on the CPU backend (a real
+process): the config space shows 0x5850:0x0100, BAR0 the accelerator's registers, and a ring
+round trip works; ``--device test`` still gives the test device."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from vxpu.vfio_server.client import VfioUserClient
+
+from vxpu.abi import testdev
+from vxpu.abi import xpu as abi
+
+
+def _serve(path: Path, *extra: str) -> subprocess.Popen[str]:
+    proc = subprocess.Popen([sys.executable, "-m", "vxpu", "serve", "--socket", str(path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 30
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(path))
+                return proc
+            except OSError:
+                pass
+        if proc.poll() is not None:
+            raise AssertionError(f"vxpu serve exited early: {proc.stdout.read() if proc.stdout else ''}")
+        assert time.monotonic() < deadline, "vxpu serve did not listen"
+        time.sleep(0.05)
+
+
+def _ids(path: Path) -> tuple[int, int, int]:
+    with VfioUserClient(path) as c:
+        c.handshake()
+        c.region_write(7, 4, struct.pack("<H", 0x0006))
+        vendor, device = struct.unpack("<HH", c.region_read(7, 0, 4))
+        version = struct.unpack("<I", c.region_read(0, 0x04, 4))[0]
+        return vendor, device, version
+
+
+def test_default_device_is_the_accelerator(tmp_path):
+    path = tmp_path / "xpu.sock"
+    proc = _serve(path)
+    try:
+        assert _ids(path) == (abi.VENDOR_ID, abi.DEVICE_ID, abi.VERSION_VALUE)
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+        assert proc.returncode == 0, out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_device_test_keeps_the_test_device(tmp_path):
+    path = tmp_path / "test.sock"
+    proc = _serve(path, "--device", "test")
+    try:
+        assert _ids(path) == (testdev.VENDOR_ID, testdev.DEVICE_ID, testdev.VERSION_VALUE)
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)

@@ -1,0 +1,383 @@
+"""The accelerator's command table: one handler per opcode, run on the accel Session.
+
+:class:`Executor` runs one parsed descriptor at a time on the poller thread and returns the
+completion's ``(status, result, result2)``. Every handler parses and checks first, then acts:
+
+* **Descriptor.** Reserved flag bits, a malformed scatter-gather list (inline ``sg_count``
+  above 1, an inline list of zero entries with a non-zero address or length, an indirect list
+  of 0 or more than ``MAX_SG_ENTRIES`` entries or with ``sg_len != 0``, a zero-length entry),
+  or an SG list on a command that takes none are BAD_DESCRIPTOR. An unknown opcode is
+  UNSUPPORTED.
+* **Guest memory.** Every SG entry (and an indirect list itself) must lie inside one
+  fd-backed DMA map, writable where the device writes; otherwise OUT_OF_RANGE. A total above
+  ``MAX_TRANSFER_BYTES`` (or the command's own limit) is INVALID_ARGUMENT; the sum is computed
+  on Python integers, so it cannot wrap.
+* **Device memory and handles.** The session checks them (OUT_OF_RANGE, INVALID_HANDLE ...).
+
+Guest memory is only touched with :attr:`GuestRam.lock` held, through :meth:`Executor.guest`,
+which also checks that no device reset or disconnect happened meanwhile (:class:`Abandoned`).
+Backend calls that may wait (compiles, FENCE, frees, event waits) run without that lock, so
+a DMA_UNMAP on the serve loop never waits for them.
+
+Asynchronous errors (KERNEL_FAULT, TIMEOUT, DEVICE_LOST surfacing from earlier work) complete
+the command during which they surfaced with that status, and are also kept until the next
+FENCE, which reports the first of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from vxpu.accel.backend import BackendError, ModuleKind
+from vxpu.accel.session import Session
+from vxpu.vfio_server.xpu.guestram import GuestFault, GuestRam, RamRegion
+from vxpu.vfio_server.xpu.stats import DeviceStats
+
+from vxpu.abi import xpu as abi
+from vxpu.abi.status import Status
+from vxpu.abi.xpu import DescFlags, Feature, Opcode
+
+log = logging.getLogger(__name__)
+
+U64_MAX = (1 << 64) - 1
+ASYNC_ERRORS = frozenset({Status.KERNEL_FAULT, Status.TIMEOUT, Status.DEVICE_LOST})
+MAX_INFER_REQUEST = 4096
+_KINDS = {abi.ModuleKind.IR: ModuleKind.IR, abi.ModuleKind.PTX: ModuleKind.PTX,
+          abi.ModuleKind.CUBIN: ModuleKind.CUBIN, abi.ModuleKind.HSACO: ModuleKind.HSACO,
+          abi.ModuleKind.ONNX: ModuleKind.ONNX}
+_KIND_FEATURE = {abi.ModuleKind.IR: Feature.IR, abi.ModuleKind.PTX: Feature.PTX,
+                 abi.ModuleKind.CUBIN: Feature.CUBIN, abi.ModuleKind.HSACO: Feature.HSACO,
+                 abi.ModuleKind.ONNX: Feature.ONNX}
+_NO_SG = frozenset({Opcode.NOP, Opcode.MEM_ALLOC, Opcode.MEM_FREE, Opcode.MEM_SET, Opcode.MEM_COPY_DTOD,
+                    Opcode.MODULE_UNLOAD, Opcode.FENCE, Opcode.EVENT_CREATE, Opcode.EVENT_DESTROY,
+                    Opcode.EVENT_RECORD, Opcode.EVENT_QUERY, Opcode.EVENT_ELAPSED, Opcode.RESET})
+_U64 = struct.Struct("<Q")
+
+
+class Abandoned(Exception):
+    """A device reset or disconnect happened while the command ran: post no completion."""
+
+
+@dataclass(frozen=True)
+class Desc:
+    """One submission descriptor, decoded (see :data:`vxpu.abi.xpu.DESCRIPTOR`)."""
+
+    opcode: int
+    flags: int
+    sg_count: int
+    tag: int
+    args: tuple[int, int, int, int]
+    sg_addr: int
+    sg_len: int
+
+    @classmethod
+    def unpack(cls, raw: tuple[int, ...]) -> Desc:
+        opcode, flags, sg_count, tag, a0, a1, a2, a3, sg_addr, sg_len = raw
+        return cls(opcode, flags, sg_count, tag, (a0, a1, a2, a3), sg_addr, sg_len)
+
+
+Result = tuple[int, int]
+Segment = tuple[RamRegion, int, int]          # region, offset in it, length
+
+
+class Executor:
+    """Runs descriptors on the current session (see the module docstring).
+
+    Args:
+        ram: the guest-RAM snapshot.
+        session: a callable returning the current session (it changes at resets).
+        alive: a callable returning the device epoch; a change means "abandon".
+        features: the device's Feature bits.
+        identity: a callable returning the IDENTIFY document.
+        stats: a callable returning the STATS document.
+        reset: the RESET command's action (drop the guest's device state).
+        counters: the device statistics (bytes moved).
+    """
+
+    def __init__(self, ram: GuestRam, session: Callable[[], Session], alive: Callable[[], int],
+                 features: int, identity: Callable[[], bytes], stats: Callable[[], bytes],
+                 reset: Callable[[], None], counters: DeviceStats) -> None:
+        self.ram = ram
+        self._session = session
+        self._alive = alive
+        self.features = features
+        self._identity = identity
+        self._stats = stats
+        self._reset = reset
+        self.counters = counters
+        self.async_error: Status | None = None
+        self.epoch = alive()
+        self._table: dict[int, Callable[[Desc], Result]] = {
+            Opcode.NOP: lambda d: (0, 0),
+            Opcode.IDENTIFY: lambda d: self._write_doc(d, self._identity()),
+            Opcode.MEM_ALLOC: self._alloc, Opcode.MEM_FREE: self._free, Opcode.MEM_SET: self._memset,
+            Opcode.MEM_COPY_HTOD: self._htod, Opcode.MEM_COPY_DTOH: self._dtoh,
+            Opcode.MEM_COPY_DTOD: self._dtod, Opcode.MODULE_LOAD: self._module_load,
+            Opcode.MODULE_UNLOAD: self._module_unload, Opcode.KERNEL_GET: self._kernel_get,
+            Opcode.LAUNCH: self._launch, Opcode.FENCE: self._fence,
+            Opcode.EVENT_CREATE: lambda d: (self.session.create_event(), 0),
+            Opcode.EVENT_DESTROY: self._event_destroy, Opcode.EVENT_RECORD: self._event_record,
+            Opcode.EVENT_QUERY: self._event_query, Opcode.EVENT_ELAPSED: self._event_elapsed,
+            Opcode.INFER: self._infer, Opcode.STATS: lambda d: self._write_doc(d, self._stats()),
+            Opcode.RESET: self._reset_cmd,
+        }
+
+    @property
+    def session(self) -> Session:
+        return self._session()
+
+    # -- entry point ---------------------------------------------------------------------------
+    def execute(self, raw: tuple[int, ...]) -> tuple[int, int, int, int]:
+        """``(tag, status, result, result2)`` for one raw descriptor.
+
+        Raises:
+            Abandoned: a reset or disconnect happened meanwhile (post nothing).
+        """
+        d = Desc.unpack(raw)
+        try:
+            self._check_descriptor(d)
+            result, result2 = self._table[d.opcode](d)
+            return d.tag, Status.OK, result, result2
+        except GuestFault as exc:
+            log.debug("command %#x refused: %s", d.opcode, exc)
+            return d.tag, exc.status, 0, exc.needed if isinstance(exc, _TooSmall) else 0
+        except BackendError as exc:
+            log.debug("command %#x failed: %s", d.opcode, exc)
+            if exc.status in ASYNC_ERRORS and self.async_error is None:
+                self.async_error = exc.status
+            return d.tag, exc.status, 0, 0
+
+    def _check_descriptor(self, d: Desc) -> None:
+        if d.opcode not in self._table:
+            raise GuestFault(Status.UNSUPPORTED, f"unknown opcode {d.opcode:#x}")
+        if d.flags & ~abi.DESC_FLAGS_MASK:
+            raise GuestFault(Status.BAD_DESCRIPTOR, f"reserved descriptor flags {d.flags:#x}")
+        indirect = d.flags & DescFlags.SG_INDIRECT
+        if indirect:
+            if not 1 <= d.sg_count <= abi.MAX_SG_ENTRIES or d.sg_len:
+                raise GuestFault(Status.BAD_DESCRIPTOR, f"indirect SG list of {d.sg_count} entries, sg_len {d.sg_len}")
+        elif d.sg_count > abi.MAX_INLINE_SG_COUNT or (d.sg_count == 0 and (d.sg_addr or d.sg_len)) \
+                or (d.sg_count == 1 and d.sg_len == 0):
+            raise GuestFault(Status.BAD_DESCRIPTOR, f"inline SG of {d.sg_count} entries ({d.sg_addr:#x}+{d.sg_len})")
+        if d.opcode in _NO_SG and d.sg_count:
+            raise GuestFault(Status.BAD_DESCRIPTOR, f"opcode {d.opcode:#x} takes no scatter-gather list")
+
+    # -- guest memory --------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def guest(self) -> Iterator[GuestRam]:
+        """Hold the guest-RAM lock; raise :class:`Abandoned` if the device was reset meanwhile."""
+        with self.ram.lock:
+            if self._alive() != self.epoch:
+                raise Abandoned()
+            yield self.ram
+
+    def _sg_list(self, d: Desc) -> list[tuple[int, int]]:
+        """The descriptor's ``(addr, length)`` entries (caller holds the lock).
+
+        Raises:
+            GuestFault: OUT_OF_RANGE for an indirect list outside guest RAM, BAD_DESCRIPTOR for a
+                zero-length entry.
+        """
+        if d.sg_count == 0:
+            return []
+        if not d.flags & DescFlags.SG_INDIRECT:
+            return [(d.sg_addr, d.sg_len)]
+        blob = self.ram.read(d.sg_addr, d.sg_count * abi.SG_ENTRY.size)
+        entries = list(abi.SG_ENTRY.iter_unpack(blob))
+        if any(length == 0 for _addr, length in entries):
+            raise GuestFault(Status.BAD_DESCRIPTOR, "zero-length scatter-gather entry")
+        return entries
+
+    def _segments(self, d: Desc, write: bool, limit: int = abi.MAX_TRANSFER_BYTES) -> tuple[list[Segment], int]:
+        """Resolve the SG list to guest-RAM segments, coalescing contiguous ones (lock held).
+
+        Raises:
+            GuestFault: BAD_DESCRIPTOR, OUT_OF_RANGE, or INVALID_ARGUMENT above ``limit`` bytes.
+        """
+        entries = self._sg_list(d)
+        total = sum(length for _addr, length in entries)
+        if total > limit:
+            raise GuestFault(Status.INVALID_ARGUMENT, f"{total} bytes exceed the limit of {limit}")
+        out: list[Segment] = []
+        for addr, length in entries:
+            ram, off = self.ram.find(addr, length, write)
+            if out and out[-1][0] is ram and out[-1][1] + out[-1][2] == off:
+                out[-1] = (ram, out[-1][1], out[-1][2] + length)
+            else:
+                out.append((ram, off, length))
+        return out, total
+
+    def _read_sg(self, d: Desc, limit: int) -> bytes:
+        """The bytes the SG list names (at most ``limit``), copied out of guest RAM."""
+        with self.guest():
+            segs, _total = self._segments(d, False, limit)
+            return b"".join(bytes(ram.view[off:off + n]) for ram, off, n in segs)
+
+    def _write_doc(self, d: Desc, data: bytes) -> Result:
+        """IDENTIFY/STATS: write ``data`` to the SG buffer; INVALID_ARGUMENT (result2 = the
+        size needed) when it does not fit."""
+        with self.guest():
+            segs, total = self._segments(d, True)
+            if total < len(data):
+                raise _TooSmall(len(data))
+            pos = 0
+            for ram, off, n in segs:
+                take = min(n, len(data) - pos)
+                if take <= 0:
+                    break
+                ram.view[off:off + take] = data[pos:pos + take]
+                pos += take
+        return len(data), 0
+
+    # -- memory --------------------------------------------------------------------------------
+    def _alloc(self, d: Desc) -> Result:
+        return self.session.alloc(d.args[0]), 0
+
+    def _free(self, d: Desc) -> Result:
+        self.session.free(d.args[0])
+        return 0, 0
+
+    def _memset(self, d: Desc) -> Result:
+        addr, value, length = d.args[0], d.args[1], d.args[2]
+        if value > 0xFF:
+            raise GuestFault(Status.INVALID_ARGUMENT, f"MEM_SET value {value:#x} is not a byte")
+        self.session.memset(addr, value, length)
+        self.counters.bytes_memset += length
+        return 0, 0
+
+    def _dtod(self, d: Desc) -> Result:
+        self.session.copy_dtod(d.args[0], d.args[1], d.args[2])
+        self.counters.bytes_dtod += d.args[2]
+        return 0, 0
+
+    def _htod(self, d: Desc) -> Result:
+        dst = d.args[0]
+        s = self.session
+        with self.guest():
+            segs, total = self._segments(d, False)
+            s.check_range(dst, total)
+            for ram, off, n in segs:
+                if ram.token is not None:
+                    s.copy_htod_address(dst, ram.host_base + off, n)
+                else:
+                    s.copy_htod(dst, ram.view[off:off + n])    # the backend keeps the view while queued
+                dst += n
+        self.counters.bytes_htod += total
+        return 0, 0
+
+    def _dtoh(self, d: Desc) -> Result:
+        src = d.args[0]
+        s = self.session
+        with self.guest():
+            segs, total = self._segments(d, True)
+            s.check_range(src, total)
+            for ram, off, n in segs:
+                if ram.token is not None:
+                    s.copy_dtoh_address(ram.host_base + off, src, n)
+                else:
+                    s.copy_dtoh(ram.view[off:off + n], src)
+                src += n
+        s.synchronize()            # DTOH completes when the bytes are in guest RAM
+        self.counters.bytes_dtoh += total
+        return 0, 0
+
+    # -- code ----------------------------------------------------------------------------------
+    def _module_load(self, d: Desc) -> Result:
+        kind = d.args[0]
+        if kind not in _KINDS:
+            raise GuestFault(Status.INVALID_ARGUMENT, f"unknown module kind {kind}")
+        if not self.features & _KIND_FEATURE[abi.ModuleKind(kind)]:
+            raise GuestFault(Status.UNSUPPORTED, f"{abi.ModuleKind(kind).name} modules are not enabled on this device")
+        limit = self.session.quota.module_bytes
+        with self.guest():
+            _segs, total = self._segments(d, False)
+            if total > limit:
+                raise GuestFault(Status.QUOTA_EXCEEDED, f"module image of {total} bytes exceeds the quota of {limit}")
+        image = self._read_sg(d, limit)
+        if not image:
+            raise GuestFault(Status.BAD_MODULE, "empty module image")
+        return self.session.load_module(image, _KINDS[abi.ModuleKind(kind)]), 0
+
+    def _module_unload(self, d: Desc) -> Result:
+        self.session.unload_module(d.args[0])
+        return 0, 0
+
+    def _kernel_get(self, d: Desc) -> Result:
+        raw = self._read_sg(d, abi.MAX_NAME_BYTES)
+        try:
+            name = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise GuestFault(Status.INVALID_ARGUMENT, "kernel name is not UTF-8") from None
+        if not name or "\0" in name:
+            raise GuestFault(Status.INVALID_ARGUMENT, "kernel name is empty or contains NUL")
+        handle, info = self.session.get_kernel(d.args[0], name)
+        return handle, info.args_size
+
+    def _launch(self, d: Desc) -> Result:
+        grid, block, shared = abi.unpack_launch_dims(d.args[1], d.args[2], d.args[3])
+        if block[0] > abi.MAX_BLOCK_DIM or 0 in grid or 0 in block:
+            raise GuestFault(Status.INVALID_ARGUMENT, f"grid {grid} / block {block} out of range")
+        blob = self._read_sg(d, abi.MAX_ARG_BYTES)
+        self.session.launch(d.args[0], grid, block, blob, shared)
+        return 0, 0
+
+    def _infer(self, d: Desc) -> Result:
+        if not self.features & Feature.ONNX:
+            raise GuestFault(Status.UNSUPPORTED, "INFER needs an ONNX-capable device (Feature.ONNX)")
+        try:
+            req = json.loads(self._read_sg(d, MAX_INFER_REQUEST))
+            values = [*req.get("inputs", []), *req.get("outputs", []), *req.get("dims", [])]
+            blob = b"".join(_U64.pack(int(v)) for v in values)
+        except (ValueError, TypeError, AttributeError, struct.error):
+            raise GuestFault(Status.INVALID_ARGUMENT, "INFER request is not the documented JSON") from None
+        kernel, _info = self.session.get_kernel(d.args[0], "main")
+        self.session.launch(kernel, (1,), (1,), blob)
+        return 0, 0
+
+    # -- ordering ------------------------------------------------------------------------------
+    def _fence(self, d: Desc) -> Result:
+        try:
+            self.session.synchronize()
+        except BackendError as exc:
+            if exc.status not in ASYNC_ERRORS:
+                raise
+            if self.async_error is None:
+                self.async_error = exc.status
+        err, self.async_error = self.async_error, None
+        if err is not None:
+            raise BackendError(err, "an earlier command failed asynchronously")
+        return 0, 0
+
+    def _event_destroy(self, d: Desc) -> Result:
+        self.session.destroy_event(d.args[0])
+        return 0, 0
+
+    def _event_record(self, d: Desc) -> Result:
+        self.session.record_event(d.args[0])
+        return 0, 0
+
+    def _event_query(self, d: Desc) -> Result:
+        self.session.event_elapsed_ms(d.args[0], d.args[0])     # waits until the event is reached
+        return 1, 0
+
+    def _event_elapsed(self, d: Desc) -> Result:
+        ms = self.session.event_elapsed_ms(d.args[0], d.args[1])
+        return max(0, int(ms * 1e6)), 0
+
+    def _reset_cmd(self, d: Desc) -> Result:
+        self._reset()
+        self.async_error = None
+        return 0, 0
+
+
+class _TooSmall(GuestFault):
+    """IDENTIFY/STATS buffer too small; ``needed`` goes to result2."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(Status.INVALID_ARGUMENT, f"buffer too small: {needed} bytes needed")
+        self.needed = needed

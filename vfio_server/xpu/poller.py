@@ -1,0 +1,391 @@
+"""The accelerator's poller: one thread that takes descriptors off the ring and completes them.
+
+Threads and locks (ARCHITECTURE.md decision 2; the serve loop is single-threaded):
+
+* The **serve loop** answers QEMU. Register writes only *request* things: enable, disable and
+  Control.RESET go into :attr:`Poller.controls` (handled in order by the poller), a doorbell
+  sets :attr:`Poller.kick`. The loop never waits for a command. It takes
+  :attr:`GuestRam.lock` only for what must be synchronous with respect to guest memory: a
+  DMA map change (listener), a device reset or disconnect (:meth:`Poller.hard_reset`: no DMA
+  after it returns), and bus mastering turned off.
+* The **poller thread** holds :attr:`GuestRam.lock` while it touches guest memory (ring reads,
+  completions, SG copies) and never while it waits for the backend, so those loop-side
+  sections wait at most for one memory access. Interrupts go back to the loop through
+  ``call_soon_threadsafe``.
+
+Polling: after the last descriptor the poller spins for :data:`SPIN_S`, yielding the GIL on
+every check (``time.sleep(0)``) so the loop's replies to QEMU are not held up by the switch
+interval. Then it sets need-wakeup in the queue header, re-reads ``sq_tail`` (a descriptor
+submitted meanwhile is taken at once), and sleeps until a doorbell, a control request or
+:data:`~vxpu.abi.xpu.MAX_WAKEUP_LATENCY_MS` (a missed doorbell costs at most that long).
+
+Completions are posted one by one in submission order (``cq_tail`` advances with each).
+Interrupts are coalesced: vector 0 is raised once :attr:`REG_IRQ_COALESCE_COUNT` completions
+are unsignalled, when the oldest unsignalled one is ``REG_IRQ_COALESCE_USEC`` old (0: at the
+end of the batch that posted it), or right after a descriptor with ``DescFlags.IRQ``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vxpu.accel.session import Session
+from vxpu.vfio_server.dma import DmaRegion
+from vxpu.vfio_server.xpu.commands import Abandoned, Executor
+from vxpu.vfio_server.xpu.guestram import GuestRam
+from vxpu.vfio_server.xpu.queue import QueueConfig, QueueFatal, Rings, check_config
+from vxpu.vfio_server.xpu.stats import DeviceStats, stats_json
+
+from vxpu.abi import xpu as abi
+from vxpu.abi.status import Status
+from vxpu.abi.xpu import DescFlags, FatalCode, IrqControl
+from vxpu.log import LogBudget
+
+log = logging.getLogger(__name__)
+
+SPIN_S = 200e-6                  # keep polling this long after the last descriptor
+BATCH = 64                       # descriptors taken per lock acquisition
+IDLE_WAIT_S = 1.0                # sleep while the queue is off (requests kick anyway)
+MAX_COALESCE_USEC = 100_000      # REG_IRQ_COALESCE_USEC is clamped to this
+_budget = LogBudget(32, 60.0, "further device-model errors are logged at DEBUG")
+
+
+class Poller:
+    """The queue engine of one accelerator device (see the module docstring).
+
+    Args:
+        make_session: opens a fresh :class:`Session` (at start and after every reset).
+        features: the device's Feature bits.
+        identity: builds the IDENTIFY JSON.
+        irq: ``irq(vector)`` delivers an interrupt from any thread (hands over to the loop).
+        irq_settings: returns ``(IrqControl bits, coalesce count, coalesce usec)``.
+        bus_master: returns whether the guest allows DMA now.
+    """
+
+    def __init__(self, make_session: Callable[[], Session], features: int, identity: Callable[[], bytes],
+                 irq: Callable[[int], None], irq_settings: Callable[[], tuple[int, int, int]],
+                 bus_master: Callable[[], bool]) -> None:
+        self.ram = GuestRam(log)
+        self.stats = DeviceStats()
+        self.controls: collections.deque[tuple[str, Any]] = collections.deque()
+        self.kick = threading.Event()
+        self.epoch = 0                   # bumped (under the lock) by hard resets and disconnects
+        self.enabled = False
+        self.fatal_code = FatalCode.NONE
+        self.fatal_info = 0
+        self.reset_count = 0
+        self.aborting = False            # Control.RESET seen: abandon the rest of the batch
+        self._make_session = make_session
+        self.session = make_session()
+        self._irq = irq
+        self._irq_settings = irq_settings
+        self._bus_master = bus_master
+        self._rings: Rings | None = None
+        self._unsignalled = 0
+        self._oldest_unsignalled = 0.0
+        self._stopping = False
+        self.executor = Executor(self.ram, lambda: self.session, lambda: self.epoch, features, identity,
+                                 self.stats_document, self.reset_session, self.stats)
+        self._thread = threading.Thread(target=self._run, name="vxpu-xpu-poller", daemon=True)
+        self._thread.start()
+
+    # -- loop side -----------------------------------------------------------------------------
+    def request(self, what: str, arg: Any = None) -> None:
+        """Queue a control request (``enable`` with a QueueConfig, ``disable``, ``reset``)."""
+        if what == "reset":
+            self.aborting = True
+        self.controls.append((what, arg))
+        self.kick.set()
+
+    def doorbell(self) -> None:
+        self.stats.doorbells += 1
+        self.kick.set()
+
+    def hard_reset(self) -> None:
+        """Device reset or disconnect: stop all guest-memory access now (no DMA after this
+        returns, no completions for what was in flight), then drop the guest's device state on
+        the poller thread."""
+        with self.ram.lock:
+            self.epoch += 1
+            self._stop_queue()
+            self.fatal_code, self.fatal_info = FatalCode.NONE, 0
+            self.controls.clear()
+            self.aborting = True
+            self.controls.append(("reset", "quiet"))
+        self.kick.set()
+
+    def bus_master_lost(self) -> None:
+        """Bus mastering went off: a running queue stops with NO_BUS_MASTER, at once."""
+        with self.ram.lock:
+            if self.enabled:
+                self._set_fatal(FatalCode.NO_BUS_MASTER, 0, "bus mastering turned off while the queue ran")
+
+    def on_map(self, region: DmaRegion) -> None:
+        with self.ram.lock:
+            self.ram.add(region, self.session.register_host)
+
+    def on_unmap(self, region: DmaRegion) -> None:
+        """Before ``region`` is unmapped: drop views into it (the poller re-translates)."""
+        with self.ram.lock:
+            if self._rings is not None:
+                self._rings.release()
+            self.ram.remove(region, self.session.unregister_host)
+
+    def stop(self) -> None:
+        """Stop the thread and close the session (server shutdown)."""
+        self._stopping = True
+        self.kick.set()
+        self._thread.join(5.0)
+        with self.ram.lock:
+            self._stop_queue()
+        self.session.close()
+
+    # -- state (lock held) ---------------------------------------------------------------------
+    def _stop_queue(self) -> None:
+        if self._rings is not None:
+            self._rings.release()
+        self._rings = None
+        self.enabled = False
+
+    def _set_fatal(self, code: FatalCode, info: int, why: str) -> None:
+        _budget.log(log, logging.WARNING, "accelerator queue stopped: %s (%s, info %#x)", why, code.name, info)
+        self._stop_queue()
+        self.fatal_code, self.fatal_info = code, info & abi.INDEX_MASK
+        self.stats.fatal_errors += 1
+        ctrl, _count, _usec = self._irq_settings()
+        if ctrl & IrqControl.FATAL:
+            self._irq(-1)
+
+    # -- control requests (poller thread) ------------------------------------------------------
+    def _controls(self) -> bool:
+        did = False
+        while self.controls:
+            try:
+                what, arg = self.controls.popleft()
+            except IndexError:
+                break
+            did = True
+            if what == "enable":
+                self._enable(arg)
+            elif what == "disable":
+                self._drain()
+            elif what == "reset":
+                self._reset(quiet=arg == "quiet")
+        return did
+
+    def _enable(self, cfg: QueueConfig) -> None:
+        with self.ram.lock:
+            if self.enabled or self.fatal_code:
+                return
+            if not self._bus_master():
+                self._set_fatal(FatalCode.NO_BUS_MASTER, 0, "QUEUE_ENABLE with bus mastering off")
+                return
+            problem = check_config(cfg, self.ram)
+            if problem is not None:
+                self._set_fatal(FatalCode.BAD_QUEUE_CONFIG, problem[0], problem[1])
+                return
+            rings = Rings(cfg)
+            rings.attach(self.ram)
+            rings.start()
+            self._rings = rings
+            self.enabled = True
+            self._unsignalled = 0
+
+    def _drain(self) -> None:
+        """QUEUE_ENABLE = 0: finish what was submitted when it was seen, then stop."""
+        with self.ram.lock:
+            rings = self._rings
+            try:
+                left = rings.pending() if rings is not None and rings.attached else 0
+            except QueueFatal:
+                left = 0
+        while left > 0:
+            done = self._cycle(limit=left)
+            if done <= 0:
+                break
+            left -= done
+        with self.ram.lock:
+            self._stop_queue()
+
+    def _reset(self, quiet: bool) -> None:
+        """Control.RESET (ABORTED for what was submitted) or the tail of a hard reset."""
+        with self.ram.lock:
+            rings = self._rings
+            if not quiet and rings is not None:
+                try:
+                    rings.attach(self.ram)
+                    for raw in rings.unread():
+                        rings.complete(raw[3], Status.ABORTED, 0, 0)
+                        self.stats.count(raw[0], Status.ABORTED)
+                except QueueFatal:
+                    pass
+            self._stop_queue()
+            self.fatal_code, self.fatal_info = FatalCode.NONE, 0
+        self.reset_session()
+        self.executor.async_error = None
+        self.aborting = any(what == "reset" for what, _ in list(self.controls))
+        self.reset_count += 1
+        self.stats.resets += 1
+        if not quiet:
+            self._signal(force=True)
+
+    def reset_session(self) -> None:
+        """Drop every allocation, module and event of the guest: a fresh session, with guest
+        RAM registered again. Done under the guest-RAM lock, so no unmap races the swap."""
+        with self.ram.lock:
+            old = self.session
+            old.close()
+            self.session = self._make_session()
+            self.ram.reregister(self.session.register_host)
+
+    # -- the thread ----------------------------------------------------------------------------
+    def _run(self) -> None:
+        last = time.monotonic()
+        while not self._stopping:
+            try:
+                did = self._controls() or self._cycle() > 0
+            except Exception as exc:     # noqa: BLE001 -- a device-model bug must not kill the poller
+                _budget.log(log, logging.ERROR, "accelerator poller error: %s: %s", type(exc).__name__, exc,
+                            exc_info=log.isEnabledFor(logging.DEBUG))
+                did = False
+                time.sleep(0.001)
+            now = time.monotonic()
+            if did:
+                last = now
+                continue
+            self._timer_irq(now)
+            if now - last < SPIN_S:
+                time.sleep(0)            # yield the GIL: the loop answers QEMU meanwhile
+                continue
+            self._sleep()
+            last = time.monotonic()
+
+    def _sleep(self) -> None:
+        """Set need-wakeup, re-check, then sleep until kicked (bounded while the queue runs)."""
+        while not self._stopping and not self.controls:
+            with self.ram.lock:
+                rings = self._rings if self.enabled else None
+                if rings is not None:
+                    try:
+                        rings.attach(self.ram)
+                        rings.set_need_wakeup(True)
+                        if rings.pending() and rings.cq_free():
+                            rings.set_need_wakeup(False)
+                            return
+                    except QueueFatal as exc:
+                        self._set_fatal(exc.code, exc.info, str(exc))
+                        return
+            self.stats.sleeps += 1
+            timeout = abi.MAX_WAKEUP_LATENCY_MS / 1000 if rings is not None else IDLE_WAIT_S
+            if self._unsignalled:
+                timeout = min(timeout, max(0.0, self._irq_deadline() - time.monotonic()))
+            self.kick.wait(timeout)
+            self.kick.clear()
+            self._timer_irq(time.monotonic())
+        with self.ram.lock:
+            if self._rings is not None and self._rings.attached:
+                self._rings.set_need_wakeup(False)
+
+    def _cycle(self, limit: int = BATCH) -> int:
+        """Take up to ``limit`` descriptors and complete them. Returns how many were completed
+        (-1 when the queue stopped)."""
+        with self.ram.lock:
+            rings = self._rings
+            if not self.enabled or rings is None:
+                return 0
+            try:
+                rings.attach(self.ram)
+                n = min(rings.pending(), rings.cq_free(), limit, BATCH)
+            except QueueFatal as exc:
+                self._set_fatal(exc.code, exc.info, str(exc))
+                return -1
+            if n == 0:
+                return 0
+            if not self._bus_master():
+                self._set_fatal(FatalCode.NO_BUS_MASTER, 0, "bus mastering is off")
+                return -1
+            descs = rings.take(n)
+            epoch = self.epoch
+            self.stats.batch(n, (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK)
+        self.executor.epoch = epoch
+        t0 = time.perf_counter_ns()
+        try:
+            done = self._run_batch(descs, rings, epoch)
+        finally:
+            self.stats.busy_ns += time.perf_counter_ns() - t0
+        self._signal(force=False, batch_end=True)
+        return done
+
+    def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int) -> int:
+        done = 0
+        for raw in descs:
+            if self.aborting:
+                tag, status, r1, r2 = raw[3], int(Status.ABORTED), 0, 0
+            else:
+                try:
+                    tag, status, r1, r2 = self.executor.execute(raw)
+                except Abandoned:
+                    return -1
+                except Exception as exc:     # noqa: BLE001 -- a bug: INTERNAL for this command only
+                    _budget.log(log, logging.ERROR, "command %#x: internal error %s: %s", raw[0],
+                                type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+                    tag, status, r1, r2 = raw[3], int(Status.INTERNAL), 0, 0
+                if self.aborting:
+                    status, r1, r2 = int(Status.ABORTED), 0, 0
+            with self.ram.lock:
+                if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
+                    return -1
+                try:
+                    rings.attach(self.ram)
+                except QueueFatal as exc:
+                    self._set_fatal(exc.code, exc.info, str(exc))
+                    return -1
+                rings.complete(tag, status, r1, r2)
+            self.stats.count(raw[0], status)
+            done += 1
+            self._note_completion(bool(raw[1] & DescFlags.IRQ))
+        return done
+
+    def _same_rings(self, rings: Rings) -> bool:
+        """Is ``rings`` still the running queue (not replaced by a reset or re-enable)?"""
+        return self._rings is rings
+
+    # -- interrupts ----------------------------------------------------------------------------
+    def _note_completion(self, forced: bool) -> None:
+        if not self._unsignalled:
+            self._oldest_unsignalled = time.monotonic()
+        self._unsignalled += 1
+        _ctrl, count, _usec = self._irq_settings()
+        if forced or self._unsignalled >= max(1, count):
+            self._signal(force=True)
+
+    def _irq_deadline(self) -> float:
+        _ctrl, _count, usec = self._irq_settings()
+        return self._oldest_unsignalled + min(usec, MAX_COALESCE_USEC) / 1e6
+
+    def _timer_irq(self, now: float) -> None:
+        if self._unsignalled and now >= self._irq_deadline():
+            self._signal(force=True)
+
+    def _signal(self, force: bool, batch_end: bool = False) -> None:
+        """Raise vector 0 for the unsignalled completions if due (see the module docstring)."""
+        if not self._unsignalled:
+            return
+        ctrl, _count, usec = self._irq_settings()
+        if not force and not (batch_end and usec == 0):
+            return
+        self._unsignalled = 0
+        if ctrl & IrqControl.COMPLETION:
+            self._irq(0)
+
+    # -- documents -----------------------------------------------------------------------------
+    def stats_document(self) -> bytes:
+        rings = self._rings
+        if rings is not None:
+            self.stats.queue_depth = (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK
+        return stats_json(self.stats, self.session.statistics())

@@ -1,0 +1,200 @@
+"""The accelerator's queue: configuration checks, ring views, index validation, completions.
+
+A :class:`QueueConfig` is what the guest wrote to the queue registers, latched when it writes
+``REG_QUEUE_ENABLE = 1``. :func:`check_config` decides whether it makes sense (sizes, alignment,
+every byte of the header and both rings inside DMA-mapped guest RAM, writable where the device
+writes) and names the problem (:class:`vxpu.abi.xpu.ConfigProblem`) otherwise.
+
+:class:`Rings` holds the host views of the header and the two rings while the queue runs. It
+is only used by the poller thread with :attr:`GuestRam.lock` held; the views are re-made from
+the config whenever the guest-RAM generation changes (a map changed), and released before the
+lock is dropped for good (reset, unmap). Indices are free-running ``u32`` counters
+(:data:`~vxpu.abi.xpu.INDEX_MASK`), compared modulo 2^32:
+
+* ``sq_tail`` (guest) may run at most ``sq_entries`` ahead of the device's ``sq_head``;
+  further is :attr:`FatalCode.BAD_SQ_TAIL`.
+* ``cq_head`` (guest) may only move forward, and never past the device's ``cq_tail``;
+  anything else is :attr:`FatalCode.BAD_CQ_HEAD`.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from vxpu.vfio_server.xpu.guestram import GuestFault, GuestRam
+
+from vxpu.abi import xpu as abi
+from vxpu.abi.xpu import ConfigProblem, FatalCode
+
+MASK = abi.INDEX_MASK
+_U64 = struct.Struct("<Q")
+_SQ_TAIL = abi.QH_SQ_TAIL // 4
+_CQ_HEAD = abi.QH_CQ_HEAD // 4
+_SQ_HEAD = abi.QH_SQ_HEAD // 4
+_CQ_TAIL = abi.QH_CQ_TAIL // 4
+_FLAGS = abi.QH_FLAGS // 4
+
+
+@dataclass(frozen=True)
+class QueueConfig:
+    """The queue registers as latched at enable."""
+
+    header: int
+    sq_base: int
+    cq_base: int
+    sq_entries: int
+    cq_entries: int
+
+
+class QueueFatal(Exception):
+    """The guest broke the queue protocol: the device enters the fatal state."""
+
+    def __init__(self, code: FatalCode, info: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.info = info & MASK
+
+
+def check_config(cfg: QueueConfig, ram: GuestRam) -> tuple[ConfigProblem, str] | None:
+    """The first problem of ``cfg`` (caller holds ``ram.lock``), or None when it is usable."""
+    if not abi.is_valid_ring_size(cfg.sq_entries) or not abi.is_valid_ring_size(cfg.cq_entries):
+        return ConfigProblem.RING_SIZE, (f"ring sizes {cfg.sq_entries}/{cfg.cq_entries} are not powers of "
+                                         f"two in {abi.MIN_RING_ENTRIES}..{abi.MAX_RING_ENTRIES}")
+    if cfg.cq_entries < cfg.sq_entries:
+        return ConfigProblem.CQ_TOO_SMALL, (f"completion ring ({cfg.cq_entries}) smaller than the "
+                                            f"submission ring ({cfg.sq_entries})")
+    if cfg.header % abi.QUEUE_HEADER_ALIGN or cfg.sq_base % abi.SQ_ENTRY_SIZE or cfg.cq_base % abi.CQ_ENTRY_SIZE:
+        return ConfigProblem.ALIGNMENT, "queue header, submission or completion ring misaligned"
+    spans = ((ConfigProblem.HEADER, cfg.header, abi.QUEUE_HEADER_SIZE, True),
+             (ConfigProblem.SQ, cfg.sq_base, abi.ring_bytes(cfg.sq_entries, abi.SQ_ENTRY_SIZE), False),
+             (ConfigProblem.CQ, cfg.cq_base, abi.ring_bytes(cfg.cq_entries, abi.CQ_ENTRY_SIZE), True))
+    for problem, addr, size, write in spans:
+        try:
+            ram.find(addr, size, write)
+        except GuestFault as exc:
+            return problem, str(exc)
+    return None
+
+
+class Rings:
+    """Host views of one running queue plus the device's indices (poller thread only)."""
+
+    def __init__(self, cfg: QueueConfig) -> None:
+        self.cfg = cfg
+        self.sq_mask = cfg.sq_entries - 1
+        self.cq_mask = cfg.cq_entries - 1
+        self.sq_head = 0
+        self.cq_tail = 0
+        self.cq_head = 0
+        self.completed = 0
+        self.generation = -1
+        self._raw: memoryview | None = None
+        self._hdr: memoryview | None = None
+        self._sq: memoryview | None = None
+        self._cq: memoryview | None = None
+
+    # -- views ---------------------------------------------------------------------------------
+    def attach(self, ram: GuestRam) -> None:
+        """(Re)make the views for the current guest-RAM generation (caller holds the lock).
+
+        Raises:
+            QueueFatal: RING_UNMAPPED when a ring or the header is no longer in guest RAM.
+        """
+        if self.generation == ram.generation and self._hdr is not None:
+            return
+        self.release()
+        cfg = self.cfg
+        try:
+            raw = ram.view(cfg.header, abi.QUEUE_HEADER_SIZE, True)
+            sq = ram.view(cfg.sq_base, abi.ring_bytes(cfg.sq_entries, abi.SQ_ENTRY_SIZE), False)
+            cq = ram.view(cfg.cq_base, abi.ring_bytes(cfg.cq_entries, abi.CQ_ENTRY_SIZE), True)
+        except GuestFault as exc:
+            raise QueueFatal(FatalCode.RING_UNMAPPED, 0, f"queue memory is gone: {exc}") from None
+        self._raw, self._sq, self._cq = raw, sq, cq
+        self._hdr = raw.cast("I")
+        self.generation = ram.generation
+
+    def release(self) -> None:
+        """Drop every view (before the lock is released for an unmap or a reset)."""
+        for view in (self._hdr, self._raw, self._sq, self._cq):
+            if view is not None:
+                view.release()
+        self._hdr = self._raw = self._sq = self._cq = None
+        self.generation = -1
+
+    @property
+    def attached(self) -> bool:
+        return self._hdr is not None
+
+    # -- header --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Publish the initial device indices (enable): all zero, need-wakeup clear."""
+        hdr = self._hdr
+        assert hdr is not None and self._raw is not None
+        hdr[_SQ_HEAD] = hdr[_CQ_TAIL] = hdr[_FLAGS] = 0
+        _U64.pack_into(self._raw, abi.QH_COMPLETED, 0)
+
+    def pending(self) -> int:
+        """Validated ``sq_tail - sq_head``: descriptors submitted and not yet consumed.
+
+        Raises:
+            QueueFatal: BAD_SQ_TAIL.
+        """
+        assert self._hdr is not None
+        tail = self._hdr[_SQ_TAIL]
+        n = (tail - self.sq_head) & MASK
+        if n > self.cfg.sq_entries:
+            raise QueueFatal(FatalCode.BAD_SQ_TAIL, tail, f"sq_tail {tail} is {n} ahead of sq_head "
+                             f"{self.sq_head} (ring of {self.cfg.sq_entries})")
+        return n
+
+    def cq_free(self) -> int:
+        """Validated free completion slots.
+
+        Raises:
+            QueueFatal: BAD_CQ_HEAD.
+        """
+        assert self._hdr is not None
+        head = self._hdr[_CQ_HEAD]
+        if (head - self.cq_head) & MASK > (self.cq_tail - self.cq_head) & MASK:
+            raise QueueFatal(FatalCode.BAD_CQ_HEAD, head, f"cq_head {head} moved back or past cq_tail "
+                             f"{self.cq_tail} (previous cq_head {self.cq_head})")
+        self.cq_head = head
+        return self.cfg.cq_entries - ((self.cq_tail - head) & MASK)
+
+    def set_need_wakeup(self, on: bool) -> None:
+        assert self._hdr is not None
+        self._hdr[_FLAGS] = abi.FLAG_NEED_WAKEUP if on else 0
+
+    # -- descriptors and completions -----------------------------------------------------------
+    def take(self, n: int) -> list[tuple[int, ...]]:
+        """Read the next ``n`` descriptors (copies) and advance ``sq_head`` past them."""
+        sq, hdr = self._sq, self._hdr
+        assert sq is not None and hdr is not None
+        unpack, size, mask = abi.DESCRIPTOR.unpack_from, abi.SQ_ENTRY_SIZE, self.sq_mask
+        head = self.sq_head
+        out = [unpack(sq, ((head + i) & mask) * size) for i in range(n)]
+        self.sq_head = (head + n) & MASK
+        hdr[_SQ_HEAD] = self.sq_head
+        return out
+
+    def complete(self, tag: int, status: int, result: int, result2: int) -> None:
+        """Write one completion and publish it (the caller checked :meth:`cq_free`)."""
+        cq, hdr, raw = self._cq, self._hdr, self._raw
+        assert cq is not None and hdr is not None and raw is not None
+        abi.COMPLETION.pack_into(cq, (self.cq_tail & self.cq_mask) * abi.CQ_ENTRY_SIZE,
+                                 tag, result & 0xFFFF_FFFF_FFFF_FFFF, result2 & 0xFFFF_FFFF_FFFF_FFFF, status, 0)
+        self.cq_tail = (self.cq_tail + 1) & MASK
+        self.completed += 1
+        hdr[_CQ_TAIL] = self.cq_tail
+        _U64.pack_into(raw, abi.QH_COMPLETED, self.completed & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def unread(self) -> list[tuple[int, ...]]:
+        """Every submitted, unconsumed descriptor that fits the completion ring (for aborts);
+        an invalid ``sq_tail`` or ``cq_head`` gives none."""
+        try:
+            n = min(self.pending(), self.cq_free())
+        except QueueFatal:
+            return []
+        return self.take(n)
