@@ -131,17 +131,18 @@ class DeviceArray:
             raise StaleHandle(f"array at {self._ptr:#x}")
         return self._ptr
 
-    def to_host(self, out: Any = None) -> Any:
+    def to_host(self, out: Any = None, *, blocking: bool = True) -> Any:
         """The contents as a new numpy array of this shape and dtype (a ``bytearray`` without
         numpy), or copied into ``out`` (a writable buffer or array of ``nbytes``, e.g. a
-        :class:`HostArray`, which is zero-copy), which is then returned.
+        :class:`HostArray`, which is zero-copy), which is then returned. ``blocking=False``
+        with a HostArray ``out`` only posts the copy (complete at the next synchronize).
 
         Raises:
             DeviceError: the copy failed. StaleHandle: a freed or stale array.
         """
         if out is None:
             out = np.empty(self.shape, self.dtype) if np is not None else bytearray(self.nbytes)
-        self.device.copy_to_host(out, self)
+        self.device.copy_to_host(out, self, blocking=blocking)
         return out
 
     def copy_from(self, src: Any) -> None:

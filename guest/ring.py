@@ -33,6 +33,7 @@ runs again after a reset.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -46,8 +47,8 @@ from vxpu.abi.status import Status
 SIDE_BYTES = 256
 #: Indirect scatter-gather entries that fit one side area.
 SIDE_SG_ENTRIES = SIDE_BYTES // xpu.SG_ENTRY.size
-#: Polls of the completion ring before the waiter starts to sleep between polls.
-SPIN_POLLS = 2000
+#: How long a waiter keeps polling after the last progress before it sleeps between polls (s).
+SPIN_S = 1e-3
 #: How long a waiter sees no progress before it reads REG_STATUS for a fatal error (seconds).
 FATAL_CHECK_S = 0.002
 #: How long :meth:`Ring.start` waits for the device to report its queue enabled (seconds).
@@ -336,23 +337,30 @@ class Ring:
                               detail=f"asynchronous command #{seq} (reported at synchronize)")
 
     def _wait_completed(self, target: int) -> None:
-        """Poll until ``target`` completions were consumed: spin briefly, then back off."""
+        """Poll until ``target`` completions were consumed: spin (yielding the CPU between
+        polls, since the device may need it) for SPIN_S after the last progress, then back off."""
         if self._completed >= target:
             return
         if self.fatal is not None:
             raise self.fatal
-        poll = self.poll
-        for _ in range(SPIN_POLLS):
-            if poll() and self._completed >= target:
-                return
+        poll, clock, yield_cpu = self.poll, time.perf_counter, os.sched_yield
+        deadline = clock() + SPIN_S
+        while True:
+            if poll():
+                if self._completed >= target:
+                    return
+                deadline = clock() + SPIN_S
+            yield_cpu()
+            if clock() > deadline:
+                break
         self._wait_slow(target)
 
     def _wait_slow(self, target: int) -> None:
         start = last_check = time.monotonic()
-        pause = 20e-6
+        pause = 50e-6
         while self._completed < target:
             if self.poll():
-                pause, start = 20e-6, time.monotonic()
+                pause, start = 50e-6, time.monotonic()
                 continue
             now = time.monotonic()
             if now - last_check >= FATAL_CHECK_S:

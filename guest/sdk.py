@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any, Self
 
 from vxpu.guest.array import DeviceAllocs, DeviceArray, HostArray, Shape, StaleHandle, as_bytes, normalize
@@ -310,9 +311,10 @@ class Device:
             raise GuestError(f"copy of {len(view)} bytes into a {dst.nbytes}-byte array")
         self._staging().upload(ptr, view)
 
-    def copy_to_host(self, dst: Any, src: DeviceArray) -> None:
+    def copy_to_host(self, dst: Any, src: DeviceArray, *, blocking: bool = True) -> None:
         """Copy ``src`` into ``dst`` (a HostArray, numpy array or writable buffer of the same
-        size) and wait until it is there.
+        size) and wait until it is there. ``blocking=False`` (HostArray only) just posts the
+        copy: the data is there after the next :meth:`synchronize`.
 
         Raises:
             GuestError: sizes differ or ``dst`` is not writable. DeviceError: the copy failed.
@@ -323,7 +325,8 @@ class Device:
                 raise GuestError(f"copy of {src.nbytes} bytes into {dst.nbytes} bytes")
             if src.nbytes:
                 post_copy(ring, xpu.Opcode.MEM_COPY_DTOH, ptr, dst.mem, 0, src.nbytes, waited=False)
-            ring.drain()
+            if blocking:
+                ring.drain()
             return
         view, _, _ = as_bytes(dst)
         if view.readonly or len(view) != src.nbytes:
@@ -371,6 +374,9 @@ class Device:
         ring = self._live()
         a1, a2, a3 = xpu.pack_launch_dims(grid, block, shared)
         n = len(blob)
+        if n == 0:
+            ring.post(xpu.Opcode.LAUNCH, kernel.handle, a1, a2, a3)
+            return
         if n <= INLINE_ARG_BYTES:
             seq = ring.reserve()
             side, addr = ring.side(seq)
@@ -396,6 +402,21 @@ class Device:
         ring.raise_async()
         if status:
             raise DeviceError(status, "FENCE", result=result, detail="reported by synchronize")
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Post the commands issued inside as one batch: one ``sq_tail`` store (and at most one
+        doorbell) at the end, or whenever the ring is full. Outside a batch every command is
+        published at once, which costs a store in guest memory (no trap) while the device polls.
+        """
+        ring = self._live()
+        ring.batching += 1
+        try:
+            yield
+        finally:
+            ring.batching -= 1
+            if not ring.batching:
+                ring.publish()
 
     def event(self) -> Event:
         """A new event (EVENT_CREATE)."""

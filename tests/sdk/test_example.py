@@ -13,6 +13,6 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "guest" / "saxpy.py
 
 @pytest.mark.timeout(180)
 def test_guest_example_runs_on_the_host():
-    proc = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=170)
+    proc = subprocess.run([sys.executable, str(EXAMPLE)], capture_output=True, text=True, timeout=170, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "correct" in proc.stdout and "(host)" in proc.stdout

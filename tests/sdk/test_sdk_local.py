@@ -80,6 +80,40 @@ def test_bytes_pinned_and_memset(dev):
         assert np.array_equal(arr.to_host(), host.array)
 
 
+EMPTY_AND_WIDE = """module @shapes
+kernel @empty() {
+^entry:
+  ret
+}
+kernel @wide(%out: ptr<global>, """ + ", ".join(f"%v{i}: i64" for i in range(40)) + """) {
+^entry:
+  %t = thread_id.x
+  %c0 = const 0 : i32
+  %z = icmp eq %t, %c0
+  cbr %z, ^w, ^exit
+^w:
+  store %v39, %out
+  br ^exit
+^exit:
+  ret
+}
+"""
+
+
+def test_kernels_without_arguments_and_with_a_large_argument_blob(dev):
+    """No arguments: a LAUNCH without an SG list. 328 argument bytes: more than the ring's side
+    area, so the blob travels in DMA memory of its own, freed when the launch completes."""
+    mod = dev.load_module(EMPTY_AND_WIDE)
+    assert mod.wide.signature.args_size > 256
+    with dev.zeros(1, np.int64) as out:
+        for _ in range(3):
+            mod.empty[4, 32]()
+            mod.wide[1, 32](out, *range(40))
+        dev.synchronize()
+        assert out.to_host()[0] == 39
+    mod.unload()
+
+
 def test_events_time_work(dev):
     mod = dev.load_module(samples.SAMPLES["saxpy"].module())
     n = 1 << 16

@@ -1,0 +1,283 @@
+"""Benchmark: the guest SDK through the host transport against native calls, in one run.
+
+The SDK side is ``Device.local(backend)``: a ``vxpu serve`` child, memfd guest RAM, commands
+through the rings. The native side runs in this process on the same hardware:
+
+* ``--backend cpu``: direct calls on an accel ``Session`` over the CPU backend (what the
+  device model itself calls), copies from a memfd mapping;
+* ``--backend cuda``: ``cuda.bindings.driver`` on pinned ``cuMemAllocHost`` memory and a
+  non-blocking stream, with a PTX empty kernel.
+
+Figures, each an SDK/native ratio:
+
+1. **Bandwidth** guest-RAM→device and device→guest-RAM at 64 KiB, 1 MiB and 16 MiB: the SDK
+   posts ``k`` copies between a pinned :class:`HostArray` and a device array, then
+   ``synchronize()``; native issues ``k`` async copies then one sync. At 64 KiB also one copy at
+   a time (``k = 1``) against a synchronous native copy. Ratio = SDK / native bandwidth.
+2. **Empty-kernel LAUNCH + completion**: ``kernel[1, 32]()`` + ``synchronize()`` (a LAUNCH and a
+   FENCE, waiting for the FENCE's completion) against native launch + sync. Ratio = SDK / native
+   time (lower is better).
+3. **Batched launch throughput**: 1,000 launches posted without waiting, then one
+   ``synchronize()``, against 1,000 native async launches and one sync. Ratio = native / SDK
+   time per launch (throughput ratio, higher is better).
+
+Usage: ``python benchmarks/bench_sdk.py [--backend cpu|cuda] [--quick] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import mmap
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from vxpu.guest import Device
+from vxpu.ir import encode, parse
+
+KiB, MiB = 1 << 10, 1 << 20
+SIZES = (64 * KiB, 1 * MiB, 16 * MiB)
+BATCH = {64 * KiB: 64, 1 * MiB: 16, 16 * MiB: 4}
+LAUNCHES = 1000
+EMPTY_IR = """module @bench
+kernel @empty() {
+^entry:
+  ret
+}
+"""
+EMPTY_PTX = b"""
+.version 8.0
+.target sm_90
+.address_size 64
+.visible .entry empty() { ret; }
+"""
+
+
+def timed(fn: Callable[[], None], reps: int) -> list[float]:
+    clock = time.perf_counter
+    out = []
+    for _ in range(reps):
+        t0 = clock()
+        fn()
+        out.append(clock() - t0)
+    return out
+
+
+def interleave(a: Callable[[], None], b: Callable[[], None], reps: int, block: int) -> tuple[float, float]:
+    """Median seconds per call of ``a`` and ``b``, alternating blocks of ``block`` calls."""
+    ta: list[float] = []
+    tb: list[float] = []
+    timed(a, min(reps, 5))
+    timed(b, min(reps, 5))
+    done = 0
+    while done < reps:
+        n = min(block, reps - done)
+        ta += timed(a, n)
+        tb += timed(b, n)
+        done += n
+    return statistics.median(ta), statistics.median(tb)
+
+
+# -- the SDK side ---------------------------------------------------------------------------------
+class SdkSide:
+    def __init__(self, dev: Device) -> None:
+        self.dev = dev
+        self.sub: dict[int, tuple[Any, Any]] = {}
+        self.mod = dev.load_module(EMPTY_IR)
+        self.launcher = self.mod.empty[1, 32]
+
+    def pair(self, size: int) -> tuple[Any, Any]:
+        if size not in self.sub:
+            self.sub[size] = (self.dev.pinned(size, np.uint8), self.dev.empty(size, np.uint8))
+        return self.sub[size]
+
+    def copies(self, direction: str, size: int, k: int) -> Callable[[], None]:
+        host, arr = self.pair(size)
+        dev = self.dev
+        if direction == "htod":
+            def run() -> None:
+                for _ in range(k):
+                    dev.copy_to_device(arr, host)
+                dev.synchronize()
+        else:
+            def run() -> None:
+                for _ in range(k):
+                    dev.copy_to_host(host, arr, blocking=False)
+                dev.synchronize()
+        return run
+
+    def launch_sync(self) -> None:
+        self.launcher()
+        self.dev.synchronize()
+
+    def launch_batch(self) -> None:
+        launcher = self.launcher
+        for _ in range(LAUNCHES):
+            launcher()
+        self.dev.synchronize()
+
+
+# -- native: a Session over an in-process backend ----------------------------------------------
+class SessionNative:
+    name = "direct Session calls"
+
+    def __init__(self, spec: str) -> None:
+        from vxpu.accel import registry
+        from vxpu.accel.session import Session
+
+        self.session = Session(registry.open_backend(spec))
+        fd = os.memfd_create("bench-ram")
+        os.ftruncate(fd, max(SIZES))
+        self.region = mmap.mmap(fd, max(SIZES), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.close(fd)
+        self.view = memoryview(self.region)
+        self.dptr = self.session.alloc(max(SIZES))
+        module = self.session.load_module(encode(parse(EMPTY_IR)))
+        self.kernel, _ = self.session.get_kernel(module, "empty")
+
+    def copies(self, direction: str, size: int, k: int) -> Callable[[], None]:
+        s, d, v = self.session, self.dptr, self.view[:size]
+
+        def run() -> None:
+            for _ in range(k):
+                if direction == "htod":
+                    s.copy_htod(d, v)
+                else:
+                    s.copy_dtoh(v, d)
+            s.synchronize()
+        return run
+
+    def launch_sync(self) -> None:
+        self.session.launch(self.kernel, (1, 1, 1), (32, 1, 1), b"")
+        self.session.synchronize()
+
+    def launch_batch(self) -> None:
+        s, k = self.session, self.kernel
+        for _ in range(LAUNCHES):
+            s.launch(k, (1, 1, 1), (32, 1, 1), b"")
+        s.synchronize()
+
+
+# -- native: the CUDA driver API --------------------------------------------------------------------
+class CudaNative:
+    name = "native CUDA driver (pinned cuMemAllocHost, async on one stream)"
+
+    def __init__(self) -> None:
+        from cuda.bindings import driver as drv
+
+        self.drv = drv
+        self._ok(drv.cuInit(0))
+        dev = self._ok(drv.cuDeviceGet(0))
+        self.ctx = self._ok(drv.cuDevicePrimaryCtxRetain(dev))
+        self._ok(drv.cuCtxSetCurrent(self.ctx))
+        self.host = int(self._ok(drv.cuMemAllocHost(max(SIZES))))
+        self.dptr = int(self._ok(drv.cuMemAlloc(max(SIZES))))
+        self.stream = self._ok(drv.cuStreamCreate(drv.CUstream_flags.CU_STREAM_NON_BLOCKING))
+        self.module = self._ok(drv.cuModuleLoadData(EMPTY_PTX + b"\0"))
+        self.func = self._ok(drv.cuModuleGetFunction(self.module, b"empty"))
+        name = self._ok(drv.cuDeviceGetName(64, dev))
+        self.device_name = bytes(name).split(b"\0")[0].decode()
+        ctypes.memset(self.host, 1, max(SIZES))
+
+    @staticmethod
+    def _ok(result: Any) -> Any:
+        err = result[0]
+        if int(err):
+            raise RuntimeError(f"CUDA call failed: {err}")
+        return result[1] if len(result) > 1 else None
+
+    def copies(self, direction: str, size: int, k: int) -> Callable[[], None]:
+        drv, h, d, st = self.drv, self.host, self.dptr, self.stream
+        if k == 1:                       # the plain synchronous pinned copy
+            if direction == "htod":
+                return lambda: drv.cuMemcpyHtoD(d, h, size)
+            return lambda: drv.cuMemcpyDtoH(h, d, size)
+        copy = drv.cuMemcpyHtoDAsync if direction == "htod" else drv.cuMemcpyDtoHAsync
+
+        def run() -> None:
+            for _ in range(k):
+                if direction == "htod":
+                    copy(d, h, size, st)
+                else:
+                    copy(h, d, size, st)
+            drv.cuStreamSynchronize(st)
+        return run
+
+    def launch_sync(self) -> None:
+        self.drv.cuLaunchKernel(self.func, 1, 1, 1, 32, 1, 1, 0, self.stream, 0, 0)
+        self.drv.cuStreamSynchronize(self.stream)
+
+    def launch_batch(self) -> None:
+        drv, f, st = self.drv, self.func, self.stream
+        for _ in range(LAUNCHES):
+            drv.cuLaunchKernel(f, 1, 1, 1, 32, 1, 1, 0, st, 0, 0)
+        drv.cuStreamSynchronize(st)
+
+
+# -- the run ------------------------------------------------------------------------------------------
+def bench(sdk: SdkSide, native: Any, quick: bool) -> list[dict[str, Any]]:
+    rows = []
+    for size in SIZES:
+        for direction in ("htod", "dtoh"):
+            for k in ((1, BATCH[size]) if size == min(SIZES) else (BATCH[size],)):
+                reps = max(5, (400 if size <= MiB else 40) // k // (4 if quick else 1))
+                t_sdk, t_nat = interleave(sdk.copies(direction, size, k), native.copies(direction, size, k),
+                                          reps, max(2, reps // 5))
+                rows.append({"what": f"{'guest-RAM->device' if direction == 'htod' else 'device->guest-RAM'} "
+                                     f"{_size(size)} x{k}",
+                             "sdk_gbps": k * size / t_sdk / 1e9, "native_gbps": k * size / t_nat / 1e9,
+                             "ratio": t_nat / t_sdk, "better": "higher"})
+    reps = 300 if quick else 2000
+    t_sdk, t_nat = interleave(sdk.launch_sync, native.launch_sync, reps, 100)
+    rows.append({"what": "empty LAUNCH + completion (us)", "sdk": t_sdk * 1e6, "native": t_nat * 1e6,
+                 "ratio": t_sdk / t_nat, "better": "lower"})
+    reps = 3 if quick else 10
+    t_sdk, t_nat = interleave(sdk.launch_batch, native.launch_batch, reps, 1)
+    rows.append({"what": f"batched launches, {LAUNCHES} then sync (us/launch)", "sdk": t_sdk / LAUNCHES * 1e6,
+                 "native": t_nat / LAUNCHES * 1e6, "ratio": t_nat / t_sdk, "better": "higher"})
+    return rows
+
+
+def _size(n: int) -> str:
+    return f"{n // MiB} MiB" if n >= MiB else f"{n // KiB} KiB"
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"SDK via Device.local({result['backend']!r}) vs {result['native']} on {result['device']}")
+    print(f"{'measure':<44} {'SDK':>10} {'native':>10} {'ratio':>7}")
+    for r in result["rows"]:
+        if "sdk_gbps" in r:
+            print(f"{r['what'] + ' (GB/s)':<44} {r['sdk_gbps']:>10.2f} {r['native_gbps']:>10.2f} {r['ratio']:>7.3f}")
+        else:
+            print(f"{r['what']:<44} {r['sdk']:>10.2f} {r['native']:>10.2f} {r['ratio']:>7.3f}")
+    print(f"doorbells rung: {result['doorbells']} for {result['commands']} commands")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args(argv)
+    native = CudaNative() if args.backend.startswith("cuda") else SessionNative(args.backend)
+    with Device.local(args.backend, ram_size=max(SIZES) * 4 + (64 << 20)) as dev:
+        sdk = SdkSide(dev)
+        ident = dev.identify()
+        rows = bench(sdk, native, args.quick)
+        result = {"backend": args.backend, "native": native.name, "device": ident.get("name"),
+                  "rows": rows, "doorbells": dev.ring.doorbells, "commands": dev.ring.submitted}
+    print_table(result)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
