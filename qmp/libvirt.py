@@ -65,6 +65,9 @@ def _domain(name: str, memory_mib: int, kernel: str | None, initrd: str | None, 
         if initrd:
             ET.SubElement(os_el, "initrd").text = initrd
         ET.SubElement(os_el, "cmdline").text = "console=ttyS0 panic=-1"
+    features = ET.SubElement(dom, "features")  # ACPI: hot-plug on pc goes through it (acpiphp)
+    ET.SubElement(features, "acpi")
+    ET.SubElement(features, "apic")
     ET.SubElement(dom, "cpu", mode="maximum", check="none")  # TCG: qemu64 lacks RDRAND, Python stalls in getrandom
     ET.SubElement(dom, "on_reboot").text = "destroy"
     devices = ET.SubElement(dom, "devices")

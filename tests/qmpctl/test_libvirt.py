@@ -4,6 +4,7 @@ carries the shared memfd backing and the JSON vfio-user device."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -73,3 +74,12 @@ def test_cli_output_validates(tmp_path: Path) -> None:
     res = subprocess.run([VALIDATOR, str(tmp_path / "d1.xml"), "domain"], capture_output=True, text=True,
                          check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_docs_show_what_the_command_prints() -> None:
+    doc = (Path(__file__).resolve().parents[2] / "docs/libvirt.md").read_text()
+    blocks = re.findall(r"```xml\n(.*?)```", doc, re.DOTALL)
+    assert blocks[0] == libvirt.render("/run/vxpu/vm1/vxpu0.sock", qmp="/run/vxpu/vm1.qmp")
+    assert blocks[1] == libvirt.render("/run/vxpu/vm1/vxpu0.sock", "vxpu0", 1024, domain="vm1",
+                                       kernel="/var/lib/vxpu/vmlinuz", initrd="/var/lib/vxpu/initrd.cpio",
+                                       qmp="/run/vxpu/vm1.qmp")
