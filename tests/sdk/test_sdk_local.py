@@ -20,7 +20,8 @@ pytestmark = pytest.mark.timeout(300)
 
 @pytest.fixture(scope="module")
 def dev():
-    with Device.local("cpu", ram_size=64 << 20, sq_entries=64) as d:
+    """One device for the module; VXPU_SDK_BACKEND=cuda runs the same tests on a GPU."""
+    with Device.local(os.environ.get("VXPU_SDK_BACKEND", "cpu"), ram_size=64 << 20, sq_entries=64) as d:
         yield d
 
 
