@@ -367,13 +367,14 @@ def lower_module(image: bytes, backend: Any) -> dict[str, Any]:
         BackendError: BAD_MODULE for IR that does not decode or verify; UNSUPPORTED when no
             kernel of the module lowers (the message gives each kernel's reason).
     """
+    from vxpu.accel.compile_status import compile_error
     from vxpu.ir import binary
     from vxpu.ir.errors import IRError
 
     try:
         module = binary.decode(image, verify=True)
     except IRError as exc:
-        raise BackendError(Status.BAD_MODULE, f"IR module rejected: {exc}", log=str(exc)) from exc
+        raise compile_error(exc, "npu") from exc
     out: dict[str, Any] = {}
     for k in module.kernels:
         try:

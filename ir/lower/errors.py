@@ -21,5 +21,13 @@ class ToolchainError(CompileError):
     """A native tool (LLVM, nvJitLink, LLD) is missing or failed; the message names the fix."""
 
 
+class UnknownTargetError(ToolchainError):
+    """The target kind, architecture or code-object version is not one the toolchain knows."""
+
+
+class ToolMissingError(ToolchainError):
+    """A native tool the target needs (nvJitLink, ld.lld) is not installed or cannot run here."""
+
+
 class LoweringError(CompileError):
     """The IR uses something the lowering cannot express for this target."""

@@ -30,7 +30,7 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
-from vxpu.ir.lower.errors import ToolchainError
+from vxpu.ir.lower.errors import ToolchainError, ToolMissingError, UnknownTargetError
 
 log = logging.getLogger(__name__)
 
@@ -102,14 +102,14 @@ def resolve_target(kind: str, arch: str | None = None, *, features: str | None =
     if k == "nvptx":
         a = arch or "sm_90"
         if a not in NVPTX_ARCHS:
-            raise ToolchainError(f"unknown NVPTX arch {a!r}; use one of {', '.join(NVPTX_ARCHS)}")
+            raise UnknownTargetError(f"unknown NVPTX arch {a!r}; use one of {', '.join(NVPTX_ARCHS)}")
         return TargetSpec("nvptx", a, features if features is not None else DEFAULT_PTX_FEATURES)
     if k == "amdgpu":
         a = arch or "gfx942"
         if a not in AMDGPU_ARCHS:
-            raise ToolchainError(f"unknown AMDGPU arch {a!r}; use one of {', '.join(AMDGPU_ARCHS)}")
+            raise UnknownTargetError(f"unknown AMDGPU arch {a!r}; use one of {', '.join(AMDGPU_ARCHS)}")
         if cov not in COV_FLAGS:
-            raise ToolchainError(f"AMDGPU code object version must be 4 or 5, not {cov!r}")
+            raise UnknownTargetError(f"AMDGPU code object version must be 4 or 5, not {cov!r}")
         return TargetSpec("amdgpu", a, features or "", cov)
     if k == "x86":
         llvm = _llvm()
@@ -117,7 +117,7 @@ def resolve_target(kind: str, arch: str | None = None, *, features: str | None =
             return TargetSpec("x86", llvm.get_host_cpu_name(),
                               features if features is not None else llvm.get_host_cpu_features().flatten())
         return TargetSpec("x86", arch, features or "")
-    raise ToolchainError(f"unknown target {kind!r}; use 'x86', 'nvptx' or 'amdgpu'")
+    raise UnknownTargetError(f"unknown target {kind!r}; use 'x86', 'nvptx' or 'amdgpu'")
 
 
 @functools.lru_cache(maxsize=1)
@@ -144,7 +144,7 @@ def target_machine(spec: TargetSpec, opt_level: int = 3) -> Any:
                                             opt=min(max(opt_level, 0), 3), reloc=reloc,
                                             codemodel="jitdefault" if spec.kind == "x86" else "default")
     except RuntimeError as exc:
-        raise ToolchainError(f"LLVM cannot target {spec.key()}: {exc}") from exc
+        raise UnknownTargetError(f"LLVM cannot target {spec.key()}: {exc}") from exc
 
 
 def parse_and_optimize(llvm_ir: str, spec: TargetSpec, opt_level: int) -> Any:
@@ -204,14 +204,14 @@ def ptx_to_cubin(ptx: str, arch: str, *, opt_level: int = 3) -> tuple[bytes, str
     try:
         from cuda.bindings import nvjitlink
     except ImportError as exc:  # pragma: no cover - depends on the installation
-        raise ToolchainError("nvJitLink is not installed: pip install 'vxpu[cuda]'") from exc
+        raise ToolMissingError("nvJitLink is not installed: pip install 'vxpu[cuda]'") from exc
     # nvJitLink knows -O0 and -O3 only: ptxas always optimizes fully unless opt_level is 0
     # (opt_level 1-2 only lighten the LLVM side).
     opts = [f"-arch={arch}", "-O0" if opt_level <= 0 else "-O3"]
     try:
         handle = nvjitlink.create(len(opts), opts)
     except Exception as exc:
-        raise ToolchainError(f"nvJitLink unavailable: {exc}") from exc
+        raise ToolMissingError(f"nvJitLink unavailable: {exc}") from exc
     try:
         data = ptx.encode() + b"\0"
         try:
@@ -274,7 +274,7 @@ def lld_command() -> tuple[str, ...]:
         path = shutil.which(name)
         if path:
             return (path,)
-    raise ToolchainError("no ld.lld found: pip install ziglang (or 'vxpu[rocm]')")
+    raise ToolMissingError("no ld.lld found: pip install ziglang (or 'vxpu[rocm]')")
 
 
 @functools.lru_cache(maxsize=1)
@@ -303,7 +303,7 @@ def link_hsaco(obj: bytes) -> bytes:
             res = subprocess.run([*lld_command(), "-shared", "--no-undefined", "-o", dst, src],
                                  capture_output=True, text=True, timeout=120, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
-            raise ToolchainError(f"ld.lld failed to run: {exc}") from exc
+            raise ToolMissingError(f"ld.lld failed to run: {exc}") from exc
         if res.returncode != 0:
             raise ToolchainError(f"ld.lld failed ({res.returncode}): {res.stderr.strip()}")
         with open(dst, "rb") as f:
