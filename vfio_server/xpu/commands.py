@@ -349,8 +349,8 @@ class Executor:
             if self.async_error is None:
                 self.async_error = exc.status
         err, self.async_error = self.async_error, None
-        if err is not None:
-            raise BackendError(err, "an earlier command failed asynchronously")
+        if err is not None:        # a GuestFault: reported here, not recorded again
+            raise GuestFault(err, "an earlier command failed asynchronously")
         return 0, 0
 
     def _event_destroy(self, d: Desc) -> Result:

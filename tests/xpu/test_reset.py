@@ -1,0 +1,213 @@
+"""Reset, reboot and disconnect with work in flight (docs/device-abi.md §4.8), and the serve
+loop's independence from long commands.
+
+A kernel that spins for a few hundred milliseconds keeps the device busy; FENCE then blocks
+the poller while the test resets, disconnects, unmaps memory or reads registers.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+
+import pytest
+from vxpu.ir import binary, text
+from vxpu.ir.args import kernel_signature, pack_args
+from vxpu.vfio_server.client import GuestMemory, VfioUserClient
+
+from vxpu.abi import xpu as abi
+from vxpu.abi.status import Status
+from vxpu.abi.xpu import Control, DeviceStatus, Opcode
+
+from .ringdriver import CONFIG, DATA_OFF, RAM_BASE, XpuRig, desc
+
+SPIN = """
+module @spin
+kernel @spin(%n: i32, %out: ptr<global>) {
+^entry:
+  %zero = const 0 : i32
+  br ^loop(%zero)
+^loop(%k: i32):
+  %one = const 1 : i32
+  %k1 = add %k, %one : i32
+  %more = icmp slt %k1, %n
+  cbr %more, ^loop(%k1), ^done
+^done:
+  store %k1, %out
+  ret
+}
+"""
+SPIN_N = 600_000_000           # about 0.4 s on the CI machine
+MOD_OFF = DATA_OFF + 0x100000
+ARGS_OFF = DATA_OFF + 0x180000
+
+
+def _spin_launch(rig: XpuRig, n: int = SPIN_N, tag: int = 1) -> tuple[bytes, int]:
+    """Load the spin kernel; returns (its LAUNCH descriptor, the output allocation)."""
+    image = binary.encode(text.parse(SPIN), names=False)
+    rig.write(MOD_OFF, image)
+    c = rig.cmd(Opcode.MODULE_LOAD, [abi.ModuleKind.IR], sg=(rig.addr(MOD_OFF), len(image)))
+    assert c.status == 0, c
+    rig.write(MOD_OFF, b"spin")
+    k = rig.cmd(Opcode.KERNEL_GET, [c.result], sg=(rig.addr(MOD_OFF), 4))
+    out = rig.alloc(16)
+    rig.write(ARGS_OFF, pack_args(kernel_signature(text.parse(SPIN).kernels[0]), [n, out]))
+    dims = abi.pack_launch_dims((1, 1, 1), (1, 1, 1), 0)
+    return desc(Opcode.LAUNCH, [k.result, *dims], sg=(rig.addr(ARGS_OFF), k.result2), tag=tag), out
+
+
+def _wait_reset_count(rig: XpuRig, before: int) -> None:
+    deadline = time.monotonic() + 10
+    while rig.reg(abi.REG_RESET_COUNT) == before:
+        assert time.monotonic() < deadline, "reset never completed"
+        time.sleep(0.002)
+
+
+def _wait_busy(rig: XpuRig, completions: int) -> None:
+    """Wait until ``completions`` completions were posted (the next command is running)."""
+    deadline = time.monotonic() + 5
+    while rig.hdr(abi.QH_CQ_TAIL) < completions:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    time.sleep(0.02)
+
+
+def test_control_reset_aborts_in_flight_and_unread_descriptors(rig):
+    launch, out = _spin_launch(rig)
+    base = rig.hdr(abi.QH_CQ_TAIL)
+    rig.submit([launch, desc(Opcode.FENCE, tag=2)] + [desc(Opcode.NOP, tag=10 + i) for i in range(5)])
+    _wait_busy(rig, base + 1)                                  # LAUNCH completed, FENCE is waiting
+    rig.submit([desc(Opcode.NOP, tag=100 + i) for i in range(3)])     # submitted, not yet read
+    before = rig.reg(abi.REG_RESET_COUNT)
+    rig.set_reg(abi.REG_CONTROL, Control.RESET)
+    _wait_reset_count(rig, before)
+    got = rig.completions(10)
+    assert (got[0].tag, got[0].status) == (1, Status.OK)
+    assert [c.tag for c in got[1:]] == [2, 10, 11, 12, 13, 14, 100, 101, 102]
+    assert all(c.status == Status.ABORTED for c in got[1:])
+    status = rig.reg(abi.REG_STATUS)
+    assert not status & (DeviceStatus.ENABLED | DeviceStatus.FATAL)
+    assert rig.reg(abi.REG_QUEUE_ENABLE) == 0
+    assert rig.enable() & DeviceStatus.ENABLED
+    assert rig.cmd(Opcode.MEM_SET, [out, 0, 4]).status == Status.OUT_OF_RANGE      # allocations dropped
+    rig.alive()
+
+
+def test_control_reset_with_the_queue_idle(rig):
+    a = rig.alloc(64)
+    before = rig.reg(abi.REG_RESET_COUNT)
+    rig.set_reg(abi.REG_CONTROL, Control.RESET)
+    _wait_reset_count(rig, before)
+    assert rig.reg(abi.REG_RESET_COUNT) == before + 1
+    assert rig.hdr(abi.QH_CQ_TAIL) == rig.cq_head             # nothing to abort, nothing posted
+    assert rig.enable() & DeviceStatus.ENABLED
+    assert rig.cmd(Opcode.MEM_FREE, [a]).status == Status.INVALID_HANDLE
+    rig.alive()
+
+
+def test_reset_command_keeps_the_queue_running(rig):
+    launch, out = _spin_launch(rig, n=SPIN_N // 4)
+    got = rig.run([launch, desc(Opcode.RESET, tag=2), desc(Opcode.MEM_SET, [out, 0, 4], tag=3),
+                   desc(Opcode.NOP, tag=4)])
+    assert [(c.tag, c.status) for c in got] == [(1, 0), (2, 0), (3, Status.OUT_OF_RANGE), (4, 0)]
+    assert rig.reg(abi.REG_STATUS) & DeviceStatus.ENABLED
+    assert rig.cmd(Opcode.FENCE).status == Status.OK
+
+
+def test_device_reset_abandons_in_flight_work_without_waiting(rig):
+    launch, out = _spin_launch(rig)
+    base = rig.hdr(abi.QH_CQ_TAIL)
+    rig.submit([launch, desc(Opcode.FENCE, tag=2), desc(Opcode.NOP, tag=3)])
+    _wait_busy(rig, base + 1)
+    before = rig.reg(abi.REG_RESET_COUNT)
+    t0 = time.monotonic()
+    rig.client.reset()                                        # QEMU's DEVICE_RESET (guest reboot)
+    assert time.monotonic() - t0 < 0.2                        # answered without waiting for the kernel
+    time.sleep(0.6)                                           # the kernel ends; nothing is posted
+    assert rig.hdr(abi.QH_CQ_TAIL) == base + 1
+    rig.client.region_write(CONFIG, 4, struct.pack("<H", 0x0006))    # the reset cleared the command register
+    _wait_reset_count(rig, before)
+    assert rig.reg(abi.REG_STATUS) == DeviceStatus.BUS_MASTER
+    assert rig.reg(abi.REG_QUEUE_BASE_LO) == 0 and rig.reg(abi.REG_SQ_ENTRIES) == 0
+    assert rig.enable() & DeviceStatus.ENABLED                # DMA maps survived the reset
+    assert rig.cmd(Opcode.MEM_SET, [out, 0, 4]).status == Status.OUT_OF_RANGE
+    rig.alive()
+
+
+def test_disconnect_with_work_in_flight_then_a_new_client(tmp_path, backend):
+    with XpuRig(tmp_path / "s", backend) as r:
+        launch, out = _spin_launch(r)
+        r.submit([launch, desc(Opcode.FENCE), desc(Opcode.NOP)])
+        time.sleep(0.05)
+        r.client.close()                                       # QEMU went away mid-command
+        r.client = VfioUserClient(r.server.path, timeout=10.0)
+        r.client.handshake()
+        r.client.region_write(CONFIG, 4, struct.pack("<H", 0x0006))
+        r.client.map_guest_ram(r.mem, RAM_BASE)
+        assert r.enable() & DeviceStatus.ENABLED
+        assert r.cmd(Opcode.MEM_SET, [out, 0, 4]).status == Status.OUT_OF_RANGE   # the old guest's state is gone
+        r.alive()
+
+
+def test_register_reads_are_answered_while_a_command_blocks(rig):
+    launch, _out = _spin_launch(rig)
+    base = rig.hdr(abi.QH_CQ_TAIL)
+    rig.submit([launch, desc(Opcode.FENCE, tag=2)])
+    _wait_busy(rig, base + 1)
+    worst = 0.0
+    for _ in range(20):
+        t0 = time.perf_counter()
+        assert rig.reg(abi.REG_MAGIC) == abi.MAGIC_VALUE
+        worst = max(worst, time.perf_counter() - t0)
+    assert worst < 0.1, f"a register read took {worst * 1e3:.1f} ms while FENCE waited"
+    assert rig.completions(2)[1].status == Status.OK
+
+
+def test_unmapping_data_memory_during_copies_never_touches_freed_memory(rig):
+    """One thread streams copies from a second DMA map while the main thread unmaps and remaps
+    it: each copy either completes OK or fails OUT_OF_RANGE, the server never faults."""
+    extra = GuestMemory(4 << 20)
+    base = 0x4000_0000
+    extra.write(0, os.urandom(4 << 20))
+    rig.client.map_guest_ram(extra, base)
+    dev = rig.alloc(4 << 20)
+    statuses: list[int] = []
+    stop = threading.Event()
+    lock = threading.Lock()                  # the client socket is not thread-safe: one request at a time
+
+    def copier() -> None:
+        while not stop.is_set():
+            with lock:
+                rig.submit([desc(Opcode.MEM_COPY_HTOD, [dev], sg=(base, 4 << 20)),
+                            desc(Opcode.MEM_COPY_DTOH, [dev], sg=(base, 4 << 20))], doorbell=True)
+            statuses.extend(c.status for c in rig.completions(2))
+
+    t = threading.Thread(target=copier)
+    t.start()
+    try:
+        for _ in range(15):
+            time.sleep(0.01)
+            with lock:
+                rig.client.dma_unmap(base, extra.size)
+            time.sleep(0.005)
+            with lock:
+                rig.client.map_guest_ram(extra, base)
+    finally:
+        stop.set()
+        t.join(30)
+    assert not t.is_alive()
+    assert set(statuses) <= {Status.OK, Status.OUT_OF_RANGE} and Status.OK in statuses
+    rig.client.dma_unmap(base, extra.size)
+    extra.close()
+    rig.alive()
+
+
+@pytest.mark.parametrize("bad", [0, 0xFFFF_FFFE])
+def test_control_write_without_reset_bit_does_nothing(rig, bad):
+    before = rig.reg(abi.REG_RESET_COUNT)
+    rig.set_reg(abi.REG_CONTROL, bad)
+    time.sleep(0.02)
+    assert rig.reg(abi.REG_RESET_COUNT) == before
+    rig.alive()
