@@ -273,9 +273,9 @@ class CpuModule:
         if compiled.kind != "x86":
             raise CompileError(f"module {compiled.name!r} was compiled for {compiled.kind}, not x86")
         import llvmlite.binding as llvm
-        from vxpu.ir.lower.toolchain import LLVM_LOCK, _llvm, resolve_target
+        from vxpu.ir.lower.toolchain import LLVM_LOCK, llvm_binding, resolve_target
 
-        _llvm()
+        llvm_binding()
         self.compiled = compiled
         with LLVM_LOCK:
             try:

@@ -74,7 +74,7 @@ class TargetSpec:
             return NVPTX_TRIPLE
         if self.kind == "amdgpu":
             return AMDGPU_TRIPLE
-        return _llvm().get_process_triple()
+        return llvm_binding().get_process_triple()
 
     def key(self) -> str:
         """A stable text form for cache keys."""
@@ -112,7 +112,7 @@ def resolve_target(kind: str, arch: str | None = None, *, features: str | None =
             raise UnknownTargetError(f"AMDGPU code object version must be 4 or 5, not {cov!r}")
         return TargetSpec("amdgpu", a, features or "", cov)
     if k == "x86":
-        llvm = _llvm()
+        llvm = llvm_binding()
         if arch is None:
             return TargetSpec("x86", llvm.get_host_cpu_name(),
                               features if features is not None else llvm.get_host_cpu_features().flatten())
@@ -121,7 +121,8 @@ def resolve_target(kind: str, arch: str | None = None, *, features: str | None =
 
 
 @functools.lru_cache(maxsize=1)
-def _llvm() -> Any:
+def llvm_binding() -> Any:
+    """``llvmlite.binding`` with every target and asm printer initialised (once per process)."""
     import llvmlite.binding as llvm
 
     llvm.initialize_all_targets()
@@ -136,7 +137,7 @@ def target_machine(spec: TargetSpec, opt_level: int = 3) -> Any:
     Raises:
         ToolchainError: LLVM does not know the triple/CPU.
     """
-    llvm = _llvm()
+    llvm = llvm_binding()
     try:
         target = llvm.Target.from_triple(spec.triple)
         reloc = "pic" if spec.kind == "amdgpu" else "default"
@@ -155,7 +156,7 @@ def parse_and_optimize(llvm_ir: str, spec: TargetSpec, opt_level: int) -> Any:
     Raises:
         ToolchainError: the text does not parse or verify (a lowering bug: the message has LLVM's).
     """
-    llvm = _llvm()
+    llvm = llvm_binding()
     with LLVM_LOCK:
         try:
             mod = llvm.parse_assembly(llvm_ir)
@@ -416,7 +417,7 @@ def toolchain_versions() -> str:
         vxpu_version = version("vxpu")
     except Exception:  # noqa: BLE001 - not installed as a distribution
         vxpu_version = "dev"
-    llvm = _llvm()
+    llvm = llvm_binding()
     llvm_v = ".".join(map(str, llvm.llvm_version_info))
     return (f"vxpu={vxpu_version};lowering={lowering_fingerprint()};llvmlite={llvmlite.__version__};"
             f"llvm={llvm_v};nvjitlink={nvjitlink_version()};lld={lld_version()}")
@@ -441,7 +442,7 @@ def lowering_fingerprint() -> str:
 
 def emit_x86_object(mod: Any, spec: TargetSpec, opt_level: int = 3) -> bytes:
     """Emit a host ELF object (large code model, so MCJIT may place it anywhere)."""
-    _llvm()
+    llvm_binding()
     with LLVM_LOCK:
         tm = _x86_object_machine(spec, opt_level)
         return bytes(tm.emit_object(mod.clone()))
@@ -449,7 +450,7 @@ def emit_x86_object(mod: Any, spec: TargetSpec, opt_level: int = 3) -> bytes:
 
 @functools.lru_cache(maxsize=8)
 def _x86_object_machine(spec: TargetSpec, opt_level: int) -> Any:
-    llvm = _llvm()
+    llvm = llvm_binding()
     target = llvm.Target.from_triple(spec.triple)
     return target.create_target_machine(cpu=spec.arch, features=spec.features, opt=opt_level,
                                         reloc="static", codemodel="large")
