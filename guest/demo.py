@@ -35,7 +35,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from pathlib import Path
+from importlib.resources import files
 from typing import Any
 
 from vxpu.abi import xpu
@@ -66,11 +66,7 @@ def max_rel_err(got: Any, want: Any) -> float:
 
 
 def _source(name: str) -> str:
-    # The IR package's data folder, read as a file next to the package (the guest image is
-    # unpacked files; importlib.resources would pull half the stdlib into the image).
-    import vxpu.ir
-
-    return (Path(vxpu.ir.__file__).parent / "sample_kernels" / f"{name}.vxir").read_text()
+    return files("vxpu.ir").joinpath(f"sample_kernels/{name}.vxir").read_text()
 
 
 def _timed(dev: Any, launch: Callable[[], None]) -> float:

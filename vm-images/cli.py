@@ -45,6 +45,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                      help="auto tries KVM and falls back to TCG if it fails (default)")
     run.add_argument("--memory", default="512M", help="guest RAM (default 512M)")
     run.add_argument("--cmd", help="shell command to run in the guest, then power off (default: a shell)")
+    run.add_argument("--file", action="append", default=[], metavar="PATH",
+                     help="copy this host file into the guest's /root for this boot (repeatable), "
+                          "e.g. --file examples/guest/saxpy.py --cmd 'python3 /root/saxpy.py --vm'")
     run.add_argument("--qemu", help="QEMU binary to use (default: $VXPU_QEMU, system, cached or fetched)")
     run.add_argument("--timeout", type=float, default=300.0, help="seconds before the VM is killed (default 300)")
     run.add_argument("--server-arg", action="append", default=[], metavar="ARG",
@@ -122,6 +125,25 @@ def _stream_until_exit(vm: Any, timeout: float) -> int:
         time.sleep(0.05)
 
 
+def _guest_files(paths: list[str]) -> dict[str, bytes]:
+    """``--file`` arguments as ``{"root/<name>": bytes}``.
+
+    Raises:
+        VmError: a file is missing, or two share a name.
+    """
+    from vxpu.images.errors import VmError
+
+    files: dict[str, bytes] = {}
+    for name in paths:
+        path = Path(name)
+        if not path.is_file():
+            raise VmError(f"--file {name}: no such file on this host")
+        if f"root/{path.name}" in files:
+            raise VmError(f"--file {name}: another --file is also named {path.name}; rename one")
+        files[f"root/{path.name}"] = path.read_bytes()
+    return files
+
+
 def cmd_vm_run(args: argparse.Namespace) -> int:
     from vxpu.images.errors import VmError
     from vxpu.images.guest import current_image
@@ -137,6 +159,7 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
                       "the test device's self-test is 'vxpu vm run --selftest'")
     if args.selftest and (args.cmd or args.no_device or args.socket):
         raise VmError("--selftest starts its own test-device server and payload: drop --cmd, --no-device and --socket")
+    extra = _guest_files(args.file)
     qemu = find_qemu(args.qemu)
     image = current_image()
     cmd = SELFTEST_CMD if args.selftest else args.cmd
@@ -150,7 +173,8 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
                 server_args = ["--device", "test", *args.server_arg] if args.selftest else args.server_arg
                 server = ServerProcess(sock, workdir / "server.log", server_args).start()
             devices.append(vfio_user_device("vxpu0", sock))
-        spec = VmSpec(cmd=cmd, memory=args.memory, accel=args.accel, devices=devices, stdio_console=cmd is None)
+        spec = VmSpec(cmd=cmd, memory=args.memory, accel=args.accel, devices=devices, stdio_console=cmd is None,
+                      extra_files=extra)
         try:
             return _run_vm(args, Vm(qemu, image, spec, workdir), server)
         except VmError as exc:

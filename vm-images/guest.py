@@ -49,7 +49,10 @@ GUEST_STDLIB = ("argparse", "array", "base64", "binascii", "collections", "conte
                 "math", "mmap", "os", "pathlib", "random", "re", "resource", "select", "selectors", "signal",
                 "socket", "statistics", "struct", "subprocess", "sys", "tempfile", "textwrap", "threading",
                 "time", "traceback", "typing", "weakref", "zlib", "encodings.ascii", "encodings.latin_1",
-                "encodings.utf_8", "runpy", "__future__", "abc", "copy", "heapq", "bisect", "operator")
+                "encodings.utf_8", "runpy", "__future__", "abc", "copy", "heapq", "bisect", "operator",
+                # package data (importlib.resources.files) for regular and namespace packages
+                "importlib.resources", "importlib.resources.readers", "importlib.resources._adapters",
+                "importlib.readers")
 GUEST_LIBS = ("ld-linux-x86-64.so.2", "libc.so.6", "libm.so.6", "libz.so.1", "libexpat.so.1", "libffi.so.8")
 # The vxpu modules in the image: the import closure (every import, lazy ones included) of every
 # module in GUEST_TREES and of GUEST_MODULES. That is the guest package, the ABI package, the
