@@ -59,6 +59,7 @@ _CQ_HEAD = xpu.QH_CQ_HEAD // 4
 _SQ_HEAD = xpu.QH_SQ_HEAD // 4
 _CQ_TAIL = xpu.QH_CQ_TAIL // 4
 _FLAGS = xpu.QH_FLAGS // 4
+_KERNEL_FAULT = int(Status.KERNEL_FAULT)
 
 
 def opcode_name(opcode: int) -> str:
@@ -113,6 +114,7 @@ class Ring:
         self.batching = 0           # > 0: post() leaves publishing to publish()
         self.doorbells = 0          # REG_DOORBELL writes, for benchmarks and tests
         self.fatal: DeviceError | None = None
+        self.kernel_faults = 0      # KERNEL_FAULT completions seen (each reset the device state)
         self._reset_counters()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -282,6 +284,8 @@ class Ring:
                 self._done[seq] = (status, result, result2)
             elif status and self.async_error is None:
                 self.async_error = (seq, self._opcode[slot], status, result)
+            if status == _KERNEL_FAULT:
+                self.kernel_faults += 1
             held = self._hold[slot]
             if held is not None:
                 self._hold[slot] = None
@@ -307,6 +311,16 @@ class Ring:
             return self._done.pop(seq)
         except KeyError:
             raise GuestError(f"command {seq} was not posted with waited=True, or its result was taken") from None
+
+    def wait_done(self, seq: int) -> None:
+        """Wait until command ``seq`` (waited or not) has completed; its status is not returned.
+
+        Raises:
+            DeviceError: a fatal device error, or no completion within the timeout.
+        """
+        if seq >= self._published:
+            self.publish()
+        self._wait_completed(seq + 1)
 
     def check(self, seq: int) -> tuple[int, int]:
         """:meth:`wait`, raising DeviceError for a status other than OK; ``(result, result2)``."""

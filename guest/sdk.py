@@ -44,7 +44,6 @@ from vxpu.guest.staging import StagingPool, post_copy, post_single
 from vxpu.guest.transport import Transport
 
 from vxpu.abi import xpu
-from vxpu.abi.status import Status
 from vxpu.errors import StateError
 
 __all__ = ["Device", "DeviceArray", "DeviceError", "Event", "HostArray", "Kernel", "Module", "StaleHandle"]
@@ -103,6 +102,7 @@ class Device:
                  staging_count: int = 4, timeout: float = 120.0) -> None:
         self.transport = transport
         self.epoch = 0
+        self._faults_seen = 0
         self.allocs = DeviceAllocs()
         self.ring: Ring | None = None
         self.staging: StagingPool | None = None
@@ -173,6 +173,10 @@ class Device:
         ring = self.ring
         if ring is None:
             raise StateError("device used after close", current="closed", required="open")
+        if ring.kernel_faults != self._faults_seen:   # a kernel fault reset the device state
+            self._faults_seen = ring.kernel_faults
+            self.epoch += 1
+            self.allocs.garbage.clear()
         if self.allocs.garbage:
             self._free_garbage(ring)
         return ring
@@ -293,8 +297,9 @@ class Device:
         return HostArray(self.transport.alloc_dma(max(1, nbytes)), dims, dt, itemsize, self.transport.free_dma)
 
     def copy_to_device(self, dst: DeviceArray, src: Any) -> None:
-        """Copy ``src`` into ``dst``. From a HostArray the copy is posted asynchronously;
-        otherwise it goes through the staging pool and returns when done.
+        """Copy ``src`` into ``dst``. From a HostArray the copy is only posted (the device may
+        read the HostArray until the next :meth:`synchronize`; leave it unchanged till then);
+        from anything else it goes through the staging pool and returns when ``src`` may change.
 
         Raises:
             GuestError: sizes differ. DeviceError: the copy failed.
@@ -396,9 +401,7 @@ class Device:
         """
         ring = self._live()
         status, result, _ = ring.wait(ring.post(xpu.Opcode.FENCE, waited=True))
-        pending = ring.async_error
-        if Status.KERNEL_FAULT in (status, pending[2] if pending else 0):
-            self.epoch += 1           # a kernel fault discarded this guest's device state
+        self._live()                  # notices a kernel fault (its arrays are stale now)
         ring.raise_async()
         if status:
             raise DeviceError(status, "FENCE", result=result, detail="reported by synchronize")

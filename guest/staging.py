@@ -9,6 +9,10 @@ Two paths lead there:
   ``count`` bounce buffers of ``chunk`` bytes, allocated once and reused for every transfer
   (no allocation on the hot path). A big transfer is cut into chunks and pipelined: while the
   device copies chunk *k*, the CPU fills (host→device) or empties (device→host) another slot.
+  An HTOD completes once the device has *ordered* it and may read its source later (the ABI's
+  rule, like ``cuMemcpyAsync`` from pinned memory), so each staged HTOD is followed by a
+  FENCE, and a slot is refilled only after that FENCE completed. A DTOH completes when its
+  bytes are in guest memory.
 
 A range that is not physically contiguous needs a scatter-gather list. Up to
 :data:`~vxpu.guest.ring.SIDE_SG_ENTRIES` segments go into the command's side area
@@ -120,6 +124,7 @@ class StagingPool:
             self.close()
             raise
         self._pending: list[list[int]] = [[] for _ in self.slots]
+        self._fence = [-1] * len(self.slots)     # the FENCE after a slot's last HTOD
         self.transfers = 0
 
     def close(self) -> None:
@@ -129,13 +134,21 @@ class StagingPool:
         self.slots = []
 
     def _settle(self, slot: int) -> None:
-        """Wait for the commands that last used ``slot``; raise the first that failed."""
+        """Make ``slot`` reusable: wait for the copies that last used it (raising the first that
+        failed) and, after an HTOD, for the FENCE behind it: an HTOD completes when it is
+        *ordered* and may read its source later, until a later FENCE completes."""
         seqs, self._pending[slot] = self._pending[slot], []
+        fence, self._fence[slot] = self._fence[slot], -1
         first_error = None
         for seq in seqs:
             try:
                 self.ring.check(seq)
             except GuestError as exc:      # keep waiting for the rest; raise the first
+                first_error = first_error or exc
+        if fence >= 0:
+            try:
+                self.ring.wait_done(fence)
+            except GuestError as exc:
                 first_error = first_error or exc
         if first_error is not None:
             raise first_error
@@ -169,6 +182,9 @@ class StagingPool:
                 mem.view[:m] = src[off:off + m]
                 self._pending[slot] = post_copy(self.ring, xpu.Opcode.MEM_COPY_HTOD, device_addr + off, mem, 0, m,
                                                 waited=True)
+                # its completion only orders it; the FENCE's says the slot has been read. An
+                # earlier asynchronous error it reports is kept for the next synchronize.
+                self._fence[slot] = self.ring.post(xpu.Opcode.FENCE)
         except BaseException:
             self.settle_all(quiet=True)
             raise

@@ -201,6 +201,29 @@ def test_bad_sq_tail_is_fatal_until_reset(dev):
     check_still_computes(dev)
 
 
+OOB = """module @oob
+kernel @oob(%out: ptr<global>, %i: i32) {
+^entry:
+  %p = offset %out, %i : f32
+  %v = const 1.0 : f32
+  store %v, %p
+  ret
+}
+"""
+
+
+def test_kernel_fault_is_reported_and_the_device_recovers(dev):
+    mod = dev.load_module(OOB)
+    arr = dev.zeros(16, np.float32)
+    mod.oob[1, 1](arr, 1 << 20)                            # far past the 64-byte buffer
+    with pytest.raises(DeviceError) as info:
+        dev.synchronize()
+    assert info.value.name == "KERNEL_FAULT"
+    with pytest.raises(StaleHandle):                       # the fault reset this guest's device state
+        arr.to_host()
+    check_still_computes(dev)
+
+
 def test_reset_makes_old_arrays_stale(dev):
     arr = dev.to_device(np.zeros(10, np.float32))
     dev.reset()
