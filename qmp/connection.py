@@ -33,6 +33,8 @@ from vxpu.qmp.errors import QmpBusy, QmpError, QmpUnreachable
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT_S = 2.0
+HANDSHAKE_ATTEMPTS = 3
+_HUNG_UP = (ConnectionResetError, BrokenPipeError, EOFError)
 COMMAND_TIMEOUT_S = 15.0
 Event = dict[str, Any]
 
@@ -106,25 +108,34 @@ class Qmp:
         """
         path = Path(path)
         loop = asyncio.get_running_loop()
-        sock = await loop.run_in_executor(None, _connect_socket, path, timeout)
-        peer = _peer_pid(sock)
-        client = QMPClient(f"vxpu-{path.name}")
-        try:
-            await asyncio.wait_for(client.connect(sock), timeout)
-        except TimeoutError:
-            await _quiet_disconnect(client)
-            sock.close()
-            raise QmpBusy(f"QMP socket {path} sent no greeting within {timeout:.0f}s: another client holds it "
-                          "(QEMU serves one client per -qmp socket). Close that client (a qmp-shell, libvirt, "
-                          "another vxpu) or give QEMU a second -qmp socket for vxpu") from None
-        except (QMPError, OSError, EOFError) as exc:
-            await _quiet_disconnect(client)
-            sock.close()
-            raise QmpUnreachable(f"QMP handshake on {path} failed: {exc}; is this a QEMU QMP socket?") from exc
-        except BaseException:
-            await _quiet_disconnect(client)
-            sock.close()
-            raise
+        deadline = loop.time() + timeout
+        for attempt in range(1, HANDSHAKE_ATTEMPTS + 1):
+            sock = await loop.run_in_executor(None, _connect_socket, path, max(0.1, deadline - loop.time()))
+            peer = _peer_pid(sock)
+            client = QMPClient(f"vxpu-{path.name}")
+            try:
+                await asyncio.wait_for(client.connect(sock), max(0.1, deadline - loop.time()))
+                break
+            except TimeoutError:
+                await _quiet_disconnect(client)
+                sock.close()
+                raise QmpBusy(f"QMP socket {path} sent no greeting within {timeout:.0f}s: another client holds "
+                              "it (QEMU serves one client per -qmp socket). Close that client (a qmp-shell, "
+                              "libvirt, another vxpu) or give QEMU a second -qmp socket for vxpu") from None
+            except (QMPError, OSError, EOFError) as exc:
+                await _quiet_disconnect(client)
+                sock.close()
+                cause = getattr(exc, "exc", exc)
+                if isinstance(cause, _HUNG_UP) and attempt < HANDSHAKE_ATTEMPTS and loop.time() < deadline:
+                    # QEMU dropped us while it got rid of a client that had given up in its backlog
+                    log.debug("QMP %s hung up during the handshake (%s); connecting again", path, cause)
+                    await asyncio.sleep(0.05)
+                    continue
+                raise QmpUnreachable(f"QMP handshake on {path} failed: {exc}; is this a QEMU QMP socket?") from exc
+            except BaseException:
+                await _quiet_disconnect(client)
+                sock.close()
+                raise
         log.debug("connected to QMP %s (QEMU pid %s)", path, peer)
         return cls(path, client, peer)
 
