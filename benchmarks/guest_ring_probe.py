@@ -1,0 +1,103 @@
+"""Guest half of bench_guest_ring.py: runs inside the VM, prints one ``VXPU-RING {json}`` line.
+
+Measures, in one run and as guest Python sees it (``time.perf_counter_ns`` around each op):
+the NOP round trip through the rings (before and after a kernel has run), the per-command cost
+of a batch of NOPs, a trapped BAR0 read and a posted BAR0 write (REG_SCRATCH), a read of the
+ring header in guest RAM (the floor), and pinned copy bandwidth both ways for several sizes.
+"""
+
+import json
+import os
+import sys
+import time
+from importlib.resources import files
+
+import numpy as np
+from vxpu.guest.sdk import Device
+
+from vxpu.abi import xpu
+
+N = int(os.environ.get("VXPU_RING_SAMPLES", "2000"))
+
+
+def dist(op, n=N, warmup=100):
+    for _ in range(warmup):
+        op()
+    clock = time.perf_counter_ns
+    s = []
+    for _ in range(n):
+        t = clock()
+        op()
+        s.append(clock() - t)
+    s.sort()
+    return {"median_us": s[len(s) // 2] / 1e3, "p10_us": s[len(s) // 10] / 1e3, "p90_us": s[9 * len(s) // 10] / 1e3,
+            "n": n}
+
+
+def noop(dev):
+    ring, d0 = dev.ring, dev.ring.doorbells
+    out = dist(lambda: dev.call(xpu.Opcode.NOP))
+    out["doorbells_per_op"] = (ring.doorbells - d0) / (N + 100)
+    return out
+
+
+def batched(dev, k=32):
+    ring = dev.ring
+
+    def op():
+        for _ in range(k - 1):
+            ring.post(xpu.Opcode.NOP)
+        dev.call(xpu.Opcode.NOP)
+    d = dist(op, N // k, 10)
+    return {"per_op_us": d["median_us"] / k, "batch": k}
+
+
+def bandwidth(dev, sizes=(1 << 20, 4 << 20, 16 << 20, 64 << 20), reps=3):
+    out = []
+    for nbytes in sizes:
+        n = nbytes // 4
+        src, back = dev.pinned(n, np.uint32), dev.pinned(n, np.uint32)
+        src.array[:] = np.arange(n, dtype=np.uint32)
+        d = dev.empty(n, np.uint32)
+        h2d, d2h = [], []
+        for _ in range(reps):
+            t = time.perf_counter()
+            dev.copy_to_device(d, src)
+            dev.synchronize()
+            h2d.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            dev.copy_to_host(back, d)
+            d2h.append(time.perf_counter() - t)
+        ok = bool(np.array_equal(src.array, back.array))
+        d.free(), src.free(), back.free()
+        out.append({"bytes": nbytes, "h2d_gbps": nbytes / min(h2d) / 1e9, "d2h_gbps": nbytes / min(d2h) / 1e9,
+                    "ok": ok})
+    return out
+
+
+def main():
+    doc = {}
+    with Device.open() as dev:
+        doc["device"] = dev.identify().get("name")
+        regs = dev.transport
+        doc["noop_fresh"] = noop(dev)
+        doc["trapped_read"] = dist(lambda: regs.read_reg(xpu.REG_SCRATCH), N // 4, 20)
+        doc["posted_write"] = dist(lambda: regs.write_reg(xpu.REG_SCRATCH, 1), N // 4, 20)
+        regs.read_reg(xpu.REG_SCRATCH)
+        hdr = dev.ring._hdr
+        doc["ram_read"] = dist(lambda: hdr[0x11])
+        doc["noop_batched"] = batched(dev)
+        mod = dev.load_module(files("vxpu.ir").joinpath("sample_kernels/saxpy.vxir").read_text())
+        x = dev.zeros(1 << 16, np.float32)
+        y = dev.zeros(1 << 16, np.float32)
+        mod.saxpy[256, 256](1 << 16, 1.0, x, y)
+        dev.synchronize()
+        doc["noop_after_launch"] = noop(dev)
+        doc["bandwidth"] = bandwidth(dev)
+        doc["stats"] = dev.stats()["device"]
+    print("VXPU-RING " + json.dumps(doc), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
