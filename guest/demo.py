@@ -214,7 +214,7 @@ def run(only: list[str] | None = None, local: str | None = None) -> dict[str, An
     with (Device.local(local) if local else Device.open()) as dev:
         result["open_ms"] = (time.perf_counter() - t0) * 1e3
         ident = dev.identify()
-        result["device"] = " ".join(str(ident[k]) for k in ("backend", "name") if ident.get(k))
+        result["device"] = str(ident.get("name", "?"))
         for name, fn in KERNELS.items():
             if only and name not in only:
                 continue

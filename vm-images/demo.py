@@ -159,9 +159,9 @@ def _run(args: argparse.Namespace, backend: str, qemu: Any, image: Any, workdir:
         tail = "" if alive and guest.get("ok") else server.log_tail()
     finally:
         server.stop()
-    accel = vm.accel + (f" (KVM not used: {vm.kvm_note})" if vm.kvm_note else "")
     result = {"ok": bool(guest.get("ok")) and alive, "backend": backend,
-              "qemu": f"{qemu.version_str} ({qemu.source})", "accel": accel, "guest_s": round(boot_s, 2),
+              "qemu": f"{qemu.version_str} ({qemu.source})", "accel": vm.accel, "kvm_note": vm.kvm_note,
+              "guest_s": round(boot_s, 2),
               **{k: v for k, v in guest.items() if k != "ok"}}
     if not alive:
         result["error"] = "the vxpu server died during the run"
@@ -178,11 +178,12 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
     """Print a demo result as a short table."""
-    print(f"vxpu demo: backend {r['backend']}, QEMU {r['qemu']}, {r.get('accel', '')}; guest booted and computed "
-          f"in {r.get('guest_s', 0):.1f} s ({r.get('wall_s', 0):.1f} s in all)", file=out)
-    device = r.get("device")
-    if device:
-        print(f"  device   {device}", file=out)
+    print(f"vxpu demo: a {r.get('accel', '')} guest under QEMU {r['qemu']} computed on the host's "
+          f"{r['backend']} backend ({r.get('device', '?')})", file=out)
+    print(f"  time     {r.get('guest_s', 0):.1f} s from QEMU start to power-off, {r.get('wall_s', 0):.1f} s in all",
+          file=out)
+    if r.get("kvm_note"):
+        print(f"  note     KVM not used: {r['kvm_note']}", file=out)
     print(f"  {'':4}  {'kernel':<8} {'problem':<22} {'guest ms':>9}  {'max rel err':>11}", file=out)
     kernels = r.get("kernels", [])
     for k in kernels:
