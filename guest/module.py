@@ -14,6 +14,7 @@ parameter posts one LAUNCH. Pointer parameters take a :class:`~vxpu.guest.array.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Self
 
@@ -29,6 +30,8 @@ if TYPE_CHECKING:
     from vxpu.guest.sdk import Device
 
 Dims = int | Sequence[int]
+#: Launch configurations a kernel remembers (``kernel[grid, block]`` then costs a dict lookup).
+MAX_CACHED_LAUNCHERS = 64
 
 
 def dims3(d: Dims, what: str) -> tuple[int, int, int]:
@@ -43,6 +46,29 @@ def dims3(d: Dims, what: str) -> tuple[int, int, int]:
     return (t + (1, 1))[:3]  # type: ignore[return-value]
 
 
+_INT_CODES = {1: "b", 2: "h", 4: "i", 8: "q"}
+_FLOAT_CODES = {"f16": "e", "f32": "f", "f64": "d"}
+
+
+def layout_struct(sig: KernelSignature) -> struct.Struct | None:
+    """A ``struct.Struct`` that packs ``sig``'s arguments exactly like
+    :func:`vxpu.ir.args.pack_args` does for in-range values (pointers as u64, integers signed),
+    or None for a parameter type it does not know. Out-of-range values make it raise
+    ``struct.error``; callers then use ``pack_args``, which accepts unsigned values too and
+    explains refusals."""
+    fmt, pos = "<", 0
+    for tname, size, off in zip(sig.param_types, sig.param_sizes, sig.param_offsets):
+        code = "Q" if tname.startswith("ptr") else _FLOAT_CODES.get(tname) or (
+            _INT_CODES.get(size) if tname.startswith("i") else None)
+        if code is None or off < pos:
+            return None
+        fmt += "x" * (off - pos) + code
+        pos = off + size
+    fmt += "x" * (sig.args_size - pos)
+    packer = struct.Struct(fmt)
+    return packer if packer.size == sig.args_size else None
+
+
 class Kernel:
     """One kernel of a loaded module; index it with ``[grid, block]`` or ``[grid, block, shared]``.
 
@@ -54,12 +80,24 @@ class Kernel:
     def __init__(self, module: Module, name: str, handle: int, signature: KernelSignature) -> None:
         self.module, self.name, self.handle, self.signature = module, name, handle, signature
         self._ptr_params = tuple(t.startswith("ptr") for t in signature.param_types)
+        self._ptr_index = tuple(i for i, p in enumerate(self._ptr_params) if p)
+        self._struct = layout_struct(signature)
+        self._launchers: dict[tuple[Any, ...], _Launcher] = {}
 
     def __getitem__(self, config: tuple[Any, ...]) -> _Launcher:
+        launcher = self._launchers.get(config) if isinstance(config, tuple) and config.__hash__ else None
+        if launcher is not None:
+            return launcher
         if not isinstance(config, tuple) or len(config) not in (2, 3):
             raise GuestError(f"launch as kernel[grid, block] or kernel[grid, block, shared_bytes], got {config!r}")
         shared = int(config[2]) if len(config) == 3 else 0
-        return _Launcher(self, dims3(config[0], "grid"), dims3(config[1], "block"), shared)
+        launcher = _Launcher(self, dims3(config[0], "grid"), dims3(config[1], "block"), shared)
+        if len(self._launchers) < MAX_CACHED_LAUNCHERS:
+            try:
+                self._launchers[config] = launcher
+            except TypeError:          # an unhashable config (lists): not cached
+                pass
+        return launcher
 
     def launch(self, grid: Dims, block: Dims, *args: Any, shared: int = 0) -> None:
         """Post one LAUNCH (asynchronous); the same as ``kernel[grid, block, shared](*args)``.
@@ -69,7 +107,8 @@ class Kernel:
             StaleHandle: the module or an array is from before a reset.
             GuestError: a bad grid, block or argument kind. DeviceError: a fatal device error.
         """
-        self.module.device.launch(self, dims3(grid, "grid"), dims3(block, "block"), self.pack(args), shared)
+        dims = xpu.pack_launch_dims(dims3(grid, "grid"), dims3(block, "block"), shared)
+        self.module.device.launch(self, dims, self.pack(args))
 
     def pack(self, args: Sequence[Any]) -> bytes:
         """The argument blob for ``args`` (arrays become their device addresses).
@@ -78,6 +117,16 @@ class Kernel:
             IRError, StaleHandle, GuestError: as for :meth:`launch`.
         """
         values = list(args)
+        if len(values) == len(self._ptr_params):
+            for i in self._ptr_index:          # the common case: arrays where pointers go
+                v = values[i]
+                if isinstance(v, DeviceArray):
+                    values[i] = v.ptr
+            if self._struct is not None:
+                try:
+                    return self._struct.pack(*values)
+                except struct.error:           # e.g. an unsigned value for a signed parameter,
+                    pass                       # an array where a number goes: the general path
         for i, v in enumerate(values):
             if isinstance(v, DeviceArray):
                 if i < len(self._ptr_params) and not self._ptr_params[i]:
@@ -94,15 +143,16 @@ class Kernel:
 class _Launcher:
     """``kernel[grid, block]``: call it with the kernel's arguments."""
 
-    __slots__ = ("block", "grid", "kernel", "shared")
+    __slots__ = ("block", "dims", "grid", "kernel", "shared")
 
     def __init__(self, kernel: Kernel, grid: tuple[int, int, int], block: tuple[int, int, int],
                  shared: int) -> None:
         self.kernel, self.grid, self.block, self.shared = kernel, grid, block, shared
+        self.dims = xpu.pack_launch_dims(grid, block, shared)
 
     def __call__(self, *args: Any) -> None:
         k = self.kernel
-        k.module.device.launch(k, self.grid, self.block, k.pack(args), self.shared)
+        k.module.device.launch(k, self.dims, k.pack(args))
 
 
 class Module:

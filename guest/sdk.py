@@ -367,17 +367,21 @@ class Device:
         """MODULE_UNLOAD (asynchronous)."""
         self._live().post(xpu.Opcode.MODULE_UNLOAD, handle)
 
-    def launch(self, kernel: Kernel, grid: tuple[int, int, int], block: tuple[int, int, int], blob: bytes,
-               shared: int = 0) -> None:
-        """Post a LAUNCH of ``kernel`` with the packed argument ``blob`` (asynchronous).
+    def launch(self, kernel: Kernel, dims: tuple[int, int, int], blob: bytes) -> None:
+        """Post a LAUNCH of ``kernel`` (asynchronous).
+
+        Args:
+            kernel: a kernel of a loaded module.
+            dims: LAUNCH's ``args[1:4]`` (:func:`vxpu.abi.xpu.pack_launch_dims`).
+            blob: the packed arguments (``kernel.pack(values)``).
 
         Raises:
-            StaleHandle: the kernel's module is gone. ValueError: dimensions too large.
-            DeviceError: a fatal device error while waiting for ring space.
+            StaleHandle: the kernel's module is gone. DeviceError: a fatal device error while
+                waiting for ring space.
         """
         kernel.module.check()
         ring = self._live()
-        a1, a2, a3 = xpu.pack_launch_dims(grid, block, shared)
+        a1, a2, a3 = dims
         n = len(blob)
         if n == 0:
             ring.post(xpu.Opcode.LAUNCH, kernel.handle, a1, a2, a3)
