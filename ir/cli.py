@@ -270,7 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     if args.save is not None:
         try:
-            np.savez(args.save, **out)
+            np.savez(args.save, allow_pickle=False, **out)
         except OSError as exc:
             raise ConfigError(f"cannot write {args.save}: {exc.strerror or exc}") from None
     if args.json:
