@@ -29,36 +29,48 @@ ROOT_PORT = "pcie-root-port"
 
 @dataclass(frozen=True)
 class PciLocation:
-    """A function as ``query-pci`` reports it."""
+    """A function as ``query-pci`` reports it.
+
+    Attributes:
+        bridge: the id of the bridge (root port) it sits behind, if any. Until firmware or the
+            guest numbers that bridge's bus, the bus number is 0 and the address is given as
+            ``<bridge>/<slot>.<fn>`` instead.
+    """
 
     bus: int
     slot: int
     function: int
     qdev_id: str
+    bridge: str | None = None
 
     def __str__(self) -> str:
+        if self.bridge is not None and self.bus == 0:
+            return f"{self.bridge or 'bridge'}/{self.slot:02x}.{self.function}"
         return f"{self.bus:02x}:{self.slot:02x}.{self.function}"
 
 
-def walk(buses: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Every device of a ``query-pci`` reply, with the number of the bus it sits on."""
+def walk(buses: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any], str | None]]:
+    """Every device of a ``query-pci`` reply, with the number of the bus it sits on and the id of
+    the bridge in front of that bus (None on a root bus)."""
     for bus in buses:
-        yield from _walk_devices(bus.get("bus", 0), bus.get("devices", []))
+        yield from _walk_devices(bus.get("bus", 0), bus.get("devices", []), None)
 
 
-def _walk_devices(number: int, devices: list[dict[str, Any]]) -> Iterator[tuple[int, dict[str, Any]]]:
+def _walk_devices(number: int, devices: list[dict[str, Any]],
+                  bridge_id: str | None) -> Iterator[tuple[int, dict[str, Any], str | None]]:
     for dev in devices:
-        yield number, dev
+        yield number, dev, bridge_id
         bridge = dev.get("pci_bridge")
         if bridge:
-            yield from _walk_devices(bridge.get("bus", {}).get("number", 0), bridge.get("devices", []))
+            yield from _walk_devices(bridge.get("bus", {}).get("number", 0), bridge.get("devices", []),
+                                     dev.get("qdev_id") or "")
 
 
 def locate(buses: list[dict[str, Any]], qdev_id: str) -> PciLocation | None:
     """Where the device ``qdev_id`` sits, or None if ``query-pci`` does not list it."""
-    for number, dev in walk(buses):
+    for number, dev, bridge in walk(buses):
         if dev.get("qdev_id") == qdev_id:
-            return PciLocation(number, dev["slot"], dev["function"], qdev_id)
+            return PciLocation(number, dev["slot"], dev["function"], qdev_id, bridge)
     return None
 
 
@@ -71,7 +83,7 @@ def free_pc_slots(buses: list[dict[str, Any]]) -> list[int]:
 def empty_root_ports(buses: list[dict[str, Any]], root_port_ids: set[str]) -> list[str]:
     """Ids of the named root ports (``root_port_ids``) that have no device below them."""
     free = []
-    for _number, dev in walk(buses):
+    for _number, dev, _bridge in walk(buses):
         qid = dev.get("qdev_id")
         if qid in root_port_ids and not dev.get("pci_bridge", {}).get("devices"):
             free.append(qid)

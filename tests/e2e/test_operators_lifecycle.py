@@ -30,6 +30,8 @@ from vxpu.qmp.errors import IdInUse, QmpBusy, QmpUnreachable, ServerError, Unkno
 from vxpu.qmp.runtime import DeviceRecord, VmState, pid_start_time, process_alive
 from vxpu.qmp.server import stop_server
 
+from tests.e2e.operators import bare_qemu, leftovers, servers_under
+
 pytestmark = pytest.mark.qemu
 
 BOOT_TIMEOUT_S = float(os.environ.get("VXPU_E2E_BOOT_TIMEOUT", "180"))
@@ -63,25 +65,6 @@ def vm(qemu_binary: QemuBinary, guest_image: GuestImage, runtime: Path,
         machine.console.wait_for(r"^VXPU-READY", BOOT_TIMEOUT_S, machine.problem)
         machine.release_monitor()
         yield machine
-
-
-def servers_under(root: Path) -> list[int]:
-    """Pids of processes whose command line mentions ``root`` (vxpu servers of this test)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                cmd = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if str(root).encode() in cmd and process_alive(int(entry.name), None):
-                pids.append(int(entry.name))
-    return pids
-
-
-def leftovers(root: Path) -> list[str]:
-    """Sockets and records left in the runtime directory."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".sock", ".json"))
 
 
 def qemu_fds(vm: Vm) -> list[str]:
@@ -214,33 +197,21 @@ def test_stale_record_is_reported_and_cleaned(vm: Vm, runtime: Path) -> None:
 
 def test_guest_that_never_releases_the_device(qemu_binary: QemuBinary, runtime: Path, tmp_path: Path) -> None:
     """QEMU with no OS: SeaBIOS finds nothing to boot, so nobody answers the ACPI eject."""
-    qmp = tmp_path / "noos.qmp"
-    argv = qemu_binary.argv("-accel", "tcg", "-m", "128", "-nographic", "-nic", "none", "-no-reboot",
-                            "-object", "memory-backend-memfd,id=mem,size=128M,share=on",
-                            "-machine", "pc,memory-backend=mem", "-qmp", f"unix:{qmp},server=on,wait=off")
-    with (tmp_path / "qemu.log").open("wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                env=qemu_binary.environ(), start_new_session=True)
     handle = None
     try:
-        deadline = time.monotonic() + 30
-        while not qmp.exists():
-            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "qemu.log").read_text()
-            time.sleep(0.05)
-        handle = sync.attach(qmp, id="stuck0", device="test")
-        t0 = time.monotonic()
-        with pytest.raises(UnplugTimeout, match="did not release stuck0 within 2s(.|\n)*keeps running"):
-            sync.detach(qmp, "stuck0", timeout=2)
-        assert 2 <= time.monotonic() - t0 < 5
-        assert process_alive(handle.pid, None) and Path(handle.socket).is_socket()
-        assert [(d.id, d.health) for d in sync.list_devices(qmp)] == [("stuck0", "ok")]
-        with pytest.raises(UnplugTimeout):  # a retry finds the unplug still pending and waits again
-            sync.detach(qmp, "stuck0", timeout=1)
-        assert process_alive(handle.pid, None)
+        with bare_qemu(qemu_binary, tmp_path) as qmp:
+            handle = sync.attach(qmp, id="stuck0", device="test")
+            t0 = time.monotonic()
+            with pytest.raises(UnplugTimeout, match="did not release stuck0 within 2s(.|\n)*keeps running"):
+                sync.detach(qmp, "stuck0", timeout=2)
+            assert 2 <= time.monotonic() - t0 < 5
+            assert process_alive(handle.pid, None) and Path(handle.socket).is_socket()
+            assert [(d.id, d.health) for d in sync.list_devices(qmp)] == [("stuck0", "ok")]
+            with pytest.raises(UnplugTimeout):  # a retry finds the unplug still pending and waits again
+                sync.detach(qmp, "stuck0", timeout=1)
+            assert process_alive(handle.pid, None)
     finally:
-        proc.terminate()
-        proc.wait(10)
-        if handle is not None:
+        if handle is not None:  # QEMU has gone first: a server must never vanish under its device
             stop_server(handle.pid, pid_start_time(handle.pid))
-            VmState(qmp).remove("stuck0")
+            VmState(handle.qmp).remove("stuck0")
     assert servers_under(runtime) == [] and leftovers(runtime) == []

@@ -35,6 +35,8 @@ def test_locate_on_root_bus_and_behind_root_port() -> None:
     assert str(slots.locate(PC, "vxpu0")) == "00:03.0"
     assert str(slots.locate(q35, "vx1")) == "01:00.0"
     assert slots.locate(q35, "nope") is None
+    unnumbered = [{"bus": 0, "devices": [_port(2, "rp1", 0, [_dev(0, "vx1")])]}]  # before firmware numbers it
+    assert str(slots.locate(unnumbered, "vx1")) == "rp1/00.0"
 
 
 def test_empty_root_ports_are_the_named_ones_without_devices() -> None:

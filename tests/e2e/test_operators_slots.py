@@ -1,0 +1,119 @@
+"""Where ``attach`` plugs a device, what happens when there is no room, and an attach that is
+interrupted: on bare QEMU machines (no OS; the machine shape is what matters), each case ends
+with no vxpu server running and no socket or record left behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vxpu.images.qemu import QemuBinary
+from vxpu.qmp import sync
+from vxpu.qmp.errors import NoFreeSlot
+from vxpu.qmp.runtime import VmState, pid_start_time, process_alive
+from vxpu.qmp.server import stop_server
+
+from tests.e2e.operators import bare_qemu, leftovers, servers_under
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture
+def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    root = Path(tempfile.mkdtemp(prefix="vxrt-", dir="/tmp"))
+    monkeypatch.setenv("VXPU_RUNTIME_DIR", str(root))
+    yield root
+    for pid in servers_under(root):  # only after a failed test: QEMU is gone by now
+        stop_server(pid, pid_start_time(pid))
+
+
+def _stop_all(qmp: Path) -> None:
+    """Stop every server vxpu recorded for this (already exited) QEMU."""
+    state = VmState(qmp)
+    for rec in state.records():
+        stop_server(rec.pid, rec.pid_start)
+        state.remove(rec.id)
+
+
+def test_q35_uses_free_hotpluggable_root_ports(qemu_binary: QemuBinary, runtime: Path, tmp_path: Path) -> None:
+    ports = ("-device", "pcie-root-port,id=rp1,chassis=1,slot=1", "-device", "pcie-root-port,id=rp2,chassis=2,slot=2",
+             "-device", "pcie-root-port,id=rp3,chassis=3,slot=3,hotplug=off")
+    try:
+        with bare_qemu(qemu_binary, tmp_path, *ports, machine="q35") as qmp:
+            first = sync.attach(qmp, device="test")
+            second = sync.attach(qmp, device="test")
+            assert {first.bus, second.bus} == {"rp1", "rp2"}, (first, second)
+            assert first.slot != second.slot, (first, second)  # "01:00.0", or "rp1/00.0" before SeaBIOS numbers buses
+            with pytest.raises(NoFreeSlot, match="empty pcie-root-port .* -device pcie-root-port,id=rpN"):
+                sync.attach(qmp, device="test")
+            assert sorted(servers_under(runtime)) == sorted([first.pid, second.pid])
+            assert {(d.id, d.health, d.slot) for d in sync.list_devices(qmp)} == \
+                {(first.id, "ok", first.slot), (second.id, "ok", second.slot)}
+    finally:
+        _stop_all(tmp_path / "bare.qmp")
+    assert servers_under(runtime) == [] and leftovers(runtime) == []
+
+
+def test_pc_with_every_slot_taken(qemu_binary: QemuBinary, runtime: Path, tmp_path: Path) -> None:
+    fill = [arg for slot in range(2, 32) for arg in ("-device", f"pci-testdev,addr={slot:#x}")]
+    with bare_qemu(qemu_binary, tmp_path, *fill) as qmp:
+        t0 = time.monotonic()
+        with pytest.raises(NoFreeSlot, match="all 31 slots of the pc bus are taken"):
+            sync.attach(qmp, device="test")
+        assert time.monotonic() - t0 < 2.0  # refused before any server started
+        assert servers_under(runtime) == [] and leftovers(runtime) == []
+
+
+def _attach_cli(qmp: Path, runtime: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "vxpu", "attach", "--qmp", str(qmp), "--id", "cut0"],
+                            env={**os.environ, "VXPU_RUNTIME_DIR": str(runtime)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+
+
+def _wait_for_record(runtime: Path, cli: subprocess.Popen[str]) -> Path:
+    """The record appears right after the server is spawned, long before it listens."""
+    deadline = time.monotonic() + 30
+    while not (found := list(runtime.glob("vm-*/cut0.json"))):
+        assert cli.poll() is None and time.monotonic() < deadline, cli.communicate()
+        time.sleep(0.005)
+    return found[0]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_attach_leaves_nothing(qemu_binary: QemuBinary, runtime: Path, tmp_path: Path,
+                                           sig: signal.Signals) -> None:
+    with bare_qemu(qemu_binary, tmp_path) as qmp:
+        cli = _attach_cli(qmp, runtime)
+        record = _wait_for_record(runtime, cli)
+        pid = json.loads(record.read_text())["pid"]
+        cli.send_signal(sig)
+        out, err = cli.communicate(timeout=30)
+        assert cli.returncode == 130, (out, err)
+        assert not process_alive(pid, None), f"the interrupted attach left server {pid} running"
+        assert servers_under(runtime) == [] and leftovers(runtime) == []
+        assert sync.list_devices(qmp) == []
+
+
+def test_killed_attach_is_reported_and_cleaned_by_detach(qemu_binary: QemuBinary, runtime: Path,
+                                                         tmp_path: Path) -> None:
+    with bare_qemu(qemu_binary, tmp_path) as qmp:
+        cli = _attach_cli(qmp, runtime)
+        record = _wait_for_record(runtime, cli)
+        cli.kill()  # no clean-up can run: the record is how the server is found again
+        cli.communicate(timeout=30)
+        pid = json.loads(record.read_text())["pid"]
+        rows = sync.list_devices(qmp)
+        assert [(r.id, r.pid) for r in rows] == [("cut0", pid)]
+        assert rows[0].health in ("not-in-vm", "not-listening"), rows
+        done = sync.detach(qmp, "cut0")
+        assert (done.server, done.unplugged) == ("terminated", False)
+        assert not process_alive(pid, None)
+        assert servers_under(runtime) == [] and leftovers(runtime) == []
