@@ -5,6 +5,7 @@ after each of which the same device still computes correctly."""
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -194,6 +195,11 @@ def test_filling_the_ring_without_waiting(dev):
 def test_bad_sq_tail_is_fatal_until_reset(dev):
     dev.synchronize()
     dev.raw.set_sq_tail(dev.ring.submitted + dev.ring.sq_entries + 5)
+    deadline = time.monotonic() + 10          # let the device see it before the driver posts again
+    while not dev.raw.read_reg(xpu.REG_STATUS) & xpu.DeviceStatus.FATAL:
+        assert time.monotonic() < deadline, "the device never went fatal"
+        time.sleep(0.001)
+    assert dev.raw.read_reg(xpu.REG_FATAL_CODE) == xpu.FatalCode.BAD_SQ_TAIL
     with pytest.raises(DeviceError) as info:
         dev.synchronize()
     assert info.value.fatal == xpu.FatalCode.BAD_SQ_TAIL and info.value.name == "BAD_SQ_TAIL"
