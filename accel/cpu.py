@@ -259,14 +259,17 @@ class CpuBackend(HostBackend):
             from vxpu.ir import cpu_exec
             from vxpu.ir.errors import IRError
             from vxpu.ir.lower.errors import CompileError, ToolchainError
+            from vxpu.ir.workers import CompileLimitError, sandbox_pool
         except ImportError as exc:
             raise BackendError(Status.UNAVAILABLE, f"the IR compiler cannot be imported: {exc}") from exc
         store = self._cache if self._cache is not None else ir_compile.default_cache()
         try:
+            # LLVM runs in a compile worker (never here), so loads of other clients and every
+            # other call go on meanwhile; only loading the object into the JIT is serialised.
+            misses = store.stats.misses
+            compiled = ir_compile.compile_module(image, "x86", cache=store, workers=sandbox_pool())
+            hit = store.stats.misses == misses
             with self._compile_lock:
-                misses = store.stats.misses
-                compiled = ir_compile.compile_module(image, "x86", cache=store)
-                hit = store.stats.misses == misses
                 module = self._loaded.get(id(compiled))
                 if module is None or module.compiled is not compiled:
                     module = cpu_exec.CpuModule(compiled)
@@ -275,6 +278,8 @@ class CpuBackend(HostBackend):
                         self._loaded.popitem(last=False)
                 else:
                     self._loaded.move_to_end(id(compiled))
+        except CompileLimitError as exc:
+            raise BackendError(Status.COMPILE_LIMIT, f"IR module compile stopped: {exc}", log=str(exc)) from exc
         except IRError as exc:
             raise BackendError(Status.BAD_MODULE, f"IR module rejected: {exc}", log=str(exc)) from exc
         except ToolchainError as exc:

@@ -2,7 +2,8 @@
 
 The CUDA backend asks for ``("nvptx", "sm_XY")`` and gets a cubin (PTX from LLVM, assembled by
 nvJitLink, so the driver never JITs PTX); the HIP backend asks for ``("amdgpu", "gfxNNN")`` and
-gets a linked hsaco. Both go through the compile cache, and both get every kernel's launch
+gets a linked hsaco. Both go through the compile cache (a miss is compiled in a sandboxed
+compile worker, :mod:`vxpu.ir.workers`), and both get every kernel's launch
 layout as a :class:`~vxpu.accel.backend.KernelInfo` from the IR signature.
 """
 
@@ -38,21 +39,28 @@ def compile_ir(image: bytes, target: str, arch: str, opt_level: int,
                cache: Any = None) -> tuple[bytes, dict[str, KernelInfo], bool]:
     """Compile an IR wire module; returns ``(binary, {kernel: KernelInfo}, cache_hit)``.
 
+    A cache miss is compiled in the sandboxed compile workers
+    (:func:`vxpu.ir.workers.sandbox_pool`), never in this process.
+
     Raises:
         BackendError: BAD_MODULE for invalid IR or a failed compile (the log carries the
-            compiler's message); UNSUPPORTED when the IR toolchain does not know ``arch``.
+            compiler's message); COMPILE_LIMIT when the compile worker crashed or ran past
+            its memory, CPU or time limit; UNSUPPORTED when the IR toolchain does not know ``arch``.
     """
     try:
         from vxpu.ir.compile import compile_module, default_cache
         from vxpu.ir.errors import IRError
         from vxpu.ir.lower.errors import CompileError, ToolchainError
+        from vxpu.ir.workers import CompileLimitError, sandbox_pool
     except ImportError as exc:
         raise BackendError(Status.UNAVAILABLE, f"the vxpu IR compiler cannot be imported: {exc}") from exc
     store = default_cache() if cache is None else resolve_cache(cache)
     stats = getattr(store, "stats", None)
     before = stats.hits if stats is not None else 0
     try:
-        compiled = compile_module(image, target, arch=arch, opt_level=opt_level, cache=store)
+        compiled = compile_module(image, target, arch=arch, opt_level=opt_level, cache=store, workers=sandbox_pool())
+    except CompileLimitError as exc:
+        raise BackendError(Status.COMPILE_LIMIT, f"{target} compile stopped: {exc}", log=str(exc)) from exc
     except IRError as exc:
         raise BackendError(Status.BAD_MODULE, f"invalid IR module: {exc}", log=str(exc)) from exc
     except ToolchainError as exc:

@@ -10,6 +10,8 @@ the defaults (``vxpu serve --quota-memory ...`` maps onto :func:`Quota.with_over
 from __future__ import annotations
 
 import dataclasses
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vxpu.accel.backend import BackendError, Status
@@ -26,6 +28,8 @@ DEFAULT_MAX_KERNELS = 4096              # kernel handles (get_kernel results)
 DEFAULT_MAX_QUEUES = 64                 # queues besides the default queue
 DEFAULT_MAX_EVENTS = 4096               # live events
 DEFAULT_QUEUE_DEPTH = 1024              # operations in flight on one queue
+DEFAULT_COMPILE_SECONDS = 60            # module-load (compile) seconds one client may bank
+COMPILE_WINDOW_S = 600.0                # ... refilled at that many seconds per this window
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,7 @@ class Quota:
     queues: int = DEFAULT_MAX_QUEUES
     events: int = DEFAULT_MAX_EVENTS
     queue_depth: int = DEFAULT_QUEUE_DEPTH
+    compile_seconds: int = DEFAULT_COMPILE_SECONDS
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -122,3 +127,56 @@ class QuotaUsage:
         """Forget all usage (after a context reset every object is gone)."""
         self.memory_bytes = self.allocations = self.modules = 0
         self.kernels = self.queues = self.events = 0
+
+
+class CompileBudget:
+    """The compile time one client may use, so a guest loading modules in a loop gets
+    QUOTA_EXCEEDED instead of the compile workers.
+
+    A bucket of ``seconds`` seconds (the quota's ``compile_seconds``) that refills at
+    ``seconds`` per :data:`COMPILE_WINDOW_S`: a client compiling without a pause gets a tenth
+    of one worker, and bursts up to the full bucket. Every load is charged the wall time it
+    took (a cache hit costs next to nothing); a load that starts with any credit left may run
+    up to the compile worker's deadline, so the bucket can go negative and must refill first.
+    One load of a client runs at a time. The budget survives context resets: a guest cannot
+    refill it by faulting.
+    """
+
+    def __init__(self, seconds: int = DEFAULT_COMPILE_SECONDS, clock: Callable[[], float] = time.monotonic) -> None:
+        self.seconds = float(seconds)
+        self._clock = clock
+        self._credit = self.seconds
+        self._stamp = clock()
+        self.in_flight = False
+        self.spent = 0.0
+
+    def credit(self) -> float:
+        """Seconds of compile time available now (negative while overdrawn)."""
+        now = self._clock()
+        self._credit = min(self.seconds, self._credit + (now - self._stamp) * self.seconds / COMPILE_WINDOW_S)
+        self._stamp = now
+        return self._credit
+
+    def begin(self) -> None:
+        """Start a load.
+
+        Raises:
+            BackendError: QUOTA_EXCEEDED when a load of this client is already running or the
+                budget is used up (the message says when it has refilled).
+        """
+        if self.in_flight:
+            raise BackendError(Status.QUOTA_EXCEEDED, "a module load of this client is already running; "
+                               "wait for it before loading another")
+        credit = self.credit()
+        if credit <= 0:
+            wait = -credit * COMPILE_WINDOW_S / self.seconds + 1
+            raise BackendError(Status.QUOTA_EXCEEDED, f"compile budget used up ({self.seconds:g} s per "
+                               f"{COMPILE_WINDOW_S:g} s); retry in {wait:.0f} s")
+        self.in_flight = True
+
+    def end(self, seconds: float) -> None:
+        """Finish a load that took ``seconds``."""
+        self.in_flight = False
+        self.spent += seconds
+        self.credit()
+        self._credit -= seconds

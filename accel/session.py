@@ -48,13 +48,14 @@ import functools
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from vxpu.accel.backend import Backend, BackendError, KernelInfo, ModuleKind, Status, pack_dims
 from vxpu.accel.pool import DEFAULT_CHUNK_SIZE, MemoryPool, align_up
-from vxpu.accel.quota import DEFAULT_QUOTA, Quota, QuotaUsage
+from vxpu.accel.quota import DEFAULT_QUOTA, CompileBudget, Quota, QuotaUsage
 from vxpu.accel.stats import SessionStats, metrics
 
 from vxpu.log import LogBudget
@@ -164,6 +165,7 @@ class Session:
         self.backend = backend
         self.quota = quota
         self.usage = QuotaUsage(quota)
+        self.compile_budget = CompileBudget(quota.compile_seconds)
         self.pool = pool or MemoryPool(backend.alloc, backend.free, reserve_limit=reserve_limit(quota))
         self.allowed_kinds = frozenset(allowed_kinds)
         self.depth_policy = depth_policy
@@ -443,14 +445,31 @@ class Session:
         self.stats.bytes_dtoh += size
 
     # -- code -------------------------------------------------------------------------
-    @_guarded
     def load_module(self, image: bytes | memoryview, kind: ModuleKind = ModuleKind.IR) -> int:
         """Load a module image; returns a module handle.
 
+        The backend compiles without this session's lock held (IR in a sandboxed compile
+        worker), so the client's calls from other threads go on meanwhile. The time a load
+        takes is charged to the client's :class:`~vxpu.accel.quota.CompileBudget`.
+
         Raises:
             BackendError: UNSUPPORTED (kind not allowed for this client or backend),
-                QUOTA_EXCEEDED (too many modules or too large an image), BAD_MODULE.
+                QUOTA_EXCEEDED (too many modules, too large an image, the compile budget used
+                up, or another load of this client running), BAD_MODULE, COMPILE_LIMIT (the
+                compile crashed or ran past the worker's limits), ABORTED (a context reset
+                during the compile dropped the module: load it again).
         """
+        data, epoch = self._load_begin(image, kind)
+        start = time.monotonic()
+        try:
+            token = self._unlocked("load_module", self.backend.load_module, data, kind)
+        except BaseException:
+            self._load_done(None, kind, epoch, time.monotonic() - start)
+            raise
+        return self._load_done(token, kind, epoch, time.monotonic() - start)
+
+    @_guarded
+    def _load_begin(self, image: bytes | memoryview, kind: ModuleKind) -> tuple[bytes, int]:
         if kind not in self.allowed_kinds:
             raise BackendError(Status.UNSUPPORTED,
                                f"{kind.value} modules are not enabled for this client "
@@ -458,16 +477,49 @@ class Session:
         if len(image) > self.quota.module_bytes:
             raise BackendError(Status.QUOTA_EXCEEDED,
                                f"module image of {len(image)} bytes exceeds the quota of {self.quota.module_bytes}")
+        self.compile_budget.begin()
         self.usage.charge("modules")
+        return bytes(image), self._epoch
+
+    def _unlocked(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call the backend without the session lock, mapping errors as :func:`_guarded` does."""
         try:
-            token = self.backend.load_module(bytes(image), kind)
-        except BaseException:
-            self.usage.refund("modules")
+            return fn(*args)
+        except BackendError as exc:
+            with self._lock:
+                self._on_error(exc)
             raise
-        handle = self._new_handle(_TAG_MODULE)
-        self._modules[handle] = _Module(token, kind, {})
-        self.stats.modules_loaded += 1
-        return handle
+        except Exception as exc:  # a bug below us: never let it reach the guest raw
+            _guest_log(log, logging.ERROR, "internal error in %s: %s", what, exc)
+            log.debug("traceback", exc_info=True)
+            err = BackendError(Status.INTERNAL, f"internal error in {what}: {type(exc).__name__}")
+            with self._lock:
+                self._on_error(err)
+            raise err from exc
+
+    def _load_done(self, token: object | None, kind: ModuleKind, epoch: int, seconds: float) -> int:
+        """Charge the load's time; register its module (``token`` None: the load failed)."""
+        with self._lock:
+            self.compile_budget.end(seconds)
+            if token is None:
+                if self._epoch == epoch:
+                    self.usage.refund("modules")
+                return 0
+            if self._closed or self._epoch != epoch or self.backend.stats.resets != epoch:
+                if self._epoch == epoch:
+                    self.usage.refund("modules")
+                try:
+                    self.backend.unload_module(token)
+                except BackendError:
+                    pass
+                if self._closed:
+                    raise BackendError(Status.INVALID_HANDLE, "the session closed while the module loaded")
+                raise BackendError(Status.ABORTED, "the device context was reset while the module loaded; "
+                                   "load it again")
+            handle = self._new_handle(_TAG_MODULE)
+            self._modules[handle] = _Module(token, kind, {})
+            self.stats.modules_loaded += 1
+            return handle
 
     @_guarded
     def unload_module(self, module: int) -> None:

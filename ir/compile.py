@@ -24,12 +24,15 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from vxpu.ir.args import KernelSignature, kernel_signature
 from vxpu.ir.cache import CompileCache, cache_key
 from vxpu.ir.lower.errors import CompileError, LoweringError, ToolchainError
 from vxpu.ir.model import Module
+
+if TYPE_CHECKING:
+    from vxpu.ir.workers import CompilePool
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,7 @@ __all__ = [
     "LoweringError",
     "ToolchainError",
     "compile_module",
+    "compile_verified",
     "default_cache",
     "kernel_signature",
 ]
@@ -124,7 +128,8 @@ def default_cache() -> CompileCache:
 
 def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, target: str = "x86", *,
                    arch: str | None = None, opt_level: int = 3, cache: CompileCache | None | bool = None,
-                   cov: int = 5, features: str | None = None, checked: bool = True) -> CompiledModule:
+                   cov: int = 5, features: str | None = None, checked: bool = True,
+                   workers: CompilePool | None = None) -> CompiledModule:
     """Compile an IR module for ``target``.
 
     Args:
@@ -140,11 +145,16 @@ def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, tar
         checked: per-buffer bounds checks (the default, and the only choice for guest
             modules). ``False`` builds the unchecked lowering for trusted, host-side modules
             (benchmarks, ``vxpu ir compile --unchecked``); no guest request can select it.
+        workers: compile a cache miss in this :class:`~vxpu.ir.workers.CompilePool` instead of
+            in this process (what a server does with guest modules: LLVM then runs under the
+            workers' memory, CPU and time limits); a cache hit never touches it.
 
     Raises:
         vxpu.ir.errors.DecodeError / VerifyError: invalid IR (every problem listed).
         ToolchainError: a native tool is missing or failed (message names the fix).
         CompileError: anything else that stops the compile.
+        vxpu.ir.workers.CompileLimitError: (with ``workers``) the worker crashed or ran past a
+            limit.
     """
     from vxpu.ir.lower.toolchain import resolve_target, toolchain_versions
 
@@ -173,6 +183,11 @@ def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, tar
                     toolchain_versions())
 
     def build() -> CompiledModule:
+        if workers is not None:
+            from vxpu.ir.binary import encode
+
+            wire = data if raw_key is not None else encode(module)
+            return workers.compile(wire, spec, opt, bool(checked))  # type: ignore[no-any-return]
         return _build(module, spec, opt, bool(checked))
 
     if store is None:
@@ -181,6 +196,16 @@ def compile_module(module_or_bytes: Module | bytes | bytearray | memoryview, tar
     if raw_key is not None:
         store.put_alias(raw_key, result)
     return result
+
+
+def compile_verified(module: Module, spec: Any, opt: int, checked: bool = True) -> CompiledModule:
+    """Compile a verified ``module`` for a resolved ``spec`` in this process, without the cache
+    (what a compile worker runs; :func:`compile_module` is the entry for everyone else).
+
+    Raises:
+        ToolchainError, CompileError: as :func:`compile_module`.
+    """
+    return _build(module, spec, opt, checked)
 
 
 def _versions_tag() -> bytes:

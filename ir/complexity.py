@@ -71,14 +71,14 @@ def loop_nest_depth(dom: DominatorQuery) -> int:
         seen = {h}
         work = list(latches[h])
         while work:
-            b = find(work.pop())
-            if b in seen or not dom.dominates(header, order[b]):
+            x = find(work.pop())
+            if x in seen or not dom.dominates(header, order[x]):
                 continue
-            seen.add(b)
-            if b in latches and b not in parent:       # an inner loop: nest it, collapse it
-                parent[b] = h
-            rep[b] = h
-            work.extend(preds[b])
+            seen.add(x)
+            if x in latches and x not in parent:       # an inner loop: nest it, collapse it
+                parent[x] = h
+            rep[x] = h
+            work.extend(preds[x])
     depth: dict[int, int] = {}
     deepest = 0
     for h in sorted(latches):                          # outer headers first

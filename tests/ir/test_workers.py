@@ -1,0 +1,182 @@
+"""Compile workers (issue 7): LLVM runs in child processes under memory, CPU and time limits.
+
+Each limit is driven past on purpose with a valid module that is slow to compile, and a
+worker is killed from outside mid-compile; every time the one compile fails with
+CompileLimitError naming the cause, the worker is replaced, and the next compile succeeds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from vxpu.ir import samples
+from vxpu.ir.binary import encode
+from vxpu.ir.cache import CompileCache
+from vxpu.ir.compile import compile_module
+from vxpu.ir.errors import IRError
+from vxpu.ir.workers import CompileLimitError, CompilePool, WorkerLimits, config_from_env
+
+from . import hostile_shapes as hs
+
+SAXPY = encode(samples.load_module("saxpy.vxir"))
+
+
+def slow_module() -> bytes:
+    """A valid module at the module op limit: several seconds of LLVM on one core."""
+    return encode(hs.many_kernels(4, 8192))
+
+
+def ok(pool: CompilePool) -> None:
+    """The pool still compiles (with a fresh worker where one was replaced)."""
+    compiled = compile_module(SAXPY, "x86", cache=False, workers=pool)
+    assert "saxpy" in compiled.kernels and compiled.image
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_a_worker_compiles_what_this_process_compiles():
+    with CompilePool(1) as pool:
+        here = compile_module(SAXPY, "x86", cache=False)
+        there = compile_module(SAXPY, "x86", cache=False, workers=pool)
+        assert there.kernels == here.kernels and there.target == here.target
+        assert there.image == here.image
+        assert pool.stats.jobs == 1 and pool.stats.failures == 0
+
+
+def test_the_cache_answers_a_hit_without_a_worker(tmp_path):
+    cache = CompileCache(tmp_path)
+    with CompilePool(1) as pool:
+        first = compile_module(SAXPY, "x86", cache=cache, workers=pool)
+        again = compile_module(SAXPY, "x86", cache=cache, workers=pool)
+        assert again is first and pool.stats.jobs == 1
+
+
+def test_invalid_ir_and_compile_errors_come_back_with_their_message():
+    with CompilePool(1) as pool:
+        with pytest.raises(IRError, match="loops are nested 100 deep"):
+            pool.compile(encode(hs.loop_nest(100)), _x86(), 3, True)     # the worker verifies again
+        assert pool.stats.failures == 0
+        ok(pool)
+
+
+def test_wall_clock_deadline():
+    with CompilePool(1, WorkerLimits(wall_seconds=0.5)) as pool:
+        ok(pool)                                  # warm: the deadline covers the compile only
+        old = pool.pids()
+        start = time.monotonic()
+        with pytest.raises(CompileLimitError, match="wall-clock deadline of 0.5 s") as info:
+            compile_module(slow_module(), "x86", cache=False, workers=pool)
+        assert info.value.reason == "deadline"
+        assert time.monotonic() - start < 3.0
+        assert not any(alive(pid) for pid in old)
+        ok(pool)
+        assert pool.stats.started == 2
+
+
+def test_cpu_limit():
+    with CompilePool(1, WorkerLimits(cpu_seconds=1, wall_seconds=60)) as pool:
+        ok(pool)
+        with pytest.raises(CompileLimitError, match="more than its 1 s of CPU time") as info:
+            compile_module(slow_module(), "x86", cache=False, workers=pool)
+        assert info.value.reason == "cpu"
+        ok(pool)
+
+
+def test_memory_limit():
+    """A limit just above what an idle worker takes: the compile's allocations fail."""
+    with CompilePool(1) as probe:
+        ok(probe)
+        pid = probe.pids()[0]
+        with open(f"/proc/{pid}/status") as f:
+            vm_peak_kb = int(next(line for line in f if line.startswith("VmPeak:")).split()[1])
+    limit = (vm_peak_kb << 10) + (4 << 20)
+    with CompilePool(1, WorkerLimits(memory_bytes=limit)) as pool:
+        with pytest.raises(CompileLimitError, match="out of memory") as info:
+            compile_module(slow_module(), "x86", cache=False, workers=pool)
+        assert info.value.reason == "memory"
+    with CompilePool(1) as pool:
+        ok(pool)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSEGV])
+def test_a_worker_killed_mid_compile_fails_that_compile_only(sig):
+    with CompilePool(1, WorkerLimits(wall_seconds=60)) as pool:
+        ok(pool)
+        outcome: list[BaseException] = []
+
+        def load() -> None:
+            try:
+                compile_module(slow_module(), "x86", cache=False, workers=pool)
+            except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+                outcome.append(exc)
+
+        thread = threading.Thread(target=load)
+        thread.start()
+        for _ in range(500):
+            busy = pool.pids(busy=True)
+            if busy:
+                break
+            time.sleep(0.01)
+        time.sleep(0.2)                           # well inside LLVM
+        os.kill(busy[0], sig)
+        thread.join(30)
+        assert not thread.is_alive()
+        assert len(outcome) == 1 and isinstance(outcome[0], CompileLimitError), outcome
+        assert outcome[0].reason == "crash" and signal.Signals(sig).name in str(outcome[0])
+        ok(pool)
+
+
+def test_two_workers_compile_at_once():
+    with CompilePool(2, WorkerLimits(wall_seconds=60)) as pool:
+        ok(pool)
+        ok(pool)
+        errors: list[BaseException] = []
+        threads = [threading.Thread(target=lambda: _catch(errors, lambda: ok(pool))) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert len(set(pool.pids())) == 2
+
+
+def test_configuration_from_the_environment():
+    size, limits = config_from_env({"VXPU_COMPILE_WORKERS": "3", "VXPU_COMPILE_MEMORY_MB": "512",
+                                    "VXPU_COMPILE_CPU_S": "4", "VXPU_COMPILE_WALL_S": "7.5"})
+    assert size == 3 and limits == WorkerLimits(512 << 20, 4, 7.5)
+    assert config_from_env({"VXPU_COMPILE_WORKERS": "0"})[0] == 0
+    with pytest.raises(ValueError, match="compile worker"):
+        config_from_env({"VXPU_COMPILE_CPU_S": "soon"})
+    with pytest.raises(ValueError):
+        config_from_env({"VXPU_COMPILE_WALL_S": "0"})
+
+
+def test_close_stops_every_worker():
+    pool = CompilePool(2)
+    ok(pool)
+    pids = pool.pids()
+    pool.close()
+    assert not any(alive(pid) for pid in pids)
+
+
+def _catch(errors: list[BaseException], fn) -> None:
+    try:
+        fn()
+    except BaseException as exc:  # noqa: BLE001 - recorded for the assertion
+        errors.append(exc)
+
+
+def _x86():
+    from vxpu.ir.lower.toolchain import resolve_target
+
+    return resolve_target("x86")
