@@ -7,12 +7,17 @@ import os
 import struct
 import zlib
 
+import pytest
+from vxpu.vfio_server import dma as dmamod
 from vxpu.vfio_server import protocol as P
-from vxpu.vfio_server.client import GuestMemory
+from vxpu.vfio_server.client import GuestMemory, VfioUserClient
+from vxpu.vfio_server.dma import DmaSpace
+from vxpu.vfio_server.errors import ProtocolError
+from vxpu.vfio_server.server import VfioUserServer
 
 from vxpu.abi import testdev as abi
 
-from .conftest import eventfds, expect_error, ping, raw, refused
+from .conftest import MmapTestDevice, eventfds, expect_error, ping, raw, refused
 
 MiB = 1 << 20
 
@@ -135,3 +140,133 @@ def test_map_table_is_capped(client, server, no_leak):
 def test_posted_map_errors_are_not_answered(client, no_leak):
     client.send_raw(raw(P.Command.DMA_MAP, P.DMA_MAP.pack(32, 3, 0, 0x100800, 0x1000), flags=P.FLAG_NO_REPLY))
     client.expect_silence(0.1)
+
+
+# -- formerly test_review_dma_seal.py ----------------------------------------
+# Review finding: the size check of an fd-backed DMA_MAP must hold once the file is sealed.
+#
+# The server seals the file against shrinking (F_SEAL_SHRINK) so that a later ftruncate by the
+# peer cannot SIGBUS it. The size check has to come *after* the seal: a peer that shrinks the
+# file between the check and the seal would otherwise leave a "sealed" map larger than its
+# file, and the first device access would SIGBUS the server. The race is made deterministic by
+# shrinking the file just before the seal is applied.
+
+SIZE = 0x10000
+
+
+def test_shrink_just_before_the_seal_is_refused(monkeypatch):
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, SIZE)
+    real = dmamod.shrink_sealed
+
+    def racing_peer(f: int) -> bool:
+        os.ftruncate(f, 0)          # the peer shrinks the file right before we seal it
+        return real(f)
+
+    monkeypatch.setattr(dmamod, "shrink_sealed", racing_peer)
+    space = DmaSpace()
+    try:
+        try:
+            region = space.map(0x100000, SIZE, 0, P.DMA_READ_FLAG | P.DMA_WRITE_FLAG, fd)
+        except ProtocolError as exc:
+            assert exc.errno == errno.EINVAL
+        else:
+            # Accepted: then the file must really hold the whole map (never touch the view
+            # otherwise: that would SIGBUS this test process).
+            assert os.fstat(fd).st_size >= SIZE, (
+                f"map accepted (sealed={region.sealed}) over a file of {os.fstat(fd).st_size} bytes")
+        assert len(space) in (0, 1)
+    finally:
+        space.close()
+        os.close(fd)
+
+
+def test_sealed_map_still_works():
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, SIZE)
+    space = DmaSpace()
+    try:
+        region = space.map(0x100000, SIZE, 0, P.DMA_READ_FLAG | P.DMA_WRITE_FLAG, fd)
+        assert region.sealed
+        with pytest.raises(PermissionError):
+            os.ftruncate(fd, 0)
+        view = space.translate(0x100000 + 8, 4, write=True)
+        view[:] = b"abcd"
+        view.release()
+        assert os.pread(fd, 4, 8) == b"abcd"
+    finally:
+        space.close()
+        os.close(fd)
+
+
+# -- formerly test_review_sealed_ram.py --------------------------------------
+# Review: guest RAM whose file the peer can shrink under the server's mapping.
+#
+# A shrink (ftruncate) of a mapped file makes the next access to the missing pages SIGBUS the
+# server, which Python cannot survive. The server seals each DMA_MAP file against shrinking when
+# the file allows it (QEMU's memory-backend-memfd is created sealed: seal=on is its default); an
+# unsealable file (a memfd without MFD_ALLOW_SEALING, memory-backend-memfd with seal=off, a file
+# on hugetlbfs or disk) stays a SIGBUS risk. ``require_sealed_ram`` (on by default;
+# ``vxpu serve --allow-unsealed-ram`` turns it off) refuses such files.
+
+RW = P.DMA_READ_FLAG | P.DMA_WRITE_FLAG
+
+
+def _unsealable() -> int:
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)       # no MFD_ALLOW_SEALING
+    os.ftruncate(fd, SIZE)
+    return fd
+
+
+def test_dma_space_refuses_unsealable_files_when_required():
+    fd = _unsealable()
+    strict, lax = DmaSpace(require_sealed=True), DmaSpace()
+    try:
+        with pytest.raises(ProtocolError) as info:
+            strict.map(0x100000, SIZE, 0, RW, fd)
+        assert info.value.errno == errno.EINVAL and "seal" in str(info.value)
+        assert len(strict) == 0
+        assert not lax.map(0x100000, SIZE, 0, RW, fd).sealed      # the default still accepts it
+    finally:
+        strict.close()
+        lax.close()
+        os.close(fd)
+
+
+def test_dma_space_accepts_a_sealable_memfd_when_required():
+    fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, SIZE)
+    space = DmaSpace(require_sealed=True)
+    try:
+        assert space.map(0x100000, SIZE, 0, RW, fd).sealed
+        space.map(0x200000, SIZE, 0, RW, None)                       # message-only maps: no file
+    finally:
+        space.close()
+        os.close(fd)
+
+
+def test_server_option(tmp_path):
+    dev = MmapTestDevice()
+    srv = VfioUserServer(tmp_path / "s.sock", dev, require_sealed_ram=True).start()
+    fd = _unsealable()
+    try:
+        with GuestMemory(SIZE) as mem, VfioUserClient(srv.path, timeout=3.0) as c:
+            c.handshake()
+            refused(c, errno.EINVAL, lambda: c.dma_map(0x100000, SIZE, fd))
+            c.map_guest_ram(mem, 0x100000)                           # sealed like QEMU's default
+            ping(c)
+    finally:
+        os.close(fd)
+        srv.stop()
+        dev.close()
+
+
+def test_cli_flag():
+    import argparse
+
+    from vxpu.vfio_server import cli
+
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    assert parser.parse_args(["serve", "--socket", "x", "--allow-unsealed-ram"]).allow_unsealed_ram
+    assert not parser.parse_args(["serve", "--socket", "x"]).allow_unsealed_ram

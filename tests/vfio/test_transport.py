@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import stat
@@ -10,11 +11,13 @@ import time
 
 import pytest
 from vxpu.vfio_server import protocol as P
+from vxpu.vfio_server import server as srvmod
 from vxpu.vfio_server.client import VfioUserClient
-from vxpu.vfio_server.errors import PeerClosed
+from vxpu.vfio_server.errors import PeerClosed, ProtocolError
 from vxpu.vfio_server.server import VfioUserServer
 
 from vxpu.errors import ConfigError
+from vxpu.log import LogBudget
 
 from .conftest import CMD_MEM_BME, CONFIG, MmapTestDevice, eventfds, expect_error, nfds, ping, raw
 
@@ -220,3 +223,57 @@ def test_silent_client_is_dropped_after_the_handshake_timeout(server, monkeypatc
             ping(waiting)
         with pytest.raises(PeerClosed):
             silent.recv_message(timeout=1.0)
+
+
+# -- formerly test_review_client.py ------------------------------------------
+# Review finding: the client (the out-of-VM guest driver's transport) must not trust the size
+# field of what a server sends: a huge size would make it allocate and wait for gigabytes.
+
+def test_oversized_message_from_the_server_is_refused(tmp_path):
+    path = tmp_path / "hostile.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    try:
+        with VfioUserClient(path, timeout=2.0) as c:
+            peer, _ = listener.accept()
+            with peer:
+                peer.sendall(P.pack_header(1, P.Command.DMA_WRITE, 64 << 20, P.TYPE_COMMAND))
+                with pytest.raises(ProtocolError) as info:
+                    c.recv_message()
+                assert info.value.errno == errno.E2BIG
+    finally:
+        listener.close()
+
+
+# -- formerly test_review_log_budget.py --------------------------------------
+# Review finding: the hostile-input warning budget must not refill on reconnect.
+#
+# Each refused message is logged at WARNING only while a budget lasts, then at DEBUG. With a
+# budget per connection, a peer that reconnects in a loop gets a fresh budget every time and can
+# flood the log anyway; the budget therefore belongs to the server (it refills slowly, so a
+# later, unrelated problem is still reported).
+
+def test_reconnecting_does_not_refill_the_warning_budget(server, caplog):
+    caplog.set_level(logging.DEBUG, logger=server.log.name)
+    for _ in range(4):
+        with VfioUserClient(server.path, timeout=3.0) as c:
+            c.handshake()
+            for i in range(srvmod.WARN_BUDGET + 10):
+                c.send_raw(raw(P.Command.DMA_UNMAP, b"\0" * 3, msg_id=i))
+                expect_error(c, errno.EINVAL, msg_id=i)
+    refusals = [r for r in caplog.records if "refused DMA_UNMAP" in r.getMessage()]
+    warned = [r for r in refusals if r.levelno >= logging.WARNING]
+    assert len(refusals) == 4 * (srvmod.WARN_BUDGET + 10), "every refusal is still logged (at DEBUG)"
+    assert len(warned) <= srvmod.WARN_BUDGET + 4, f"{len(warned)} WARNING lines across 4 connections"
+
+
+def test_budget_refills_slowly():
+    import time
+
+    budget = LogBudget(capacity=2, refill_s=0.05)
+    assert budget.take() and budget.take()
+    assert not budget.take() and not budget.take()
+    time.sleep(0.12)
+    assert budget.take() and budget.take()      # two refilled
+    assert not budget.take()
