@@ -85,7 +85,10 @@ class Kernel:
         self._launchers: dict[tuple[Any, ...], _Launcher] = {}
 
     def __getitem__(self, config: tuple[Any, ...]) -> _Launcher:
-        launcher = self._launchers.get(config) if isinstance(config, tuple) and config.__hash__ else None
+        try:
+            launcher = self._launchers.get(config)
+        except TypeError:              # an unhashable configuration (lists inside)
+            launcher = None
         if launcher is not None:
             return launcher
         if not isinstance(config, tuple) or len(config) not in (2, 3):
