@@ -110,6 +110,7 @@ def test_kernels_without_arguments_and_with_a_large_argument_blob(dev):
     with dev.zeros(1, np.int64) as out:
         for _ in range(3):
             mod.empty[4, 32]()
+            mod.empty[[4, 1], [32]]()                      # lists work too (not cached)
             mod.wide[1, 32](out, *range(40))
         dev.synchronize()
         assert out.to_host()[0] == 39
