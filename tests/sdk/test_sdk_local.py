@@ -240,8 +240,8 @@ def test_reset_makes_old_arrays_stale(dev):
     check_still_computes(dev)
 
 
-def _children() -> set[int]:
-    me, out = os.getpid(), set()
+def _children(parent: int | None = None) -> set[int]:
+    me, out = os.getpid() if parent is None else parent, set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
@@ -260,10 +260,13 @@ def test_local_cleanup_leaves_no_process_or_fd():
     assert pid in _children()
     with d.to_device(np.ones(4, np.float32)) as arr:
         assert arr.to_host().sum() == 4
+    assert d.load_module(samples.SAMPLES["saxpy"].module()).saxpy.handle  # compile workers start
+    grandchildren = _children(pid)
     workdir = d.transport.workdir
     d.close()
     d.close()                                              # idempotent
     assert _children() == before_children
+    assert not any(os.path.exists(f"/proc/{p}") for p in grandchildren)
     assert len(os.listdir("/proc/self/fd")) == before_fds
     assert not workdir.exists()
     with pytest.raises(Exception, match="after close"):
