@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -71,3 +72,43 @@ def test_attach_ls_detach_commands(qemu_binary: QemuBinary, guest_image: GuestIm
 
         res = _vxpu(env, "detach", "--qmp", qmp, "--id", "hot0")
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and "does not exist" in res.stderr, explain(res)
+
+
+def test_vm_run_prints_a_qmp_socket_that_vxpu_can_use(tmp_path: Path) -> None:
+    """``vxpu vm run`` keeps its QMP socket free and prints it; attach/ls/detach work through it."""
+    runtime = Path(tempfile.mkdtemp(prefix="vxrt-", dir="/tmp"))
+    env = {**os.environ, "VXPU_RUNTIME_DIR": str(runtime)}
+    cmd = "python3 -m vxpu.guest.selftest --skip-checks --watch-hotplug 60"
+    run = subprocess.Popen([sys.executable, "-m", "vxpu", "vm", "run", "--no-device", "--accel",
+                            os.environ.get("VXPU_E2E_ACCEL", "auto"), "--cmd", cmd, "--timeout", "240"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                           env=env)
+    try:
+        assert run.stderr is not None and run.stdout is not None
+        qmp = None
+        for line in run.stderr:
+            if line.startswith("vxpu: QMP socket "):
+                qmp = line.split()[3]
+                break
+        assert qmp and Path(qmp).is_socket(), run.stderr.read()
+        for line in run.stdout:  # the console: wait until the guest watches for hot-plug
+            if '"event":"watching"' in line:
+                break
+        res = _vxpu(env, "attach", "--qmp", qmp, "--device", "test", "--json")
+        assert res.returncode == 0, res.stderr
+        pid = json.loads(res.stdout)["pid"]
+        for line in run.stdout:
+            if '"event":"added"' in line:
+                assert '"ok":true' in line.replace(" ", ""), line
+                break
+        assert [r["health"] for r in json.loads(_vxpu(env, "ls", "--qmp", qmp, "--json").stdout)] == ["ok"]
+        res = _vxpu(env, "detach", "--qmp", qmp, "--id", "vxpu0")
+        assert res.returncode == 0 and "terminated" in res.stdout, res.stderr
+        assert not process_alive(pid, None)
+    finally:
+        run.send_signal(signal.SIGINT)  # vm run stops its QEMU on the way out (SIGKILL would orphan it)
+        try:
+            run.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            run.kill()
+            run.communicate()
