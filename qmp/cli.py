@@ -105,7 +105,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     detach.add_argument("--qmp", required=True, metavar="SOCKET", help="the VM's QMP Unix socket")
     detach.add_argument("--id", required=True, help="the device id")
     detach.add_argument("--timeout", type=_positive, default=10.0, metavar="S", help="seconds (default 10)")
-    detach.add_argument("--unbind", metavar="BDF", help="then give BDF back to its original host driver")
+    detach.add_argument("--unbind", action="store_true", help="then give the device back to its original host driver")
     for p in (bind, unbind, attach, detach):
         p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -235,11 +235,11 @@ def cmd_pt_detach(args: argparse.Namespace) -> int:
 
     async def work() -> dict[str, Any]:
         async with session(args.qmp) as q:
-            await pt.detach_host(q, args.id, args.timeout)
-        driver = pt.unbind(args.unbind) if args.unbind else None
-        return {"id": args.id, "unbound": args.unbind, "driver": driver}
-    return _run(args, work, lambda r: f"detached {r['id']}" + (f"; {r['unbound']} given back to "
-                                                               f"{r['driver'] or 'no driver'}" if r["unbound"] else ""))
+            bdf = await pt.detach_host(q, args.id, args.timeout)
+        driver = pt.unbind(bdf) if args.unbind else None
+        return {"id": args.id, "bdf": bdf, "unbound": args.unbind, "driver": driver}
+    return _run(args, work, lambda r: f"detached {r['id']} ({r['bdf']})" + (
+        f"; given back to {r['driver'] or 'no driver'}" if r["unbound"] else ""))
 
 
 def cmd_libvirt_xml(args: argparse.Namespace) -> int:

@@ -296,20 +296,35 @@ def passthrough_device(bdf: str, dev_id: str, **props: Any) -> dict[str, Any]:
 async def attach_host(qmp: Qmp, bdf: str, dev_id: str, sysfs: Path = SYSFS, *, force: bool = False) -> BindPlan:
     """Bind ``bdf`` to vfio-pci (if needed) and hot-plug it into the VM behind ``qmp``.
 
+    If QEMU refuses the device, a bind done here is undone (the original driver gets it back).
+
     Raises:
         PassthroughError: binding failed.
-        QmpError: QEMU refused the device (e.g. no permission on /dev/vfio/N, no free slot).
+        NoFreeSlot: no hot-pluggable slot. QmpError: QEMU refused the device (e.g. no
+            permission on /dev/vfio/N).
     """
+    from vxpu.qmp.errors import QmpError
     from vxpu.qmp.slots import choose_bus
 
     plan = bind(bdf, sysfs, force=force)
-    bus = await choose_bus(qmp)
-    await qmp.execute("device_add", **passthrough_device(plan.bdf, dev_id, bus=bus))
+    try:
+        bus = await choose_bus(qmp)
+        await qmp.execute("device_add", **passthrough_device(plan.bdf, dev_id, bus=bus))
+    except BaseException as exc:
+        if plan.writes:
+            unbind(plan.bdf, sysfs)
+        if isinstance(exc, QmpError):
+            undone = f"; {plan.bdf} was given back to {plan.current_driver or 'no driver'}" if plan.writes else ""
+            raise QmpError(f"QEMU refused to add {plan.bdf} as {dev_id}: {exc}{undone}", exc.klass) from exc
+        raise
     return plan
 
 
-async def detach_host(qmp: Qmp, dev_id: str, timeout: float = 10.0) -> None:
+async def detach_host(qmp: Qmp, dev_id: str, timeout: float = 10.0) -> str:
     """Hot-unplug the passthrough device ``dev_id`` and wait for ``DEVICE_DELETED``.
+
+    Returns:
+        The host PCI address the device was (QEMU's ``host`` property), for :func:`unbind`.
 
     Raises:
         UnknownDevice: the VM has no vfio-pci device called ``dev_id``.
@@ -323,6 +338,7 @@ async def detach_host(qmp: Qmp, dev_id: str, timeout: float = 10.0) -> None:
     if devices.get(dev_id) != VFIO_DRIVER:
         what = f"is a {devices[dev_id]}" if dev_id in devices else "does not exist"
         raise UnknownDevice(f"device {dev_id!r} {what}, not a vfio-pci passthrough device of this VM")
+    host = str(await qmp.execute("qom-get", path=f"/machine/peripheral/{dev_id}", property="host"))
     with qmp.listen("DEVICE_DELETED", lambda ev: ev.get("data", {}).get("device") == dev_id) as heard:
         try:
             await qmp.execute("device_del", id=dev_id)
@@ -331,6 +347,7 @@ async def detach_host(qmp: Qmp, dev_id: str, timeout: float = 10.0) -> None:
         if await qmp.next_event(heard, timeout) is None and dev_id in await peripherals(qmp):
             raise UnplugTimeout(f"the guest did not release {dev_id} within {timeout:g}s after device_del; "
                                 "it needs ACPI PCI hot-plug and must not hold the device busy")
+    return normalize_bdf(host)
 
 
 def attach_host_device(mon: Monitor, bdf: str, dev_id: str, sysfs: Path = SYSFS) -> BindPlan:

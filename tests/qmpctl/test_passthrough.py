@@ -4,13 +4,18 @@ original driver. A real kernel does the same in tests/e2e/test_operators_passthr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from vxpu.qmp import passthrough as pt
-from vxpu.qmp.errors import PassthroughError
+from vxpu.qmp.connection import Qmp
+from vxpu.qmp.errors import PassthroughError, QmpError, UnknownDevice
 
 BDF = "0000:01:00.0"
 SIBLING = "0000:01:00.1"
@@ -184,3 +189,62 @@ def test_unbind_plan_clears_override_and_reprobes(sysfs: Path) -> None:
 
 def test_device_json() -> None:
     assert pt.passthrough_device("01:00.0", "gpu0") == {"driver": "vfio-pci", "host": BDF, "id": "gpu0"}
+
+
+class FakeQmp(Qmp):
+    """A QMP session that answers from a table and records commands (no QEMU)."""
+
+    def __init__(self, refuse: frozenset[str] = frozenset(), released: bool = True) -> None:
+        super().__init__(Path("/fake.qmp"), None, None)  # type: ignore[arg-type]
+        self.calls: list[tuple[str, dict[str, Any]]] = []
+        self.refuse, self.released = refuse, released
+        self.devices = [{"name": "hostdev0", "type": "child<vfio-pci>"}]
+
+    async def execute(self, command: str, timeout: float = 15.0, **arguments: Any) -> Any:
+        self.calls.append((command, arguments))
+        if command in self.refuse:
+            raise QmpError(f"QMP {command} failed: vfio 0000:01:00.0: group 7 is not viable", "GenericError")
+        answers = {"qom-get": "pc-i440fx-11.1-machine" if arguments.get("property") == "type" else BDF,
+                   "query-pci": [{"bus": 0, "devices": [{"bus": 0, "slot": 0, "function": 0}]}],
+                   "qom-list": self.devices}
+        return answers.get(command, {})
+
+    @contextmanager
+    def listen(self, name: str, match: Any = None) -> Iterator[Any]:
+        yield name
+
+    @staticmethod
+    async def next_event(listener: Any, timeout: float) -> dict[str, Any] | None:
+        return {"event": "DEVICE_DELETED"}
+
+
+def test_attach_host_adds_the_json_device_on_a_free_bus(sysfs: Path) -> None:
+    _device(sysfs, BDF, "vfio-pci", 7)
+    qmp = FakeQmp()
+    plan = asyncio.run(pt.attach_host(qmp, BDF, "gpu0", sysfs))
+    assert plan.vfio_device == "/dev/vfio/7"
+    assert qmp.calls[-1] == ("device_add", {"driver": "vfio-pci", "host": BDF, "id": "gpu0", "bus": "pci.0"})
+
+
+def test_attach_host_refused_by_qemu_gives_the_device_back(sysfs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _device(sysfs, BDF, "nvidia", 7)
+    plan = pt.plan_bind(BDF, sysfs)
+    monkeypatch.setattr(pt, "bind", lambda *a, **k: plan)
+    undone: list[str] = []
+    monkeypatch.setattr(pt, "unbind", lambda bdf, *a, **k: undone.append(bdf))
+    with pytest.raises(QmpError, match="refused to add 0000:01:00.0 as gpu0: .*not viable; .*given back to nvidia"):
+        asyncio.run(pt.attach_host(FakeQmp(refuse=frozenset({"device_add"})), BDF, "gpu0", sysfs))
+    assert undone == [BDF]
+
+
+def test_detach_host_returns_the_host_address() -> None:
+    qmp = FakeQmp()
+    assert asyncio.run(pt.detach_host(qmp, "hostdev0")) == BDF
+    assert ("device_del", {"id": "hostdev0"}) in qmp.calls
+
+
+def test_detach_host_refuses_a_device_that_is_not_passthrough() -> None:
+    qmp = FakeQmp()
+    qmp.devices = [{"name": "vxpu0", "type": "child<vfio-user-pci>"}]
+    with pytest.raises(UnknownDevice, match="'vxpu0' is a vfio-user-pci, not a vfio-pci passthrough device"):
+        asyncio.run(pt.detach_host(qmp, "vxpu0"))
