@@ -95,6 +95,26 @@ class _Steps:
         print(f"[{self.n}/{STEPS}] {what} ({time.monotonic() - self.t:.1f} s)", file=sys.stderr, flush=True)
 
 
+def _guest_image() -> Any:
+    """The guest image, built or refreshed; offline (no Debian mirror), the cached one.
+
+    Raises:
+        ImageError: no mirror and no cached image.
+    """
+    from vxpu.images.errors import ImageError
+    from vxpu.images.guest import build_image, cached_image
+
+    try:
+        return build_image()
+    except ImageError as exc:
+        image = cached_image()
+        if image is None:
+            raise
+        print(f"vxpu demo: cannot check the guest packages ({str(exc).splitlines()[0][:160]}); "
+              f"using the cached image", file=sys.stderr)
+        return image
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run the demo (see the module docstring); returns the exit status.
 
@@ -102,7 +122,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         DemoError: a bad option, or the guest did not report a result (with the logs).
         ImageError, VmError: QEMU or the guest image cannot be provided.
     """
-    from vxpu.images.guest import build_image
     from vxpu.images.qemu import find_qemu
 
     backend = check_backend(args.backend)
@@ -113,7 +132,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     qemu = find_qemu(args.qemu)
     steps.done(f"QEMU {qemu.version_str} ({qemu.source})")
     steps.start("guest image (Debian kernel, python3.13, numpy, vxpu guest SDK)")
-    image = build_image()
+    image = _guest_image()
     steps.done(f"guest image {image.initrd.name} ({image.initrd.stat().st_size / 1e6:.0f} MB)")
     workdir = Path(tempfile.mkdtemp(prefix="vxpu-demo-"))
     try:

@@ -378,16 +378,23 @@ def build_image(force: bool = False, quiet: bool = False) -> GuestImage:
         return _image(base, key)
 
 
+def cached_image() -> GuestImage | None:
+    """The most recently built image without asking apt (refreshing only the vxpu overlay),
+    or None when none was built; for machines without a Debian mirror."""
+    pointer = _guest_root() / "current"
+    if not pointer.exists():
+        return None
+    base = _guest_root() / pointer.read_text().strip()
+    if not (base / "manifest.json").exists():
+        return None
+    with cache_lock("guest"):
+        return _image(base, base.name.removeprefix("base-"))
+
+
 def current_image(quiet: bool = False) -> GuestImage:
     """The most recently built image (refreshing only the vxpu overlay), or build one.
 
     Raises:
         ImageError: as :func:`build_image`, when no image has been built yet.
     """
-    pointer = _guest_root() / "current"
-    if pointer.exists():
-        base = _guest_root() / pointer.read_text().strip()
-        if (base / "manifest.json").exists():
-            with cache_lock("guest"):
-                return _image(base, base.name.removeprefix("base-"))
-    return build_image(quiet=quiet)
+    return cached_image() or build_image(quiet=quiet)
