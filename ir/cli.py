@@ -76,7 +76,8 @@ def register(subparsers: Any) -> None:
                    help="IR passes and LLVM level 0-3 (default 3)")
     p.add_argument("--emit", required=True, choices=("llvm", "ptx", "cubin", "hsaco", "asm", "obj"),
                    help="x86: llvm asm obj; nvptx: llvm ptx asm cubin; amdgpu: llvm asm obj hsaco")
-    p.add_argument("-o", "--output", type=Path, required=True, help="output file ('-' for stdout, text only)")
+    p.add_argument("-o", "--output", type=Path, default=Path("-"),
+                   help="output file (default: stdout, for text artifacts: llvm, ptx, asm)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a kernel on the CPU (x86 JIT, or --interp) and print the buffers",
@@ -264,9 +265,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     backend = "interp" if args.interp else "x86"
     if args.detect_races and not args.interp:
         raise ConfigError("--detect-races needs --interp (the x86 JIT does not track accesses)")
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    out = samples.run_launches(module, [launch], buffers, backend=backend, opt_level=args.opt,
-                               detect_races=args.detect_races)
+    try:
+        out = samples.run_launches(module, [launch], buffers, backend=backend, opt_level=args.opt,
+                                   detect_races=args.detect_races, timings=timings)
+    except ValueError as exc:  # the x86 JIT's launch checks (grid/block shape and size)
+        raise ConfigError(f"bad launch of @{kernel.name}: {exc}") from None
     seconds = time.perf_counter() - t0
     if args.save is not None:
         try:
@@ -275,9 +280,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"cannot write {args.save}: {exc.strerror or exc}") from None
     if args.json:
         print(json.dumps({"kernel": kernel.name, "backend": backend, "grid": grid, "block": block,
-                          "seconds": seconds, "buffers": {n: cliargs.buffer_json(a) for n, a in out.items()}}))
+                          "seconds": seconds, "compile_seconds": timings["compile"],
+                          "kernel_seconds": timings["kernel"],
+                          "buffers": {n: cliargs.buffer_json(a) for n, a in out.items()}}))
         return 0
-    print(f"@{kernel.name} grid {grid} block {block} on {backend}: {seconds * 1e3:.1f} ms")
+    print(f"@{kernel.name} grid {grid} block {block} on {backend}: compile {timings['compile'] * 1e3:.1f} ms, "
+          f"kernel {timings['kernel'] * 1e3:.3f} ms")
     limit = None if args.full else max(0, args.show)
     for name, arr in out.items():
         print(cliargs.format_buffer(name, arr, limit))

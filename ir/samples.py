@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -294,7 +295,7 @@ SAMPLES: dict[str, Sample] = {s.name: s for s in (
 
 def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, np.ndarray], *,
                  backend: str = "interp", opt_level: int = 3, cache: Any = None,
-                 detect_races: bool = False) -> dict[str, np.ndarray]:
+                 detect_races: bool = False, timings: dict[str, float] | None = None) -> dict[str, np.ndarray]:
     """Upload ``buffers``, run ``launches`` in order on ``backend`` and return every buffer's
     final contents (same dtype and shape).
 
@@ -307,6 +308,8 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
         opt_level: LLVM optimization level for ``"x86"``.
         cache: compile cache for ``"x86"`` (see :func:`vxpu.ir.compile.compile_module`).
         detect_races: with ``"interp"``, fault on data races (see :func:`vxpu.ir.interp.run_kernel`).
+        timings: if given, receives ``"compile"`` (compiling and loading the module, 0 for the
+            interpreter) and ``"kernel"`` (the launches themselves), in seconds.
 
     Raises:
         IRError: unknown backend, buffer or argument problems; InterpFault from the interpreter.
@@ -318,6 +321,7 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
     mem = Memory(total)
     addrs = {name: mem.upload(arr) for name, arr in buffers.items()}
     run: Callable[[Launch, list[Any]], None]
+    compile_seconds = 0.0
     if backend == "interp":
         def run(launch: Launch, args: list[Any]) -> None:
             run_kernel(module, launch.kernel, launch.grid, launch.block, args, mem, detect_races=detect_races)
@@ -325,7 +329,9 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
         from .compile import compile_module
         from .cpu_exec import CpuModule
 
+        t0 = time.perf_counter()
         cpu = CpuModule(compile_module(module, "x86", opt_level=opt_level, cache=cache))
+        compile_seconds = time.perf_counter() - t0
         base = int(mem.buf.ctypes.data)
 
         def run(launch: Launch, args: list[Any]) -> None:
@@ -334,6 +340,7 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
             k.run(launch.grid, launch.block, packed, base, mem.size)
     else:
         raise IRError(f"unknown backend {backend!r}; use 'interp' or 'x86'")
+    kernel_seconds = 0.0
     for launch in launches:
         args = []
         for a in launch.args:
@@ -343,7 +350,11 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
                 args.append(addrs[a.name])
             else:
                 args.append(a)
+        t1 = time.perf_counter()
         run(launch, args)
+        kernel_seconds += time.perf_counter() - t1
+    if timings is not None:
+        timings.update(compile=compile_seconds, kernel=kernel_seconds)
     return {name: mem.read(addrs[name], arr.dtype, arr.size).reshape(arr.shape) for name, arr in buffers.items()}
 
 

@@ -189,11 +189,13 @@ def cmd_vm_run(args: argparse.Namespace) -> int:
 
 def _run_vm(args: argparse.Namespace, vm: Any, server: Any) -> int:
     """Boot ``vm`` and run the interactive shell, the --cmd payload or the self-test."""
+    from vxpu.images.vm import accel_line
+
     cmd = SELFTEST_CMD if args.selftest else args.cmd
     qemu = vm.qemu
     t0 = time.monotonic()
     with vm:
-        accel = vm.accel + (f" (KVM not used: {vm.kvm_note})" if vm.kvm_note else "")
+        accel = accel_line(vm.accel, vm.kvm_note)
         qmp = vm.release_monitor()  # QMP takes one client: leave it to vxpu attach/ls/detach
         print(f"vxpu: QMP socket {qmp} (vxpu attach/ls/detach --qmp {qmp})", file=sys.stderr)
         if not args.selftest:

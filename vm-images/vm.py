@@ -85,6 +85,11 @@ def _record_verdict(qemu: QemuBinary, image: GuestImage, ok: bool, reason: str) 
     path.write_text(json.dumps(data))
 
 
+
+def accel_line(accel: str, kvm_note: str) -> str:
+    """How a VM's accelerator is shown: ``tcg`` or ``tcg (KVM unusable here: <why>)``."""
+    return f"{accel} (KVM unusable here: {kvm_note})" if kvm_note else accel
+
 class Console:
     """The guest's serial console, captured in a file that QEMU appends to.
 
@@ -292,7 +297,7 @@ class Vm:
         if rc is not None:
             return f"QEMU exited with status {rc}"
         if self.accel == "kvm" and _KVM_FAILURE.search(self.qemu_log() + self.console.text[-4000:]):
-            return "KVM internal error (this host's KVM cannot run the guest; use --accel tcg)"
+            return "KVM internal error: this host's KVM cannot run the guest; use --accel tcg"
         return None
 
     def _probe_kvm(self) -> str | None:
@@ -306,7 +311,7 @@ class Vm:
                 return reason
             try:
                 if self.monitor and self.monitor.status() == "internal-error":
-                    return "KVM internal error (VM stopped in state internal-error)"
+                    return "KVM internal error: the VM stopped in state internal-error"
             except QmpError:
                 pass
             time.sleep(0.2)
@@ -334,9 +339,9 @@ class Vm:
                 if not ok:
                     self.kvm_note = why
                 elif verdict:
-                    self.kvm_note = f"KVM failed on this host earlier: {verdict['reason']}; --accel kvm retries"
+                    self.kvm_note = f"{verdict['reason']}, seen on an earlier boot; --accel kvm tries again"
                 else:
-                    self.kvm_note = "interactive console"
+                    self.kvm_note = "not tried with an interactive console"
                 want = "tcg"
         if want in ("auto", "kvm"):
             try:
@@ -355,7 +360,7 @@ class Vm:
             self.kvm_note = reason
             self._kill()
         self._launch("tcg")
-        log.info("VM running under TCG%s", f" (KVM not used: {self.kvm_note})" if self.kvm_note else "")
+        log.info("VM running under %s", accel_line("tcg", self.kvm_note))
         return self
 
     def wait_exit(self, timeout: float) -> int:

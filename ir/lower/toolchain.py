@@ -259,7 +259,7 @@ def lld_command() -> tuple[str, ...]:
     """The command that runs ``ld.lld``: the ziglang wheel's ``zig ld.lld``, else one on PATH.
 
     Raises:
-        ToolchainError: no LLD found.
+        ToolMissingError: no LLD found.
     """
     try:
         import ziglang

@@ -10,6 +10,7 @@ import pytest
 from vxpu.ir import binary
 from vxpu.ir.cache import HEADER_SIZE, CompileCache, cache_key
 from vxpu.ir.compile import CompiledModule, compile_module
+from vxpu.ir.lower.errors import ToolMissingError
 
 from tests.ir.irhelpers import build_saxpy
 
@@ -150,6 +151,8 @@ def test_concurrent_compiles_share_one_cache(tmp_path: Path) -> None:
         t.start()
     for t in threads:
         t.join()
+    if errors and all(isinstance(e, ToolMissingError) for e in errors):
+        pytest.skip(f"no AMDGPU linker here: {errors[0]}")
     assert not errors
     assert len({r.image for r in results}) == 1
     assert c.stats.misses == 1 and c.stats.hits == 5 and len(_files(tmp_path)) == 1
