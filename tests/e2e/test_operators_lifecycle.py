@@ -170,9 +170,13 @@ def test_duplicate_id_is_refused(vm: Vm, runtime: Path) -> None:
     assert servers_under(runtime) == [] and leftovers(runtime) == []
 
 
-def test_server_that_fails_to_start(vm: Vm, runtime: Path) -> None:
-    with pytest.raises(ServerError, match="exited before listening(.|\n)*invalid choice: 'no-such-model'"):
-        sync.attach(vm.qmp_path, id="bad0", device="no-such-model")
+@pytest.mark.parametrize(("kwargs", "says"), [
+    ({"device": "no-such-model"}, "invalid choice: 'no-such-model'"),
+    ({"backend": "hip:99"}, "--backend hip:99: UNAVAILABLE"),  # no host has a 100th AMD GPU
+])
+def test_server_that_fails_to_start(vm: Vm, runtime: Path, kwargs: dict[str, str], says: str) -> None:
+    with pytest.raises(ServerError, match=r"exited before listening(.|\n)*" + re.escape(says)):
+        sync.attach(vm.qmp_path, id="bad0", **kwargs)
     assert servers_under(runtime) == [] and leftovers(runtime) == []
     assert sync.list_devices(vm.qmp_path) == []
 

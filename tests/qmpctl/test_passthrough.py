@@ -194,10 +194,10 @@ def test_device_json() -> None:
 class FakeQmp(Qmp):
     """A QMP session that answers from a table and records commands (no QEMU)."""
 
-    def __init__(self, refuse: frozenset[str] = frozenset(), released: bool = True) -> None:
+    def __init__(self, refuse: frozenset[str] = frozenset()) -> None:
         super().__init__(Path("/fake.qmp"), None, None)  # type: ignore[arg-type]
         self.calls: list[tuple[str, dict[str, Any]]] = []
-        self.refuse, self.released = refuse, released
+        self.refuse = refuse
         self.devices = [{"name": "hostdev0", "type": "child<vfio-pci>"}]
 
     async def execute(self, command: str, timeout: float = 15.0, **arguments: Any) -> Any:
