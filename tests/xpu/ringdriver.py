@@ -80,6 +80,7 @@ class XpuRig:
         self.client.handshake()
         self.client.region_write(CONFIG, 4, struct.pack("<H", 0x0006))      # memory decode + bus master
         self.mem = GuestMemory(ram_size)
+        self.u32 = self.mem.view.cast("I")           # one aligned 32-bit store per index update
         self.client.map_guest_ram(self.mem, RAM_BASE)
         self.sq_entries = sq_entries
         self.cq_entries = cq_entries or sq_entries
@@ -97,6 +98,7 @@ class XpuRig:
         self.client.close()
         self.server.stop()
         self.device.close()
+        self.u32.release()
         self.mem.close()
 
     def __enter__(self) -> Self:
@@ -115,7 +117,8 @@ class XpuRig:
         return int(_U32.unpack_from(self.mem.view, HEADER_OFF + field)[0])
 
     def set_hdr(self, field: int, value: int) -> None:
-        _U32.pack_into(self.mem.view, HEADER_OFF + field, value & 0xFFFF_FFFF)
+        """Store a header word with one 32-bit store (struct.pack_into would clear it first)."""
+        self.u32[(HEADER_OFF + field) // 4] = value & 0xFFFF_FFFF
 
     def addr(self, offset: int) -> int:
         """Guest-physical address of RAM offset ``offset``."""

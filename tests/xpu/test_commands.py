@@ -190,9 +190,9 @@ def test_completion_interrupts_and_coalescing(rig):
         rig.set_reg(abi.REG_IRQ_COALESCE_USEC, 50_000)
         rig.submit([desc(Opcode.NOP)] * 16)
         rig.completions(16)
-        assert _count(fd, 0.0) >= 1                                   # 8 reached at least once, at once
+        assert _count(fd, 0.01) >= 1                                  # 8 reached: at once, not after 50 ms
         rig.cmd(Opcode.NOP)
-        assert _count(fd, 0.0) == 0                                   # 1 of 8: held back ...
+        assert _count(fd, 0.01) == 0                                  # 1 of 8: held back ...
         assert _count(fd, 0.2) == 1                                   # ... until 50 ms passed
         rig.set_reg(abi.REG_IRQ_COALESCE_USEC, 100_000)
         rig.cmd(Opcode.NOP, flags=DescFlags.IRQ)                      # forced

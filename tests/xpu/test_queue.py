@@ -211,3 +211,17 @@ def test_unknown_registers_read_zero_and_ignore_writes(rig):
 
 def test_data_area_is_outside_the_rings(rig):
     assert DATA_OFF >= rig.cq_off + rig.cq_entries * abi.CQ_ENTRY_SIZE
+
+
+def test_a_briefly_invalid_index_is_re_read_not_fatal(rig):
+    """A guest index store seen half-written (e.g. struct.pack_into clears the field first)
+    looks invalid for an instant: the device re-reads it before declaring a fatal error."""
+    rig.run([desc(Opcode.NOP) for _ in range(3)])              # sq_head = cq_head = 3
+    rig.set_hdr(abi.QH_CQ_HEAD, 0)                             # "moved back", transiently
+    rig.set_hdr(abi.QH_SQ_TAIL, 0)                             # far ahead, transiently
+    rig.set_reg(abi.REG_DOORBELL, 1)
+    time.sleep(0.001)
+    rig.set_hdr(abi.QH_CQ_HEAD, 3)
+    rig.set_hdr(abi.QH_SQ_TAIL, 3)
+    assert [c.status for c in rig.run([desc(Opcode.NOP)])] == [0]
+    assert not rig.reg(abi.REG_STATUS) & DeviceStatus.FATAL

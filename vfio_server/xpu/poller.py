@@ -15,7 +15,8 @@ Threads and locks (ARCHITECTURE.md decision 2; the serve loop is single-threaded
 
 Polling: after the last descriptor the poller spins for :data:`SPIN_S`, yielding the GIL on
 every check (``time.sleep(0)``) so the loop's replies to QEMU are not held up by the switch
-interval. Then it sets need-wakeup in the queue header, re-reads ``sq_tail`` (a descriptor
+interval; while it executes a batch it yields every :data:`YIELD_S` as well. Then it sets
+need-wakeup in the queue header, re-reads ``sq_tail`` (a descriptor
 submitted meanwhile is taken at once), and sleeps until a doorbell, a control request or
 :data:`~vxpu.abi.xpu.MAX_WAKEUP_LATENCY_MS` (a missed doorbell costs at most that long).
 
@@ -50,6 +51,7 @@ log = logging.getLogger(__name__)
 
 SPIN_S = 200e-6                  # keep polling this long after the last descriptor
 BATCH = 64                       # descriptors taken per lock acquisition
+YIELD_S = 100e-6                 # while executing a batch, yield the GIL at least this often
 IDLE_WAIT_S = 1.0                # sleep while the queue is off (requests kick anyway)
 MAX_COALESCE_USEC = 100_000      # REG_IRQ_COALESCE_USEC is clamped to this
 _budget = LogBudget(32, 60.0, "further device-model errors are logged at DEBUG")
@@ -323,7 +325,12 @@ class Poller:
 
     def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int) -> int:
         done = 0
+        yielded = time.perf_counter()
         for raw in descs:
+            now = time.perf_counter()
+            if now - yielded > YIELD_S:
+                time.sleep(0)            # let the serve loop take the GIL (a QEMU request may wait)
+                yielded = now
             if self.aborting:
                 tag, status, r1, r2 = raw[3], int(Status.ABORTED), 0, 0
             else:

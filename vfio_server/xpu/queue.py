@@ -15,11 +15,18 @@ lock is dropped for good (reset, unmap). Indices are free-running ``u32`` counte
   further is :attr:`FatalCode.BAD_SQ_TAIL`.
 * ``cq_head`` (guest) may only move forward, and never past the device's ``cq_tail``;
   anything else is :attr:`FatalCode.BAD_CQ_HEAD`.
+
+A guest must store each index with one aligned 32-bit store. One that writes it byte by byte
+(Python's ``struct.pack_into`` clears the field first) can be read half-written; such a value
+always looks invalid (or unchanged), so an invalid-looking index is re-read for
+:data:`REREAD_S` before it is fatal.
 """
 
 from __future__ import annotations
 
 import struct
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vxpu.vfio_server.xpu.guestram import GuestFault, GuestRam
@@ -28,6 +35,8 @@ from vxpu.abi import xpu as abi
 from vxpu.abi.xpu import ConfigProblem, FatalCode
 
 MASK = abi.INDEX_MASK
+REREAD_S = 0.01                  # how long an invalid-looking index is re-read before it is fatal
+REREAD_STEP_S = 0.0005
 _U64 = struct.Struct("<Q")
 _SQ_TAIL = abi.QH_SQ_TAIL // 4
 _CQ_HEAD = abi.QH_CQ_HEAD // 4
@@ -135,18 +144,35 @@ class Rings:
         hdr[_SQ_HEAD] = hdr[_CQ_TAIL] = hdr[_FLAGS] = 0
         _U64.pack_into(self._raw, abi.QH_COMPLETED, 0)
 
+    def _stable(self, index: int, valid: Callable[[int], bool]) -> int:
+        """The guest's index word ``index``, re-read for up to :data:`REREAD_S` while it looks
+        invalid (a store torn by a guest that writes it byte by byte settles in nanoseconds)."""
+        hdr = self._hdr
+        assert hdr is not None
+        value = hdr[index]
+        deadline = 0.0
+        while not valid(value):
+            now = time.monotonic()
+            if not deadline:
+                deadline = now + REREAD_S
+            elif now > deadline:
+                break
+            time.sleep(REREAD_STEP_S)
+            value = hdr[index]
+        return value
+
     def pending(self) -> int:
         """Validated ``sq_tail - sq_head``: descriptors submitted and not yet consumed.
 
         Raises:
             QueueFatal: BAD_SQ_TAIL.
         """
-        assert self._hdr is not None
-        tail = self._hdr[_SQ_TAIL]
-        n = (tail - self.sq_head) & MASK
-        if n > self.cfg.sq_entries:
+        entries, head = self.cfg.sq_entries, self.sq_head
+        tail = self._stable(_SQ_TAIL, lambda t: (t - head) & MASK <= entries)
+        n = (tail - head) & MASK
+        if n > entries:
             raise QueueFatal(FatalCode.BAD_SQ_TAIL, tail, f"sq_tail {tail} is {n} ahead of sq_head "
-                             f"{self.sq_head} (ring of {self.cfg.sq_entries})")
+                             f"{head} (ring of {entries})")
         return n
 
     def cq_free(self) -> int:
@@ -155,13 +181,13 @@ class Rings:
         Raises:
             QueueFatal: BAD_CQ_HEAD.
         """
-        assert self._hdr is not None
-        head = self._hdr[_CQ_HEAD]
-        if (head - self.cq_head) & MASK > (self.cq_tail - self.cq_head) & MASK:
+        prev, tail = self.cq_head, self.cq_tail
+        head = self._stable(_CQ_HEAD, lambda h: (h - prev) & MASK <= (tail - prev) & MASK)
+        if (head - prev) & MASK > (tail - prev) & MASK:
             raise QueueFatal(FatalCode.BAD_CQ_HEAD, head, f"cq_head {head} moved back or past cq_tail "
-                             f"{self.cq_tail} (previous cq_head {self.cq_head})")
+                             f"{tail} (previous cq_head {prev})")
         self.cq_head = head
-        return self.cfg.cq_entries - ((self.cq_tail - head) & MASK)
+        return self.cfg.cq_entries - ((tail - head) & MASK)
 
     def set_need_wakeup(self, on: bool) -> None:
         assert self._hdr is not None
