@@ -1,7 +1,8 @@
 """Shared helpers for the PCI model tests: config accessors and a fake DeviceContext.
 
 The fake context is for unit tests of device logic only; its DMA space hands out slices of one
-bytearray ("guest RAM" at GUEST_BASE). Real-socket tests live in test_testdev_socket.py.
+bytearray ("guest RAM" at GUEST_BASE). Real-socket tests of the test device live in
+tests/testdev/test_testdev_socket.py.
 """
 
 from __future__ import annotations

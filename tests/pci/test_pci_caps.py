@@ -5,12 +5,12 @@ from __future__ import annotations
 import errno
 
 import pytest
-from pcihelpers import FakeContext, bar_read, bar_write, cfg_read, cfg_write, enable
 from vxpu.vfio_server.errors import ProtocolError
 from vxpu.vfio_server.pci import Bar, DeviceDefinitionError, MsixLayout, PciDevice, PciIds, RamRegion
 from vxpu.vfio_server.pci.caps import CapId, MsiCapability, walk_chain
 from vxpu.vfio_server.testdev import TestDevice
 
+from tests.pci.pcihelpers import FakeContext, bar_read, bar_write, cfg_read, cfg_write, enable
 from vxpu.abi import testdev as abi
 
 IDS = PciIds(vendor_id=0x1234, device_id=0x5678, class_code=0x120000)

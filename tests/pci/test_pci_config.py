@@ -7,7 +7,6 @@ import errno
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pcihelpers import FakeContext, bar_read, cfg_read, cfg_write, enable
 from vxpu.vfio_server.device import CONFIG_REGION, NUM_IRQS, NUM_REGIONS, IrqIndex, RegionFlags
 from vxpu.vfio_server.errors import ProtocolError
 from vxpu.vfio_server.pci import (
@@ -23,6 +22,7 @@ from vxpu.vfio_server.pci import (
 )
 from vxpu.vfio_server.testdev import TestDevice
 
+from tests.pci.pcihelpers import FakeContext, bar_read, cfg_read, cfg_write, enable
 from vxpu.abi import testdev as abi
 
 IDS = PciIds(vendor_id=0x1234, device_id=0x5678, class_code=0x120000, revision=3)

@@ -16,13 +16,13 @@ import zlib
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pcihelpers import GUEST_BASE, GUEST_SIZE, FakeContext, bar_read, bar_write, cfg_write, enable
 from vxpu.vfio_server import protocol as P
 from vxpu.vfio_server.dma import DmaSpace
 from vxpu.vfio_server.errors import ProtocolError
 from vxpu.vfio_server.pci import Command
 from vxpu.vfio_server.testdev import TestDevice
 
+from tests.pci.pcihelpers import GUEST_BASE, GUEST_SIZE, FakeContext, bar_read, bar_write, cfg_write, enable
 from vxpu.abi import testdev as abi
 
 
