@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, Self
 from vxpu.guest.errors import GuestError
 from vxpu.guest.transport import DmaMemory
 
+from vxpu.abi import xpu
 from vxpu.errors import StateError
 
 try:
@@ -35,6 +36,7 @@ except ImportError:      # a minimal guest: bytes in, bytes out
 if TYPE_CHECKING:
     from vxpu.guest.sdk import Device
 
+_MEM_FREE = int(xpu.Opcode.MEM_FREE)
 #: dtype names understood without numpy, and their sizes.
 ITEMSIZE = {"int8": 1, "uint8": 1, "int16": 2, "uint16": 2, "float16": 2, "int32": 4, "uint32": 4,
             "float32": 4, "int64": 8, "uint64": 8, "float64": 8}
@@ -86,18 +88,20 @@ def as_bytes(data: Any) -> tuple[memoryview, tuple[int, ...], Any]:
 
 
 class DeviceAllocs:
-    """The addresses of garbage arrays, waiting for the device to free them.
+    """Device objects whose Python side became garbage, waiting for the device to release them.
 
-    A finalizer appends here; :meth:`vxpu.guest.sdk.Device` posts MEM_FREE for them before its
-    next command. Entries from an older epoch are dropped (a reset freed them already).
+    A finalizer appends ``(epoch, opcode, handle)`` here (MEM_FREE for an array, MODULE_UNLOAD
+    for a module, EVENT_DESTROY for an event); :class:`vxpu.guest.sdk.Device` posts those
+    commands before its next one. Entries from an older epoch are dropped (a reset released
+    them already).
     """
 
     def __init__(self) -> None:
-        self.garbage: list[tuple[int, int]] = []     # (epoch, address)
+        self.garbage: list[tuple[int, int, int]] = []
 
-    def defer(self, epoch: int, address: int) -> None:
-        """Queue ``address`` (called from a finalizer: no I/O here)."""
-        self.garbage.append((epoch, address))
+    def defer(self, epoch: int, opcode: int, handle: int) -> None:
+        """Queue one release (called from a finalizer: no I/O here)."""
+        self.garbage.append((epoch, opcode, handle))
 
 
 class DeviceArray:
@@ -118,7 +122,7 @@ class DeviceArray:
         self.nbytes = self.size * itemsize
         self.allocated = allocated
         self.epoch = device.epoch
-        self._finalizer = weakref.finalize(self, device.allocs.defer, self.epoch, address)
+        self._finalizer = weakref.finalize(self, device.allocs.defer, self.epoch, _MEM_FREE, address)
 
     @property
     def ptr(self) -> int:

@@ -15,6 +15,7 @@ parameter posts one LAUNCH. Pointer parameters take a :class:`~vxpu.guest.array.
 from __future__ import annotations
 
 import struct
+import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Self
 
@@ -170,7 +171,8 @@ class Module:
         self.device, self.handle, self.ir = device, handle, ir
         self.epoch = device.epoch
         self._kernels: dict[str, Kernel] = {}
-        self._loaded = True
+        self._finalizer = weakref.finalize(self, device.allocs.defer, self.epoch, int(xpu.Opcode.MODULE_UNLOAD),
+                                           handle)
 
     @property
     def kernel_names(self) -> list[str]:
@@ -203,7 +205,7 @@ class Module:
 
     def check(self) -> None:
         """Raise StaleHandle if the module was unloaded or the device reset since loading."""
-        if not self._loaded or self.epoch != self.device.epoch:
+        if not self._finalizer.alive or self.epoch != self.device.epoch:
             raise StaleHandle(f"module {self.handle:#x}")
 
     def __getattr__(self, name: str) -> Kernel:
@@ -220,11 +222,10 @@ class Module:
         return self.kernel(name)
 
     def unload(self) -> None:
-        """MODULE_UNLOAD (after the work already posted; idempotent)."""
-        if self._loaded:
-            self._loaded = False
-            if self.epoch == self.device.epoch:
-                self.device.module_unload(self.handle)
+        """MODULE_UNLOAD (after the work already posted; idempotent). A module that becomes
+        garbage is unloaded at the device's next command."""
+        if self._finalizer.detach() is not None and self.epoch == self.device.epoch:
+            self.device.module_unload(self.handle)
 
     def __enter__(self) -> Self:
         return self

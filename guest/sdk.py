@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import weakref
 from collections.abc import Iterator
 from typing import Any, Self
 
@@ -54,10 +55,11 @@ class Event:
 
     def __init__(self, device: Device, handle: int) -> None:
         self.device, self.handle, self.epoch = device, handle, device.epoch
-        self._alive = True
+        self._finalizer = weakref.finalize(self, device.allocs.defer, self.epoch, int(xpu.Opcode.EVENT_DESTROY),
+                                           handle)
 
     def _check(self) -> int:
-        if not self._alive or self.epoch != self.device.epoch:
+        if not self._finalizer.alive or self.epoch != self.device.epoch:
             raise StaleHandle(f"event {self.handle:#x}")
         return self.handle
 
@@ -77,11 +79,9 @@ class Event:
         return ns / 1e6
 
     def destroy(self) -> None:
-        """EVENT_DESTROY (idempotent)."""
-        if self._alive:
-            self._alive = False
-            if self.epoch == self.device.epoch:
-                self.device._live().post(xpu.Opcode.EVENT_DESTROY, self.handle)
+        """EVENT_DESTROY (idempotent; a garbage event is destroyed at the next command)."""
+        if self._finalizer.detach() is not None and self.epoch == self.device.epoch:
+            self.device._live().post(xpu.Opcode.EVENT_DESTROY, self.handle)
 
 
 class Device:
@@ -183,9 +183,9 @@ class Device:
 
     def _free_garbage(self, ring: Ring) -> None:
         garbage, self.allocs.garbage = self.allocs.garbage, []
-        for epoch, address in garbage:
+        for epoch, opcode, handle in garbage:
             if epoch == self.epoch:
-                ring.post(xpu.Opcode.MEM_FREE, address)
+                ring.post(opcode, handle)
 
     def call(self, opcode: int, a0: int = 0, a1: int = 0, a2: int = 0, a3: int = 0, *, sg_addr: int = 0,
              sg_len: int = 0) -> tuple[int, int]:

@@ -4,6 +4,7 @@ after each of which the same device still computes correctly."""
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 
@@ -161,6 +162,24 @@ def test_stale_module_handle_is_invalid_handle(dev):
     finally:
         dev.raw.free_dma(args)
     check_still_computes(dev)
+
+
+def test_garbage_is_released_at_the_next_command(dev):
+    """Finalizers only queue: the module, array and event are released by the device's next
+    command (here synchronize), and their handles are then unknown to the device."""
+    mod = dev.load_module(samples.SAMPLES["saxpy"].module())
+    arr, ev = dev.empty(16), dev.event()
+    handle, addr, evh = mod.handle, arr.ptr, ev.handle
+    del mod, arr, ev
+    gc.collect()
+    assert len(dev.allocs.garbage) == 3
+    dev.synchronize()
+    assert not dev.allocs.garbage
+    for op, h in ((xpu.Opcode.MEM_FREE, addr), (xpu.Opcode.EVENT_DESTROY, evh)):
+        with pytest.raises(DeviceError, match="INVALID_HANDLE"):
+            dev.raw.call(op, h)
+    with pytest.raises(DeviceError, match="INVALID_HANDLE"):
+        dev.raw.call(xpu.Opcode.KERNEL_GET, handle, sg=_name_sg(dev, b"saxpy"))
 
 
 def _name_sg(dev: Device, name: bytes) -> tuple[int, int]:
