@@ -15,15 +15,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
+from vxpu.images.vm import Vm, VmSpec
 from vxpu.qmp import sync
 from vxpu.qmp.errors import NoFreeSlot
 from vxpu.qmp.runtime import VmState, pid_start_time, process_alive
 from vxpu.qmp.server import stop_server
 
 from tests.e2e.operators import bare_qemu, leftovers, servers_under
+from vxpu.abi import testdev as abi
 
 pytestmark = pytest.mark.qemu
+ACCEL = os.environ.get("VXPU_E2E_ACCEL", "auto")
+BOOT_TIMEOUT_S = float(os.environ.get("VXPU_E2E_BOOT_TIMEOUT", "180"))
 
 
 @pytest.fixture
@@ -117,3 +122,27 @@ def test_killed_attach_is_reported_and_cleaned_by_detach(qemu_binary: QemuBinary
         assert (done.server, done.unplugged) == ("terminated", False)
         assert not process_alive(pid, None)
         assert servers_under(runtime) == [] and leftovers(runtime) == []
+
+
+def test_q35_guest_sees_a_device_in_a_root_port_come_and_go(qemu_binary: QemuBinary, guest_image: GuestImage,
+                                                             runtime: Path, tmp_path: Path) -> None:
+    """On q35 the device goes into a pcie-root-port; Linux takes it through ACPI hot-plug there too."""
+    spec = VmSpec(cmd="python3 -m vxpu.guest.selftest --skip-checks --watch-hotplug 600", accel=ACCEL,
+                  extra_args=("-machine", "q35", "-device", "pcie-root-port,id=rp1,chassis=1,slot=1"))
+    with Vm(qemu_binary, guest_image, spec, tmp_path / "vm") as vm:
+        vm.console.wait_for(r'^VXPU-EVENT \{"event":"watching"', BOOT_TIMEOUT_S, vm.problem)
+        qmp = vm.release_monitor()
+        handle = sync.attach(qmp, device="test")
+        try:
+            assert handle.bus == "rp1"
+            added = json.loads(vm.console.wait_for(r'^VXPU-EVENT (\{"event":"added".*\})$', 30, vm.problem).group(1))
+            assert added["ok"] and added["magic"] == abi.MAGIC_VALUE, (added, vm.log_tail())
+            with pytest.raises(NoFreeSlot):
+                sync.attach(qmp, device="test")
+        finally:
+            t0 = time.monotonic()
+            done = sync.detach(qmp, handle.id, timeout=30)
+        vm.console.wait_for(r'^VXPU-EVENT \{"event":"removed"', 30, vm.problem)
+        assert (done.server, done.unplugged) == ("terminated", True)
+        print(f"\nq35 root-port detach took {time.monotonic() - t0:.2f} s")
+    assert servers_under(runtime) == [] and leftovers(runtime) == []
