@@ -6,6 +6,7 @@ compile the same way. The exception's type decides the status, never its message
 ==========================================  ===============  =====================================
 exception (``vxpu.ir``)                      status           meaning for the guest
 ==========================================  ===============  =====================================
+``CompileLimitError`` (compile worker)      COMPILE_LIMIT    the compile ran past a sandbox limit
 ``IRError`` (decode, verify, parse)         BAD_MODULE       the module itself is invalid
 ``UnknownTargetError``                      UNSUPPORTED      this host's device is no target of it
 ``ToolMissingError``                        UNAVAILABLE      the host lacks a native tool
@@ -20,6 +21,7 @@ from __future__ import annotations
 from vxpu.accel.backend import BackendError
 from vxpu.ir.errors import IRError
 from vxpu.ir.lower.errors import CompileError, ToolchainError, ToolMissingError, UnknownTargetError
+from vxpu.ir.workers import CompileLimitError
 
 from vxpu.abi.status import Status
 
@@ -27,6 +29,7 @@ __all__ = ["COMPILE_ERRORS", "compile_error", "compile_status"]
 
 #: (exception type, status, what the message says), most specific first.
 COMPILE_ERRORS: tuple[tuple[type[Exception], Status, str], ...] = (
+    (CompileLimitError, Status.COMPILE_LIMIT, "{target} compile stopped"),
     (IRError, Status.BAD_MODULE, "IR module rejected"),
     (UnknownTargetError, Status.UNSUPPORTED, "{target} code generation is not supported here"),
     (ToolMissingError, Status.UNAVAILABLE, "the {target} toolchain is unavailable"),

@@ -45,13 +45,16 @@ def compile_ir(image: bytes, target: str, arch: str, opt_level: int,
     Raises:
         BackendError: BAD_MODULE for invalid IR or a failed compile (the log carries the
             compiler's message); COMPILE_LIMIT when the compile worker crashed or ran past
-            its memory, CPU or time limit; UNSUPPORTED when the IR toolchain does not know ``arch``.
+            its memory, CPU or time limit; UNSUPPORTED when the IR toolchain does not know ``arch``;
+            UNAVAILABLE when a native tool is missing (the one table:
+            :mod:`vxpu.accel.compile_status`).
     """
     try:
+        from vxpu.accel.compile_status import compile_error
         from vxpu.ir.compile import compile_module, default_cache
         from vxpu.ir.errors import IRError
-        from vxpu.ir.lower.errors import CompileError, ToolchainError
-        from vxpu.ir.workers import CompileLimitError, sandbox_pool
+        from vxpu.ir.lower.errors import CompileError
+        from vxpu.ir.workers import sandbox_pool
     except ImportError as exc:
         raise BackendError(Status.UNAVAILABLE, f"the vxpu IR compiler cannot be imported: {exc}") from exc
     store = default_cache() if cache is None else resolve_cache(cache)
@@ -59,15 +62,8 @@ def compile_ir(image: bytes, target: str, arch: str, opt_level: int,
     before = stats.hits if stats is not None else 0
     try:
         compiled = compile_module(image, target, arch=arch, opt_level=opt_level, cache=store, workers=sandbox_pool())
-    except CompileLimitError as exc:
-        raise BackendError(Status.COMPILE_LIMIT, f"{target} compile stopped: {exc}", log=str(exc)) from exc
-    except IRError as exc:
-        raise BackendError(Status.BAD_MODULE, f"invalid IR module: {exc}", log=str(exc)) from exc
-    except ToolchainError as exc:
-        status = Status.UNSUPPORTED if "unknown" in str(exc) and "arch" in str(exc) else Status.BAD_MODULE
-        raise BackendError(status, f"{target} code generation failed: {exc}", log=str(exc)) from exc
-    except CompileError as exc:
-        raise BackendError(Status.BAD_MODULE, f"{target} compile failed: {exc}", log=str(exc)) from exc
+    except (IRError, CompileError) as exc:
+        raise compile_error(exc, target) from exc
     hit = stats is not None and stats.hits > before
     kernels = {name: KernelInfo.from_signature(sig) for name, sig in compiled.kernels.items()}
     return compiled.image, kernels, hit

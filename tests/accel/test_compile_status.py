@@ -13,11 +13,13 @@ from vxpu.ir.lower.errors import (
     UnknownTargetError,
 )
 from vxpu.ir.lower.toolchain import resolve_target
+from vxpu.ir.workers import CompileLimitError
 
 from vxpu.abi.status import Status
 
 
 @pytest.mark.parametrize("exc,status", [
+    (CompileLimitError("worker ran past its deadline", "deadline"), Status.COMPILE_LIMIT),
     (IRError("bad"), Status.BAD_MODULE),
     (VerifyError([]), Status.BAD_MODULE),
     (UnknownTargetError("unknown NVPTX arch 'sm_1'"), Status.UNSUPPORTED),
