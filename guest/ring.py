@@ -159,19 +159,36 @@ class Ring:
             time.sleep(pause)
             pause = min(pause * 2, 0.01)
 
-    def stop(self) -> None:
-        """Disable the queue (the device drains it first). Counters keep their values."""
-        self.transport.write_reg(xpu.REG_QUEUE_ENABLE, 0)
+    def stop(self, timeout: float = ENABLE_TIMEOUT_S) -> bool:
+        """Disable the queue and wait until the device says it stopped (it finishes what was
+        submitted first), so the ring memory can be given back. Counters keep their values.
 
-    def close(self) -> None:
-        """Release the ring memory (after :meth:`stop`, or once the device is gone)."""
+        Returns:
+            False when the device still reported the queue enabled after ``timeout`` seconds.
+        """
+        t = self.transport
+        t.write_reg(xpu.REG_QUEUE_ENABLE, 0)
+        deadline = time.monotonic() + timeout
+        pause = 50e-6
+        while t.read_reg(xpu.REG_STATUS) & xpu.DeviceStatus.ENABLED:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(pause)
+            pause = min(pause * 2, 0.01)
+        return True
+
+    def close(self, *, free: bool = True) -> None:
+        """Drop the ring's views and give its memory back (after :meth:`stop` succeeded). With
+        ``free=False`` the memory stays with the transport, whose close releases it once the
+        device can no longer reach it."""
         if self._hdr is None:
             return
         self._reset_counters()
         for v in (self._hdr, self._sq, self._cq, self._side):
             v.release()
         self._hdr = None  # type: ignore[assignment]
-        self.transport.free_dma(self.mem)
+        if free:
+            self.transport.free_dma(self.mem)
 
     def check_fatal(self) -> None:
         """Read REG_STATUS; raise the device's fatal error if it has one.

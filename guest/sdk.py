@@ -151,12 +151,14 @@ class Device:
         """Stop the queue and release everything (idempotent). Later use raises StateError."""
         ring, self.ring = self.ring, None
         try:
+            stopped = False
             if ring is not None:
                 with contextlib.suppress(GuestError):      # a dead server must not keep the memory
-                    ring.stop()
-                if self.staging is not None:
-                    self.staging.close()
-                ring.close()
+                    stopped = ring.stop()
+            if ring is not None:                           # not stopped: the transport's close
+                if self.staging is not None and stopped:   # (which ends bus mastering first)
+                    self.staging.close()                   # frees the memory instead
+                ring.close(free=stopped)
         finally:
             self.staging = None
             self.epoch += 1
