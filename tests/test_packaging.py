@@ -1,12 +1,14 @@
-"""An installed (non-editable) vxpu works: the wheel carries the guest files and the sample kernels.
+"""Both installs work from setup.py's one folder -> package mapping: the wheel and the editable one.
 
+The wheel carries the guest files and the sample kernels:
 The test builds the wheel from a copy of the working tree (``pip wheel --no-deps
 --no-build-isolation``: no network), installs it with ``--no-deps`` into a throwaway venv
 without system site-packages (the guest files and the image code are stdlib-only, so nothing
 else is needed, and nothing from the checkout can leak in), assembles the guest image's vxpu
 files from that install with :func:`vxpu.images.guest.guest_files`, and imports the guest
 package from those files alone, with ``python -I -S`` (no site-packages, no checkout) and
-numpy/llvmlite blocked.
+numpy/llvmlite blocked. The editable install (setuptools' PEP 660 hook, no network) maps every
+layer folder into the source tree it was made from.
 """
 
 from __future__ import annotations
@@ -101,3 +103,32 @@ def test_wheel_install_builds_a_guest_tree_that_imports_alone(tmp_path: Path) ->
     alone = json.loads(_run([python, "-I", "-S", "-c", IMPORT_ALONE, tree / SITE], tmp_path))
     assert alone["outside"] == []
     assert "vxpu.guest.selftest" in alone["imported"] and "vxpu.abi.testdev" in alone["imported"]
+
+
+# Run by the editable install's venv: every layer resolves into the source tree it was made from.
+EDITABLE = """
+import json, sys
+from importlib import resources
+import vxpu, vxpu.accel.backend, vxpu.ir.args, vxpu.images.guest, vxpu.abi.testdev
+files = vxpu.images.guest.guest_files()
+kernels = sorted(p.name for p in resources.files("vxpu.ir").joinpath("sample_kernels").iterdir())
+print(json.dumps({"files": [m.__file__ for m in (vxpu, vxpu.accel.backend, vxpu.ir.args, vxpu.images.guest)],
+                  "guest_files": len(files), "kernels": kernels}))
+"""
+
+
+def test_editable_install_maps_every_layer_folder(tmp_path: Path) -> None:
+    src, dist, env = tmp_path / "src", tmp_path / "dist", tmp_path / "venv"
+    shutil.copytree(REPO, src, symlinks=True, ignore=IGNORE)
+    dist.mkdir()
+    build = ("import sys; from setuptools import build_meta; "
+             "print(build_meta.build_editable(sys.argv[1]))")
+    name = _run([sys.executable, "-c", build, dist], src).strip().splitlines()[-1]
+    venv.create(env, with_pip=False)
+    python = env / "bin" / "python"
+    _run([sys.executable, "-m", "pip", "--python", python, "install", "-q", "--no-deps", dist / name], tmp_path)
+    report = json.loads(_run([python, "-I", "-c", EDITABLE], tmp_path))
+    core, accel, ir, images = report["files"]
+    assert core == str(src / "vxpu" / "__init__.py") and accel == str(src / "accel" / "backend.py")
+    assert ir == str(src / "ir" / "args.py") and images == str(src / "vm-images" / "guest.py")
+    assert report["guest_files"] > 20 and "saxpy.vxir" in report["kernels"]
