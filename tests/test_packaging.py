@@ -1,7 +1,6 @@
 """Both installs work from setup.py's one folder -> package mapping: the wheel and the editable one.
 
-The wheel carries the guest files and the sample kernels:
-The test builds the wheel from a copy of the working tree (``pip wheel --no-deps
+The wheel carries the guest files and the sample kernels: the test builds the wheel from a copy of the working tree (``pip wheel --no-deps
 --no-build-isolation``: no network), installs it with ``--no-deps`` into a throwaway venv
 without system site-packages (the guest files and the image code are stdlib-only, so nothing
 else is needed, and nothing from the checkout can leak in), assembles the guest image's vxpu
