@@ -24,6 +24,7 @@ guest image (``Device.local`` imports it lazily).
 from __future__ import annotations
 
 import bisect
+import contextlib
 import os
 import shutil
 import struct
@@ -103,6 +104,7 @@ class LocalTransport:
         self.proc, self.client, self.ram, self.workdir = proc, client, ram, workdir
         self.log_path = workdir / "serve.log"
         self.allocator = PageAllocator(ram.size)
+        self._live: dict[int, DmaMemory] = {}
         self._closed = False
 
     @classmethod
@@ -201,7 +203,9 @@ class LocalTransport:
         for pos in range(0, length, len(_ZEROS)):
             n = min(len(_ZEROS), length - pos)
             view[pos:pos + n] = _ZEROS[:n] if n < len(_ZEROS) else _ZEROS
-        return DmaMemory(view, [(0, LOCAL_RAM_BASE + off, length)])
+        mem = DmaMemory(view, [(0, LOCAL_RAM_BASE + off, length)])
+        self._live[off] = mem
+        return mem
 
     def free_dma(self, mem: DmaMemory) -> None:
         """Give ``mem`` back to the allocator.
@@ -211,11 +215,11 @@ class LocalTransport:
         """
         if self._closed:
             return
-        self.allocator.free(mem.runs[0][1] - LOCAL_RAM_BASE)
-        try:
+        off = mem.runs[0][1] - LOCAL_RAM_BASE
+        self.allocator.free(off)
+        self._live.pop(off, None)
+        with contextlib.suppress(BufferError):     # something still looks at it; the mapping outlives it
             mem.view.release()
-        except BufferError:        # something still looks at it; the mapping outlives it
-            pass
 
     def close(self) -> None:
         """Disconnect, stop and reap the server, drop guest RAM, remove the work directory."""
@@ -228,6 +232,10 @@ class LocalTransport:
             try:
                 _stop(self.proc)
             finally:
+                for mem in self._live.values():        # memory the SDK could not give back
+                    with contextlib.suppress(BufferError):
+                        mem.view.release()
+                self._live.clear()
                 try:
                     self.ram.close()
                 except BufferError:     # a view is still exported: the fd goes with the mapping

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import time
 
 import numpy as np
 import pytest
 from vxpu.guest import Device, DeviceError
 from vxpu.guest.array import StaleHandle
+from vxpu.guest.errors import GuestError
 from vxpu.guest.transport import LOCAL_RAM_BASE
 from vxpu.ir import encode, samples
 
@@ -290,6 +292,18 @@ def test_local_cleanup_leaves_no_process_or_fd():
     assert not workdir.exists()
     with pytest.raises(Exception, match="after close"):
         d.empty(4)
+
+
+def test_dead_server_is_an_error_with_its_log_and_close_still_cleans_up():
+    before_fds, before_children = len(os.listdir("/proc/self/fd")), _children()
+    d = Device.local("cpu", ram_size=16 << 20, sq_entries=16)
+    arr = d.to_device(np.ones(4, np.float32))
+    os.kill(d.transport.server_pid, signal.SIGKILL)
+    with pytest.raises(GuestError, match="vxpu serve"):
+        arr.to_host()
+    d.close()
+    assert _children() == before_children
+    assert len(os.listdir("/proc/self/fd")) == before_fds
 
 
 def test_server_start_failure_carries_the_log():
