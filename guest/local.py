@@ -164,7 +164,9 @@ class LocalTransport:
 
     # -- Transport -------------------------------------------------------------------------
     def _failed(self, what: str, exc: BaseException) -> GuestError:
-        state = "running" if self.proc.poll() is None else f"exited with status {self.proc.returncode}"
+        with contextlib.suppress(subprocess.TimeoutExpired):   # a dying server: let it finish
+            self.proc.wait(0.5)
+        state = "running" if self.proc.returncode is None else f"exited with status {self.proc.returncode}"
         return GuestError(f"{what}: {exc} (vxpu serve {state})\n{_tail(self.log_path)}")
 
     def read_reg(self, offset: int) -> int:
