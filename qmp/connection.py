@@ -180,6 +180,10 @@ class Qmp:
             self._closed = True
             await _quiet_disconnect(self._client)
 
+    async def aclose(self) -> None:
+        """:meth:`close`, under the name :func:`contextlib.aclosing` calls."""
+        await self.close()
+
     async def __aenter__(self) -> Self:
         return self
 

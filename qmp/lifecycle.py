@@ -28,14 +28,14 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TypeAlias
 
 from vxpu.qmp.connection import Qmp
 from vxpu.qmp.devices import DRIVER, vfio_user_device
-from vxpu.qmp.errors import IdInUse, NoFreeSlot, QmpError, UnknownDevice, UnplugTimeout
+from vxpu.qmp.errors import IdInUse, NoFreeSlot, QmpError, QmpUnreachable, UnknownDevice, UnplugTimeout
 from vxpu.qmp.runtime import DeviceRecord, VmState, check_id, process_alive, server_listening
 from vxpu.qmp.server import STOP_GRACE_S, spawn_server, stop_server, wait_listening
 from vxpu.qmp.slots import choose_bus, locate
@@ -136,6 +136,11 @@ async def session(qmp: QmpLike) -> AsyncIterator[Qmp]:
         yield conn
     finally:
         await conn.close()
+
+
+def _used(conn: Qmp, given: QmpLike) -> AbstractAsyncContextManager[Qmp]:
+    """``conn`` for a block: closed at its end if it was opened here (not the caller's)."""
+    return nullcontext(conn) if conn is given else aclosing(conn)
 
 
 async def peripherals(qmp: Qmp) -> dict[str, str]:
@@ -258,7 +263,14 @@ async def detach(qmp: QmpLike, id: str, timeout: float = 10.0,
     """
     check_id(id)
     t0 = time.monotonic()
-    async with session(qmp) as q:
+    try:
+        conn = qmp if isinstance(qmp, Qmp) else await Qmp.open(qmp)
+    except QmpUnreachable:
+        done = _forget_exited_vm(Path(qmp), id, grace) if not isinstance(qmp, Qmp) else None
+        if done is None:
+            raise
+        return Detached(id=id, server=done[0], pid=done[1], unplugged=False, seconds=round(time.monotonic() - t0, 4))
+    async with _used(conn, qmp) as q:
         state = VmState(q.path)
         with state.locked():
             rec = state.read(id)
@@ -280,6 +292,25 @@ async def detach(qmp: QmpLike, id: str, timeout: float = 10.0,
                 state.remove(id)
     log.info("detached %s (server %s)", id, outcome)
     return Detached(id=id, server=outcome, pid=pid, unplugged=in_vm, seconds=round(time.monotonic() - t0, 4))
+
+
+def _forget_exited_vm(qmp_path: Path, dev_id: str, grace: float) -> tuple[str, int] | None:
+    """Stop the server of ``dev_id`` if the QEMU it served has exited (its QMP socket is gone).
+
+    Returns:
+        (outcome of :func:`stop_server`, server pid), or None when there is no such record or its
+        QEMU may still run (unknown pid, or alive): then nothing is touched.
+    """
+    state = VmState(qmp_path)
+    with state.locked():
+        rec = state.read(dev_id)
+        if rec is None or rec.qemu_pid is None or process_alive(rec.qemu_pid, None):
+            return None
+        outcome = stop_server(rec.pid, rec.pid_start, grace)
+        state.remove(dev_id)
+    log.warning("%s: its VM (QEMU pid %d) has exited; stopped its server (pid %d, %s)", dev_id, rec.qemu_pid,
+                rec.pid, outcome)
+    return outcome, rec.pid
 
 
 async def _unplug(q: Qmp, dev_id: str, timeout: float, rec: DeviceRecord | None) -> None:
@@ -307,7 +338,15 @@ async def list_devices(qmp: QmpLike) -> list[DeviceInfo]:
     Raises:
         QmpUnreachable, QmpBusy, QmpError: as for :class:`Qmp`.
     """
-    async with session(qmp) as q:
+    try:
+        conn = qmp if isinstance(qmp, Qmp) else await Qmp.open(qmp)
+    except QmpUnreachable as exc:
+        left = [r.id for r in VmState(Path(str(qmp))).records()]
+        if not left:
+            raise
+        raise QmpUnreachable(f"{exc}. vxpu still has servers recorded for this VM ({', '.join(left)}): once its "
+                             f"QEMU has exited, 'vxpu detach --qmp {qmp} --id ID' stops them") from exc
+    async with _used(conn, qmp) as q:
         state = VmState(q.path)
         devices = await peripherals(q)
         buses = await q.execute("query-pci")

@@ -19,7 +19,7 @@ from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
 from vxpu.images.vm import Vm, VmSpec
 from vxpu.qmp import sync
-from vxpu.qmp.errors import NoFreeSlot
+from vxpu.qmp.errors import NoFreeSlot, QmpUnreachable
 from vxpu.qmp.runtime import VmState, pid_start_time, process_alive
 from vxpu.qmp.server import stop_server
 
@@ -146,3 +146,18 @@ def test_q35_guest_sees_a_device_in_a_root_port_come_and_go(qemu_binary: QemuBin
         assert (done.server, done.unplugged) == ("terminated", True)
         print(f"\nq35 root-port detach took {time.monotonic() - t0:.2f} s")
     assert servers_under(runtime) == [] and leftovers(runtime) == []
+
+
+def test_servers_of_a_vm_that_exited_are_reported_and_stopped(qemu_binary: QemuBinary, runtime: Path,
+                                                              tmp_path: Path) -> None:
+    with bare_qemu(qemu_binary, tmp_path) as qmp:
+        handle = sync.attach(qmp, id="orphan0", device="test")
+    # QEMU is gone; its server still runs (it would have served a re-plug)
+    assert process_alive(handle.pid, None)
+    with pytest.raises(QmpUnreachable, match=r"servers recorded for this VM \(orphan0\).*vxpu detach"):
+        sync.list_devices(qmp)
+    done = sync.detach(qmp, "orphan0")
+    assert (done.server, done.pid, done.unplugged) == ("terminated", handle.pid, False)
+    assert servers_under(runtime) == [] and leftovers(runtime) == []
+    with pytest.raises(QmpUnreachable, match="no QMP socket at"):
+        sync.detach(qmp, "orphan0")  # nothing recorded any more: the plain error
