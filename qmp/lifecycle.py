@@ -40,7 +40,7 @@ from vxpu.qmp.runtime import DeviceRecord, VmState, check_id, process_alive, ser
 from vxpu.qmp.server import STOP_GRACE_S, spawn_server, stop_server, wait_listening
 from vxpu.qmp.slots import choose_bus, locate
 
-from vxpu.errors import ConfigError
+from vxpu.errors import ConfigError, Error
 
 log = logging.getLogger(__name__)
 
@@ -211,13 +211,20 @@ async def attach(qmp: QmpLike, backend: str = "cpu", id: str | None = None, bus:
             pid, start = spawn_server(sock, logf, args)
             rec = DeviceRecord(id=dev_id, qmp=state.qmp, qemu_pid=q.peer_pid, backend=backend, device=device,
                                pid=pid, pid_start=start, socket=str(sock), log=str(logf), bus=target)
+            sent = False
             try:
                 state.write(rec)
                 await wait_listening(pid, start, sock, logf, start_timeout)
+                sent = True
                 await _device_add(q, dev_id, sock, target, logf)
-            except BaseException:
-                stop_server(pid, start)
-                state.remove(dev_id, keep_log=True)
+            except BaseException as exc:
+                if sent and not isinstance(exc, Error):
+                    # interrupted while QEMU may be adding the device: a server must not vanish under
+                    # it, so it stays, recorded ('vxpu ls' shows it, 'vxpu detach' resolves it)
+                    log.warning("attach of %s interrupted during device_add; server pid %d stays recorded", dev_id, pid)
+                else:
+                    stop_server(pid, start)
+                    state.remove(dev_id, keep_log=True)
                 raise
             loc = locate(await q.execute("query-pci"), dev_id)
             if loc is None:
