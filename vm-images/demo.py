@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import shutil
 import sys
 import tempfile
@@ -41,6 +42,7 @@ BACKENDS = ("cpu", "cuda", "hip", "npu")
 GUEST_CMD = "python3 -m vxpu.guest.demo --json"
 RESULT_LINE = r"^VXPU-DEMO (\{.*\})$"
 SERVER_DEVICE = "xpu"
+MIN_MEMORY_MIB = 256
 STEPS = 4
 
 
@@ -63,6 +65,20 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--server-arg", action="append", default=[], metavar="ARG",
                    help="extra argument for the started 'vxpu serve' (repeatable)")
     p.set_defaults(func=cmd_demo)
+
+
+def check_memory(spec: str) -> str:
+    """``spec`` if it is a guest RAM size QEMU takes (``768M``, ``2G``) of at least 256 MiB.
+
+    Raises:
+        DemoError: it is not; the message says what to write.
+    """
+    m = re.fullmatch(r"(\d+)([MG])", spec.strip().upper())
+    mib = int(m.group(1)) * (1024 if m.group(2) == "G" else 1) if m else 0
+    if mib < MIN_MEMORY_MIB:
+        raise DemoError(f"--memory {spec!r}: give the guest RAM as <n>M or <n>G, at least {MIN_MEMORY_MIB}M "
+                        "(numpy and the DMA huge pages live there); e.g. --memory 1G")
+    return f"{m.group(1)}{m.group(2)}" if m else spec
 
 
 def check_backend(spec: str) -> str:
@@ -125,6 +141,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vxpu.images.qemu import find_qemu
 
     backend = check_backend(args.backend)
+    memory = check_memory(args.memory)
     if not args.debug:
         logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
     steps = _Steps()
@@ -136,7 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     steps.done(f"guest image {image.initrd.name} ({image.initrd.stat().st_size / 1e6:.0f} MB)")
     workdir = Path(tempfile.mkdtemp(prefix="vxpu-demo-"))
     try:
-        result = _run(args, backend, qemu, image, workdir, steps)
+        result = _run(args, backend, memory, qemu, image, workdir, steps)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     result["wall_s"] = round(time.monotonic() - steps.t0, 2)
@@ -147,20 +164,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0 if result["ok"] else 1
 
 
-def _run(args: argparse.Namespace, backend: str, qemu: Any, image: Any, workdir: Path, steps: _Steps) -> dict[str, Any]:
+def _start_server(args: argparse.Namespace, backend: str, workdir: Path) -> Any:
+    """``vxpu serve`` with the accelerator on ``backend``.
+
+    Raises:
+        DemoError: it did not start; one line with the server's own reason.
+    """
+    from vxpu.qmp.errors import ServerError
+    from vxpu.qmp.server import ServerProcess
+
+    server = ServerProcess(workdir / "vxpu0.sock", workdir / "server.log",
+                           ["--device", SERVER_DEVICE, "--backend", backend, *args.server_arg])
+    try:
+        return server.start()
+    except ServerError:
+        lines = [ln for ln in server.log_tail().splitlines() if "error" in ln.lower()] or ["(no log)"]
+        reason = lines[-1].split("error: ", 1)[-1]
+        raise DemoError(f"the vxpu server did not start with --backend {backend}: {reason}; "
+                        f"run on a host with that accelerator, or use --backend cpu") from None
+
+
+def _run(args: argparse.Namespace, backend: str, memory: str, qemu: Any, image: Any, workdir: Path,
+         steps: _Steps) -> dict[str, Any]:
     from vxpu.images.errors import VmError
     from vxpu.images.vm import Vm, VmSpec
     from vxpu.qmp.devices import vfio_user_device
-    from vxpu.qmp.server import ServerProcess
 
     steps.start(f"vxpu server, {backend} backend")
     sock = workdir / "vxpu0.sock"
-    server = ServerProcess(sock, workdir / "server.log",
-                           ["--device", SERVER_DEVICE, "--backend", backend, *args.server_arg]).start()
+    server = _start_server(args, backend, workdir)
     try:
         steps.done(f"vxpu server listening ({backend})")
         steps.start("booting the guest and running 'python3 -m vxpu.guest.demo' in it")
-        spec = VmSpec(cmd=GUEST_CMD, memory=args.memory, accel=args.accel,
+        spec = VmSpec(cmd=GUEST_CMD, memory=memory, accel=args.accel,
                       devices=[vfio_user_device("vxpu0", sock)])
         vm = Vm(qemu, image, spec, workdir)
         t0 = time.monotonic()

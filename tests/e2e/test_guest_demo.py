@@ -36,6 +36,7 @@ def test_vxpu_demo_json_reports_every_kernel_correct(qemu_binary: QemuBinary, gu
 def test_vxpu_demo_cli_mistakes_are_one_line() -> None:
     for argv, fix in ((["demo", "--backend", "tpu"], "one of cpu, cuda, hip, npu"),
                       (["demo", "--frobnicate"], "--help"),
+                      (["demo", "--memory", "64M"], "--memory 1G"),
                       (["vm", "run", "--demo"], "vxpu demo")):
         res = subprocess.run([sys.executable, "-m", "vxpu", *argv], capture_output=True, check=False, text=True,
                              timeout=60, stdin=subprocess.DEVNULL)
