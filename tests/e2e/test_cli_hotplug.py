@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,13 +29,21 @@ pytestmark = pytest.mark.qemu
 BOOT_TIMEOUT_S = float(os.environ.get("VXPU_E2E_BOOT_TIMEOUT", "180"))
 
 
+@pytest.fixture
+def runtime() -> Iterator[Path]:
+    """A private runtime directory (short, so socket paths fit in sun_path)."""
+    root = Path(tempfile.mkdtemp(prefix="vxrt-", dir="/tmp"))
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
 def _vxpu(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vxpu", *args], capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL, check=False, env=env)
 
 
-def test_attach_ls_detach_commands(qemu_binary: QemuBinary, guest_image: GuestImage, tmp_path: Path) -> None:
-    runtime = Path(tempfile.mkdtemp(prefix="vxrt-", dir="/tmp"))
+def test_attach_ls_detach_commands(qemu_binary: QemuBinary, guest_image: GuestImage, tmp_path: Path,
+                                   runtime: Path) -> None:
     env = {**os.environ, "VXPU_RUNTIME_DIR": str(runtime)}
     spec = VmSpec(cmd=f"python3 -m vxpu.guest.selftest --skip-checks --watch-hotplug {BOOT_TIMEOUT_S + 60:.0f}",
                   accel=os.environ.get("VXPU_E2E_ACCEL", "auto"))
@@ -74,9 +84,8 @@ def test_attach_ls_detach_commands(qemu_binary: QemuBinary, guest_image: GuestIm
         assert res.returncode == 2 and res.stderr.count("\n") == 1 and "does not exist" in res.stderr, explain(res)
 
 
-def test_vm_run_prints_a_qmp_socket_that_vxpu_can_use(tmp_path: Path) -> None:
+def test_vm_run_prints_a_qmp_socket_that_vxpu_can_use(runtime: Path) -> None:
     """``vxpu vm run`` keeps its QMP socket free and prints it; attach/ls/detach work through it."""
-    runtime = Path(tempfile.mkdtemp(prefix="vxrt-", dir="/tmp"))
     env = {**os.environ, "VXPU_RUNTIME_DIR": str(runtime)}
     cmd = "python3 -m vxpu.guest.selftest --skip-checks --watch-hotplug 60"
     run = subprocess.Popen([sys.executable, "-m", "vxpu", "vm", "run", "--no-device", "--accel",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def runtime(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     yield root
     for pid in servers_under(root):  # only after a failed test: QEMU is gone by now
         stop_server(pid, pid_start_time(pid))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _stop_all(qmp: Path) -> None:
