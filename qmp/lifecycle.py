@@ -153,6 +153,11 @@ async def peripherals(qmp: Qmp) -> dict[str, str]:
     return out
 
 
+def vm_log(state: VmState) -> logging.Logger:
+    """The child logger of one VM (``vxpu.qmp.lifecycle.vm-<hash>``), named like its runtime folder."""
+    return log.getChild(state.dir.name)
+
+
 def _next_id(taken: set[str]) -> str:
     n = 0
     while f"vxpu{n}" in taken:
@@ -170,7 +175,7 @@ async def _check_free(state: VmState, dev_id: str, devices: dict[str, str]) -> N
     if process_alive(rec.pid, rec.pid_start):
         raise IdInUse(f"vxpu server pid {rec.pid} is still registered for {dev_id!r} (an interrupted attach?); "
                       f"run 'vxpu detach --qmp {state.qmp} --id {dev_id}' to stop it, or choose another --id")
-    log.warning("removing the stale record of %s (server pid %d had exited)", dev_id, rec.pid)
+    vm_log(state).warning("removing the stale record of %s (server pid %d had exited)", dev_id, rec.pid)
     state.remove(dev_id)
 
 
@@ -221,7 +226,8 @@ async def attach(qmp: QmpLike, backend: str = "cpu", id: str | None = None, bus:
                 if sent and not isinstance(exc, Error):
                     # interrupted while QEMU may be adding the device: a server must not vanish under
                     # it, so it stays, recorded ('vxpu ls' shows it, 'vxpu detach' resolves it)
-                    log.warning("attach of %s interrupted during device_add; server pid %d stays recorded", dev_id, pid)
+                    vm_log(state).warning("attach of %s interrupted during device_add; server pid %d stays recorded",
+                                          dev_id, pid)
                 else:
                     stop_server(pid, start)
                     state.remove(dev_id, keep_log=True)
@@ -234,7 +240,7 @@ async def attach(qmp: QmpLike, backend: str = "cpu", id: str | None = None, bus:
                                f"(pid {pid}) stay, run 'vxpu detach --qmp {state.qmp} --id {dev_id}' to remove them")
             rec.state, rec.slot = "attached", str(loc)
             state.write(rec)
-    log.info("attached %s at %s (server pid %d, backend %s)", dev_id, loc, pid, backend)
+    vm_log(state).info("attached %s at %s (server pid %d, backend %s)", dev_id, loc, pid, backend)
     return Attached(id=dev_id, pid=pid, socket=str(sock), log=str(logf), slot=str(loc), bus=target,
                     backend=backend, qmp=state.qmp, seconds=round(time.monotonic() - t0, 4))
 
@@ -295,9 +301,10 @@ async def detach(qmp: QmpLike, id: str, timeout: float = 10.0,
                 pid = rec.pid
                 outcome = await asyncio.to_thread(stop_server, rec.pid, rec.pid_start, grace)
                 if outcome == "gone":
-                    log.warning("%s: its server pid %d had already exited; removed the stale record", id, pid)
+                    vm_log(state).warning("%s: its server pid %d had already exited; removed the stale record",
+                                          id, pid)
                 state.remove(id)
-    log.info("detached %s (server %s)", id, outcome)
+    vm_log(state).info("detached %s (server %s)", id, outcome)
     return Detached(id=id, server=outcome, pid=pid, unplugged=in_vm, seconds=round(time.monotonic() - t0, 4))
 
 
@@ -315,7 +322,7 @@ def _forget_exited_vm(qmp_path: Path, dev_id: str, grace: float) -> tuple[str, i
             return None
         outcome = stop_server(rec.pid, rec.pid_start, grace)
         state.remove(dev_id)
-    log.warning("%s: its VM (QEMU pid %d) has exited; stopped its server (pid %d, %s)", dev_id, rec.qemu_pid,
+    vm_log(state).warning("%s: its VM (QEMU pid %d) has exited; stopped its server (pid %d, %s)", dev_id, rec.qemu_pid,
                 rec.pid, outcome)
     return outcome, rec.pid
 
