@@ -22,7 +22,8 @@ does, each one a child process::
   invalid IR as the decoder's or verifier's :class:`~vxpu.ir.errors.IRError`, each with its
   message; the worker stays.
 * **Warm workers.** Workers start when the pool is created and import the compiler (llvmlite,
-  the lowerings, the target machines) before their first job, so a compile through a worker
+  the lowerings, the target machines, nvJitLink where it is installed) before their first job
+  and before the memory limit is set, so a compile through a worker
   costs its transfer (the module in, the native code out) on top of the compile itself.
   A job waits for an idle worker; the pool never runs more than ``size`` at once.
 * **Protocol.** The worker is ``python -m vxpu.ir.workers`` with pipes on stdin and stdout.
@@ -479,11 +480,26 @@ def _serve_job(header: dict[str, Any], data: bytes) -> tuple[int, bytes]:
         compiled = compile_verified(module, spec, int(header["opt"]), bool(header["checked"]))
     except IRError as exc:
         return _IR_ERROR, str(exc).encode()
-    except ToolchainError as exc:
-        return _TOOLCHAIN_ERROR, str(exc).encode()
     except CompileError as exc:
-        return _COMPILE_ERROR, str(exc).encode()
+        if isinstance(exc.__cause__, MemoryError):   # the compiler wraps whatever stopped it
+            raise exc.__cause__ from None
+        return (_TOOLCHAIN_ERROR if isinstance(exc, ToolchainError) else _COMPILE_ERROR), str(exc).encode()
     return _OK, compiled.to_bytes()
+
+
+def _warm_nvptx() -> None:
+    """Compile an empty kernel to a cubin before the memory limit is set, so nvJitLink (a
+    library of a few hundred MiB of address space) is loaded then and not by the first job:
+    under a tight limit that load itself fails ("failed to map segment"). Skipped quietly
+    where nvJitLink is not installed."""
+    from vxpu.ir.compile import compile_verified
+    from vxpu.ir.lower.toolchain import resolve_target
+    from vxpu.ir.text import parse
+
+    try:
+        compile_verified(parse("module @warm\nkernel @warm() {\n^entry:\n  ret\n}\n"), resolve_target("nvptx"), 3)
+    except CompileError as exc:
+        log.debug("nvptx warm-up skipped: %s", exc)
 
 
 def worker_main(memory_bytes: int) -> int:
@@ -496,6 +512,7 @@ def worker_main(memory_bytes: int) -> int:
     from vxpu.ir.lower import toolchain
 
     toolchain.resolve_target("x86")
+    _warm_nvptx()
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, hard))
     out.write(_READY)
