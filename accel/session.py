@@ -477,8 +477,12 @@ class Session:
         if len(image) > self.quota.module_bytes:
             raise BackendError(Status.QUOTA_EXCEEDED,
                                f"module image of {len(image)} bytes exceeds the quota of {self.quota.module_bytes}")
-        self.compile_budget.begin()
         self.usage.charge("modules")
+        try:
+            self.compile_budget.begin()
+        except BackendError:
+            self.usage.refund("modules")
+            raise
         return bytes(image), self._epoch
 
     def _unlocked(self, what: str, fn: Callable[..., Any], *args: Any) -> Any:

@@ -264,3 +264,21 @@ def _children() -> list[int]:
             if fields[1] == me and fields[0] != "Z":
                 kids.append(int(entry))
     return kids
+
+
+def test_a_refused_load_leaves_no_load_running(pool_limits):
+    """The module quota refuses a load after the compile budget admitted it: the budget must
+    not think a load is still running."""
+    backend = CpuBackend(arena="16M", threads=1, cache=CompileCache(False))
+    backend.open()
+    s = Session(backend, Quota(modules=1))
+    try:
+        s.load_module(vadd("first"))
+        err = expect(Status.QUOTA_EXCEEDED, lambda: s.load_module(vadd("second")))
+        assert "modules quota" in str(err)
+        assert not s.compile_budget.in_flight
+        err = expect(Status.QUOTA_EXCEEDED, lambda: s.load_module(vadd("third")))
+        assert "modules quota" in str(err)            # not "already running"
+    finally:
+        s.close()
+        backend.close()
