@@ -94,7 +94,7 @@ def test_hostile_shapes_are_refused_before_any_worker(session, shape):
     jobs = workers.sandbox_pool().stats.jobs
     start = time.monotonic()
     err = expect(Status.BAD_MODULE, lambda: session.load_module(data))
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 2.0      # decode stops at the first count past a limit (~0.1 s)
     assert "limit" in str(err)
     assert workers.sandbox_pool().stats.jobs == jobs
     run_vadd(session, session.load_module(vadd()))
