@@ -57,6 +57,8 @@ _NO_SG = frozenset({Opcode.NOP, Opcode.MEM_ALLOC, Opcode.MEM_FREE, Opcode.MEM_SE
                     Opcode.MODULE_UNLOAD, Opcode.FENCE, Opcode.EVENT_CREATE, Opcode.EVENT_DESTROY,
                     Opcode.EVENT_RECORD, Opcode.EVENT_QUERY, Opcode.EVENT_ELAPSED, Opcode.RESET})
 _U64 = struct.Struct("<Q")
+_SG_INDIRECT = int(DescFlags.SG_INDIRECT)
+_OK = int(Status.OK)
 
 
 class Abandoned(Exception):
@@ -142,7 +144,7 @@ class Executor:
         try:
             self._check_descriptor(d)
             result, result2 = self._table[d.opcode](d)
-            return d.tag, Status.OK, result, result2
+            return d.tag, _OK, result, result2
         except GuestFault as exc:
             log.debug("command %#x refused: %s", d.opcode, exc)
             return d.tag, exc.status, 0, exc.needed if isinstance(exc, _TooSmall) else 0
@@ -157,7 +159,7 @@ class Executor:
             raise GuestFault(Status.UNSUPPORTED, f"unknown opcode {d.opcode:#x}")
         if d.flags & ~abi.DESC_FLAGS_MASK:
             raise GuestFault(Status.BAD_DESCRIPTOR, f"reserved descriptor flags {d.flags:#x}")
-        indirect = d.flags & DescFlags.SG_INDIRECT
+        indirect = d.flags & _SG_INDIRECT
         if indirect:
             if not 1 <= d.sg_count <= abi.MAX_SG_ENTRIES or d.sg_len:
                 raise GuestFault(Status.BAD_DESCRIPTOR, f"indirect SG list of {d.sg_count} entries, sg_len {d.sg_len}")
@@ -185,7 +187,7 @@ class Executor:
         """
         if d.sg_count == 0:
             return []
-        if not d.flags & DescFlags.SG_INDIRECT:
+        if not d.flags & _SG_INDIRECT:
             return [(d.sg_addr, d.sg_len)]
         blob = self.ram.read(d.sg_addr, d.sg_count * abi.SG_ENTRY.size)
         entries = list(abi.SG_ENTRY.iter_unpack(blob))

@@ -12,7 +12,8 @@ the poller re-translates its cached ring views when it changes.
 Only fd-backed (mmap-ed) maps are listed: message-only RAM (no ``share=on``) cannot be reached
 from the poller thread, and commands that name it fail with OUT_OF_RANGE.
 
-Each region is also registered with the backend through the session
+Each region is also registered with the backend through the session, on the poller thread
+(:meth:`GuestRam.register_pending`, so a slow ``cuMemHostRegister`` never holds up the loop)
 (:meth:`vxpu.accel.session.Session.register_host`: ``cuMemHostRegister`` on CUDA, the
 address-copy table on the CPU backend), so copies are zero-copy and may use the raw-address
 fast path. Unregistering waits for the backend's queues, so no queued copy outlives the map.
@@ -66,6 +67,7 @@ class RamRegion:
     host_base: int
     source: DmaRegion
     token: object | None = None
+    tried: bool = False                # registration attempted
 
 
 def host_address(view: memoryview) -> int:
@@ -86,28 +88,24 @@ class GuestRam:
         self.log = logger or log
         self._starts: list[int] = []
         self._regions: list[RamRegion] = []
+        self.unregistered = False          # some region still waits for register_pending()
 
     def __len__(self) -> int:
         return len(self._regions)
 
     # -- loop side (listeners) -----------------------------------------------------------------
-    def add(self, region: DmaRegion, register: Register | None) -> RamRegion | None:
-        """Add an fd-backed map and register it with ``register`` (caller holds :attr:`lock`).
-        Message-only maps are ignored (returns None)."""
+    def add(self, region: DmaRegion) -> RamRegion | None:
+        """Add an fd-backed map (caller holds :attr:`lock`); :meth:`register_pending` registers
+        it with the backend later, on the poller thread. Message-only maps are ignored."""
         if region.view is None:
             return None
         view = region.view[:]              # our own view object: released at remove()
         ram = RamRegion(region.addr, region.end, view, region.writable, host_address(view), region)
-        if register is not None:
-            try:
-                ram.token = register(view, not region.writable)
-            except Exception as exc:       # noqa: BLE001 -- the copies fall back to plain views
-                _budget.log(self.log, logging.WARNING, "registering guest RAM [%#x, +%#x) with the backend "
-                            "failed (copies use the slow path): %s", region.addr, region.size, exc)
         i = bisect.bisect_right(self._starts, ram.addr)
         self._starts.insert(i, ram.addr)
         self._regions.insert(i, ram)
         self.generation += 1
+        self.unregistered = True
         return ram
 
     def remove(self, region: DmaRegion, unregister: Unregister | None) -> RamRegion | None:
@@ -134,16 +132,27 @@ class GuestRam:
         """A snapshot of the current regions, by address."""
         return list(self._regions)
 
-    def reregister(self, register: Register | None) -> None:
-        """Register every region again (a new session after a reset; caller holds the lock)."""
+    def forget_registrations(self) -> None:
+        """The session that held the registrations is gone (caller holds the lock): register
+        every region again with the next one."""
         for ram in self._regions:
             ram.token = None
-            if register is None:
+            ram.tried = False
+        self.unregistered = bool(self._regions)
+
+    def register_pending(self, register: Register) -> None:
+        """Register the regions not tried yet (caller holds the lock). A failure is logged and
+        leaves the region on the plain-view copy path."""
+        for ram in self._regions:
+            if ram.tried:
                 continue
+            ram.tried = True
             try:
                 ram.token = register(ram.view, not ram.writable)
-            except Exception as exc:       # noqa: BLE001
-                _budget.log(self.log, logging.WARNING, "re-registering guest RAM at %#x failed: %s", ram.addr, exc)
+            except Exception as exc:       # noqa: BLE001 -- the copies fall back to plain views
+                _budget.log(self.log, logging.WARNING, "registering guest RAM [%#x, +%#x) with the backend "
+                            "failed (copies use the slow path): %s", ram.addr, ram.end - ram.addr, exc)
+        self.unregistered = False
 
     # -- poller side (caller holds the lock) ---------------------------------------------------
     def find(self, addr: int, length: int, write: bool) -> tuple[RamRegion, int]:

@@ -13,10 +13,14 @@ Threads and locks (ARCHITECTURE.md decision 2; the serve loop is single-threaded
   sections wait at most for one memory access. Interrupts go back to the loop through
   ``call_soon_threadsafe``.
 
-Polling: after the last descriptor the poller spins for :data:`SPIN_S`, yielding the GIL on
-every check (``time.sleep(0)``) so the loop's replies to QEMU are not held up by the switch
-interval; while it executes a batch it yields every :data:`YIELD_S` as well. Then it sets
-need-wakeup in the queue header, re-reads ``sq_tail`` (a descriptor
+Polling: after the last descriptor the poller spins for :data:`SPIN_S`, calling
+``os.sched_yield()`` on every check: that releases the GIL (the loop's replies to QEMU are not
+held up) and lets a submitter that shares the core run (with ``time.sleep(0)`` instead, a
+client on the same core only ran once the spin had ended, and a NOP round trip took the
+doorbell path: ~87 µs instead of ~10 µs). While the poller executes a batch it holds the GIL;
+the device lowers the interpreter's switch interval to :data:`SWITCH_INTERVAL_S` (the default is
+5 ms), so a QEMU request waits at most that long for it (benchmarks/RESULTS.md, "Accelerator
+device"). Then it sets need-wakeup in the queue header, re-reads ``sq_tail`` (a descriptor
 submitted meanwhile is taken at once), and sleeps until a doorbell, a control request or
 :data:`~vxpu.abi.xpu.MAX_WAKEUP_LATENCY_MS` (a missed doorbell costs at most that long).
 
@@ -30,11 +34,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
 
+from vxpu.accel.backend import BackendError
 from vxpu.accel.session import Session
 from vxpu.vfio_server.dma import DmaRegion
 from vxpu.vfio_server.xpu.commands import Abandoned, Executor
@@ -51,10 +58,15 @@ log = logging.getLogger(__name__)
 
 SPIN_S = 200e-6                  # keep polling this long after the last descriptor
 BATCH = 64                       # descriptors taken per lock acquisition
-YIELD_S = 100e-6                 # while executing a batch, yield the GIL at least this often
+SWITCH_INTERVAL_S = 0.0005       # sys.setswitchinterval while a device runs (see the docstring)
 IDLE_WAIT_S = 1.0                # sleep while the queue is off (requests kick anyway)
 MAX_COALESCE_USEC = 100_000      # REG_IRQ_COALESCE_USEC is clamped to this
 _budget = LogBudget(32, 60.0, "further device-model errors are logged at DEBUG")
+# Plain ints on the per-descriptor path (IntFlag/IntEnum arithmetic builds members every time).
+_DESC_IRQ = int(DescFlags.IRQ)
+_IRQ_COMPLETION = int(IrqControl.COMPLETION)
+_ABORTED = int(Status.ABORTED)
+_INTERNAL = int(Status.INTERNAL)
 
 
 class Poller:
@@ -93,6 +105,8 @@ class Poller:
         self._stopping = False
         self.executor = Executor(self.ram, lambda: self.session, lambda: self.epoch, features, identity,
                                  self.stats_document, self.reset_session, self.stats)
+        if sys.getswitchinterval() > SWITCH_INTERVAL_S:
+            sys.setswitchinterval(SWITCH_INTERVAL_S)     # the loop waits at most this for the GIL
         self._thread = threading.Thread(target=self._run, name="vxpu-xpu-poller", daemon=True)
         self._thread.start()
 
@@ -128,8 +142,10 @@ class Poller:
                 self._set_fatal(FatalCode.NO_BUS_MASTER, 0, "bus mastering turned off while the queue ran")
 
     def on_map(self, region: DmaRegion) -> None:
+        """After ``region`` is mapped: list it (the poller registers it with the backend)."""
         with self.ram.lock:
-            self.ram.add(region, self.session.register_host)
+            if self.ram.add(region) is not None:
+                self.kick.set()
 
     def on_unmap(self, region: DmaRegion) -> None:
         """Before ``region`` is unmapped: drop views into it (the poller re-translates)."""
@@ -238,18 +254,31 @@ class Poller:
 
     def reset_session(self) -> None:
         """Drop every allocation, module and event of the guest: a fresh session, with guest
-        RAM registered again. Done under the guest-RAM lock, so no unmap races the swap."""
+        RAM registered again. The old session's work is waited for first without the guest-RAM
+        lock (a long kernel must not hold up the loop); the swap itself holds it, so no unmap
+        races the old registrations."""
+        old = self.session
+        try:
+            old.synchronize()
+        except BackendError as exc:
+            log.debug("work dropped by a reset failed: %s", exc)
         with self.ram.lock:
-            old = self.session
             old.close()
             self.session = self._make_session()
-            self.ram.reregister(self.session.register_host)
+            self.ram.forget_registrations()
+            self.ram.register_pending(self.session.register_host)
+
+    def _register_new_ram(self) -> None:
+        if self.ram.unregistered:
+            with self.ram.lock:
+                self.ram.register_pending(self.session.register_host)
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
         last = time.monotonic()
         while not self._stopping:
             try:
+                self._register_new_ram()
                 did = self._controls() or self._cycle() > 0
             except Exception as exc:     # noqa: BLE001 -- a device-model bug must not kill the poller
                 _budget.log(log, logging.ERROR, "accelerator poller error: %s: %s", type(exc).__name__, exc,
@@ -262,7 +291,7 @@ class Poller:
                 continue
             self._timer_irq(now)
             if now - last < SPIN_S:
-                time.sleep(0)            # yield the GIL: the loop answers QEMU meanwhile
+                os.sched_yield()         # releases the GIL and lets a submitter sharing this core run
                 continue
             self._sleep()
             last = time.monotonic()
@@ -325,14 +354,10 @@ class Poller:
 
     def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int) -> int:
         done = 0
-        yielded = time.perf_counter()
+        count = max(1, self._irq_settings()[1])      # REG_IRQ_COALESCE_COUNT, read once per batch
         for raw in descs:
-            now = time.perf_counter()
-            if now - yielded > YIELD_S:
-                time.sleep(0)            # let the serve loop take the GIL (a QEMU request may wait)
-                yielded = now
             if self.aborting:
-                tag, status, r1, r2 = raw[3], int(Status.ABORTED), 0, 0
+                tag, status, r1, r2 = raw[3], _ABORTED, 0, 0
             else:
                 try:
                     tag, status, r1, r2 = self.executor.execute(raw)
@@ -341,9 +366,9 @@ class Poller:
                 except Exception as exc:     # noqa: BLE001 -- a bug: INTERNAL for this command only
                     _budget.log(log, logging.ERROR, "command %#x: internal error %s: %s", raw[0],
                                 type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-                    tag, status, r1, r2 = raw[3], int(Status.INTERNAL), 0, 0
+                    tag, status, r1, r2 = raw[3], _INTERNAL, 0, 0
                 if self.aborting:
-                    status, r1, r2 = int(Status.ABORTED), 0, 0
+                    status, r1, r2 = _ABORTED, 0, 0
             with self.ram.lock:
                 if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
                     return -1
@@ -355,7 +380,7 @@ class Poller:
                 rings.complete(tag, status, r1, r2)
             self.stats.count(raw[0], status)
             done += 1
-            self._note_completion(bool(raw[1] & DescFlags.IRQ))
+            self._note_completion(raw[1] & _DESC_IRQ, count)
         return done
 
     def _same_rings(self, rings: Rings) -> bool:
@@ -363,12 +388,11 @@ class Poller:
         return self._rings is rings
 
     # -- interrupts ----------------------------------------------------------------------------
-    def _note_completion(self, forced: bool) -> None:
+    def _note_completion(self, forced: int, count: int) -> None:
         if not self._unsignalled:
             self._oldest_unsignalled = time.monotonic()
         self._unsignalled += 1
-        _ctrl, count, _usec = self._irq_settings()
-        if forced or self._unsignalled >= max(1, count):
+        if forced or self._unsignalled >= count:
             self._signal(force=True)
 
     def _irq_deadline(self) -> float:
@@ -387,7 +411,7 @@ class Poller:
         if not force and not (batch_end and usec == 0):
             return
         self._unsignalled = 0
-        if ctrl & IrqControl.COMPLETION:
+        if ctrl & _IRQ_COMPLETION:
             self._irq(0)
 
     # -- documents -----------------------------------------------------------------------------

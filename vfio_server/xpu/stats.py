@@ -17,6 +17,9 @@ from typing import Any
 from vxpu.abi import xpu as abi
 from vxpu.abi.status import Status
 
+_OPCODE_NAMES = {int(op): op.name for op in abi.Opcode}
+_STATUS_NAMES = {int(st): st.name for st in Status}
+
 
 @dataclass
 class DeviceStats:
@@ -41,17 +44,11 @@ class DeviceStats:
     started_ns: int = field(default_factory=time.monotonic_ns)
 
     def count(self, opcode: int, status: int) -> None:
-        """Account one completed command."""
-        try:
-            name = abi.Opcode(opcode).name
-        except ValueError:
-            name = "UNKNOWN"           # one key: a guest cannot grow the table with made-up opcodes
-        self.commands[name] += 1
+        """Account one completed command (made-up opcodes all count as ``UNKNOWN``, so a guest
+        cannot grow the table)."""
+        self.commands[_OPCODE_NAMES.get(opcode, "UNKNOWN")] += 1
         if status:
-            try:
-                self.errors[Status(status).name] += 1
-            except ValueError:
-                self.errors[str(status)] += 1
+            self.errors[_STATUS_NAMES.get(status, str(status))] += 1
 
     def batch(self, n: int, depth: int) -> None:
         """Account one batch of ``n`` descriptors with ``depth`` outstanding."""
