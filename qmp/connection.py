@@ -84,6 +84,17 @@ def _peer_pid(sock: socket.socket) -> int | None:
     return pid or None
 
 
+def _stopped(pid: int | None) -> bool:
+    """True when process ``pid`` is stopped (SIGSTOP, a debugger), so it cannot greet anyone."""
+    if pid is None:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state in ("T", "t")
+
+
 class Qmp:
     """One QMP session with a running QEMU. Open it with :meth:`open`.
 
@@ -119,6 +130,9 @@ class Qmp:
             except TimeoutError:
                 await _quiet_disconnect(client)
                 sock.close()
+                if _stopped(peer):
+                    raise QmpBusy(f"QMP socket {path} sent no greeting within {timeout:.0f}s: its QEMU (pid {peer}) "
+                                  f"is stopped; resume it with 'kill -CONT {peer}'") from None
                 raise QmpBusy(f"QMP socket {path} sent no greeting within {timeout:.0f}s: another client holds "
                               "it (QEMU serves one client per -qmp socket). Close that client (a qmp-shell, "
                               "libvirt, another vxpu) or give QEMU a second -qmp socket for vxpu") from None

@@ -20,7 +20,7 @@ from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
 from vxpu.images.vm import Vm, VmSpec
 from vxpu.qmp import sync
-from vxpu.qmp.errors import NoFreeSlot, QmpUnreachable
+from vxpu.qmp.errors import NoFreeSlot, QmpBusy, QmpUnreachable
 from vxpu.qmp.runtime import VmState, pid_start_time, process_alive
 from vxpu.qmp.server import stop_server
 
@@ -163,3 +163,20 @@ def test_servers_of_a_vm_that_exited_are_reported_and_stopped(qemu_binary: QemuB
     assert servers_under(runtime) == [] and leftovers(runtime) == []
     with pytest.raises(QmpUnreachable, match="no QMP socket at"):
         sync.detach(qmp, "orphan0")  # nothing recorded any more: the plain error
+
+
+def test_a_stopped_qemu_is_named_as_the_cause(qemu_binary: QemuBinary, runtime: Path, tmp_path: Path) -> None:
+    """A QEMU stopped with SIGSTOP accepts connections but greets nobody, like a held socket."""
+    with bare_qemu(qemu_binary, tmp_path) as qmp:
+        assert sync.list_devices(qmp) == []
+        time.sleep(0.3)  # QEMU drops that client and listens again
+        qemu_pid = next(p for p in servers_under(tmp_path))  # the bare QEMU's command line names tmp_path
+        os.kill(qemu_pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(QmpBusy, match=f"its QEMU \\(pid {qemu_pid}\\) is stopped.*kill -CONT {qemu_pid}"):
+                sync.attach(qmp, device="test")
+            assert time.monotonic() - t0 < 3.0
+        finally:
+            os.kill(qemu_pid, signal.SIGCONT)
+        assert servers_under(runtime) == [] and leftovers(runtime) == []
