@@ -3,10 +3,14 @@
 ::
 
     vxpu serve --socket /run/vxpu/vu0.sock [--device xpu|test] [--backend cpu|cuda[:N]|hip[:N]|npu] [--msix]
-               [--allow-unsealed-ram]
+               [--allow-unsealed-ram] [--compile-workers N] [--compile-memory MIB] [--compile-cpu S]
+               [--compile-timeout S]
 
 The default device is the accelerator (``xpu``, 0x5850:0x0100, docs/device-abi.md §4) on the
-CPU backend; ``--device test`` serves the test device (0x5850:0x0001) instead.
+CPU backend; ``--device test`` serves the test device (0x5850:0x0001) instead. Guest IR is
+compiled in sandboxed worker processes (:mod:`vxpu.ir.workers`, docs/ir-lowering.md §6); the
+``--compile-*`` flags set their number and limits (default: ``VXPU_COMPILE_*``, else 2 workers,
+2 GiB, 10 CPU-s, 20 s).
 
 The process listens on ``--socket`` (mode 0600; a stale socket is replaced), serves one QEMU
 connection at a time and keeps serving across disconnects (hot re-plug), until SIGTERM or
@@ -72,7 +76,46 @@ def register(subparsers: Any) -> None:
                         "hugetlbfs, memory-backend-memfd seal=off). By default such DMA maps are refused, "
                         "because a peer shrinking the file under the server's mapping would crash it with "
                         "SIGBUS; QEMU's memory-backend-memfd is sealed by default and always accepted")
+    g = p.add_argument_group("compile workers (guest IR is compiled in these; defaults from VXPU_COMPILE_*)")
+    g.add_argument("--compile-workers", type=int, metavar="N",
+                   help="worker processes (default 2; 0 compiles in this process: trusted guests only)")
+    g.add_argument("--compile-memory", type=int, metavar="MIB", help="address space per worker (default 2048)")
+    g.add_argument("--compile-cpu", type=int, metavar="SECONDS", help="CPU time per compile (default 10)")
+    g.add_argument("--compile-timeout", type=float, metavar="SECONDS",
+                   help="wall-clock deadline per compile (default 20)")
     p.set_defaults(func=serve)
+
+
+def _configure_compiles(args: argparse.Namespace) -> None:
+    try:
+        from vxpu.ir import workers
+    except ImportError:        # no IR compiler installed: IR loads will say so
+        return
+    workers.configure(*compile_config(args))
+
+
+def compile_config(args: argparse.Namespace) -> tuple[int, Any]:
+    """The compile pool's size and :class:`~vxpu.ir.workers.WorkerLimits`: the environment's
+    (``VXPU_COMPILE_*``), overridden by the ``--compile-*`` flags.
+
+    Raises:
+        ConfigError: a value that is not positive (or a negative worker count).
+    """
+    from vxpu.ir.workers import WorkerLimits, config_from_env
+
+    try:
+        size, limits = config_from_env()
+        if args.compile_workers is not None:
+            size = args.compile_workers
+        limits = WorkerLimits(
+            args.compile_memory << 20 if args.compile_memory is not None else limits.memory_bytes,
+            args.compile_cpu if args.compile_cpu is not None else limits.cpu_seconds,
+            args.compile_timeout if args.compile_timeout is not None else limits.wall_seconds)
+    except ValueError as exc:
+        raise ConfigError(f"compile workers: {exc}") from None
+    if size < 0:
+        raise ConfigError(f"--compile-workers must be 0 or more, got {size}")
+    return size, limits
 
 
 def _open_backend(spec: str, needed: bool) -> Any:
@@ -105,6 +148,8 @@ def serve(args: argparse.Namespace) -> int:
     from vxpu.vfio_server.server import VfioUserServer
 
     kind = DEVICES[args.device]
+    if kind.needs_backend:
+        _configure_compiles(args)
     backend = _open_backend(args.backend, kind.needs_backend)
     if args.backend != "cpu" and not kind.needs_backend:
         log.warning("device %r uses no accelerator; --backend %s is ignored", args.device, args.backend)

@@ -98,3 +98,27 @@ def test_bad_backend_spec_and_bad_path(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "vxpu", "serve", "--socket", str(tmp_path / "no" / "a.sock")],
                              capture_output=True, text=True, timeout=30, check=False)
     assert missing.returncode == 2 and "cannot listen" in missing.stderr
+
+
+def test_compile_worker_flags_override_the_environment(monkeypatch):
+    import argparse
+
+    from vxpu.ir.workers import WorkerLimits
+    from vxpu.vfio_server import cli as serve_cli
+
+    from vxpu.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    serve_cli.register(parser.add_subparsers())
+    monkeypatch.setenv("VXPU_COMPILE_WORKERS", "3")
+    monkeypatch.setenv("VXPU_COMPILE_CPU_S", "7")
+    args = parser.parse_args(["serve", "--socket", "s", "--compile-memory", "512", "--compile-timeout", "4.5"])
+    assert serve_cli.compile_config(args) == (3, WorkerLimits(512 << 20, 7, 4.5))
+    args = parser.parse_args(["serve", "--socket", "s", "--compile-workers", "0"])
+    assert serve_cli.compile_config(args)[0] == 0
+    for bad in (["--compile-timeout", "0"], ["--compile-workers", "-1"], ["--compile-cpu", "0"]):
+        with pytest.raises(ConfigError, match="compile"):
+            serve_cli.compile_config(parser.parse_args(["serve", "--socket", "s", *bad]))
+    monkeypatch.setenv("VXPU_COMPILE_MEMORY_MB", "lots")
+    with pytest.raises(ConfigError, match="compile workers"):
+        serve_cli.compile_config(parser.parse_args(["serve", "--socket", "s"]))
