@@ -20,7 +20,16 @@ Contract:
   backend's default, ordered queue. Operations on one queue run in submission order.
 * After :attr:`Status.KERNEL_FAULT` the backend has already reset its context (all device
   allocations, modules, queues and events are gone) and keeps serving; the session invalidates
-  the client's handles.
+  the client's handles. **Except** a :class:`KernelFaultError` with ``context_kept``: a
+  *checked* IR kernel (every access checked against its own buffer, see docs/ir-lowering.md)
+  stopped at a bad access before performing it and recorded a :class:`FaultRecord`; nothing
+  was corrupted, so the context, every allocation and every handle stay valid and the next
+  launch works.
+* **Bounds.** A checked IR kernel (``KernelInfo.checked``) takes, at launch, one
+  ``(base, length)`` pair per pointer parameter (``KernelInfo.pointer_params``): the buffer
+  that pointer may reach. The session fills them from the client's own allocations
+  (:func:`launch_bounds`); a pointer inside none gets ``(0, 0)``, so every access through it
+  faults. A backend called without ``bounds`` uses its own allocation containing each pointer.
 * Some faults cannot be recovered inside the process. CUDA driver 580 keeps illegal-address
   faults *sticky for the whole process*: neither a primary-context reset nor a new context
   works afterwards (measured on the H100 machine). A backend that can hit this advertises the
@@ -39,7 +48,8 @@ Optional extensions (feature-tested with ``getattr``, not part of the Protocol):
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+import struct
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -65,6 +75,57 @@ class BackendError(Error):
         self.status = Status(status)
         self.vendor = vendor
         self.log = log
+
+
+@dataclass(frozen=True)
+class FaultRecord:
+    """The first bad access of a checked kernel: what the fault record in device memory held.
+
+    Attributes:
+        kernel: the kernel's name.
+        code: the fault code (``vxpu.ir.lower.bounds.FAULT_*``: 1 global/constant out of its
+            buffer, 2 shared, 3 local, 4 misaligned, 5 trap, 6 barrier).
+        origin: the buffer: pointer parameter index, ``0x100 + j`` shared array ``j``,
+            ``0x200 + j`` local array ``j``, ``0xFFFFFFFF`` none (trap, barrier).
+        offset: the access's byte offset from the buffer's start (wrapping, may be "negative").
+        block: the faulting thread's block index (x, y, z).
+        thread: its thread index (x, y, z).
+    """
+
+    kernel: str
+    code: int
+    origin: int
+    offset: int
+    block: tuple[int, int, int]
+    thread: tuple[int, int, int]
+
+    @property
+    def param(self) -> int | None:
+        """The pointer parameter's index, or None (an array or no buffer)."""
+        return self.origin if self.origin < 0x100 else None
+
+    def describe(self) -> str:
+        from vxpu.ir.lower.bounds import describe_origin  # stdlib-only, cheap
+
+        what = {1: "access outside its buffer", 2: "shared access outside its array",
+                3: "local access outside its array", 4: "misaligned access", 5: "trap",
+                6: "barrier reached non-uniformly"}.get(self.code, f"fault code {self.code}")
+        off = self.offset - (1 << 64) if self.offset >> 63 else self.offset
+        return (f"kernel {self.kernel!r}: {what} ({describe_origin(self.origin)}, offset {off}, "
+                f"block {self.block}, thread {self.thread}); the access was not performed")
+
+
+class KernelFaultError(BackendError):
+    """KERNEL_FAULT carrying a :class:`FaultRecord`.
+
+    ``context_kept`` is True when the fault was contained by checked code (the bad access never
+    happened): the backend did **not** reset its context and every handle stays valid.
+    """
+
+    def __init__(self, record: FaultRecord, *, context_kept: bool = True) -> None:
+        super().__init__(Status.KERNEL_FAULT, record.describe())
+        self.record = record
+        self.context_kept = context_kept
 
 
 class BackendUnavailable(BackendError):
@@ -109,11 +170,35 @@ class KernelInfo:
     param_offsets: tuple[int, ...]   # offset of each parameter in the packed argument buffer
     args_size: int                   # total packed size (natural alignment, little-endian)
     static_shared_bytes: int
+    checked: bool = False            # checked IR code: launches take ``bounds``
+    pointer_params: tuple[int, ...] = ()   # indices of the pointer parameters (one bounds pair each)
 
     @classmethod
-    def from_signature(cls, sig: KernelSignature) -> KernelInfo:
-        """The Backend contract's view of an IR kernel's :class:`~vxpu.ir.args.KernelSignature`."""
-        return cls(sig.name, sig.param_sizes, sig.param_offsets, sig.args_size, sig.static_shared_bytes)
+    def from_signature(cls, sig: KernelSignature, checked: bool = False) -> KernelInfo:
+        """The Backend contract's view of an IR kernel's :class:`~vxpu.ir.args.KernelSignature`
+        (``checked``: compiled with per-buffer bounds)."""
+        ptrs = tuple(i for i, t in enumerate(sig.param_types) if t.startswith("ptr"))
+        return cls(sig.name, sig.param_sizes, sig.param_offsets, sig.args_size, sig.static_shared_bytes,
+                   checked, ptrs)
+
+
+def launch_bounds(info: KernelInfo, args: bytes | memoryview,
+                  allocation_at: Callable[[int], tuple[int, int] | None]) -> tuple[tuple[int, int], ...]:
+    """The ``(base, length)`` of each pointer argument's buffer, for a checked launch.
+
+    Args:
+        info: the kernel (its ``pointer_params`` and offsets).
+        args: the packed arguments (pointers as u64 device addresses).
+        allocation_at: the live allocation ``(start, size)`` containing an address, or None.
+
+    A pointer inside no allocation gets ``(0, 0)``: every access through it faults.
+    """
+    out = []
+    for i in info.pointer_params:
+        (address,) = struct.unpack_from("<Q", args, info.param_offsets[i])
+        found = allocation_at(address)
+        out.append(found if found is not None else (0, 0))
+    return tuple(out)
 
 
 @dataclass
@@ -195,9 +280,11 @@ class Backend(Protocol):
         args: bytes | memoryview,
         shared_bytes: int = 0,
         queue: object | None = None,
+        bounds: Sequence[tuple[int, int]] | None = None,
     ) -> None:
         """Launch asynchronously on ``queue``. ``args`` is the packed argument buffer laid out
-        as :class:`KernelInfo` says. Faults surface here or at the next synchronize."""
+        as :class:`KernelInfo` says; ``bounds`` the buffers of a checked kernel's pointers
+        (see the module docstring). Faults surface here or at the next synchronize."""
 
     # -- ordering -----------------------------------------------------------------------
     def create_queue(self) -> object: ...

@@ -48,7 +48,15 @@ import threading
 import time
 from typing import Any
 
-from vxpu.accel.backend import BackendError, DeviceProperties, KernelInfo, ModuleKind, Status
+from vxpu.accel.backend import (
+    BackendError,
+    DeviceProperties,
+    FaultRecord,
+    KernelFaultError,
+    KernelInfo,
+    ModuleKind,
+    Status,
+)
 from vxpu.accel.hostbase import DEFAULT_ARENA_BYTES, HostBackend
 
 log = logging.getLogger(__name__)
@@ -247,7 +255,7 @@ class CpuBackend(HostBackend):
             memory_total=self.arena_size, compute_units=self.threads,
             max_threads_per_block=MAX_THREADS_PER_BLOCK, max_shared_memory_per_block=MAX_SHARED_PER_BLOCK,
             features=frozenset({"ir", "atomics-f32", "atomics-f64", "fp16", "deterministic-atomics",
-                                "kernel-timeout"}),
+                                "kernel-timeout", "checked-ir"}),
         )
 
     # -- code -------------------------------------------------------------------------
@@ -297,10 +305,11 @@ class CpuBackend(HostBackend):
             kernel = payload.kernel(name)
         except KeyError as exc:
             raise BackendError(Status.NOT_FOUND, str(exc.args[0]) if exc.args else f"no kernel {name!r}") from None
-        return kernel, KernelInfo.from_signature(kernel.signature)
+        return kernel, KernelInfo.from_signature(kernel.signature, checked=kernel.layout.checked)
 
     def _prepare(self, kernel: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
-                 args: bytes, shared_bytes: int) -> tuple[Any, ...]:
+                 args: bytes, shared_bytes: int, bounds: tuple[tuple[int, int], ...] | None = None
+                 ) -> tuple[Any, ...]:
         threads = block[0] * block[1] * block[2]
         if threads > MAX_THREADS_PER_BLOCK:
             raise BackendError(Status.INVALID_ARGUMENT,
@@ -310,7 +319,7 @@ class CpuBackend(HostBackend):
             raise BackendError(Status.INVALID_ARGUMENT,
                                f"dynamic shared memory {shared_bytes} + static {static} "
                                f"exceeds {MAX_SHARED_PER_BLOCK} bytes")
-        return grid, block, args, shared_bytes, self._generation
+        return grid, block, args, shared_bytes, self._generation, bounds
 
     def _execute(self, kernel: Any, work: tuple[Any, ...]) -> None:
         """Run a launch under the watchdog; a cancel by the time limit becomes TIMEOUT."""
@@ -347,16 +356,16 @@ class CpuBackend(HostBackend):
         return launch
 
     def _run(self, kernel: Any, work: tuple[Any, ...], token: Any) -> None:
-        grid, block, args, shared_bytes, _ = work
+        grid, block, args, shared_bytes, _, bounds = work
         nblocks = grid[0] * grid[1] * grid[2]
         base, size = self.arena_base, self.arena_size
         if self._executor is None or nblocks == 1 or kernel.uses_global_atomics:
-            kernel.run(grid, block, args, base, size, dynamic_shared=shared_bytes, cancel=token)
+            kernel.run(grid, block, args, base, size, dynamic_shared=shared_bytes, cancel=token, bounds=bounds)
             return
         parts = min(nblocks, self.threads * RANGES_PER_THREAD)
-        bounds = [nblocks * i // parts for i in range(parts + 1)]
+        cuts = [nblocks * i // parts for i in range(parts + 1)]
         futures = [self._executor.submit(kernel.run, grid, block, args, base, size, dynamic_shared=shared_bytes,
-                                         blocks=range(bounds[i], bounds[i + 1]), cancel=token)
+                                         blocks=range(cuts[i], cuts[i + 1]), cancel=token, bounds=bounds)
                    for i in range(parts)]
         first: BaseException | None = None
         for fut in futures:           # wait for all; report the fault of the lowest block range
@@ -370,5 +379,6 @@ class CpuBackend(HostBackend):
         from vxpu.ir.cpu_exec import KernelFault
 
         if isinstance(exc, KernelFault):
-            return BackendError(Status.KERNEL_FAULT, str(exc))
+            # Checked (or arena-checked) code stopped before the bad access: contained.
+            return KernelFaultError(FaultRecord(exc.kernel, exc.code, exc.param, exc.address, exc.block, exc.thread))
         return super()._map_fault(exc)

@@ -25,7 +25,9 @@ the kernels still running in the old context (the CPU backend sets their cancel 
 nothing ever waits on a kernel that does not terminate, and a fault surfaces at once instead
 of after the other queues' kernels. A cancelled launch counts as a fault of the old context
 (``stats.faults``), never raised. ``close`` also drops work still queued: nothing can observe
-it any more.
+it any more. A *contained* fault (:class:`~vxpu.accel.backend.KernelFaultError` with
+``context_kept``: checked code stopped at a bad access before performing it) is raised once
+the same way but resets nothing: the context, its memory and the queued work stay.
 
 **Host memory lifetime.** Copies queued behind other work keep a reference to the host
 ``memoryview`` until they run; :meth:`HostBackend.unregister_host` therefore waits for all
@@ -39,10 +41,20 @@ import logging
 import mmap
 import re
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from vxpu.accel.backend import BackendError, BackendStats, DeviceProperties, KernelInfo, ModuleKind, Status
+from vxpu.accel.backend import (
+    BackendError,
+    BackendStats,
+    DeviceProperties,
+    KernelFaultError,
+    KernelInfo,
+    ModuleKind,
+    Status,
+    launch_bounds,
+)
 from vxpu.accel.hostqueue import HostEvent, HostQueue
 from vxpu.accel.pool import RangeAllocator
 
@@ -55,6 +67,11 @@ ARENA_GUARD = 64 << 10
 ARENA_ALIGNMENT = 256
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 _SIZE_RE = re.compile(r"^(\d{1,15})([kmgt]?)i?b?$")
+
+
+def _contained(fault: BackendError) -> bool:
+    """A fault that checked code stopped before it did anything: no context reset needed."""
+    return isinstance(fault, KernelFaultError) and fault.context_kept
 
 
 def parse_size(value: int | str, what: str) -> int:
@@ -216,7 +233,8 @@ class HostBackend:
             with self._fault_lock:
                 fault, self._fault = self._fault, None
             if fault is not None:
-                self._reset_context()
+                if not _contained(fault):
+                    self._reset_context()
                 raise fault
 
     def _on_queue_error(self, exc: BaseException, generation: int) -> None:
@@ -228,16 +246,19 @@ class HostBackend:
         counted, not raised again.
         """
         fault = self._map_fault(exc)
+        kept = _contained(fault)
         with self._fault_lock:
             self.stats.faults += 1
             current = generation == self._generation
             if current:
-                self._generation += 1       # drop everything queued in this context
+                if not kept:
+                    self._generation += 1   # drop everything queued in this context
                 if self._fault is None:
                     self._fault = fault
-        if current:
+        if current and not kept:
             self._cancel_running()          # the rest of the old context's work is void: stop it now
         log.warning("%s backend: %s; %s", self.name, fault,
+                    "contained by the checks, context kept" if kept else
                     "resetting the context" if current else "its context is already being reset")
 
     def _map_fault(self, exc: BaseException) -> BackendError:
@@ -447,8 +468,11 @@ class HostBackend:
         return HostKernel(module, runnable, info), info  # type: ignore[arg-type]
 
     def launch(self, kernel: object, grid: tuple[int, int, int], block: tuple[int, int, int],
-               args: bytes | memoryview, shared_bytes: int = 0, queue: object | None = None) -> None:
-        """Queue the kernel; a fault surfaces at the next call (synchronize typically)."""
+               args: bytes | memoryview, shared_bytes: int = 0, queue: object | None = None,
+               bounds: Sequence[tuple[int, int]] | None = None) -> None:
+        """Queue the kernel; a fault surfaces at the next call (synchronize typically).
+        ``bounds``: a checked kernel's pointer buffers (else this backend's own allocation
+        containing each pointer)."""
         self._check()
         if not isinstance(kernel, HostKernel) or not kernel.module.live:
             raise BackendError(Status.INVALID_HANDLE, "unknown kernel or its module was unloaded")
@@ -457,9 +481,23 @@ class HostBackend:
                                f"{kernel.info.name} takes {kernel.info.args_size} argument bytes, got {len(args)}")
         q = self._queue(queue)
         runnable = kernel.runnable
-        work = self._prepare(runnable, grid, block, bytes(args), shared_bytes)
+        if kernel.info.checked:
+            if bounds is None:
+                with self._lock:
+                    bounds = launch_bounds(kernel.info, args, self._allocation_at)
+            work = self._prepare(runnable, grid, block, bytes(args), shared_bytes, bounds=tuple(bounds))
+        else:
+            work = self._prepare(runnable, grid, block, bytes(args), shared_bytes)
         q.submit(lambda: self._execute(runnable, work))
         self.stats.launches += 1
+
+    def _allocation_at(self, address: int) -> tuple[int, int] | None:
+        """This backend's allocation containing ``address`` (a scan: only for launches that
+        come without a session's bounds)."""
+        for start, size in self._allocator.used.items():
+            if 0 <= address - start < size:
+                return start, size
+        return None
 
     def _load(self, image: bytes, kind: ModuleKind) -> Any:
         """Compile/load a module image; raises BAD_MODULE or UNSUPPORTED."""

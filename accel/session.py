@@ -18,12 +18,18 @@ never talks to a backend directly. The session is the backend-independent policy
   by default a full queue makes the submitter wait for it (back-pressure, like a full CUDA
   launch queue); ``depth_policy="fail"`` answers QUOTA_EXCEEDED instead.
 * **Launch checks.** Grid and block shapes, threads per block, shared memory and the exact
-  argument-buffer size from the kernel's :class:`KernelInfo`.
+  argument-buffer size from the kernel's :class:`KernelInfo`. For a checked IR kernel the
+  session also gives the backend each pointer argument's buffer: the live allocation *of this
+  client* that contains it, or ``(0, 0)`` (so any access through it faults). The guest
+  cannot forge these bounds, so its kernel can touch only its own allocations it passed.
 * **Errors.** Every public method raises only :class:`BackendError`: an unexpected exception is
   logged once and becomes INTERNAL (:func:`status_of` maps any exception to a status). After
   KERNEL_FAULT, DEVICE_LOST, or a TIMEOUT for which the backend cancelled an overrunning kernel,
   the backend has reset its context; the session drops all of the
   client's handles (and notices resets caused by other clients through ``stats.resets``).
+  A contained fault of checked code (:class:`~vxpu.accel.backend.KernelFaultError` with
+  ``context_kept``) resets nothing: it is reported with its fault record and every handle
+  stays valid.
   Guest-caused log lines (faults, resets, internal errors) share a per-process budget
   (:data:`WARN_BUDGET`, refilled slowly); past it they go to DEBUG, so a guest faulting in a
   loop cannot flood the log.
@@ -53,7 +59,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from vxpu.accel.backend import Backend, BackendError, KernelInfo, ModuleKind, Status, pack_dims
+from vxpu.accel.backend import (
+    Backend,
+    BackendError,
+    KernelFaultError,
+    KernelInfo,
+    ModuleKind,
+    Status,
+    launch_bounds,
+    pack_dims,
+)
 from vxpu.accel.pool import DEFAULT_CHUNK_SIZE, MemoryPool, align_up
 from vxpu.accel.quota import DEFAULT_QUOTA, CompileBudget, Quota, QuotaUsage
 from vxpu.accel.stats import SessionStats, metrics
@@ -197,6 +212,8 @@ class Session:
     def _context_lost(self, exc: BackendError) -> bool:
         """Did ``exc`` come with a context reset? Faults always do; a TIMEOUT does when the
         backend cancelled an overrunning kernel and reset (a plain wait timeout does not)."""
+        if isinstance(exc, KernelFaultError) and exc.context_kept:
+            return False
         if exc.status in (Status.KERNEL_FAULT, Status.DEVICE_LOST):
             return True
         return exc.status is Status.TIMEOUT and self.backend.stats.resets != self._epoch
@@ -207,6 +224,9 @@ class Session:
             self.stats.faults += 1
             _guest_log(self.log, logging.WARNING, "device fault, context reset, handles invalidated: %s", exc)
             self._invalidate()
+        elif exc.status is Status.KERNEL_FAULT:
+            self.stats.faults += 1
+            _guest_log(self.log, logging.WARNING, "contained kernel fault (context kept): %s", exc)
 
     def _invalidate(self) -> None:
         """Forget every handle: the backend context (and all device objects) are gone."""
@@ -247,6 +267,16 @@ class Session:
                 return
         raise BackendError(Status.OUT_OF_RANGE,
                            f"device range {address:#x}+{length} is not inside one allocation of this client")
+
+    def _allocation_at(self, address: int) -> tuple[int, int] | None:
+        """``(start, size)`` of this client's live allocation containing ``address``, or None."""
+        i = bisect.bisect_right(self._alloc_starts, address) - 1
+        if i >= 0:
+            start = self._alloc_starts[i]
+            size = self._allocs[start]
+            if address - start < size:
+                return start, size
+        return None
 
     def _charged(self, size: int) -> int:
         """What an allocation of ``size`` bytes costs against the memory quota: the size the
@@ -590,7 +620,11 @@ class Session:
             raise BackendError(Status.INVALID_ARGUMENT,
                                f"kernel {k.info.name!r} takes {k.info.args_size} bytes of arguments, got {len(args)}")
         q = self._submit(queue)
-        self.backend.launch(k.token, grid3, block3, bytes(args), shared_bytes, q.token)
+        if k.info.checked:
+            bounds = launch_bounds(k.info, args, self._allocation_at)
+            self.backend.launch(k.token, grid3, block3, bytes(args), shared_bytes, q.token, bounds=bounds)
+        else:
+            self.backend.launch(k.token, grid3, block3, bytes(args), shared_bytes, q.token)
         self.stats.launches += 1
 
     # -- ordering ---------------------------------------------------------------------

@@ -6,7 +6,7 @@ import struct
 
 import numpy as np
 import pytest
-from vxpu.accel.backend import BackendError, BackendUnavailable, Status
+from vxpu.accel.backend import BackendError, BackendUnavailable, KernelFaultError, Status
 from vxpu.accel.cpu import CpuBackend
 from vxpu.accel.registry import open_backend, parse_spec
 from vxpu.accel.session import Session
@@ -109,7 +109,9 @@ def test_compile_cache_statistics():
         b.close()
 
 
-def test_fault_on_one_queue_drops_work_on_all_and_recovers():
+def test_contained_fault_is_reported_and_keeps_the_context():
+    """A checked kernel's bad access is not performed: KERNEL_FAULT with the fault record, no
+    reset; the queue, the allocations and the kernels stay, and the next launch works."""
     b = CpuBackend(arena="64M", threads=2)
     b.open()
     s = Session(b)
@@ -119,13 +121,12 @@ def test_fault_on_one_queue_drops_work_on_all_and_recovers():
         q = s.create_queue()
         buf = s.alloc(1 << 16)
         s.launch(bad, (1,), (1,), struct.pack("<Q", buf), queue=q)
-        with pytest.raises(BackendError) as e:
+        with pytest.raises(KernelFaultError) as e:
             s.synchronize()
-        assert e.value.status == Status.KERNEL_FAULT and "out of the arena" in str(e.value)
-        assert b.stats.resets == 1 and b.memory_info()[0] == b.memory_info()[1]   # all freed
-        with pytest.raises(BackendError):
-            s.synchronize(q)                                     # the queue is gone
-        good, _ = s.get_kernel(s.load_module(image(VADD)), "vadd")
+        assert e.value.status == Status.KERNEL_FAULT and e.value.context_kept
+        assert (e.value.record.param, e.value.record.offset) == (0, 4_000_000_000)
+        assert b.stats.resets == 0 and s.stats.faults == 1
+        s.synchronize(q)                                         # the queue is still there
         a = s.alloc(1024)
         s.memset(a, 0, 1024)
         s.launch(good, (1,), (256,), vadd_args(256, a, a, a))
