@@ -188,11 +188,15 @@ def cmd_ls(args: argparse.Namespace) -> int:
             return "no vxpu devices"
         lines = [f"{'ID':<12} {'SLOT':<9} {'BACKEND':<8} {'PID':>7}  HEALTH"]
         hints = {"server-exited": "server died: 'vxpu detach --id {id}' cleans up",
-                 "not-in-vm": "server without its device: 'vxpu detach --id {id}' stops it"}
+                 "not-in-vm": "server without its device: 'vxpu detach --id {id}' stops it",
+                 "stats-stale": "server stuck: see its log"}
         for r in rows:
             hint = hints.get(r.health, "").format(id=r.id)
+            st = r.stats
+            figures = (f"  commands {st['commands']}, errors {st['errors']}, fatal {st['fatal_errors']}, "
+                       f"queue {st['queue_depth']}" if st else "")
             lines.append(f"{r.id:<12} {r.slot or '-':<9} {r.backend or '-':<8} {r.pid or '-':>7}  {r.health}"
-                         + (f"  ({hint})" if hint else ""))
+                         + figures + (f"  ({hint})" if hint else ""))
         return "\n".join(lines)
     return _run(args, lambda: lifecycle.list_devices(args.qmp), show)
 

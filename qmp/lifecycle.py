@@ -24,6 +24,7 @@ Every function takes ``qmp`` as a socket path (it connects and disconnects) or a
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import re
 import time
@@ -31,7 +32,7 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import AbstractAsyncContextManager, aclosing, asynccontextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from vxpu.qmp.connection import Qmp
 from vxpu.qmp.devices import DRIVER, vfio_user_device
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 QmpLike: TypeAlias = str | Path | Qmp
 _BACKEND = re.compile(r"^(cpu|npu|(cuda|hip)(:\d{1,3})?)$")
 SERVER_START_TIMEOUT_S = 20.0
+STATS_STALE_S = 15.0  # the server rewrites its STATS every ~2 s
 _UNPLUG_PENDING = "already in the process of unplug"
 
 
@@ -97,8 +99,11 @@ class DeviceInfo:
     Attributes:
         health: ``ok``; ``server-exited`` (the record's server died: detach cleans it up);
             ``not-in-vm`` (a server without its device, e.g. an interrupted attach);
-            ``not-listening`` (the server runs but its socket does not listen); ``unmanaged``
-            (a vfio-user-pci device vxpu did not attach, so no server is known).
+            ``not-listening`` (the server runs but its socket does not listen); ``stats-stale``
+            (the server runs but has not rewritten its STATS for :data:`STATS_STALE_S`: it is
+            stuck); ``unmanaged`` (a vfio-user-pci device vxpu did not attach, so no server is known).
+        stats: a summary of the server's STATS document (see :func:`stats_summary`), when it
+            writes one.
     """
 
     id: str
@@ -108,6 +113,7 @@ class DeviceInfo:
     slot: str | None
     socket: str | None
     log: str | None
+    stats: dict[str, Any] | None = None
 
     def to_json(self) -> dict[str, object]:
         """The row as a JSON-able dict."""
@@ -372,13 +378,36 @@ async def list_devices(qmp: QmpLike) -> list[DeviceInfo]:
         if rec is None:
             rows.append(DeviceInfo(dev_id, None, None, "unmanaged", slot, None, None))
             continue
+        stats = stats_summary(state.stats_path(dev_id))
         if not process_alive(rec.pid, rec.pid_start):
             health = "server-exited"
         elif dev_id not in devices:
             health = "not-in-vm"
         elif not server_listening(rec.pid, rec.socket):
             health = "not-listening"
+        elif stats is not None and stats["age_s"] > STATS_STALE_S:
+            health = "stats-stale"
         else:
             health = "ok"
-        rows.append(DeviceInfo(dev_id, rec.backend, rec.pid, health, slot, rec.socket, rec.log))
+        rows.append(DeviceInfo(dev_id, rec.backend, rec.pid, health, slot, rec.socket, rec.log, stats))
     return rows
+
+
+def stats_summary(path: Path) -> dict[str, Any] | None:
+    """The figures of a server's STATS document that tell an operator how a device is doing.
+
+    Returns:
+        ``age_s`` (seconds since the server wrote it), ``uptime_s``, ``commands`` and ``errors``
+        (totals), ``fatal_errors``, ``resets``, ``queue_depth``; None when the server writes no
+        STATS (the test device, or an unreadable file).
+    """
+    try:
+        age = time.time() - path.stat().st_mtime
+        doc = json.loads(path.read_text())
+        dev = doc["device"]
+        return {"age_s": round(age, 1), "uptime_s": round(dev.get("uptime_ns", 0) / 1e9, 1),
+                "commands": sum(dev.get("commands", {}).values()), "errors": sum(dev.get("errors", {}).values()),
+                "fatal_errors": dev.get("fatal_errors", 0), "resets": dev.get("resets", 0),
+                "queue_depth": dev.get("queue_depth", 0)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

@@ -7,6 +7,7 @@ else ``/run/vxpu`` as root, else ``/tmp/vxpu-<uid>``)::
     <runtime>/<vm>/<id>.json      one :class:`DeviceRecord`, written atomically (tmp + rename)
     <runtime>/<vm>/<id>.sock      the server's vfio-user socket
     <runtime>/<vm>/<id>.log       the server's output
+    <runtime>/<vm>/<id>.stats     the server's STATS JSON, rewritten every few seconds (``--stats-file``)
 
 ``<vm>`` is derived from the resolved QMP socket path, so every tool that reaches the VM
 through the same socket finds the same records. A record stores the server's pid together
@@ -125,6 +126,10 @@ class VmState:
                               "to a shorter directory")
         return self.dir / f"{dev_id}.json", sock, self.dir / f"{dev_id}.log"
 
+    def stats_path(self, dev_id: str) -> Path:
+        """Where the server of ``dev_id`` writes its STATS document."""
+        return self.dir / f"{check_id(dev_id)}.stats"
+
     def ensure_dir(self) -> None:
         """Create the VM's directory (mode 0700: sockets in it give control of a device)."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -183,7 +188,7 @@ class VmState:
     def remove(self, dev_id: str, keep_log: bool = False) -> None:
         """Delete the record, the socket and (unless ``keep_log``) the log of ``dev_id``."""
         record, sock, logf = self.paths(dev_id)
-        for p in (sock, record) if keep_log else (sock, record, logf):
+        for p in (sock, record, self.stats_path(dev_id)) + (() if keep_log else (logf,)):
             p.unlink(missing_ok=True)
         try:
             left = [p for p in self.dir.iterdir() if p.name != ".lock"]
