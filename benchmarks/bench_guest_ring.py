@@ -43,6 +43,7 @@ def probe(backend: str, accel: str, memory: str) -> dict:
     rt, trap = doc["noop_fresh"]["median_us"], doc["trapped_read"]["median_us"]
     doc["ratio_noop_to_trapped_read"] = rt / trap
     doc["ratio_noop_after_launch_to_trapped_read"] = doc["noop_after_launch"]["median_us"] / trap
+    doc["ratio_noop_lean_to_trapped_read"] = doc["noop_lean"]["median_us"] / trap
     return doc
 
 

@@ -1,9 +1,12 @@
 """Guest half of bench_guest_ring.py: runs inside the VM, prints one ``VXPU-RING {json}`` line.
 
 Measures, in one run and as guest Python sees it (``time.perf_counter_ns`` around each op):
-the NOP round trip through the rings (before and after a kernel has run), the per-command cost
-of a batch of NOPs, a trapped BAR0 read and a posted BAR0 write (REG_SCRATCH), a read of the
-ring header in guest RAM (the floor), and pinned copy bandwidth both ways for several sizes.
+the NOP round trip through the rings, twice: through the SDK (``Device.call``: post, publish,
+wait, check; before and after a kernel has run) and through a minimal driver loop on the same
+rings (pack the descriptor, store ``sq_tail``, spin on ``cq_tail``, read the completion, store
+``cq_head``: the protocol's own cost without the SDK's bookkeeping); the per-command cost of a
+batch of NOPs; a trapped BAR0 read and a posted BAR0 write (REG_SCRATCH); a read of the ring
+header in guest RAM (the floor); and pinned copy bandwidth both ways for several sizes.
 """
 
 import json
@@ -38,6 +41,33 @@ def noop(dev):
     ring, d0 = dev.ring, dev.ring.doorbells
     out = dist(lambda: dev.call(xpu.Opcode.NOP))
     out["doorbells_per_op"] = (ring.doorbells - d0) / (N + 100)
+    return out
+
+
+def lean(dev):
+    """The minimal NOP round trip on the SDK's rings (the SDK's counters are brought along)."""
+    ring = dev.ring
+    ring.drain()
+    hdr, sq, cq = ring._hdr, ring._sq, ring._cq
+    pack, unpack = xpu.DESCRIPTOR.pack_into, xpu.COMPLETION.unpack_from
+    sqt, cqh, cqt = xpu.QH_SQ_TAIL // 4, xpu.QH_CQ_HEAD // 4, xpu.QH_CQ_TAIL // 4
+    state = [ring._submitted, ring._cq_head, ring._completed]
+
+    def op():
+        seq, head, _ = state
+        pack(sq, (seq & ring._sq_mask) * xpu.SQ_ENTRY_SIZE, xpu.Opcode.NOP, 0, 0, seq, 0, 0, 0, 0, 0, 0)
+        hdr[sqt] = (seq + 1) & xpu.INDEX_MASK
+        while hdr[cqt] == head:
+            pass
+        tag, _r, _r2, status, _ = unpack(cq, (head & ring._cq_mask) * xpu.CQ_ENTRY_SIZE)
+        if tag != seq or status:
+            raise RuntimeError(f"NOP {seq}: tag {tag}, status {status}")
+        state[0], state[1], state[2] = seq + 1, (head + 1) & xpu.INDEX_MASK, state[2] + 1
+        hdr[cqh] = state[1]
+
+    out = dist(op)
+    ring._submitted = ring._published = state[0]
+    ring._cq_head, ring._completed = state[1], state[2]
     return out
 
 
@@ -81,6 +111,7 @@ def main():
         doc["device"] = dev.identify().get("name")
         regs = dev.transport
         doc["noop_fresh"] = noop(dev)
+        doc["noop_lean"] = lean(dev)
         doc["trapped_read"] = dist(lambda: regs.read_reg(xpu.REG_SCRATCH), N // 4, 20)
         doc["posted_write"] = dist(lambda: regs.write_reg(xpu.REG_SCRATCH, 1), N // 4, 20)
         regs.read_reg(xpu.REG_SCRATCH)
