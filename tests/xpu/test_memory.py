@@ -214,3 +214,19 @@ def test_batch_of_copies_in_one_submission(rig):
         descs.append(desc(Opcode.MEM_COPY_HTOD, [dev + i * 256], sg=(rig.addr(DATA_OFF + i * 256), 256), tag=i))
     assert all(c.status == 0 for c in rig.run(descs))
     assert rig.dtoh(dev, 64 * 256, off=DATA_OFF + 0x100000) == b"".join(chunks)
+
+
+def test_batch_of_dtohs_completes_with_the_bytes_in_guest_ram(rig):
+    """DTOHs in one batch share one synchronization; each completion still means "the bytes
+    are in guest RAM", and the completions stay in order with the commands between them."""
+    dev = rig.alloc(32 * 512)
+    data = os.urandom(32 * 512)
+    assert rig.htod(dev, data).status == Status.OK
+    descs = []
+    for i in range(32):
+        descs.append(desc(Opcode.MEM_COPY_DTOH, [dev + i * 512], sg=(rig.addr(DATA_OFF + 0x100000 + i * 1024), 512),
+                          tag=2 * i))
+        descs.append(desc(Opcode.NOP, tag=2 * i + 1))
+    got = rig.run(descs)
+    assert [c.tag for c in got] == list(range(64)) and all(c.status == 0 for c in got)
+    assert b"".join(rig.read(DATA_OFF + 0x100000 + i * 1024, 512) for i in range(32)) == data

@@ -19,7 +19,7 @@ from vxpu.abi import xpu as abi
 from vxpu.abi.status import Status
 from vxpu.abi.xpu import Opcode
 
-from .ringdriver import DATA_OFF, XpuRig
+from .ringdriver import DATA_OFF, XpuRig, desc
 
 SAXPY = """
 module @saxpy
@@ -250,3 +250,21 @@ def test_kernel_fault_is_reported_by_fence_and_the_device_keeps_serving(rig, sax
     assert rig.htod(d, np.ones(4, np.float32).tobytes()).status == 0
     assert _launch(rig, kernel, (1, 1, 1), (4, 1, 1), pack_args(sig, [4, 2.0, d, d])) == Status.OK
     assert np.frombuffer(rig.dtoh(d, 16), np.float32).tolist() == [3.0] * 4
+
+
+def test_kernel_fault_fails_the_dtoh_that_waits_for_it(rig, saxpy):
+    """A DTOH after a faulting kernel in the same batch cannot vouch for its bytes: it completes
+    with the fault (whether it surfaced when the copy was issued or while waiting for it)."""
+    assert _load(rig, _image(OOB))[0] == Status.OK
+    oob_module = _load(rig, _image(OOB))[1]
+    _s, oob, _size = _kernel(rig, oob_module, b"oob_store")
+    buf = rig.alloc(4096)
+    rig.write(ARGS_OFF, struct.pack("<Q", buf))
+    dims = abi.pack_launch_dims((1, 1, 1), (1, 1, 1), 0)
+    got = rig.run([desc(Opcode.LAUNCH, [oob, *dims], sg=(rig.addr(ARGS_OFF), 8), tag=1),
+                   desc(Opcode.MEM_COPY_DTOH, [buf], sg=(rig.addr(DATA_OFF), 64), tag=2),
+                   desc(Opcode.FENCE, tag=3)])
+    assert [c.tag for c in got] == [1, 2, 3]
+    assert got[0].status == Status.OK and got[1].status == Status.KERNEL_FAULT
+    assert got[2].status == Status.KERNEL_FAULT                     # and FENCE reports it too
+    rig.alive()

@@ -114,6 +114,8 @@ class Executor:
         self.counters = counters
         self.async_error: Status | None = None
         self.epoch = alive()
+        self.defer_sync = False        # DTOH leaves its synchronization to the caller (batches)
+        self.sync_pending = False      # ... and says so here
         self._table: dict[int, Callable[[Desc], Result]] = {
             Opcode.NOP: lambda d: (0, 0),
             Opcode.IDENTIFY: lambda d: self._write_doc(d, self._identity()),
@@ -284,9 +286,23 @@ class Executor:
                 else:
                     s.copy_dtoh(ram.view[off:off + n], src)
                 src += n
-        s.synchronize()            # DTOH completes when the bytes are in guest RAM
         self.counters.bytes_dtoh += total
+        if self.defer_sync:
+            self.sync_pending = True    # the poller synchronizes before it posts the completion
+        else:
+            s.synchronize()             # DTOH completes when the bytes are in guest RAM
         return 0, 0
+
+    def synchronize_deferred(self) -> Status | None:
+        """Wait for the DTOHs whose synchronization was deferred; the asynchronous error that
+        surfaced while waiting (also kept for the next FENCE), or None."""
+        try:
+            self.session.synchronize()
+        except BackendError as exc:
+            if exc.status in ASYNC_ERRORS and self.async_error is None:
+                self.async_error = exc.status
+            return exc.status
+        return None
 
     # -- code ----------------------------------------------------------------------------------
     def _module_load(self, d: Desc) -> Result:

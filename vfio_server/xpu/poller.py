@@ -51,7 +51,7 @@ from vxpu.vfio_server.xpu.stats import DeviceStats, stats_json
 
 from vxpu.abi import xpu as abi
 from vxpu.abi.status import Status
-from vxpu.abi.xpu import DescFlags, FatalCode, IrqControl
+from vxpu.abi.xpu import DescFlags, FatalCode, IrqControl, Opcode
 from vxpu.log import LogBudget
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,9 @@ _DESC_IRQ = int(DescFlags.IRQ)
 _IRQ_COMPLETION = int(IrqControl.COMPLETION)
 _ABORTED = int(Status.ABORTED)
 _INTERNAL = int(Status.INTERNAL)
+#: Commands that may run while DTOH completions wait for one synchronization (cheap, ordered).
+_DEFERRABLE = frozenset(int(op) for op in (Opcode.NOP, Opcode.MEM_COPY_DTOH, Opcode.MEM_COPY_HTOD,
+                                           Opcode.MEM_COPY_DTOD, Opcode.MEM_SET))
 
 
 class Poller:
@@ -353,35 +356,85 @@ class Poller:
         return done
 
     def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int) -> int:
-        done = 0
+        """Execute and complete ``descs`` in order. DTOHs are not synchronized one by one: their
+        completions (and every later one, to keep the order) are held until one synchronization,
+        which happens before any command that is not a plain copy, memset or NOP, and at the end
+        of the batch. Returns the number completed, -1 when the queue stopped meanwhile."""
         count = max(1, self._irq_settings()[1])      # REG_IRQ_COALESCE_COUNT, read once per batch
-        for raw in descs:
+        held: list[tuple[tuple[int, ...], tuple[int, int, int, int], bool]] = []
+        done = 0
+        self.executor.defer_sync = True
+        try:
+            for raw in descs:
+                if held and raw[0] not in _DEFERRABLE:
+                    if not self._flush(held, rings, epoch, count):
+                        return -1
+                    done += len(held)
+                    held.clear()
+                result = self._execute(raw)
+                if result is None:
+                    return -1
+                needs_sync, self.executor.sync_pending = self.executor.sync_pending, False
+                if needs_sync or held:
+                    held.append((raw, result, needs_sync))
+                    continue
+                if not self._post(raw, result, rings, epoch, count):
+                    return -1
+                done += 1
+            if held and not self._flush(held, rings, epoch, count):
+                return -1
+            return done + len(held)
+        finally:
+            self.executor.defer_sync = False
+            self.executor.sync_pending = False
+
+    def _execute(self, raw: tuple[int, ...]) -> tuple[int, int, int, int] | None:
+        """``(tag, status, result, result2)`` for one descriptor, ABORTED while a Control.RESET
+        is pending; None when a reset or disconnect abandoned it."""
+        if self.aborting:
+            return raw[3], _ABORTED, 0, 0
+        try:
+            result = self.executor.execute(raw)
+        except Abandoned:
+            return None
+        except Exception as exc:     # noqa: BLE001 -- a bug: INTERNAL for this command only
+            _budget.log(log, logging.ERROR, "command %#x: internal error %s: %s", raw[0],
+                        type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+            result = raw[3], _INTERNAL, 0, 0
+        if self.aborting:
+            return raw[3], _ABORTED, 0, 0
+        return result
+
+    def _flush(self, held: list[tuple[tuple[int, ...], tuple[int, int, int, int], bool]], rings: Rings,
+               epoch: int, count: int) -> bool:
+        """Synchronize once for the held DTOHs, then post the held completions in order (a DTOH
+        gets the asynchronous error that surfaced meanwhile, if any)."""
+        err = self.executor.synchronize_deferred()
+        for raw, (tag, status, r1, r2), needs_sync in held:
+            if needs_sync and err is not None and status == 0:
+                status = int(err)
             if self.aborting:
-                tag, status, r1, r2 = raw[3], _ABORTED, 0, 0
-            else:
-                try:
-                    tag, status, r1, r2 = self.executor.execute(raw)
-                except Abandoned:
-                    return -1
-                except Exception as exc:     # noqa: BLE001 -- a bug: INTERNAL for this command only
-                    _budget.log(log, logging.ERROR, "command %#x: internal error %s: %s", raw[0],
-                                type(exc).__name__, exc, exc_info=log.isEnabledFor(logging.DEBUG))
-                    tag, status, r1, r2 = raw[3], _INTERNAL, 0, 0
-                if self.aborting:
-                    status, r1, r2 = _ABORTED, 0, 0
-            with self.ram.lock:
-                if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
-                    return -1
-                try:
-                    rings.attach(self.ram)
-                except QueueFatal as exc:
-                    self._set_fatal(exc.code, exc.info, str(exc))
-                    return -1
-                rings.complete(tag, status, r1, r2)
-            self.stats.count(raw[0], status)
-            done += 1
-            self._note_completion(raw[1] & _DESC_IRQ, count)
-        return done
+                status, r1, r2 = _ABORTED, 0, 0
+            if not self._post(raw, (tag, status, r1, r2), rings, epoch, count):
+                return False
+        return True
+
+    def _post(self, raw: tuple[int, ...], result: tuple[int, int, int, int], rings: Rings, epoch: int,
+              count: int) -> bool:
+        """Write one completion (False when the queue stopped or was replaced meanwhile)."""
+        tag, status, r1, r2 = result
+        with self.ram.lock:
+            if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
+                return False
+            try:
+                rings.attach(self.ram)
+            except QueueFatal as exc:
+                self._set_fatal(exc.code, exc.info, str(exc))
+                return False
+            rings.complete(tag, status, r1, r2)
+        self.stats.count(raw[0], status)
+        self._note_completion(raw[1] & _DESC_IRQ, count)
+        return True
 
     def _same_rings(self, rings: Rings) -> bool:
         """Is ``rings`` still the running queue (not replaced by a reset or re-enable)?"""
