@@ -9,8 +9,12 @@ does, each one a child process::
                                                       wall_seconds=20))
     compiled = pool.compile(wire_bytes, spec, opt_level=3, checked=True)   # a CompiledModule
 
-* **Limits per job** (:class:`WorkerLimits`, all configurable): the worker's address space is
-  capped with ``RLIMIT_AS`` (an allocation past it fails: a ``MemoryError``, or LLVM aborts);
+* **Limits per job** (:class:`WorkerLimits`, all configurable): the address space a compile
+  may add to the warm worker's is capped with ``RLIMIT_AS`` (set once the worker has loaded the
+  compiler, to what it holds then plus ``memory_bytes``: that base is about 320 MiB here, and
+  several GiB where a GPU driver is installed, because nvJitLink and the CUDA libraries reserve
+  address space when they load; an allocation past the cap fails: a ``MemoryError``, or LLVM
+  aborts);
   before each job its ``RLIMIT_CPU`` soft limit is set to the CPU time used so far plus the
   job's allowance (past it the kernel sends SIGXCPU, which ends the worker); the parent waits
   for the answer at most ``wall_seconds`` and then kills the worker's whole process group
@@ -67,7 +71,7 @@ log = logging.getLogger(__name__)
 
 #: Worker processes in the default pool.
 DEFAULT_WORKERS = 2
-#: Address space of one worker (RLIMIT_AS); a warm worker takes about 0.5 GiB of it.
+#: Address space one compile may add to the warm worker's (RLIMIT_AS = base + this).
 DEFAULT_MEMORY_BYTES = 2 << 30
 #: CPU seconds one compile may use (RLIMIT_CPU, set per job).
 DEFAULT_CPU_SECONDS = 10
@@ -101,7 +105,8 @@ class WorkerLimits:
     """Resource limits of one compile job. All values must be positive.
 
     Attributes:
-        memory_bytes: the worker's address-space limit (RLIMIT_AS).
+        memory_bytes: address space one compile may add to what the warm worker holds
+            (its RLIMIT_AS is that base plus this).
         cpu_seconds: CPU time per job (RLIMIT_CPU soft limit, moved forward for each job).
         wall_seconds: wall-clock deadline per job, enforced by the parent.
     """
@@ -205,9 +210,9 @@ class _Worker:
                                "(SIGXCPU); the worker was replaced", "cpu")
         tail = self._stderr_tail()
         if code in (_EXIT_OUT_OF_MEMORY, -signal.SIGABRT) or "MemoryError" in tail or "bad_alloc" in tail:
-            return _WorkerGone(f"compile ran out of memory under the worker's limit of "
-                               f"{self.limits.memory_bytes >> 20} MiB ({_describe(code)}); the worker "
-                               "was replaced", "memory")
+            return _WorkerGone(f"compile ran out of memory: it needed more than the "
+                               f"{self.limits.memory_bytes >> 20} MiB a compile may add ({_describe(code)}); "
+                               "the worker was replaced", "memory")
         return _WorkerGone(f"{what}: {_describe(code)}; the worker was replaced{tail}", "crash")
 
     def _stderr_tail(self) -> str:
@@ -326,8 +331,9 @@ class CompilePool:
         if outcome == _OUT_OF_MEMORY:
             worker.proc.wait()
             self._retire(worker, "memory")
-            raise CompileLimitError(f"compile ran out of memory under the worker's limit of "
-                                    f"{self.limits.memory_bytes >> 20} MiB; the worker was replaced", "memory")
+            raise CompileLimitError(f"compile ran out of memory: it needed more than the "
+                                    f"{self.limits.memory_bytes >> 20} MiB a compile may add; the worker was "
+                                    "replaced", "memory")
         self._release(worker)
         if outcome == _OK:
             return CompiledModule.from_bytes(payload)
@@ -502,6 +508,15 @@ def _warm_nvptx() -> None:
         log.debug("nvptx warm-up skipped: %s", exc)
 
 
+def _address_space() -> int:
+    """This process's address space now (VmSize), in bytes."""
+    with open("/proc/self/status", "rb") as f:
+        for line in f:
+            if line.startswith(b"VmSize:"):
+                return int(line.split()[1]) << 10
+    raise OSError("no VmSize in /proc/self/status")
+
+
 def worker_main(memory_bytes: int) -> int:
     """The worker process: limit itself, import the compiler, say ready, serve jobs until EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -514,7 +529,8 @@ def worker_main(memory_bytes: int) -> int:
     toolchain.resolve_target("x86")
     _warm_nvptx()
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
-    resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, hard))
+    limit = _address_space() + memory_bytes
+    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
     out.write(_READY)
     out.flush()
     while True:
