@@ -83,6 +83,9 @@ def register(subparsers: Any) -> None:
     g.add_argument("--compile-cpu", type=int, metavar="SECONDS", help="CPU time per compile (default 10)")
     g.add_argument("--compile-timeout", type=float, metavar="SECONDS",
                    help="wall-clock deadline per compile (default 20)")
+    p.add_argument("--stats-file", metavar="PATH",
+                   help="keep the device's STATS JSON in PATH (written at start and every 2 s, atomically; "
+                        "the accelerator only)")
     p.set_defaults(func=serve)
 
 
@@ -139,6 +142,19 @@ def _open_backend(spec: str, needed: bool) -> Any:
         raise ConfigError(f"--backend {spec}: {exc}") from None
 
 
+def _stats_file(args: argparse.Namespace, device: Any) -> Any:
+    """Start the --stats-file writer for a device that has statistics (None otherwise)."""
+    path = getattr(args, "stats_file", None)
+    if not path:
+        return None
+    source = getattr(device, "stats_document", None)
+    if not callable(source):
+        log.warning("device %r has no statistics; --stats-file is ignored", args.device)
+        return None
+    from vxpu.vfio_server.xpu.stats import StatsFile
+    return StatsFile(path, source).start()
+
+
 def serve(args: argparse.Namespace) -> int:
     """Run the server until SIGTERM/SIGINT. Returns the exit status.
 
@@ -155,6 +171,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning("device %r uses no accelerator; --backend %s is ignored", args.device, args.backend)
     device = kind.factory(args, backend)
     server = VfioUserServer(args.socket, device, require_sealed_ram=not args.allow_unsealed_ram)
+    stats_file = _stats_file(args, device)              # written once before the socket listens
     server.bind()
 
     def _stop(signum: int, _frame: object) -> None:
@@ -169,6 +186,8 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        if stats_file is not None:
+            stats_file.stop()
         close_device = getattr(device, "close", None)
         if callable(close_device):
             close_device()

@@ -4,6 +4,7 @@ round trip works; ``--device test`` still gives the test device."""
 
 from __future__ import annotations
 
+import json
 import socket
 import struct
 import subprocess
@@ -64,3 +65,21 @@ def test_device_test_keeps_the_test_device(tmp_path):
     finally:
         proc.terminate()
         proc.communicate(timeout=20)
+
+
+def test_stats_file_is_kept_up_to_date(tmp_path):
+    path, stats = tmp_path / "xpu.sock", tmp_path / "xpu.stats.json"
+    proc = _serve(path, "--stats-file", str(stats))
+    try:
+        doc = json.loads(stats.read_bytes())                     # written before the socket listens
+        assert doc["abi"] == "1.0" and doc["device"]["fatal_errors"] == 0 and "session" in doc
+        first = doc["device"]["uptime_ns"]
+        deadline = time.monotonic() + 10
+        while json.loads(stats.read_bytes())["device"]["uptime_ns"] == first:
+            assert time.monotonic() < deadline, "the stats file was not rewritten"
+            time.sleep(0.2)
+        assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=20)
+    assert proc.returncode == 0

@@ -206,6 +206,10 @@ class XpuDevice(PciDevice):
         the queue and drop the guest's device state."""
         self.poller.hard_reset()
 
+    def stats_document(self) -> bytes:
+        """The STATS command's JSON document (callable from any thread)."""
+        return self.poller.stats_document()
+
     def close(self) -> None:
         """Stop the poller and close the session (server shutdown)."""
         self.poller.stop()

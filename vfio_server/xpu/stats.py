@@ -9,13 +9,20 @@ backend figures) into one UTF-8 JSON document of at most ``MAX_STATS_BYTES``.
 from __future__ import annotations
 
 import json
+import logging
+import os
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from vxpu.abi import xpu as abi
 from vxpu.abi.status import Status
+
+log = logging.getLogger(__name__)
 
 _OPCODE_NAMES = {int(op): op.name for op in abi.Opcode}
 _STATUS_NAMES = {int(st): st.name for st in Status}
@@ -86,3 +93,49 @@ def stats_json(stats: DeviceStats, session_metrics: dict[str, float]) -> bytes:
         doc["session"] = {"truncated": True}
         data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     return data
+
+
+class StatsFile:
+    """Writes a device's STATS document to ``path`` at start and every ``interval`` seconds,
+    atomically (a temporary file beside it, then rename), for host-side health checks
+    (``vxpu serve --stats-file``). A write failure is logged once and retried next time.
+
+    Args:
+        path: the file to keep up to date.
+        source: returns the document (e.g. :meth:`XpuDevice.stats_document`).
+        interval: seconds between writes.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], source: Callable[[], bytes], interval: float = 2.0) -> None:
+        self.path = Path(path)
+        self.source = source
+        self.interval = interval
+        self._stop = threading.Event()
+        self._failed = False
+        self._thread = threading.Thread(target=self._run, name="vxpu-stats-file", daemon=True)
+
+    def start(self) -> StatsFile:
+        self.write()
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(5.0)
+
+    def write(self) -> None:
+        """Write the document once (never raises)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_bytes(self.source())
+            os.replace(tmp, self.path)
+            self._failed = False
+        except Exception as exc:           # noqa: BLE001 -- a health file must not stop the server
+            if not self._failed:
+                log.warning("cannot write the stats file %s: %s", self.path, exc)
+            self._failed = True
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.write()
