@@ -1,0 +1,135 @@
+"""The smaller promises of docs/device-abi.md §4 that the per-command files do not cover: the
+MSI-X option, enable while running, queue registers latched at enable, the coalescing clamp, the
+backend queue-depth quota, and INFER on an ONNX-capable (NPU) backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+from vxpu.accel.backend import BackendUnavailable, ModuleKind
+from vxpu.accel.quota import Quota
+from vxpu.accel.registry import open_backend
+from vxpu.vfio_server.device import IrqIndex
+
+from vxpu.abi import xpu as abi
+from vxpu.abi.status import Status
+from vxpu.abi.xpu import DeviceStatus, Feature, IrqControl, Opcode
+
+from .ringdriver import DATA_OFF, XpuRig, desc
+from .test_commands import _count, _msi
+
+
+def test_msix_option(tmp_path, backend):
+    with XpuRig(tmp_path / "s", backend, msix=True) as r:
+        assert r.reg(abi.REG_FEATURES_LO) & Feature.MSIX
+        assert r.client.irq_info(IrqIndex.MSIX).count == abi.MSIX_VECTORS
+        assert r.client.irq_info(IrqIndex.MSI).count == abi.MSI_VECTORS
+        r.alive()
+    with XpuRig(tmp_path / "t", backend) as r:
+        assert not r.reg(abi.REG_FEATURES_LO) & Feature.MSIX
+        assert r.client.irq_info(IrqIndex.MSIX).count == 0
+
+
+def test_enable_while_enabled_changes_nothing(rig):
+    rig.run([desc(Opcode.NOP) for _ in range(5)])
+    rig.set_reg(abi.REG_QUEUE_ENABLE, 1)
+    assert [c.status for c in rig.run([desc(Opcode.NOP, tag=9)])] == [0]
+    assert rig.hdr(abi.QH_CQ_TAIL) == 6                       # indices were not restarted
+
+
+def test_queue_registers_are_latched_at_enable(rig):
+    rig.set_reg(abi.REG_SQ_ENTRIES, 3)                         # nonsense, but only for the next enable
+    rig.set_reg(abi.REG_SQ_BASE_LO, 0x1234)
+    assert [c.status for c in rig.run([desc(Opcode.NOP) for _ in range(10)])] == [0] * 10
+    rig.set_reg(abi.REG_QUEUE_ENABLE, 0)
+    rig.wait_status(DeviceStatus.ENABLED, clear=True)
+    rig.mem.write(0, bytes(abi.QUEUE_HEADER_SIZE))
+    rig.set_reg(abi.REG_QUEUE_ENABLE, 1)                       # now they count
+    status = rig.wait_status(DeviceStatus.FATAL)
+    assert status & DeviceStatus.FATAL and rig.reg(abi.REG_FATAL_INFO) == abi.ConfigProblem.RING_SIZE
+
+
+def test_coalescing_delay_is_clamped(rig):
+    fd = _msi(rig)
+    try:
+        rig.set_reg(abi.REG_IRQ_CONTROL, IrqControl.COMPLETION)
+        rig.set_reg(abi.REG_IRQ_COALESCE_COUNT, 1000)
+        rig.set_reg(abi.REG_IRQ_COALESCE_USEC, 0xFFFF_FFFF)       # ~71 minutes asked, 100 ms served
+        rig.cmd(Opcode.NOP)
+        assert _count(fd, 0.01) == 0
+        assert _count(fd, 0.5) == 1
+    finally:
+        os.close(fd)
+
+
+def test_backend_queue_depth_quota_waits_instead_of_growing(tmp_path, backend):
+    with XpuRig(tmp_path / "s", backend, quota=Quota(queue_depth=2)) as r:
+        dev = r.alloc(1 << 20)
+        got = r.run([desc(Opcode.MEM_SET, [dev, i, 1 << 20]) for i in range(20)] + [desc(Opcode.FENCE)])
+        assert all(c.status == 0 for c in got)
+        assert r.dtoh(dev, 4) == bytes([19]) * 4
+
+
+# -- INFER on an ONNX-capable backend -------------------------------------------------------------
+
+def _add_model() -> bytes:
+    onnx = pytest.importorskip("onnx")
+    helper, tp = onnx.helper, onnx.TensorProto
+    g = helper.make_graph([helper.make_node("Add", ["a", "b"], ["c"])], "add",
+                          [helper.make_tensor_value_info("a", tp.FLOAT, [8]),
+                           helper.make_tensor_value_info("b", tp.FLOAT, [8])],
+                          [helper.make_tensor_value_info("c", tp.FLOAT, [8])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return bytes(m.SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def npu():
+    try:
+        b = open_backend("npu,provider=cpu,arena=64M")
+    except BackendUnavailable as exc:
+        pytest.skip(f"NPU backend (ONNX Runtime, CPU provider) unavailable: {exc}")
+    yield b
+    b.close()
+
+
+def test_infer_runs_an_onnx_model(tmp_path, npu):
+    model = _add_model()
+    with XpuRig(tmp_path / "s", npu, allowed_kinds=frozenset({ModuleKind.IR, ModuleKind.ONNX})) as r:
+        assert r.reg(abi.REG_FEATURES_LO) & Feature.ONNX
+        r.write(DATA_OFF, model)
+        c = r.cmd(Opcode.MODULE_LOAD, [abi.ModuleKind.ONNX], sg=(r.addr(DATA_OFF), len(model)))
+        assert c.status == Status.OK
+        module = c.result
+        a, b = np.arange(8, dtype=np.float32), np.full(8, 0.5, np.float32)
+        da, db, dc = r.alloc(32), r.alloc(32), r.alloc(32)
+        assert r.htod(da, a.tobytes()).status == 0 and r.htod(db, b.tobytes()).status == 0
+        req = json.dumps({"inputs": [da, db], "outputs": [dc]}).encode()
+        r.write(DATA_OFF + 0x10000, req)
+        got = r.run([desc(Opcode.INFER, [module], sg=(r.addr(DATA_OFF + 0x10000), len(req))), desc(Opcode.FENCE)])
+        assert [x.status for x in got] == [0, 0]
+        np.testing.assert_array_equal(np.frombuffer(r.dtoh(dc, 32), np.float32), a + b)
+        for bad in (b"{not json", b'{"inputs": "x"}', b'{"inputs": [-1]}', b"[1, 2]"):
+            r.write(DATA_OFF + 0x10000, bad)
+            assert r.cmd(Opcode.INFER, [module], sg=(r.addr(DATA_OFF + 0x10000), len(bad))).status \
+                == Status.INVALID_ARGUMENT
+        r.write(DATA_OFF + 0x10000, req)
+        assert r.cmd(Opcode.INFER, [module + 1], sg=(r.addr(DATA_OFF + 0x10000), len(req))).status \
+            == Status.INVALID_HANDLE
+        r.alive()
+
+
+def test_native_kinds_stay_off_unless_allowed(tmp_path, npu):
+    with XpuRig(tmp_path / "s", npu) as r:
+        assert not r.reg(abi.REG_FEATURES_LO) & Feature.ONNX
+        model = _add_model()
+        r.write(DATA_OFF, model)
+        assert r.cmd(Opcode.MODULE_LOAD, [abi.ModuleKind.ONNX], sg=(r.addr(DATA_OFF), len(model))).status \
+            == Status.UNSUPPORTED
+        r.write(DATA_OFF, b'{"inputs": []}')
+        assert r.cmd(Opcode.INFER, [1], sg=(r.addr(DATA_OFF), 14)).status == Status.UNSUPPORTED
