@@ -35,9 +35,11 @@ load). Device addresses are the real ``CUdeviceptr`` values as ``int``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
+from vxpu.accel import gpu_checked
 from vxpu.accel.backend import BackendError, BackendUnavailable, DeviceProperties, KernelInfo, ModuleKind
 from vxpu.accel.cuda_util import CUDA_ERRORS, LOG_BYTES, MAX_PARAMS, max_ptx_isa, ptx_to_cubin
 from vxpu.accel.gpu_common import ArgPack, HostRegistration
@@ -374,9 +376,15 @@ class CudaBackend(GpuBackend):
             if signature is None:
                 raise BackendError(Status.UNSUPPORTED, f"driver cannot report the parameters of {name!r} "
                                    f"({err.name}); load it as an IR module", vendor=err.name)
-            return KernelInfo(name, signature.param_sizes, signature.param_offsets, signature.args_size, shared)
+            return dataclasses.replace(signature, static_shared_bytes=shared)
         total = max((o + s for o, s in zip(offsets, sizes)), default=0)
         info = KernelInfo(name, tuple(sizes), tuple(offsets), total, shared)
+        if signature is not None and signature.checked:   # IR params, then the hidden ones
+            full = gpu_checked.launch_info(signature)
+            if (full.param_sizes, full.param_offsets) != (info.param_sizes, info.param_offsets):
+                raise BackendError(Status.BAD_MODULE, f"kernel {name!r}: compiled layout differs from the IR "
+                                   "signature with its bounds arguments")
+            return dataclasses.replace(signature, static_shared_bytes=shared)
         if signature is not None and (signature.param_sizes, signature.param_offsets) != (info.param_sizes,
                                                                                         info.param_offsets):
             raise BackendError(Status.BAD_MODULE, f"kernel {name!r}: compiled layout differs from the IR signature")
@@ -406,7 +414,10 @@ class CudaBackend(GpuBackend):
         self._ro_register = bool(get(attr.CU_DEVICE_ATTRIBUTE_READ_ONLY_HOST_REGISTER_SUPPORTED))
         # "sticky-faults": a kernel fault poisons the CUDA driver for the whole process (measured
         # on driver 580); the backend then reports DEVICE_LOST and the process must be restarted.
-        features = {"ir", "ptx", "cubin", "atomics-f32", "fp16", "events", "host-register", "sticky-faults"}
+        # "checked-ir": IR kernels check every access against its own buffer (contained
+        # KERNEL_FAULT with a fault record); "sticky-faults" is left to native PTX/cubin.
+        features = {"ir", "ptx", "cubin", "atomics-f32", "fp16", "events", "host-register", "sticky-faults",
+                    "checked-ir"}
         if major >= 6:
             features.add("atomics-f64")
         if major >= 8:

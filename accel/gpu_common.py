@@ -25,6 +25,7 @@ import ctypes
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from vxpu.accel.backend import BackendError, KernelInfo, Status
@@ -141,6 +142,8 @@ class GpuKernel(GpuHandle):
     module: GpuModule | None = None
     info: KernelInfo | None = None
     pack: ArgPack | None = None
+    #: Checked IR kernels: writes the hidden bounds/fault-record arguments (accel.gpu_checked).
+    checked: Any = None
 
 
 @dataclass(eq=False)

@@ -65,5 +65,6 @@ def compile_ir(image: bytes, target: str, arch: str, opt_level: int,
     except (IRError, CompileError) as exc:
         raise compile_error(exc, target) from exc
     hit = stats is not None and stats.hits > before
-    kernels = {name: KernelInfo.from_signature(sig) for name, sig in compiled.kernels.items()}
+    checked = bool(compiled.extra.get("checked", False))
+    kernels = {name: KernelInfo.from_signature(sig, checked) for name, sig in compiled.kernels.items()}
     return compiled.image, kernels, hit

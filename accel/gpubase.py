@@ -10,6 +10,9 @@ that shape:
   stamped with the context generation (:mod:`vxpu.accel.gpu_common`), so a handle from before a
   reset fails with ``INVALID_HANDLE`` instead of reaching the driver.
 * **Queue and event lifecycle**, copies and memsets, ``synchronize``.
+* **Checked IR kernels** (:mod:`vxpu.accel.gpu_checked`): each launch fills the hidden
+  bounds and fault-record arguments; :meth:`GpuBackend.synchronize` reads the fault record
+  back and raises a contained :class:`~vxpu.accel.backend.KernelFaultError` (no reset).
 * **Faults and teardown.** :meth:`GpuBackend._raise` maps a vendor error through the subclass's
   :class:`~vxpu.accel.gpu_common.ErrorMap`; after a kernel fault it destroys every handle and
   has the subclass rebuild its context (:meth:`_hard_reset`), re-pinning host memory. When
@@ -27,10 +30,19 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from vxpu.accel.backend import BackendError, BackendStats, DeviceProperties, KernelInfo, Status
+from vxpu.accel import gpu_checked
+from vxpu.accel.backend import (
+    BackendError,
+    BackendStats,
+    DeviceProperties,
+    KernelFaultError,
+    KernelInfo,
+    Status,
+    launch_bounds,
+)
 from vxpu.accel.gpu_common import (
     ArgPack,
     ErrorMap,
@@ -105,6 +117,9 @@ class GpuBackend:
         self._ro_register = False
         self.pci_bus_id = ""
         self.lost: str | None = None  # why the device is unusable in this process, after a fault
+        self._record: tuple[int, int] | None = None   # (generation, device address) of the fault record
+        self._kernel_names: list[str] = []             # kernel_id -> name, for fault records
+        self._checked_pending = False                  # checked launches since the last full sync
 
     # -- the vendor side (subclasses) ------------------------------------------------------
     def _is_open(self) -> bool:
@@ -317,13 +332,61 @@ class GpuBackend:
 
     def _add_kernel(self, module: GpuModule, name: str, func: Any, info: KernelInfo,
                     pack: ArgPack) -> tuple[GpuKernel, KernelInfo]:
-        kernel = GpuKernel(self._generation, handle=func, module=module, info=info, pack=pack)
+        checked = None
+        if info.checked:                 # the driver's view has the hidden arguments too
+            pack = type(pack)(gpu_checked.launch_info(info))
+            checked = gpu_checked.CheckedArgs(info, len(self._kernel_names))
+            self._kernel_names.append(name)
+        kernel = GpuKernel(self._generation, handle=func, module=module, info=info, pack=pack, checked=checked)
         module.kernels[name] = kernel
         return kernel, info
 
+    def _allocation_at(self, address: int) -> tuple[int, int] | None:
+        """This backend's allocation containing ``address`` (a scan: only for launches that
+        come without a session's bounds)."""
+        for start, size in self._allocs.items():
+            if 0 <= address - start < size:
+                return start, size
+        return None
+
+    def _fault_record(self) -> int:
+        """The device address of this context's fault record (made, zeroed, on first use)."""
+        if self._record is None or self._record[0] != self._generation:
+            err, address = self._call("malloc", gpu_checked.RECORD_SIZE)
+            self._check(err, f"{self._call_name('malloc')} (fault record)")
+            self._record = (self._generation, int(address))
+            self._clear_fault_record()
+        return self._record[1]
+
+    def _clear_fault_record(self) -> None:
+        """Zero the record with a synchronous copy (done before any later launch can run)."""
+        assert self._record is not None
+        zeros = bytes(gpu_checked.RECORD_SIZE)
+        (err,) = self._call("htod", self._record[1], memoryview(zeros), len(zeros), None)
+        self._check(err, f"{self._call_name('htod')} (fault record)")
+
+    def _check_fault_record(self, full: bool) -> None:
+        """After a sync: raise the contained fault a checked kernel recorded, if any."""
+        assert self._record is not None
+        raw = bytearray(gpu_checked.RECORD_SIZE)
+        (err,) = self._call("dtoh", memoryview(raw), self._record[1], len(raw), None)
+        self._check(err, f"{self._call_name('dtoh')} (fault record)")
+        if full:
+            self._checked_pending = False
+        record = gpu_checked.decode_record(raw, self._kernel_names)
+        if record is None:
+            return
+        self._clear_fault_record()
+        self.stats.faults += 1
+        fault = KernelFaultError(record)
+        log.warning("%s device %d: %s (contained, context kept)", self.vendor, self.index, fault)
+        raise fault
+
     def launch(self, kernel: object, grid: tuple[int, int, int], block: tuple[int, int, int],
-               args: bytes | memoryview, shared_bytes: int = 0, queue: object | None = None) -> None:
-        """Launch ``kernel`` asynchronously; ``args`` is its packed argument buffer.
+               args: bytes | memoryview, shared_bytes: int = 0, queue: object | None = None,
+               bounds: Sequence[tuple[int, int]] | None = None) -> None:
+        """Launch ``kernel`` asynchronously; ``args`` is its packed argument buffer, ``bounds``
+        a checked kernel's pointer buffers (default: this backend's allocation of each).
 
         Raises:
             BackendError: INVALID_HANDLE, INVALID_ARGUMENT (shape, argument size, resources),
@@ -337,7 +400,14 @@ class GpuBackend:
         try:
             gx, gy, gz = grid
             bx, by, bz = block
-            pack.view[:] = args
+            guard = kernel.checked  # type: ignore[attr-defined]
+            if guard is None:
+                pack.view[:] = args
+            else:
+                if bounds is None:
+                    bounds = launch_bounds(kernel.info, args, self._allocation_at)  # type: ignore[attr-defined]
+                guard.fill(pack.view, args, bounds, self._fault_record())
+                self._checked_pending = True
             (err,) = self._drv_launch(kernel.handle, gx, gy, gz, bx, by, bz,  # type: ignore[attr-defined]
                                       shared_bytes, stream, pack)
         except self.launch_errors as exc:
@@ -413,6 +483,8 @@ class GpuBackend:
         self._ensure()
         (err,) = self._call("sync_device") if queue is None else self._call("sync_stream", self._stream(queue))
         self._check(err, "synchronize")
+        if self._checked_pending and self._record is not None and self._record[0] == self._generation:
+            self._check_fault_record(full=queue is None)
 
     # -- internals ------------------------------------------------------------------------
     def _call(self, key: str, *args: Any) -> tuple[Any, ...]:

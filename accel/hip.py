@@ -261,7 +261,7 @@ class HipBackend(GpuBackend):
         if not err:
             self.pci_bus_id = _c_string(bus).lower()
         name = _c_string(props.name) or "AMD GPU"
-        features = {"ir", "hsaco", "atomics-f32", "fp16", "events", "host-register"}
+        features = {"ir", "hsaco", "atomics-f32", "fp16", "events", "host-register", "checked-ir"}
         if self._ro_register:
             features.add("host-register-read-only")
         return DeviceProperties(

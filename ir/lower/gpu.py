@@ -23,7 +23,7 @@ import re
 from typing import ClassVar
 
 from llvmlite import ir
-from vxpu.ir.lower.bounds import ORIGIN_LOCAL, ORIGIN_NONE, ORIGIN_SHARED, FAULT_TRAP, FaultExit, check_access
+from vxpu.ir.lower.bounds import FAULT_TRAP, ORIGIN_LOCAL, ORIGIN_NONE, ORIGIN_SHARED, FaultExit, check_access
 from vxpu.ir.lower.common import (
     I8,
     I32,

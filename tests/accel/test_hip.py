@@ -26,6 +26,7 @@ from vxpu.accel.hip import (
     probe_devices,
     status_for_hip_error,
 )
+from vxpu.accel.gpu_checked import launch_info
 from vxpu.accel.hsaco_meta import decode_msgpack, kernel_layouts
 
 VADD = """
@@ -143,9 +144,12 @@ def test_ir_produces_hsaco_whose_metadata_matches_the_signature(arch: str) -> No
     assert hsaco[:4] == b"\x7fELF"
     assert kernels["vadd"].param_offsets == (0, 8, 16, 24) and kernels["vadd"].args_size == 32
     from_metadata = native_hsaco_layouts(hsaco)
-    assert from_metadata["vadd"].param_sizes == kernels["vadd"].param_sizes
-    assert from_metadata["vadd"].param_offsets == kernels["vadd"].param_offsets
-    assert from_metadata["vadd"].args_size == kernels["vadd"].args_size
+    # a checked IR kernel: the IR parameters, then the hidden bounds/fault-record arguments
+    full = launch_info(kernels["vadd"])
+    assert kernels["vadd"].checked and kernels["vadd"].pointer_params == (1, 2, 3)
+    assert from_metadata["vadd"].param_sizes == full.param_sizes
+    assert from_metadata["vadd"].param_offsets == full.param_offsets
+    assert from_metadata["vadd"].args_size == full.args_size
 
 
 def test_garbage_hsaco_is_bad_module() -> None:
@@ -306,11 +310,12 @@ def test_fake_runtime_fault_resets_then_serves(monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_fake_runtime_native_hsaco_layouts_come_from_metadata(monkeypatch: pytest.MonkeyPatch) -> None:
-    from vxpu.accel.gpu_ir import compile_ir
+    from vxpu.ir.compile import compile_module
+    from vxpu.ir.lower.errors import CompileError
 
-    try:
-        hsaco, _, _ = compile_ir(vadd_image(), "amdgpu", "gfx942", 3, False)
-    except BackendError as exc:
+    try:     # a native hsaco: built unchecked (no hidden arguments), as a trusted tool would
+        hsaco = compile_module(vadd_image(), "amdgpu", arch="gfx942", cache=False, checked=False).image
+    except CompileError as exc:
         pytest.skip(f"no AMDGPU toolchain here: {exc}")
     backend, fake = fake_backend(monkeypatch)
     module = backend.load_module(hsaco, ModuleKind.HSACO)
@@ -321,3 +326,65 @@ def test_fake_runtime_native_hsaco_layouts_come_from_metadata(monkeypatch: pytes
     with pytest.raises(BackendError) as err:
         backend.load_module(b"\x7fELF" + bytes(100), ModuleKind.HSACO)
     assert err.value.status is Status.BAD_MODULE
+
+
+class _MemoryHip(FakeHip):
+    """FakeHip with device memory, so the fault record can be written and read back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mem: dict[int, bytearray] = {}
+        self.next = 0x7F0000000000
+
+    def hipMalloc(self, size: int) -> tuple[Any, ...]:
+        address, self.next = self.next, self.next + (1 << 20)
+        self.mem[address] = bytearray(size)
+        return self._r(address)
+
+    def hipMemcpyHtoD(self, dst: int, src: Any, n: int) -> tuple[Any, ...]:
+        self.mem[dst][:n] = bytes(src)[:n]
+        return self._r()
+
+    def hipMemcpyDtoH(self, dst: Any, src: int, n: int) -> tuple[Any, ...]:
+        dst[:n] = self.mem[src][:n]
+        return self._r()
+
+
+def test_fake_runtime_checked_launch_and_contained_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checked IR kernel gets its bounds (here the backend's own allocations: no session) and
+    the fault record as hidden arguments; a record written by the kernel surfaces at synchronize
+    as a contained KernelFaultError, and the context, its handles and the kernel stay usable."""
+    from vxpu.accel import hip as backend_module
+    from vxpu.accel.backend import KernelFaultError
+    from vxpu.ir.lower.gpu import FAULT_RECORD
+
+    fake = _MemoryHip()
+    monkeypatch.setattr(backend_module, "_load_hip", lambda: fake)
+    backend = HipBackend(0)
+    backend.open()
+    info = KernelInfo("vadd", (4, 8, 8, 8), (0, 8, 16, 24), 32, 0, True, (1, 2, 3))
+    monkeypatch.setattr("vxpu.accel.hip.compile_ir", lambda *a: (b"hsaco", {"vadd": info}, False))
+    assert "checked-ir" in backend.properties().features
+    kernel, got = backend.get_kernel(backend.load_module(b"ir"), "vadd")
+    assert got == info
+    a, b = backend.alloc(40), backend.alloc(40)
+    args = struct.pack("<i4xQQQ", 10, a + 8, b, 0xDEAD)
+    backend.launch(kernel, (1, 1, 1), (64, 1, 1), args)
+    sent = fake.launches[-1][-1]
+    assert sent[:32] == args
+    bounds = struct.unpack_from("<6Q", sent, 32)
+    record, kernel_id = struct.unpack_from("<QI", sent, 80)
+    assert bounds == (a, 40, b, 40, 0, 0) and kernel_id == 0 and len(sent) == 92
+    backend.synchronize()                                   # nothing recorded: no fault
+    backend.launch(kernel, (1, 1, 1), (64, 1, 1), args)     # this one faults (written here):
+    raw = fake.mem[record]
+    for name, value in (("claimed", 1), ("code", 1), ("origin", 2), ("thread_x", 10)):
+        struct.pack_into("<I", raw, FAULT_RECORD[name], value)
+    struct.pack_into("<Q", raw, FAULT_RECORD["offset"], 40)
+    with pytest.raises(KernelFaultError) as err:
+        backend.synchronize()
+    rec = err.value.record
+    assert (rec.kernel, rec.param, rec.offset, rec.thread) == ("vadd", 2, 40, (10, 0, 0))
+    assert err.value.context_kept and backend.stats.resets == 0 and not any(fake.mem[record])
+    backend.launch(kernel, (1, 1, 1), (64, 1, 1), args)     # the same handle still launches
+    backend.synchronize()
