@@ -170,17 +170,20 @@ class Session:
         allowed_kinds: module kinds this client may load (native kinds are an opt-in).
         depth_policy: ``"wait"`` (a full queue is drained first) or ``"fail"`` (QUOTA_EXCEEDED).
         name: for log lines.
+        compile_budget: the client's compile budget when it outlives this session (a device
+            model keeps one per guest, so a device reset does not refill it); default: a new
+            one of ``quota.compile_seconds``.
     """
 
     def __init__(self, backend: Backend, quota: Quota = DEFAULT_QUOTA, *, pool: MemoryPool | None = None,
                  allowed_kinds: frozenset[ModuleKind] = DEFAULT_ALLOWED_KINDS, depth_policy: str = "wait",
-                 name: str = "client") -> None:
+                 name: str = "client", compile_budget: CompileBudget | None = None) -> None:
         if depth_policy not in ("wait", "fail"):
             raise ValueError(f"depth_policy must be 'wait' or 'fail', got {depth_policy!r}")
         self.backend = backend
         self.quota = quota
         self.usage = QuotaUsage(quota)
-        self.compile_budget = CompileBudget(quota.compile_seconds)
+        self.compile_budget = compile_budget or CompileBudget(quota.compile_seconds)
         self.pool = pool or MemoryPool(backend.alloc, backend.free, reserve_limit=reserve_limit(quota))
         self.allowed_kinds = frozenset(allowed_kinds)
         self.depth_policy = depth_policy

@@ -282,3 +282,25 @@ def test_a_refused_load_leaves_no_load_running(pool_limits):
     finally:
         s.close()
         backend.close()
+
+
+def test_a_device_reset_does_not_refill_the_compile_budget(pool_limits):
+    """The accelerator gives each guest one budget for all its sessions: a guest that has used
+    its compile time up cannot get it back by resetting the device."""
+    from vxpu.vfio_server.xpu import XpuDevice
+
+    backend = CpuBackend(arena="16M", threads=1, cache=CompileCache(False))
+    backend.open()
+    device = XpuDevice(backend, Quota(compile_seconds=1))
+    try:
+        first = device.poller.session
+        assert first.compile_budget is device.compile_budget
+        device.compile_budget.begin()
+        device.compile_budget.end(5.0)                    # a long compile overdrew it
+        device.poller.reset_session()
+        assert device.poller.session is not first
+        err = expect(Status.QUOTA_EXCEEDED, lambda: device.poller.session.load_module(vadd("after_reset")))
+        assert "compile budget used up" in str(err)
+    finally:
+        device.close()
+        backend.close()

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable
 
 from vxpu.accel.backend import Backend, ModuleKind
-from vxpu.accel.quota import DEFAULT_QUOTA, Quota
+from vxpu.accel.quota import DEFAULT_QUOTA, CompileBudget, Quota
 from vxpu.accel.session import Session
 from vxpu.vfio_server.device import DeviceContext
 from vxpu.vfio_server.pci import Access, Bar, MsixLayout, PciDevice, PciIds, Register, RegisterBank
@@ -70,6 +70,8 @@ class XpuDevice(PciDevice):
         self.backend = backend
         self.quota = quota
         self.allowed_kinds = allowed_kinds
+        #: The guest's compile time: one budget for every session, so a reset does not refill it.
+        self.compile_budget = CompileBudget(quota.compile_seconds)
         self.features = device_features(backend, allowed_kinds, msix)
         self.regs = RegisterBank(abi.BAR0_SIZE, self._registers())
         ids = PciIds(vendor_id=abi.VENDOR_ID, device_id=abi.DEVICE_ID, class_code=abi.CLASS_CODE,
@@ -83,7 +85,8 @@ class XpuDevice(PciDevice):
                              self._irq_settings, lambda: self.bus_master_enabled)
 
     def _new_session(self) -> Session:
-        return Session(self.backend, self.quota, allowed_kinds=self.allowed_kinds, name=self._name)
+        return Session(self.backend, self.quota, allowed_kinds=self.allowed_kinds, name=self._name,
+                       compile_budget=self.compile_budget)
 
     # -- registers -----------------------------------------------------------------------------
     def _registers(self) -> list[Register]:
