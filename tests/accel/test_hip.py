@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from vxpu.accel.backend import BackendError, BackendUnavailable, KernelInfo, ModuleKind, Status
+from vxpu.accel.gpu_checked import launch_info
 from vxpu.accel.hip import (
     HIP_LAUNCH_PARAM_BUFFER_POINTER,
     HIP_LAUNCH_PARAM_BUFFER_SIZE,
@@ -26,7 +27,6 @@ from vxpu.accel.hip import (
     probe_devices,
     status_for_hip_error,
 )
-from vxpu.accel.gpu_checked import launch_info
 from vxpu.accel.hsaco_meta import decode_msgpack, kernel_layouts
 
 VADD = """
