@@ -181,10 +181,12 @@ class _Worker:
     def _read(self, n: int, deadline: float, stage: str = "compile") -> bytes:
         assert self.proc.stdout is not None
         fd = self.proc.stdout.fileno()
+        poller = select.poll()          # not select(): the server may hold more than 1024 fds
+        poller.register(fd, select.POLLIN)
         chunks: list[bytes] = []
         while n:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
+            if left <= 0 or not poller.poll(max(1, int(left * 1000))):
                 self.kill()
                 if stage == "start":
                     raise _WorkerGone(f"the compile worker did not start within {STARTUP_SECONDS:g} s; "

@@ -186,3 +186,23 @@ def _x86():
     from vxpu.ir.lower.toolchain import resolve_target
 
     return resolve_target("x86")
+
+
+def test_a_process_with_many_fds_still_waits_for_its_worker():
+    """The parent may hold more than 1024 fds (select() could not wait on the worker's pipe)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1200:
+        pytest.skip(f"the fd limit ({hard}) is too low to hold 1100 fds")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1200) if hard == resource.RLIM_INFINITY
+                                                else min(max(soft, 1200), hard), hard))
+    held = [os.open("/dev/null", os.O_RDONLY) for _ in range(1100)]
+    try:
+        with CompilePool(1) as pool:
+            assert pool.pids() and max(held) > 1024
+            ok(pool)
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
