@@ -51,6 +51,7 @@ class Ring:
         self.c, self.mem, self.view = client, mem, mem.view
         self.u32 = mem.view.cast("I")        # index stores must be single 32-bit stores
         self.sq_tail = self.cq_head = 0
+        self.spin = True
         mem.write(0, bytes(abi.QUEUE_HEADER_SIZE))
         for reg, value in ((abi.REG_QUEUE_BASE_LO, RAM_BASE), (abi.REG_SQ_BASE_LO, RAM_BASE + SQ_OFF),
                            (abi.REG_CQ_BASE_LO, RAM_BASE + CQ_OFF), (abi.REG_SQ_ENTRIES, ENTRIES),
@@ -74,10 +75,15 @@ class Ring:
             self.set_reg(abi.REG_DOORBELL, 1)
 
     def wait(self, n: int) -> list[int]:
-        """Consume ``n`` completions; returns their statuses."""
+        """Consume ``n`` completions; returns their statuses. Polls without pause when
+        :attr:`spin` is set (latency runs), else every 50 µs (throughput runs: on 2 cores a
+        spinning client would take a core from the server)."""
         out: list[int] = []
         while len(out) < n:
             tail = _U32.unpack_from(self.view, abi.QH_CQ_TAIL)[0]
+            if tail == self.cq_head and not self.spin:
+                time.sleep(50e-6)
+                continue
             while self.cq_head != tail and len(out) < n:
                 slot = CQ_OFF + (self.cq_head % ENTRIES) * 32
                 out.append(_U32.unpack_from(self.view, slot + 24)[0])
@@ -130,12 +136,29 @@ def nop_round_trip(ring: Ring, n: int) -> dict[str, float]:
     return _stats(samples)
 
 
-def nop_throughput(ring: Ring, batches: int) -> float:
+def nop_throughput(ring: Ring, batches: int) -> dict[str, float]:
+    """Batches of 64 NOPs (the client polls every 50 µs); also the device's own busy time per
+    NOP, from STATS."""
     batch = [desc(Opcode.NOP)] * 64
+    before = device_stats(ring)
+    ring.spin = False
     t0 = time.perf_counter()
     for _ in range(batches):
         ring.run(batch)
-    return 64 * batches / (time.perf_counter() - t0)
+    elapsed = time.perf_counter() - t0
+    ring.spin = True
+    after = device_stats(ring)
+    nops = after["commands"]["NOP"] - before["commands"].get("NOP", 0)
+    return {"nops_per_s": 64 * batches / elapsed,
+            "device_busy_us_per_nop": (after["busy_ns"] - before["busy_ns"]) / nops / 1e3}
+
+
+def device_stats(ring: Ring) -> dict[str, Any]:
+    addr = RAM_BASE + DATA_OFF + (80 << 20)
+    status, size = ring.cmd(Opcode.STATS, sg=(addr, abi.MAX_STATS_BYTES))
+    assert status == 0, status
+    off = addr - RAM_BASE
+    return json.loads(bytes(ring.view[off:off + size]))["device"]  # type: ignore[no-any-return]
 
 
 def register_reads(ring: Ring, n: int) -> dict[str, float]:
@@ -199,6 +222,7 @@ def ring_bandwidth(ring: Ring, size: int, total: int) -> dict[str, float]:
     src = (RAM_BASE + DATA_OFF, size)
     reps = max(1, total // size)
     out = {}
+    ring.spin = False
     for name, op in (("htod", Opcode.MEM_COPY_HTOD), ("dtoh", Opcode.MEM_COPY_DTOH)):
         ring.run([desc(op, [dev], src)] * 2 + [desc(Opcode.FENCE)])
         best = float("inf")
@@ -208,6 +232,7 @@ def ring_bandwidth(ring: Ring, size: int, total: int) -> dict[str, float]:
             best = min(best, time.perf_counter() - t0)
             assert not any(statuses), statuses
         out[name] = size * reps / best / 1e9
+    ring.spin = True
     ring.cmd(Opcode.MEM_FREE, [dev])
     return out
 
@@ -280,7 +305,7 @@ def run(path: Path, n: int, quick: bool) -> dict[str, Any]:
         c.map_guest_ram(mem, RAM_BASE)
         ring = Ring(c, mem)
         out: dict[str, Any] = {"nop_round_trip": nop_round_trip(ring, n),
-                               "nops_per_s_batched": nop_throughput(ring, 50 if quick else 300),
+                               "nop_batched": nop_throughput(ring, 50 if quick else 300),
                                "register_read_idle": register_reads(ring, n)}
         time.sleep(0.1)
         out["register_read_idle_asleep"] = register_reads(ring, n)

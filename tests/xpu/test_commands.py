@@ -90,6 +90,7 @@ def test_identify(rig):
     assert doc["abi"] == "1.0" and doc["backend"] == "cpu"
     assert doc["memory_total"] > 0 and doc["max_threads_per_block"] >= 1
     assert "IR" in doc["features"] and "PTX" not in doc["features"]
+    assert ("CHECKED_IR" in doc["features"]) == ("checked-ir" in doc["backend_features"])
     assert doc["limits"]["max_ring_entries"] == abi.MAX_RING_ENTRIES
     assert doc["quota"]["memory_bytes"] > 0
     features = rig.reg(abi.REG_FEATURES_LO)

@@ -109,8 +109,10 @@ def test_control_reset_with_the_queue_idle(rig):
 
 def test_reset_command_keeps_the_queue_running(rig):
     launch, out = _spin_launch(rig, n=SPIN_N // 4)
+    before = rig.reg(abi.REG_RESET_COUNT)
     got = rig.run([launch, desc(Opcode.RESET, tag=2), desc(Opcode.MEM_SET, [out, 0, 4], tag=3),
                    desc(Opcode.NOP, tag=4)])
+    assert rig.reg(abi.REG_RESET_COUNT) == before + 1
     assert [(c.tag, c.status) for c in got] == [(1, 0), (2, 0), (3, Status.OUT_OF_RANGE), (4, 0)]
     assert rig.reg(abi.REG_STATUS) & DeviceStatus.ENABLED
     assert rig.cmd(Opcode.FENCE).status == Status.OK

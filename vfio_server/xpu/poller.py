@@ -107,7 +107,7 @@ class Poller:
         self._oldest_unsignalled = 0.0
         self._stopping = False
         self.executor = Executor(self.ram, lambda: self.session, lambda: self.epoch, features, identity,
-                                 self.stats_document, self.reset_session, self.stats)
+                                 self.stats_document, self._reset_command, self.stats)
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)     # the loop waits at most this for the GIL
         self._thread = threading.Thread(target=self._run, name="vxpu-xpu-poller", daemon=True)
@@ -270,6 +270,12 @@ class Poller:
             self.session = self._make_session()
             self.ram.forget_registrations()
             self.ram.register_pending(self.session.register_host)
+
+    def _reset_command(self) -> None:
+        """The RESET opcode: the guest's device state goes, the queue keeps running."""
+        self.reset_session()
+        self.reset_count += 1
+        self.stats.resets += 1
 
     def _register_new_ram(self) -> None:
         if self.ram.unregistered:
