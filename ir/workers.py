@@ -64,6 +64,8 @@ from typing import IO, Any, Self
 
 from vxpu.ir.lower.errors import CompileError, ToolchainError
 
+from vxpu.log import LogBudget
+
 __all__ = ["CompileLimitError", "CompilePool", "PoolStats", "WorkerLimits", "config_from_env", "configure",
            "sandbox_pool"]
 
@@ -82,6 +84,8 @@ STARTUP_SECONDS = 60.0
 #: Largest reply accepted from a worker (a compiled module is far smaller).
 MAX_REPLY_BYTES = 256 << 20
 
+#: Worker failures a guest causes are logged at WARNING while this lasts, then at DEBUG.
+_budget = LogBudget(32, 60.0, "further compile worker failures are logged at DEBUG for a while")
 _READY = b"R"
 _LEN = struct.Struct("<I")
 _OK, _COMPILE_ERROR, _TOOLCHAIN_ERROR, _IR_ERROR, _OUT_OF_MEMORY = range(5)
@@ -321,7 +325,7 @@ class CompilePool:
             outcome, payload = worker.run(request, self.limits.wall_seconds)
         except _WorkerGone as exc:
             self._retire(worker, exc.reason)
-            log.warning("compile worker %d: %s", worker.pid, exc)
+            _budget.log(log, logging.WARNING, "compile worker %d: %s", worker.pid, exc)
             raise CompileLimitError(str(exc), exc.reason) from None
         except BaseException:
             self._retire(worker, "interrupted")
@@ -336,9 +340,16 @@ class CompilePool:
             raise CompileLimitError(f"compile ran out of memory: it needed more than the "
                                     f"{self.limits.memory_bytes >> 20} MiB a compile may add; the worker was "
                                     "replaced", "memory")
-        self._release(worker)
         if outcome == _OK:
-            return CompiledModule.from_bytes(payload)
+            try:
+                compiled = CompiledModule.from_bytes(payload)
+            except (ValueError, KeyError, TypeError, IndexError) as exc:   # never trust the worker's bytes
+                self._retire(worker, "crash")
+                raise CompileLimitError(f"the compile worker sent a malformed result ({exc}); the worker was "
+                                        "replaced", "crash") from None
+            self._release(worker)
+            return compiled
+        self._release(worker)
         message = payload.decode("utf-8", "replace")
         if outcome == _IR_ERROR:
             from vxpu.ir.errors import IRError

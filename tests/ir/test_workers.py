@@ -206,3 +206,24 @@ def test_a_process_with_many_fds_still_waits_for_its_worker():
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_malformed_result_is_a_worker_failure(monkeypatch):
+    """The parent never trusts what a worker sends back (its LLVM ran on guest input)."""
+    from vxpu.ir import workers as W
+
+    with CompilePool(1) as pool:
+        ok(pool)
+        real = W._Worker.run
+
+        def garbage(self, request: bytes, wall: float) -> tuple[int, bytes]:
+            real(self, request, wall)
+            return W._OK, b"VXCM\x01\x00\xff\xff\xff\x7f{"
+
+        monkeypatch.setattr(W._Worker, "run", garbage)
+        with pytest.raises(CompileLimitError, match="malformed result") as info:
+            compile_module(SAXPY, "x86", cache=False, workers=pool)
+        assert info.value.reason == "crash"
+        monkeypatch.undo()
+        ok(pool)
+        assert pool.stats.started == 2
