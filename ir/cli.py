@@ -78,6 +78,8 @@ def register(subparsers: Any) -> None:
                    help="x86: llvm asm obj; nvptx: llvm ptx asm cubin; amdgpu: llvm asm obj hsaco")
     p.add_argument("-o", "--output", type=Path, default=Path("-"),
                    help="output file (default: stdout, for text artifacts: llvm, ptx, asm)")
+    p.add_argument("--unchecked", action="store_true",
+                   help="no per-buffer bounds checks (trusted modules only; guests always get checked code)")
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("run", help="run a kernel on the CPU (x86 JIT, or --interp) and print the buffers",
@@ -206,15 +208,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
     module = load_file(args.file)
     optimize_module(module, args.opt)
     t0 = time.perf_counter()
-    data = emit(module, args.target, args.emit, arch=args.arch, opt_level=args.opt)
+    data = emit(module, args.target, args.emit, arch=args.arch, opt_level=args.opt, checked=not args.unchecked)
     log.info("compiled %s for %s (%s) in %.1f ms", args.file, args.target, args.emit,
              (time.perf_counter() - t0) * 1e3)
     _write(args.output, data)
     return 0
 
 
-def emit(module: Any, target: str, what: str, *, arch: str | None = None, opt_level: int = 3) -> str | bytes:
-    """One artifact of ``module`` for ``target``: LLVM IR text, PTX/assembly text, or binary.
+def emit(module: Any, target: str, what: str, *, arch: str | None = None, opt_level: int = 3,
+         checked: bool = True) -> str | bytes:
+    """One artifact of ``module`` for ``target``: LLVM IR text, PTX/assembly text, or binary
+    (``checked``: per-buffer bounds checks, docs/ir-lowering.md §6).
 
     Raises:
         ToolchainError / CompileError: the toolchain failed (the message has its log).
@@ -223,7 +227,7 @@ def emit(module: Any, target: str, what: str, *, arch: str | None = None, opt_le
 
     if what in ("ptx", "cubin", "hsaco") or (what == "obj" and target == "x86") or \
             (what == "asm" and target == "nvptx"):
-        cm = compile_module(module, target, arch=arch, opt_level=opt_level, cache=False)
+        cm = compile_module(module, target, arch=arch, opt_level=opt_level, cache=False, checked=checked)
         return cm.asm if what in ("ptx", "asm") else cm.image
     from vxpu.ir.lower import toolchain as tc
 
@@ -231,15 +235,15 @@ def emit(module: Any, target: str, what: str, *, arch: str | None = None, opt_le
     if target == "nvptx":
         from vxpu.ir.lower import nvptx
 
-        llvm_text = str(nvptx.lower_module(module))
+        llvm_text = str(nvptx.lower_module(module, checked))
     elif target == "amdgpu":
         from vxpu.ir.lower import amdgpu
 
-        llvm_text = str(amdgpu.lower_module(module, spec.cov))
+        llvm_text = str(amdgpu.lower_module(module, spec.cov, checked))
     else:
         from vxpu.ir.lower import x86
 
-        llvm_text = str(x86.lower_module(module)[0])
+        llvm_text = str(x86.lower_module(module, checked)[0])
     mod = tc.parse_and_optimize(llvm_text, spec, opt_level)
     if what == "llvm":
         return str(mod)

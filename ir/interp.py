@@ -10,8 +10,16 @@ flat arena, a numpy ``uint8`` array, and a device address is a byte offset into 
 that run past their buffers even where the arena would not. ``ptr<constant>`` parameters are
 addresses in the same arena (read-only by the verifier's rules). Shared arrays live in a
 per-block segment and local arrays in a per-thread segment; pointers into them are offsets in
-their segment, and an access must stay within one array. Every access must be naturally
-aligned. A violation raises :class:`InterpFault`, as does ``trap``.
+their segment. Every access must be naturally aligned. A violation raises
+:class:`InterpFault`, as does ``trap``.
+
+**Per-buffer bounds** (as the checked lowering, docs/ir-lowering.md): a pointer register holds
+``(address, origin)``; the origin (the parameter index, ``0x100 + j`` for shared array ``j``,
+``0x200 + j`` for local array ``j``) travels through ``offset``, ``select`` and block arguments,
+and every access must lie inside *that* buffer: the allocation that contained the parameter's
+address at launch (strict mode; a pointer inside none can access nothing) or the array. A
+violation's :class:`InterpFault` carries the same ``code``, ``param`` (origin) and ``offset``
+(from the buffer's start) as the x86 backend's ``KernelFault``.
 
 **Execution.** Each thread is a Python generator over pre-compiled closures (one per op,
 operating on a list of registers indexed by the kernel's canonical value numbering). Threads
@@ -47,6 +55,18 @@ MAX_THREADS_PER_BLOCK = 1024
 DEFAULT_GUARD = 64 << 10
 DEFAULT_ALIGNMENT = 256
 _MASK64 = (1 << 64) - 1
+# Buffer origins and fault codes, as vxpu.ir.lower.bounds (which needs llvmlite; this does not).
+_ORIGIN_SHARED = 0x100
+_ORIGIN_LOCAL = 0x200
+_SPACE_CODE = {AddressSpace.SHARED: 2, AddressSpace.LOCAL: 3}
+
+
+def _origin_name(origin: int) -> str:
+    if origin >= _ORIGIN_LOCAL:
+        return f"local array {origin - _ORIGIN_LOCAL}"
+    if origin >= _ORIGIN_SHARED:
+        return f"shared array {origin - _ORIGIN_SHARED}"
+    return f"parameter {origin}"
 _STRUCTS = {"i8": struct.Struct("<B"), "i16": struct.Struct("<H"), "i32": struct.Struct("<I"),
             "i64": struct.Struct("<Q"), "f16": struct.Struct("<e"), "f32": struct.Struct("<f"),
             "f64": struct.Struct("<d")}
@@ -57,7 +77,21 @@ Step = Callable[[Regs], None]
 
 class InterpFault(IRError):
     """A kernel fault in the interpreter: out-of-bounds or misaligned access, trap, non-uniform
-    barrier, or the step limit. The message names the kernel, block, op and thread."""
+    barrier, or the step limit. The message names the kernel, block, op and thread.
+
+    Attributes:
+        code: the fault code of ``vxpu.ir.lower.bounds`` (1 global, 2 shared, 3 local out of
+            its buffer, 4 misaligned, 5 trap, 6 barrier), None for other faults.
+        param: the buffer's origin (parameter index, ``0x100 + j``, ``0x200 + j``) or None.
+        offset: the access's offset from the buffer's start (mod 2^64), or None.
+    """
+
+    def __init__(self, message: str, code: int | None = None, param: int | None = None,
+                 offset: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.param = param
+        self.offset = offset
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,6 +197,14 @@ class Memory(_Segment):
         self._host_range(addr, n)
         return self.buf[addr:addr + n].view(dt).copy()
 
+    def allocation_at(self, addr: int) -> tuple[int, int] | None:
+        """``(start, size)`` of the live allocation (strict) or the usable arena (not strict)
+        containing ``addr``, or None."""
+        i = bisect.bisect_right(self._starts, addr) - 1
+        if i >= 0 and addr < self._ends[i]:
+            return self._starts[i], self._ends[i] - self._starts[i]
+        return None
+
     def _host_range(self, addr: int, n: int) -> None:
         if not (0 <= addr and n >= 0 and addr + n <= self.size):
             raise IRError(f"host access [{addr:#x}, +{n}) is outside the {self.size}-byte interpreter memory")
@@ -203,6 +245,8 @@ class _State:
         self.steps_left = step_limit
         self.epoch = (0, 0)
         self.races = races
+        #: origin -> (base, length) of each buffer (parameters at launch, arrays at compile).
+        self.bounds: dict[int, tuple[int, int]] = {}
 
 
 class _Races:
@@ -291,6 +335,12 @@ class _KernelCompiler:
         self.block_id_regs: list[tuple[int, int]] = []
         self.thread_id_regs: list[tuple[int, int]] = []
         self.cblocks = {id(b): _CBlock(b.name or f"#{i}") for i, b in enumerate(kernel.blocks)}
+        self.origin_of = {id(a): _ORIGIN_SHARED + j for j, a in enumerate(kernel.shared)}
+        self.origin_of.update({id(a): _ORIGIN_LOCAL + j for j, a in enumerate(kernel.local)})
+        for j, a in enumerate(kernel.shared):
+            state.bounds[_ORIGIN_SHARED + j] = (self.shared_off[id(a)], a.size)
+        for j, a in enumerate(kernel.local):
+            state.bounds[_ORIGIN_LOCAL + j] = (self.local_off[id(a)], a.size)
 
     def compile(self) -> _Compiled:
         for bi, b in enumerate(self.k.blocks):
@@ -326,7 +376,8 @@ class _KernelCompiler:
             return None
         if name in ("shared_addr", "local_addr"):
             offsets = self.shared_off if name == "shared_addr" else self.local_off
-            self.template[out] = offsets[id(op.array)]
+            origin = self.origin_of[id(op.array)]
+            self.template[out] = (offsets[id(op.array)], origin)
             return None
         if name in ("offset", "byte_offset"):
             return self._offset(op, out)
@@ -360,7 +411,8 @@ class _KernelCompiler:
             idx = r[i]
             if idx & sign:
                 idx -= full
-            r[out] = (r[p] + idx * size) & _MASK64
+            a, o = r[p]
+            r[out] = ((a + idx * size) & _MASK64, o)
         return offset
 
     def _segment_getter(self, space: AddressSpace | None) -> Callable[[Regs], _Segment]:
@@ -373,17 +425,36 @@ class _KernelCompiler:
         mem = self.st.mem
         return lambda r: mem
 
+    def _checker(self, space: AddressSpace | None, n: int, where: str) -> Callable[[int, int], None]:
+        """A function ``(address, origin)`` that faults unless ``[address, address + n)`` lies
+        inside the origin's buffer and is aligned."""
+        bounds = self.st.bounds
+        code = _SPACE_CODE.get(space, 1)
+
+        def check(a: int, o: int) -> None:
+            base, length = bounds.get(o, (0, 0))
+            off = (a - base) & _MASK64
+            if length < n or off > length - n:
+                raise InterpFault(f"{where}: {n}-byte access at offset {off:#x} of {_origin_name(o)} "
+                                  f"({length} bytes) is out of bounds", code, o, off)
+            if a % n:
+                raise InterpFault(f"{where}: {n}-byte access at offset {off:#x} of {_origin_name(o)} "
+                                  "is misaligned", 4, o, off)
+        return check
+
     def _load(self, op: Op, out: int, where: str) -> Step:
         assert op.type is not None
-        get = self._segment_getter(op.operands[0].type.space)
+        space = op.operands[0].type.space
+        get = self._segment_getter(space)
         p = self.num[op.operands[0]]
         unpack = _STRUCTS[op.type.name].unpack_from
         n = op.type.size
+        check = self._checker(space, n, where)
 
         def load(r: Regs) -> None:
             seg = get(r)
-            a = r[p]
-            seg.check(a, n, where)
+            a, o = r[p]
+            check(a, o)
             r[out] = unpack(seg.buf, a)[0]
         return self._tracked(load, op.operands[0].type.space, p, n, False, where)
 
@@ -396,20 +467,22 @@ class _KernelCompiler:
 
         def tracked(r: Regs) -> None:
             step(r)                            # checks bounds first
-            races.access(name, r[p], n, r[slot], st.epoch, write, where)
+            races.access(name, r[p][0], n, r[slot], st.epoch, write, where)
         return tracked
 
     def _store(self, op: Op, where: str) -> Step:
         vt = op.operands[0].type
-        get = self._segment_getter(op.operands[1].type.space)
+        space = op.operands[1].type.space
+        get = self._segment_getter(space)
         v, p = self.num[op.operands[0]], self.num[op.operands[1]]
         pack = _STRUCTS[vt.name].pack_into
         n = vt.size
+        check = self._checker(space, n, where)
 
         def store(r: Regs) -> None:
             seg = get(r)
-            a = r[p]
-            seg.check(a, n, where)
+            a, o = r[p]
+            check(a, o)
             pack(seg.buf, a, r[v])
         return self._tracked(store, op.operands[1].type.space, p, n, True, where)
 
@@ -421,11 +494,12 @@ class _KernelCompiler:
         fmt = _STRUCTS[t.name]
         n = t.size
         update = _atomic_update(op.opcode, t)
+        check = self._checker(op.operands[0].type.space, n, where)
 
         def atomic(r: Regs) -> None:
             seg = get(r)
-            a = r[idx[0]]
-            seg.check(a, n, where)
+            a, o = r[idx[0]]
+            check(a, o)
             old = fmt.unpack_from(seg.buf, a)[0]
             new = update(old, *[r[j] for j in idx[1:]])
             fmt.pack_into(seg.buf, a, new)
@@ -438,7 +512,7 @@ class _KernelCompiler:
             return _ret
         if op.opcode == "trap":
             def trap(r: Regs) -> _CBlock | None:
-                raise InterpFault(f"{where}: trap")
+                raise InterpFault(f"{where}: trap", 5)
             return trap
         edges = [self._edge(s.block, s.args) for s in op.successors]
         if op.opcode == "br":
@@ -596,14 +670,15 @@ def _run_block(c: _Compiled, st: _State, bid: tuple[int, int, int], linear: int,
                 done = done or tid
                 continue
             except InterpFault as exc:
-                raise InterpFault(f"kernel fault: {exc} [block {bid}, thread {tid}]") from None
+                raise InterpFault(f"kernel fault: {exc} [block {bid}, thread {tid}]", exc.code, exc.param,
+                                  exc.offset) from None
             at.setdefault(barrier, tid)
             waiting.append((tid, gen))
         if waiting and (done is not None or len(at) > 1):
             where = "; ".join(f"thread {t} waits at the {b}" for b, t in at.items())
             if done is not None:
                 where += f"; thread {done} returned"
-            raise InterpFault(f"kernel fault: non-uniform barrier in block {bid}: {where}")
+            raise InterpFault(f"kernel fault: non-uniform barrier in block {bid}: {where}", 6)
         threads = waiting
 
 
@@ -646,8 +721,12 @@ def run_kernel(module: Module, name: str, grid: int | Sequence[int], block: int 
     st = _State(memory, shared, step_limit, _Races() if detect_races else None)
     compiled = _KernelCompiler(kernel, st, g, b).compile()
     num = kernel.numbering()
-    for p, value in zip(kernel.params, args):
-        compiled.template[num[p]] = _arg_value(p.type, value, p.name or str(p.index))
+    for i, (p, value) in enumerate(zip(kernel.params, args)):
+        v = _arg_value(p.type, value, p.name or str(p.index))
+        if p.type.is_ptr:
+            st.bounds[i] = memory.allocation_at(v) or (0, 0)     # a pointer into nothing reaches nothing
+            v = (v, i)
+        compiled.template[num[p]] = v
     with np.errstate(all="ignore"):
         for z in range(g[2]):
             for y in range(g[1]):

@@ -337,7 +337,8 @@ def run_launches(module: Module, launches: Sequence[Launch], buffers: dict[str, 
         def run(launch: Launch, args: list[Any]) -> None:
             k = cpu.kernel(launch.kernel)
             packed = pack_args(k.signature, args)
-            k.run(launch.grid, launch.block, packed, base, mem.size)
+            bounds = [mem.allocation_at(args[i]) or (0, 0) for i in k.layout.pointer_params]
+            k.run(launch.grid, launch.block, packed, base, mem.size, bounds=bounds)
     else:
         raise IRError(f"unknown backend {backend!r}; use 'interp' or 'x86'")
     kernel_seconds = 0.0

@@ -56,9 +56,18 @@ def cpu_module(module: Module, opt_level: int = 3) -> CpuModule:
 
 def run_x86(module: Module, kernel: str, grid: Sequence[int], block: Sequence[int], args: Sequence[Any],
             mem: Memory, **kw: Any) -> None:
-    """Run on the x86 JIT with ``mem``'s buffer as the arena."""
+    """Run on the x86 JIT with ``mem``'s buffer as the arena (each pointer's bounds: the
+    allocation of ``mem`` containing it, unless ``bounds=`` is given)."""
     k = cpu_module(module).kernel(kernel)
+    if "bounds" not in kw:
+        kw["bounds"] = buffer_bounds(module, kernel, args, mem)
     k.run(grid, block, pack_args(module, kernel, args), mem.buf.ctypes.data, mem.size, **kw)
+
+
+def buffer_bounds(module: Module, kernel: str, args: Sequence[Any], mem: Memory) -> list[tuple[int, int]]:
+    """``(base, length)`` of each pointer argument: its allocation in ``mem`` (or nothing)."""
+    params = module.kernel(kernel).params
+    return [mem.allocation_at(int(a)) or (0, 0) for p, a in zip(params, args) if p.type.is_ptr]
 
 
 def differential(module: Module, kernel: str, grid: Sequence[int], block: Sequence[int],
@@ -66,6 +75,7 @@ def differential(module: Module, kernel: str, grid: Sequence[int], block: Sequen
     """Run the interpreter and the x86 JIT from the same memory; return both arenas."""
     mem_x86 = Memory(mem.size, guard=mem.guard, strict=False)
     mem_x86.buf[:] = mem.buf
+    bounds = buffer_bounds(module, kernel, args, mem)      # the same buffers as the interpreter's
     run_kernel(module, kernel, grid, block, args, mem)
-    run_x86(module, kernel, grid, block, args, mem_x86)
+    run_x86(module, kernel, grid, block, args, mem_x86, bounds=bounds)
     return mem.buf, mem_x86.buf

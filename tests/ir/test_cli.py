@@ -166,12 +166,12 @@ def test_run_argument_errors(capsys, args, message):
 
 
 def test_run_reports_kernel_faults(capsys):
-    # n far beyond the buffers: the interpreter faults at the first thread past a buffer, the
-    # x86 JIT (which checks the arena, not each buffer) once an access leaves the arena.
+    # n beyond the 8-element buffers: both the interpreter and the x86 JIT check every access
+    # against its own buffer and fault at the first one past x (parameter 2), 32 bytes in.
     for extra in ([], ["--interp"]):
-        rc, _, err = vxpu(capsys, "ir", "run", SAXPY, "--grid", "400", "--block", "256", *extra,
-                          "--args", "n=102400", "a=1", "x=zeros:f32:8", "y=zeros:f32:8")
-        assert rc == 2 and "fault" in err.lower() and "out of" in err.lower(), err
+        rc, _, err = vxpu(capsys, "ir", "run", SAXPY, "--grid", "4", "--block", "256", *extra,
+                          "--args", "n=1000", "a=1", "x=zeros:f32:8", "y=zeros:f32:8")
+        assert rc == 2 and "fault" in err.lower() and "parameter 2" in err and "0x20" in err, err
 
 
 def test_module_entry_point_runs_check():
