@@ -263,11 +263,12 @@ class CpuBackend(HostBackend):
         if kind is not ModuleKind.IR:
             raise BackendError(Status.UNSUPPORTED, f"the CPU backend runs IR modules only, not {kind.value}")
         try:
+            from vxpu.accel.compile_status import compile_error
             from vxpu.ir import compile as ir_compile
             from vxpu.ir import cpu_exec
             from vxpu.ir.errors import IRError
-            from vxpu.ir.lower.errors import CompileError, ToolchainError
-            from vxpu.ir.workers import CompileLimitError, sandbox_pool
+            from vxpu.ir.lower.errors import CompileError
+            from vxpu.ir.workers import sandbox_pool
         except ImportError as exc:
             raise BackendError(Status.UNAVAILABLE, f"the IR compiler cannot be imported: {exc}") from exc
         store = self._cache if self._cache is not None else ir_compile.default_cache()
@@ -286,14 +287,8 @@ class CpuBackend(HostBackend):
                         self._loaded.popitem(last=False)
                 else:
                     self._loaded.move_to_end(id(compiled))
-        except CompileLimitError as exc:
-            raise BackendError(Status.COMPILE_LIMIT, f"IR module compile stopped: {exc}", log=str(exc)) from exc
-        except IRError as exc:
-            raise BackendError(Status.BAD_MODULE, f"IR module rejected: {exc}", log=str(exc)) from exc
-        except ToolchainError as exc:
-            raise BackendError(Status.UNAVAILABLE, f"the x86 toolchain failed: {exc}", log=exc.log) from exc
-        except CompileError as exc:
-            raise BackendError(Status.BAD_MODULE, f"IR module does not compile: {exc}", log=exc.log) from exc
+        except (IRError, CompileError) as exc:  # the one table, by type (CompileLimitError included)
+            raise compile_error(exc, "x86") from exc
         if hit:
             self.stats.compile_cache_hits += 1
         else:
