@@ -111,7 +111,7 @@ class GpuHooks(TargetHooks):
         b.cbranch(b.extract_value(pair, 1), write, done)
         b.position_at_end(write)
         for name, val in (("code", code), ("origin", origin), ("kernel_id", self.kernel_id), ("offset", offset)):
-            b.store(val, field(name, val.type), align=4)
+            b.store(val, field(name, val.type), align=val.type.width // 8)
         saved, kl.b = kl.b, b                   # geometry() emits through kl.b
         for dim in "xyz":
             b.store(self.geometry(kl, "block_id", dim), field(f"block_{dim}", I32), align=4)
