@@ -235,8 +235,8 @@ def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
     """Print a demo result as a short table."""
     from vxpu.images.vm import accel_line
 
-    print(f"vxpu demo: a {accel_line(r.get('accel', '?'), r.get('kvm_note', ''))} guest under QEMU {r['qemu']} "
-          f"computed on the host's {r['backend']} backend ({r.get('device', '?')})", file=out)
+    print(f"vxpu demo: the host's {r['backend']} backend ({r.get('device', '?')}) computing for a guest under "
+          f"QEMU {r['qemu']}, accel {accel_line(r.get('accel', '?'), r.get('kvm_note', ''))}", file=out)
     print(f"  time     {r.get('guest_s', 0):.1f} s from QEMU start to power-off, {r.get('wall_s', 0):.1f} s in all",
           file=out)
     print(f"  {'':4}  {'kernel':<8} {'problem':<22} {'guest ms':>9}  {'max rel err':>11}", file=out)
