@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from vxpu.accel.quota import Quota
 from vxpu.ir import binary, text
 from vxpu.ir.args import kernel_signature, pack_args
 from vxpu.vfio_server.client import GuestMemory, VfioUserClient
@@ -213,3 +214,24 @@ def test_control_write_without_reset_bit_does_nothing(rig, bad):
     time.sleep(0.02)
     assert rig.reg(abi.REG_RESET_COUNT) == before
     rig.alive()
+
+
+def test_a_full_backend_queue_never_holds_up_dma_map_changes(tmp_path, backend):
+    """With the backend queue full of long kernels, an HTOD must wait for room; it waits
+    without the guest-RAM lock, so the loop's DMA_MAP (which takes that lock) is answered at
+    once instead of after the kernels."""
+    with XpuRig(tmp_path / "s", backend, quota=Quota(queue_depth=4)) as r:
+        launch, _out = _spin_launch(r, n=SPIN_N // 3)
+        dev = r.alloc(4096)
+        r.submit([launch] * 4 + [desc(Opcode.MEM_COPY_HTOD, [dev], sg=(r.addr(DATA_OFF), 4096)),
+                                 desc(Opcode.FENCE)])
+        time.sleep(0.05)
+        extra = GuestMemory(1 << 20)
+        t0 = time.monotonic()
+        r.client.map_guest_ram(extra, 0x4000_0000)
+        took = time.monotonic() - t0
+        got = r.completions(6)
+        assert [c.status for c in got] == [0] * 6
+        assert took < 0.15, f"DMA_MAP took {took * 1e3:.0f} ms behind the queued kernels"
+        r.client.dma_unmap(0x4000_0000, extra.size)
+        extra.close()

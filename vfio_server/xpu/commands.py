@@ -116,6 +116,7 @@ class Executor:
         self.epoch = alive()
         self.defer_sync = False        # DTOH leaves its synchronization to the caller (batches)
         self.sync_pending = False      # ... and says so here
+        self.queued = 0                # backend operations issued since the last full synchronize
         self._table: dict[int, Callable[[Desc], Result]] = {
             Opcode.NOP: lambda d: (0, 0),
             Opcode.IDENTIFY: lambda d: self._write_doc(d, self._identity()),
@@ -251,53 +252,72 @@ class Executor:
         if value > 0xFF:
             raise GuestFault(Status.INVALID_ARGUMENT, f"MEM_SET value {value:#x} is not a byte")
         self.session.memset(addr, value, length)
+        self.queued += 1
         self.counters.bytes_memset += length
         return 0, 0
 
     def _dtod(self, d: Desc) -> Result:
         self.session.copy_dtod(d.args[0], d.args[1], d.args[2])
+        self.queued += 1
         self.counters.bytes_dtod += d.args[2]
         return 0, 0
 
     def _htod(self, d: Desc) -> Result:
-        dst = d.args[0]
-        s = self.session
-        with self.guest():
-            segs, total = self._segments(d, False)
-            s.check_range(dst, total)
-            for ram, off, n in segs:
-                if ram.token is not None:
-                    s.copy_htod_address(dst, ram.host_base + off, n)
-                else:
-                    s.copy_htod(dst, ram.view[off:off + n])    # the backend keeps the view while queued
-                dst += n
-        self.counters.bytes_htod += total
+        self.counters.bytes_htod += self._copy(d, to_device=True)
         return 0, 0
 
     def _dtoh(self, d: Desc) -> Result:
-        src = d.args[0]
-        s = self.session
-        with self.guest():
-            segs, total = self._segments(d, True)
-            s.check_range(src, total)
-            for ram, off, n in segs:
-                if ram.token is not None:
-                    s.copy_dtoh_address(ram.host_base + off, src, n)
-                else:
-                    s.copy_dtoh(ram.view[off:off + n], src)
-                src += n
-        self.counters.bytes_dtoh += total
+        self.counters.bytes_dtoh += self._copy(d, to_device=False)
         if self.defer_sync:
             self.sync_pending = True    # the poller synchronizes before it posts the completion
         else:
-            s.synchronize()             # DTOH completes when the bytes are in guest RAM
+            self._synchronize()         # DTOH completes when the bytes are in guest RAM
         return 0, 0
+
+    def _copy(self, d: Desc, to_device: bool) -> int:
+        """Issue one HTOD/DTOH's copies; returns the bytes. The copies are issued with the
+        guest-RAM lock held, so no unmap can race a queued raw-address copy. So the backend queue
+        must have room for them first: a full queue makes the session wait for earlier work,
+        and a DMA map change or device reset on the serve loop would wait as long."""
+        total = self._issue(d, to_device, need_room=True)
+        if total is None:
+            self._synchronize()         # without the lock: earlier kernels may take a while
+            total = self._issue(d, to_device, need_room=False)
+        assert total is not None
+        return total
+
+    def _issue(self, d: Desc, to_device: bool, need_room: bool) -> int | None:
+        """Translate and issue the copies (None when ``need_room`` and the queue is too full)."""
+        s = self.session
+        dev = d.args[0]
+        with self.guest():
+            segs, total = self._segments(d, not to_device)
+            s.check_range(dev, total)
+            if need_room and self.queued + len(segs) >= s.quota.queue_depth:
+                return None
+            for ram, off, n in segs:
+                if to_device:
+                    if ram.token is not None:
+                        s.copy_htod_address(dev, ram.host_base + off, n)
+                    else:
+                        s.copy_htod(dev, ram.view[off:off + n])    # the backend keeps the view while queued
+                elif ram.token is not None:
+                    s.copy_dtoh_address(ram.host_base + off, dev, n)
+                else:
+                    s.copy_dtoh(ram.view[off:off + n], dev)
+                dev += n
+            self.queued += len(segs)
+        return total
+
+    def _synchronize(self) -> None:
+        self.queued = 0
+        self.session.synchronize()
 
     def synchronize_deferred(self) -> Status | None:
         """Wait for the DTOHs whose synchronization was deferred; the asynchronous error that
         surfaced while waiting (also kept for the next FENCE), or None."""
         try:
-            self.session.synchronize()
+            self._synchronize()
         except BackendError as exc:
             if exc.status in ASYNC_ERRORS and self.async_error is None:
                 self.async_error = exc.status
@@ -342,6 +362,7 @@ class Executor:
             raise GuestFault(Status.INVALID_ARGUMENT, f"grid {grid} / block {block} out of range")
         blob = self._read_sg(d, abi.MAX_ARG_BYTES)
         self.session.launch(d.args[0], grid, block, blob, shared)
+        self.queued += 1
         return 0, 0
 
     def _infer(self, d: Desc) -> Result:
@@ -355,12 +376,13 @@ class Executor:
             raise GuestFault(Status.INVALID_ARGUMENT, "INFER request is not the documented JSON") from None
         kernel, _info = self.session.get_kernel(d.args[0], "main")
         self.session.launch(kernel, (1,), (1,), blob)
+        self.queued += 1
         return 0, 0
 
     # -- ordering ------------------------------------------------------------------------------
     def _fence(self, d: Desc) -> Result:
         try:
-            self.session.synchronize()
+            self._synchronize()
         except BackendError as exc:
             if exc.status not in ASYNC_ERRORS:
                 raise
@@ -377,6 +399,7 @@ class Executor:
 
     def _event_record(self, d: Desc) -> Result:
         self.session.record_event(d.args[0])
+        self.queued += 1
         return 0, 0
 
     def _event_query(self, d: Desc) -> Result:
@@ -389,6 +412,7 @@ class Executor:
 
     def _reset_cmd(self, d: Desc) -> Result:
         self._reset()
+        self.queued = 0
         self.async_error = None
         return 0, 0
 

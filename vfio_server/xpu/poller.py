@@ -249,6 +249,7 @@ class Poller:
             self.fatal_code, self.fatal_info = FatalCode.NONE, 0
         self.reset_session()
         self.executor.async_error = None
+        self.executor.queued = 0
         self.aborting = any(what == "reset" for what, _ in list(self.controls))
         self.reset_count += 1
         self.stats.resets += 1
