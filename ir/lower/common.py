@@ -607,6 +607,10 @@ def _convert(kl: KernelLowering, op: Op) -> ir.Value:
     if name in ("trunc", "zext", "sext", "fptrunc", "fpext", "sitofp", "uitofp", "bitcast"):
         return getattr(b, name)(a, to)
     sat = "llvm.fptosi.sat" if name == "fptosi" else "llvm.fptoui.sat"
+    if isinstance(a.type, ir.HalfType):
+        # Through f32 (exact for every f16): x86 hosts with AVX512-FP16 lowered the f16 form
+        # to vcvttph2w, which gives -32768 for NaN instead of the specified 0.
+        a = b.fpext(a, _SCALAR["f32"])
     return kl.intrinsic(f"{sat}.i{op.type.bits}.{_fsuffix(a)}", to, [a])
 
 
