@@ -81,7 +81,7 @@ class CheckedArgs:
         self.struct.pack_into(view, self.offset, *flat, record, self.kernel_id)
 
 
-def decode_record(raw: bytes, names: Sequence[str]) -> FaultRecord | None:
+def decode_record(raw: bytes | bytearray, names: Sequence[str]) -> FaultRecord | None:
     """The :class:`FaultRecord` in ``raw`` (``RECORD_SIZE`` bytes), or None if unclaimed."""
     claimed, code, origin, kernel_id, offset, bx, by, bz, tx, ty, tz = _RECORD.unpack_from(raw)
     if not claimed:

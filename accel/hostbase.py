@@ -508,8 +508,9 @@ class HostBackend:
         raise NotImplementedError
 
     def _prepare(self, runnable: Any, grid: tuple[int, int, int], block: tuple[int, int, int],
-                 args: bytes, shared_bytes: int) -> Any:
-        """Validate a launch on the caller's thread; returns what :meth:`_execute` needs.
+                 args: bytes, shared_bytes: int, bounds: tuple[tuple[int, int], ...] | None = None) -> Any:
+        """Validate a launch on the caller's thread; returns what :meth:`_execute` needs
+        (``bounds``: a checked kernel's pointer buffers, passed only for those).
         Raises INVALID_ARGUMENT/OUT_OF_RANGE for launches that must not be queued."""
         return grid, block, args, shared_bytes
 

@@ -317,7 +317,7 @@ class NpuBackend(HostBackend):
 
     # -- launches ---------------------------------------------------------------------
     def _prepare(self, kernel: OnnxKernel, grid: tuple[int, int, int], block: tuple[int, int, int],
-                 args: bytes, shared_bytes: int) -> Plan:
+                 args: bytes, shared_bytes: int, bounds: tuple[tuple[int, int], ...] | None = None) -> Plan:
         if shared_bytes:
             raise BackendError(Status.INVALID_ARGUMENT, "NPU kernels have no shared memory")
         if kernel.lowered is not None:

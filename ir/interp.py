@@ -337,10 +337,10 @@ class _KernelCompiler:
         self.cblocks = {id(b): _CBlock(b.name or f"#{i}") for i, b in enumerate(kernel.blocks)}
         self.origin_of = {id(a): _ORIGIN_SHARED + j for j, a in enumerate(kernel.shared)}
         self.origin_of.update({id(a): _ORIGIN_LOCAL + j for j, a in enumerate(kernel.local)})
-        for j, a in enumerate(kernel.shared):
-            state.bounds[_ORIGIN_SHARED + j] = (self.shared_off[id(a)], a.size)
-        for j, a in enumerate(kernel.local):
-            state.bounds[_ORIGIN_LOCAL + j] = (self.local_off[id(a)], a.size)
+        for j, sa in enumerate(kernel.shared):
+            state.bounds[_ORIGIN_SHARED + j] = (self.shared_off[id(sa)], sa.size)
+        for j, la in enumerate(kernel.local):
+            state.bounds[_ORIGIN_LOCAL + j] = (self.local_off[id(la)], la.size)
 
     def compile(self) -> _Compiled:
         for bi, b in enumerate(self.k.blocks):
@@ -429,7 +429,7 @@ class _KernelCompiler:
         """A function ``(address, origin)`` that faults unless ``[address, address + n)`` lies
         inside the origin's buffer and is aligned."""
         bounds = self.st.bounds
-        code = _SPACE_CODE.get(space, 1)
+        code = 1 if space is None else _SPACE_CODE.get(space, 1)
 
         def check(a: int, o: int) -> None:
             base, length = bounds.get(o, (0, 0))
