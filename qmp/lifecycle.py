@@ -218,7 +218,8 @@ async def attach(qmp: QmpLike, backend: str = "cpu", id: str | None = None, bus:
             await _check_free(state, dev_id, devices)
             target = bus or await choose_bus(q)
             _, sock, logf = state.paths(dev_id)
-            args = ["--backend", backend, *(["--device", device] if device else []), *server_args]
+            args = ["--backend", backend, "--stats-file", str(state.stats_path(dev_id)),
+                    *(["--device", device] if device else []), *server_args]
             pid, start = spawn_server(sock, logf, args)
             rec = DeviceRecord(id=dev_id, qmp=state.qmp, qemu_pid=q.peer_pid, backend=backend, device=device,
                                pid=pid, pid_start=start, socket=str(sock), log=str(logf), bus=target)

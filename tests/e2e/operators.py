@@ -59,5 +59,5 @@ def servers_under(root: Path) -> list[int]:
 
 
 def leftovers(root: Path) -> list[str]:
-    """Sockets and records left in the runtime directory."""
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".sock", ".json"))
+    """Sockets, records and STATS files left in the runtime directory."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.suffix in (".sock", ".json", ".stats"))
