@@ -16,6 +16,7 @@ import re
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -215,6 +216,12 @@ def test_guest_that_never_releases_the_device(qemu_binary: QemuBinary, runtime: 
             assert [(d.id, d.health) for d in sync.list_devices(qmp)] == [("stuck0", "ok")]
             with pytest.raises(UnplugTimeout):  # a retry finds the unplug still pending and waits again
                 sync.detach(qmp, "stuck0", timeout=1)
+            assert process_alive(handle.pid, None)
+            cli = subprocess.run([sys.executable, "-m", "vxpu", "detach", "--qmp", str(qmp), "--id", "stuck0",
+                                  "--timeout", "1", "--json"], capture_output=True, text=True, timeout=60,
+                                 check=False)
+            assert cli.returncode == 3, cli  # its own exit status, so scripts can retry later
+            assert json.loads(cli.stdout)["kind"] == "UnplugTimeout"
             assert process_alive(handle.pid, None)
     finally:
         if handle is not None:  # QEMU has gone first: a server must never vanish under its device
