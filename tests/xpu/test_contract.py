@@ -13,6 +13,7 @@ import pytest
 from vxpu.accel.backend import BackendUnavailable, ModuleKind
 from vxpu.accel.quota import Quota
 from vxpu.accel.registry import open_backend
+from vxpu.ir import binary, text
 from vxpu.vfio_server.device import IrqIndex
 
 from vxpu.abi import xpu as abi
@@ -133,3 +134,24 @@ def test_native_kinds_stay_off_unless_allowed(tmp_path, npu):
             == Status.UNSUPPORTED
         r.write(DATA_OFF, b'{"inputs": []}')
         assert r.cmd(Opcode.INFER, [1], sg=(r.addr(DATA_OFF), 14)).status == Status.UNSUPPORTED
+
+
+def test_compile_time_budget_is_not_refilled_by_a_reset(tmp_path, backend):
+    with XpuRig(tmp_path / "s", backend, quota=Quota(compile_seconds=1)) as r:
+        statuses = []
+        for i in range(200):                       # distinct modules: every load is a real compile
+            src = f"module @m{i}\nkernel @k{i}(%p: ptr<global>) {{\n^entry:\n  ret\n}}\n"
+            image = binary.encode(text.parse(src), names=False)
+            r.write(DATA_OFF, image)
+            c = r.cmd(Opcode.MODULE_LOAD, [abi.ModuleKind.IR], sg=(r.addr(DATA_OFF), len(image)))
+            statuses.append(c.status)
+            if c.status == Status.QUOTA_EXCEEDED:
+                break
+            assert c.status == Status.OK, c
+        assert statuses[-1] == Status.QUOTA_EXCEEDED, f"budget never ran out in {len(statuses)} compiles"
+        assert r.cmd(Opcode.RESET).status == Status.OK
+        assert r.cmd(Opcode.MODULE_LOAD, [abi.ModuleKind.IR], sg=(r.addr(DATA_OFF), len(image))).status \
+            == Status.QUOTA_EXCEEDED
+        assert r.cmd(Opcode.IDENTIFY, sg=(r.addr(DATA_OFF), 4096)).status == Status.OK
+        assert json.loads(r.read(DATA_OFF, r.cmd(Opcode.IDENTIFY, sg=(r.addr(DATA_OFF), 4096)).result)) \
+            ["quota"]["compile_seconds"] == 1

@@ -181,7 +181,7 @@ class XpuDevice(PciDevice):
             "quota": {"memory_bytes": q.memory_bytes, "max_allocations": q.max_allocations,
                       "max_allocation_bytes": q.max_allocation_bytes, "modules": q.modules,
                       "module_bytes": q.module_bytes, "kernels": q.kernels, "events": q.events,
-                      "queue_depth": q.queue_depth},
+                      "queue_depth": q.queue_depth, "compile_seconds": q.compile_seconds},
         }
         data = json.dumps(doc, separators=(",", ":")).encode()
         return data[:abi.MAX_IDENTIFY_BYTES]
