@@ -449,4 +449,6 @@ class Device:
         self.transport.write_reg(xpu.REG_CONTROL, int(xpu.Control.RESET))
         self.epoch += 1
         self.allocs.garbage.clear()
+        if self.staging is not None:
+            self.staging.forget()
         ring.start()

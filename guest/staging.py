@@ -127,24 +127,35 @@ class StagingPool:
         self._fence = [-1] * len(self.slots)     # the FENCE after a slot's last HTOD
         self.transfers = 0
 
+    def forget(self) -> None:
+        """Drop the sequence numbers of earlier commands (the ring restarted at 0 after a
+        device reset, which also dropped those commands)."""
+        self._pending = [[] for _ in self.slots]
+        self._fence = [-1] * len(self.slots)
+
     def close(self) -> None:
         """Give the bounce buffers back (no copy may be in flight)."""
         for mem in self.slots:
             self.transport.free_dma(mem)
         self.slots = []
 
-    def _settle(self, slot: int) -> None:
-        """Make ``slot`` reusable: wait for the copies that last used it (raising the first that
-        failed) and, after an HTOD, for the FENCE behind it: an HTOD completes when it is
-        *ordered* and may read its source later, until a later FENCE completes."""
+    def _check_copies(self, slot: int) -> GuestError | None:
+        """Wait for the copy commands that last used ``slot``; the first failure, if any."""
         seqs, self._pending[slot] = self._pending[slot], []
-        fence, self._fence[slot] = self._fence[slot], -1
         first_error = None
         for seq in seqs:
             try:
                 self.ring.check(seq)
-            except GuestError as exc:      # keep waiting for the rest; raise the first
+            except GuestError as exc:      # keep waiting for the rest; report the first
                 first_error = first_error or exc
+        return first_error
+
+    def _settle(self, slot: int) -> None:
+        """Make ``slot`` reusable: wait for the copies that last used it (raising the first that
+        failed) and, after an HTOD, for the FENCE behind it: an HTOD completes when it is
+        *ordered* and may read its source later, until a later FENCE completes."""
+        first_error = self._check_copies(slot)
+        fence, self._fence[slot] = self._fence[slot], -1
         if fence >= 0:
             try:
                 self.ring.wait_done(fence)
@@ -166,7 +177,10 @@ class StagingPool:
             raise errors[0]
 
     def upload(self, device_addr: int, src: memoryview) -> None:
-        """Copy ``src`` (bytes, format 'B') to ``device_addr``, pipelined; returns when done.
+        """Copy ``src`` (bytes, format 'B') to ``device_addr``, pipelined. Returns once every
+        copy completed (was checked and ordered on the device), so ``src`` may change and a
+        failure is raised here; the FENCEs behind the chunks are waited for only when their
+        slots are reused.
 
         Raises:
             DeviceError: a copy failed (OUT_OF_RANGE for a range outside the allocation ...).
@@ -188,7 +202,9 @@ class StagingPool:
         except BaseException:
             self.settle_all(quiet=True)
             raise
-        self.settle_all()
+        errors = [e for e in map(self._check_copies, range(nslots)) if e is not None]
+        if errors:
+            raise errors[0]
 
     def download(self, dst: memoryview, device_addr: int) -> None:
         """Copy ``len(dst)`` bytes from ``device_addr`` into ``dst`` (writable, format 'B').
