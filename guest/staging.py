@@ -125,6 +125,7 @@ class StagingPool:
             raise
         self._pending: list[list[int]] = [[] for _ in self.slots]
         self._fence = [-1] * len(self.slots)     # the FENCE after a slot's last HTOD
+        self._next_slot = 0
         self.transfers = 0
 
     def forget(self) -> None:
@@ -187,9 +188,11 @@ class StagingPool:
         """
         n, chunk, nslots = len(src), self.chunk, len(self.slots)
         self.transfers += 1
+        first = self._next_slot              # rotate, so back-to-back small uploads do not wait
+        self._next_slot = (first + -(-n // chunk)) % nslots          # for each other's FENCE
         try:
             for i, off in enumerate(range(0, n, chunk)):
-                slot = i % nslots
+                slot = (first + i) % nslots
                 self._settle(slot)
                 m = min(chunk, n - off)
                 mem = self.slots[slot]
