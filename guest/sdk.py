@@ -21,7 +21,8 @@ Commands run in submission order. Launches, MEM_SET, MEM_FREE and copies from pi
 are asynchronous: a failure among them raises :class:`~vxpu.guest.errors.DeviceError` at the
 next :meth:`Device.synchronize` (or the next synchronous call). Allocation, module loading,
 copies from ordinary buffers and ``to_host`` are synchronous. After :meth:`Device.reset` (or
-a kernel fault, which resets the device's state) older arrays, modules and events are stale:
+a kernel fault whose completion says it reset the device's state) older arrays, modules and
+events are stale:
 using them raises :class:`~vxpu.guest.array.StaleHandle`.
 
 For tests that must misbehave on purpose, :attr:`Device.raw` (:class:`Raw`) posts any
@@ -102,7 +103,7 @@ class Device:
                  staging_count: int = 4, timeout: float = 120.0) -> None:
         self.transport = transport
         self.epoch = 0
-        self._faults_seen = 0
+        self._resets_seen = 0
         self.allocs = DeviceAllocs()
         self.ring: Ring | None = None
         self.staging: StagingPool | None = None
@@ -175,8 +176,8 @@ class Device:
         ring = self.ring
         if ring is None:
             raise StateError("device used after close", current="closed", required="open")
-        if ring.kernel_faults != self._faults_seen:   # a kernel fault reset the device state
-            self._faults_seen = ring.kernel_faults
+        if ring.state_resets != self._resets_seen:    # a kernel fault reset the device state
+            self._resets_seen = ring.state_resets
             self.epoch += 1
             self.allocs.garbage.clear()
         if self.allocs.garbage:
@@ -402,12 +403,13 @@ class Device:
         """Wait for all posted work (a FENCE) and raise the first asynchronous error.
 
         Raises:
-            DeviceError: a command or kernel failed since the last synchronize (KERNEL_FAULT
-                also discards the device's arrays: they become stale), or the device stopped.
+            DeviceError: a command or kernel failed since the last synchronize, or the device
+                stopped. A KERNEL_FAULT whose result2 has ``STATE_RESET_BIT`` set also means the
+                device dropped this guest's state: older arrays and modules become stale.
         """
         ring = self._live()
         status, result, _ = ring.wait(ring.post(xpu.Opcode.FENCE, waited=True))
-        self._live()                  # notices a kernel fault (its arrays are stale now)
+        self._live()                  # notices a kernel fault that reset the device state
         ring.raise_async()
         if status:
             raise DeviceError(status, "FENCE", result=result, detail="reported by synchronize")

@@ -4,7 +4,8 @@
 tiny device: it keeps FLAG_NEED_WAKEUP set (it is always asleep) and runs every submitted
 descriptor when the doorbell is written, so each test sees exactly which doorbells the driver
 rang. It knows NOP, MEM_ALLOC, MEM_FREE, MEM_COPY_HTOD/DTOH (inline or indirect SG) and FENCE;
-``complete_limit`` holds completions back to model a slow device.
+``complete_limit`` holds completions back to model a slow device; ``fence_fault`` makes the next
+FENCE report a (status, result2) pair, as a kernel fault surfacing there would.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class FakeTransport:
         self.next_dev = 0x10000
         self.complete_limit: int | None = None      # post at most this many completions per doorbell
         self.max_pending_seen = 0
+        self.fence_fault: tuple[int, int] | None = None   # the next FENCE completes with (status, result2)
 
     # -- Transport -----------------------------------------------------------------------------
     def read_reg(self, offset: int) -> int:
@@ -88,7 +90,10 @@ class FakeTransport:
             assert (self.cq_tail - cq_head) & xpu.INDEX_MASK < ncq, "driver let the CQ overflow"
             d = xpu.DESCRIPTOR.unpack_from(self.ram, sq + (self.sq_head % nsq) * 64)
             status, result = self._execute(d)
-            xpu.COMPLETION.pack_into(self.ram, cq + (self.cq_tail % ncq) * 32, d[3], result, 0, status, 0)
+            result2 = 0
+            if d[0] == xpu.Opcode.FENCE and self.fence_fault is not None:
+                (status, result2), self.fence_fault = self.fence_fault, None
+            xpu.COMPLETION.pack_into(self.ram, cq + (self.cq_tail % ncq) * 32, d[3], result, result2, status, 0)
             self.sq_head = (self.sq_head + 1) & xpu.INDEX_MASK
             self.cq_tail = (self.cq_tail + 1) & xpu.INDEX_MASK
             self._hdr_store(xpu.QH_SQ_HEAD, self.sq_head)

@@ -101,3 +101,19 @@ def test_pinned_zero_copy_and_garbage_free(fake):
         assert dev.allocs.garbage and addr in fake.device_mem
         dev.synchronize()                            # next command frees it
         assert addr not in fake.device_mem
+
+
+@pytest.mark.parametrize("reset_bit", [0, 1])
+def test_kernel_fault_makes_arrays_stale_only_when_the_device_says_it_reset(fake, reset_bit):
+    from vxpu.guest.array import StaleHandle
+
+    with Device(fake, sq_entries=8) as dev:
+        arr = dev.to_device(np.arange(8, dtype=np.uint8))
+        fake.fence_fault = (Status.KERNEL_FAULT, reset_bit)
+        with pytest.raises(DeviceError, match="KERNEL_FAULT"):
+            dev.synchronize()
+        if reset_bit:
+            with pytest.raises(StaleHandle):
+                arr.to_host()
+        else:
+            assert np.array_equal(arr.to_host(), np.arange(8, dtype=np.uint8))
