@@ -76,6 +76,8 @@ class CheckedArgs:
             raise BackendError(Status.INVALID_ARGUMENT,
                                f"checked launch needs {self.args_size} argument bytes and {self.count} bounds, "
                                f"got {len(args)} and {len(bounds)}")
+        if any(base % 8 for base, _ in bounds):      # the generated alignment test needs it
+            raise BackendError(Status.INVALID_ARGUMENT, "a buffer base is not a multiple of 8")
         view[:self.args_size] = args
         flat = [v for pair in bounds for v in pair]
         self.struct.pack_into(view, self.offset, *flat, record, self.kernel_id)

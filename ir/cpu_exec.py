@@ -37,7 +37,7 @@ from typing import Any
 from vxpu.ir.args import KernelSignature
 from vxpu.ir.compile import CompiledModule, compile_module
 from vxpu.ir.lower import x86 as x86_lower
-from vxpu.ir.lower.bounds import ORIGIN_NONE, describe_origin
+from vxpu.ir.lower.bounds import BASE_ALIGN, ORIGIN_NONE, describe_origin
 from vxpu.ir.lower.errors import CompileError
 
 from vxpu.errors import Error
@@ -182,6 +182,8 @@ class CpuKernel:
                              f"got {len(data)}")
         if arena_size < 0 or arena_base < 0 or (arena_size and not arena_base) or arena_base + arena_size >= 1 << 64:
             raise ValueError("arena_base/arena_size do not describe a host memory range")
+        if arena_base % BASE_ALIGN:     # the generated alignment checks test offsets
+            raise ValueError(f"arena_base must be a multiple of {BASE_ALIGN}")
         table = self._bounds_table(bounds, arena_size)
         if not 0 <= dynamic_shared <= MAX_SHARED_BYTES - self.layout.static_shared:
             raise ValueError(f"dynamic shared memory must be 0..{MAX_SHARED_BYTES - self.layout.static_shared}")
@@ -213,8 +215,9 @@ class CpuKernel:
             raise ValueError(f"kernel {self.name!r} has {count} pointer parameters, got {len(pairs)} bounds")
         table = (ctypes.c_uint64 * max(1, 2 * count))()
         for k, (base, length) in enumerate(pairs):
-            if base < 0 or length < 0 or base + length > arena_size:
-                raise ValueError(f"bounds {k} ({base:#x}, {length}) do not lie inside the {arena_size}-byte arena")
+            if base < 0 or length < 0 or base + length > arena_size or base % BASE_ALIGN:
+                raise ValueError(f"bounds {k} ({base:#x}, {length}) do not lie inside the {arena_size}-byte arena "
+                                 f"at a multiple of {BASE_ALIGN}")
             table[2 * k], table[2 * k + 1] = base, length
         return table
 

@@ -434,12 +434,12 @@ class _KernelCompiler:
         def check(a: int, o: int) -> None:
             base, length = bounds.get(o, (0, 0))
             off = (a - base) & _MASK64
+            if a % n:                          # misalignment first, as the lowering reports it
+                raise InterpFault(f"{where}: {n}-byte access at offset {off:#x} of {_origin_name(o)} "
+                                  "is misaligned", 4, o, off)
             if length < n or off > length - n:
                 raise InterpFault(f"{where}: {n}-byte access at offset {off:#x} of {_origin_name(o)} "
                                   f"({length} bytes) is out of bounds", code, o, off)
-            if a % n:
-                raise InterpFault(f"{where}: {n}-byte access at offset {off:#x} of {_origin_name(o)} "
-                                  "is misaligned", 4, o, off)
         return check
 
     def _load(self, op: Op, out: int, where: str) -> Step:

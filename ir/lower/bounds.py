@@ -14,10 +14,18 @@ computes, for each pointer value, the set of buffers it may point into (its *ori
 A value with one origin needs nothing at run time: its bounds are that buffer's. A value with
 several (a phi or select of pointers into different buffers) carries an ``i32`` *tag* (the
 origin number) beside it, through the same offsets, selects and phis; the bounds are then
-picked by comparing the tag with each candidate. Every load, store and atomic checks
-``length >= size && addr - base <= length - size`` (unsigned, so it cannot overflow) and
-natural alignment; a violation jumps to the target's fault exit with the fault code, the
-origin and the offset ``addr - base`` (see :func:`check_access`).
+picked by comparing the tag with each candidate. Every load, store and atomic of ``size``
+bytes computes ``off = addr - base`` (mod 2^64) and checks
+
+    ``off & (size - 1) == 0  &&  off + (size - 1) <u length``
+
+Every base is a multiple of 8 (the host refuses others; arrays are 16-aligned), so the first
+test is natural alignment of the address itself; and given it, ``off`` is a multiple of
+``size`` no larger than ``2^64 - size``, so ``off + size - 1`` cannot wrap and the second test
+is exactly ``off + size <= length`` (a zero length admits nothing). One subtraction, one mask
+test, one add-and-compare: a violation jumps to the target's fault exit with the fault code
+(misaligned takes precedence over out of bounds), the origin and ``off`` (see
+:func:`check_access`).
 """
 
 from __future__ import annotations
@@ -117,22 +125,22 @@ def i32(value: int) -> ir.Constant:
     return ir.Constant(I32, value - (1 << 32) if value >> 31 else value)
 
 
-def in_bounds(b: ir.IRBuilder, addr: ir.Value, base: ir.Value, length: ir.Value, size: int
-              ) -> tuple[ir.Value, ir.Value]:
-    """``(ok, offset)``: ``ok`` is ``[addr, addr + size)`` inside ``[base, base + length)``,
-    overflow-free (``length >= size && addr - base <= length - size``, unsigned)."""
-    off = b.sub(addr, base)
-    sz = ir.Constant(I64, size)
-    ok = b.and_(b.icmp_unsigned(">=", length, sz), b.icmp_unsigned("<=", off, b.sub(length, sz)))
-    return ok, off
+#: Every buffer base is a multiple of this (the largest access size); hosts check it.
+BASE_ALIGN = 8
 
 
-def aligned(b: ir.IRBuilder, addr: ir.Value, size: int) -> ir.Value:
-    """``addr`` is a multiple of ``size`` (a power of two)."""
+def aligned(b: ir.IRBuilder, off: ir.Value, size: int) -> ir.Value:
+    """``off`` is a multiple of ``size`` (a power of two)."""
     if size <= 1:
         return ir.Constant(I1, 1)
-    return b.icmp_unsigned("==", b.and_(addr, ir.Constant(I64, size - 1)), ir.Constant(I64, 0))
+    return b.icmp_unsigned("==", b.and_(off, ir.Constant(I64, size - 1)), ir.Constant(I64, 0))
 
+
+def in_bounds(b: ir.IRBuilder, off: ir.Value, length: ir.Value, size: int) -> ir.Value:
+    """``off + size <= length`` for an ``off`` that is a multiple of ``size`` (so the add
+    cannot wrap; see the module docstring)."""
+    end = off if size == 1 else b.add(off, ir.Constant(I64, size - 1))
+    return b.icmp_unsigned("<", end, length)
 
 class FaultExit:
     """A function's one fault exit: a block whose phis receive (code, origin, offset).
@@ -171,22 +179,25 @@ class FaultExit:
         b.branch(self.block)
 
 
-def check_access(b: ir.IRBuilder, fn: ir.Function, exit_: FaultExit, addr: ir.Value, align_addr: ir.Value,
+def check_access(b: ir.IRBuilder, fn: ir.Function, exit_: FaultExit, addr: ir.Value,
                  bounds: tuple[ir.Value, ir.Value, ir.Value], size: int, space: AddressSpace) -> ir.IRBuilder:
     """Emit the check of a ``size``-byte access at ``addr`` (i64, in the same frame as the
-    bounds' base) whose absolute address is ``align_addr``; returns the builder to continue
-    with. One branch: in bounds and aligned, else the fault exit with the right code."""
+    bounds' base); returns the builder to continue with. One branch: aligned and in bounds,
+    else the fault exit with the right code (misaligned first)."""
     base, length, origin = bounds
-    inb, off = in_bounds(b, addr, base, length, size)
+    off = b.sub(addr, base)
+    inb = in_bounds(b, off, length, size)
     if size > 1:
-        ok = b.and_(inb, aligned(b, align_addr, size))
-        code = b.select(inb, ir.Constant(I32, FAULT_MISALIGNED), ir.Constant(I32, space_fault(space)))
+        al = aligned(b, off, size)
+        ok = b.and_(al, inb)
+        code = b.select(al, ir.Constant(I32, space_fault(space)), ir.Constant(I32, FAULT_MISALIGNED))
     else:
         ok, code = inb, ir.Constant(I32, space_fault(space))
     return exit_.branch(b, fn, ok, code, origin, off)
 
 
 __all__ = [
+    "BASE_ALIGN",
     "FAULT_BARRIER",
     "FAULT_CANCELLED",
     "FAULT_GLOBAL",

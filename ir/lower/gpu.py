@@ -80,7 +80,7 @@ class GpuHooks(TargetHooks):
                 atomic: bool, bounds: tuple[ir.Value, ir.Value, ir.Value] | None) -> ir.Value:
         if bounds is not None:
             addr = kl.b.ptrtoint(p, I64)
-            kl.b = check_access(kl.b, kl.fn, self.fault_exit(kl), addr, addr, bounds, size, space)
+            kl.b = check_access(kl.b, kl.fn, self.fault_exit(kl), addr, bounds, size, space)
         return kl.b.bitcast(p, t.as_pointer(self.spaces[space]))
 
     def origin_bounds(self, kl: KernelLowering, origin: int) -> tuple[ir.Value, ir.Value]:

@@ -213,9 +213,8 @@ class X86Hooks(TargetHooks):
             frame, limit = self.args["local"], ir.Constant(I64, self.layout.local_size)
         if bounds is None:          # unchecked build: the whole window
             bounds = (ir.Constant(I64, 0), limit, i32(ORIGIN_NONE))
-        ptr = b.gep(frame, [p])
-        kl.b = check_access(b, kl.fn, self.fault_exit(kl), p, b.ptrtoint(ptr, I64), bounds, size, space)
-        return kl.b.bitcast(ptr, t.as_pointer())
+        kl.b = check_access(b, kl.fn, self.fault_exit(kl), p, bounds, size, space)
+        return kl.b.bitcast(kl.b.gep(frame, [p]), t.as_pointer())
 
     def barrier(self, kl: KernelLowering) -> None:
         assert self.switch is not None
