@@ -14,16 +14,19 @@ from __future__ import annotations
 
 import os
 import random
+import struct
 import time
+from collections import Counter
 
 import pytest
 from vxpu.accel.quota import Quota
+from vxpu.ir.workers import sandbox_pool
 
 from vxpu.abi import xpu as abi
 from vxpu.abi.status import Status
 from vxpu.abi.xpu import DescFlags, DeviceStatus, Opcode
 
-from .ringdriver import DATA_OFF, RAM_BASE, XpuRig
+from .ringdriver import CONFIG, DATA_OFF, RAM_BASE, XpuRig
 
 TOTAL = 100_000
 WARMUP = 5_000
@@ -45,6 +48,16 @@ def _rss() -> int:
 
 def _nfds() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+def _fd_targets() -> list[str]:
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return sorted(out)
 
 
 class Fuzzer:
@@ -147,3 +160,53 @@ def test_random_descriptors_do_not_crash_hang_or_leak(tmp_path, backend):
         growth = _rss() - rss
         assert growth < 32 << 20, f"RSS grew by {growth >> 20} MiB over {TOTAL - WARMUP} descriptors"
         print(f"fuzz: {TOTAL - WARMUP} descriptors in {elapsed:.1f} s, RSS {growth / 1e6:+.1f} MB")
+
+
+@pytest.mark.slow
+def test_random_register_traffic_with_the_ring_running(tmp_path, backend):
+    """Random BAR0 accesses (every register, odd sizes, resets, enable/disable storms, queue
+    reconfiguration, doorbells) interleaved with hostile index updates and descriptor batches:
+    the server answers every access, never dies, and a clean reset brings the queue back."""
+    rnd = random.Random(int(os.environ.get("VXPU_FUZZ_SEED", "256")))
+    regs = list(range(0, 0x60, 4)) + [0x100, 0x7FC, 0xFFC]
+    with XpuRig(tmp_path / "regs.sock", backend, ram_size=RAM, sq_entries=64) as rig:
+        sandbox_pool()                  # the process-wide compile workers (pipes, logs) start once
+        fds, before_fds = _nfds(), Counter(_fd_targets())
+        fuzz = Fuzzer(rig, seed=7)
+        for i in range(10_000):
+            op = rnd.random()
+            if op < 0.45:
+                size = rnd.choice((1, 2, 4, 4, 4, 8))
+                off = rnd.choice(regs) & ~(size - 1)
+                value = rnd.getrandbits(8 * size)
+                rig.client.region_write(0, off, value.to_bytes(size, "little"), posted=rnd.random() < 0.8)
+            elif op < 0.75:
+                size = rnd.choice((1, 2, 4, 8))
+                off = rnd.choice(regs) & ~(size - 1)
+                assert len(rig.client.region_read(0, off, size)) == size
+            elif op < 0.9:
+                slot = rnd.randrange(rig.sq_entries)
+                rig.write(0x1000 + slot * abi.SQ_ENTRY_SIZE, fuzz.descriptor(i))
+                rig.set_hdr(abi.QH_SQ_TAIL, rig.hdr(abi.QH_SQ_HEAD) + rnd.randrange(0, 70))
+                if rnd.random() < 0.2:
+                    rig.set_hdr(abi.QH_CQ_HEAD, rig.hdr(abi.QH_CQ_TAIL) - rnd.randrange(0, 3))
+            elif op < 0.95:
+                rig.enable()
+            elif op < 0.97:
+                rig.set_reg(abi.REG_CONTROL, 1)
+            elif op < 0.985:
+                rig.client.region_write(CONFIG, 4, struct.pack("<H", rnd.choice((0x2, 0x6))))    # bus master
+            else:
+                rig.client.dma_unmap(RAM_BASE, RAM)                  # the rings' memory goes and comes back
+                rig.client.map_guest_ram(rig.mem, RAM_BASE)
+        rig.client.region_write(CONFIG, 4, struct.pack("<H", 0x6))
+        before = rig.reg(abi.REG_RESET_COUNT)
+        rig.set_reg(abi.REG_IRQ_CONTROL, 0)
+        rig.set_reg(abi.REG_CONTROL, 1)
+        deadline = time.monotonic() + 30
+        while rig.reg(abi.REG_RESET_COUNT) == before:
+            assert time.monotonic() < deadline, "Control.RESET never completed"
+            time.sleep(0.01)
+        assert rig.enable() & DeviceStatus.ENABLED
+        rig.alive()
+        assert _nfds() == fds, Counter(_fd_targets()) - before_fds
