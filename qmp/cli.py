@@ -13,7 +13,6 @@ exit status 2; an unplug the guest did not complete exits 3 (the device and its 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import signal
@@ -136,6 +135,8 @@ def _run(args: argparse.Namespace, work: Callable[[], Any], show: Callable[[Any]
     try:
         result = work()
         if isinstance(result, Coroutine):
+            import asyncio  # only the QMP commands need it (sysfs-only passthrough also runs in a minimal guest)
+
             result = asyncio.run(result)
     except Error as exc:
         code = EXIT_UNPLUG_TIMEOUT if isinstance(exc, UnplugTimeout) else EXIT_ERROR

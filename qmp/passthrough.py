@@ -74,7 +74,7 @@ class BindPlan:
 
     def to_json(self) -> dict[str, Any]:
         """The plan as a JSON-able dict."""
-        return {"bdf": self.bdf, "iommu_group": self.iommu_group, "driver": self.current_driver,
+        return {"bdf": self.bdf, "iommu_group": self.iommu_group, "original_driver": self.current_driver,
                 "vfio_device": self.vfio_device, "writes": [[str(w.path), w.value] for w in self.writes]}
 
 
@@ -232,7 +232,8 @@ def bind(bdf: str, sysfs: Path = SYSFS, *, force: bool = False, where: Path | No
     if now != VFIO_DRIVER:
         raise PassthroughError(f"{plan.bdf} is bound to {now} instead of vfio-pci after the probe; check "
                                f"'dmesg' for vfio-pci errors, then 'vxpu passthrough unbind {plan.bdf}'")
-    log.info("%s bound to vfio-pci (was %s, IOMMU group %d)", plan.bdf, plan.current_driver, plan.iommu_group)
+    log.info("%s bound to vfio-pci (was %s, IOMMU group %d)", plan.bdf, plan.current_driver or "unbound",
+             plan.iommu_group)
     return plan
 
 

@@ -33,7 +33,8 @@ BOOT_TIMEOUT_S = float(os.environ.get("VXPU_E2E_BOOT_TIMEOUT", "180"))
 MODULES = ("virt/lib/irqbypass.ko", "drivers/vfio/vfio.ko", "drivers/vfio/vfio_iommu_type1.ko",
            "drivers/vfio/pci/vfio-pci-core.ko", "drivers/vfio/pci/vfio-pci.ko",
            "drivers/net/ethernet/intel/e1000e/e1000e.ko")
-QMP_FILES = ("qmp/__init__.py", "qmp/errors.py", "qmp/passthrough.py", "qmp/runtime.py")
+QMP_FILES = ("qmp/__init__.py", "qmp/errors.py", "qmp/passthrough.py", "qmp/runtime.py", "qmp/cli.py")
+CLI_FILES = ("vxpu/__init__.py", "vxpu/__main__.py", "vxpu/cli.py", "vxpu/log.py")  # 'python3 -m vxpu' in the guest
 SITE = "usr/lib/python3/dist-packages/vxpu"
 
 GUEST_SCRIPT = r'''
@@ -71,11 +72,26 @@ for name, (vendor, device, driver) in {"e1000e": ("0x8086", "0x10d3", "e1000e"),
             doc["refused_while_up"] = None
         except PassthroughError as exc:
             doc["refused_while_up"] = str(exc)
+        cli = subprocess.run([sys.executable, "-m", "vxpu", "passthrough", "bind", dev.name],
+                             capture_output=True, text=True)
+        doc["cli_refusal"] = [cli.returncode, cli.stderr]
         subprocess.run(["ip", "link", "set", iface, "down"], check=True)
-    plan = pt.bind(dev.name)
+        plan = pt.bind(dev.name)
+    else:  # the edu device goes through the command line, as an operator types it
+        cli = subprocess.run([sys.executable, "-m", "vxpu", "passthrough", "bind", dev.name, "--json"],
+                             capture_output=True, text=True)
+        doc["cli_bind"] = [cli.returncode, cli.stderr]
+        plan = pt.plan_bind(dev.name)
+        doc["cli_bind_json"] = json.loads(cli.stdout) if cli.returncode == 0 else None
     doc.update(group=plan.iommu_group, driver_bound=pt.driver_of(dev),
                vfio_node=os.path.exists(plan.vfio_device), remembered=pt.original_driver(dev.name))
-    doc["driver_after"] = pt.unbind(dev.name)
+    if name == "e1000e":
+        doc["driver_after"] = pt.unbind(dev.name)
+    else:
+        cli = subprocess.run([sys.executable, "-m", "vxpu", "passthrough", "unbind", dev.name, "--json"],
+                             capture_output=True, text=True)
+        doc["cli_unbind"] = [cli.returncode, cli.stderr]
+        doc["driver_after"] = json.loads(cli.stdout)["driver"] if cli.returncode == 0 else "cli failed"
     time.sleep(0.2)
     doc["vfio_node_after"] = os.path.exists(plan.vfio_device)
     out[name] = doc
@@ -118,6 +134,8 @@ def _overlay(image: GuestImage, out: Path) -> Path:
         cpio.file(f"root/ko/{Path(mod).name}", data)
     for rel in QMP_FILES:
         cpio.file(f"{SITE}/{rel}", (repo / rel).read_bytes())
+    for rel in CLI_FILES:
+        cpio.file(f"{SITE}/{rel.removeprefix('vxpu/')}", (repo / rel).read_bytes())
     cpio.file("root/pt_check.py", GUEST_SCRIPT.encode())
     cpio.close()
     out.write_bytes(image.initrd.read_bytes() + extra.getvalue())
@@ -144,3 +162,7 @@ def test_bind_and_unbind_on_a_real_kernel(qemu_binary: QemuBinary, guest_image: 
             assert doc["remembered"] == original, context
             assert doc["driver_after"] == original and not doc["vfio_node_after"], context
         assert nic["group"] != edu["group"], context
+        code, err = nic["cli_refusal"]
+        assert code == 2 and err.count("\n") == 1 and "is up" in err and "Traceback" not in err, context
+        assert edu["cli_bind"][0] == 0 and edu["cli_unbind"][0] == 0, context
+        assert edu["cli_bind_json"]["original_driver"] is None and edu["cli_bind_json"]["bdf"] == edu["bdf"], context
