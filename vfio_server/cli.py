@@ -47,8 +47,29 @@ def _test_device(args: argparse.Namespace, _backend: Any) -> Any:
 
 
 def _xpu_device(args: argparse.Namespace, backend: Any) -> Any:
+    from vxpu.accel.backend import ModuleKind
     from vxpu.vfio_server.xpu import XpuDevice
-    return XpuDevice(backend, msix=args.msix)
+    kinds = frozenset({ModuleKind.IR} | {ModuleKind(k) for k in args.allow_native or ()})
+    return XpuDevice(backend, quota_from_args(args), allowed_kinds=kinds, msix=args.msix)
+
+
+def quota_from_args(args: argparse.Namespace) -> Any:
+    """The per-guest :class:`~vxpu.accel.quota.Quota` with the ``--quota NAME=VALUE`` overrides.
+
+    Raises:
+        ConfigError: a malformed item, an unknown limit or a value that is not a positive integer.
+    """
+    from vxpu.accel.quota import DEFAULT_QUOTA
+    limits: dict[str, int] = {}
+    for item in args.quota or ():
+        name, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ConfigError(f"--quota {item!r}: expected NAME=INTEGER, e.g. memory_bytes=1073741824")
+        limits[name.strip()] = int(value)
+    try:
+        return DEFAULT_QUOTA.with_overrides(**limits)
+    except ValueError as exc:
+        raise ConfigError(f"--quota: {exc}") from None
 
 
 DEFAULT_DEVICE = "xpu"
@@ -83,6 +104,13 @@ def register(subparsers: Any) -> None:
     g.add_argument("--compile-cpu", type=int, metavar="SECONDS", help="CPU time per compile (default 10)")
     g.add_argument("--compile-timeout", type=float, metavar="SECONDS",
                    help="wall-clock deadline per compile (default 20)")
+    p.add_argument("--quota", action="append", metavar="NAME=VALUE",
+                   help="a per-guest limit of the accelerator (repeatable): memory_bytes, max_allocations, "
+                        "max_allocation_bytes, modules, module_bytes, kernels, queues, events, queue_depth, "
+                        "compile_seconds (vxpu.accel.quota.Quota)")
+    p.add_argument("--allow-native", action="append", choices=["ptx", "cubin", "hsaco", "onnx"],
+                   help="let the guest load native modules of this kind (repeatable; unchecked code, off by "
+                        "default); the backend must support the kind too")
     p.add_argument("--stats-file", metavar="PATH",
                    help="keep the device's STATS JSON in PATH (written at start and every 2 s, atomically; "
                         "the accelerator only)")
@@ -165,6 +193,7 @@ def serve(args: argparse.Namespace) -> int:
 
     kind = DEVICES[args.device]
     if kind.needs_backend:
+        quota_from_args(args)                            # a bad --quota fails before anything opens
         _configure_compiles(args)
     backend = _open_backend(args.backend, kind.needs_backend)
     if args.backend != "cpu" and not kind.needs_backend:

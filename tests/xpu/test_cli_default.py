@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from vxpu.vfio_server.client import VfioUserClient
 
 from vxpu.abi import testdev
@@ -83,3 +84,30 @@ def test_stats_file_is_kept_up_to_date(tmp_path):
         proc.terminate()
         proc.communicate(timeout=20)
     assert proc.returncode == 0
+
+
+def test_quota_and_native_kind_options(backend):
+    from argparse import Namespace
+
+    from vxpu.vfio_server import cli
+
+    from vxpu.errors import ConfigError
+
+    args = Namespace(msix=False, quota=["memory_bytes=1048576", "events = 7"], allow_native=["ptx"])
+    dev = cli._xpu_device(args, backend)
+    try:
+        assert dev.quota.memory_bytes == 1 << 20 and dev.quota.events == 7
+        assert not dev.features & abi.Feature.PTX                  # allowed, but the CPU backend has no PTX
+        doc = json.loads(dev._identity())
+        assert doc["quota"]["memory_bytes"] == 1 << 20
+    finally:
+        dev.close()
+    for bad in (["memory_bytes"], ["memory_bytes=-1"], ["nope=1"], ["events=0"], ["events=1.5"]):
+        with pytest.raises(ConfigError):
+            cli.quota_from_args(Namespace(quota=bad))
+
+
+def test_bad_quota_fails_before_serving(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "vxpu", "serve", "--socket", str(tmp_path / "q.sock"),
+                          "--quota", "no_such_limit=5"], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2 and "--quota" in res.stderr and not (tmp_path / "q.sock").exists()
