@@ -32,12 +32,17 @@ physical pieces, each a scatter-gather segment. A 64 MiB buffer took 0.2 s and w
 Closing (or interpreter exit, through :func:`weakref.finalize`) stops a running queue and
 clears Bus Master Enable *before* the memory goes back to the kernel, so the device can no
 longer write into pages that another process may get. A process killed outright cannot do
-that; the next :meth:`VmTransport.open` user resets the device before use.
+that: its queue keeps pointing at pages the kernel has taken back. The next transport to open
+the device finds the queue still enabled (or fatal), resets the device (``Control.RESET``,
+waiting for ``REG_RESET_COUNT`` to move) and says so in :attr:`VmTransport.recovered`; until
+then the device may still touch those pages, which no guest-side code can prevent without a
+kernel driver.
 """
 
 from __future__ import annotations
 
 import ctypes
+import logging
 import mmap
 import os
 import struct
@@ -54,12 +59,15 @@ from vxpu.guest.transport import DmaMemory
 
 from vxpu.abi import xpu
 
+log = logging.getLogger(__name__)
+
 HUGE_PAGE = 2 << 20
 ALIGN = 4096
 ARENA_MAX = 1 << 20             # requests up to this size share arena pages
 ENV_BDF = "VXPU_PCI_BDF"
 ENV_IDS = "VXPU_PCI_ID"
 QUEUE_STOP_TIMEOUT_S = 5.0
+RESET_TIMEOUT_S = 5.0
 _MAP_HUGETLB = 0x40000
 _MAP_POPULATE = 0x8000
 _MADV_DONTFORK = getattr(mmap, "MADV_DONTFORK", 10)
@@ -386,6 +394,29 @@ class VmTransport:
             self.close()
             raise GuestError(f"{fn.bdf}: BAR0 magic is {magic:#010x}, not {xpu.MAGIC_VALUE:#010x}: not a vxpu "
                              f"accelerator (is the server running?)")
+        #: the queue was left running (or fatal) by an owner that died; it was reset at open
+        self.recovered = False
+        status = self._bar.read32(xpu.REG_STATUS)
+        if status & (xpu.DeviceStatus.ENABLED | xpu.DeviceStatus.FATAL):
+            self._reset_abandoned(status)
+
+    def _reset_abandoned(self, status: int) -> None:
+        """Reset a device whose previous owner died with its queue running.
+
+        Raises:
+            GuestError: the reset did not finish within :data:`RESET_TIMEOUT_S`.
+        """
+        log.warning("%s: the queue was left %s by an earlier user; resetting the device", self.bdf,
+                    "fatal" if status & xpu.DeviceStatus.FATAL else "running")
+        before = self._bar.read32(xpu.REG_RESET_COUNT)
+        self._bar.write32(xpu.REG_CONTROL, int(xpu.Control.RESET))
+        deadline = time.monotonic() + RESET_TIMEOUT_S
+        while self._bar.read32(xpu.REG_RESET_COUNT) == before:
+            if time.monotonic() > deadline:
+                self.close()
+                raise GuestError(f"{self.bdf}: the device did not finish its reset within {RESET_TIMEOUT_S:g} s")
+            time.sleep(0.001)
+        self.recovered = True
 
     @classmethod
     def open(cls, bdf: str | None = None, ids: str | None = None, root: Path = SYSFS_PCI) -> VmTransport:

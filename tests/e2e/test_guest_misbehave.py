@@ -1,5 +1,7 @@
 """A guest program misbehaves through the SDK's lower layer; each mistake is a DeviceError with
-the right status, and the same VM then completes a correct kernel (guest_programs/misbehave.py)."""
+the right status, and the same VM then completes a correct kernel (guest_programs/misbehave.py).
+Last, a process is SIGKILLed with its queue running: the next process's VM transport finds the
+abandoned queue, resets the device and computes."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ EXPECTED: dict[str, tuple[str, int] | None] = {
     "address_outside_ram": ("OUT_OF_RANGE", 0),
     "fills_ring_without_waiting": ("BAD_SQ_TAIL", int(FatalCode.BAD_SQ_TAIL)),
     "floods_within_flow_control": None,
+    "killed_owner": None,
 }
 
 
@@ -52,6 +55,14 @@ def test_misbehaviour_is_a_device_error_then_a_kernel_completes(
         assert got["error"] == "DeviceError", f"{case}: {got}"
         assert (got["status"], got["fatal"]) == want, f"{case}: {got}"
     assert got["after_ok"], f"{case}: the correct kernel afterwards failed: {got}\n{logs}"
+
+
+def test_a_killed_owner_leaves_a_device_the_next_process_recovers(
+        outcome: tuple[dict[str, dict[str, Any]], bool, str]) -> None:
+    cases, _alive, logs = outcome
+    got = cases.get("killed_owner", {})
+    assert got.get("child_rc") == -9 and got.get("child_posted"), f"the child did not die mid-work: {got}\n{logs}"
+    assert got.get("recovered") is True, f"the next open did not find and reset the abandoned queue: {got}"
 
 
 def test_server_survives_the_misbehaving_guest(outcome: tuple[dict[str, dict[str, Any]], bool, str]) -> None:

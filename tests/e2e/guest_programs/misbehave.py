@@ -1,4 +1,5 @@
-"""Guest program: misbehave through the SDK's lower layer (Device.raw), then compute correctly.
+"""Guest program: misbehave through the SDK's lower layer (Device.raw), then compute correctly;
+last, a process that owns the device is killed with work in flight and the next one computes.
 
 Runs inside the VM (copied in by tests/e2e/test_guest_misbehave.py). Each case prints one line
 ``VXPU-CASE {json}``: the DeviceError it got (status name, fatal code) and whether a correct
@@ -6,6 +7,7 @@ kernel completed on the same device right after it. The last line is ``VXPU-DONE
 """
 
 import json
+import subprocess
 import sys
 import time
 import traceback
@@ -90,6 +92,30 @@ def floods_within_flow_control(dev: Device) -> None:
     dev.synchronize()
 
 
+KILLED_OWNER = """
+import os, signal
+import numpy as np
+from vxpu.guest.sdk import Device
+dev = Device.open()
+x = dev.to_device(np.ones(1 << 20, np.float32))
+for _ in range(64):
+    dev.memset(x, 7)
+print("CHILD-POSTED", dev.ring.in_flight, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)   # no close, no finalizers: the queue stays enabled
+"""
+
+
+def killed_owner() -> dict:
+    """A process dies with work in flight; the next one to open the device computes."""
+    child = subprocess.run([sys.executable, "-c", KILLED_OWNER], capture_output=True, text=True, check=False)
+    out = {"case": "killed_owner", "error": None, "child_rc": child.returncode,
+           "child_posted": "CHILD-POSTED" in child.stdout}
+    with Device.open() as dev:
+        out["recovered"] = dev.transport.recovered
+        out["after_ok"] = correct_kernel(dev)
+    return out
+
+
 CASES = [double_free, stale_module_launch, stale_module_kernel_get, address_outside_ram,
          fills_ring_without_waiting, floods_within_flow_control]
 
@@ -112,6 +138,12 @@ def main() -> int:
             except Exception as exc:  # noqa: BLE001
                 out.update(after_ok=False, after_error=f"{type(exc).__name__}: {exc}")
             print("VXPU-CASE " + json.dumps(out), flush=True)
+    try:
+        out = killed_owner()
+    except Exception as exc:  # noqa: BLE001
+        out = {"case": "killed_owner", "error": type(exc).__name__, "message": str(exc), "after_ok": False,
+               "trace": traceback.format_exc()[-1500:]}
+    print("VXPU-CASE " + json.dumps(out), flush=True)
     print("VXPU-DONE", flush=True)
     return 0
 
