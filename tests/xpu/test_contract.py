@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -155,3 +156,42 @@ def test_compile_time_budget_is_not_refilled_by_a_reset(tmp_path, backend):
         assert r.cmd(Opcode.IDENTIFY, sg=(r.addr(DATA_OFF), 4096)).status == Status.OK
         assert json.loads(r.read(DATA_OFF, r.cmd(Opcode.IDENTIFY, sg=(r.addr(DATA_OFF), 4096)).result)) \
             ["quota"]["compile_seconds"] == 1
+
+
+def test_allocation_size_and_kernel_handle_quotas(tmp_path, backend):
+    src = "module @two\nkernel @a() {\n^entry:\n  ret\n}\nkernel @b() {\n^entry:\n  ret\n}\n"
+    with XpuRig(tmp_path / "s", backend, quota=Quota(max_allocation_bytes=4096, kernels=1)) as r:
+        assert r.cmd(Opcode.MEM_ALLOC, [4097]).status == Status.QUOTA_EXCEEDED
+        assert r.cmd(Opcode.MEM_ALLOC, [4096]).status == Status.OK
+        image = binary.encode(text.parse(src), names=False)
+        r.write(DATA_OFF, image)
+        module = r.cmd(Opcode.MODULE_LOAD, [abi.ModuleKind.IR], sg=(r.addr(DATA_OFF), len(image))).result
+        statuses = []
+        for name in (b"a", b"b"):
+            r.write(DATA_OFF, name)
+            statuses.append(r.cmd(Opcode.KERNEL_GET, [module], sg=(r.addr(DATA_OFF), 1)).status)
+        assert statuses == [Status.OK, Status.QUOTA_EXCEEDED]
+
+
+def test_fatal_error_raises_vector_1_with_msix(tmp_path, backend):
+    with XpuRig(tmp_path / "s", backend, msix=True) as r:
+        cfg = r.client.region_read(7, 0, 256)
+        cap = cfg[0x34]
+        while cfg[cap] != 0x11:                                    # find the MSI-X capability
+            cap = cfg[cap + 1]
+        r.client.region_write(7, cap + 2, struct.pack("<H", 0x8000))          # MSI-X enable, unmasked
+        r.client.region_write(0, abi.MSIX_TABLE_OFFSET + 16 + 12, struct.pack("<I", 0))   # unmask vector 1
+        r.client.region_write(0, abi.MSIX_TABLE_OFFSET + 12, struct.pack("<I", 0))        # and vector 0
+        fds = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(2)]
+        try:
+            r.client.set_irqs(IrqIndex.MSIX, 0x24, 0, 2, fds)
+            r.set_reg(abi.REG_IRQ_CONTROL, IrqControl.FATAL | IrqControl.COMPLETION)
+            r.cmd(Opcode.NOP)
+            assert _count(fds[0]) == 1 and _count(fds[1], 0.0) == 0          # completions: vector 0
+            r.set_hdr(abi.QH_SQ_TAIL, 10_000)
+            r.set_reg(abi.REG_DOORBELL, 1)
+            r.wait_status(DeviceStatus.FATAL)
+            assert _count(fds[1]) == 1 and _count(fds[0], 0.0) == 0          # the fatal error: vector 1
+        finally:
+            for fd in fds:
+                os.close(fd)

@@ -268,3 +268,13 @@ def test_kernel_fault_fails_the_dtoh_that_waits_for_it(rig, saxpy):
     assert got[0].status == Status.OK and got[1].status == Status.KERNEL_FAULT
     assert got[2].status == Status.KERNEL_FAULT                     # and FENCE reports it too
     rig.alive()
+
+
+def test_reset_command_drops_an_unreported_fault(rig, saxpy):
+    assert _load(rig, _image(OOB))[0] == Status.OK
+    oob_module = _load(rig, _image(OOB))[1]
+    _s, oob, _size = _kernel(rig, oob_module, b"oob_store")
+    buf = rig.alloc(4096)
+    assert _launch(rig, oob, (1, 1, 1), (1, 1, 1), struct.pack("<Q", buf)) == Status.OK
+    got = rig.run([desc(Opcode.RESET, tag=1), desc(Opcode.FENCE, tag=2)])
+    assert [(c.tag, c.status) for c in got] == [(1, Status.OK), (2, Status.OK)]    # the fault went with the reset
