@@ -74,6 +74,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     att.add_argument("--id", help="QEMU device id (default: the first free vxpuN)")
     att.add_argument("--bus", help="QEMU bus to plug into (default: a free hot-pluggable slot)")
     att.add_argument("--device", help="the server's device model ('vxpu serve --device'; default: its default)")
+    att.add_argument("--quota", action="append", default=[], metavar="NAME=VALUE",
+                     help="per-guest limit for the server (repeatable; 'vxpu serve --quota', e.g. memory_bytes=1073741824)")
+    att.add_argument("--allow-native", action="append", default=[], metavar="KIND",
+                     help="let the guest load native modules of this kind (repeatable; 'vxpu serve --allow-native')")
     att.add_argument("--json", action="store_true", help="print the handle as JSON")
 
     det = _add(sub, "detach", "hot-unplug a vxpu device and stop its server", cmd_detach)
@@ -166,7 +170,9 @@ def _jsonable(value: Any) -> Any:
 def cmd_attach(args: argparse.Namespace) -> int:
     from vxpu.qmp import lifecycle
 
-    return _run(args, lambda: lifecycle.attach(args.qmp, args.backend, args.id, args.bus, device=args.device),
+    extra = [a for q in args.quota for a in ("--quota", q)] + [a for k in args.allow_native for a in ("--allow-native", k)]
+    return _run(args, lambda: lifecycle.attach(args.qmp, args.backend, args.id, args.bus, device=args.device,
+                                               server_args=extra),
                 lambda a: f"attached {a.id} at {a.slot} (bus {a.bus}): server pid {a.pid}, backend {a.backend}, "
                           f"socket {a.socket}, log {a.log}")
 

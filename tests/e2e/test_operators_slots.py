@@ -180,3 +180,25 @@ def test_a_stopped_qemu_is_named_as_the_cause(qemu_binary: QemuBinary, runtime: 
         finally:
             os.kill(qemu_pid, signal.SIGCONT)
         assert servers_under(runtime) == [] and leftovers(runtime) == []
+
+
+def test_attach_passes_quotas_to_the_server(qemu_binary: QemuBinary, runtime: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "VXPU_RUNTIME_DIR": str(runtime)}
+    pid = None
+    try:
+        with bare_qemu(qemu_binary, tmp_path) as qmp:
+            def attach(*extra: str) -> subprocess.CompletedProcess[str]:
+                return subprocess.run([sys.executable, "-m", "vxpu", "attach", "--qmp", str(qmp), "--json", *extra],
+                                      capture_output=True, text=True, timeout=60, env=env, check=False)
+            bad = attach("--quota", "memory_bytes=lots")
+            assert bad.returncode == 2 and "expected NAME=INTEGER" in json.loads(bad.stdout)["error"], bad
+            assert servers_under(runtime) == [] and leftovers(runtime) == []
+            good = attach("--quota", "memory_bytes=67108864")
+            assert good.returncode == 0, good
+            pid = json.loads(good.stdout)["pid"]
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            at = argv.index(b"--quota")
+            assert argv[at:at + 2] == [b"--quota", b"memory_bytes=67108864"]
+    finally:  # QEMU has gone first: a server must never vanish under its device
+        _stop_all(tmp_path / "bare.qmp")
+    assert pid is not None and not process_alive(pid, None)
