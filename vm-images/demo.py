@@ -253,6 +253,9 @@ def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
               f"{r['trapped_read_us']:.1f} us", file=out)
     if r.get("error"):
         print(f"  error    {r['error']}", file=out)
+    if any("UNSUPPORTED" in (k.get("error") or "") for k in kernels):
+        print(f"  note     UNSUPPORTED: the {r['backend']} backend cannot run that IR kernel (an NPU runs only "
+              "kernels that lower to tensor ops); --backend cpu or cuda runs all four", file=out)
     good = sum(1 for k in kernels if k.get("ok"))
     print(f"{'PASS' if r['ok'] else 'FAIL'}: {good}/{len(kernels)} kernels correct in the guest", file=out)
     if r.get("server_log_tail"):
