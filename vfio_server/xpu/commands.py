@@ -26,11 +26,10 @@ FENCE, which reports the first of them.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from vxpu.accel.backend import BackendError, ModuleKind
@@ -117,6 +116,7 @@ class Executor:
         self.defer_sync = False        # DTOH leaves its synchronization to the caller (batches)
         self.sync_pending = False      # ... and says so here
         self.queued = 0                # backend operations issued since the last full synchronize
+        self._section = _GuestSection(self)
         self._table: dict[int, Callable[[Desc], Result]] = {
             Opcode.NOP: lambda d: (0, 0),
             Opcode.IDENTIFY: lambda d: self._write_doc(d, self._identity()),
@@ -173,13 +173,10 @@ class Executor:
             raise GuestFault(Status.BAD_DESCRIPTOR, f"opcode {d.opcode:#x} takes no scatter-gather list")
 
     # -- guest memory --------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def guest(self) -> Iterator[GuestRam]:
-        """Hold the guest-RAM lock; raise :class:`Abandoned` if the device was reset meanwhile."""
-        with self.ram.lock:
-            if self._alive() != self.epoch:
-                raise Abandoned()
-            yield self.ram
+    def guest(self) -> _GuestSection:
+        """``with executor.guest():`` holds the guest-RAM lock and raises :class:`Abandoned` if
+        the device was reset meanwhile."""
+        return self._section
 
     def _sg_list(self, d: Desc) -> list[tuple[int, int]]:
         """The descriptor's ``(addr, length)`` entries (caller holds the lock).
@@ -415,6 +412,27 @@ class Executor:
         self.queued = 0
         self.async_error = None
         return 0, 0
+
+
+class _GuestSection:
+    """The context manager behind :meth:`Executor.guest` (a plain class: this is on the path of
+    every command that touches guest memory, and generator-based context managers cost more)."""
+
+    __slots__ = ("_ex",)
+
+    def __init__(self, executor: Executor) -> None:
+        self._ex = executor
+
+    def __enter__(self) -> GuestRam:
+        ex = self._ex
+        ex.ram.lock.acquire()
+        if ex._alive() != ex.epoch:
+            ex.ram.lock.release()
+            raise Abandoned()
+        return ex.ram
+
+    def __exit__(self, *exc: object) -> None:
+        self._ex.ram.lock.release()
 
 
 class _TooSmall(GuestFault):

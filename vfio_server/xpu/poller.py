@@ -105,6 +105,7 @@ class Poller:
         self._rings: Rings | None = None
         self._unsignalled = 0
         self._oldest_unsignalled = 0.0
+        self._batch_irq: tuple[int, int, int] | None = None
         self._stopping = False
         self.executor = Executor(self.ram, lambda: self.session, lambda: self.epoch, features, identity,
                                  self.stats_document, self._reset_command, self.stats)
@@ -367,7 +368,8 @@ class Poller:
         completions (and every later one, to keep the order) are held until one synchronization,
         which happens before any command that is not a plain copy, memset or NOP, and at the end
         of the batch. Returns the number completed, -1 when the queue stopped meanwhile."""
-        count = max(1, self._irq_settings()[1])      # REG_IRQ_COALESCE_COUNT, read once per batch
+        self._batch_irq = self._irq_settings()      # the IRQ_* registers, read once per batch
+        count = max(1, self._batch_irq[1])
         held: list[tuple[tuple[int, ...], tuple[int, int, int, int], bool]] = []
         done = 0
         self.executor.defer_sync = True
@@ -394,6 +396,7 @@ class Poller:
         finally:
             self.executor.defer_sync = False
             self.executor.sync_pending = False
+            self._batch_irq = None
 
     def _execute(self, raw: tuple[int, ...]) -> tuple[int, int, int, int] | None:
         """``(tag, status, result, result2)`` for one descriptor, ABORTED while a Control.RESET
@@ -467,7 +470,7 @@ class Poller:
         """Raise vector 0 for the unsignalled completions if due (see the module docstring)."""
         if not self._unsignalled:
             return
-        ctrl, _count, usec = self._irq_settings()
+        ctrl, _count, usec = self._batch_irq or self._irq_settings()
         if not force and not (batch_end and usec == 0):
             return
         self._unsignalled = 0
