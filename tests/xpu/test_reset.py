@@ -7,6 +7,7 @@ the poller while the test resets, disconnects, unmaps memory or reads registers.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import threading
@@ -235,3 +236,28 @@ def test_a_full_backend_queue_never_holds_up_dma_map_changes(tmp_path, backend):
         assert took < 0.15, f"DMA_MAP took {took * 1e3:.0f} ms behind the queued kernels"
         r.client.dma_unmap(0x4000_0000, extra.size)
         extra.close()
+
+
+def test_reconnect_cycles_leak_no_fds_threads_or_sessions(tmp_path, backend):
+    """QEMU hot re-plug, 40 times: connect, reset, map RAM, run work, leave without cleaning up.
+    Every cycle ends with the guest's state dropped; fds and threads stay flat."""
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    with XpuRig(tmp_path / "s", backend) as r:
+        r.alloc(4096)
+        baseline: tuple[int, int] | None = None
+        for cycle in range(40):
+            r.client.close()
+            r.client = VfioUserClient(r.server.path, timeout=10.0)
+            r.client.handshake()
+            r.client.reset()                                  # QEMU resets the device at realize
+            r.client.region_write(CONFIG, 4, struct.pack("<H", 0x0006))
+            r.client.map_guest_ram(r.mem, RAM_BASE)
+            assert r.enable() & DeviceStatus.ENABLED
+            dev = r.alloc(1 << 16)
+            assert r.htod(dev, b"x" * 4096).status == 0
+            if cycle == 4:
+                baseline = (fds(), threading.active_count())
+        assert baseline is not None and (fds(), threading.active_count()) == baseline
+        assert json.loads(r.device.stats_document())["session"]["vxpu_session_live_allocations"] == 1
