@@ -230,3 +230,15 @@ def test_a_briefly_invalid_index_is_re_read_not_fatal(rig):
     rig.set_hdr(abi.QH_SQ_TAIL, 3)
     assert [c.status for c in rig.run([desc(Opcode.NOP)])] == [0]
     assert not rig.reg(abi.REG_STATUS) & DeviceStatus.FATAL
+
+
+def test_rings_in_message_only_ram_are_refused(tmp_path, backend):
+    """RAM that QEMU maps without an fd (no share=on) can only be reached with DMA messages:
+    it cannot hold the queue."""
+    from vxpu.vfio_server.client import GuestMemory
+
+    with XpuRig(tmp_path / "s", backend, enable=False) as r, GuestMemory(1 << 20) as msg:
+        r.client.map_guest_ram(msg, 0x4000_0000, with_fd=False)
+        status = r.enable(header=0x4000_0000)
+        assert status & DeviceStatus.FATAL and r.reg(abi.REG_FATAL_INFO) == ConfigProblem.HEADER
+        r.client.dma_unmap(0x4000_0000, msg.size)
