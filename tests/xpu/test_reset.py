@@ -261,3 +261,24 @@ def test_reconnect_cycles_leak_no_fds_threads_or_sessions(tmp_path, backend):
                 baseline = (fds(), threading.active_count())
         assert baseline is not None and (fds(), threading.active_count()) == baseline
         assert json.loads(r.device.stats_document())["session"]["vxpu_session_live_allocations"] == 1
+
+
+def test_control_reset_interrupts_for_its_aborted_completions(rig):
+    from .test_commands import _count, _msi
+
+    fd = _msi(rig)
+    try:
+        rig.set_reg(abi.REG_IRQ_CONTROL, 1)                       # IrqControl.COMPLETION
+        launch, _out = _spin_launch(rig)
+        base = rig.hdr(abi.QH_CQ_TAIL)
+        rig.submit([launch, desc(Opcode.FENCE)])
+        _wait_busy(rig, base + 1)                                 # LAUNCH completed, FENCE waits
+        _count(fd)
+        rig.submit([desc(Opcode.NOP) for _ in range(3)])          # never read before the reset
+        before = rig.reg(abi.REG_RESET_COUNT)
+        rig.set_reg(abi.REG_CONTROL, Control.RESET)
+        _wait_reset_count(rig, before)
+        assert [c.status for c in rig.completions(5)[1:]] == [Status.ABORTED] * 4
+        assert _count(fd) == 2           # one for the aborted FENCE, one for the three unread NOPs
+    finally:
+        os.close(fd)

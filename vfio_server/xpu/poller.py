@@ -242,8 +242,9 @@ class Poller:
                 try:
                     rings.attach(self.ram)
                     for raw in rings.unread():
-                        rings.complete(raw[3], Status.ABORTED, 0, 0)
-                        self.stats.count(raw[0], Status.ABORTED)
+                        rings.complete(raw[3], _ABORTED, 0, 0)
+                        self.stats.count(raw[0], _ABORTED)
+                        self._unsignalled += 1          # signalled below
                 except QueueFatal:
                     pass
             self._stop_queue()
@@ -252,10 +253,10 @@ class Poller:
         self.executor.async_error = None
         self.executor.queued = 0
         self.aborting = any(what == "reset" for what, _ in list(self.controls))
+        if not quiet:
+            self._signal(force=True)            # the ABORTED completions, before RESET_COUNT moves
         self.reset_count += 1
         self.stats.resets += 1
-        if not quiet:
-            self._signal(force=True)
 
     def reset_session(self) -> None:
         """Drop every allocation, module and event of the guest: a fresh session, with guest
