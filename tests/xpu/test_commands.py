@@ -218,4 +218,3 @@ def test_fatal_interrupt(rig):
         assert _count(fd) == 1
     finally:
         os.close(fd)
-
