@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -36,7 +37,15 @@ from typing import Any, TypeAlias
 
 from vxpu.qmp.connection import Qmp
 from vxpu.qmp.devices import DRIVER, vfio_user_device
-from vxpu.qmp.errors import IdInUse, NoFreeSlot, QmpError, QmpUnreachable, UnknownDevice, UnplugTimeout
+from vxpu.qmp.errors import (
+    IdInUse,
+    NoFreeSlot,
+    QmpBusy,
+    QmpError,
+    QmpUnreachable,
+    UnknownDevice,
+    UnplugTimeout,
+)
 from vxpu.qmp.runtime import DeviceRecord, VmState, check_id, process_alive, server_listening
 from vxpu.qmp.server import STOP_GRACE_S, spawn_server, stop_server, wait_listening
 from vxpu.qmp.slots import choose_bus, locate
@@ -48,7 +57,8 @@ log = logging.getLogger(__name__)
 QmpLike: TypeAlias = str | Path | Qmp
 _BACKEND = re.compile(r"^(cpu|npu|(cuda|hip)(:\d{1,3})?)$")
 SERVER_START_TIMEOUT_S = 20.0
-STATS_STALE_S = 15.0  # the server rewrites its STATS every ~2 s
+STATS_STALE_S = 15.0
+LOCK_WAIT_S = 60.0  # how long a vxpu command queues behind another one on the same VM  # the server rewrites its STATS every ~2 s
 _UNPLUG_PENDING = "already in the process of unplug"
 
 
@@ -144,6 +154,25 @@ async def session(qmp: QmpLike) -> AsyncIterator[Qmp]:
         await conn.close()
 
 
+@asynccontextmanager
+async def vm_locked(state: VmState, wait: float = LOCK_WAIT_S) -> AsyncIterator[None]:
+    """Hold the VM's lock (see :mod:`vxpu.qmp.runtime`) for the block; wait up to ``wait`` seconds.
+
+    Raises:
+        QmpBusy: another vxpu command kept the VM for ``wait`` seconds.
+    """
+    deadline = time.monotonic() + wait
+    while (fd := state.try_lock()) is None:
+        if time.monotonic() > deadline:
+            raise QmpBusy(f"another vxpu command (pid {state.lock_holder()}) has been working on this VM for "
+                          f"{wait:.0f}s; wait for it to finish, or stop it")
+        await asyncio.sleep(0.02)
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
 def _used(conn: Qmp, given: QmpLike) -> AbstractAsyncContextManager[Qmp]:
     """``conn`` for a block: closed at its end if it was opened here (not the caller's)."""
     return nullcontext(conn) if conn is given else aclosing(conn)
@@ -210,43 +239,43 @@ async def attach(qmp: QmpLike, backend: str = "cpu", id: str | None = None, bus:
     if id is not None:
         check_id(id)
     t0 = time.monotonic()
-    async with session(qmp) as q:
-        state = VmState(q.path)
-        with state.locked():
-            devices = await peripherals(q)
-            dev_id = id or _next_id(set(devices) | {r.id for r in state.records()})
-            await _check_free(state, dev_id, devices)
-            target = bus or await choose_bus(q)
-            _, sock, logf = state.paths(dev_id)
-            args = ["--backend", backend, "--stats-file", str(state.stats_path(dev_id)),
-                    *(["--device", device] if device else []), *server_args]
-            pid, start = spawn_server(sock, logf, args)
-            rec = DeviceRecord(id=dev_id, qmp=state.qmp, qemu_pid=q.peer_pid, backend=backend, device=device,
-                               pid=pid, pid_start=start, socket=str(sock), log=str(logf), bus=target)
-            sent = False
-            try:
-                state.write(rec)
-                await wait_listening(pid, start, sock, logf, start_timeout)
-                sent = True
-                await _device_add(q, dev_id, sock, target, logf)
-            except BaseException as exc:
-                if sent and not isinstance(exc, Error):
-                    # interrupted while QEMU may be adding the device: a server must not vanish under
-                    # it, so it stays, recorded ('vxpu ls' shows it, 'vxpu detach' resolves it)
-                    vm_log(state).warning("attach of %s interrupted during device_add; server pid %d stays recorded",
-                                          dev_id, pid)
-                else:
-                    stop_server(pid, start)
-                    state.remove(dev_id, keep_log=True)
-                raise
-            loc = locate(await q.execute("query-pci"), dev_id)
-            if loc is None:
-                rec.state = "attached"
-                state.write(rec)
-                raise QmpError(f"QEMU accepted {dev_id} but query-pci does not list it; the device and its server "
-                               f"(pid {pid}) stay, run 'vxpu detach --qmp {state.qmp} --id {dev_id}' to remove them")
-            rec.state, rec.slot = "attached", str(loc)
+    state = VmState(qmp.path if isinstance(qmp, Qmp) else qmp)
+    async with vm_locked(state), session(qmp) as q:
+        devices = await peripherals(q)
+        dev_id = id or _next_id(set(devices) | {r.id for r in state.records()})
+        await _check_free(state, dev_id, devices)
+        target = bus or await choose_bus(q)
+        _, sock, logf = state.paths(dev_id)
+        state.ensure_dir()
+        args = ["--backend", backend, "--stats-file", str(state.stats_path(dev_id)),
+                *(["--device", device] if device else []), *server_args]
+        pid, start = spawn_server(sock, logf, args)
+        rec = DeviceRecord(id=dev_id, qmp=state.qmp, qemu_pid=q.peer_pid, backend=backend, device=device,
+                           pid=pid, pid_start=start, socket=str(sock), log=str(logf), bus=target)
+        sent = False
+        try:
             state.write(rec)
+            await wait_listening(pid, start, sock, logf, start_timeout)
+            sent = True
+            await _device_add(q, dev_id, sock, target, logf)
+        except BaseException as exc:
+            if sent and not isinstance(exc, Error):
+                # interrupted while QEMU may be adding the device: a server must not vanish under
+                # it, so it stays, recorded ('vxpu ls' shows it, 'vxpu detach' resolves it)
+                vm_log(state).warning("attach of %s interrupted during device_add; server pid %d stays recorded",
+                                      dev_id, pid)
+            else:
+                stop_server(pid, start)
+                state.remove(dev_id, keep_log=True)
+            raise
+        loc = locate(await q.execute("query-pci"), dev_id)
+        if loc is None:
+            rec.state = "attached"
+            state.write(rec)
+            raise QmpError(f"QEMU accepted {dev_id} but query-pci does not list it; the device and its server "
+                           f"(pid {pid}) stay, run 'vxpu detach --qmp {state.qmp} --id {dev_id}' to remove them")
+        rec.state, rec.slot = "attached", str(loc)
+        state.write(rec)
     vm_log(state).info("attached %s at %s (server pid %d, backend %s)", dev_id, loc, pid, backend)
     return Attached(id=dev_id, pid=pid, socket=str(sock), log=str(logf), slot=str(loc), bus=target,
                     backend=backend, qmp=state.qmp, seconds=round(time.monotonic() - t0, 4))
@@ -283,16 +312,17 @@ async def detach(qmp: QmpLike, id: str, timeout: float = 10.0,
     """
     check_id(id)
     t0 = time.monotonic()
-    try:
-        conn = qmp if isinstance(qmp, Qmp) else await Qmp.open(qmp)
-    except QmpUnreachable:
-        done = _forget_exited_vm(Path(qmp), id, grace) if not isinstance(qmp, Qmp) else None
-        if done is None:
-            raise
-        return Detached(id=id, server=done[0], pid=done[1], unplugged=False, seconds=round(time.monotonic() - t0, 4))
-    async with _used(conn, qmp) as q:
-        state = VmState(q.path)
-        with state.locked():
+    state = VmState(qmp.path if isinstance(qmp, Qmp) else qmp)
+    async with vm_locked(state):
+        try:
+            conn = qmp if isinstance(qmp, Qmp) else await Qmp.open(qmp)
+        except QmpUnreachable:
+            done = _forget_exited_vm(state, id, grace) if not isinstance(qmp, Qmp) else None
+            if done is None:
+                raise
+            return Detached(id=id, server=done[0], pid=done[1], unplugged=False,
+                            seconds=round(time.monotonic() - t0, 4))
+        async with _used(conn, qmp) as q:
             rec = state.read(id)
             devices = await peripherals(q)
             in_vm = id in devices
@@ -315,20 +345,19 @@ async def detach(qmp: QmpLike, id: str, timeout: float = 10.0,
     return Detached(id=id, server=outcome, pid=pid, unplugged=in_vm, seconds=round(time.monotonic() - t0, 4))
 
 
-def _forget_exited_vm(qmp_path: Path, dev_id: str, grace: float) -> tuple[str, int] | None:
+def _forget_exited_vm(state: VmState, dev_id: str, grace: float) -> tuple[str, int] | None:
     """Stop the server of ``dev_id`` if the QEMU it served has exited (its QMP socket is gone).
+    The caller holds the VM's lock.
 
     Returns:
         (outcome of :func:`stop_server`, server pid), or None when there is no such record or its
         QEMU may still run (unknown pid, or alive): then nothing is touched.
     """
-    state = VmState(qmp_path)
-    with state.locked():
-        rec = state.read(dev_id)
-        if rec is None or rec.qemu_pid is None or process_alive(rec.qemu_pid, None):
-            return None
-        outcome = stop_server(rec.pid, rec.pid_start, grace)
-        state.remove(dev_id)
+    rec = state.read(dev_id)
+    if rec is None or rec.qemu_pid is None or process_alive(rec.qemu_pid, None):
+        return None
+    outcome = stop_server(rec.pid, rec.pid_start, grace)
+    state.remove(dev_id)
     vm_log(state).warning("%s: its VM (QEMU pid %d) has exited; stopped its server (pid %d, %s)", dev_id, rec.qemu_pid,
                 rec.pid, outcome)
     return outcome, rec.pid
@@ -359,19 +388,20 @@ async def list_devices(qmp: QmpLike) -> list[DeviceInfo]:
     Raises:
         QmpUnreachable, QmpBusy, QmpError: as for :class:`Qmp`.
     """
-    try:
-        conn = qmp if isinstance(qmp, Qmp) else await Qmp.open(qmp)
-    except QmpUnreachable as exc:
-        left = [r.id for r in VmState(Path(str(qmp))).records()]
-        if not left:
-            raise
-        raise QmpUnreachable(f"{exc}. vxpu still has servers recorded for this VM ({', '.join(left)}): once its "
-                             f"QEMU has exited, 'vxpu detach --qmp {qmp} --id ID' stops them") from exc
-    async with _used(conn, qmp) as q:
-        state = VmState(q.path)
-        devices = await peripherals(q)
-        buses = await q.execute("query-pci")
-        records = {r.id: r for r in state.records()}
+    state = VmState(qmp.path if isinstance(qmp, Qmp) else qmp)
+    async with vm_locked(state):
+        try:
+            conn = qmp if isinstance(qmp, Qmp) else await Qmp.open(qmp)
+        except QmpUnreachable as exc:
+            left = [r.id for r in state.records()]
+            if not left:
+                raise
+            raise QmpUnreachable(f"{exc}. vxpu still has servers recorded for this VM ({', '.join(left)}): once "
+                                 f"its QEMU has exited, 'vxpu detach --qmp {qmp} --id ID' stops them") from exc
+        async with _used(conn, qmp) as q:
+            devices = await peripherals(q)
+            buses = await q.execute("query-pci")
+            records = {r.id: r for r in state.records()}
     rows = []
     for dev_id in sorted(set(records) | {i for i, kind in devices.items() if kind == DRIVER}):
         rec, loc = records.get(dev_id), locate(buses, dev_id)

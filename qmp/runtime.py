@@ -3,14 +3,17 @@
 Layout, under the runtime directory (``$VXPU_RUNTIME_DIR``, else ``$XDG_RUNTIME_DIR/vxpu``,
 else ``/run/vxpu`` as root, else ``/tmp/vxpu-<uid>``)::
 
-    <runtime>/<vm>/.lock          flock'd while an attach or detach changes this VM
+    <runtime>/.locks/<vm>.lock    flock'd by the vxpu command working on this VM (holds its pid)
     <runtime>/<vm>/<id>.json      one :class:`DeviceRecord`, written atomically (tmp + rename)
     <runtime>/<vm>/<id>.sock      the server's vfio-user socket
     <runtime>/<vm>/<id>.log       the server's output
     <runtime>/<vm>/<id>.stats     the server's STATS JSON, rewritten every few seconds (``--stats-file``)
 
 ``<vm>`` is derived from the resolved QMP socket path, so every tool that reaches the VM
-through the same socket finds the same records. A record stores the server's pid together
+through the same socket finds the same records. vxpu commands take the VM's lock *before* they
+connect to QMP: QEMU serves one QMP client at a time, so concurrent vxpu commands queue on the
+lock instead of mistaking each other for a foreign client. Lock files are never deleted (an
+unlinked lock file would let two processes hold "the" lock at once). A record stores the server's pid together
 with its start time (``/proc/<pid>/stat`` field 22), so a recycled pid is never mistaken for
 the server and never signalled.
 """
@@ -25,8 +28,6 @@ import os
 import re
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -134,16 +135,31 @@ class VmState:
         """Create the VM's directory (mode 0700: sockets in it give control of a device)."""
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
 
-    @contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold this VM's lock (one attach/detach at a time per VM, across processes)."""
-        self.ensure_dir()
-        fd = os.open(self.dir / ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    @property
+    def lock_path(self) -> Path:
+        """This VM's lock file (outside the VM's folder, which goes away with its last device)."""
+        return self.dir.parent / ".locks" / f"{self.dir.name}.lock"
+
+    def try_lock(self) -> int | None:
+        """Take this VM's lock without waiting: the locked fd (close it to unlock), or None when
+        another process holds it. The holder's pid is written into the lock file."""
+        self.lock_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
             os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        return fd
+
+    def lock_holder(self) -> int | None:
+        """The pid written by the process that holds (or last held) this VM's lock."""
+        try:
+            return int(self.lock_path.read_text() or "0") or None
+        except (OSError, ValueError):
+            return None
 
     def write(self, record: DeviceRecord) -> None:
         """Store ``record`` atomically (a reader sees the old or the new file, never a mix)."""
@@ -191,12 +207,9 @@ class VmState:
         for p in (sock, record, self.stats_path(dev_id)) + (() if keep_log else (logf,)):
             p.unlink(missing_ok=True)
         try:
-            left = [p for p in self.dir.iterdir() if p.name != ".lock"]
-            if not left:
-                (self.dir / ".lock").unlink(missing_ok=True)
-                self.dir.rmdir()
+            self.dir.rmdir()  # only when no other device is left
         except OSError:
-            pass  # another process is using the directory
+            pass
 
 
 def pid_start_time(pid: int) -> int | None:

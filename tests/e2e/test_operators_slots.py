@@ -202,3 +202,22 @@ def test_attach_passes_quotas_to_the_server(qemu_binary: QemuBinary, runtime: Pa
     finally:  # QEMU has gone first: a server must never vanish under its device
         _stop_all(tmp_path / "bare.qmp")
     assert pid is not None and not process_alive(pid, None)
+
+
+def test_concurrent_attaches_queue_instead_of_failing(qemu_binary: QemuBinary, runtime: Path,
+                                                      tmp_path: Path) -> None:
+    """QEMU serves one QMP client at a time; vxpu commands on one VM wait for each other."""
+    env = {**os.environ, "VXPU_RUNTIME_DIR": str(runtime)}
+    try:
+        with bare_qemu(qemu_binary, tmp_path) as qmp:
+            clis = [subprocess.Popen([sys.executable, "-m", "vxpu", "attach", "--qmp", str(qmp), "--json"],
+                                     env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    for _ in range(4)]
+            results = [cli.communicate(timeout=120) for cli in clis]
+            assert [cli.returncode for cli in clis] == [0] * 4, results
+            ids = sorted(json.loads(out)["id"] for out, _ in results)
+            assert ids == ["vxpu0", "vxpu1", "vxpu2", "vxpu3"]
+            assert sorted((d.id, d.health) for d in sync.list_devices(qmp)) == [(i, "ok") for i in ids]
+    finally:
+        _stop_all(tmp_path / "bare.qmp")
+    assert servers_under(runtime) == [] and leftovers(runtime) == []

@@ -94,3 +94,15 @@ def test_server_listening_needs_a_listening_socket_held_by_the_pid(tmp_path: Pat
         other.wait()
     s.close()
     assert not rt.server_listening(os.getpid(), path)
+
+
+def test_vm_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
+    state = rt.VmState(tmp_path / "vm.qmp", root=tmp_path / "rt")
+    fd = state.try_lock()
+    assert fd is not None and state.lock_holder() == os.getpid()
+    assert state.try_lock() is None  # a second holder waits, even in the same process
+    os.close(fd)
+    again = state.try_lock()
+    assert again is not None
+    os.close(again)
+    assert state.lock_path.exists() and not state.dir.exists()  # the lock file stays; no VM folder needed
