@@ -95,18 +95,26 @@ def parse_ids(text: str) -> tuple[int, int]:
 
 
 def _looks_like_accelerator(fn: PciFunction) -> bool:
-    """Class 0x12, a 4 KiB memory BAR0 and no BAR2, and BAR0 answers like the accelerator."""
+    """Class 0x12, a 4 KiB memory BAR0 and no BAR2, and BAR0 answers like the accelerator.
+
+    A function that was disabled is enabled only for the probe and disabled again.
+    """
     try:
         if fn.class_code >> 16 != xpu.CLASS_CODE >> 16:
             return False
         res = fn.resources()
         if len(res) < 3 or res[0].size != xpu.BAR0_SIZE or not res[0].flags & RES_MEM or res[2].size:
             return False
+        was_enabled = (fn.path / "enable").read_text().strip() not in ("", "0")
         fn.enable()
-        with fn.map_bar(0) as bar:
-            return (bar.read32(xpu.REG_MAGIC) == xpu.MAGIC_VALUE
-                    and bar.read32(xpu.REG_VERSION) >> 16 == xpu.ABI_MAJOR
-                    and bar.read32(xpu.REG_MAX_RING_ENTRIES) == xpu.MAX_RING_ENTRIES)
+        try:
+            with fn.map_bar(0) as bar:
+                return (bar.read32(xpu.REG_MAGIC) == xpu.MAGIC_VALUE
+                        and bar.read32(xpu.REG_VERSION) >> 16 == xpu.ABI_MAJOR
+                        and bar.read32(xpu.REG_MAX_RING_ENTRIES) == xpu.MAX_RING_ENTRIES)
+        finally:
+            if not was_enabled:
+                (fn.path / "enable").write_text("0")
     except (OSError, ValueError, GuestError):
         return False
 
