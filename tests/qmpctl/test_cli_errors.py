@@ -12,6 +12,13 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def runtime(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Keep the commands' runtime directory (locks) out of the real /run/vxpu."""
+    monkeypatch.setenv("VXPU_RUNTIME_DIR", str(tmp_path / "rt"))
+    return tmp_path / "rt"
+
+
 def _vxpu(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "vxpu", *args], capture_output=True, text=True, timeout=30,
                           check=False, stdin=subprocess.DEVNULL)
