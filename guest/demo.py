@@ -20,7 +20,9 @@ It then measures what a guest program sees of the device:
 ``max |got - want| / max |want|`` over all elements; both are ``null`` for a
 kernel that failed before it could be checked (its ``error`` says why).
 
-The result is one line, ``VXPU-DEMO {json}`` (``--json``), or a short table. The exit status is
+The result is one line, ``VXPU-DEMO {json}`` (``--json``), or a short table; ``phases_s`` says
+where the time went (kernel uptime when the program started, importing numpy and the SDK,
+opening the device plus the four kernels, the measurements). The exit status is
 0 only when every kernel is within its tolerance. numpy is imported when the demo runs, not
 when the module is imported (the SDK's modules stay importable without it).
 """
@@ -205,10 +207,13 @@ def run(only: list[str] | None = None, local: str | None = None) -> dict[str, An
         local: run on the host against a ``vxpu serve --backend <local>`` child
             (``Device.local``) instead of the VM's device.
     """
+    phases: dict[str, float] = {"uptime_at_start": _uptime()}
+    t = time.perf_counter()
     import numpy as np
     from vxpu.guest.sdk import Device
 
-    result: dict[str, Any] = {"ok": False, "kernels": []}
+    phases["import_sdk_numpy"] = time.perf_counter() - t
+    result: dict[str, Any] = {"ok": False, "kernels": [], "phases_s": phases}
     rng = np.random.default_rng(SEED)
     t0 = time.perf_counter()
     with (Device.local(local) if local else Device.open()) as dev:
@@ -226,10 +231,22 @@ def run(only: list[str] | None = None, local: str | None = None) -> dict[str, An
                 entry.update(ok=False, error=f"{type(exc).__name__}: {exc}", max_rel_err=None, guest_ms=None)
                 traceback.print_exc(file=sys.stderr)
             result["kernels"].append(entry)
+        t = time.perf_counter()
+        phases["kernels"] = t - t0
         result.update(measure_bandwidth(dev))
         result.update(measure_latency(dev))
+        phases["measurements"] = time.perf_counter() - t
     result["ok"] = bool(result["kernels"]) and all(k["ok"] for k in result["kernels"])
     return result
+
+
+def _uptime() -> float:
+    """Seconds since the (guest) kernel booted, or 0 where /proc/uptime is missing."""
+    try:
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _round(doc: Any) -> Any:
