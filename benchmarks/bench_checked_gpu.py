@@ -98,6 +98,7 @@ def samples(gpu: CheckedGpu, quick: bool, rng: np.random.Generator) -> list[dict
                "ir_unchecked": gpu.load(cm_u.image, kname)[1],
                "cuda": big._check(gpu.cu.cuModuleGetFunction(twin, f"s_{kname}".encode()))}
         row = big.run_kernel(gpu, stem, fns, quick, rng, case=big._sample_case)
+        gpu.sizes = {gpu.record: gpu_checked.RECORD_SIZE}     # run_kernel freed the sample's buffers
         row["ptxas_checked"] = str(cm_c.extra.get("ptxas_info", ""))[-300:]
         row["ptxas_unchecked"] = str(cm_u.extra.get("ptxas_info", ""))[-300:]
         row["fault_claimed"] = gpu.fault_claimed()

@@ -125,6 +125,9 @@ def i32(value: int) -> ir.Constant:
     return ir.Constant(I32, value - (1 << 32) if value >> 31 else value)
 
 
+#: ``bounds`` handed to ``TargetHooks.address`` for an access proven in bounds before its loop.
+PROVEN: tuple[ir.Value, ir.Value, ir.Value] = ()  # type: ignore[assignment]
+
 #: Every buffer base is a multiple of this (the largest access size); hosts check it.
 BASE_ALIGN = 8
 
@@ -208,6 +211,7 @@ __all__ = [
     "ORIGIN_LOCAL",
     "ORIGIN_NONE",
     "ORIGIN_SHARED",
+    "PROVEN",
     "FaultExit",
     "aligned",
     "check_access",

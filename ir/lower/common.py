@@ -32,10 +32,10 @@ from collections.abc import Callable, Iterator
 
 from llvmlite import ir
 from vxpu.ir.lower import math as vmath
-from vxpu.ir.lower.bounds import ORIGIN_NONE, FaultExit, i32, pointer_origins
+from vxpu.ir.lower.bounds import ORIGIN_NONE, PROVEN, FaultExit, aligned, i32, in_bounds, pointer_origins
 from vxpu.ir.lower.errors import LoweringError
 from vxpu.ir.lower.versioning import CountedLoop, find_counted_loops
-from vxpu.ir.model import Block, Kernel, Op, Value
+from vxpu.ir.model import Block, Kernel, Op, OpResult, Value
 from vxpu.ir.types import AddressSpace, Type
 
 I1 = ir.IntType(1)
@@ -171,6 +171,10 @@ class TargetHooks:
         """The current function's fault exit (made on first use)."""
         raise NotImplementedError
 
+    def pointer_int(self, kl: KernelLowering, p: ir.Value) -> ir.Value:
+        """An IR pointer as the i64 its bounds are expressed in."""
+        return p if isinstance(p.type, ir.IntType) else kl.b.ptrtoint(p, I64)
+
     def array_addr(self, kl: KernelLowering, op: Op) -> ir.Value:
         """The pointer value of ``shared_addr``/``local_addr``."""
         raise NotImplementedError
@@ -260,6 +264,11 @@ class KernelLowering:
         self.tag_spill: dict[Value, ir.Value] = {}
         #: id(LLVM block) -> {block param index: phi of that param's tag}.
         self.tag_phis: dict[int, dict[int, ir.PhiInstr]] = {}
+        #: id(header) -> {id(access op): (base pointer, size)}: accesses of a counted loop whose
+        #: checks the loop's version test proves for every iteration (see :meth:`_proven`).
+        self.loop_proven: dict[int, dict[int, tuple[Value, int]]] = {}
+        #: id() of the access ops being emitted without a check (the fast copy of such a loop).
+        self.proven_ops: set[int] = set()
 
     # ------------------------------------------------------------------ types and values
 
@@ -354,6 +363,8 @@ class KernelLowering:
             raise LoweringError(f"kernel @{self.kernel.name} has no blocks")
         if self.hooks.version_loops and not self.spill:
             self.versioned = {id(cl.header): cl for cl in find_counted_loops(self.kernel, order)}
+            if self.checked:
+                self.loop_proven = {h: self._proven(cl) for h, cl in self.versioned.items()}
         for blk in order:
             lb = self.fn.append_basic_block(f"b.{blk.name or len(self.blocks)}")
             self.blocks[id(blk)] = lb
@@ -396,6 +407,7 @@ class KernelLowering:
             flag = "nsw" if cl.signed else "nuw"
             self.no_wrap = {i: flag for i in cl.increments} if fast else {}
             self.fast_loop = cl if fast else None
+            self.proven_ops = set(self.loop_proven.get(id(cl.header), {})) if fast else set()
             for b in cl.blocks:
                 self._lower_block(b)
                 if b is cl.header:
@@ -404,7 +416,7 @@ class KernelLowering:
             escaped_tags.append({v: self.tags[v] for v in cl.escaping if self.multi(v)})
         for b in cl.blocks:
             self.blocks[id(b)], self.phis[id(b)] = saved[id(b)]
-        self.no_wrap, self.fast_loop = {}, None
+        self.no_wrap, self.fast_loop, self.proven_ops = {}, None, set()
         merge = ir.IRBuilder(self.blocks[id(cl.exit)])  # holds only its parameter phis so far
         for v in cl.escaping:
             phi = merge.phi(self.llvm_type(v.type))
@@ -434,14 +446,59 @@ class KernelLowering:
             top = ir.Constant(ty, (1 << ty.width) - 1)
             pos = db.icmp_unsigned("!=", step, ir.Constant(ty, 0))
             fits = db.icmp_unsigned("<=", n, db.add(db.sub(top, step), ir.Constant(ty, 1)))
+        go = db.and_(pos, fits)
+        proven = self.loop_proven.get(id(cl.header), {})
+        if proven:
+            go = db.and_(go, self._range_ok(db, cl, vals[cl.iv.index], proven))
         h = cl.header
-        db.cbranch(db.and_(pos, fits), self.blocks[id(h)], self.slow_blocks[id(h)])
+        db.cbranch(go, self.blocks[id(h)], self.slow_blocks[id(h)])
         for fast_phi, slow_phi, v in zip(self.phis[id(h)], self.slow_phis[id(h)], vals):
             fast_phi.add_incoming(v, d)
             slow_phi.add_incoming(v, d)
         self._tag_incoming(self.blocks[id(h)], tags, d)
         self._tag_incoming(self.slow_blocks[id(h)], tags, d)
         return d
+
+    def _proven(self, cl: CountedLoop) -> dict[int, tuple[Value, int]]:
+        """Accesses of ``cl`` at ``offset P, j`` (``j`` the counter, ``P`` defined before the
+        loop, element size = access size): over ``j0 <= j < n`` their offsets form one
+        contiguous, monotone range, so checking the first and the last element before the loop
+        checks them all. Signed counters narrower than 64 bits only (``j * size`` cannot wrap)."""
+        if not cl.signed or cl.iv.type.bits >= 64:
+            return {}
+        inside: set[Value] = set()
+        for blk in cl.blocks:
+            inside.update(blk.params)
+            inside.update(op.result for op in blk.ops if op.result is not None)
+        out: dict[int, tuple[Value, int]] = {}
+        for blk in cl.blocks:
+            for op in blk.ops:
+                if op.opcode == "load" or op.opcode.startswith("atomic_"):
+                    pv, size = op.operands[0], op.type.size if op.type is not None else 0
+                elif op.opcode == "store":
+                    pv, size = op.operands[1], op.operands[0].type.size
+                else:
+                    continue
+                if (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.operands[1] is cl.iv
+                        and pv.op.operands[0] not in inside and pv.op.type is not None and pv.op.type.size == size):
+                    out[id(op)] = (pv.op.operands[0], size)
+        return out
+
+    def _range_ok(self, db: ir.IRBuilder, cl: CountedLoop, j0: ir.Value,
+                  proven: dict[int, tuple[Value, int]]) -> ir.Value:
+        """In the version test: the loop runs no iteration, or every proven access is in
+        bounds and aligned at the first and the last counter value (bounds of each base
+        pointer are computed before the branch into the test block)."""
+        n = self.get(cl.bound)
+        last = db.sub(n, ir.Constant(n.type, 1))
+        ok: ir.Value = ir.Constant(I1, 1)
+        for p, size in dict.fromkeys(proven.values()):
+            base, length, _ = self.bounds_of(p)
+            pi = self.hooks.pointer_int(self, self.get(p))
+            for j in (j0, last):
+                off = db.sub(db.add(pi, db.mul(db.sext(j, I64), ir.Constant(I64, size))), base)
+                ok = db.and_(ok, db.and_(aligned(db, off, size), in_bounds(db, off, length, size)))
+        return db.or_(db.icmp_signed(">=", j0, n), ok)
 
     def branch_to(self, succ_block: Block, args: tuple[Value, ...]) -> ir.Block:
         """Add phi incomings for a branch from the current block; returns the target block."""
@@ -642,16 +699,21 @@ def _array_addr(kl: KernelLowering, op: Op) -> ir.Value:
     return kl.hooks.array_addr(kl, op)
 
 
-def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False) -> ir.Value:
+def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False, op: Op | None = None) -> ir.Value:
     space = pv.type.space
     assert space is not None
-    bounds = kl.bounds_of(pv) if kl.checked else None
+    if not kl.checked:
+        bounds = None
+    elif op is not None and id(op) in kl.proven_ops:
+        bounds = PROVEN                  # checked once before the loop (see _range_ok)
+    else:
+        bounds = kl.bounds_of(pv)
     return kl.hooks.address(kl, kl.get(pv), space, scalar_type(t), t.size, atomic, bounds)
 
 
 def _load(kl: KernelLowering, op: Op) -> ir.Value:
     assert op.type is not None
-    addr = _address(kl, op.operands[0], op.type)
+    addr = _address(kl, op.operands[0], op.type, op=op)
     inst = kl.b.load(addr, align=op.type.size)
     space = op.operands[0].type.space
     if space is not None and kl.hooks.invariant_load(space):
@@ -663,13 +725,13 @@ def _load(kl: KernelLowering, op: Op) -> ir.Value:
 
 def _store(kl: KernelLowering, op: Op) -> None:
     v = kl.get(op.operands[0])
-    addr = _address(kl, op.operands[1], op.operands[0].type)
+    addr = _address(kl, op.operands[1], op.operands[0].type, op=op)
     kl.b.store(v, addr, align=op.operands[0].type.size)
 
 
 def _atomic(kl: KernelLowering, op: Op) -> ir.Value:
     assert op.type is not None
-    addr = _address(kl, op.operands[0], op.type, atomic=True)
+    addr = _address(kl, op.operands[0], op.type, atomic=True, op=op)
     if op.opcode == "atomic_cas":
         cmp = kl.get(op.operands[1])
         new = kl.get(op.operands[2])

@@ -23,7 +23,15 @@ import re
 from typing import ClassVar
 
 from llvmlite import ir
-from vxpu.ir.lower.bounds import FAULT_TRAP, ORIGIN_LOCAL, ORIGIN_NONE, ORIGIN_SHARED, FaultExit, check_access
+from vxpu.ir.lower.bounds import (
+    FAULT_TRAP,
+    ORIGIN_LOCAL,
+    ORIGIN_NONE,
+    ORIGIN_SHARED,
+    PROVEN,
+    FaultExit,
+    check_access,
+)
 from vxpu.ir.lower.common import (
     I8,
     I32,
@@ -78,7 +86,7 @@ class GpuHooks(TargetHooks):
 
     def address(self, kl: KernelLowering, p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
                 atomic: bool, bounds: tuple[ir.Value, ir.Value, ir.Value] | None) -> ir.Value:
-        if bounds is not None:
+        if bounds is not None and bounds is not PROVEN:
             addr = kl.b.ptrtoint(p, I64)
             kl.b = check_access(kl.b, kl.fn, self.fault_exit(kl), addr, bounds, size, space)
         return kl.b.bitcast(p, t.as_pointer(self.spaces[space]))

@@ -45,7 +45,15 @@ from dataclasses import dataclass
 from llvmlite import ir
 from vxpu.ir.args import array_layout
 from vxpu.ir.lower import bounds as vb
-from vxpu.ir.lower.bounds import ORIGIN_LOCAL, ORIGIN_NONE, ORIGIN_SHARED, FaultExit, check_access, i32
+from vxpu.ir.lower.bounds import (
+    ORIGIN_LOCAL,
+    ORIGIN_NONE,
+    ORIGIN_SHARED,
+    PROVEN,
+    FaultExit,
+    check_access,
+    i32,
+)
 from vxpu.ir.lower.common import (
     I1,
     I8,
@@ -213,7 +221,8 @@ class X86Hooks(TargetHooks):
             frame, limit = self.args["local"], ir.Constant(I64, self.layout.local_size)
         if bounds is None:          # unchecked build: the whole window
             bounds = (ir.Constant(I64, 0), limit, i32(ORIGIN_NONE))
-        kl.b = check_access(b, kl.fn, self.fault_exit(kl), p, bounds, size, space)
+        if bounds is not PROVEN:    # (PROVEN: inside its buffer, hence the arena: checked before the loop)
+            kl.b = check_access(b, kl.fn, self.fault_exit(kl), p, bounds, size, space)
         return kl.b.bitcast(kl.b.gep(frame, [p]), t.as_pointer())
 
     def barrier(self, kl: KernelLowering) -> None:
