@@ -87,8 +87,8 @@ def check_backend(spec: str) -> str:
     Raises:
         DemoError: it does not; the message lists the choices.
     """
-    name, _, index = spec.partition(":")
-    if name not in BACKENDS or (index and not index.isdigit()):
+    name, sep, index = spec.partition(":")
+    if name not in BACKENDS or (sep and not index.isdigit()):
         raise DemoError(f"unknown backend {spec!r}: use --backend with one of {', '.join(BACKENDS)} "
                         f"(cuda:N / hip:N for GPU N)")
     return spec

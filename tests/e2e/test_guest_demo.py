@@ -13,10 +13,11 @@ from vxpu.images.guest import GuestImage
 from vxpu.images.qemu import QemuBinary
 
 KERNELS = {"saxpy", "dot", "sgemm", "softmax"}
+pytestmark = pytest.mark.qemu
+
 NUMBERS = ("bandwidth_h2d_gbps", "bandwidth_d2h_gbps", "noop_roundtrip_us", "trapped_read_us")
 
 
-@pytest.mark.qemu
 def test_vxpu_demo_json_reports_every_kernel_correct(qemu_binary: QemuBinary, guest_image: GuestImage) -> None:
     accel = os.environ.get("VXPU_E2E_ACCEL", "auto")
     res = subprocess.run([sys.executable, "-m", "vxpu", "demo", "--json", "--accel", accel, "--timeout", "300"],
@@ -32,13 +33,3 @@ def test_vxpu_demo_json_reports_every_kernel_correct(qemu_binary: QemuBinary, gu
     for key in NUMBERS:
         assert isinstance(doc[key], float | int) and doc[key] > 0, (key, report)
 
-
-def test_vxpu_demo_cli_mistakes_are_one_line() -> None:
-    for argv, fix in ((["demo", "--backend", "tpu"], "one of cpu, cuda, hip, npu"),
-                      (["demo", "--frobnicate"], "--help"),
-                      (["demo", "--memory", "64M"], "--memory 1G"),
-                      (["vm", "run", "--demo"], "vxpu demo")):
-        res = subprocess.run([sys.executable, "-m", "vxpu", *argv], capture_output=True, check=False, text=True,
-                             timeout=60, stdin=subprocess.DEVNULL)
-        assert res.returncode == 2, (argv, res.stderr)
-        assert len(res.stderr.strip().splitlines()) == 1 and fix in res.stderr, (argv, res.stderr)
