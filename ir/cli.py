@@ -218,7 +218,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def emit(module: Any, target: str, what: str, *, arch: str | None = None, opt_level: int = 3,
          checked: bool = True) -> str | bytes:
     """One artifact of ``module`` for ``target``: LLVM IR text, PTX/assembly text, or binary
-    (``checked``: per-buffer bounds checks, docs/ir-lowering.md §6).
+    (``checked``: per-buffer bounds checks, docs/ir-lowering.md §7).
 
     Raises:
         ToolchainError / CompileError: the toolchain failed (the message has its log).

@@ -66,7 +66,7 @@ class CompiledModule:
         kernels: name → :class:`~vxpu.ir.args.KernelSignature`, in module order.
         extra: target specifics (x86: each kernel's scratch layout); ``extra["checked"]``: the
             code checks every access against its own buffer and takes the hidden bounds
-            arguments (docs/ir-lowering.md §6); False only for host-side unchecked builds.
+            arguments (docs/ir-lowering.md §7); False only for host-side unchecked builds.
         compile_seconds: wall time of the compile that produced it.
     """
 
