@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeAlias
 
 from vxpu.guest.errors import DeviceError
-from vxpu.guest.ring import opcode_name
+from vxpu.guest.ring import Ring, opcode_name
 from vxpu.guest.staging import post_single
 from vxpu.guest.transport import DmaMemory
 
@@ -47,9 +47,9 @@ class Raw:
         self.device = device
 
     @property
-    def ring(self):  # type: ignore[no-untyped-def]
-        """The device's :class:`~vxpu.guest.ring.Ring`."""
-        return self.device._live()
+    def ring(self) -> Ring:
+        """The device's :class:`~vxpu.guest.ring.Ring` (StateError after close)."""
+        return self.device.live_ring()
 
     def submit(self, opcode: int, *args: int, sg: Sg = None, flags: int | None = None,
                sg_count: int | None = None) -> int:

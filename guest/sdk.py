@@ -66,7 +66,7 @@ class Event:
 
     def record(self) -> Event:
         """EVENT_RECORD: the timestamp is taken when all earlier work has finished (async)."""
-        self.device._live().post(xpu.Opcode.EVENT_RECORD, self._check())
+        self.device.live_ring().post(xpu.Opcode.EVENT_RECORD, self._check())
         return self
 
     def query(self) -> bool:
@@ -82,7 +82,7 @@ class Event:
     def destroy(self) -> None:
         """EVENT_DESTROY (idempotent; a garbage event is destroyed at the next command)."""
         if self._finalizer.detach() is not None and self.epoch == self.device.epoch:
-            self.device._live().post(xpu.Opcode.EVENT_DESTROY, self.handle)
+            self.device.live_ring().post(xpu.Opcode.EVENT_DESTROY, self.handle)
 
 
 class Device:
@@ -172,7 +172,13 @@ class Device:
         self.close()
 
     # -- the synchronous command path -------------------------------------------------------
-    def _live(self) -> Ring:
+    def live_ring(self) -> Ring:
+        """The ring, once a kernel fault that reset the device state has been noticed and the
+        garbage queued by finalizers has been posted for release.
+
+        Raises:
+            StateError: the device is closed.
+        """
         ring = self.ring
         if ring is None:
             raise StateError("device used after close", current="closed", required="open")
@@ -197,13 +203,13 @@ class Device:
         Raises:
             DeviceError: it failed (its status), the device stopped, or it timed out.
         """
-        ring = self._live()
+        ring = self.live_ring()
         return ring.check(ring.post(opcode, a0, a1, a2, a3, sg_addr=sg_addr, sg_len=sg_len, waited=True))
 
     def _call_with_data(self, opcode: int, data: bytes, a0: int = 0) -> tuple[int, int]:
         """A synchronous command whose SG is ``data`` (a name, a module image): through staging
         slot 0 when it fits, else through DMA memory of its own."""
-        ring, staging = self._live(), self._staging()
+        ring, staging = self.live_ring(), self._staging()
         n = len(data)
         if n <= staging.chunk:
             staging.settle_all()
@@ -223,7 +229,7 @@ class Device:
         return self.staging
 
     def _reply_json(self, opcode: int, limit: int) -> dict[str, Any]:
-        ring, staging = self._live(), self._staging()
+        ring, staging = self.live_ring(), self._staging()
         staging.settle_all()
         mem = staging.slots[0]
         n = min(limit, mem.size)
@@ -249,7 +255,7 @@ class Device:
 
     def free_address(self, address: int) -> None:
         """MEM_FREE ``address`` (asynchronous; errors come at the next synchronize)."""
-        self._live().post(xpu.Opcode.MEM_FREE, address)
+        self.live_ring().post(xpu.Opcode.MEM_FREE, address)
 
     def empty(self, shape: Shape, dtype: Any = "float32") -> DeviceArray:
         """An uninitialised device array.
@@ -307,7 +313,7 @@ class Device:
         Raises:
             GuestError: sizes differ. DeviceError: the copy failed.
         """
-        ptr, ring = dst.ptr, self._live()
+        ptr, ring = dst.ptr, self.live_ring()
         if isinstance(src, HostArray):
             if src.nbytes != dst.nbytes:
                 raise GuestError(f"copy of {src.nbytes} bytes into a {dst.nbytes}-byte array")
@@ -327,7 +333,7 @@ class Device:
         Raises:
             GuestError: sizes differ or ``dst`` is not writable. DeviceError: the copy failed.
         """
-        ptr, ring = src.ptr, self._live()
+        ptr, ring = src.ptr, self.live_ring()
         if isinstance(dst, HostArray):
             if dst.nbytes != src.nbytes:
                 raise GuestError(f"copy of {src.nbytes} bytes into {dst.nbytes} bytes")
@@ -345,7 +351,7 @@ class Device:
     def memset(self, dst: DeviceArray, value: int) -> None:
         """MEM_SET every byte of ``dst`` to ``value`` (asynchronous)."""
         if dst.nbytes:
-            self._live().post(xpu.Opcode.MEM_SET, dst.ptr, value, dst.nbytes)
+            self.live_ring().post(xpu.Opcode.MEM_SET, dst.ptr, value, dst.nbytes)
 
     # -- modules, kernels, launches --------------------------------------------------------
     def load_module(self, source: Any) -> Module:
@@ -368,7 +374,7 @@ class Device:
 
     def module_unload(self, handle: int) -> None:
         """MODULE_UNLOAD (asynchronous)."""
-        self._live().post(xpu.Opcode.MODULE_UNLOAD, handle)
+        self.live_ring().post(xpu.Opcode.MODULE_UNLOAD, handle)
 
     def launch(self, kernel: Kernel, dims: tuple[int, int, int], blob: bytes) -> None:
         """Post a LAUNCH of ``kernel`` (asynchronous).
@@ -383,7 +389,7 @@ class Device:
                 waiting for ring space.
         """
         kernel.module.check()
-        ring = self._live()
+        ring = self.live_ring()
         a1, a2, a3 = dims
         n = len(blob)
         if n == 0:
@@ -407,9 +413,9 @@ class Device:
                 stopped. A KERNEL_FAULT whose result2 has ``STATE_RESET_BIT`` set also means the
                 device dropped this guest's state: older arrays and modules become stale.
         """
-        ring = self._live()
+        ring = self.live_ring()
         status, result, _ = ring.wait(ring.post(xpu.Opcode.FENCE, waited=True))
-        self._live()                  # notices a kernel fault that reset the device state
+        self.live_ring()                  # notices a kernel fault that reset the device state
         ring.raise_async()
         if status:
             raise DeviceError(status, "FENCE", result=result, detail="reported by synchronize")
@@ -420,7 +426,7 @@ class Device:
         doorbell) at the end, or whenever the ring is full. Outside a batch every command is
         published at once, which costs a store in guest memory (no trap) while the device polls.
         """
-        ring = self._live()
+        ring = self.live_ring()
         ring.batching += 1
         try:
             yield
