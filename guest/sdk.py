@@ -26,7 +26,8 @@ events are stale:
 using them raises :class:`~vxpu.guest.array.StaleHandle`.
 
 For tests that must misbehave on purpose, :attr:`Device.raw` (:class:`Raw`) posts any
-descriptor and returns the raw completion.
+descriptor and returns the raw completion. A device and its objects belong to one thread at a
+time (the ring takes no lock).
 """
 
 from __future__ import annotations
