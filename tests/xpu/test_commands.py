@@ -87,7 +87,7 @@ def test_identify(rig):
     c = rig.cmd(Opcode.IDENTIFY, sg=(rig.addr(BUF), abi.MAX_IDENTIFY_BYTES))
     assert c.status == Status.OK and 0 < c.result <= abi.MAX_IDENTIFY_BYTES
     doc = json.loads(rig.read(BUF, c.result))
-    assert doc["abi"] == "1.0" and doc["backend"] == "cpu"
+    assert doc["abi"] == "1.0" and doc["backend"] == rig.device.backend.properties().backend
     assert doc["memory_total"] > 0 and doc["max_threads_per_block"] >= 1
     assert "IR" in doc["features"] and "PTX" not in doc["features"]
     assert ("CHECKED_IR" in doc["features"]) == ("checked-ir" in doc["backend_features"])

@@ -30,18 +30,22 @@ module @spin
 kernel @spin(%n: i32, %out: ptr<global>) {
 ^entry:
   %zero = const 0 : i32
-  br ^loop(%zero)
-^loop(%k: i32):
+  br ^loop(%zero, %zero)
+^loop(%k: i32, %x: i32):
   %one = const 1 : i32
+  %a = const 1103515245 : i32
+  %c = const 12345 : i32
+  %m = mul %x, %a : i32
+  %x1 = add %m, %c : i32
   %k1 = add %k, %one : i32
   %more = icmp slt %k1, %n
-  cbr %more, ^loop(%k1), ^done
+  cbr %more, ^loop(%k1, %x1), ^done
 ^done:
-  store %k1, %out
+  store %x1, %out
   ret
 }
 """
-SPIN_N = 600_000_000           # about 0.4 s on the CI machine
+SPIN_N = 600_000_000           # a dependent multiply-add chain (no closed form): ~0.6 s on the CI CPU
 MOD_OFF = DATA_OFF + 0x100000
 ARGS_OFF = DATA_OFF + 0x180000
 

@@ -117,6 +117,7 @@ class Executor:
         self.sync_pending = False      # ... and says so here
         self.queued = 0                # backend operations issued since the last full synchronize
         self._section = _GuestSection(self)
+        self.events: dict[int, bool] = {}      # this guest's event handles -> recorded yet
         self._table: dict[int, Callable[[Desc], Result]] = {
             Opcode.NOP: lambda d: (0, 0),
             Opcode.IDENTIFY: lambda d: self._write_doc(d, self._identity()),
@@ -125,7 +126,7 @@ class Executor:
             Opcode.MEM_COPY_DTOD: self._dtod, Opcode.MODULE_LOAD: self._module_load,
             Opcode.MODULE_UNLOAD: self._module_unload, Opcode.KERNEL_GET: self._kernel_get,
             Opcode.LAUNCH: self._launch, Opcode.FENCE: self._fence,
-            Opcode.EVENT_CREATE: lambda d: (self.session.create_event(), 0),
+            Opcode.EVENT_CREATE: self._event_create,
             Opcode.EVENT_DESTROY: self._event_destroy, Opcode.EVENT_RECORD: self._event_record,
             Opcode.EVENT_QUERY: self._event_query, Opcode.EVENT_ELAPSED: self._event_elapsed,
             Opcode.INFER: self._infer, Opcode.STATS: lambda d: self._write_doc(d, self._stats()),
@@ -390,25 +391,45 @@ class Executor:
             raise GuestFault(err, "an earlier command failed asynchronously")
         return 0, 0
 
+    def _event_create(self, d: Desc) -> Result:
+        handle = self.session.create_event()
+        if len(self.events) >= 2 * self.session.quota.events:
+            self.events.clear()         # stale entries (a context reset dropped those events)
+        self.events[handle] = False
+        return handle, 0
+
     def _event_destroy(self, d: Desc) -> Result:
         self.session.destroy_event(d.args[0])
+        self.events.pop(d.args[0], None)
         return 0, 0
 
     def _event_record(self, d: Desc) -> Result:
         self.session.record_event(d.args[0])
+        if d.args[0] in self.events:
+            self.events[d.args[0]] = True
         self.queued += 1
         return 0, 0
 
+    def _check_recorded(self, *handles: int) -> None:
+        """INVALID_ARGUMENT for an event of this guest that was never recorded, the same on every
+        backend (CUDA itself would say INVALID_HANDLE); unknown handles are left to the session."""
+        for handle in handles:
+            if self.events.get(handle) is False:
+                raise GuestFault(Status.INVALID_ARGUMENT, f"event {handle:#x} was never recorded")
+
     def _event_query(self, d: Desc) -> Result:
+        self._check_recorded(d.args[0])
         self.session.event_elapsed_ms(d.args[0], d.args[0])     # waits until the event is reached
         return 1, 0
 
     def _event_elapsed(self, d: Desc) -> Result:
+        self._check_recorded(d.args[0], d.args[1])
         ms = self.session.event_elapsed_ms(d.args[0], d.args[1])
         return max(0, int(ms * 1e6)), 0
 
     def _reset_cmd(self, d: Desc) -> Result:
         self._reset()
+        self.events.clear()
         self.queued = 0
         self.async_error = None
         return 0, 0

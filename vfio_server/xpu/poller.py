@@ -252,6 +252,7 @@ class Poller:
         self.reset_session()
         self.executor.async_error = None
         self.executor.queued = 0
+        self.executor.events.clear()
         self.aborting = any(what == "reset" for what, _ in list(self.controls))
         if not quiet:
             self._signal(force=True)            # the ABORTED completions, before RESET_COUNT moves
