@@ -12,7 +12,8 @@ One command, four steps, each reported on stderr as it happens:
 The result is a short table, or with ``--json`` one object on stdout::
 
     {"ok": bool, "backend": str, "qemu": str,
-     "kernels": [{"name": str, "max_rel_err": float, "ok": bool, "guest_ms": float, ...}],
+     "kernels": [{"name": str, "max_rel_err": float, "ok": bool, "guest_ms": float,
+                  "device_ms": float, ...}],
      "bandwidth_h2d_gbps": float, "bandwidth_d2h_gbps": float,
      "noop_roundtrip_us": float, "trapped_read_us": float, ...}
 
@@ -239,12 +240,13 @@ def print_result(r: dict[str, Any], out: Any = sys.stdout) -> None:
           f"QEMU {r['qemu']}, accel {accel_line(r.get('accel', '?'), r.get('kvm_note', ''))}", file=out)
     print(f"  time     {r.get('guest_s', 0):.1f} s from QEMU start to power-off, {r.get('wall_s', 0):.1f} s in all",
           file=out)
-    print(f"  {'':4}  {'kernel':<8} {'problem':<22} {'guest ms':>9}  {'max rel err':>11}", file=out)
+    print(f"  {'':4}  {'kernel':<8} {'problem':<22} {'guest ms':>9} {'device ms':>10}  {'max rel err':>11}", file=out)
     kernels = r.get("kernels", [])
     for k in kernels:
         mark = "ok" if k.get("ok") else "FAIL"
-        print(f"  {mark:<4}  {k['name']:<8} {k.get('shape', ''):<22} {_fmt(k.get('guest_ms'), '.2f'):>9}  "
-              f"{_fmt(k.get('max_rel_err'), '.1e'):>11}" + (f"  {k['error']}" if k.get("error") else ""), file=out)
+        print(f"  {mark:<4}  {k['name']:<8} {k.get('shape', ''):<22} {_fmt(k.get('guest_ms'), '.2f'):>9} "
+              f"{_fmt(k.get('device_ms'), '.3f'):>10}  {_fmt(k.get('max_rel_err'), '.1e'):>11}"
+              + (f"  {k['error']}" if k.get("error") else ""), file=out)
     if "bandwidth_h2d_gbps" in r:
         print(f"  copies   guest RAM -> device {r['bandwidth_h2d_gbps']:.2f} GB/s, device -> guest RAM "
               f"{r['bandwidth_d2h_gbps']:.2f} GB/s ({r.get('bandwidth_bytes', 0) >> 20} MiB)", file=out)
