@@ -13,7 +13,7 @@ a memfd as guest RAM, and descriptors packed by hand (no SDK). Measured:
   second, against the same copies made with direct ``Session.copy_htod`` / ``copy_dtoh``
   calls from a memfd mapping in this process (the device's own cost floor on this backend).
 
-Usage: ``python benchmarks/bench_xpu.py [--quick] [--json FILE]``
+Usage: ``python benchmarks/bench_xpu.py [--quick] [--backend cpu|cuda] [--json FILE]``
 """
 
 from __future__ import annotations
@@ -237,15 +237,17 @@ def ring_bandwidth(ring: Ring, size: int, total: int) -> dict[str, float]:
     return out
 
 
-def direct_bandwidth(size: int, total: int) -> dict[str, float]:
+def direct_bandwidth(size: int, total: int, spec: str = "cpu") -> dict[str, float]:
+    """Direct Session copies from a memfd view registered with the backend, as the device does."""
     from vxpu.accel import registry
     from vxpu.accel.session import Session
-    backend = registry.open_backend("cpu")
+    backend = registry.open_backend(spec)
     mem = GuestMemory(max(size, 1 << 20))
+    view = mem.view[:size]
     try:
         with Session(backend) as s:
             dev = s.alloc(size)
-            view = mem.view[:size]
+            s.register_host(view)
             reps = max(1, total // size)
             out = {}
             for name, fn in (("htod", lambda: s.copy_htod(dev, view)), ("dtoh", lambda: s.copy_dtoh(view, dev))):
@@ -258,15 +260,16 @@ def direct_bandwidth(size: int, total: int) -> dict[str, float]:
                     s.synchronize()
                     best = min(best, time.perf_counter() - t0)
                 out[name] = size * reps / best / 1e9
-            view.release()
             return out
     finally:
-        mem.close()
         backend.close()
+        view.release()
+        mem.close()
 
 
-def start_server(path: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([sys.executable, "-m", "vxpu", "--log-level", "WARNING", "serve", "--socket", str(path)])
+def start_server(path: Path, spec: str = "cpu") -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-m", "vxpu", "--log-level", "WARNING", "serve", "--socket", str(path),
+                             "--backend", spec])
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         with socket.socket(socket.AF_UNIX) as s:
@@ -280,19 +283,20 @@ def start_server(path: Path) -> subprocess.Popen[bytes]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer samples")
+    ap.add_argument("--backend", default="cpu", help="the server's backend and the direct one (default cpu)")
     ap.add_argument("--json", type=Path, help="also write the numbers here")
     args = ap.parse_args()
     n = 500 if args.quick else 3000
     with tempfile.TemporaryDirectory() as tmp:
-        proc = start_server(Path(tmp) / "xpu.sock")
+        proc = start_server(Path(tmp) / "xpu.sock", args.backend)
         try:
             results = run(Path(tmp) / "xpu.sock", n, args.quick)
         finally:
             proc.terminate()
             proc.wait(10)
-    results["direct"] = {str(size): direct_bandwidth(size, (16 << 20) if args.quick else (64 << 20))
+    results["direct"] = {str(size): direct_bandwidth(size, (16 << 20) if args.quick else (64 << 20), args.backend)
                          for size in (64 << 10, 1 << 20, 16 << 20)}
-    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version()}
+    results["machine"] = {"cpus": os.cpu_count(), "python": platform.python_version(), "backend": args.backend}
     print(json.dumps(results, indent=2))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
