@@ -46,7 +46,7 @@ MEANING: dict[Status, str] = {
     Status.OUT_OF_RANGE: "a range outside one live allocation, or a guest address outside DMA-mapped guest RAM",
     Status.OUT_OF_MEMORY: "the device itself is out of memory",
     Status.QUOTA_EXCEEDED: "this guest's quota (memory, allocations, modules, compiles, queue depth) is used up",
-    Status.BAD_MODULE: "the module failed to decode, verify, compile or load; the result names the reason",
+    Status.BAD_MODULE: "the module failed to decode, verify, compile or load; the server logs the reason",
     Status.NOT_FOUND: "no kernel of that name in the module",
     Status.KERNEL_FAULT: "the kernel faulted (out-of-bounds or misaligned access, trap); "
                         "the guest's device state was reset",
