@@ -181,8 +181,9 @@ def _start_server(args: argparse.Namespace, backend: str, workdir: Path) -> Any:
     except ServerError:
         lines = [ln for ln in server.log_tail().splitlines() if "error" in ln.lower()] or ["(no log)"]
         reason = lines[-1].split("error: ", 1)[-1]
-        raise DemoError(f"the vxpu server did not start with --backend {backend}: {reason}; "
-                        f"run on a host with that accelerator, or use --backend cpu") from None
+        fix = ("run on a host with that accelerator, or use --backend cpu" if "--backend" in reason
+               else "fix the --server-arg values (see 'vxpu serve --help')")
+        raise DemoError(f"the vxpu server did not start: {reason}; {fix}") from None
 
 
 def _run(args: argparse.Namespace, backend: str, memory: str, qemu: Any, image: Any, workdir: Path,
