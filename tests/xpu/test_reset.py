@@ -286,3 +286,13 @@ def test_control_reset_interrupts_for_its_aborted_completions(rig):
         assert _count(fd) == 2           # one for the aborted FENCE, one for the three unread NOPs
     finally:
         os.close(fd)
+
+
+def test_event_elapsed_waits_for_a_running_kernel(rig):
+    launch, _out = _spin_launch(rig, n=SPIN_N // 3)
+    e1, e2 = rig.cmd(Opcode.EVENT_CREATE).result, rig.cmd(Opcode.EVENT_CREATE).result
+    got = rig.run([desc(Opcode.EVENT_RECORD, [e1]), launch, desc(Opcode.EVENT_RECORD, [e2]),
+                   desc(Opcode.EVENT_ELAPSED, [e1, e2]), desc(Opcode.EVENT_QUERY, [e2])])
+    assert [c.status for c in got] == [0] * 5
+    assert got[3].result > 20_000_000                     # the kernel's time (~0.2 s), in ns
+    assert got[4].result == 1

@@ -418,13 +418,28 @@ class Executor:
                 raise GuestFault(Status.INVALID_ARGUMENT, f"event {handle:#x} was never recorded")
 
     def _event_query(self, d: Desc) -> Result:
+        """1 when the event was reached, 0 while pending. A GPU backend answers at once (an
+        elapsed time of a pending event is INVALID_ARGUMENT); the CPU backend waits for it."""
         self._check_recorded(d.args[0])
-        self.session.event_elapsed_ms(d.args[0], d.args[0])     # waits until the event is reached
+        try:
+            self.session.event_elapsed_ms(d.args[0], d.args[0])
+        except BackendError as exc:
+            if exc.status is not Status.INVALID_ARGUMENT:
+                raise
+            return 0, 0
         return 1, 0
 
     def _event_elapsed(self, d: Desc) -> Result:
+        """Nanoseconds between two recorded events, waiting for them where the backend does not
+        (a GPU backend refuses pending events: wait for the device, then ask again)."""
         self._check_recorded(d.args[0], d.args[1])
-        ms = self.session.event_elapsed_ms(d.args[0], d.args[1])
+        try:
+            ms = self.session.event_elapsed_ms(d.args[0], d.args[1])
+        except BackendError as exc:
+            if exc.status is not Status.INVALID_ARGUMENT:
+                raise
+            self._synchronize()
+            ms = self.session.event_elapsed_ms(d.args[0], d.args[1])
         return max(0, int(ms * 1e6)), 0
 
     def _reset_cmd(self, d: Desc) -> Result:
