@@ -33,7 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from vxpu.accel.backend import BackendError, ModuleKind
-from vxpu.accel.session import Session
+from vxpu.accel.session import DEFAULT_QUEUE, Session
 from vxpu.vfio_server.xpu.guestram import GuestFault, GuestRam, RamRegion
 from vxpu.vfio_server.xpu.stats import DeviceStats
 
@@ -118,6 +118,8 @@ class Executor:
         self.queued = 0                # backend operations issued since the last full synchronize
         self._section = _GuestSection(self)
         self.events: dict[int, bool] = {}      # this guest's event handles -> recorded yet
+        self._queue = DEFAULT_QUEUE
+        self._queue_key: tuple[Session, int] | None = None    # (session, its invalidations) the queue is for
         self._table: dict[int, Callable[[Desc], Result]] = {
             Opcode.NOP: lambda d: (0, 0),
             Opcode.IDENTIFY: lambda d: self._write_doc(d, self._identity()),
@@ -136,6 +138,22 @@ class Executor:
     @property
     def session(self) -> Session:
         return self._session()
+
+    @property
+    def queue(self) -> int:
+        """The session queue all of this guest's work goes to, in order. Not the backend's
+        default queue: on CUDA that is the legacy stream, where copies are synchronous; a queue
+        of its own makes them asynchronous (cuMemcpyHtoDAsync), so a batch of copies overlaps.
+        Made again for a new session and after a context reset dropped it."""
+        s = self.session
+        if self._queue_key != (s, s.stats.invalidations):
+            try:
+                self._queue = s.create_queue()
+            except BackendError as exc:
+                log.debug("no queue of its own (%s); using the default queue", exc)
+                self._queue = DEFAULT_QUEUE
+            self._queue_key = (s, s.stats.invalidations)
+        return self._queue
 
     # -- entry point ---------------------------------------------------------------------------
     def execute(self, raw: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -249,13 +267,13 @@ class Executor:
         addr, value, length = d.args[0], d.args[1], d.args[2]
         if value > 0xFF:
             raise GuestFault(Status.INVALID_ARGUMENT, f"MEM_SET value {value:#x} is not a byte")
-        self.session.memset(addr, value, length)
+        self.session.memset(addr, value, length, self.queue)
         self.queued += 1
         self.counters.bytes_memset += length
         return 0, 0
 
     def _dtod(self, d: Desc) -> Result:
-        self.session.copy_dtod(d.args[0], d.args[1], d.args[2])
+        self.session.copy_dtod(d.args[0], d.args[1], d.args[2], self.queue)
         self.queued += 1
         self.counters.bytes_dtod += d.args[2]
         return 0, 0
@@ -287,6 +305,7 @@ class Executor:
     def _issue(self, d: Desc, to_device: bool, need_room: bool) -> int | None:
         """Translate and issue the copies (None when ``need_room`` and the queue is too full)."""
         s = self.session
+        q = self.queue
         dev = d.args[0]
         with self.guest():
             segs, total = self._segments(d, not to_device)
@@ -296,13 +315,13 @@ class Executor:
             for ram, off, n in segs:
                 if to_device:
                     if ram.token is not None:
-                        s.copy_htod_address(dev, ram.host_base + off, n)
+                        s.copy_htod_address(dev, ram.host_base + off, n, q)
                     else:
-                        s.copy_htod(dev, ram.view[off:off + n])    # the backend keeps the view while queued
+                        s.copy_htod(dev, ram.view[off:off + n], q)    # the backend keeps the view while queued
                 elif ram.token is not None:
-                    s.copy_dtoh_address(ram.host_base + off, dev, n)
+                    s.copy_dtoh_address(ram.host_base + off, dev, n, q)
                 else:
-                    s.copy_dtoh(ram.view[off:off + n], dev)
+                    s.copy_dtoh(ram.view[off:off + n], dev, q)
                 dev += n
             self.queued += len(segs)
         return total
@@ -359,7 +378,7 @@ class Executor:
         if block[0] > abi.MAX_BLOCK_DIM or 0 in grid or 0 in block:
             raise GuestFault(Status.INVALID_ARGUMENT, f"grid {grid} / block {block} out of range")
         blob = self._read_sg(d, abi.MAX_ARG_BYTES)
-        self.session.launch(d.args[0], grid, block, blob, shared)
+        self.session.launch(d.args[0], grid, block, blob, shared, self.queue)
         self.queued += 1
         return 0, 0
 
@@ -373,7 +392,7 @@ class Executor:
         except (ValueError, TypeError, AttributeError, struct.error):
             raise GuestFault(Status.INVALID_ARGUMENT, "INFER request is not the documented JSON") from None
         kernel, _info = self.session.get_kernel(d.args[0], "main")
-        self.session.launch(kernel, (1,), (1,), blob)
+        self.session.launch(kernel, (1,), (1,), blob, 0, self.queue)
         self.queued += 1
         return 0, 0
 
@@ -404,7 +423,7 @@ class Executor:
         return 0, 0
 
     def _event_record(self, d: Desc) -> Result:
-        self.session.record_event(d.args[0])
+        self.session.record_event(d.args[0], self.queue)
         if d.args[0] in self.events:
             self.events[d.args[0]] = True
         self.queued += 1
