@@ -32,7 +32,17 @@ from collections.abc import Callable, Iterator
 
 from llvmlite import ir
 from vxpu.ir.lower import math as vmath
-from vxpu.ir.lower.bounds import ORIGIN_NONE, PROVEN, FaultExit, aligned, i32, in_bounds, pointer_origins
+from vxpu.ir.lower.bounds import (
+    FAULT_LOCAL,
+    FAULT_SHARED,
+    ORIGIN_NONE,
+    PROVEN,
+    FaultExit,
+    aligned,
+    i32,
+    in_bounds,
+    pointer_origins,
+)
 from vxpu.ir.lower.errors import LoweringError
 from vxpu.ir.lower.versioning import CountedLoop, find_counted_loops
 from vxpu.ir.model import Block, Kernel, Op, OpResult, Value
@@ -706,9 +716,32 @@ def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False, op: O
         bounds = None
     elif op is not None and id(op) in kl.proven_ops:
         bounds = PROVEN                  # checked once before the loop (see _range_ok)
+    elif _check_array_index(kl, pv, t.size):
+        bounds = PROVEN                  # checked just now, as an index
     else:
         bounds = kl.bounds_of(pv)
     return kl.hooks.address(kl, kl.get(pv), space, scalar_type(t), t.size, atomic, bounds)
+
+
+def _check_array_index(kl: KernelLowering, pv: Value, size: int) -> bool:
+    """``offset (shared_addr|local_addr @a), i : T`` with ``sizeof(T)`` = the access size and
+    ``i`` at most 32 bits wide: in bounds and aligned exactly when ``0 <= i < a.size / size``
+    (arrays are 16-aligned; ``i * size`` cannot wrap), so emit that one compare (an i32 index
+    keeps GPU address arithmetic narrow) and branch to the fault exit. False if not this form."""
+    if not (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.type is not None
+            and pv.op.type.size == size and isinstance(pv.op.operands[0], OpResult)
+            and pv.op.operands[0].op.opcode in ("shared_addr", "local_addr")
+            and pv.op.operands[1].type.bits <= 32 and pv not in kl.spill):
+        return False        # (a spilled pointer was made before a barrier: its index may be gone)
+    arr = pv.op.operands[0].op.array
+    assert arr is not None
+    (origin,) = kl.origins[pv]
+    b = kl.b
+    idx = b.sext(kl.get(pv.op.operands[1]), I64)
+    ok = b.icmp_unsigned("<", idx, ir.Constant(I64, arr.size // size))
+    code = FAULT_SHARED if pv.op.operands[0].op.opcode == "shared_addr" else FAULT_LOCAL
+    kl.b = kl.hooks.fault_exit(kl).branch(b, kl.fn, ok, i32(code), i32(origin), b.mul(idx, ir.Constant(I64, size)))
+    return True
 
 
 def _load(kl: KernelLowering, op: Op) -> ir.Value:

@@ -24,9 +24,10 @@ from vxpu.ir.cpu_exec import KernelFault
 from vxpu.ir.interp import InterpFault, Memory, run_kernel
 from vxpu.ir.lower.bounds import FAULT_GLOBAL, FAULT_LOCAL, FAULT_MISALIGNED, FAULT_SHARED
 from vxpu.ir.model import Module
-from vxpu.ir.types import f32, i32, i64, ptr_global
+from vxpu.ir.types import Type, f32, i32, i64, ptr_global
 
 from tests.ir.lowerhelpers import run_x86
+from tests.ir.test_gpu_codegen import needs_lld
 
 N = 16                   # elements of the buffer under test (f32 / i32)
 FAR = 1 << 40
@@ -77,9 +78,10 @@ def _two_buffer_kernel(how: str) -> Module:
     return Module("m", [kb.finish()])
 
 
-def _array_kernel(space: str) -> Module:
-    """k(i, out): one store to element i of an 8-element shared or local array, then a read."""
-    kb = KernelBuilder("k", [("i", i64), ("out", ptr_global)])
+def _array_kernel(space: str, index_type: Type = i64) -> Module:
+    """k(i, out): one store to element i of an 8-element shared or local array, then a read
+    (an i32 index takes the lowering's one-compare index check)."""
+    kb = KernelBuilder("k", [("i", index_type), ("out", ptr_global)])
     i, out = kb.params
     arr = kb.shared_array("s", f32, 8) if space == "shared" else kb.local_array("l", f32, 8)
     kb.set_block(kb.block("e"))
@@ -159,11 +161,15 @@ def test_phi_and_select_check_against_the_chosen_buffer(how: str) -> None:
 
 
 @pytest.mark.parametrize("space,code,origin", [("shared", FAULT_SHARED, 0x100), ("local", FAULT_LOCAL, 0x200)])
-@pytest.mark.parametrize("index", [8, -1, FAR])
+@pytest.mark.parametrize("index", [8, -1, FAR, -(1 << 31), (1 << 31) - 1])
+@pytest.mark.parametrize("index_type", [i64, i32], ids=["i64", "i32"])
 def test_shared_and_local_arrays_are_checked_against_their_size(space: str, code: int, origin: int,
-                                                                index: int) -> None:
-    module = _array_kernel(space)
-    for got, param, offset, before, mem, _ in _both(module, lambda b: [index & MASK, b[2]]):
+                                                                index: int, index_type: Type) -> None:
+    if index_type is i32 and index == FAR:
+        index = (1 << 30) + 3
+    mask = (1 << index_type.bits) - 1
+    module = _array_kernel(space, index_type)
+    for got, param, offset, before, mem, _ in _both(module, lambda b: [index & mask, b[2]]):
         assert (got, param, offset) == (code, origin, (4 * index) & MASK)
         assert bytes(mem.buf) == before
     for got, *_ in _both(module, lambda b: [7, b[2]]):
@@ -201,6 +207,7 @@ def test_ptx_has_the_fault_path_and_unchecked_does_not(name: str) -> None:
     assert ops_c.count(("ld", "param")) > ops_u.count(("ld", "param"))
 
 
+@needs_lld
 @pytest.mark.parametrize("name", sorted(_GPU_CASES))
 def test_amdgpu_has_the_fault_path_and_unchecked_does_not(name: str) -> None:
     from vxpu.ir.cli import emit
