@@ -276,7 +276,7 @@ class KernelLowering:
         self.tag_phis: dict[int, dict[int, ir.PhiInstr]] = {}
         #: id(header) -> {id(access op): (base pointer, size)}: accesses of a counted loop whose
         #: checks the loop's version test proves for every iteration (see :meth:`_proven`).
-        self.loop_proven: dict[int, dict[int, tuple[Value, int]]] = {}
+        self.loop_proven: dict[int, dict[int, tuple[Value, int, int, Value | None]]] = {}
         #: id() of the access ops being emitted without a check (the fast copy of such a loop).
         self.proven_ops: set[int] = set()
 
@@ -469,18 +469,19 @@ class KernelLowering:
         self._tag_incoming(self.slow_blocks[id(h)], tags, d)
         return d
 
-    def _proven(self, cl: CountedLoop) -> dict[int, tuple[Value, int]]:
-        """Accesses of ``cl`` at ``offset P, j`` (``j`` the counter, ``P`` defined before the
-        loop, element size = access size): over ``j0 <= j < n`` their offsets form one
-        contiguous, monotone range, so checking the first and the last element before the loop
-        checks them all. Signed counters narrower than 64 bits only (``j * size`` cannot wrap)."""
+    def _proven(self, cl: CountedLoop) -> dict[int, tuple[Value, int, int, Value | None]]:
+        """Accesses of ``cl`` at ``offset P, c*j + d`` (``j`` the counter, ``c >= 0`` a
+        constant, ``P`` and ``d`` defined before the loop, element size = access size). Over
+        ``j0 <= j < n`` their offsets grow monotonically, as long as the index arithmetic does
+        not wrap — which the version test also checks — so checking the first and the last
+        element before the loop checks them all. Signed counters narrower than 64 bits only."""
         if not cl.signed or cl.iv.type.bits >= 64:
             return {}
         inside: set[Value] = set()
         for blk in cl.blocks:
             inside.update(blk.params)
             inside.update(op.result for op in blk.ops if op.result is not None)
-        out: dict[int, tuple[Value, int]] = {}
+        out: dict[int, tuple[Value, int, int, Value | None]] = {}
         for blk in cl.blocks:
             for op in blk.ops:
                 if op.opcode == "load" or op.opcode.startswith("atomic_"):
@@ -489,25 +490,36 @@ class KernelLowering:
                     pv, size = op.operands[1], op.operands[0].type.size
                 else:
                     continue
-                if (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.operands[1] is cl.iv
-                        and pv.op.operands[0] not in inside and pv.op.type is not None and pv.op.type.size == size):
-                    out[id(op)] = (pv.op.operands[0], size)
+                if not (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.type is not None
+                        and pv.op.type.size == size and pv.op.operands[0] not in inside):
+                    continue
+                affine = _affine_in(pv.op.operands[1], cl.iv, inside)
+                if affine is not None:
+                    out[id(op)] = (pv.op.operands[0], size, *affine)
         return out
 
     def _range_ok(self, db: ir.IRBuilder, cl: CountedLoop, j0: ir.Value,
-                  proven: dict[int, tuple[Value, int]]) -> ir.Value:
-        """In the version test: the loop runs no iteration, or every proven access is in
-        bounds and aligned at the first and the last counter value (bounds of each base
-        pointer are computed before the branch into the test block)."""
+                  proven: dict[int, tuple[Value, int, int, Value | None]]) -> ir.Value:
+        """In the version test: the loop runs no iteration, or for every proven access the
+        index ``c*j + d`` (computed in i64) fits its type and the element is in bounds and
+        aligned, at the first and the last counter value (bounds of each base pointer are
+        computed before the branch into the test block)."""
         n = self.get(cl.bound)
         last = db.sub(n, ir.Constant(n.type, 1))
+        bits = cl.iv.type.bits
+        lo, hi = ir.Constant(I64, -(1 << (bits - 1))), ir.Constant(I64, (1 << (bits - 1)) - 1)
         ok: ir.Value = ir.Constant(I1, 1)
-        for p, size in dict.fromkeys(proven.values()):
+        for p, size, c, d in dict.fromkeys(proven.values()):
             base, length, _ = self.bounds_of(p)
             pi = self.hooks.pointer_int(self, self.get(p))
+            dv = None if d is None else db.sext(self.get(d), I64)
             for j in (j0, last):
-                off = db.sub(db.add(pi, db.mul(db.sext(j, I64), ir.Constant(I64, size))), base)
-                ok = db.and_(ok, db.and_(aligned(db, off, size), in_bounds(db, off, length, size)))
+                e = db.mul(db.sext(j, I64), ir.Constant(I64, c))
+                if dv is not None:
+                    e = db.add(e, dv)
+                fits = db.and_(db.icmp_signed(">=", e, lo), db.icmp_signed("<=", e, hi))
+                off = db.sub(db.add(pi, db.mul(e, ir.Constant(I64, size))), base)
+                ok = db.and_(ok, db.and_(fits, db.and_(aligned(db, off, size), in_bounds(db, off, length, size))))
         return db.or_(db.icmp_signed(">=", j0, n), ok)
 
     def branch_to(self, succ_block: Block, args: tuple[Value, ...]) -> ir.Block:
@@ -721,6 +733,36 @@ def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False, op: O
     else:
         bounds = kl.bounds_of(pv)
     return kl.hooks.address(kl, kl.get(pv), space, scalar_type(t), t.size, atomic, bounds)
+
+
+def _const_int(v: Value) -> int | None:
+    return int(v.op.imm) if isinstance(v, OpResult) and v.op.opcode == "const" else None  # type: ignore[arg-type]
+
+
+def _affine_in(idx: Value, iv: Value, inside: set[Value]) -> tuple[int, Value | None] | None:
+    """``(c, d)`` when ``idx`` is ``c*iv + d`` (``c >= 0`` constant; ``d`` None or a value
+    defined outside the loop, ``inside``), in ``iv``'s type; else None."""
+    def scaled(v: Value) -> int | None:
+        if v is iv:
+            return 1
+        if isinstance(v, OpResult) and v.op.opcode == "mul" and iv in v.op.operands:
+            a, b = v.op.operands
+            c = _const_int(b if a is iv else a)
+            return c if c is not None and c >= 0 else None
+        return None
+
+    if idx.type is not iv.type:
+        return None
+    c = scaled(idx)
+    if c is not None:
+        return c, None
+    if isinstance(idx, OpResult) and idx.op.opcode == "add":
+        a, b = idx.op.operands
+        for x, y in ((a, b), (b, a)):
+            c = scaled(x)
+            if c is not None and y not in inside:
+                return c, y
+    return None
 
 
 def _check_array_index(kl: KernelLowering, pv: Value, size: int) -> bool:

@@ -329,3 +329,37 @@ def _llvm(module: Module) -> str:
     from vxpu.ir.lower import nvptx
 
     return str(nvptx.lower_module(module))
+
+
+def _affine_copy() -> Module:
+    """k(n, d, src, dst): for (j = tid; j < n; j += block_dim) dst[2*j + d] = src[j]."""
+    kb = KernelBuilder("k", [("n", i32), ("d", i32), ("src", ptr_global), ("dst", ptr_global)])
+    n, d, src, dst = kb.params
+    entry, head, body, done = kb.block("e"), kb.block("h", [("j", i32)]), kb.block("b"), kb.block("x")
+    kb.set_block(entry)
+    step, two = kb.block_dim("x"), kb.const(2, i32)
+    kb.br(head, kb.thread_id("x"))
+    kb.set_block(head)
+    j = head.params[0]
+    kb.cbr(kb.icmp("slt", j, n), body, done)
+    kb.set_block(body)
+    kb.store(kb.load(kb.offset(src, j, f32), f32), kb.offset(dst, kb.add(kb.mul(two, j), d), f32))
+    kb.br(head, kb.add(j, step))
+    kb.set_block(done)
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+_AFFINE = _affine_copy()
+
+
+@pytest.mark.parametrize("n,d", [(8, 0), (8, 1), (7, 2), (8, 2), (8, -1), (3, (1 << 31) - 2), (0, 99)])
+def test_affine_index_in_a_counted_loop_agrees_with_the_interpreter(n: int, d: int) -> None:
+    results = _both(_AFFINE, lambda b: [n, d & 0xFFFFFFFF, b[0], b[1]], block=4)
+    (c0, p0, o0, _, m0, _), (c1, p1, o1, _, m1, _) = results
+    assert (c0, p0, o0) == (c1, p1, o1)
+    assert m0.buf.tobytes() == m1.buf.tobytes()
+    inside = all(0 <= 2 * j + d < N for j in range(n))
+    assert (c0 is None) == inside
+    if not inside:
+        assert (c0, p0) == (FAULT_GLOBAL, 3)
