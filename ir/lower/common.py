@@ -384,9 +384,6 @@ class KernelLowering:
                 lb = self.fn.append_basic_block(f"b.{blk.name or 'loop'}.wrap")
                 self.slow_blocks[id(blk)] = lb
                 self.slow_phis[id(blk)] = self._make_phis(lb, blk)
-        for op in self.kernel.ops():        # constants are position-free (see versioning._invariant)
-            if op.opcode == "const" and op.result is not None and op.result not in self.spill:
-                self.values[op.result] = _const(self, op)
         self.b.branch(self.blocks[id(order[0])])
         done: set[int] = set()
         for blk in order:

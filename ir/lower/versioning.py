@@ -66,9 +66,7 @@ def _natural_loop(header: Block, latches: list[Block], preds: dict[int, list[Blo
 
 def _invariant(v: Value, loop: set[int]) -> bool:
     if isinstance(v, OpResult):
-        # a constant is the same value wherever it is written (the lowering defines every
-        # constant before it emits any block, so the preheader can use one made in the loop)
-        return v.op.opcode == "const" or (v.op.block is not None and id(v.op.block) not in loop)
+        return v.op.block is not None and id(v.op.block) not in loop
     if isinstance(v, BlockParam):
         return id(v.block) not in loop
     return True  # kernel parameters
