@@ -31,6 +31,7 @@ from vxpu.ir.lower.bounds import (
     PROVEN,
     FaultExit,
     check_access,
+    i32,
 )
 from vxpu.ir.lower.common import (
     I8,
@@ -102,7 +103,7 @@ class GpuHooks(TargetHooks):
 
     def fault_exit(self, kl: KernelLowering) -> FaultExit:
         if self.exit is None:
-            self.exit = FaultExit(kl.fn, lambda b, code, origin, off: self._record(kl, b, code, origin, off))
+            self.exit = _SiteExits(self, kl)     # type: ignore[assignment]
         return self.exit
 
     def _record(self, kl: KernelLowering, b: ir.IRBuilder, code: ir.Value, origin: ir.Value,
@@ -204,6 +205,30 @@ class GpuHooks(TargetHooks):
         # Zero-initialise: reading an unwritten local is defined (0), never undef.
         b.store(ir.Constant(ty, None), slot)
         return slot
+
+
+class _SiteExits:
+    """The GPU fault exit: a separate cold block per check that writes the record and returns.
+
+    One shared exit block (as on x86) is a join point of every check; ptxas then wrapped the
+    whole kernel in a convergence region (``BSSY``/``BSYNC``) and put ``WARPSYNC.ALL`` before
+    each ``bar.sync`` (scan ran at half speed); exits that never join need neither."""
+
+    def __init__(self, hooks: GpuHooks, kl: KernelLowering) -> None:
+        self.hooks, self.kl = hooks, kl
+
+    def branch(self, b: ir.IRBuilder, fn: ir.Function, ok: ir.Value, code: ir.Value, origin: ir.Value,
+               offset: ir.Value) -> ir.IRBuilder:
+        cont, fail = fn.append_basic_block("ok"), fn.append_basic_block("fault")
+        br = b.cbranch(ok, cont, fail)
+        mod = b.module
+        br.set_metadata("prof", mod.add_metadata([ir.MetaDataString(mod, "branch_weights"),
+                                                  ir.Constant(I32, 1 << 20), ir.Constant(I32, 1)]))
+        self.hooks._record(self.kl, ir.IRBuilder(fail), code, origin, offset)
+        return ir.IRBuilder(cont)
+
+    def jump(self, b: ir.IRBuilder, code: int, origin: int = ORIGIN_NONE) -> None:
+        self.hooks._record(self.kl, b, i32(code), i32(origin), ir.Constant(I64, 0))
 
 
 def lower_gpu_module(module: Module, hooks_factory: type[GpuHooks], checked: bool = True) -> ir.Module:
