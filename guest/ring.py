@@ -59,9 +59,10 @@ _CQ_HEAD = xpu.QH_CQ_HEAD // 4
 _SQ_HEAD = xpu.QH_SQ_HEAD // 4
 _CQ_TAIL = xpu.QH_CQ_TAIL // 4
 _FLAGS = xpu.QH_FLAGS // 4
-_KERNEL_FAULT = int(Status.KERNEL_FAULT)
-#: In a KERNEL_FAULT completion's result2: the guest's device state was reset (allocations,
-#: modules and events are gone). Clear: the fault was contained and only that kernel failed.
+_STATE_FAULTS = frozenset({int(Status.KERNEL_FAULT), int(Status.DEVICE_LOST)})
+#: In a KERNEL_FAULT or DEVICE_LOST completion's result2: the guest's device state was reset
+#: (allocations, modules and events are gone). Clear: the device did not say (the SDK then
+#: probes whether its state survived, see ``Device.live_ring``).
 STATE_RESET_BIT = 0x1
 
 
@@ -117,7 +118,8 @@ class Ring:
         self.batching = 0           # > 0: post() leaves publishing to publish()
         self.doorbells = 0          # REG_DOORBELL writes, for benchmarks and tests
         self.fatal: DeviceError | None = None
-        self.state_resets = 0       # KERNEL_FAULT completions that say the device state was reset
+        self.faults = 0             # KERNEL_FAULT / DEVICE_LOST completions seen
+        self.state_resets = 0       # ... of which said that the device state was reset
         self._reset_counters()
 
     # -- set-up ----------------------------------------------------------------------------
@@ -304,8 +306,10 @@ class Ring:
                 self._done[seq] = (status, result, result2)
             elif status and self.async_error is None:
                 self.async_error = (seq, self._opcode[slot], status, result)
-            if status == _KERNEL_FAULT and result2 & STATE_RESET_BIT:
-                self.state_resets += 1
+            if status in _STATE_FAULTS:
+                self.faults += 1
+                if result2 & STATE_RESET_BIT:
+                    self.state_resets += 1
             held = self._hold[slot]
             if held is not None:
                 self._hold[slot] = None

@@ -21,8 +21,7 @@ Commands run in submission order. Launches, MEM_SET, MEM_FREE and copies from pi
 are asynchronous: a failure among them raises :class:`~vxpu.guest.errors.DeviceError` at the
 next :meth:`Device.synchronize` (or the next synchronous call). Allocation, module loading,
 copies from ordinary buffers and ``to_host`` are synchronous. After :meth:`Device.reset` (or
-a kernel fault whose completion says it reset the device's state) older arrays, modules and
-events are stale:
+a kernel fault that reset the device's state) older arrays, modules and events are stale:
 using them raises :class:`~vxpu.guest.array.StaleHandle`.
 
 For tests that must misbehave on purpose, :attr:`Device.raw` (:class:`Raw`) posts any
@@ -104,7 +103,8 @@ class Device:
                  staging_count: int = 4, timeout: float = 120.0) -> None:
         self.transport = transport
         self.epoch = 0
-        self._resets_seen = 0
+        self._faults_seen = self._resets_seen = 0
+        self._sentinel: int | None = None          # a 1-byte allocation that shows the state survived
         self.allocs = DeviceAllocs()
         self.ring: Ring | None = None
         self.staging: StagingPool | None = None
@@ -118,6 +118,7 @@ class Device:
             self.ring = Ring(transport, sq_entries, timeout=timeout)
             self.ring.start()
             self.staging = StagingPool(self.ring, transport, staging_chunk, staging_count)
+            self._sentinel = self.alloc(1)
         except BaseException:
             self.close()
             raise
@@ -183,13 +184,30 @@ class Device:
         ring = self.ring
         if ring is None:
             raise StateError("device used after close", current="closed", required="open")
-        if ring.state_resets != self._resets_seen:    # a kernel fault reset the device state
-            self._resets_seen = ring.state_resets
-            self.epoch += 1
-            self.allocs.garbage.clear()
+        if ring.faults != self._faults_seen:          # a kernel fault: did the state survive it?
+            self._faults_seen = ring.faults
+            if ring.state_resets != self._resets_seen or not self._state_survived(ring):
+                self._resets_seen = ring.state_resets
+                self._state_lost(ring)
         if self.allocs.garbage:
             self._free_garbage(ring)
         return ring
+
+    def _state_survived(self, ring: Ring) -> bool:
+        """Whether this guest's device state outlived a fault: a contained fault (checked IR)
+        keeps it, a context reset drops it. A one-byte MEM_SET on the sentinel allocation
+        made at open tells which."""
+        if self._sentinel is None:
+            return False
+        return ring.wait(ring.post(xpu.Opcode.MEM_SET, self._sentinel, 0, 1, waited=True))[0] == 0
+
+    def _state_lost(self, ring: Ring) -> None:
+        """The device dropped this guest's allocations, modules and events: make every older
+        object stale (so no stale address reaches memory that belongs to someone else now)."""
+        self.epoch += 1
+        self.allocs.garbage.clear()
+        status, address, _ = ring.wait(ring.post(xpu.Opcode.MEM_ALLOC, 1, waited=True))
+        self._sentinel = None if status else address
 
     def _free_garbage(self, ring: Ring) -> None:
         garbage, self.allocs.garbage = self.allocs.garbage, []
@@ -411,8 +429,9 @@ class Device:
 
         Raises:
             DeviceError: a command or kernel failed since the last synchronize, or the device
-                stopped. A KERNEL_FAULT whose result2 has ``STATE_RESET_BIT`` set also means the
-                device dropped this guest's state: older arrays and modules become stale.
+                stopped. After a KERNEL_FAULT or DEVICE_LOST that dropped this guest's device
+                state (its result2 says so, or a probe of a sentinel allocation shows it),
+                older arrays, modules and events are stale.
         """
         ring = self.live_ring()
         status, result, _ = ring.wait(ring.post(xpu.Opcode.FENCE, waited=True))
@@ -461,3 +480,4 @@ class Device:
         if self.staging is not None:
             self.staging.forget()
         ring.start()
+        self._sentinel = self.alloc(1)

@@ -3,7 +3,7 @@
 :class:`FakeTransport` implements the Transport protocol over a bytearray "guest RAM" and a
 tiny device: it keeps FLAG_NEED_WAKEUP set (it is always asleep) and runs every submitted
 descriptor when the doorbell is written, so each test sees exactly which doorbells the driver
-rang. It knows NOP, MEM_ALLOC, MEM_FREE, MEM_COPY_HTOD/DTOH (inline or indirect SG) and FENCE;
+rang. It knows NOP, MEM_ALLOC, MEM_FREE, MEM_SET, MEM_COPY_HTOD/DTOH (inline or indirect SG) and FENCE;
 ``complete_limit`` holds completions back to model a slow device; ``fence_fault`` makes the next
 FENCE report a (status, result2) pair, as a kernel fault surfacing there would.
 """
@@ -36,6 +36,7 @@ class FakeTransport:
         self.complete_limit: int | None = None      # post at most this many completions per doorbell
         self.max_pending_seen = 0
         self.fence_fault: tuple[int, int] | None = None   # the next FENCE completes with (status, result2)
+        self.fault_drops_state = False                      # ... and the device drops every allocation
 
     # -- Transport -----------------------------------------------------------------------------
     def read_reg(self, offset: int) -> int:
@@ -93,6 +94,8 @@ class FakeTransport:
             result2 = 0
             if d[0] == xpu.Opcode.FENCE and self.fence_fault is not None:
                 (status, result2), self.fence_fault = self.fence_fault, None
+                if self.fault_drops_state:
+                    self.device_mem.clear()
             xpu.COMPLETION.pack_into(self.ram, cq + (self.cq_tail % ncq) * 32, d[3], result, result2, status, 0)
             self.sq_head = (self.sq_head + 1) & xpu.INDEX_MASK
             self.cq_tail = (self.cq_tail + 1) & xpu.INDEX_MASK
@@ -113,6 +116,13 @@ class FakeTransport:
             addr, self.next_dev = self.next_dev, self.next_dev + max(a0, 256)
             self.device_mem[addr] = bytearray(a0)
             return 0, addr
+        if op == xpu.Opcode.MEM_SET:
+            base = max((b for b in self.device_mem if b <= a0), default=None)
+            n = d[6]
+            if base is None or a0 - base + n > len(self.device_mem[base]):
+                return Status.OUT_OF_RANGE, 0
+            self.device_mem[base][a0 - base:a0 - base + n] = bytes([d[5]]) * n
+            return 0, 0
         if op == xpu.Opcode.MEM_FREE:
             return (0, 0) if self.device_mem.pop(a0, None) is not None else (Status.INVALID_HANDLE, 0)
         if op in (xpu.Opcode.MEM_COPY_HTOD, xpu.Opcode.MEM_COPY_DTOH):

@@ -103,17 +103,21 @@ def test_pinned_zero_copy_and_garbage_free(fake):
         assert addr not in fake.device_mem
 
 
-@pytest.mark.parametrize("reset_bit", [0, 1])
-def test_kernel_fault_makes_arrays_stale_only_when_the_device_says_it_reset(fake, reset_bit):
+@pytest.mark.parametrize("reset_bit,drops", [(0, False), (1, True), (0, True)])
+def test_kernel_fault_makes_arrays_stale_only_when_the_state_was_lost(fake, reset_bit, drops):
+    """Contained fault: arrays stay valid. A fault that dropped the device state makes them
+    stale, whether the completion says so (result2 bit 0) or the sentinel probe finds out."""
     from vxpu.guest.array import StaleHandle
 
     with Device(fake, sq_entries=8) as dev:
         arr = dev.to_device(np.arange(8, dtype=np.uint8))
-        fake.fence_fault = (Status.KERNEL_FAULT, reset_bit)
+        fake.fence_fault, fake.fault_drops_state = (Status.KERNEL_FAULT, reset_bit), drops
         with pytest.raises(DeviceError, match="KERNEL_FAULT"):
             dev.synchronize()
-        if reset_bit:
+        if drops:
             with pytest.raises(StaleHandle):
                 arr.to_host()
+            assert dev._sentinel in fake.device_mem          # a new sentinel for the next fault
+            assert np.array_equal(dev.to_device(np.ones(4, np.uint8)).to_host(), np.ones(4, np.uint8))
         else:
             assert np.array_equal(arr.to_host(), np.arange(8, dtype=np.uint8))
