@@ -31,6 +31,7 @@ test, one add-and-compare: a violation jumps to the target's fault exit with the
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Protocol
 
 from llvmlite import ir
 from vxpu.ir.model import Kernel, Value
@@ -145,6 +146,15 @@ def in_bounds(b: ir.IRBuilder, off: ir.Value, length: ir.Value, size: int) -> ir
     end = off if size == 1 else b.add(off, ir.Constant(I64, size - 1))
     return b.icmp_unsigned("<", end, length)
 
+class FaultTarget(Protocol):
+    """Where a failed check goes: :class:`FaultExit` (x86), or one cold block per check (GPU)."""
+
+    def branch(self, b: ir.IRBuilder, fn: ir.Function, ok: ir.Value, code: ir.Value, origin: ir.Value,
+               offset: ir.Value) -> ir.IRBuilder: ...
+
+    def jump(self, b: ir.IRBuilder, code: int, origin: int = ...) -> None: ...
+
+
 class FaultExit:
     """A function's one fault exit: a block whose phis receive (code, origin, offset).
 
@@ -182,7 +192,7 @@ class FaultExit:
         b.branch(self.block)
 
 
-def check_access(b: ir.IRBuilder, fn: ir.Function, exit_: FaultExit, addr: ir.Value,
+def check_access(b: ir.IRBuilder, fn: ir.Function, exit_: FaultTarget, addr: ir.Value,
                  bounds: tuple[ir.Value, ir.Value, ir.Value], size: int, space: AddressSpace) -> ir.IRBuilder:
     """Emit the check of a ``size``-byte access at ``addr`` (i64, in the same frame as the
     bounds' base); returns the builder to continue with. One branch: aligned and in bounds,
@@ -213,6 +223,7 @@ __all__ = [
     "ORIGIN_SHARED",
     "PROVEN",
     "FaultExit",
+    "FaultTarget",
     "aligned",
     "check_access",
     "describe_origin",

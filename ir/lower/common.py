@@ -37,7 +37,7 @@ from vxpu.ir.lower.bounds import (
     FAULT_SHARED,
     ORIGIN_NONE,
     PROVEN,
-    FaultExit,
+    FaultTarget,
     aligned,
     i32,
     in_bounds,
@@ -177,7 +177,7 @@ class TargetHooks:
         """``(base, length)`` (i64, in the frame of the space's pointers) of a buffer origin."""
         raise NotImplementedError
 
-    def fault_exit(self, kl: KernelLowering) -> FaultExit:
+    def fault_exit(self, kl: KernelLowering) -> FaultTarget:
         """The current function's fault exit (made on first use)."""
         raise NotImplementedError
 

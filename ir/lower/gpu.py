@@ -29,7 +29,7 @@ from vxpu.ir.lower.bounds import (
     ORIGIN_NONE,
     ORIGIN_SHARED,
     PROVEN,
-    FaultExit,
+    FaultTarget,
     check_access,
     i32,
 )
@@ -73,7 +73,7 @@ class GpuHooks(TargetHooks):
         self.arrays: dict[int, ir.Value] = {}
         self.checked = checked
         self.kernel: Kernel | None = None
-        self.exit: FaultExit | None = None
+        self.exit: FaultTarget | None = None
         #: parameter index -> (base, length) hidden parameters.
         self.param_bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
         self.record: ir.Value | None = None
@@ -101,9 +101,9 @@ class GpuHooks(TargetHooks):
         # the arrays' places: link-time constants (shared) or the entry block's allocas (local)
         return kl.b.ptrtoint(self.arrays[id(arr)], I64), ir.Constant(I64, arr.size)
 
-    def fault_exit(self, kl: KernelLowering) -> FaultExit:
+    def fault_exit(self, kl: KernelLowering) -> FaultTarget:
         if self.exit is None:
-            self.exit = _SiteExits(self, kl)     # type: ignore[assignment]
+            self.exit = _SiteExits(self, kl)
         return self.exit
 
     def _record(self, kl: KernelLowering, b: ir.IRBuilder, code: ir.Value, origin: ir.Value,
