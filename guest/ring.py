@@ -63,7 +63,7 @@ _STATE_FAULTS = frozenset({int(Status.KERNEL_FAULT), int(Status.DEVICE_LOST)})
 #: In a KERNEL_FAULT or DEVICE_LOST completion's result2: the guest's device state was reset
 #: (allocations, modules and events are gone). Clear: the device did not say (the SDK then
 #: probes whether its state survived, see ``Device.live_ring``).
-STATE_RESET_BIT = 0x1
+STATE_RESET_BIT = xpu.CPL_STATE_DROPPED
 
 
 def opcode_name(opcode: int) -> str:

@@ -296,3 +296,33 @@ def test_event_elapsed_waits_for_a_running_kernel(rig):
     assert [c.status for c in got] == [0] * 5
     assert got[3].result > 20_000_000                     # the kernel's time (~0.2 s), in ns
     assert got[4].result == 1
+
+
+def test_fault_completions_say_whether_the_guest_state_was_dropped(rig, backend):
+    """result2 bit 0 (CPL_STATE_DROPPED) of a KERNEL_FAULT/TIMEOUT completion: clear when the
+    guest's allocations survived (a contained checked-IR fault), set when a context reset dropped
+    them (an overrunning kernel cancelled by the CPU backend's watchdog)."""
+    if getattr(backend, "name", "") != "cpu":
+        pytest.skip("the watchdog's context reset is the CPU backend's")
+    from .test_modules import OOB, _image, _kernel, _launch, _load
+
+    keep = rig.alloc(16)
+    assert rig.htod(keep, b"\x5a" * 16).status == 0
+    status, module = _load(rig, _image(OOB))
+    assert status == Status.OK
+    _s, oob, _size = _kernel(rig, module, b"oob_store")
+    assert _launch(rig, oob, (1, 1, 1), (1, 1, 1), struct.pack("<Q", keep)) == Status.OK
+    fence = rig.cmd(Opcode.FENCE)
+    assert fence.status == Status.KERNEL_FAULT and not fence.result2 & abi.CPL_STATE_DROPPED
+    assert rig.dtoh(keep, 16) == b"\x5a" * 16                  # the state really survived
+
+    old_timeout = backend.kernel_timeout
+    backend.kernel_timeout = 0.2
+    try:
+        launch, _out = _spin_launch(rig, n=2**31 - 1)   # ~2 s, far past 0.2 s
+        got = rig.run([launch, desc(Opcode.FENCE, tag=2)], timeout=30)
+    finally:
+        backend.kernel_timeout = old_timeout
+    assert got[1].status == Status.TIMEOUT and got[1].result2 & abi.CPL_STATE_DROPPED
+    assert rig.cmd(Opcode.MEM_FREE, [keep]).status == Status.INVALID_HANDLE   # really dropped
+    rig.alive()

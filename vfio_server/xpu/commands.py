@@ -163,18 +163,32 @@ class Executor:
             Abandoned: a reset or disconnect happened meanwhile (post nothing).
         """
         d = Desc.unpack(raw)
+        dropped_before = self._state_drops()
         try:
             self._check_descriptor(d)
             result, result2 = self._table[d.opcode](d)
             return d.tag, _OK, result, result2
         except GuestFault as exc:
             log.debug("command %#x refused: %s", d.opcode, exc)
-            return d.tag, exc.status, 0, exc.needed if isinstance(exc, _TooSmall) else 0
+            needed = exc.needed if isinstance(exc, _TooSmall) else 0
+            return d.tag, exc.status, 0, needed | self._dropped_bit(exc.status, dropped_before)
         except BackendError as exc:
             log.debug("command %#x failed: %s", d.opcode, exc)
             if exc.status in ASYNC_ERRORS and self.async_error is None:
                 self.async_error = exc.status
-            return d.tag, exc.status, 0, 0
+            return d.tag, exc.status, 0, self._dropped_bit(exc.status, dropped_before)
+
+    def _state_drops(self) -> int:
+        """How often a context reset has dropped this guest's handles (session lifetime)."""
+        return self.session.stats.invalidations
+
+    def _dropped_bit(self, status: Status, before: int) -> int:
+        """:data:`vxpu.abi.xpu.CPL_STATE_DROPPED` when this failing command saw a context reset
+        drop the guest's allocations, modules and events (a contained checked-IR fault keeps
+        them, so the guest must not guess from the status alone)."""
+        if status in ASYNC_ERRORS and self._state_drops() != before:
+            return abi.CPL_STATE_DROPPED
+        return 0
 
     def _check_descriptor(self, d: Desc) -> None:
         if d.opcode not in self._table:

@@ -48,8 +48,8 @@ MEANING: dict[Status, str] = {
     Status.QUOTA_EXCEEDED: "this guest's quota (memory, allocations, modules, compiles, queue depth) is used up",
     Status.BAD_MODULE: "the module failed to decode, verify, compile or load; the server logs the reason",
     Status.NOT_FOUND: "no kernel of that name in the module",
-    Status.KERNEL_FAULT: "the kernel faulted (out-of-bounds or misaligned access, trap); "
-                        "the guest's device state was reset",
+    Status.KERNEL_FAULT: "the kernel faulted (out-of-bounds or misaligned access, trap); the completion's "
+                        "result2 bit 0 says whether the guest's device state was dropped",
     Status.UNSUPPORTED: "this device or backend cannot do this (unknown opcode, a feature bit that is off)",
     Status.UNAVAILABLE: "the backend's runtime or device is missing on this host",
     Status.DEVICE_LOST: "an unrecoverable device error; the device must be reset or the server restarted",

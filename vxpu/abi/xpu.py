@@ -166,6 +166,10 @@ INDEX_MASK = 0xFFFF_FFFF
 DESCRIPTOR = struct.Struct("<HHIQ4QQQ")
 #: Completion (32 bytes): 0 u64 tag, 8 u64 result, 16 u64 result2, 24 u32 status, 28 u32 reserved (0).
 COMPLETION = struct.Struct("<QQQII")
+#: In a KERNEL_FAULT, DEVICE_LOST or TIMEOUT completion's result2: the failure reset the device
+#: context and dropped this guest's allocations, modules and events. Clear: they are intact
+#: (a checked IR kernel's out-of-bounds access is stopped before it happens; the context stays).
+CPL_STATE_DROPPED = 0x1
 #: One scatter-gather entry of an indirect list (16 bytes): guest-physical address, length.
 SG_ENTRY = struct.Struct("<QQ")
 assert DESCRIPTOR.size == SQ_ENTRY_SIZE and COMPLETION.size == CQ_ENTRY_SIZE
