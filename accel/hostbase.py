@@ -432,7 +432,10 @@ class HostBackend:
         self._range(dst, size)
         self._host_range(host, size, writable=False)
         target = self.arena_base + dst
-        self._queue(queue).run(lambda: ctypes.memmove(target, host, size))
+        def htod_copy() -> None:
+            ctypes.memmove(target, host, size)
+
+        self._queue(queue).run(htod_copy)
         self.stats.bytes_htod += size
 
     def copy_dtoh_address(self, host: int, src: int, size: int, queue: object | None = None) -> None:
@@ -441,7 +444,10 @@ class HostBackend:
         self._range(src, size)
         self._host_range(host, size, writable=True)
         source = self.arena_base + src
-        self._queue(queue).run(lambda: ctypes.memmove(host, source, size))
+        def dtoh_copy() -> None:
+            ctypes.memmove(host, source, size)
+
+        self._queue(queue).run(dtoh_copy)
         self.stats.bytes_dtoh += size
 
     # -- code -------------------------------------------------------------------------

@@ -389,10 +389,10 @@ class KernelLowering:
         for blk in order:
             if id(blk) in done:
                 continue
-            cl = self.versioned.get(id(blk))
-            if cl is not None:
-                self._lower_versioned(cl)
-                done.update(id(b) for b in cl.blocks)
+            found = self.versioned.get(id(blk))
+            if found is not None:
+                self._lower_versioned(found)
+                done.update(id(b) for b in found.blocks)
             else:
                 self._lower_block(blk)
 

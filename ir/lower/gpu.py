@@ -178,10 +178,10 @@ class GpuHooks(TargetHooks):
         self.mark_kernel(fn)
         entry = fn.append_basic_block("entry")
         b = ir.IRBuilder(entry)
-        for arr in kernel.shared:
-            self.arrays[id(arr)] = self._shared_global(mod, kernel, arr)
-        for arr in kernel.local:
-            self.arrays[id(arr)] = self._local_alloca(mod, b, arr)
+        for sarr in kernel.shared:
+            self.arrays[id(sarr)] = self._shared_global(mod, kernel, sarr)
+        for larr in kernel.local:
+            self.arrays[id(larr)] = self._local_alloca(mod, b, larr)
         kl = KernelLowering(kernel, self, fn, entry, dict(zip(kernel.params, fn.args)))
         kl.b = b
         kl.lower()

@@ -119,7 +119,8 @@ def _match(h: Block, loop: set[int], latches: list[Block], preds: dict[int, list
     if cmp.pred not in ("slt", "ult") or not isinstance(cmp.operands[0], BlockParam):
         return None
     iv, bound = cmp.operands
-    if iv.block is not h or iv.type.name not in ("i8", "i16", "i32", "i64") or not _invariant(bound, loop):
+    if not isinstance(iv, BlockParam) or iv.block is not h or iv.type.name not in ("i8", "i16", "i32", "i64") \
+            or not _invariant(bound, loop):
         return None
     cl = CountedLoop(h, blocks, outside_preds[0], exit_s.block, iv, bound, bound, cmp.pred == "slt")
     step: Value | None = None
@@ -127,10 +128,10 @@ def _match(h: Block, loop: set[int], latches: list[Block], preds: dict[int, list
         lt = latch.terminator
         if lt is None:
             return None
-        for s in lt.successors:
-            if s.block is not h:
+        for succ in lt.successors:
+            if succ.block is not h:
                 continue
-            nxt = s.args[iv.index]
+            nxt = succ.args[iv.index]
             if not isinstance(nxt, OpResult) or nxt.op.opcode != "add" or id(nxt.op.block) not in loop:
                 return None
             a, c = nxt.op.operands
