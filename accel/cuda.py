@@ -22,6 +22,10 @@ load). Device addresses are the real ``CUdeviceptr`` values as ``int``.
 * **Hot launches.** Each kernel gets an :class:`~vxpu.accel.gpu_common.ArgPack` at lookup: a
   preallocated argument buffer and a ``void**`` array into it. A launch copies the packed bytes
   in and passes the array's integer address; nothing else is built per call.
+* **Checked IR.** IR kernels are compiled checked (docs/ir-lowering.md §7): a bad access or a
+  ``trap`` never reaches the driver; it is reported at ``synchronize`` as a contained
+  ``KernelFaultError`` with the fault record, and nothing is reset (feature ``checked-ir``).
+  What follows applies to native PTX/cubin modules and to driver errors.
 * **Faults.** A kernel fault (illegal address, launch failure, trap, ...) makes the backend
   reset the primary context (``cuDevicePrimaryCtxReset``, re-retain, a check that the new context
   works): every allocation, module, queue and event is gone, registered host memory is

@@ -17,7 +17,9 @@ Concept: the same surface as :mod:`vxpu.accel.cuda`, over the HIP runtime:
 * Launches use ``hipModuleLaunchKernel`` with ``extra`` = ``{HIP_LAUNCH_PARAM_BUFFER_POINTER,
   buf, HIP_LAUNCH_PARAM_BUFFER_SIZE, &size, HIP_LAUNCH_PARAM_END}``, built once per kernel
   (:class:`HipArgPack`) and passed by address; a launch copies the packed bytes in.
-* A kernel fault resets the device (``hipDeviceReset``); if the runtime cannot be used again in
+* IR kernels are compiled checked (docs/ir-lowering.md §7): their bad accesses are contained
+  and reported at ``synchronize`` with a fault record, without a reset (feature ``checked-ir``).
+* A kernel fault of native code resets the device (``hipDeviceReset``); if the runtime cannot be used again in
   this process the backend reports ``DEVICE_LOST`` and sets :attr:`HipBackend.lost`.
 """
 
