@@ -6,7 +6,7 @@ of the RTC's CMOS RAM, which survives a machine reset, tells the boots apart:
 * boot 1: load sgemm, allocate 256x256 matrices, post launches and copies without waiting,
   print ``VXPU-REBOOT {"boot": 1, ...}`` and ``reboot -f`` with the work in flight;
 * boot 2: read BAR0 before opening (the queue must be off and not fatal, RESET_COUNT higher),
-  open the device (no allocation may be left from boot 1), run saxpy and check it against
+  open the device (no allocation may be left from boot 1: as many as a fresh open makes), run saxpy and check it against
   numpy, print ``VXPU-REBOOT {"boot": 2, ...}`` and power off.
 """
 
@@ -55,6 +55,7 @@ def report(doc: dict) -> None:
 def boot1() -> None:
     regs = registers()
     dev = Device.open()
+    baseline = dev.stats()["session"]["vxpu_session_live_allocations"]   # the SDK's own (e.g. a sentinel)
     mod = dev.load_module((KERNELS / "sgemm.vxir").read_text())
     n = 256
     rng = np.random.default_rng(3)
@@ -62,11 +63,13 @@ def boot1() -> None:
     b = dev.to_device(rng.standard_normal((n, n), dtype=np.float32))
     c = dev.empty((n, n), np.float32)
     host = dev.pinned((n, n), np.float32)
+    live = dev.stats()["session"]["vxpu_session_live_allocations"]    # before the work: it must stay in flight
     for _ in range(8):
         mod.sgemm[(n // 16, n // 16, 1), (16, 16, 1)](n, n, n, a, b, c)
         dev.copy_to_device(a, host)
     cmos(BOOT2)
-    report({"boot": 1, **regs, "in_flight": dev.ring.in_flight})
+    report({"boot": 1, **regs, "in_flight": dev.ring.in_flight, "baseline_allocations": baseline,
+            "live_allocations": live})
     os.execv("/bin/busybox", ["reboot", "-f"])   # no close, no atexit: the work is still running
 
 
