@@ -33,19 +33,16 @@ from collections.abc import Callable, Iterator
 from llvmlite import ir
 from vxpu.ir.lower import math as vmath
 from vxpu.ir.lower.bounds import (
-    FAULT_LOCAL,
-    FAULT_SHARED,
     ORIGIN_NONE,
     PROVEN,
     FaultTarget,
-    aligned,
     i32,
-    in_bounds,
     pointer_origins,
 )
 from vxpu.ir.lower.errors import LoweringError
+from vxpu.ir.lower.hoist import check_array_index, proven_accesses, range_ok
 from vxpu.ir.lower.versioning import CountedLoop, find_counted_loops
-from vxpu.ir.model import Block, Kernel, Op, OpResult, Value
+from vxpu.ir.model import Block, Kernel, Op, Value
 from vxpu.ir.types import AddressSpace, Type
 
 I1 = ir.IntType(1)
@@ -374,7 +371,7 @@ class KernelLowering:
         if self.hooks.version_loops and not self.spill:
             self.versioned = {id(cl.header): cl for cl in find_counted_loops(self.kernel, order)}
             if self.checked:
-                self.loop_proven = {h: self._proven(cl) for h, cl in self.versioned.items()}
+                self.loop_proven = {h: proven_accesses(cl) for h, cl in self.versioned.items()}
         for blk in order:
             lb = self.fn.append_basic_block(f"b.{blk.name or len(self.blocks)}")
             self.blocks[id(blk)] = lb
@@ -459,7 +456,7 @@ class KernelLowering:
         go = db.and_(pos, fits)
         proven = self.loop_proven.get(id(cl.header), {})
         if proven:
-            go = db.and_(go, self._range_ok(db, cl, vals[cl.iv.index], proven))
+            go = db.and_(go, range_ok(self, db, cl, vals[cl.iv.index], proven))
         h = cl.header
         db.cbranch(go, self.blocks[id(h)], self.slow_blocks[id(h)])
         for fast_phi, slow_phi, v in zip(self.phis[id(h)], self.slow_phis[id(h)], vals):
@@ -468,59 +465,6 @@ class KernelLowering:
         self._tag_incoming(self.blocks[id(h)], tags, d)
         self._tag_incoming(self.slow_blocks[id(h)], tags, d)
         return d
-
-    def _proven(self, cl: CountedLoop) -> dict[int, tuple[Value, int, int, Value | None]]:
-        """Accesses of ``cl`` at ``offset P, c*j + d`` (``j`` the counter, ``c >= 0`` a
-        constant, ``P`` and ``d`` defined before the loop, element size = access size). Over
-        ``j0 <= j < n`` their offsets grow monotonically, as long as the index arithmetic does
-        not wrap — which the version test also checks — so checking the first and the last
-        element before the loop checks them all. Signed counters narrower than 64 bits only."""
-        if not cl.signed or cl.iv.type.bits >= 64:
-            return {}
-        inside: set[Value] = set()
-        for blk in cl.blocks:
-            inside.update(blk.params)
-            inside.update(op.result for op in blk.ops if op.result is not None)
-        out: dict[int, tuple[Value, int, int, Value | None]] = {}
-        for blk in cl.blocks:
-            for op in blk.ops:
-                if op.opcode == "load" or op.opcode.startswith("atomic_"):
-                    pv, size = op.operands[0], op.type.size if op.type is not None else 0
-                elif op.opcode == "store":
-                    pv, size = op.operands[1], op.operands[0].type.size
-                else:
-                    continue
-                if not (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.type is not None
-                        and pv.op.type.size == size and pv.op.operands[0] not in inside):
-                    continue
-                affine = _affine_in(pv.op.operands[1], cl.iv, inside)
-                if affine is not None:
-                    out[id(op)] = (pv.op.operands[0], size, *affine)
-        return out
-
-    def _range_ok(self, db: ir.IRBuilder, cl: CountedLoop, j0: ir.Value,
-                  proven: dict[int, tuple[Value, int, int, Value | None]]) -> ir.Value:
-        """In the version test: the loop runs no iteration, or for every proven access the
-        index ``c*j + d`` (computed in i64) fits its type and the element is in bounds and
-        aligned, at the first and the last counter value (bounds of each base pointer are
-        computed before the branch into the test block)."""
-        n = self.get(cl.bound)
-        last = db.sub(n, ir.Constant(n.type, 1))
-        bits = cl.iv.type.bits
-        lo, hi = ir.Constant(I64, -(1 << (bits - 1))), ir.Constant(I64, (1 << (bits - 1)) - 1)
-        ok: ir.Value = ir.Constant(I1, 1)
-        for p, size, c, d in dict.fromkeys(proven.values()):
-            base, length, _ = self.bounds_of(p)
-            pi = self.hooks.pointer_int(self, self.get(p))
-            dv = None if d is None else db.sext(self.get(d), I64)
-            for j in (j0, last):
-                e = db.mul(db.sext(j, I64), ir.Constant(I64, c))
-                if dv is not None:
-                    e = db.add(e, dv)
-                fits = db.and_(db.icmp_signed(">=", e, lo), db.icmp_signed("<=", e, hi))
-                off = db.sub(db.add(pi, db.mul(e, ir.Constant(I64, size))), base)
-                ok = db.and_(ok, db.and_(fits, db.and_(aligned(db, off, size), in_bounds(db, off, length, size))))
-        return db.or_(db.icmp_signed(">=", j0, n), ok)
 
     def branch_to(self, succ_block: Block, args: tuple[Value, ...]) -> ir.Block:
         """Add phi incomings for a branch from the current block; returns the target block."""
@@ -728,62 +672,11 @@ def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False, op: O
         bounds = None
     elif op is not None and id(op) in kl.proven_ops:
         bounds = PROVEN                  # checked once before the loop (see _range_ok)
-    elif _check_array_index(kl, pv, t.size):
+    elif check_array_index(kl, pv, t.size):
         bounds = PROVEN                  # checked just now, as an index
     else:
         bounds = kl.bounds_of(pv)
     return kl.hooks.address(kl, kl.get(pv), space, scalar_type(t), t.size, atomic, bounds)
-
-
-def _const_int(v: Value) -> int | None:
-    return int(v.op.imm) if isinstance(v, OpResult) and v.op.opcode == "const" else None  # type: ignore[arg-type]
-
-
-def _affine_in(idx: Value, iv: Value, inside: set[Value]) -> tuple[int, Value | None] | None:
-    """``(c, d)`` when ``idx`` is ``c*iv + d`` (``c >= 0`` constant; ``d`` None or a value
-    defined outside the loop, ``inside``), in ``iv``'s type; else None."""
-    def scaled(v: Value) -> int | None:
-        if v is iv:
-            return 1
-        if isinstance(v, OpResult) and v.op.opcode == "mul" and iv in v.op.operands:
-            a, b = v.op.operands
-            c = _const_int(b if a is iv else a)
-            return c if c is not None and c >= 0 else None
-        return None
-
-    if idx.type is not iv.type:
-        return None
-    c = scaled(idx)
-    if c is not None:
-        return c, None
-    if isinstance(idx, OpResult) and idx.op.opcode == "add":
-        a, b = idx.op.operands
-        for x, y in ((a, b), (b, a)):
-            c = scaled(x)
-            if c is not None and y not in inside:
-                return c, y
-    return None
-
-
-def _check_array_index(kl: KernelLowering, pv: Value, size: int) -> bool:
-    """``offset (shared_addr|local_addr @a), i : T`` with ``sizeof(T)`` = the access size and
-    ``i`` at most 32 bits wide: in bounds and aligned exactly when ``0 <= i < a.size / size``
-    (arrays are 16-aligned; ``i * size`` cannot wrap), so emit that one compare (an i32 index
-    keeps GPU address arithmetic narrow) and branch to the fault exit. False if not this form."""
-    if not (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.type is not None
-            and pv.op.type.size == size and isinstance(pv.op.operands[0], OpResult)
-            and pv.op.operands[0].op.opcode in ("shared_addr", "local_addr")
-            and pv.op.operands[1].type.bits <= 32 and pv not in kl.spill):
-        return False        # (a spilled pointer was made before a barrier: its index may be gone)
-    arr = pv.op.operands[0].op.array
-    assert arr is not None
-    (origin,) = kl.origins[pv]
-    b = kl.b
-    idx = b.sext(kl.get(pv.op.operands[1]), I64)
-    ok = b.icmp_unsigned("<", idx, ir.Constant(I64, arr.size // size))
-    code = FAULT_SHARED if pv.op.operands[0].op.opcode == "shared_addr" else FAULT_LOCAL
-    kl.b = kl.hooks.fault_exit(kl).branch(b, kl.fn, ok, i32(code), i32(origin), b.mul(idx, ir.Constant(I64, size)))
-    return True
 
 
 def _load(kl: KernelLowering, op: Op) -> ir.Value:

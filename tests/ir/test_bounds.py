@@ -318,7 +318,7 @@ def test_counted_loop_accesses_lose_their_per_iteration_checks(monkeypatch: pyte
 
     proved = compile_module(_STRIDED, "nvptx", arch="sm_90", cache=False).asm
     llvm_proved = _llvm(_STRIDED)
-    monkeypatch.setattr(common.KernelLowering, "_proven", lambda self, cl: {})
+    monkeypatch.setattr(common, "proven_accesses", lambda cl: {})
     llvm_plain = _llvm(_STRIDED)
     # without the proof both copies check both accesses (4 edges); with it only the wrapping copy
     assert fault_edges(llvm_plain) == 4 and fault_edges(llvm_proved) == 2
