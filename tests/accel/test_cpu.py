@@ -260,3 +260,49 @@ def test_no_thread_or_queue_leaks():
         s.close()
         b.close()
     assert threading.active_count() <= before
+
+
+_POKE = """
+module @poke
+kernel @poke(%p: ptr<global>, %delta: i64, %v: i32) {
+^entry:
+  %q = byte_offset %p, %delta
+  %old = load %q : i32
+  store %v, %q
+  ret
+}
+"""
+
+
+def test_one_client_cannot_reach_another_clients_buffer():
+    """Two sessions on one CPU backend share the arena. B's kernel gets bounds from B's own
+    allocations only: neither an offset from B's buffer into A's, nor A's address passed
+    directly, reaches A's data (both fault, A unchanged), and B's own buffer still works."""
+    b = CpuBackend(arena="64M", threads=1)
+    b.open()
+    sa, sb = Session(b), Session(b)
+    try:
+        a_buf = sa.alloc(256)
+        sa.memset(a_buf, 0x5A, 256)
+        b_buf = sb.alloc(256)
+        k, _ = sb.get_kernel(sb.load_module(image(_POKE)), "poke")
+        for ptr, delta, param_offset in ((b_buf, a_buf - b_buf, a_buf - b_buf), (a_buf, 0, a_buf)):
+            with pytest.raises(KernelFaultError) as e:
+                sb.launch(k, (1,), (1,), struct.pack("<QqI4x", ptr, delta, 7))
+                sb.synchronize()
+            # B's own buffer: offset from its base; A's address: B owns nothing there -> (0, 0)
+            assert (e.value.record.param, e.value.record.offset) == (0, param_offset & ((1 << 64) - 1))
+        back = bytearray(256)
+        sa.copy_dtoh(memoryview(back), a_buf)
+        sa.synchronize()
+        assert back == b"\x5a" * 256
+        sb.launch(k, (1,), (1,), struct.pack("<QqI4x", b_buf, 252, 7))
+        sb.synchronize()
+        mine = np.zeros(64, np.int32)
+        sb.copy_dtoh(memoryview(mine), b_buf)
+        sb.synchronize()
+        assert mine[63] == 7
+    finally:
+        sa.close()
+        sb.close()
+        b.close()
