@@ -108,27 +108,43 @@ class GpuHooks(TargetHooks):
 
     def _record(self, kl: KernelLowering, b: ir.IRBuilder, code: ir.Value, origin: ir.Value,
                 offset: ir.Value) -> None:
-        """Claim the fault record (first violation wins), fill it, end the thread."""
+        """End the thread at a fault: call the module's record writer, return."""
         assert self.record is not None and self.kernel_id is not None
-        rec = self.record
+        b.call(self._record_fn(kl.module), [self.record, code, origin, self.kernel_id, offset])
+        b.ret_void()
+
+    def _record_fn(self, mod: ir.Module) -> ir.Function:
+        """``vxpu.fault.record(rec, code, origin, kernel_id, offset)``, made once per module and
+        never inlined: it claims the record (first violation wins: ``cmpxchg`` of its first
+        word, 0 → 1) and fills it. Out of line, so the fault path adds a call per check site
+        and LLVM cannot hoist its thread/block index reads into the kernel body."""
+        fn = mod.globals.get(_RECORD_FN)
+        if isinstance(fn, ir.Function):
+            return fn
+        fnty = ir.FunctionType(VOID, [I8.as_pointer(1), I32, I32, I32, I64])
+        fn = ir.Function(mod, fnty, name=_RECORD_FN)
+        fn.linkage = "internal"
+        fn.attributes.add("noinline")
+        rec, code, origin, kernel_id, offset = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("entry"))
 
         def field(name: str, ty: ir.Type) -> ir.Value:
             return b.bitcast(b.gep(rec, [ir.Constant(I64, FAULT_RECORD[name])]), ty.as_pointer(1))
 
         pair = b.cmpxchg(field("claimed", I32), ir.Constant(I32, 0), ir.Constant(I32, 1), "monotonic", "monotonic")
-        write, done = kl.fn.append_basic_block("fault.first"), kl.fn.append_basic_block("fault.done")
+        write, done = fn.append_basic_block("first"), fn.append_basic_block("done")
         b.cbranch(b.extract_value(pair, 1), write, done)
         b.position_at_end(write)
-        for name, val in (("code", code), ("origin", origin), ("kernel_id", self.kernel_id), ("offset", offset)):
+        for name, val in (("code", code), ("origin", origin), ("kernel_id", kernel_id), ("offset", offset)):
             b.store(val, field(name, val.type), align=val.type.width // 8)
-        saved, kl.b = kl.b, b                   # geometry() emits through kl.b
+        shim = _Emitter(b, mod)                 # geometry() emits through .b into .module
         for dim in "xyz":
-            b.store(self.geometry(kl, "block_id", dim), field(f"block_{dim}", I32), align=4)
-            b.store(self.geometry(kl, "thread_id", dim), field(f"thread_{dim}", I32), align=4)
-        kl.b = saved
+            b.store(self.geometry(shim, "block_id", dim), field(f"block_{dim}", I32), align=4)  # type: ignore[arg-type]
+            b.store(self.geometry(shim, "thread_id", dim), field(f"thread_{dim}", I32), align=4)  # type: ignore[arg-type]
         b.branch(done)
         b.position_at_end(done)
         b.ret_void()
+        return fn
 
     def array_addr(self, kl: KernelLowering, op: Op) -> ir.Value:
         arr = self.arrays[id(op.array)]
@@ -205,6 +221,17 @@ class GpuHooks(TargetHooks):
         # Zero-initialise: reading an unwritten local is defined (0), never undef.
         b.store(ir.Constant(ty, None), slot)
         return slot
+
+
+_RECORD_FN = "vxpu.fault.record"
+
+
+class _Emitter:
+    """What ``GpuHooks.geometry`` reads of a lowering (a builder and its module), for code
+    emitted outside a kernel."""
+
+    def __init__(self, b: ir.IRBuilder, module: ir.Module) -> None:
+        self.b, self.module = b, module
 
 
 class _SiteExits:
