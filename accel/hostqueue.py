@@ -46,6 +46,14 @@ class HostEvent:
 class HostQueue:
     """An in-order executor with one lazily started daemon worker thread.
 
+    One lock guards the queue; two conditions on it say who is woken: the worker waits on
+    ``_work`` for a runnable operation, :meth:`wait` and :meth:`stop` wait on ``_idle`` for
+    progress. So finishing an operation inline (:meth:`run`, or a waiter helping) wakes no worker
+    unless more work is queued, and a submission while an operation runs wakes no one (whoever
+    finishes it hands on). On a many-core or virtualized host every wake-up of a sleeping
+    thread costs the waker an inter-processor interrupt and the woken thread then contends for
+    the GIL; the single condition this replaces woke the worker after every inline copy.
+
     Args:
         name: thread name suffix, for debugging.
         generation: a callable returning the backend's current context generation.
@@ -59,7 +67,9 @@ class HostQueue:
         self._generation = generation
         self._on_error = on_error
         self._ops: collections.deque[tuple[int, Op, HostEvent | None]] = collections.deque()
-        self._cv = threading.Condition()
+        self._lock = threading.Lock()
+        self._work = threading.Condition(self._lock)
+        self._idle = threading.Condition(self._lock)
         self._busy = False
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -67,16 +77,17 @@ class HostQueue:
     # -- submission -------------------------------------------------------------------
     def submit(self, op: Op, event: HostEvent | None = None) -> None:
         """Queue ``op`` (run later, in order). ``event`` is fired instead of dropped on reset."""
-        with self._cv:
+        with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._worker, name=f"vxpu-queue-{self.name}", daemon=True)
                 self._thread.start()
             self._ops.append((self._generation(), op, event))
-            self._cv.notify_all()
+            if not self._busy:           # else whoever runs the current operation hands on
+                self._work.notify()
 
     def run(self, op: Op, event: HostEvent | None = None) -> None:
         """Run ``op`` now on this thread if the queue is idle, else queue it behind the rest."""
-        with self._cv:
+        with self._lock:
             if self._ops or self._busy:
                 inline = False
             else:
@@ -87,9 +98,8 @@ class HostQueue:
         try:
             op()
         finally:
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
+            with self._lock:
+                self._done()
 
     def record(self, event: HostEvent) -> None:
         """Fire ``event`` once everything submitted before it has run."""
@@ -98,7 +108,7 @@ class HostQueue:
 
     # -- waiting ----------------------------------------------------------------------
     def idle(self) -> bool:
-        with self._cv:
+        with self._lock:
             return not self._ops and not self._busy
 
     def wait(self, timeout: float | None = None) -> bool:
@@ -109,18 +119,26 @@ class HostQueue:
         worker thread on the common launch-then-synchronize path.
         """
         if timeout is not None:
-            with self._cv:
-                return self._cv.wait_for(lambda: not self._ops and not self._busy, timeout)
+            with self._lock:
+                return self._idle.wait_for(lambda: not self._ops and not self._busy, timeout)
         while True:
-            with self._cv:
-                self._cv.wait_for(lambda: not self._busy)
+            with self._lock:
+                self._idle.wait_for(lambda: not self._busy)
                 if not self._ops:
                     return True
                 item = self._ops.popleft()
                 self._busy = True
-            self._run_item(item)
+            self._run_item(item, helping=True)
 
-    def _run_item(self, item: tuple[int, Op, HostEvent | None]) -> None:
+    def _done(self, helping: bool = False) -> None:
+        """An operation finished (lock held): wake the worker for what is queued behind it
+        (unless this thread is a helping waiter, which takes it itself) and the waiters."""
+        self._busy = False
+        if self._ops and not helping:
+            self._work.notify()
+        self._idle.notify_all()
+
+    def _run_item(self, item: tuple[int, Op, HostEvent | None], helping: bool = False) -> None:
         generation, op, event = item
         try:
             if generation == self._generation():
@@ -130,16 +148,15 @@ class HostQueue:
         except BaseException as exc:  # noqa: BLE001 - reported to the backend, never kills the thread
             self._on_error(exc, generation)
         finally:
-            with self._cv:
-                self._busy = False
-                self._cv.notify_all()
+            with self._lock:
+                self._done(helping)
 
     def stop(self) -> None:
         """Wait for the queue, then end its worker thread (idempotent)."""
-        with self._cv:
-            self._cv.wait_for(lambda: not self._ops and not self._busy)
+        with self._lock:
+            self._idle.wait_for(lambda: not self._ops and not self._busy)
             self._stopping = True
-            self._cv.notify_all()
+            self._work.notify_all()
             thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
@@ -147,8 +164,8 @@ class HostQueue:
     # -- worker -----------------------------------------------------------------------
     def _worker(self) -> None:
         while True:
-            with self._cv:
-                self._cv.wait_for(lambda: self._stopping or (self._ops and not self._busy))
+            with self._lock:
+                self._work.wait_for(lambda: self._stopping or (self._ops and not self._busy))
                 if self._stopping and not self._ops:
                     return
                 item = self._ops.popleft()

@@ -30,7 +30,7 @@ import json
 import logging
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from vxpu.accel.backend import BackendError, ModuleKind
 from vxpu.accel.session import DEFAULT_QUEUE, Session
@@ -52,34 +52,39 @@ _KINDS = {abi.ModuleKind.IR: ModuleKind.IR, abi.ModuleKind.PTX: ModuleKind.PTX,
 _KIND_FEATURE = {abi.ModuleKind.IR: Feature.IR, abi.ModuleKind.PTX: Feature.PTX,
                  abi.ModuleKind.CUBIN: Feature.CUBIN, abi.ModuleKind.HSACO: Feature.HSACO,
                  abi.ModuleKind.ONNX: Feature.ONNX}
-_NO_SG = frozenset({Opcode.NOP, Opcode.MEM_ALLOC, Opcode.MEM_FREE, Opcode.MEM_SET, Opcode.MEM_COPY_DTOD,
-                    Opcode.MODULE_UNLOAD, Opcode.FENCE, Opcode.EVENT_CREATE, Opcode.EVENT_DESTROY,
-                    Opcode.EVENT_RECORD, Opcode.EVENT_QUERY, Opcode.EVENT_ELAPSED, Opcode.RESET})
+_NO_SG = frozenset(int(op) for op in (Opcode.NOP, Opcode.MEM_ALLOC, Opcode.MEM_FREE, Opcode.MEM_SET,
+                                       Opcode.MEM_COPY_DTOD, Opcode.MODULE_UNLOAD, Opcode.FENCE,
+                                       Opcode.EVENT_CREATE, Opcode.EVENT_DESTROY, Opcode.EVENT_RECORD,
+                                       Opcode.EVENT_QUERY, Opcode.EVENT_ELAPSED, Opcode.RESET))
 _U64 = struct.Struct("<Q")
 _SG_INDIRECT = int(DescFlags.SG_INDIRECT)
 _OK = int(Status.OK)
+_FLAGS_RESERVED = ~int(abi.DESC_FLAGS_MASK)
+_MAX_BLOCK_DIM = abi.MAX_BLOCK_DIM
 
 
 class Abandoned(Exception):
     """A device reset or disconnect happened while the command ran: post no completion."""
 
 
-@dataclass(frozen=True)
-class Desc:
-    """One submission descriptor, decoded (see :data:`vxpu.abi.xpu.DESCRIPTOR`)."""
+class Desc(NamedTuple):
+    """One submission descriptor, decoded (the fields of :data:`vxpu.abi.xpu.DESCRIPTOR`, in
+    order). A named tuple: :meth:`Executor.execute` makes one per command from the raw tuple
+    with ``tuple.__new__``, which costs a fraction of a dataclass's ``__init__``."""
 
     opcode: int
     flags: int
     sg_count: int
     tag: int
-    args: tuple[int, int, int, int]
+    a0: int
+    a1: int
+    a2: int
+    a3: int
     sg_addr: int
     sg_len: int
 
-    @classmethod
-    def unpack(cls, raw: tuple[int, ...]) -> Desc:
-        opcode, flags, sg_count, tag, a0, a1, a2, a3, sg_addr, sg_len = raw
-        return cls(opcode, flags, sg_count, tag, (a0, a1, a2, a3), sg_addr, sg_len)
+
+_make_desc = tuple.__new__
 
 
 Result = tuple[int, int]
@@ -119,7 +124,8 @@ class Executor:
         self._section = _GuestSection(self)
         self.events: dict[int, bool] = {}      # this guest's event handles -> recorded yet
         self._queue = DEFAULT_QUEUE
-        self._queue_key: tuple[Session, int] | None = None    # (session, its invalidations) the queue is for
+        self._queue_session: Session | None = None     # the session and its invalidation count the
+        self._queue_drops = -1                         # queue is for
         self._table: dict[int, Callable[[Desc], Result]] = {
             Opcode.NOP: lambda d: (0, 0),
             Opcode.IDENTIFY: lambda d: self._write_doc(d, self._identity()),
@@ -145,14 +151,15 @@ class Executor:
         default queue: on CUDA that is the legacy stream, where copies are synchronous; a queue
         of its own makes them asynchronous (cuMemcpyHtoDAsync), so a batch of copies overlaps.
         Made again for a new session and after a context reset dropped it."""
-        s = self.session
-        if self._queue_key != (s, s.stats.invalidations):
-            try:
-                self._queue = s.create_queue()
-            except BackendError as exc:
-                log.debug("no queue of its own (%s); using the default queue", exc)
-                self._queue = DEFAULT_QUEUE
-            self._queue_key = (s, s.stats.invalidations)
+        s = self._session()
+        if s is self._queue_session and s.stats.invalidations == self._queue_drops:
+            return self._queue
+        try:
+            self._queue = s.create_queue()
+        except BackendError as exc:
+            log.debug("no queue of its own (%s); using the default queue", exc)
+            self._queue = DEFAULT_QUEUE
+        self._queue_session, self._queue_drops = s, s.stats.invalidations
         return self._queue
 
     # -- entry point ---------------------------------------------------------------------------
@@ -162,11 +169,11 @@ class Executor:
         Raises:
             Abandoned: a reset or disconnect happened meanwhile (post nothing).
         """
-        d = Desc.unpack(raw)
-        dropped_before = self._state_drops()
+        d: Desc = _make_desc(Desc, raw)
+        dropped_before = self._session().stats.invalidations
         try:
-            self._check_descriptor(d)
-            result, result2 = self._table[d.opcode](d)
+            handler = self._check_descriptor(d)
+            result, result2 = handler(d)
             return d.tag, _OK, result, result2
         except GuestFault as exc:
             log.debug("command %#x refused: %s", d.opcode, exc)
@@ -190,20 +197,27 @@ class Executor:
             return abi.CPL_STATE_DROPPED
         return 0
 
-    def _check_descriptor(self, d: Desc) -> None:
-        if d.opcode not in self._table:
+    def _check_descriptor(self, d: Desc) -> Callable[[Desc], Result]:
+        """The opcode's handler, once the descriptor's opcode, flags and SG shape are valid.
+
+        Raises:
+            GuestFault: UNSUPPORTED (unknown opcode), BAD_DESCRIPTOR (see the module docstring).
+        """
+        handler = self._table.get(d.opcode)
+        if handler is None:
             raise GuestFault(Status.UNSUPPORTED, f"unknown opcode {d.opcode:#x}")
-        if d.flags & ~abi.DESC_FLAGS_MASK:
-            raise GuestFault(Status.BAD_DESCRIPTOR, f"reserved descriptor flags {d.flags:#x}")
-        indirect = d.flags & _SG_INDIRECT
-        if indirect:
-            if not 1 <= d.sg_count <= abi.MAX_SG_ENTRIES or d.sg_len:
-                raise GuestFault(Status.BAD_DESCRIPTOR, f"indirect SG list of {d.sg_count} entries, sg_len {d.sg_len}")
-        elif d.sg_count > abi.MAX_INLINE_SG_COUNT or (d.sg_count == 0 and (d.sg_addr or d.sg_len)) \
-                or (d.sg_count == 1 and d.sg_len == 0):
-            raise GuestFault(Status.BAD_DESCRIPTOR, f"inline SG of {d.sg_count} entries ({d.sg_addr:#x}+{d.sg_len})")
-        if d.opcode in _NO_SG and d.sg_count:
+        flags, count = d.flags, d.sg_count
+        if flags & _FLAGS_RESERVED:
+            raise GuestFault(Status.BAD_DESCRIPTOR, f"reserved descriptor flags {flags:#x}")
+        if flags & _SG_INDIRECT:
+            if not 1 <= count <= abi.MAX_SG_ENTRIES or d.sg_len:
+                raise GuestFault(Status.BAD_DESCRIPTOR, f"indirect SG list of {count} entries, sg_len {d.sg_len}")
+        elif count > abi.MAX_INLINE_SG_COUNT or (count == 0 and (d.sg_addr or d.sg_len)) \
+                or (count == 1 and d.sg_len == 0):
+            raise GuestFault(Status.BAD_DESCRIPTOR, f"inline SG of {count} entries ({d.sg_addr:#x}+{d.sg_len})")
+        if count and d.opcode in _NO_SG:
             raise GuestFault(Status.BAD_DESCRIPTOR, f"opcode {d.opcode:#x} takes no scatter-gather list")
+        return handler
 
     # -- guest memory --------------------------------------------------------------------------
     def guest(self) -> _GuestSection:
@@ -234,6 +248,12 @@ class Executor:
         Raises:
             GuestFault: BAD_DESCRIPTOR, OUT_OF_RANGE, or INVALID_ARGUMENT above ``limit`` bytes.
         """
+        if d.sg_count == 1 and not d.flags & _SG_INDIRECT:     # inline: one entry, no list to read
+            length = d.sg_len
+            if length > limit:
+                raise GuestFault(Status.INVALID_ARGUMENT, f"{length} bytes exceed the limit of {limit}")
+            ram, off = self.ram.find(d.sg_addr, length, write)
+            return [(ram, off, length)], length
         entries = self._sg_list(d)
         total = sum(length for _addr, length in entries)
         if total > limit:
@@ -249,6 +269,8 @@ class Executor:
 
     def _read_sg(self, d: Desc, limit: int) -> bytes:
         """The bytes the SG list names (at most ``limit``), copied out of guest RAM."""
+        if not d.sg_count:
+            return b""
         with self.guest():
             segs, _total = self._segments(d, False, limit)
             return b"".join(bytes(ram.view[off:off + n]) for ram, off, n in segs)
@@ -271,14 +293,14 @@ class Executor:
 
     # -- memory --------------------------------------------------------------------------------
     def _alloc(self, d: Desc) -> Result:
-        return self.session.alloc(d.args[0]), 0
+        return self.session.alloc(d.a0), 0
 
     def _free(self, d: Desc) -> Result:
-        self.session.free(d.args[0])
+        self.session.free(d.a0)
         return 0, 0
 
     def _memset(self, d: Desc) -> Result:
-        addr, value, length = d.args[0], d.args[1], d.args[2]
+        addr, value, length = d.a0, d.a1, d.a2
         if value > 0xFF:
             raise GuestFault(Status.INVALID_ARGUMENT, f"MEM_SET value {value:#x} is not a byte")
         self.session.memset(addr, value, length, self.queue)
@@ -287,9 +309,9 @@ class Executor:
         return 0, 0
 
     def _dtod(self, d: Desc) -> Result:
-        self.session.copy_dtod(d.args[0], d.args[1], d.args[2], self.queue)
+        self.session.copy_dtod(d.a0, d.a1, d.a2, self.queue)
         self.queued += 1
-        self.counters.bytes_dtod += d.args[2]
+        self.counters.bytes_dtod += d.a2
         return 0, 0
 
     def _htod(self, d: Desc) -> Result:
@@ -318,9 +340,9 @@ class Executor:
 
     def _issue(self, d: Desc, to_device: bool, need_room: bool) -> int | None:
         """Translate and issue the copies (None when ``need_room`` and the queue is too full)."""
-        s = self.session
+        s = self._session()
         q = self.queue
-        dev = d.args[0]
+        dev = d.a0
         with self.guest():
             segs, total = self._segments(d, not to_device)
             s.check_range(dev, total)
@@ -357,7 +379,7 @@ class Executor:
 
     # -- code ----------------------------------------------------------------------------------
     def _module_load(self, d: Desc) -> Result:
-        kind = d.args[0]
+        kind = d.a0
         if kind not in _KINDS:
             raise GuestFault(Status.INVALID_ARGUMENT, f"unknown module kind {kind}")
         if not self.features & _KIND_FEATURE[abi.ModuleKind(kind)]:
@@ -373,7 +395,7 @@ class Executor:
         return self.session.load_module(image, _KINDS[abi.ModuleKind(kind)]), 0
 
     def _module_unload(self, d: Desc) -> Result:
-        self.session.unload_module(d.args[0])
+        self.session.unload_module(d.a0)
         return 0, 0
 
     def _kernel_get(self, d: Desc) -> Result:
@@ -384,15 +406,15 @@ class Executor:
             raise GuestFault(Status.INVALID_ARGUMENT, "kernel name is not UTF-8") from None
         if not name or "\0" in name:
             raise GuestFault(Status.INVALID_ARGUMENT, "kernel name is empty or contains NUL")
-        handle, info = self.session.get_kernel(d.args[0], name)
+        handle, info = self.session.get_kernel(d.a0, name)
         return handle, info.args_size
 
     def _launch(self, d: Desc) -> Result:
-        grid, block, shared = abi.unpack_launch_dims(d.args[1], d.args[2], d.args[3])
-        if block[0] > abi.MAX_BLOCK_DIM or 0 in grid or 0 in block:
+        grid, block, shared = abi.unpack_launch_dims(d.a1, d.a2, d.a3)
+        if block[0] > _MAX_BLOCK_DIM or 0 in grid or 0 in block:
             raise GuestFault(Status.INVALID_ARGUMENT, f"grid {grid} / block {block} out of range")
         blob = self._read_sg(d, abi.MAX_ARG_BYTES)
-        self.session.launch(d.args[0], grid, block, blob, shared, self.queue)
+        self.session.launch(d.a0, grid, block, blob, shared, self.queue)
         self.queued += 1
         return 0, 0
 
@@ -405,7 +427,7 @@ class Executor:
             blob = b"".join(_U64.pack(int(v)) for v in values)
         except (ValueError, TypeError, AttributeError, struct.error):
             raise GuestFault(Status.INVALID_ARGUMENT, "INFER request is not the documented JSON") from None
-        kernel, _info = self.session.get_kernel(d.args[0], "main")
+        kernel, _info = self.session.get_kernel(d.a0, "main")
         self.session.launch(kernel, (1,), (1,), blob, 0, self.queue)
         self.queued += 1
         return 0, 0
@@ -432,14 +454,14 @@ class Executor:
         return handle, 0
 
     def _event_destroy(self, d: Desc) -> Result:
-        self.session.destroy_event(d.args[0])
-        self.events.pop(d.args[0], None)
+        self.session.destroy_event(d.a0)
+        self.events.pop(d.a0, None)
         return 0, 0
 
     def _event_record(self, d: Desc) -> Result:
-        self.session.record_event(d.args[0], self.queue)
-        if d.args[0] in self.events:
-            self.events[d.args[0]] = True
+        self.session.record_event(d.a0, self.queue)
+        if d.a0 in self.events:
+            self.events[d.a0] = True
         self.queued += 1
         return 0, 0
 
@@ -453,9 +475,9 @@ class Executor:
     def _event_query(self, d: Desc) -> Result:
         """1 when the event was reached, 0 while pending. A GPU backend answers at once (an
         elapsed time of a pending event is INVALID_ARGUMENT); the CPU backend waits for it."""
-        self._check_recorded(d.args[0])
+        self._check_recorded(d.a0)
         try:
-            self.session.event_elapsed_ms(d.args[0], d.args[0])
+            self.session.event_elapsed_ms(d.a0, d.a0)
         except BackendError as exc:
             if exc.status is not Status.INVALID_ARGUMENT:
                 raise
@@ -465,14 +487,14 @@ class Executor:
     def _event_elapsed(self, d: Desc) -> Result:
         """Nanoseconds between two recorded events, waiting for them where the backend does not
         (a GPU backend refuses pending events: wait for the device, then ask again)."""
-        self._check_recorded(d.args[0], d.args[1])
+        self._check_recorded(d.a0, d.a1)
         try:
-            ms = self.session.event_elapsed_ms(d.args[0], d.args[1])
+            ms = self.session.event_elapsed_ms(d.a0, d.a1)
         except BackendError as exc:
             if exc.status is not Status.INVALID_ARGUMENT:
                 raise
             self._synchronize()
-            ms = self.session.event_elapsed_ms(d.args[0], d.args[1])
+            ms = self.session.event_elapsed_ms(d.a0, d.a1)
         return max(0, int(ms * 1e6)), 0
 
     def _reset_cmd(self, d: Desc) -> Result:

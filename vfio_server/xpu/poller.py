@@ -24,10 +24,14 @@ device"). Then it sets need-wakeup in the queue header, re-reads ``sq_tail`` (a 
 submitted meanwhile is taken at once), and sleeps until a doorbell, a control request or
 :data:`~vxpu.abi.xpu.MAX_WAKEUP_LATENCY_MS` (a missed doorbell costs at most that long).
 
-Completions are posted one by one in submission order (``cq_tail`` advances with each).
-Interrupts are coalesced: vector 0 is raised once :attr:`REG_IRQ_COALESCE_COUNT` completions
-are unsignalled, when the oldest unsignalled one is ``REG_IRQ_COALESCE_USEC`` old (0: at the
-end of the batch that posted it), or right after a descriptor with ``DescFlags.IRQ``.
+Completions are posted in submission order, in groups: the completions of commands that only
+issue work (copies, memsets, NOPs, launches, event records) are held and written together with
+one lock and one ``cq_tail`` store, at the end of the batch and before any command that may
+wait (a FENCE, a compile, a free ...), so no completion waits for a later command. Interrupts
+are coalesced: vector 0 is raised once :attr:`REG_IRQ_COALESCE_COUNT` completions are
+unsignalled, when the oldest unsignalled one is ``REG_IRQ_COALESCE_USEC`` old (0: at the end of
+the batch that posted it), or right after the group that posted a descriptor with
+``DescFlags.IRQ``.
 """
 
 from __future__ import annotations
@@ -70,6 +74,10 @@ _INTERNAL = int(Status.INTERNAL)
 #: Commands that may run while DTOH completions wait for one synchronization (cheap, ordered).
 _DEFERRABLE = frozenset(int(op) for op in (Opcode.NOP, Opcode.MEM_COPY_DTOH, Opcode.MEM_COPY_HTOD,
                                            Opcode.MEM_COPY_DTOD, Opcode.MEM_SET))
+#: Commands that never wait long (they only issue work), so the completions before them may stay
+#: held and be posted together. Before any other command (FENCE included) the held completions
+#: are posted first: a completion is never held up by a command that waits.
+_HOLDABLE = _DEFERRABLE | frozenset(int(op) for op in (Opcode.LAUNCH, Opcode.EVENT_RECORD))
 
 
 class Poller:
@@ -360,45 +368,52 @@ class Poller:
         t0 = time.perf_counter_ns()
         try:
             done = self._run_batch(descs, rings, epoch)
+            self._signal(force=False, batch_end=True)
         finally:
             self.stats.busy_ns += time.perf_counter_ns() - t0
-        self._signal(force=False, batch_end=True)
+            self._batch_irq = None
         return done
 
     def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int) -> int:
-        """Execute and complete ``descs`` in order. DTOHs are not synchronized one by one: their
-        completions (and every later one, to keep the order) are held until one synchronization,
-        which happens before any command that is not a plain copy, memset or NOP, and at the end
-        of the batch. Returns the number completed, -1 when the queue stopped meanwhile."""
+        """Execute and complete ``descs`` in order. Completions are held and posted together
+        (one lock, one ``cq_tail`` store): at the end of the batch, and before any command that
+        may wait (all but :data:`_HOLDABLE`), so a completion is never held up by a later slow
+        command. DTOHs are not synchronized one by one: their completions (and every later one,
+        to keep the order) wait for one synchronization, which happens at the next post, and
+        before any command that is not a plain copy, memset or NOP (so it never waits for a
+        kernel posted after them). Returns the number completed, -1 when the queue stopped
+        meanwhile."""
         self._batch_irq = self._irq_settings()      # the IRQ_* registers, read once per batch
         count = max(1, self._batch_irq[1])
-        held: list[tuple[tuple[int, ...], tuple[int, int, int, int], bool]] = []
+        held: list[tuple[int, int, int, int, int, int, bool]] = []   # tag, status, r1, r2, opcode, flags, sync
+        syncs = 0                                   # held entries that wait for a synchronization
         done = 0
-        self.executor.defer_sync = True
+        ex = self.executor
+        execute = self._execute
+        ex.defer_sync = True
         try:
             for raw in descs:
-                if held and raw[0] not in _DEFERRABLE:
-                    if not self._flush(held, rings, epoch, count):
+                op = raw[0]
+                if held and (op not in _HOLDABLE or (syncs and op not in _DEFERRABLE)):
+                    if not self._flush(held, syncs, rings, epoch, count):
                         return -1
                     done += len(held)
                     held.clear()
-                result = self._execute(raw)
+                    syncs = 0
+                result = execute(raw)
                 if result is None:
                     return -1
-                needs_sync, self.executor.sync_pending = self.executor.sync_pending, False
-                if needs_sync or held:
-                    held.append((raw, result, needs_sync))
-                    continue
-                if not self._post(raw, result, rings, epoch, count):
-                    return -1
-                done += 1
-            if held and not self._flush(held, rings, epoch, count):
+                needs_sync = ex.sync_pending
+                if needs_sync:
+                    ex.sync_pending = False
+                    syncs += 1
+                held.append((*result, op, raw[1], needs_sync))
+            if held and not self._flush(held, syncs, rings, epoch, count):
                 return -1
             return done + len(held)
         finally:
-            self.executor.defer_sync = False
-            self.executor.sync_pending = False
-            self._batch_irq = None
+            ex.defer_sync = False
+            ex.sync_pending = False
 
     def _execute(self, raw: tuple[int, ...]) -> tuple[int, int, int, int] | None:
         """``(tag, status, result, result2)`` for one descriptor, ABORTED while a Control.RESET
@@ -417,24 +432,14 @@ class Poller:
             return raw[3], _ABORTED, 0, 0
         return result
 
-    def _flush(self, held: list[tuple[tuple[int, ...], tuple[int, int, int, int], bool]], rings: Rings,
+    def _flush(self, held: list[tuple[int, int, int, int, int, int, bool]], syncs: int, rings: Rings,
                epoch: int, count: int) -> bool:
-        """Synchronize once for the held DTOHs, then post the held completions in order (a DTOH
-        gets the asynchronous error that surfaced meanwhile, if any)."""
-        err = self.executor.synchronize_deferred()
-        for raw, (tag, status, r1, r2), needs_sync in held:
-            if needs_sync and err is not None and status == 0:
-                status = int(err)
-            if self.aborting:
-                status, r1, r2 = _ABORTED, 0, 0
-            if not self._post(raw, (tag, status, r1, r2), rings, epoch, count):
-                return False
-        return True
-
-    def _post(self, raw: tuple[int, ...], result: tuple[int, int, int, int], rings: Rings, epoch: int,
-              count: int) -> bool:
-        """Write one completion (False when the queue stopped or was replaced meanwhile)."""
-        tag, status, r1, r2 = result
+        """Post the held completions in order, after one synchronization when ``syncs`` of them
+        wait for it (a DTOH then gets the asynchronous error that surfaced meanwhile, if any).
+        False when the queue stopped or was replaced meanwhile (nothing is posted)."""
+        err = self.executor.synchronize_deferred() if syncs else None
+        if err is not None or self.aborting:
+            held[:] = [self._final(entry, err) for entry in held]
         with self.ram.lock:
             if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
                 return False
@@ -443,20 +448,36 @@ class Poller:
             except QueueFatal as exc:
                 self._set_fatal(exc.code, exc.info, str(exc))
                 return False
-            rings.complete(tag, status, r1, r2)
-        self.stats.count(raw[0], status)
-        self._note_completion(raw[1] & _DESC_IRQ, count)
+            rings.complete_many(held)
+        forced = 0
+        count_one = self.stats.count
+        for entry in held:
+            count_one(entry[4], entry[1])
+            forced |= entry[5]
+        self._note_completions(len(held), forced & _DESC_IRQ, count)
         return True
+
+    def _final(self, entry: tuple[int, int, int, int, int, int, bool], err: Status | None
+               ) -> tuple[int, int, int, int, int, int, bool]:
+        """A held completion as posted: ABORTED while a Control.RESET is pending, the
+        synchronization's error for a successful DTOH."""
+        tag, status, r1, r2, op, flags, needs_sync = entry
+        if self.aborting:
+            return tag, _ABORTED, 0, 0, op, flags, needs_sync
+        if needs_sync and err is not None and status == 0:
+            return tag, int(err), r1, r2, op, flags, needs_sync
+        return entry
 
     def _same_rings(self, rings: Rings) -> bool:
         """Is ``rings`` still the running queue (not replaced by a reset or re-enable)?"""
         return self._rings is rings
 
     # -- interrupts ----------------------------------------------------------------------------
-    def _note_completion(self, forced: int, count: int) -> None:
+    def _note_completions(self, n: int, forced: int, count: int) -> None:
+        """``n`` completions were posted (``forced``: one of them asked for DescFlags.IRQ)."""
         if not self._unsignalled:
             self._oldest_unsignalled = time.monotonic()
-        self._unsignalled += 1
+        self._unsignalled += n
         if forced or self._unsignalled >= count:
             self._signal(force=True)
 

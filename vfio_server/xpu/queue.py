@@ -43,6 +43,7 @@ _CQ_HEAD = abi.QH_CQ_HEAD // 4
 _SQ_HEAD = abi.QH_SQ_HEAD // 4
 _CQ_TAIL = abi.QH_CQ_TAIL // 4
 _FLAGS = abi.QH_FLAGS // 4
+_U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
 @dataclass(frozen=True)
@@ -168,6 +169,11 @@ class Rings:
             QueueFatal: BAD_SQ_TAIL.
         """
         entries, head = self.cfg.sq_entries, self.sq_head
+        assert self._hdr is not None
+        tail = self._hdr[_SQ_TAIL]
+        n = (tail - head) & MASK
+        if n <= entries:
+            return n
         tail = self._stable(_SQ_TAIL, lambda t: (t - head) & MASK <= entries)
         n = (tail - head) & MASK
         if n > entries:
@@ -182,7 +188,10 @@ class Rings:
             QueueFatal: BAD_CQ_HEAD.
         """
         prev, tail = self.cq_head, self.cq_tail
-        head = self._stable(_CQ_HEAD, lambda h: (h - prev) & MASK <= (tail - prev) & MASK)
+        assert self._hdr is not None
+        head = self._hdr[_CQ_HEAD]
+        if (head - prev) & MASK > (tail - prev) & MASK:
+            head = self._stable(_CQ_HEAD, lambda h: (h - prev) & MASK <= (tail - prev) & MASK)
         if (head - prev) & MASK > (tail - prev) & MASK:
             raise QueueFatal(FatalCode.BAD_CQ_HEAD, head, f"cq_head {head} moved back or past cq_tail "
                              f"{tail} (previous cq_head {prev})")
@@ -215,6 +224,21 @@ class Rings:
         self.completed += 1
         hdr[_CQ_TAIL] = self.cq_tail
         _U64.pack_into(raw, abi.QH_COMPLETED, self.completed & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def complete_many(self, results: list[tuple[int, int, int, int, int, int, bool]]) -> None:
+        """Write the completions ``(tag, status, result, result2, ...)`` (further items are the
+        caller's), then publish them with one ``cq_tail`` store (the caller checked
+        :meth:`cq_free`)."""
+        cq, hdr, raw = self._cq, self._hdr, self._raw
+        assert cq is not None and hdr is not None and raw is not None
+        pack, size, mask, tail = abi.COMPLETION.pack_into, abi.CQ_ENTRY_SIZE, self.cq_mask, self.cq_tail
+        for entry in results:
+            pack(cq, (tail & mask) * size, entry[0], entry[2] & _U64_MAX, entry[3] & _U64_MAX, entry[1], 0)
+            tail += 1
+        self.cq_tail = tail & MASK
+        self.completed += len(results)
+        hdr[_CQ_TAIL] = self.cq_tail
+        _U64.pack_into(raw, abi.QH_COMPLETED, self.completed & _U64_MAX)
 
     def unread(self) -> list[tuple[int, ...]]:
         """Every submitted, unconsumed descriptor that fits the completion ring (for aborts);
