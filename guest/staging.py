@@ -9,10 +9,9 @@ Two paths lead there:
   ``count`` bounce buffers of ``chunk`` bytes, allocated once and reused for every transfer
   (no allocation on the hot path). A big transfer is cut into chunks and pipelined: while the
   device copies chunk *k*, the CPU fills (host→device) or empties (device→host) another slot.
-  An HTOD completes once the device has *ordered* it and may read its source later (the ABI's
-  rule, like ``cuMemcpyAsync`` from pinned memory), so each staged HTOD is followed by a
-  FENCE, and a slot is refilled only after that FENCE completed. A DTOH completes when its
-  bytes are in guest memory.
+  An HTOD completes once the device has read its source (docs/device-abi.md §4.7), so a slot
+  is refilled as soon as the copy that last used it completed, with no FENCE in between. A
+  DTOH completes when its bytes are in guest memory.
 
 A range that is not physically contiguous needs a scatter-gather list. Up to
 :data:`~vxpu.guest.ring.SIDE_SG_ENTRIES` segments go into the command's side area
@@ -124,7 +123,6 @@ class StagingPool:
             self.close()
             raise
         self._pending: list[list[int]] = [[] for _ in self.slots]
-        self._fence = [-1] * len(self.slots)     # the FENCE after a slot's last HTOD
         self._next_slot = 0
         self.transfers = 0
 
@@ -132,7 +130,6 @@ class StagingPool:
         """Drop the sequence numbers of earlier commands (the ring restarted at 0 after a
         device reset, which also dropped those commands)."""
         self._pending = [[] for _ in self.slots]
-        self._fence = [-1] * len(self.slots)
 
     def close(self) -> None:
         """Give the bounce buffers back (no copy may be in flight)."""
@@ -153,15 +150,9 @@ class StagingPool:
 
     def _settle(self, slot: int) -> None:
         """Make ``slot`` reusable: wait for the copies that last used it (raising the first that
-        failed) and, after an HTOD, for the FENCE behind it: an HTOD completes when it is
-        *ordered* and may read its source later, until a later FENCE completes."""
+        failed). Their completions say the device is done with the slot's bytes: an HTOD
+        completes once it has read its source, a DTOH once its bytes are in guest memory."""
         first_error = self._check_copies(slot)
-        fence, self._fence[slot] = self._fence[slot], -1
-        if fence >= 0:
-            try:
-                self.ring.wait_done(fence)
-            except GuestError as exc:
-                first_error = first_error or exc
         if first_error is not None:
             raise first_error
 
@@ -179,9 +170,8 @@ class StagingPool:
 
     def upload(self, device_addr: int, src: memoryview) -> None:
         """Copy ``src`` (bytes, format 'B') to ``device_addr``, pipelined. Returns once every
-        copy completed (was checked and ordered on the device), so ``src`` may change and a
-        failure is raised here; the FENCEs behind the chunks are waited for only when their
-        slots are reused.
+        copy completed (was checked and its bytes read by the device), so ``src`` and the
+        staging slots may change and a failure is raised here.
 
         Raises:
             DeviceError: a copy failed (OUT_OF_RANGE for a range outside the allocation ...).
@@ -189,7 +179,7 @@ class StagingPool:
         n, chunk, nslots = len(src), self.chunk, len(self.slots)
         self.transfers += 1
         first = self._next_slot              # rotate, so back-to-back small uploads do not wait
-        self._next_slot = (first + -(-n // chunk)) % nslots          # for each other's FENCE
+        self._next_slot = (first + -(-n // chunk)) % nslots          # for each other's copies
         try:
             for i, off in enumerate(range(0, n, chunk)):
                 slot = (first + i) % nslots
@@ -199,9 +189,6 @@ class StagingPool:
                 mem.view[:m] = src[off:off + m]
                 self._pending[slot] = post_copy(self.ring, xpu.Opcode.MEM_COPY_HTOD, device_addr + off, mem, 0, m,
                                                 waited=True)
-                # its completion only orders it; the FENCE's says the slot has been read. An
-                # earlier asynchronous error it reports is kept for the next synchronize.
-                self._fence[slot] = self.ring.post(xpu.Opcode.FENCE)
         except BaseException:
             self.settle_all(quiet=True)
             raise

@@ -316,15 +316,22 @@ class Executor:
 
     def _htod(self, d: Desc) -> Result:
         self.counters.bytes_htod += self._copy(d, to_device=True)
+        self._consumed()                # HTOD completes once its guest bytes were read
         return 0, 0
 
     def _dtoh(self, d: Desc) -> Result:
         self.counters.bytes_dtoh += self._copy(d, to_device=False)
-        if self.defer_sync:
-            self.sync_pending = True    # the poller synchronizes before it posts the completion
-        else:
-            self._synchronize()         # DTOH completes when the bytes are in guest RAM
+        self._consumed()                # DTOH completes when the bytes are in guest RAM
         return 0, 0
+
+    def _consumed(self) -> None:
+        """The copy just issued must be done with guest RAM before its completion is posted:
+        in a batch the poller synchronizes once for all such copies (:attr:`sync_pending`),
+        else synchronize now."""
+        if self.defer_sync:
+            self.sync_pending = True
+        else:
+            self._synchronize()
 
     def _copy(self, d: Desc, to_device: bool) -> int:
         """Issue one HTOD/DTOH's copies; returns the bytes. The copies are issued with the

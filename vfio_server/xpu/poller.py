@@ -71,7 +71,7 @@ _DESC_IRQ = int(DescFlags.IRQ)
 _IRQ_COMPLETION = int(IrqControl.COMPLETION)
 _ABORTED = int(Status.ABORTED)
 _INTERNAL = int(Status.INTERNAL)
-#: Commands that may run while DTOH completions wait for one synchronization (cheap, ordered).
+#: Commands that may run while copy completions wait for one synchronization (cheap, ordered).
 _DEFERRABLE = frozenset(int(op) for op in (Opcode.NOP, Opcode.MEM_COPY_DTOH, Opcode.MEM_COPY_HTOD,
                                            Opcode.MEM_COPY_DTOD, Opcode.MEM_SET))
 #: Commands that never wait long (they only issue work), so the completions before them may stay
@@ -378,10 +378,10 @@ class Poller:
         """Execute and complete ``descs`` in order. Completions are held and posted together
         (one lock, one ``cq_tail`` store): at the end of the batch, and before any command that
         may wait (all but :data:`_HOLDABLE`), so a completion is never held up by a later slow
-        command. DTOHs are not synchronized one by one: their completions (and every later one,
-        to keep the order) wait for one synchronization, which happens at the next post, and
-        before any command that is not a plain copy, memset or NOP (so it never waits for a
-        kernel posted after them). Returns the number completed, -1 when the queue stopped
+        command. HTODs and DTOHs are not synchronized one by one: their completions (and every
+        later one, to keep the order) wait for one synchronization, which happens at the next
+        post, and before any command that is not a plain copy, memset or NOP (so it never waits
+        for a kernel posted after them). Returns the number completed, -1 when the queue stopped
         meanwhile."""
         self._batch_irq = self._irq_settings()      # the IRQ_* registers, read once per batch
         count = max(1, self._batch_irq[1])
@@ -435,7 +435,7 @@ class Poller:
     def _flush(self, held: list[tuple[int, int, int, int, int, int, bool]], syncs: int, rings: Rings,
                epoch: int, count: int) -> bool:
         """Post the held completions in order, after one synchronization when ``syncs`` of them
-        wait for it (a DTOH then gets the asynchronous error that surfaced meanwhile, if any).
+        wait for it (a copy then gets the asynchronous error that surfaced meanwhile, if any).
         False when the queue stopped or was replaced meanwhile (nothing is posted)."""
         err = self.executor.synchronize_deferred() if syncs else None
         if err is not None or self.aborting:
@@ -460,7 +460,7 @@ class Poller:
     def _final(self, entry: tuple[int, int, int, int, int, int, bool], err: Status | None
                ) -> tuple[int, int, int, int, int, int, bool]:
         """A held completion as posted: ABORTED while a Control.RESET is pending, the
-        synchronization's error for a successful DTOH."""
+        synchronization's error for a successful copy that waited for it."""
         tag, status, r1, r2, op, flags, needs_sync = entry
         if self.aborting:
             return tag, _ABORTED, 0, 0, op, flags, needs_sync
