@@ -11,16 +11,17 @@ ulp measured, ≤ 2.1 ulp with NVIDIA's ex2 unit as the core). The f64 results a
 ===========  ===============================================  ======================================
 function     method                                           f64 error bound (f32/f16: ≤ 1 ulp)
 ===========  ===============================================  ======================================
-exp, exp2    Cody-Waite reduction by ln 2, degree-13 Taylor    ≤ 1 ulp
-log          fdlibm-style: 2·atanh(s) series, 10 terms         ≤ 1 ulp
-log2         exponent + log(m)·log2(e)                         ≤ 2 ulp
-sin, cos     3-part π/2 reduction, degree-17/18 Taylor        ≤ 2 ulp for |x| < 2^20·π/2; beyond
-                                                              that the reduction loses accuracy
-                                                              (f32 inputs: ≤ 1 ulp for |x| < 1.6e6)
-tanh         expm1(2|x|) / (expm1(2|x|) + 2)                   ≤ 3 ulp
-pow          exp(b·log|a|) with C99 special cases              ≤ 1 ulp for f32; f64 error grows with
-                                                              |b·log a| (about |b·log a|·2^-53
-                                                              relative, ≤ ~2^10 ulp)
+exp, exp2    Cody-Waite reduction by ln 2, degree-13 Taylor   ≤ 1 ulp
+log          fdlibm-style: 2·atanh(s) series, 10 terms        ≤ 1 ulp
+log2         exponent + log(m)·log2(e)                        ≤ 2 ulp
+sin, cos     |x| < 2^20: 4-part Cody-Waite π/2 reduction      ≤ 1.5 ulp over the whole finite range
+             (r + rl, exact sums); beyond: Payne–Hanek        (measured 1.43)
+             (:mod:`.mathprec`); degree-17/18 Taylor
+tanh         expm1(2|x|) / (expm1(2|x|) + 2)                  ≤ 3 ulp
+pow          exp(y·log|a|), log|a| as a double-double         ≤ 1.5 ulp (measured 1.07)
+             (:func:`.mathprec.log_dd`), the rounding error
+             of y·log|a| added to exp's reduced argument;
+             C99 special cases
 ===========  ===============================================  ======================================
 
 Special values follow C99 Annex F (exp(-inf)=0, log(0)=-inf, log(<0)=NaN, sin(inf)=NaN,
@@ -34,6 +35,8 @@ from collections.abc import Callable
 
 from llvmlite import ir
 
+from vxpu.ir.lower.mathprec import fast_two_sum, fma, log_dd, reduce_pio2_large, split_mantissa, two_sum
+
 F64 = ir.DoubleType()
 I64 = ir.IntType(64)
 I1 = ir.IntType(1)
@@ -44,6 +47,7 @@ LOG2E = 1.4426950408889634
 PIO2_1 = 1.57079632673412561417e+00
 PIO2_2 = 6.07710050630396597660e-11
 PIO2_3 = 2.02226624871116645580e-21
+PIO2_3T = 8.47842766036889956997e-32
 TWO_OVER_PI = 6.36619772367581382433e-01
 
 #: Names of the functions this module provides.
@@ -113,6 +117,14 @@ def _exp(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     return _exp_core(b, x, k, r, lo)
 
 
+def _exp_dd(b: ir.IRBuilder, x: ir.Value, x_lo: ir.Value) -> ir.Value:
+    """exp(x + x_lo) for |x_lo| ≤ 2^-40·|x| (x_lo = 0 where |x| ≥ 1000 or x is not finite)."""
+    xc = _clamp(b, x, -746.0, 710.0)
+    k = _intrinsic(b, "llvm.rint.f64", [b.fmul(xc, _c(LOG2E))])
+    r = b.fadd(b.fsub(b.fsub(xc, b.fmul(k, _c(LN2_HI))), b.fmul(k, _c(LN2_LO))), x_lo)
+    return _exp_core(b, x, k, r)
+
+
 def _exp2(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     x = a[0]
     xc = _clamp(b, x, -160.0, 140.0) if lo else _clamp(b, x, -1080.0, 1030.0)
@@ -131,15 +143,7 @@ def _clamp(b: ir.IRBuilder, x: ir.Value, lo: float, hi: float) -> ir.Value:
 
 def _log_parts(b: ir.IRBuilder, x: ir.Value, lo: bool = False) -> tuple[ir.Value, ir.Value]:
     """(k as f64, log(m)) with x = m * 2**k, m in [sqrt(1/2), sqrt(2)); x finite and > 0."""
-    tiny = b.fcmp_ordered("<", x, _c(2.2250738585072014e-308))
-    xs = b.select(tiny, b.fmul(x, _c(2.0 ** 54)), x)
-    bits = b.bitcast(xs, I64)
-    # Bias the mantissa so that m lands in [sqrt(1/2), sqrt(2)): add (0x3ff0000000000000 - 0x3fe6a09e00000000).
-    hx = b.add(bits, ir.Constant(I64, 0x3FF0000000000000 - 0x3FE6A09E667F3BCD))
-    k = b.sub(b.lshr(hx, ir.Constant(I64, 52)), ir.Constant(I64, 1023))
-    k = b.sub(k, b.select(tiny, ir.Constant(I64, 54), ir.Constant(I64, 0)))
-    mbits = b.add(b.and_(hx, ir.Constant(I64, 0x000FFFFFFFFFFFFF)), ir.Constant(I64, 0x3FE6A09E667F3BCD))
-    m = b.bitcast(mbits, F64)
+    k, m = split_mantissa(b, x)
     f = b.fsub(m, _c(1.0))
     s = b.fdiv(f, b.fadd(_c(2.0), f))
     z = b.fmul(s, s)
@@ -170,25 +174,43 @@ def _log2(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
 
 
 def _sincos_reduce(b: ir.IRBuilder, x: ir.Value, lo: bool = False) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """(sin(r), cos(r), quadrant) with x = r + q*pi/2, |r| <= pi/4."""
+    """(sin(r), cos(r), quadrant) with x = r + q*pi/2, |r| <= pi/4.
+
+    |x| < 2^20: 3-part Cody-Waite (k·PIO2_1 exact); otherwise, and for inf/NaN (→ NaN), Payne–Hanek
+    (:func:`~vxpu.ir.lower.mathprec.reduce_pio2_large`) in a branch of its own."""
+    fn = b.function
+    small_blk, large_blk, join = (fn.append_basic_block(n) for n in ("cw", "payne_hanek", "reduced"))
+    ax = _intrinsic(b, "llvm.fabs.f64", [x])
+    b.cbranch(b.fcmp_ordered("<", ax, _c(2.0 ** 20)), small_blk, large_blk)
+    b.position_at_end(small_blk)
     k = _intrinsic(b, "llvm.rint.f64", [b.fmul(x, _c(TWO_OVER_PI))])
-    r = b.fsub(b.fsub(b.fsub(x, b.fmul(k, _c(PIO2_1))), b.fmul(k, _c(PIO2_2))), b.fmul(k, _c(PIO2_3)))
+    # PIO2_1..3 have 33 bits: their products with k are exact, and so is x − k·PIO2_1; the sums
+    # are exact (two_sum) up to PIO2_3T, so r + rl keeps its accuracy near multiples of π/2.
+    r_cw, e1 = two_sum(b, b.fsub(x, b.fmul(k, _c(PIO2_1))), b.fneg(b.fmul(k, _c(PIO2_2))))
+    r_cw, e2 = two_sum(b, r_cw, b.fneg(b.fmul(k, _c(PIO2_3))))
+    r_cw, rl_cw = fast_two_sum(b, r_cw, b.fsub(b.fadd(e1, e2), b.fmul(k, _c(PIO2_3T))))
+    q_cw = b.and_(b.fptosi(k, I64), ir.Constant(I64, 3))
+    b.branch(join)
+    b.position_at_end(large_blk)
+    r_ph, rl_ph, q_ph = reduce_pio2_large(b, ax)
+    neg = b.fcmp_ordered("<", x, _c(0.0))
+    finite = b.fcmp_ordered("<", ax, _c(math.inf))
+    r_ph = b.select(finite, b.select(neg, b.fneg(r_ph), r_ph), _c(math.nan))
+    rl_ph = b.select(neg, b.fneg(rl_ph), rl_ph)
+    q_ph = b.select(neg, b.and_(b.sub(ir.Constant(I64, 0), q_ph), ir.Constant(I64, 3)), q_ph)
+    b.branch(join)
+    b.position_at_end(join)
+    r, rl, q = b.phi(F64), b.phi(F64), b.phi(I64)
+    for phi, small_val, large_val in ((r, r_cw, r_ph), (rl, rl_cw, rl_ph), (q, q_cw, q_ph)):
+        phi.add_incoming(small_val, small_blk)
+        phi.add_incoming(large_val, large_blk)
     z = b.fmul(r, r)
     sin_c = [(-1.0) ** i / math.factorial(2 * i + 1) for i in range(7 if lo else 9)]
     cos_c = [(-1.0) ** i / math.factorial(2 * i) for i in range(8 if lo else 10)]
     s = b.fmul(r, _horner(b, z, sin_c))
     c = _horner(b, z, cos_c)
-    ksat = _intrinsic_sat(b, k)
-    q = b.and_(ksat, ir.Constant(I64, 3))
-    return s, c, q
-
-
-def _intrinsic_sat(b: ir.IRBuilder, k: ir.Value) -> ir.Value:
-    name = "llvm.fptosi.sat.i64.f64"
-    fn = b.module.globals.get(name)
-    if fn is None:
-        fn = ir.Function(b.module, ir.FunctionType(I64, [F64]), name=name)
-    return b.call(fn, [k])
+    # sin(r + rl) = sin r + rl·cos r, cos(r + rl) = cos r − rl·sin r (|rl| ≤ ulp(r)).
+    return fma(b, rl, c, s), fma(b, b.fneg(rl), s, c), q
 
 
 def _quadrant(b: ir.IRBuilder, q: ir.Value, vals: tuple[ir.Value, ir.Value, ir.Value, ir.Value]) -> ir.Value:
@@ -231,8 +253,13 @@ def _tanh(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
 def _pow(b: ir.IRBuilder, a: list[ir.Value], lo: bool = False) -> ir.Value:
     x, y = a
     ax = _intrinsic(b, "llvm.fabs.f64", [x])
-    # pow needs the full-precision log even for f32 (|y·log x| amplifies its error).
-    r = _exp(b, [b.fmul(y, _log(b, [ax]))])
+    # log|x| in double-double and y·log|x| with its rounding error: |y·log x| ≤ 745 amplifies any
+    # error of the logarithm, even for f32.
+    lg, lg_lo = log_dd(b, ax)
+    w = b.fmul(y, lg)
+    w_lo = b.fadd(fma(b, y, lg, b.fneg(w)), b.fmul(y, lg_lo))
+    w_lo = b.select(b.fcmp_ordered("<", _intrinsic(b, "llvm.fabs.f64", [w]), _c(1000.0)), w_lo, _c(0.0))
+    r = _exp_dd(b, w, w_lo)
     fy = _intrinsic(b, "llvm.floor.f64", [y])
     y_int = b.fcmp_ordered("==", fy, y)
     half = b.fmul(y, _c(0.5))

@@ -18,8 +18,8 @@ What must agree, and how:
 * **approximate ops** (exp exp2 log log2 sin cos tanh pow rsqrt, and f16 fma, which may be
   computed in f32 and rounded twice) are applied to bounded inputs (|x| <= 100 plus
   specials) and only stored, never fed to further ops (an ulp of difference could otherwise
-  flip a comparison). They are compared within a few ulp of their type (pow f64: 2^11 ulp,
-  docs/ir.md gives no bound for pow) and must agree on NaN and infinities;
+  flip a comparison). They are compared within the 4 ulp of docs/ir.md (1 for f16) and must
+  agree on NaN and infinities;
 * the interpreter before and after the passes: bit for bit everywhere (approximate ops are
   never constant-folded, so the passes cannot change them).
 
@@ -388,8 +388,6 @@ def ulps_apart(x: float, y: float, t: Type) -> float:
 
 
 def approx_bound(t: Type, kind: str) -> int:
-    if kind == "pow" and t is f64:
-        return 2048
     return 1 if t is f16 else 4
 
 
