@@ -10,14 +10,47 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 from vxpu.ir.compile import compile_module
 from vxpu.ir.cpu_exec import CpuModule
 from vxpu.ir.interp import Memory, run_kernel
+from vxpu.ir.lower import toolchain
+from vxpu.ir.lower.errors import ToolchainError, ToolMissingError
 from vxpu.ir.model import Module
 from vxpu.ir.text import parse
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "kernels"
+_EMPTY_PTX = ".version 8.0\n.target sm_90\n.address_size 64\n"
+
+
+@functools.cache
+def nvjitlink_missing() -> str:
+    """Why nvJitLink cannot assemble PTX here ('' when it can): not installed, or its library
+    not found (cuda.pathfinder)."""
+    try:
+        toolchain.ptx_to_cubin(_EMPTY_PTX, "sm_90")
+    except ToolMissingError as exc:
+        return str(exc)
+    except ToolchainError:
+        pass  # the tool runs: it rejected the probe
+    return ""
+
+
+@functools.cache
+def lld_missing() -> str:
+    """Why no ``ld.lld`` can link hsaco here ('' when one can)."""
+    try:
+        toolchain.lld_command()
+    except ToolMissingError as exc:
+        return str(exc)
+    return ""
+
+
+#: Tests that compile for NVPTX (every NVPTX compile ends in nvJitLink) or link AMDGPU hsaco
+#: skip with the reason when the native tool is absent.
+needs_nvjitlink = pytest.mark.skipif(bool(nvjitlink_missing()), reason=f"nvJitLink unusable: {nvjitlink_missing()}")
+needs_lld = pytest.mark.skipif(bool(lld_missing()), reason=f"no ld.lld: {lld_missing()}")
 _FMT = {"i8": "b", "i16": "h", "i32": "i", "i64": "q", "f16": "e", "f32": "f", "f64": "d"}
 
 

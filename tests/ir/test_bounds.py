@@ -26,8 +26,7 @@ from vxpu.ir.lower.bounds import FAULT_GLOBAL, FAULT_LOCAL, FAULT_MISALIGNED, FA
 from vxpu.ir.model import Module
 from vxpu.ir.types import Type, f32, i32, i64, ptr_global
 
-from tests.ir.lowerhelpers import run_x86
-from tests.ir.test_gpu_codegen import needs_lld
+from tests.ir.lowerhelpers import needs_lld, needs_nvjitlink, run_x86
 
 N = 16                   # elements of the buffer under test (f32 / i32)
 FAR = 1 << 40
@@ -189,6 +188,7 @@ def _ptx_ops(text: str) -> list[tuple[str, str]]:
                       text)
 
 
+@needs_nvjitlink
 @pytest.mark.parametrize("name", sorted(_GPU_CASES))
 def test_ptx_has_the_fault_path_and_unchecked_does_not(name: str) -> None:
     module = _GPU_CASES[name]
@@ -310,6 +310,7 @@ def test_counted_loop_proven_once_or_faults_like_the_interpreter(n: int, fault: 
     assert results[0][4].buf.tobytes() == results[1][4].buf.tobytes()   # same partial work on both
 
 
+@needs_nvjitlink
 def test_counted_loop_accesses_lose_their_per_iteration_checks(monkeypatch: pytest.MonkeyPatch) -> None:
     from vxpu.ir.lower import common
 

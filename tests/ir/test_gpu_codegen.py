@@ -17,24 +17,11 @@ from vxpu.ir.lower.errors import ToolchainError
 from vxpu.ir.text import parse
 
 from tests.ir.irhelpers import sample_files
+from tests.ir.lowerhelpers import needs_lld, needs_nvjitlink
 
 SAMPLES = {p.stem: p for p in sample_files()}
 
 
-def _have_nvjitlink() -> bool:
-    return toolchain.nvjitlink_version() != "none"
-
-
-def _have_lld() -> bool:
-    try:
-        toolchain.lld_command()
-        return True
-    except ToolchainError:
-        return False
-
-
-needs_nvjitlink = pytest.mark.skipif(not _have_nvjitlink(), reason="nvJitLink not installed (pip install 'vxpu[cuda]')")
-needs_lld = pytest.mark.skipif(not _have_lld(), reason="ld.lld not found (pip install ziglang)")
 
 
 @pytest.fixture(scope="module")
