@@ -126,6 +126,7 @@ class Ring:
     def _reset_counters(self) -> None:
         self._submitted = self._published = self._completed = 0
         self._cq_head = 0
+        self._rung_at = -1          # sq_head when the doorbell was last rung (-1: not since start)
         self._done.clear()
         self.async_error: tuple[int, int, int, int] | None = None   # seq, opcode, status, result
         for i, held in enumerate(self._hold):
@@ -269,13 +270,24 @@ class Ring:
         return seq
 
     def publish(self) -> None:
-        """Store ``sq_tail`` for everything posted; ring the doorbell only if the device sleeps."""
+        """Store ``sq_tail`` for everything posted; ring the doorbell only if the device sleeps
+        and has not been rung awake already.
+
+        A doorbell is redundant while ``sq_head`` has not moved since the last one: the device
+        has not taken anything since, so it has yet to wake up for that doorbell, and then it
+        reads ``sq_tail`` afresh and sees these descriptors too. Without this rule every command
+        posted while the device wakes up rang again (a trapped write each: 64 doorbells for a
+        burst of 64 copies into a sleeping device, each one a message the server handles)."""
         if self._published != self._submitted:
             self._published = self._submitted
-            self._hdr[_SQ_TAIL] = self._submitted & _MASK
-            if self._hdr[_FLAGS] & xpu.FLAG_NEED_WAKEUP:
-                self.transport.write_reg(xpu.REG_DOORBELL, 1)
-                self.doorbells += 1
+            hdr = self._hdr
+            hdr[_SQ_TAIL] = self._submitted & _MASK
+            if hdr[_FLAGS] & xpu.FLAG_NEED_WAKEUP:
+                head = hdr[_SQ_HEAD]
+                if head != self._rung_at:
+                    self._rung_at = head
+                    self.transport.write_reg(xpu.REG_DOORBELL, 1)
+                    self.doorbells += 1
 
     def set_sq_tail(self, value: int) -> None:
         """Store a raw ``sq_tail`` (a deliberate protocol violation, for tests) and ring."""

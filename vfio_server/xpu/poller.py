@@ -131,8 +131,20 @@ class Poller:
         self.kick.set()
 
     def doorbell(self) -> None:
+        """A DOORBELL write: wake the poller, and clear need-wakeup at once, so the descriptors
+        the guest stores while the poller wakes up ring no further doorbells (each one is a
+        trapped register write). Skipped when the guest-RAM lock is taken: the poller is then
+        busy, not asleep, and clears the flag itself."""
         self.stats.doorbells += 1
         self.kick.set()
+        ram = self.ram
+        if ram.lock.acquire(blocking=False):
+            try:
+                rings = self._rings
+                if self.enabled and rings is not None and rings.attached and rings.generation == ram.generation:
+                    rings.set_need_wakeup(False)
+            finally:
+                ram.lock.release()
 
     def hard_reset(self) -> None:
         """Device reset or disconnect: stop all guest-memory access now (no DMA after this
@@ -325,8 +337,11 @@ class Poller:
                 if rings is not None:
                     try:
                         rings.attach(self.ram)
+                        if rings.pending() and rings.cq_free():      # woken for work: the flag stays clear
+                            rings.set_need_wakeup(False)
+                            return
                         rings.set_need_wakeup(True)
-                        if rings.pending() and rings.cq_free():
+                        if rings.pending() and rings.cq_free():      # stored before the flag was seen
                             rings.set_need_wakeup(False)
                             return
                     except QueueFatal as exc:
