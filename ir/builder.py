@@ -279,7 +279,8 @@ class KernelBuilder:
         return self._value("fma", (a, b, c), self._type_of(a, b, c), name)
 
     def unary(self, opcode: str, a: Value, name: str | None = None) -> Value:
-        """Any one-operand math op by name: fneg fabs sqrt rsqrt exp exp2 log log2 sin cos tanh floor ceil."""
+        """Any one-operand math op by name: fneg fabs sqrt rsqrt exp exp2 log log2 sin cos tanh floor ceil
+        rint."""
         return self._unary(opcode, a, name)
 
     def fneg(self, a: Value, name: str | None = None) -> Value:
@@ -320,6 +321,10 @@ class KernelBuilder:
 
     def ceil(self, a: Value, name: str | None = None) -> Value:
         return self._unary("ceil", a, name)
+
+    def rint(self, a: Value, name: str | None = None) -> Value:
+        """Round to the nearest integer, halfway cases to even (the result is a float)."""
+        return self._unary("rint", a, name)
 
     # --- comparisons, select, conversions -----------------------------------------------------
     def icmp(self, pred: str, a: Operand, b: Operand, name: str | None = None) -> Value:

@@ -237,6 +237,13 @@ def _ceil(x: float) -> float:
     return math.copysign(r, x) if r == 0 else r
 
 
+def _rint(x: float) -> float:
+    if not math.isfinite(x):
+        return x
+    r = float(round(x))  # Python's round is half to even, exact for every float
+    return math.copysign(r, x) if r == 0 else r
+
+
 def _fma_exact(bits: int) -> Callable[[float, float, float], float]:
     def fma(a: float, b: float, c: float) -> float:
         if not (math.isfinite(a) and math.isfinite(b) and math.isfinite(c)):
@@ -264,6 +271,7 @@ _UNARY_F: dict[str, Callable[[float], float]] = {
     "tanh": math.tanh,
     "floor": _floor,
     "ceil": _ceil,
+    "rint": _rint,
 }
 
 _BINARY_F: dict[str, Callable[[float, float], float]] = {
@@ -451,7 +459,7 @@ def scalar_fn(name: str, t: Type) -> Fn | None:
 EXACT_OPS = frozenset(
     {"add", "sub", "mul", "sdiv", "udiv", "srem", "urem", "and", "or", "xor", "shl", "lshr", "ashr",
      "smin", "smax", "umin", "umax", "neg", "not", "abs", "fadd", "fsub", "fmul", "fdiv", "frem",
-     "fmin", "fmax", "fneg", "fabs", "sqrt", "floor", "ceil", "fma", "icmp", "fcmp", "select",
+     "fmin", "fmax", "fneg", "fabs", "sqrt", "floor", "ceil", "rint", "fma", "icmp", "fcmp", "select",
      "trunc", "zext", "sext", "fptrunc", "fpext", "fptosi", "fptoui", "sitofp", "uitofp", "bitcast"})
 
 

@@ -288,6 +288,8 @@ _row("cbr", 80, ("i1",), None, None, "if c jump to successor 0 else successor 1"
 _row("ret", 81, (), None, None, "end this thread", terminator=True)
 _row("trap", 82, (), None, None, "abort the launch with a kernel fault", terminator=True,
      side_effects=True)
+# --- added after version 1's first 82 codes (append only) -----------------------------------------
+_unary("rint", 83, "float", "round to the nearest integer, halfway cases to even")
 
 #: All ops by name, in table order.
 OPS: Mapping[str, OpDef] = MappingProxyType({row.name: row for row in _ROWS})

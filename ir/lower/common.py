@@ -66,7 +66,8 @@ _RMW = {"atomic_add": "add", "atomic_fadd": "fadd", "atomic_smin": "min", "atomi
         "atomic_xor": "xor", "atomic_xchg": "xchg"}
 _INT_BIN = {"add": "add", "sub": "sub", "mul": "mul", "and": "and_", "or": "or_", "xor": "xor"}
 _FLOAT_BIN = {"fadd": "fadd", "fsub": "fsub", "fmul": "fmul", "fdiv": "fdiv"}
-_FLOAT_INTRINSIC1 = {"fabs": "llvm.fabs", "sqrt": "llvm.sqrt", "floor": "llvm.floor", "ceil": "llvm.ceil"}
+_FLOAT_INTRINSIC1 = {"fabs": "llvm.fabs", "sqrt": "llvm.sqrt", "floor": "llvm.floor", "ceil": "llvm.ceil",
+                     "rint": "llvm.roundeven"}
 _FLOAT_INTRINSIC2 = {"fmin": "llvm.minnum", "fmax": "llvm.maxnum"}
 _INT_MINMAX = {"smin": ("<", True), "smax": (">", True), "umin": ("<", False), "umax": (">", False)}
 

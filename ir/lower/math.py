@@ -34,7 +34,6 @@ import math
 from collections.abc import Callable
 
 from llvmlite import ir
-
 from vxpu.ir.lower.mathprec import fast_two_sum, fma, log_dd, reduce_pio2_large, split_mantissa, two_sum
 
 F64 = ir.DoubleType()

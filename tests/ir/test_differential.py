@@ -12,7 +12,7 @@ and shared-memory atomics — and stores every value it computed to its own outp
 What must agree, and how:
 
 * **integers**: bit for bit;
-* **floats from exact ops** (+ - * / frem fma sqrt min max floor ceil conversions ...): bit for
+* **floats from exact ops** (+ - * / frem fma sqrt min max floor ceil rint conversions ...): bit for
   bit, except that every NaN equals every NaN (payloads and NaN signs are unspecified), and
   +0 equals -0 when the kernel uses fmin/fmax (docs/ir.md lets either zero be returned);
 * **approximate ops** (exp exp2 log log2 sin cos tanh pow rsqrt, and f16 fma, which may be
@@ -57,7 +57,7 @@ N_APPROX_IN = 4
 INT_BINARY = ("add", "sub", "mul", "sdiv", "udiv", "srem", "urem", "and", "or", "xor", "shl", "lshr", "ashr",
               "smin", "smax", "umin", "umax")
 FLOAT_BINARY = ("fadd", "fsub", "fmul", "fdiv", "frem", "fmin", "fmax")
-FLOAT_UNARY = ("fneg", "fabs", "sqrt", "floor", "ceil")
+FLOAT_UNARY = ("fneg", "fabs", "sqrt", "floor", "ceil", "rint")
 APPROX_UNARY = ("exp", "exp2", "log", "log2", "sin", "cos", "tanh", "rsqrt")
 ICMP = ("eq", "ne", "slt", "sle", "sgt", "sge", "ult", "ule", "ugt", "uge")
 FCMP = ("oeq", "one", "olt", "ole", "ogt", "oge", "ord", "ueq", "une", "ult", "ule", "ugt", "uge", "uno")

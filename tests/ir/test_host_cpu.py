@@ -83,7 +83,7 @@ def test_conversions_are_the_same_on_every_cpu(op: str, src, dst) -> None:  # ty
         assert got.tobytes() == ref.tobytes(), (cpu, a, got, ref)
 
 
-_MATH = ["exp", "exp2", "log", "log2", "sin", "cos", "tanh", "sqrt", "rsqrt", "floor", "ceil", "pow",
+_MATH = ["exp", "exp2", "log", "log2", "sin", "cos", "tanh", "sqrt", "rsqrt", "floor", "ceil", "rint", "pow",
          "frem", "fdiv", "fmin"]
 
 

@@ -156,6 +156,8 @@ def test_float_edges():
     assert ev("fmin", f32, NAN, 2.0) == 2.0 and ev("fmax", f32, 3.0, NAN) == 3.0
     assert math.isnan(ev("fmin", f32, NAN, NAN))
     assert same(ev("floor", f32, -0.5), -1.0) and same(ev("ceil", f32, -0.5), -0.0)
+    assert same(ev("rint", f32, 2.5), 2.0) and same(ev("rint", f32, -0.5), -0.0) and ev("rint", f64, 3.5) == 4.0
+    assert same(ev("rint", f16, -INF), -INF) and math.isnan(ev("rint", f64, NAN))
     assert same(ev("fneg", f32, 0.0), -0.0) and same(ev("fabs", f32, -0.0), 0.0)
     assert math.isnan(ev("sqrt", f32, -1.0)) and same(ev("sqrt", f32, -0.0), -0.0)
     assert same(ev("log", f32, 0.0), -INF) and math.isnan(ev("log", f32, -1.0))

@@ -132,7 +132,7 @@ def _binop_kernel(op: str, t, rt=None) -> Module:  # type: ignore[no-untyped-def
     if op in ("fptosi", "fptoui", "sitofp", "uitofp", "trunc", "sext", "zext", "fptrunc", "fpext", "bitcast"):
         r = kb.convert(op, x, rt)
     elif op in ("neg", "not", "abs", "fneg", "fabs", "sqrt", "rsqrt", "exp", "exp2", "log", "log2", "sin", "cos",
-                "tanh", "floor", "ceil"):
+                "tanh", "floor", "ceil", "rint"):
         r = kb.unary(op, x)
     else:
         r = getattr(kb, op if op not in ("and", "or") else op + "_")(x, y)
@@ -208,7 +208,7 @@ def test_float_to_int_saturates(op: str, src, dst) -> None:  # type: ignore[no-u
 
 @pytest.mark.parametrize("t", [f16, f32, f64])
 @pytest.mark.parametrize("op", ["fadd", "fsub", "fmul", "fdiv", "frem", "fmin", "fmax", "pow", "sqrt", "rsqrt",
-                                "floor", "ceil", "fneg", "fabs"])
+                                "floor", "ceil", "rint", "fneg", "fabs"])
 def test_float_ops_match_interpreter(op: str, t) -> None:  # type: ignore[no-untyped-def]
     base = np.array([0.0, -0.0, 1.0, -1.0, 0.5, 2.0, 3.25, -7.5, 1e-3, 100.0, np.inf, -np.inf, np.nan], np.float64)
     a, b = np.repeat(base, base.size).astype(_NP[t]), np.tile(base, base.size).astype(_NP[t])
