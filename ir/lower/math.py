@@ -18,7 +18,7 @@ sin, cos     |x| < 2^20: 4-part Cody-Waite π/2 reduction      ≤ 1.5 ulp over 
              (r + rl, exact sums); beyond: Payne–Hanek        (measured 1.43)
              (:mod:`.mathprec`); degree-17/18 Taylor
 tanh         expm1(2|x|) / (expm1(2|x|) + 2)                  ≤ 3 ulp
-pow          exp(y·log|a|), log|a| as a double-double         ≤ 1.5 ulp (measured 1.07)
+pow          exp(y·log|a|), log|a| as a double-double         ≤ 1.5 ulp (measured 1.35)
              (:func:`.mathprec.log_dd`), the rounding error
              of y·log|a| added to exp's reduced argument;
              C99 special cases

@@ -55,7 +55,12 @@ def _pow_inputs(rng: np.random.Generator, t: type) -> tuple[np.ndarray, np.ndarr
     y1 = rng.uniform(-1.0, 1.0, 1500) * lim / np.abs(np.log(x1))
     xi = -np.exp(rng.uniform(-5, 5, 500))                                    # negative x, integer y
     yi = np.round(rng.uniform(-lim / 5, lim / 5, 500) / np.maximum(np.abs(np.log(-xi)), 1.0))
-    return (np.concatenate([x, x1, xi]).astype(_NP[t]), np.concatenate([y, y1, yi]).astype(_NP[t]))
+    top = np.log(float(np.finfo(_NP[t]).max))
+    bottom = np.log(float(np.finfo(_NP[t]).smallest_subnormal))
+    xe = np.exp(rng.uniform(bottom, top, 1000))                               # subnormal x too, and
+    ye = np.concatenate([rng.uniform(top - 10, top, 500), rng.uniform(bottom, bottom + 10, 500)]) / np.log(xe)
+    return (np.concatenate([x, x1, xi, xe]).astype(_NP[t]),                  # results near the limits
+            np.concatenate([y, y1, yi, ye]).astype(_NP[t]))
 
 
 def _trig_inputs(rng: np.random.Generator, t: type) -> tuple[np.ndarray, np.ndarray]:
