@@ -7,6 +7,14 @@ cheap. Every operation carries the backend's context *generation*; after a fault
 bumps the generation and the queue drops the stale operations instead of running them.
 
 A :class:`HostEvent` completes when the queue reaches it and stamps ``perf_counter_ns``.
+
+**Deferred wake-ups.** A thread that is about to synchronize anyway (the accelerator device's
+poller, between a LAUNCH and the FENCE behind it in one batch) may call
+:func:`defer_wakeups`: its submissions then do not wake the worker until it calls
+:func:`resume_wakeups`. A synchronize in between runs the work on that thread (it helps), and
+no worker is woken only to contend with it for the GIL: on a virtualized host each such
+wake-up and GIL hand-off costs tens of microseconds, more than an empty kernel. A caller must
+resume before anything that waits for the queue without helping (an event wait).
 """
 
 from __future__ import annotations
@@ -20,6 +28,24 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 Op = Callable[[], None]
+_local = threading.local()      # .deferred: set of queues whose wake-up this thread deferred
+
+
+def defer_wakeups() -> None:
+    """From now on, submissions from this thread do not wake any queue's worker (see the
+    module docstring); :func:`resume_wakeups` wakes those that still have work."""
+    if getattr(_local, "deferred", None) is None:
+        _local.deferred = set()
+
+
+def resume_wakeups() -> None:
+    """End :func:`defer_wakeups`: wake the worker of every queue that got work meanwhile and
+    still has some (the rest ran on a synchronizing thread). No-op when not deferring."""
+    deferred = getattr(_local, "deferred", None)
+    _local.deferred = None
+    if deferred:
+        for queue in deferred:
+            queue._wake()
 
 
 class HostEvent:
@@ -83,6 +109,16 @@ class HostQueue:
                 self._thread.start()
             self._ops.append((self._generation(), op, event))
             if not self._busy:           # else whoever runs the current operation hands on
+                deferred = getattr(_local, "deferred", None)
+                if deferred is None:
+                    self._work.notify()
+                else:
+                    deferred.add(self)
+
+    def _wake(self) -> None:
+        """Wake the worker if work is queued and nothing runs (:func:`resume_wakeups`)."""
+        with self._lock:
+            if self._ops and not self._busy:
                 self._work.notify()
 
     def run(self, op: Op, event: HostEvent | None = None) -> None:

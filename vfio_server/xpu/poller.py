@@ -11,7 +11,9 @@ Threads and locks (ARCHITECTURE.md decision 2; the serve loop is single-threaded
 * The **poller thread** holds :attr:`GuestRam.lock` while it touches guest memory (ring reads,
   completions, SG copies) and never while it waits for the backend, so those loop-side
   sections wait at most for one memory access. Interrupts go back to the loop through
-  ``call_soon_threadsafe``.
+  ``call_soon_threadsafe``. While a batch's launches, copies and FENCEs run, it defers the
+  wake-ups of a host backend's queue worker (:func:`vxpu.accel.hostqueue.defer_wakeups`), so a
+  LAUNCH + FENCE runs the kernel on the poller thread with no worker contending for the GIL.
 
 Polling: after the last descriptor the poller spins for :data:`SPIN_S`, calling
 ``os.sched_yield()`` on every check: that releases the GIL (the loop's replies to QEMU are not
@@ -46,6 +48,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vxpu.accel.backend import BackendError
+from vxpu.accel.hostqueue import defer_wakeups, resume_wakeups
 from vxpu.accel.session import Session
 from vxpu.vfio_server.dma import DmaRegion
 from vxpu.vfio_server.xpu.commands import Abandoned, Executor
@@ -78,6 +81,10 @@ _DEFERRABLE = frozenset(int(op) for op in (Opcode.NOP, Opcode.MEM_COPY_DTOH, Opc
 #: held and be posted together. Before any other command (FENCE included) the held completions
 #: are posted first: a completion is never held up by a command that waits.
 _HOLDABLE = _DEFERRABLE | frozenset(int(op) for op in (Opcode.LAUNCH, Opcode.EVENT_RECORD))
+#: Commands during which a host backend's queue worker is not woken (accel.hostqueue's deferred
+#: wake-ups): they only issue work, or synchronize by running it on the poller thread. Before
+#: any other command, and at the end of the batch, the workers are woken for what is left.
+_NO_WAKE = _HOLDABLE | frozenset({int(Opcode.FENCE)})
 
 
 class Poller:
@@ -406,6 +413,7 @@ class Poller:
         ex = self.executor
         execute = self._execute
         ex.defer_sync = True
+        deferring = False
         try:
             for raw in descs:
                 op = raw[0]
@@ -415,6 +423,13 @@ class Poller:
                     done += len(held)
                     held.clear()
                     syncs = 0
+                if op in _NO_WAKE:
+                    if not deferring:
+                        defer_wakeups()
+                        deferring = True
+                elif deferring:
+                    resume_wakeups()
+                    deferring = False
                 result = execute(raw)
                 if result is None:
                     return -1
@@ -427,6 +442,8 @@ class Poller:
                 return -1
             return done + len(held)
         finally:
+            if deferring:
+                resume_wakeups()
             ex.defer_sync = False
             ex.sync_pending = False
 
