@@ -441,8 +441,12 @@ class Executor:
 
     # -- ordering ------------------------------------------------------------------------------
     def _fence(self, d: Desc) -> Result:
+        """Wait for the guest's work, unless none was issued since the last synchronization
+        (which surfaced any asynchronous error of what came before it); then report the first
+        asynchronous error since the previous FENCE."""
         try:
-            self._synchronize()
+            if self.queued:
+                self._synchronize()
         except BackendError as exc:
             if exc.status not in ASYNC_ERRORS:
                 raise
