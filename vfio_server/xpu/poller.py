@@ -11,9 +11,10 @@ Threads and locks (ARCHITECTURE.md decision 2; the serve loop is single-threaded
 * The **poller thread** holds :attr:`GuestRam.lock` while it touches guest memory (ring reads,
   completions, SG copies) and never while it waits for the backend, so those loop-side
   sections wait at most for one memory access. Interrupts go back to the loop through
-  ``call_soon_threadsafe``. While a batch's launches, copies and FENCEs run, it defers the
-  wake-ups of a host backend's queue worker (:func:`vxpu.accel.hostqueue.defer_wakeups`), so a
-  LAUNCH + FENCE runs the kernel on the poller thread with no worker contending for the GIL.
+  ``call_soon_threadsafe``. From a LAUNCH with a FENCE ahead in the same batch until that
+  FENCE, it defers the wake-ups of a host backend's queue worker
+  (:func:`vxpu.accel.hostqueue.defer_wakeups`), so the FENCE runs the kernel on the poller
+  thread with no worker woken to contend for the GIL.
 
 Polling: after the last descriptor the poller spins for :data:`SPIN_S`, calling
 ``os.sched_yield()`` on every check: that releases the GIL (the loop's replies to QEMU are not
@@ -81,10 +82,22 @@ _DEFERRABLE = frozenset(int(op) for op in (Opcode.NOP, Opcode.MEM_COPY_DTOH, Opc
 #: held and be posted together. Before any other command (FENCE included) the held completions
 #: are posted first: a completion is never held up by a command that waits.
 _HOLDABLE = _DEFERRABLE | frozenset(int(op) for op in (Opcode.LAUNCH, Opcode.EVENT_RECORD))
-#: Commands during which a host backend's queue worker is not woken (accel.hostqueue's deferred
-#: wake-ups): they only issue work, or synchronize by running it on the poller thread. Before
-#: any other command, and at the end of the batch, the workers are woken for what is left.
-_NO_WAKE = _HOLDABLE | frozenset({int(Opcode.FENCE)})
+#: Commands that queue work behind a host backend's worker thread. When one of them is followed
+#: in the batch by a FENCE with only holdable commands between, the poller defers the worker's
+#: wake-ups (accel.hostqueue) until that FENCE has run: the FENCE runs the work on the poller
+#: thread, with no worker woken to contend for the GIL. Without a FENCE ahead the worker is woken
+#: at once (batched launches run on it while the poller reads the next descriptors).
+_DEFER_FROM = frozenset(int(op) for op in (Opcode.LAUNCH, Opcode.EVENT_RECORD))
+_FENCE = int(Opcode.FENCE)
+
+
+def _next_stop(descs: list[tuple[int, ...]], i: int) -> tuple[int, bool]:
+    """The index of the first command from ``i`` on that is not holdable, and whether it is a
+    FENCE (False when the batch ends first)."""
+    j, n = i, len(descs)
+    while j < n and descs[j][0] in _HOLDABLE:
+        j += 1
+    return j, j < n and descs[j][0] == _FENCE
 
 
 class Poller:
@@ -414,8 +427,9 @@ class Poller:
         execute = self._execute
         ex.defer_sync = True
         deferring = False
+        scanned, fence_ahead = -1, False     # the next command that is not holdable, and is it a FENCE
         try:
-            for raw in descs:
+            for i, raw in enumerate(descs):
                 op = raw[0]
                 if held and (op not in _HOLDABLE or (syncs and op not in _DEFERRABLE)):
                     if not self._flush(held, syncs, rings, epoch, count):
@@ -423,14 +437,16 @@ class Poller:
                     done += len(held)
                     held.clear()
                     syncs = 0
-                if op in _NO_WAKE:
-                    if not deferring:
+                if op in _DEFER_FROM and not deferring:
+                    if i > scanned:
+                        scanned, fence_ahead = _next_stop(descs, i)
+                    if fence_ahead:
                         defer_wakeups()
                         deferring = True
-                elif deferring:
+                result = execute(raw)
+                if deferring and op == _FENCE:
                     resume_wakeups()
                     deferring = False
-                result = execute(raw)
                 if result is None:
                     return -1
                 needs_sync = ex.sync_pending
