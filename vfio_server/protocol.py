@@ -159,7 +159,7 @@ def error_header(req: Header, err: int) -> bytes:
     return HEADER.pack(req.id, req.command, HEADER_SIZE, TYPE_REPLY | FLAG_ERROR, err or errno.EIO)
 
 
-def need(body: bytes | memoryview, size: int, what: str) -> None:
+def need(body: bytes | bytearray | memoryview, size: int, what: str) -> None:
     """Raise EINVAL when ``body`` is shorter than ``size`` bytes."""
     if len(body) < size:
         raise ProtocolError(errno.EINVAL, f"{what}: payload of {len(body)} bytes, needs {size}")
@@ -191,7 +191,7 @@ _CAP_LIMITS = {
 }
 
 
-def parse_version(body: bytes | memoryview) -> tuple[int, int, ClientCaps]:
+def parse_version(body: bytes | bytearray | memoryview) -> tuple[int, int, ClientCaps]:
     """Parse a VERSION request: ``(major, minor, caps)``.
 
     Raises:

@@ -125,7 +125,7 @@ class Connection:
         """Signal ``vector`` on MSI-X, MSI or INTx (whichever the guest enabled, in that order)."""
         return self.irqs.raise_irq(vector)
 
-    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+    def call_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         """Run ``fn`` on the serve loop (for backends that complete work on other threads)."""
         self.server.call_soon_threadsafe(fn)
 
@@ -458,7 +458,7 @@ class VfioUserServer:
         self._sel: selectors.BaseSelector | None = None
         self._listener: socket.socket | None = None
         self._wake_fd = -1
-        self._calls: collections.deque[Callable[[], None]] = collections.deque()
+        self._calls: collections.deque[Callable[[], object]] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -521,7 +521,7 @@ class VfioUserServer:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
-    def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
+    def call_soon_threadsafe(self, fn: Callable[[], object]) -> None:
         """Run ``fn()`` on the serve loop as soon as possible (callable from any thread)."""
         self._calls.append(fn)
         self._wake()
