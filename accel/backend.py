@@ -53,7 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from vxpu.abi.status import Status as Status  # re-exported: the one status table is vxpu.abi.status
+from vxpu.abi.status import Status  # re-exported: the one status table is vxpu.abi.status
 from vxpu.errors import Error
 
 if TYPE_CHECKING:

@@ -12,7 +12,6 @@ import sys
 from importlib.resources import files
 
 import numpy as np
-
 from vxpu.guest import Device
 
 SAXPY = files("vxpu.ir").joinpath("sample_kernels/saxpy.vxir").read_text()   # y = a*x + y, IR text
