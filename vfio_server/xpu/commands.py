@@ -273,6 +273,9 @@ class Executor:
             return b""
         with self.guest():
             segs, _total = self._segments(d, False, limit)
+            if len(segs) == 1:
+                ram, off, n = segs[0]
+                return ram.view[off:off + n].tobytes()
             return b"".join(bytes(ram.view[off:off + n]) for ram, off, n in segs)
 
     def _write_doc(self, d: Desc, data: bytes) -> Result:
