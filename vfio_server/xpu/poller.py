@@ -66,6 +66,7 @@ log = logging.getLogger(__name__)
 
 SPIN_S = 200e-6                  # keep polling this long after the last descriptor
 BATCH = 64                       # descriptors taken per lock acquisition
+MAX_HELD = 4 * BATCH             # completions held while copies wait for one synchronization
 SWITCH_INTERVAL_S = 0.0005       # sys.setswitchinterval while a device runs (see the docstring)
 IDLE_WAIT_S = 1.0                # sleep while the queue is off (requests kick anyway)
 MAX_COALESCE_USEC = 100_000      # REG_IRQ_COALESCE_USEC is clamped to this
@@ -267,7 +268,7 @@ class Poller:
             except QueueFatal:
                 left = 0
         while left > 0:
-            done = self._cycle(limit=left)
+            done = self._cycle(limit=left, extend=False)
             if done <= 0:
                 break
             left -= done
@@ -378,8 +379,9 @@ class Poller:
             if self._rings is not None and self._rings.attached:
                 self._rings.set_need_wakeup(False)
 
-    def _cycle(self, limit: int = BATCH) -> int:
-        """Take up to ``limit`` descriptors and complete them. Returns how many were completed
+    def _cycle(self, limit: int = BATCH, extend: bool = True) -> int:
+        """Take up to ``limit`` descriptors and complete them (``extend``: and those that join
+        the batch while copies wait, see :meth:`_run_batch`). Returns how many were completed
         (-1 when the queue stopped)."""
         with self.ram.lock:
             rings = self._rings
@@ -402,21 +404,24 @@ class Poller:
         self.executor.epoch = epoch
         t0 = time.perf_counter_ns()
         try:
-            done = self._run_batch(descs, rings, epoch)
+            done = self._run_batch(descs, rings, epoch, extend)
             self._signal(force=False, batch_end=True)
         finally:
             self.stats.busy_ns += time.perf_counter_ns() - t0
             self._batch_irq = None
         return done
 
-    def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int) -> int:
+    def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int, extend: bool = True) -> int:
         """Execute and complete ``descs`` in order. Completions are held and posted together
         (one lock, one ``cq_tail`` store): at the end of the batch, and before any command that
         may wait (all but :data:`_HOLDABLE`), so a completion is never held up by a later slow
         command. HTODs and DTOHs are not synchronized one by one: their completions (and every
         later one, to keep the order) wait for one synchronization, which happens at the next
         post, and before any command that is not a plain copy, memset or NOP (so it never waits
-        for a kernel posted after them). Returns the number completed, -1 when the queue stopped
+        for a kernel posted after them). While such copies wait and the guest has posted more
+        descriptors, those join the batch (up to :data:`MAX_HELD` held completions) before the
+        device synchronizes: a stream of copies keeps the backend's queue fed instead of draining
+        it at every batch boundary. Returns the number completed, -1 when the queue stopped
         meanwhile."""
         self._batch_irq = self._irq_settings()      # the IRQ_* registers, read once per batch
         count = max(1, self._batch_irq[1])
@@ -429,7 +434,16 @@ class Poller:
         deferring = False
         scanned, fence_ahead = -1, False     # the next command that is not holdable, and is it a FENCE
         try:
-            for i, raw in enumerate(descs):
+            i = 0
+            while True:
+                if i == len(descs):
+                    if not extend or not syncs or len(held) >= MAX_HELD:
+                        break
+                    more = self._take_more(rings, epoch, len(held))
+                    if not more:
+                        break
+                    descs.extend(more)
+                raw = descs[i]
                 op = raw[0]
                 if held and (op not in _HOLDABLE or (syncs and op not in _DEFERRABLE)):
                     if not self._flush(held, syncs, rings, epoch, count):
@@ -438,7 +452,7 @@ class Poller:
                     held.clear()
                     syncs = 0
                 if op in _DEFER_FROM and not deferring:
-                    if i > scanned:
+                    if i >= scanned:
                         scanned, fence_ahead = _next_stop(descs, i)
                     if fence_ahead:
                         defer_wakeups()
@@ -454,6 +468,7 @@ class Poller:
                     ex.sync_pending = False
                     syncs += 1
                 held.append((*result, op, raw[1], needs_sync))
+                i += 1
             if held and not self._flush(held, syncs, rings, epoch, count):
                 return -1
             return done + len(held)
@@ -462,6 +477,25 @@ class Poller:
                 resume_wakeups()
             ex.defer_sync = False
             ex.sync_pending = False
+
+    def _take_more(self, rings: Rings, epoch: int, held: int) -> list[tuple[int, ...]]:
+        """The descriptors posted since the batch was taken, as far as the completion ring has
+        room for them besides the ``held`` completions; none when the queue stopped, changed or
+        has a control request waiting (it is then handled first)."""
+        with self.ram.lock:
+            if self.epoch != epoch or not self.enabled or not self._same_rings(rings) or self.controls:
+                return []
+            try:
+                rings.attach(self.ram)
+                n = min(rings.pending(), rings.cq_free() - held, BATCH)
+            except QueueFatal as exc:
+                self._set_fatal(exc.code, exc.info, str(exc))
+                return []
+            if n <= 0 or not self._bus_master():
+                return []
+            descs = rings.take(n)
+            self.stats.batch(n, (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK)
+        return descs
 
     def _execute(self, raw: tuple[int, ...]) -> tuple[int, int, int, int] | None:
         """``(tag, status, result, result2)`` for one descriptor, ABORTED while a Control.RESET
