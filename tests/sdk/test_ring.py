@@ -41,6 +41,25 @@ def test_doorbell_only_when_the_device_sleeps(fake):
     assert fake.doorbells == 1 and ring.header()["sq_tail"] == 2
 
 
+def test_one_doorbell_per_wake_up(fake):
+    """Commands posted while the device is still waking up (sq_head has not moved since the
+    last doorbell) ring no further doorbell; once it has taken descriptors and sleeps again,
+    the next post rings."""
+    ring = Ring(fake, sq_entries=16)
+    ring.start()
+    fake.complete_limit = 0                 # rung, but not awake yet: it takes nothing
+    for _ in range(5):
+        ring.post(xpu.Opcode.NOP)
+    assert fake.doorbells == 1 and ring.header()["sq_tail"] == 5
+    fake.complete_limit = None
+    fake.run()                              # it wakes, takes all five, and sleeps again
+    assert ring.header()["sq_head"] == 5
+    ring.post(xpu.Opcode.NOP)
+    assert fake.doorbells == 2
+    ring.drain()
+    assert ring.in_flight == 0
+
+
 def test_batch_publishes_once(fake):
     ring = Ring(fake, sq_entries=16)
     ring.start()
