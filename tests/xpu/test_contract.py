@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import uuid
 
 import numpy as np
 import pytest
@@ -140,8 +141,9 @@ def test_native_kinds_stay_off_unless_allowed(tmp_path, npu):
 def test_compile_time_budget_is_not_refilled_by_a_reset(tmp_path, backend):
     with XpuRig(tmp_path / "s", backend, quota=Quota(compile_seconds=1)) as r:
         statuses = []
+        run = uuid.uuid4().hex[:12]                # fresh names: no run finds them in the JIT's disk cache
         for i in range(200):                       # distinct modules: every load is a real compile
-            src = f"module @m{i}\nkernel @k{i}(%p: ptr<global>) {{\n^entry:\n  ret\n}}\n"
+            src = f"module @m{run}_{i}\nkernel @k{i}(%p: ptr<global>) {{\n^entry:\n  ret\n}}\n"
             image = binary.encode(text.parse(src), names=False)
             r.write(DATA_OFF, image)
             c = r.cmd(Opcode.MODULE_LOAD, [abi.ModuleKind.IR], sg=(r.addr(DATA_OFF), len(image)))
