@@ -14,7 +14,7 @@ ln -s "$R/vm-images" "$PK/vxpu/images"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PK" VXPU_CACHE="$PK/cache" PYTHONDONTWRITEBYTECODE=1
 cd "$PK"
-step() { echo "== $1"; shift; timeout 200 "$@" 2>&1 | tail -25; }
+step() { echo "== $1"; shift; timeout "${STEP_TIMEOUT:-200}" "$@" 2>&1 | tail -25; }
 step "checked IR kernels vs CUDA C" "$PY" "$R/benchmarks/bench_checked_gpu.py" --json "$OUT/checked.json"
 step "SDK through the host transport" "$PY" "$R/benchmarks/bench_sdk.py" --backend "$BACKEND" --json "$OUT/sdk.json"
 step "device path, raw descriptors" "$PY" "$R/benchmarks/bench_xpu.py" --quick --backend "$BACKEND" --json "$OUT/xpu.json"
