@@ -326,3 +326,30 @@ def test_fault_completions_say_whether_the_guest_state_was_dropped(rig, backend)
     assert got[1].status == Status.TIMEOUT and got[1].result2 & abi.CPL_STATE_DROPPED
     assert rig.cmd(Opcode.MEM_FREE, [keep]).status == Status.INVALID_HANDLE   # really dropped
     rig.alive()
+
+
+def test_a_flood_of_control_writes_is_bounded_while_the_device_is_busy(rig, monkeypatch):
+    """Control requests queue on the loop and run on the poller; a guest writing CONTROL.RESET
+    (posted) faster than resets complete (one waits for the guest's kernels) must not grow that
+    queue without bound (host memory), and the device works afterwards."""
+    poller = rig.device.poller
+    slow = poller.reset_session
+
+    def reset_session() -> None:
+        time.sleep(0.01)                # a reset that waits for a running kernel
+        slow()
+
+    monkeypatch.setattr(poller, "reset_session", reset_session)
+    most = 0
+    for _ in range(3000):
+        rig.set_reg(abi.REG_CONTROL, Control.RESET)
+        rig.set_reg(abi.REG_QUEUE_ENABLE, 0)
+        most = max(most, len(poller.controls))
+    assert most <= 256, f"{most} control requests pending"
+    monkeypatch.setattr(poller, "reset_session", slow)
+    deadline = time.monotonic() + 10
+    while poller.controls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not poller.controls
+    assert rig.enable() & DeviceStatus.ENABLED
+    assert rig.cmd(Opcode.NOP).status == 0

@@ -70,6 +70,7 @@ MAX_HELD = 4 * BATCH             # completions held while copies wait for one sy
 SWITCH_INTERVAL_S = 0.0005       # sys.setswitchinterval while a device runs (see the docstring)
 IDLE_WAIT_S = 1.0                # sleep while the queue is off (requests kick anyway)
 MAX_COALESCE_USEC = 100_000      # REG_IRQ_COALESCE_USEC is clamped to this
+MAX_CONTROLS = 64                # control requests pending at once (see Poller.request)
 _budget = LogBudget(32, 60.0, "further device-model errors are logged at DEBUG")
 # Plain ints on the per-descriptor path (IntFlag/IntEnum arithmetic builds members every time).
 _DESC_IRQ = int(DescFlags.IRQ)
@@ -145,10 +146,21 @@ class Poller:
 
     # -- loop side -----------------------------------------------------------------------------
     def request(self, what: str, arg: Any = None) -> None:
-        """Queue a control request (``enable`` with a QueueConfig, ``disable``, ``reset``)."""
+        """Queue a control request (``enable`` with a QueueConfig, ``disable``, ``reset``).
+
+        A guest can write the registers faster than the poller handles them (a reset waits for
+        its kernels), so at most :data:`MAX_CONTROLS` wait: past that a reset replaces them
+        all (it undoes what they would do) and any other request is dropped."""
+        controls = self.controls
         if what == "reset":
             self.aborting = True
-        self.controls.append((what, arg))
+            if len(controls) >= MAX_CONTROLS:
+                controls.clear()
+        elif len(controls) >= MAX_CONTROLS:
+            _budget.log(log, logging.WARNING, "accelerator control request %r dropped: %d pending",
+                        what, len(controls))
+            return
+        controls.append((what, arg))
         self.kick.set()
 
     def doorbell(self) -> None:
