@@ -197,3 +197,15 @@ def test_fatal_error_raises_vector_1_with_msix(tmp_path, backend):
         finally:
             for fd in fds:
                 os.close(fd)
+
+
+def test_infer_requests_json_cannot_express_are_invalid_argument(tmp_path, npu):
+    """JSON that parses but has no u64 meaning (Infinity, 1e400) or nests past the parser's
+    recursion limit is INVALID_ARGUMENT, not an internal error of the device model."""
+    nested = b'{"inputs": ' + b"[" * 2000 + b"]" * 2000 + b"}"
+    with XpuRig(tmp_path / "s", npu, allowed_kinds=frozenset({ModuleKind.IR, ModuleKind.ONNX})) as r:
+        for bad in (b'{"inputs": [Infinity]}', b'{"outputs": [1e400]}', b'{"dims": [-Infinity]}', nested):
+            r.write(DATA_OFF + 0x10000, bad)
+            c = r.cmd(Opcode.INFER, [1], sg=(r.addr(DATA_OFF + 0x10000), len(bad)))
+            assert c.status == Status.INVALID_ARGUMENT, (bad[:30], Status(c.status))
+        r.alive()

@@ -435,7 +435,7 @@ class Executor:
             req = json.loads(self._read_sg(d, MAX_INFER_REQUEST))
             values = [*req.get("inputs", []), *req.get("outputs", []), *req.get("dims", [])]
             blob = b"".join(_U64.pack(int(v)) for v in values)
-        except (ValueError, TypeError, AttributeError, struct.error):
+        except (ValueError, TypeError, AttributeError, struct.error, OverflowError, RecursionError):
             raise GuestFault(Status.INVALID_ARGUMENT, "INFER request is not the documented JSON") from None
         kernel, _info = self.session.get_kernel(d.a0, "main")
         self.session.launch(kernel, (1,), (1,), blob, 0, self.queue)
