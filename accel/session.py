@@ -299,6 +299,13 @@ class Session:
         q.pending += 1
         return q
 
+    def pending(self, queue: int = DEFAULT_QUEUE) -> int:
+        """Operations on ``queue`` since it was last waited for: what the depth quota counts
+        (0 for an unknown queue). A failed wait or submission leaves them counted."""
+        with self._lock:
+            q = self._queues.get(queue)
+            return 0 if q is None else q.pending
+
     @staticmethod
     def _host(view: memoryview, writable: bool) -> memoryview:
         if not isinstance(view, memoryview):

@@ -353,3 +353,33 @@ def test_a_flood_of_control_writes_is_bounded_while_the_device_is_busy(rig, monk
     assert not poller.controls
     assert rig.enable() & DeviceStatus.ENABLED
     assert rig.cmd(Opcode.NOP).status == 0
+
+
+def test_failed_synchronizations_never_make_an_htod_wait_for_kernels_under_the_lock(tmp_path, backend):
+    """A FENCE whose synchronization reports a (contained) kernel fault leaves the session's
+    queue-depth count where it was; the HTOD's room check must still see it, or the copy is
+    issued with the guest-RAM lock held into a full queue, and the session then waits for the
+    queued kernels under that lock (the loop's DMA_MAP with them)."""
+    from .test_modules import OOB, _image, _kernel, _launch, _load
+
+    with XpuRig(tmp_path / "s", backend, quota=Quota(queue_depth=4)) as r:
+        keep = r.alloc(16)
+        status, module = _load(r, _image(OOB))
+        assert status == Status.OK
+        _s, oob, _size = _kernel(r, module, b"oob_store")
+        for _ in range(3):
+            assert _launch(r, oob, (1, 1, 1), (1, 1, 1), struct.pack("<Q", keep)) == Status.OK
+            assert r.cmd(Opcode.FENCE).status == Status.KERNEL_FAULT
+        launch, _out = _spin_launch(r, n=SPIN_N // 2)
+        dev = r.alloc(4096)
+        r.submit([launch, desc(Opcode.MEM_COPY_HTOD, [dev], sg=(r.addr(DATA_OFF), 4096)), desc(Opcode.FENCE)])
+        time.sleep(0.05)
+        extra = GuestMemory(1 << 20)
+        t0 = time.monotonic()
+        r.client.map_guest_ram(extra, 0x4000_0000)
+        took = time.monotonic() - t0
+        got = r.completions(3)
+        assert [c.status for c in got] == [0] * 3
+        assert took < 0.1, f"DMA_MAP took {took * 1e3:.0f} ms behind the queued kernel"
+        r.client.dma_unmap(0x4000_0000, extra.size)
+        extra.close()

@@ -356,7 +356,8 @@ class Executor:
         with self.guest():
             segs, total = self._segments(d, not to_device)
             s.check_range(dev, total)
-            if need_room and self.queued + len(segs) >= s.quota.queue_depth:
+            # The session's own count too: a wait or launch that failed leaves it above ours.
+            if need_room and max(self.queued, s.pending(q)) + len(segs) >= s.quota.queue_depth:
                 return None
             for ram, off, n in segs:
                 if to_device:
