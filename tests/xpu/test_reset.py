@@ -383,3 +383,34 @@ def test_failed_synchronizations_never_make_an_htod_wait_for_kernels_under_the_l
         assert took < 0.1, f"DMA_MAP took {took * 1e3:.0f} ms behind the queued kernel"
         r.client.dma_unmap(0x4000_0000, extra.size)
         extra.close()
+
+
+def test_reset_command_after_a_fault_never_waits_for_kernels_under_the_lock(tmp_path, backend):
+    """The RESET command waits for the old session's work without the guest-RAM lock, then
+    closes it with the lock held. A wait that reports a fault recorded before it (a synchronize
+    raises such a fault at once, before waiting) must not leave the kernels queued behind it to
+    the close, which would wait for them with the lock held (the loop's DMA_MAP with it)."""
+    from .test_modules import OOB, _image, _kernel, _load
+
+    with XpuRig(tmp_path / "s", backend) as r:
+        keep = r.alloc(16)
+        status, module = _load(r, _image(OOB))
+        assert status == Status.OK
+        _s, oob, _size = _kernel(r, module, b"oob_store")
+        spin, _out = _spin_launch(r, n=SPIN_N // 3)
+        r.write(DATA_OFF, struct.pack("<Q", keep))
+        dims = abi.pack_launch_dims((1, 1, 1), (1, 1, 1), 0)
+        bad = desc(Opcode.LAUNCH, [oob, *dims], sg=(r.addr(DATA_OFF), 8))
+        assert [c.status for c in r.run([spin, bad, spin, spin, spin])] == [0] * 5
+        time.sleep(0.3)                 # the first spin and the faulting kernel ran; the others spin
+        r.submit([desc(Opcode.RESET, tag=9)])
+        time.sleep(0.05)
+        extra = GuestMemory(1 << 20)
+        t0 = time.monotonic()
+        r.client.map_guest_ram(extra, 0x4000_0000)
+        took = time.monotonic() - t0
+        assert r.completions(1)[0].status == 0
+        assert took < 0.1, f"DMA_MAP took {took * 1e3:.0f} ms behind the queued kernel"
+        r.client.dma_unmap(0x4000_0000, extra.size)
+        extra.close()
+        r.alive()

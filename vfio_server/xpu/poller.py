@@ -52,7 +52,7 @@ from vxpu.accel.backend import BackendError
 from vxpu.accel.hostqueue import defer_wakeups, resume_wakeups
 from vxpu.accel.session import Session
 from vxpu.vfio_server.dma import DmaRegion
-from vxpu.vfio_server.xpu.commands import Abandoned, Executor
+from vxpu.vfio_server.xpu.commands import ASYNC_ERRORS, Abandoned, Executor
 from vxpu.vfio_server.xpu.guestram import GuestRam
 from vxpu.vfio_server.xpu.queue import QueueConfig, QueueFatal, Rings, check_config
 from vxpu.vfio_server.xpu.stats import DeviceStats, stats_json
@@ -318,10 +318,16 @@ class Poller:
         lock (a long kernel must not hold up the loop); the swap itself holds it, so no unmap
         races the old registrations."""
         old = self.session
-        try:
-            old.synchronize()
-        except BackendError as exc:
-            log.debug("work dropped by a reset failed: %s", exc)
+        # A fault recorded before the wait is raised at once, without waiting: wait again (each
+        # asynchronous error is raised once), so the close below finds nothing left to wait for.
+        for _ in range(old.quota.queue_depth + 1):
+            try:
+                old.synchronize()
+                break
+            except BackendError as exc:
+                log.debug("work dropped by a reset failed: %s", exc)
+                if exc.status not in ASYNC_ERRORS:
+                    break
         with self.ram.lock:
             old.close()
             self.session = self._make_session()
