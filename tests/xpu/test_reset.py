@@ -414,3 +414,22 @@ def test_reset_command_after_a_fault_never_waits_for_kernels_under_the_lock(tmp_
         r.client.dma_unmap(0x4000_0000, extra.size)
         extra.close()
         r.alive()
+
+
+def test_no_dma_after_bus_mastering_is_turned_off_mid_batch(rig):
+    """Clearing bus mastering stops the queue (NO_BUS_MASTER) and the device's DMA at once: a
+    DTOH behind a FENCE that was waiting for a kernel must not write guest RAM afterwards."""
+    launch, _out = _spin_launch(rig, n=SPIN_N // 2)
+    dev = rig.alloc(64)
+    assert rig.htod(dev, b"\x5a" * 64).status == 0
+    dst = DATA_OFF + 0x40000
+    rig.write(dst, b"\xaa" * 64)
+    base = rig.hdr(abi.QH_CQ_TAIL)
+    rig.submit([launch, desc(Opcode.FENCE, tag=2),
+                desc(Opcode.MEM_COPY_DTOH, [dev], sg=(rig.addr(dst), 64), tag=3)])
+    _wait_busy(rig, base + 1)                       # the FENCE waits for the kernel
+    rig.client.region_write(CONFIG, 4, struct.pack("<H", 0x0002), posted=False)   # memory decode only
+    assert rig.reg(abi.REG_FATAL_CODE) == abi.FatalCode.NO_BUS_MASTER
+    time.sleep(0.5)                                 # the kernel ends, the FENCE returns
+    assert rig.read(dst, 64) == b"\xaa" * 64, "DMA after bus mastering went off"
+    assert rig.hdr(abi.QH_CQ_TAIL) == base + 1

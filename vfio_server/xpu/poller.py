@@ -121,7 +121,7 @@ class Poller:
         self.stats = DeviceStats()
         self.controls: collections.deque[tuple[str, Any]] = collections.deque()
         self.kick = threading.Event()
-        self.epoch = 0                   # bumped (under the lock) by hard resets and disconnects
+        self.epoch = 0                   # bumped (under the lock) by hard resets, disconnects, bus master off
         self.enabled = False
         self.fatal_code = FatalCode.NONE
         self.fatal_info = 0
@@ -193,9 +193,11 @@ class Poller:
         self.kick.set()
 
     def bus_master_lost(self) -> None:
-        """Bus mastering went off: a running queue stops with NO_BUS_MASTER, at once."""
+        """Bus mastering went off: a running queue stops with NO_BUS_MASTER, at once, and the
+        commands of its batch touch guest memory no more (the epoch moves: they are abandoned)."""
         with self.ram.lock:
             if self.enabled:
+                self.epoch += 1
                 self._set_fatal(FatalCode.NO_BUS_MASTER, 0, "bus mastering turned off while the queue ran")
 
     def on_map(self, region: DmaRegion) -> None:
