@@ -24,6 +24,7 @@ from vxpu.abi.status import Status
 from vxpu.abi.xpu import Control, DeviceStatus, Opcode
 
 from .ringdriver import CONFIG, DATA_OFF, RAM_BASE, XpuRig, desc
+from .test_modules import OOB, _image, _kernel, _launch, _load
 
 SPIN = """
 module @spin
@@ -304,7 +305,6 @@ def test_fault_completions_say_whether_the_guest_state_was_dropped(rig, backend)
     them (an overrunning kernel cancelled by the CPU backend's watchdog)."""
     if getattr(backend, "name", "") != "cpu":
         pytest.skip("the watchdog's context reset is the CPU backend's")
-    from .test_modules import OOB, _image, _kernel, _launch, _load
 
     keep = rig.alloc(16)
     assert rig.htod(keep, b"\x5a" * 16).status == 0
