@@ -59,10 +59,13 @@ _CQ_HEAD = xpu.QH_CQ_HEAD // 4
 _SQ_HEAD = xpu.QH_SQ_HEAD // 4
 _CQ_TAIL = xpu.QH_CQ_TAIL // 4
 _FLAGS = xpu.QH_FLAGS // 4
-_STATE_FAULTS = frozenset({int(Status.KERNEL_FAULT), int(Status.DEVICE_LOST)})
-#: In a KERNEL_FAULT or DEVICE_LOST completion's result2: the guest's device state was reset
-#: (allocations, modules and events are gone). Clear: the device did not say (the SDK then
-#: probes whether its state survived, see ``Device.live_ring``).
+#: The statuses after which the guest's device state may be gone: a fault, a lost device, or a
+#: TIMEOUT for which the server cancelled an overrunning kernel by resetting the context.
+_STATE_FAULTS = frozenset({int(Status.KERNEL_FAULT), int(Status.DEVICE_LOST), int(Status.TIMEOUT)})
+#: In such a completion's result2: the guest's device state was reset (allocations, modules and
+#: events are gone). A device following ABI 1.0 as documented now always sets it when that
+#: happened; servers from before the bit existed never set it, so when it is clear the SDK still
+#: probes whether its state survived (see ``Device.live_ring``).
 STATE_RESET_BIT = xpu.CPL_STATE_DROPPED
 
 
@@ -118,7 +121,7 @@ class Ring:
         self.batching = 0           # > 0: post() leaves publishing to publish()
         self.doorbells = 0          # REG_DOORBELL writes, for benchmarks and tests
         self.fatal: DeviceError | None = None
-        self.faults = 0             # KERNEL_FAULT / DEVICE_LOST completions seen
+        self.faults = 0             # KERNEL_FAULT / DEVICE_LOST / TIMEOUT completions seen
         self.state_resets = 0       # ... of which said that the device state was reset
         self._reset_counters()
 

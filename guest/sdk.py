@@ -429,7 +429,7 @@ class Device:
 
         Raises:
             DeviceError: a command or kernel failed since the last synchronize, or the device
-                stopped. After a KERNEL_FAULT or DEVICE_LOST that dropped this guest's device
+                stopped. After a KERNEL_FAULT, DEVICE_LOST or TIMEOUT that dropped this guest's device
                 state (its result2 says so, or a probe of a sentinel allocation shows it),
                 older arrays, modules and events are stale.
         """

@@ -330,3 +330,39 @@ def test_module_image_is_the_encoded_ir(dev):
         dev.raw.call(xpu.Opcode.MODULE_UNLOAD, handle)
     finally:
         dev.raw.free_dma(mem)
+
+
+SPIN = """module @spin
+kernel @spin(%n: i32, %out: ptr<global>) {
+^entry:
+  %zero = const 0 : i32
+  br ^loop(%zero, %zero)
+^loop(%k: i32, %x: i32):
+  %one = const 1 : i32
+  %a = const 1103515245 : i32
+  %c = const 12345 : i32
+  %m = mul %x, %a : i32
+  %x1 = add %m, %c : i32
+  %k1 = add %k, %one : i32
+  %more = icmp slt %k1, %n
+  cbr %more, ^loop(%k1, %x1), ^done
+^done:
+  store %x1, %out
+  ret
+}
+"""
+
+
+def test_a_cancelled_kernel_makes_old_arrays_stale():
+    """The server's watchdog cancels an overrunning kernel and resets the context (TIMEOUT with
+    the completion's state-dropped bit): the SDK's older arrays are stale, not silently reused."""
+    with Device.local("cpu,timeout=200ms", ram_size=64 << 20, sq_entries=64) as d:
+        arr = d.to_device(np.zeros(4, np.int32))
+        mod = d.load_module(SPIN)
+        mod.spin[1, 1](2**31 - 1, arr)                     # seconds of work, far past 200 ms
+        with pytest.raises(DeviceError) as info:
+            d.synchronize()
+        assert info.value.name == "TIMEOUT"
+        with pytest.raises(StaleHandle):
+            arr.to_host()
+        check_still_computes(d)
