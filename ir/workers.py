@@ -30,6 +30,11 @@ does, each one a child process::
   and before the memory limit is set, so a compile through a worker
   costs its transfer (the module in, the native code out) on top of the compile itself.
   A job waits for an idle worker; the pool never runs more than ``size`` at once.
+* **Idle workers stop.** A warm worker holds the compiler's memory (about 160 MiB resident
+  here, more with a GPU toolchain), and a server holds its pool for the life of its VM, which
+  mostly loads its modules once, at start. A worker idle for ``idle_seconds`` (default 300)
+  is stopped; the next compile that finds no idle worker starts one (paying the compiler's
+  import once more, about a second). ``idle_seconds=0`` keeps workers warm for good.
 * **Protocol.** The worker is ``python -m vxpu.ir.workers`` with pipes on stdin and stdout.
   It writes one ready byte, then serves frames: a request is ``u32 header length, header
   (JSON: target kind, arch, features, code-object version, opt level, checked, CPU seconds),
@@ -41,7 +46,7 @@ The compile cache (:mod:`vxpu.ir.cache`) sits in front: :func:`vxpu.ir.compile.c
 asks a pool only on a cache miss, so a hit never touches a worker. The process-wide pool is
 :func:`sandbox_pool`, configured with :func:`configure` or the environment
 (:func:`config_from_env`: ``VXPU_COMPILE_WORKERS``, ``VXPU_COMPILE_MEMORY_MB``,
-``VXPU_COMPILE_CPU_S``, ``VXPU_COMPILE_WALL_S``).
+``VXPU_COMPILE_CPU_S``, ``VXPU_COMPILE_WALL_S``, ``VXPU_COMPILE_IDLE_S``).
 """
 
 from __future__ import annotations
@@ -79,6 +84,8 @@ DEFAULT_MEMORY_BYTES = 2 << 30
 DEFAULT_CPU_SECONDS = 10
 #: Seconds the serving process waits for one compile before it kills the worker.
 DEFAULT_WALL_SECONDS = 20.0
+#: Seconds a worker may sit idle before the pool stops it (0: never).
+DEFAULT_IDLE_SECONDS = 300.0
 #: Seconds a new worker may take to import the compiler and say it is ready.
 STARTUP_SECONDS = 60.0
 #: Largest reply accepted from a worker (a compiled module is far smaller).
@@ -106,21 +113,25 @@ class CompileLimitError(CompileError):
 
 @dataclass(frozen=True)
 class WorkerLimits:
-    """Resource limits of one compile job. All values must be positive.
+    """Resource limits of the compile workers. All values must be positive (``idle_seconds``
+    may be 0).
 
     Attributes:
         memory_bytes: address space one compile may add to what the warm worker holds
             (its RLIMIT_AS is that base plus this).
         cpu_seconds: CPU time per job (RLIMIT_CPU soft limit, moved forward for each job).
         wall_seconds: wall-clock deadline per job, enforced by the parent.
+        idle_seconds: a worker idle this long is stopped (0: workers stay warm for good).
     """
 
     memory_bytes: int = DEFAULT_MEMORY_BYTES
     cpu_seconds: int = DEFAULT_CPU_SECONDS
     wall_seconds: float = DEFAULT_WALL_SECONDS
+    idle_seconds: float = DEFAULT_IDLE_SECONDS
 
     def __post_init__(self) -> None:
-        if not (self.memory_bytes > 0 and self.cpu_seconds > 0 and self.wall_seconds > 0):
+        if not (self.memory_bytes > 0 and self.cpu_seconds > 0 and self.wall_seconds > 0
+                and self.idle_seconds >= 0):
             raise ValueError(f"compile worker limits must be positive: {self}")
 
 
@@ -131,6 +142,7 @@ class PoolStats:
     jobs: int = 0
     failures: int = 0               # jobs that ended in CompileLimitError
     started: int = 0                # worker processes started (replacements included)
+    stopped_idle: int = 0           # workers stopped after idle_seconds without a job
     busy_seconds: float = 0.0
     reasons: dict[str, int] = field(default_factory=dict)
 
@@ -154,6 +166,7 @@ class _Worker:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
             close_fds=True, start_new_session=True)
         self.ready = False
+        self.idle_since = time.monotonic()
 
     @property
     def pid(self) -> int:
@@ -270,10 +283,11 @@ class CompilePool:
 
     Args:
         size: number of workers (jobs beyond it wait for an idle one).
-        limits: per-job resource limits.
+        limits: per-job resource limits, and how long a worker may sit idle.
 
     Thread-safe: any thread may call :meth:`compile`; the caller blocks (without the GIL)
-    until its job is done.
+    until its job is done. With ``limits.idle_seconds`` set, a daemon thread stops workers
+    idle that long; a job that finds no idle worker starts one while fewer than ``size`` live.
     """
 
     def __init__(self, size: int = DEFAULT_WORKERS, limits: WorkerLimits | None = None) -> None:
@@ -289,6 +303,8 @@ class CompilePool:
         self._closed = False
         for _ in range(size):
             self._idle.append(self._spawn())
+        if self.limits.idle_seconds > 0:
+            threading.Thread(target=self._stop_idle_workers, name="vxpu-compile-idle", daemon=True).start()
 
     def _spawn(self) -> _Worker:
         worker = _Worker(self.limits)
@@ -361,14 +377,14 @@ class CompilePool:
 
     def _acquire(self) -> _Worker:
         with self._cond:
-            while not self._idle:
+            while not self._idle and len(self._running) >= self.size:
                 if self._closed:
                     raise CompileError("the compile pool is closed")
                 self._cond.wait()
             if self._closed:
                 raise CompileError("the compile pool is closed")
             self._busy += 1
-            worker = self._idle.pop()
+            worker = self._idle.pop() if self._idle else self._spawn()   # idle ones were stopped
             self._running[worker.pid] = worker
             return worker
 
@@ -379,8 +395,29 @@ class CompilePool:
             if self._closed:
                 worker.close()
                 return
+            worker.idle_since = time.monotonic()
             self._idle.append(worker)
-            self._cond.notify()
+            self._cond.notify_all()
+
+    def _stop_idle_workers(self) -> None:
+        """The idle reaper (a daemon thread): stop workers idle for ``limits.idle_seconds``."""
+        idle_s = self.limits.idle_seconds
+        while True:
+            with self._cond:
+                if self._closed:
+                    return
+                now = time.monotonic()
+                stale = [w for w in self._idle if now - w.idle_since >= idle_s]
+                self._idle = [w for w in self._idle if now - w.idle_since < idle_s]
+                self.stats.stopped_idle += len(stale)
+                wake = min((w.idle_since + idle_s for w in self._idle), default=now + idle_s)
+            for worker in stale:
+                log.debug("compile worker %d stopped after %.0f s idle", worker.pid, idle_s)
+                worker.close()
+            with self._cond:
+                if self._closed:
+                    return
+                self._cond.wait(max(0.05, wake - time.monotonic()))
 
     def _retire(self, worker: _Worker, reason: str) -> None:
         """Reap a failed worker and start its replacement."""
@@ -393,7 +430,7 @@ class CompilePool:
             self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
             if not self._closed:
                 self._idle.append(self._spawn())
-                self._cond.notify()
+                self._cond.notify_all()
 
     def close(self) -> None:
         """Stop every idle worker now (busy ones stop when their job ends)."""
@@ -419,7 +456,7 @@ _default_lock = threading.Lock()
 def config_from_env(env: dict[str, str] | None = None) -> tuple[int, WorkerLimits]:
     """Pool size and limits from ``VXPU_COMPILE_WORKERS`` (0: compile in-process, for trusted
     local use only), ``VXPU_COMPILE_MEMORY_MB``, ``VXPU_COMPILE_CPU_S`` and
-    ``VXPU_COMPILE_WALL_S``; the defaults for those not set.
+    ``VXPU_COMPILE_WALL_S`` and ``VXPU_COMPILE_IDLE_S``; the defaults for those not set.
 
     Raises:
         ValueError: a value that is not a number, or not positive.
@@ -429,7 +466,8 @@ def config_from_env(env: dict[str, str] | None = None) -> tuple[int, WorkerLimit
         size = int(env.get("VXPU_COMPILE_WORKERS", DEFAULT_WORKERS))
         limits = WorkerLimits(int(env.get("VXPU_COMPILE_MEMORY_MB", DEFAULT_MEMORY_BYTES >> 20)) << 20,
                               int(env.get("VXPU_COMPILE_CPU_S", DEFAULT_CPU_SECONDS)),
-                              float(env.get("VXPU_COMPILE_WALL_S", DEFAULT_WALL_SECONDS)))
+                              float(env.get("VXPU_COMPILE_WALL_S", DEFAULT_WALL_SECONDS)),
+                              float(env.get("VXPU_COMPILE_IDLE_S", DEFAULT_IDLE_SECONDS)))
     except ValueError as exc:
         raise ValueError(f"bad compile worker setting in the environment: {exc}") from None
     if size < 0:

@@ -4,7 +4,7 @@
 
     vxpu serve --socket /run/vxpu/vu0.sock [--device xpu|test] [--backend cpu|cuda[:N]|hip[:N]|npu] [--msix]
                [--allow-unsealed-ram] [--compile-workers N] [--compile-memory MIB] [--compile-cpu S]
-               [--compile-timeout S]
+               [--compile-timeout S] [--compile-idle S]
 
 The default device is the accelerator (``xpu``, 0x5850:0x0100, docs/device-abi.md §4) on the
 CPU backend; ``--device test`` serves the test device (0x5850:0x0001) instead. Guest IR is
@@ -104,6 +104,8 @@ def register(subparsers: Any) -> None:
     g.add_argument("--compile-cpu", type=int, metavar="SECONDS", help="CPU time per compile (default 10)")
     g.add_argument("--compile-timeout", type=float, metavar="SECONDS",
                    help="wall-clock deadline per compile (default 20)")
+    g.add_argument("--compile-idle", type=float, metavar="SECONDS",
+                   help="stop a worker idle this long; the next compile starts one (default 300; 0: never)")
     p.add_argument("--quota", action="append", metavar="NAME=VALUE",
                    help="a per-guest limit of the accelerator (repeatable): memory_bytes, max_allocations, "
                         "max_allocation_bytes, modules, module_bytes, kernels, queues, events, queue_depth, "
@@ -141,7 +143,8 @@ def compile_config(args: argparse.Namespace) -> tuple[int, Any]:
         limits = WorkerLimits(
             args.compile_memory << 20 if args.compile_memory is not None else limits.memory_bytes,
             args.compile_cpu if args.compile_cpu is not None else limits.cpu_seconds,
-            args.compile_timeout if args.compile_timeout is not None else limits.wall_seconds)
+            args.compile_timeout if args.compile_timeout is not None else limits.wall_seconds,
+            args.compile_idle if args.compile_idle is not None else limits.idle_seconds)
     except ValueError as exc:
         raise ConfigError(f"compile workers: {exc}") from None
     if size < 0:

@@ -233,3 +233,31 @@ def test_a_malformed_result_is_a_worker_failure(monkeypatch):
         monkeypatch.undo()
         ok(pool)
         assert pool.stats.started == 2
+
+
+def test_idle_workers_stop_and_the_next_compile_starts_one():
+    """A worker idle past ``idle_seconds`` exits (its process is reaped); a later compile
+    starts a fresh one and succeeds; ``idle_seconds=0`` keeps workers for good."""
+    with CompilePool(size=2, limits=WorkerLimits(idle_seconds=0.5)) as pool:
+        ok(pool)
+        first = pool.pids()
+        assert len(first) == 2
+        deadline = time.monotonic() + 30
+        while (pool.pids() or any(alive(pid) for pid in first)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pool.pids() == [] and pool.stats.stopped_idle == 2
+        assert not any(alive(pid) for pid in first)     # exited and reaped (no zombies)
+        ok(pool)                                   # lazily started again
+        assert len(pool.pids()) == 1 and pool.pids()[0] not in first
+    with CompilePool(size=1, limits=WorkerLimits(idle_seconds=0)) as pool:
+        ok(pool)
+        pid = pool.pids()
+        time.sleep(1.0)
+        assert pool.pids() == pid and alive(pid[0]) and pool.stats.stopped_idle == 0
+
+
+def test_idle_limit_from_the_environment_and_its_validation():
+    assert config_from_env({"VXPU_COMPILE_IDLE_S": "7.5"})[1].idle_seconds == 7.5
+    assert config_from_env({"VXPU_COMPILE_IDLE_S": "0"})[1].idle_seconds == 0
+    with pytest.raises(ValueError):
+        config_from_env({"VXPU_COMPILE_IDLE_S": "-1"})
