@@ -141,6 +141,7 @@ class CudaBackend(GpuBackend):
             "host_unregister": ("cuMemHostUnregister", drv.cuMemHostUnregister),
             "sync_device": ("cuCtxSynchronize", drv.cuCtxSynchronize),
             "sync_stream": ("cuStreamSynchronize", drv.cuStreamSynchronize),
+            "host_alloc": ("cuMemAllocHost", self._host_alloc), "host_free": ("cuMemFreeHost", drv.cuMemFreeHost),
         }
 
     # -- memory ---------------------------------------------------------------------------
@@ -286,6 +287,10 @@ class CudaBackend(GpuBackend):
     def _malloc(self, size: int) -> tuple[Any, int]:
         err, dptr = self._drv.cuMemAlloc(size)
         return err, 0 if err else int(dptr)
+
+    def _host_alloc(self, size: int) -> tuple[Any, int]:
+        err, ptr = self._drv.cuMemAllocHost(size)
+        return err, 0 if err else int(ptr)
 
     def _drv_launch(self, handle: Any, gx: int, gy: int, gz: int, bx: int, by: int, bz: int,
                     shared_bytes: int, stream: Any, pack: Any) -> tuple[Any, ...]:

@@ -22,7 +22,12 @@ Figures, each an SDK/native ratio:
    time per launch (throughput ratio, higher is better). Also reported: the guest-side time the
    SDK takes to post one of those launches (no native counterpart).
 
-Usage: ``python benchmarks/bench_sdk.py [--backend cpu|cuda] [--quick] [--json FILE]``.
+Also reported: the device's STATS counters (batches, sleeps, doorbells, busy time) and, when
+the server runs with ``VXPU_XPU_PROFILE=1`` (inherited by the ``vxpu serve`` child), its
+per-phase profile (:mod:`vxpu.vfio_server.xpu.profile`); ``--old-wait`` makes the SDK's waiter
+back off after 1 ms as before ``guest.ring.BUSY_SPIN_S`` (an A/B switch).
+
+Usage: ``python benchmarks/bench_sdk.py [--backend cpu|cuda] [--quick] [--old-wait] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-from vxpu.guest import Device, DeviceError
+from vxpu.guest import Device, DeviceError, ring
 from vxpu.ir import encode, parse
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -275,6 +280,14 @@ def print_table(result: dict[str, Any]) -> None:
         else:
             print(f"{r['what']:<44} {r['sdk']:>10.2f} {r['native']:>10.2f} {r['ratio']:>7.3f}")
     print(f"doorbells rung: {result['doorbells']} for {result['commands']} commands")
+    dev = result.get("stats", {}).get("device", {})
+    if dev:
+        print(f"device: {dev.get('batches')} batches (max {dev.get('max_batch')}), {dev.get('sleeps')} sleeps, "
+              f"busy {dev.get('busy_ns', 0) / 1e6:.1f} ms of {dev.get('uptime_ns', 0) / 1e6:.0f} ms")
+    for key, entry in result.get("stats", {}).get("profile", {}).items():
+        print(f"  profile {key:<28} {entry['count']:>9} x {entry['mean_us']:8.2f} us = {entry['total_us'] / 1e3:9.1f} ms")
+    for line in result.get("server_warnings", []):
+        print(f"  server: {line}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -282,14 +295,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backend", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--old-wait", action="store_true", help="SDK waiter without the busy-device spin (A/B)")
     args = parser.parse_args(argv)
+    if args.old_wait:
+        ring.BUSY_SPIN_S = 0.0
     native = CudaNative() if args.backend.startswith("cuda") else SessionNative(args.backend)
     with Device.local(args.backend, ram_size=max(SIZES) * 4 + (64 << 20)) as dev:
         sdk = SdkSide(dev)
         ident = dev.identify()
         rows = bench(sdk, native, args.quick)
         result = {"backend": args.backend, "native": native.name, "device": ident.get("name"),
-                  "rows": rows, "doorbells": dev.ring.doorbells, "commands": dev.ring.submitted}
+                  "rows": rows, "doorbells": dev.ring.doorbells, "commands": dev.ring.submitted,
+                  "old_wait": args.old_wait, "stats": dev.stats()}
+        log = getattr(dev.transport, "server_log", None)
+        if callable(log):
+            result["server_warnings"] = [ln for ln in log().splitlines() if "WARNING" in ln or "ERROR" in ln][-10:]
     print_table(result)
     if args.json:
         with open(args.json, "w") as fh:

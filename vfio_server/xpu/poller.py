@@ -52,6 +52,7 @@ from vxpu.accel.backend import BackendError
 from vxpu.accel.hostqueue import defer_wakeups, resume_wakeups
 from vxpu.accel.session import Session
 from vxpu.vfio_server.dma import DmaRegion
+from vxpu.vfio_server.xpu import profile
 from vxpu.vfio_server.xpu.commands import ASYNC_ERRORS, Abandoned, Executor
 from vxpu.vfio_server.xpu.guestram import GuestRam
 from vxpu.vfio_server.xpu.queue import QueueConfig, QueueFatal, Rings, check_config
@@ -139,10 +140,22 @@ class Poller:
         self._stopping = False
         self.executor = Executor(self.ram, lambda: self.session, lambda: self.epoch, features, identity,
                                  self.stats_document, self._reset_command, self.stats)
+        self.profile: profile.PhaseProfile | None = None
+        if profile.enabled():            # benchmarks: per-phase timers (see vfio_server.xpu.profile)
+            self._profile(profile.PhaseProfile())
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)     # the loop waits at most this for the GIL
         self._thread = threading.Thread(target=self._run, name="vxpu-xpu-poller", daemon=True)
         self._thread.start()
+
+    def _profile(self, prof: profile.PhaseProfile) -> None:
+        """Wrap the per-command and per-batch steps with ``prof``'s timers."""
+        self.profile = prof
+        self._execute = prof.wrap_execute(self._execute)  # type: ignore[method-assign]
+        self._flush = prof.wrap("flush", self._flush)  # type: ignore[method-assign]
+        self._cycle = prof.wrap("cycle", self._cycle, count_if=lambda n: n > 0)  # type: ignore[method-assign]
+        ex = self.executor
+        ex._synchronize = prof.wrap("synchronize", ex._synchronize)  # type: ignore[method-assign]
 
     # -- loop side -----------------------------------------------------------------------------
     def request(self, what: str, arg: Any = None) -> None:
@@ -607,4 +620,5 @@ class Poller:
         rings = self._rings
         if rings is not None:
             self.stats.queue_depth = (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK
-        return stats_json(self.stats, self.session.statistics())
+        return stats_json(self.stats, self.session.statistics(),
+                          self.profile.as_dict() if self.profile is not None else None)

@@ -84,10 +84,15 @@ class DeviceStats:
         }
 
 
-def stats_json(stats: DeviceStats, session_metrics: dict[str, float]) -> bytes:
-    """The STATS reply: ``{"device": {...}, "session": {...}}`` as compact UTF-8 JSON, cut
+def stats_json(stats: DeviceStats, session_metrics: dict[str, float],
+               profile: dict[str, Any] | None = None) -> bytes:
+    """The STATS reply: ``{"device": {...}, "session": {...}}`` (and ``"profile"`` when the
+    poller is profiled, see :mod:`vxpu.vfio_server.xpu.profile`) as compact UTF-8 JSON, cut
     down to the device part if the whole would exceed ``MAX_STATS_BYTES``."""
-    doc = {"abi": f"{abi.ABI_MAJOR}.{abi.ABI_MINOR}", "device": stats.as_dict(), "session": session_metrics}
+    doc: dict[str, Any] = {"abi": f"{abi.ABI_MAJOR}.{abi.ABI_MINOR}", "device": stats.as_dict(),
+                           "session": session_metrics}
+    if profile is not None:
+        doc["profile"] = profile
     data = json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
     if len(data) > abi.MAX_STATS_BYTES:
         doc["session"] = {"truncated": True}
