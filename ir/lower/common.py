@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from llvmlite import ir
 from vxpu.ir.lower import math as vmath
@@ -207,8 +207,8 @@ class TargetHooks:
         """Whether loads from ``space`` need ``freeze`` (memory LLVM may consider undef)."""
         return False
 
-    def exp2_core(self) -> Callable[[ir.IRBuilder, ir.Value], ir.Value] | None:
-        """The target's fast f32 2^f for |f| <= 1/2 (≤ 2 ulp), or None for the polynomial."""
+    def ex2_unit(self) -> vmath.Ex2Unit | None:
+        """The target's hardware f32 2^x (f32 exp/exp2 are built on it), or None for the polynomial."""
         return None
 
 
@@ -591,7 +591,7 @@ def _float_unary(kl: KernelLowering, op: Op) -> ir.Value:
 
 
 def _math(kl: KernelLowering, op: Op) -> ir.Value:
-    return vmath.call_math(kl.b, op.opcode, kl.args(op), kl.hooks.exp2_core())
+    return vmath.call_math(kl.b, op.opcode, kl.args(op), kl.hooks.ex2_unit())
 
 
 def _icmp(kl: KernelLowering, op: Op) -> ir.Value:

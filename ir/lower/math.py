@@ -5,8 +5,9 @@ so every transcendental op of the IR is expanded here into plain LLVM arithmetic
 ``fmul``, ``fdiv``, ``llvm.rint``, bit operations). All functions are computed in **f64**;
 ``f32`` and ``f16`` operands are widened, computed in f64 and rounded once at the end, so their
 results are within 1 ulp (in practice correctly rounded except in rare double-rounding
-cases); the exception is f32 ``exp``/``exp2``, computed in f32 for speed (:func:`_exp_f32`; ≤ 1.1
-ulp measured, ≤ 2.1 ulp with NVIDIA's ex2 unit as the core). The f64 results are within a few ulp:
+cases); the exception is f32 ``exp``/``exp2``, computed in f32 for speed (:mod:`.math_f32`: a
+polynomial, ≤ 1 ulp, or the target's ex2 unit as CUDA's ``expf``/``exp2f`` do). The f64 results
+are within a few ulp:
 
 ===========  ===============================================  ======================================
 function     method                                           f64 error bound (f32/f16: ≤ 1 ulp)
@@ -34,6 +35,7 @@ import math
 from collections.abc import Callable
 
 from llvmlite import ir
+from vxpu.ir.lower.math_f32 import Ex2Unit, exp_f32
 from vxpu.ir.lower.mathprec import fast_two_sum, fma, log_dd, reduce_pio2_large, split_mantissa, two_sum
 
 F64 = ir.DoubleType()
@@ -281,15 +283,14 @@ _BODIES: dict[str, tuple[int, Callable[..., ir.Value]]] = {
 }
 
 
-def call_math(b: ir.IRBuilder, name: str, args: list[ir.Value],
-              exp2_core: Callable[[ir.IRBuilder, ir.Value], ir.Value] | None = None) -> ir.Value:
+def call_math(b: ir.IRBuilder, name: str, args: list[ir.Value], ex2_unit: Ex2Unit | None = None) -> ir.Value:
     """Emit ``name(args)`` (one of :data:`FUNCTIONS`) for f16/f32/f64 operands of one type.
 
-    ``exp2_core``: the target's fast 2^f for |f| <= 1/2 (≤ 2 ulp), used by f32 exp/exp2."""
+    ``ex2_unit``: the target's hardware f32 2^x, used by f32 exp/exp2 (:mod:`.math_f32`)."""
     nargs, body = _BODIES[name]
     ty = args[0].type
     if name in ("exp", "exp2") and isinstance(ty, ir.FloatType):
-        return _exp_f32(b, args[0], name == "exp2", exp2_core)
+        return exp_f32(b, args[0], name == "exp2", ex2_unit)
     if isinstance(ty, ir.DoubleType):
         return b.call(_def(b.module, f"vxpu.math.{name}.f64", nargs, body, False), args)
     # f32/f16 results: computed in f64 with series cut to ~1e-11 relative error (far below
@@ -437,65 +438,6 @@ def fptrunc_f64_to_f16(b: ir.IRBuilder, x: ir.Value) -> ir.Value:
     bits = b.select(away, b.sub(bits, ir.Constant(i32t, 1)), bits)
     bits = b.select(inexact, b.or_(bits, ir.Constant(i32t, 1)), bits)
     return b.fptrunc(b.bitcast(bits, f32t), ir.HalfType())
-
-
-#: Degree-6 Chebyshev interpolants of e^r on |r| <= ln2/2 and of 2^r on |r| <= 1/2, coefficients
-#: rounded to f32 (relative error 2.0e-8 and 1.9e-8 in exact arithmetic: 0.17 ulp).
-_EXP_F32 = (1.0, 1.0, 0.5, 0.16666415333747864, 0.04166635125875473, 0.00837512593716383,
-            0.0013941108481958508)
-_EXP2_F32 = (1.0, 0.6931471824645996, 0.24022650718688965, 0.05550327152013779, 0.009618056938052177,
-             0.0013400427997112274, 0.00015461444854736328)
-_ROUND_MAGIC = 12582912.0  # 1.5 * 2^23: adding it rounds an f32 below 2^22 to an integer
-
-
-def _exp_f32(b: ir.IRBuilder, x: ir.Value, base2: bool,
-             exp2_core: Callable[[ir.IRBuilder, ir.Value], ir.Value] | None = None) -> ir.Value:
-    """exp(x) or exp2(x) for f32 in f32 arithmetic, branch-free and without conversions.
-
-    ``x·log2(e) = k + f`` with k an integer (rounded by the 1.5·2^23 trick, whose bits also give
-    k as an i32) and |f| ≤ 1/2 computed with fma and Cody-Waite constants; then 2^f comes from
-    a degree-6 polynomial, or from ``exp2_core`` (the GPU's ex2 unit, ≤ 2 ulp) where the target
-    has one; the result is scaled exactly by 2^k in two steps, so subnormal results round once.
-    Error: ≤ 1 ulp with the polynomial (measured ≤ 0.9), ≤ 2.5 ulp with a ≤ 2-ulp ex2 core."""
-    f32t = ir.FloatType()
-    i32t = ir.IntType(32)
-
-    def c(v: float) -> ir.Constant:
-        return ir.Constant(f32t, v)
-
-    def call(name: str, args: list[ir.Value]) -> ir.Value:
-        fn = b.module.globals.get(name) or ir.Function(b.module, ir.FunctionType(f32t, [f32t] * len(args)),
-                                                        name=name)
-        return b.call(fn, args)
-
-    lo, hi = (-152.0, 130.0) if base2 else (-105.0, 90.0)
-    # maxnum/minnum return the number for a NaN operand; the NaN is put back at the end.
-    xc = call("llvm.minnum.f32", [call("llvm.maxnum.f32", [x, c(lo)]), c(hi)])
-    t = b.fadd(xc, c(_ROUND_MAGIC)) if base2 else call("llvm.fma.f32", [xc, c(LOG2E), c(_ROUND_MAGIC)])
-    k = b.fsub(t, c(_ROUND_MAGIC))
-    n = b.sub(b.bitcast(t, i32t), ir.Constant(i32t, 0x4B400000))
-    if base2:
-        f2 = b.fsub(xc, k)  # exact
-        r = f2
-    else:
-        r = call("llvm.fma.f32", [k, c(-6.9314575195e-01), xc])
-        r = call("llvm.fma.f32", [k, c(-1.4286067653e-06), r])
-        f2 = b.fmul(r, c(LOG2E))
-    if exp2_core is not None:
-        p = exp2_core(b, f2)
-    else:
-        coeffs = _EXP2_F32 if base2 else _EXP_F32
-        p = c(coeffs[-1])
-        for co in reversed(coeffs[:-1]):
-            p = call("llvm.fma.f32", [p, r, c(co)])
-    n1 = b.ashr(n, ir.Constant(i32t, 1))
-    n2 = b.sub(n, n1)
-
-    def pow2(e: ir.Value) -> ir.Value:
-        return b.bitcast(b.shl(b.add(e, ir.Constant(i32t, 127)), ir.Constant(i32t, 23)), f32t)
-
-    res = b.fmul(b.fmul(p, pow2(n1)), pow2(n2))
-    return b.select(b.fcmp_unordered("uno", x, x), x, res)
 
 
 def fma_f16(b: ir.IRBuilder, x: ir.Value, y: ir.Value, z: ir.Value) -> ir.Value:

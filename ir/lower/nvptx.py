@@ -12,12 +12,12 @@ constant pointer is an ordinary device allocation, which the ``.const`` window
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import ClassVar
 
 from llvmlite import ir
 from vxpu.ir.lower.common import I32, KernelLowering, declare
 from vxpu.ir.lower.gpu import GpuHooks, lower_gpu_module
+from vxpu.ir.lower.math_f32 import Ex2Unit
 from vxpu.ir.lower.toolchain import NVPTX_DATALAYOUT, NVPTX_TRIPLE
 from vxpu.ir.model import Module
 from vxpu.ir.types import AddressSpace
@@ -47,8 +47,8 @@ class NvptxHooks(GpuHooks):
     def invariant_load(self, space: AddressSpace) -> bool:
         return space is AddressSpace.CONSTANT
 
-    def exp2_core(self) -> Callable[[ir.IRBuilder, ir.Value], ir.Value] | None:
-        return _ex2_approx
+    def ex2_unit(self) -> Ex2Unit | None:
+        return _EX2
 
     def mark_kernel(self, fn: ir.Function) -> None:
         fn.calling_convention = "ptx_kernel"
@@ -57,9 +57,17 @@ class NvptxHooks(GpuHooks):
         ann.add(mod.add_metadata([fn, "kernel", ir.Constant(I32, 1)]))
 
 
-def _ex2_approx(b: ir.IRBuilder, f: ir.Value) -> ir.Value:
-    """``ex2.approx.f32`` (the SFU; ≤ 2 ulp, subnormals kept): the core of f32 exp/exp2."""
+def _ex2_ftz(b: ir.IRBuilder, f: ir.Value) -> ir.Value:
+    """``ex2.approx.ftz.f32``: one ``MUFU.EX2``, subnormal results flushed (the core of f32 exp)."""
+    return b.call(declare(b.module, "llvm.nvvm.ex2.approx.ftz.f", f.type, [f.type]), [f])
+
+
+def _ex2_full(b: ir.IRBuilder, f: ir.Value) -> ir.Value:
+    """``ex2.approx.f32`` (subnormal results kept; ≤ 2 ulp by the PTX ISA): f32 exp2, as CUDA's ``exp2f``."""
     return b.call(declare(b.module, "llvm.nvvm.ex2.approx.f", f.type, [f.type]), [f])
+
+
+_EX2 = Ex2Unit(ftz=_ex2_ftz, full=_ex2_full)
 
 
 def lower_module(module: Module, checked: bool = True) -> ir.Module:
