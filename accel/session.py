@@ -136,6 +136,20 @@ class _Queue:
     pending: int = 0
 
 
+_DIM_MAX = 0x7FFFFFFF
+
+
+def _dims3(dims: tuple[int, ...]) -> tuple[int, int, int]:
+    """:func:`pack_dims` with a fast path for what the device model passes (a tuple of three
+    ints); the same checks, the same errors."""
+    if dims.__class__ is tuple and len(dims) == 3:
+        x, y, z = dims
+        if (x.__class__ is int and y.__class__ is int and z.__class__ is int
+                and 0 < x <= _DIM_MAX and 0 < y <= _DIM_MAX and 0 < z <= _DIM_MAX):
+            return dims  # type: ignore[return-value]
+    return pack_dims(dims)
+
+
 def _guarded(method: F) -> F:
     """Serialise, notice foreign resets, map errors, and invalidate handles after a fault."""
 
@@ -616,7 +630,7 @@ class Session:
                 KERNEL_FAULT / DEVICE_LOST (a fault surfaced; handles are invalidated).
         """
         k: _Kernel = self._lookup(self._kernels, kernel, "kernel")
-        grid3, block3 = pack_dims(grid), pack_dims(block)
+        grid3, block3 = _dims3(grid), _dims3(block)
         threads = block3[0] * block3[1] * block3[2]
         if threads > self._props.max_threads_per_block:
             raise BackendError(Status.INVALID_ARGUMENT,

@@ -13,7 +13,11 @@ measured apart from the two process hand-offs that ``bench_sdk.py`` adds:
 * ``executor`` — :meth:`Executor.execute` per descriptor, as the poller calls it (LAUNCH, FENCE,
   MEM_COPY_HTOD/DTOH with inline SG and one synchronization per batch).
 
-Then a cProfile of the executor's launch and copy loops (functions by own time).
+Then a cProfile of the executor's launch and copy loops (functions by own time), and on CUDA
+an experiment: the fault record in mapped pinned host memory (``cuMemHostAlloc`` DEVICEMAP),
+so that a check after a wait is a plain memory read: does an out-of-bounds saxpy still report
+its fault through it (the fault writer's ``cmpxchg`` then goes to system memory), and what
+does launch + sync + read cost then.
 
 Usage: ``python benchmarks/probe_devpath.py [--backend cpu|cuda] [--json FILE]``.
 """
@@ -244,6 +248,60 @@ class Probe:
                     r[f"profile executor {direction} {tag}"] = profile(lambda f=exec_batch: [f() for _ in range(20)], 1)
 
 
+    def host_record(self) -> None:
+        """The experiment described in the module docstring (CUDA only)."""
+        import ctypes
+        import struct
+
+        from vxpu.accel import gpu_checked
+        from vxpu.accel.backend import KernelFaultError
+        r, be, drv = self.results, self.backend, self.drv
+        with open(os.path.join(os.path.dirname(__file__), "..", "examples", "kernels", "saxpy.vxir")) as fh:
+            saxpy = fh.read()
+        module = be.load_module(encode(parse(saxpy)))
+        kernel, info = be.get_kernel(module, "saxpy")
+        n = 1024
+        x, y = be.alloc(4 * n), be.alloc(4 * n)
+        args = bytearray(info.args_size)
+        struct.pack_into("<i", args, info.param_offsets[0], 2 * n)
+        struct.pack_into("<f", args, info.param_offsets[1], 2.0)
+        struct.pack_into("<Q", args, info.param_offsets[2], x)
+        struct.pack_into("<Q", args, info.param_offsets[3], y)
+        err, host = drv.cuMemHostAlloc(gpu_checked.RECORD_SIZE, drv.CU_MEMHOSTALLOC_DEVICEMAP)
+        if err:
+            r["host record"] = f"cuMemHostAlloc failed: {err}"
+            return
+        host = int(host)
+        err, dptr = drv.cuMemHostGetDevicePointer(host, 0)
+        if err:
+            r["host record"] = f"cuMemHostGetDevicePointer failed: {err}"
+            return
+        ctypes.memset(host, 0, gpu_checked.RECORD_SIZE)
+        saved = be._record                            # type: ignore[attr-defined]
+        be._record = (be._generation, int(dptr))      # type: ignore[attr-defined]
+        try:
+            be.launch(kernel, (8, 1, 1), (256, 1, 1), bytes(args), 0, self.bqueue, bounds=((x, 4 * n), (y, 4 * n)))
+            try:
+                be.synchronize(self.bqueue)
+                r["host record: OOB saxpy"] = "NOT reported (record in host memory stayed unclaimed)"
+            except KernelFaultError as exc:
+                r["host record: OOB saxpy"] = f"reported: {exc}"
+            tok, bq, g, b = self.btoken, self.bqueue, (1, 1, 1), (32, 1, 1)
+
+            def host_read() -> None:
+                be.launch(tok, g, b, b"", 0, bq, bounds=())
+                be._checked_pending = False          # type: ignore[attr-defined]
+                be.synchronize(bq)
+                if gpu_checked.decode_record(ctypes.string_at(host, gpu_checked.RECORD_SIZE), []) is not None:
+                    raise RuntimeError("record claimed")
+            r["backend launch+sync(queue) us [record: mapped host, plain read]"] = median_us(host_read, 2000)
+        except Exception as exc:                      # noqa: BLE001 -- an experiment: report it
+            r["host record"] = f"failed: {type(exc).__name__}: {exc}"
+        finally:
+            be._record = saved                        # type: ignore[attr-defined]
+            be.synchronize(None)
+
+
 def profile(fn: Callable[[], Any], reps: int, top: int = 14) -> str:
     """The top functions by own time over ``reps`` calls of ``fn``."""
     prof = cProfile.Profile()
@@ -266,6 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     probe = Probe(args.backend)
     probe.launches()
     probe.copies()
+    if probe.cuda:
+        probe.host_record()
     for key, value in probe.results.items():
         if isinstance(value, str):
             print(f"== {key}\n{value}")
