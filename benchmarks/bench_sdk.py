@@ -233,14 +233,14 @@ class CudaNative:
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def bench(sdk: SdkSide, native: Any, quick: bool) -> list[dict[str, Any]]:
+def bench(sdk: SdkSide, native: Any, quick: bool, block: int = 0) -> list[dict[str, Any]]:
     rows = []
     for size in SIZES:
         for direction in ("htod", "dtoh"):
             for k in ((1, BATCH[size]) if size == min(SIZES) else (BATCH[size],)):
                 reps = max(5, (400 if size <= MiB else 40) // k // (4 if quick else 1))
                 t_sdk, t_nat = interleave(sdk.copies(direction, size, k), native.copies(direction, size, k),
-                                          reps, max(2, reps // 5))
+                                          reps, max(2, reps // 5, min(block, reps)))
                 rows.append({"what": f"{'guest-RAM->device' if direction == 'htod' else 'device->guest-RAM'} "
                                      f"{_size(size)} x{k}",
                              "sdk_gbps": k * size / t_sdk / 1e9, "native_gbps": k * size / t_nat / 1e9,
@@ -296,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--old-wait", action="store_true", help="SDK waiter without the busy-device spin (A/B)")
+    parser.add_argument("--block", type=int, default=0,
+                        help="copies: at least this many repetitions per interleaved block (the device's "
+                             "poller sleeps during the native block, so each SDK block's first one pays a wake-up)")
     args = parser.parse_args(argv)
     if args.old_wait:
         ring.BUSY_SPIN_S = 0.0
@@ -303,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
     with Device.local(args.backend, ram_size=max(SIZES) * 4 + (64 << 20)) as dev:
         sdk = SdkSide(dev)
         ident = dev.identify()
-        rows = bench(sdk, native, args.quick)
-        result = {"backend": args.backend, "native": native.name, "device": ident.get("name"),
+        rows = bench(sdk, native, args.quick, args.block)
+        result = {"backend": args.backend, "block": args.block, "native": native.name, "device": ident.get("name"),
                   "rows": rows, "doorbells": dev.ring.doorbells, "commands": dev.ring.submitted,
                   "old_wait": args.old_wait, "stats": dev.stats()}
         log = getattr(dev.transport, "server_log", None)
