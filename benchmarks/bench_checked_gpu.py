@@ -84,12 +84,36 @@ class CheckedGpu(big.Gpu):
         return bool(raw[:4].any())
 
 
-def samples(gpu: CheckedGpu, quick: bool, rng: np.random.Generator) -> list[dict[str, Any]]:
+#: Earlier forms of the checked GPU lowering (``GpuHooks`` switches), timed beside the
+#: current one with ``--variants``: what each step of the lowering bought.
+VARIANTS: dict[str, dict[str, bool]] = {
+    "call_record": {"inline_record": False, "group_checks": False},   # one noinline writer, check per access
+    "inline_record": {"group_checks": False},                         # record written inline, check per access
+}
+
+
+def _compile_variant(mod: Any, switches: dict[str, bool]) -> Any:
+    from vxpu.ir.lower.gpu import GpuHooks
+
+    saved = {k: getattr(GpuHooks, k) for k in switches}
+    try:
+        for k, v in switches.items():
+            setattr(GpuHooks, k, v)
+        return compile_module(mod, "nvptx", arch=big.ARCH, cache=False)
+    finally:
+        for k, v in saved.items():
+            setattr(GpuHooks, k, v)
+
+
+def samples(gpu: CheckedGpu, quick: bool, rng: np.random.Generator, only: list[str] | None = None,
+            variants: bool = False) -> list[dict[str, Any]]:
     from vxpu.accel.backend import KernelInfo as KI
 
     twin = gpu.load(big.nvrtc_cubin(big.SAMPLE_CUDA, big.ARCH), "s_vector_add")[0]
     rows = []
     for stem, kname in big.SAMPLES.items():
+        if only and stem not in only:
+            continue
         mod = parse((big.ROOT / "examples" / "kernels" / f"{stem}.vxir").read_text())
         cm_c = compile_module(mod, "nvptx", arch=big.ARCH, cache=False)
         cm_u = compile_module(mod, "nvptx", arch=big.ARCH, cache=False, checked=False)
@@ -97,13 +121,17 @@ def samples(gpu: CheckedGpu, quick: bool, rng: np.random.Generator) -> list[dict
         fns = {"ir": Checked(gpu.load(cm_c.image, kname)[1], info),
                "ir_unchecked": gpu.load(cm_u.image, kname)[1],
                "cuda": big._check(gpu.cu.cuModuleGetFunction(twin, f"s_{kname}".encode()))}
+        for vname, switches in VARIANTS.items() if variants else ():
+            cm_v = _compile_variant(mod, switches)
+            fns[f"ir_{vname}"] = Checked(gpu.load(cm_v.image, kname)[1], info)
         row = big.run_kernel(gpu, stem, fns, quick, rng, case=big._sample_case)
         gpu.sizes = {gpu.record: gpu_checked.RECORD_SIZE}     # run_kernel freed the sample's buffers
         row["ptxas_checked"] = str(cm_c.extra.get("ptxas_info", ""))[-300:]
         row["ptxas_unchecked"] = str(cm_u.extra.get("ptxas_info", ""))[-300:]
         row["fault_claimed"] = gpu.fault_claimed()
         rows.append(row)
-        print(f"sample {stem}: checked {row['ratio']:.3f}, unchecked {row['ratio_ir_unchecked']:.3f} of CUDA C",
+        more = "".join(f", {k[6:]} {v:.3f}" for k, v in row.items() if k.startswith("ratio_ir_") and k != "ratio_ir_unchecked")
+        print(f"sample {stem}: checked {row['ratio']:.3f}, unchecked {row['ratio_ir_unchecked']:.3f}{more} of CUDA C",
               flush=True)
     return rows
 
@@ -171,11 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="write all numbers here")
+    ap.add_argument("--samples", help="comma-separated subset of the samples (default: all)")
+    ap.add_argument("--variants", action="store_true", help="also time the earlier lowering forms (VARIANTS)")
+    ap.add_argument("--no-oob", action="store_true", help="skip the out-of-bounds launch (part 2)")
     ns = ap.parse_args(argv)
     rng = np.random.default_rng(20261202)
     gpu = CheckedGpu()
-    rows = samples(gpu, ns.quick, rng)
-    oob = out_of_bounds()
+    rows = samples(gpu, ns.quick, rng, ns.samples.split(",") if ns.samples else None, ns.variants)
+    oob = {} if ns.no_oob else out_of_bounds()
     if ns.json:
         Path(ns.json).write_text(json.dumps({"device": gpu.name, "samples": rows, "oob": oob}, indent=1, default=str))
     print(f"\ndevice: {gpu.name}")

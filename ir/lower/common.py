@@ -179,6 +179,11 @@ class TargetHooks:
         """The current function's fault exit (made on first use)."""
         raise NotImplementedError
 
+    def group_check(self, kl: KernelLowering, op: Op) -> bool:
+        """Emit the check of access ``op`` together with the accesses after it (or find it
+        emitted by an earlier one); True if done, False: check ``op`` by itself."""
+        return False
+
     def pointer_int(self, kl: KernelLowering, p: ir.Value) -> ir.Value:
         """An IR pointer as the i64 its bounds are expressed in."""
         return p if isinstance(p.type, ir.IntType) else kl.b.ptrtoint(p, I64)
@@ -673,6 +678,8 @@ def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False, op: O
         bounds = None
     elif op is not None and id(op) in kl.proven_ops:
         bounds = PROVEN                  # checked once before the loop (see _range_ok)
+    elif op is not None and kl.hooks.group_check(kl, op):
+        bounds = PROVEN                  # checked with its group (GPU: gpucheck.py)
     elif check_array_index(kl, pv, t.size):
         bounds = PROVEN                  # checked just now, as an index
     else:

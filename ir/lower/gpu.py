@@ -20,6 +20,7 @@ a bad address faults the context, and ``trap`` is ``llvm.trap``.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import ClassVar
 
 from llvmlite import ir
@@ -44,6 +45,8 @@ from vxpu.ir.lower.common import (
     new_module,
     scalar_type,
 )
+from vxpu.ir.lower.gpucheck import CheckGroups
+from vxpu.ir.lower.toolchain import NVPTX_TRIPLE
 from vxpu.ir.model import Kernel, LocalArray, Module, Op, SharedArray
 from vxpu.ir.types import AddressSpace
 
@@ -68,6 +71,11 @@ class GpuHooks(TargetHooks):
     #: LLVM address space per IR address space.
     spaces: ClassVar[dict[AddressSpace, int]] = {}
     native_f16_fma = True
+    #: NVPTX: write the fault record inline in each check's cold block (else, and on AMDGPU:
+    #: call one ``noinline`` writer per module; the call cost sgemm 14 registers).
+    inline_record = True
+    #: Check runs of accesses with one branch (:mod:`vxpu.ir.lower.gpucheck`).
+    group_checks = True
 
     def __init__(self, checked: bool = True) -> None:
         self.arrays: dict[int, ir.Value] = {}
@@ -76,6 +84,7 @@ class GpuHooks(TargetHooks):
         self.exit: FaultTarget | None = None
         #: parameter index -> (base, length) hidden parameters.
         self.param_bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
+        self.groups: CheckGroups | None = None
         self.record: ir.Value | None = None
         self.kernel_id: ir.Value | None = None
 
@@ -91,6 +100,13 @@ class GpuHooks(TargetHooks):
             addr = kl.b.ptrtoint(p, I64)
             kl.b = check_access(kl.b, kl.fn, self.fault_exit(kl), addr, bounds, size, space)
         return kl.b.bitcast(p, t.as_pointer(self.spaces[space]))
+
+    def group_check(self, kl: KernelLowering, op: Op) -> bool:
+        if not self.group_checks:
+            return False
+        if self.groups is None:
+            self.groups = CheckGroups(self)
+        return self.groups.check(kl, op)
 
     def origin_bounds(self, kl: KernelLowering, origin: int) -> tuple[ir.Value, ir.Value]:
         if origin < ORIGIN_SHARED:
@@ -108,10 +124,44 @@ class GpuHooks(TargetHooks):
 
     def _record(self, kl: KernelLowering, b: ir.IRBuilder, code: ir.Value, origin: ir.Value,
                 offset: ir.Value) -> None:
-        """End the thread at a fault: call the module's record writer, return."""
+        """End the thread at a fault: write the record (inline, or through the module's record
+        writer), return."""
         assert self.record is not None and self.kernel_id is not None
+        if self.inline_record and self.triple == NVPTX_TRIPLE:
+            done = kl.fn.append_basic_block("fault.done")
+            self._write_record(b, self.record, code, origin, self.kernel_id, offset, done, self.fault_geometry)
+            ir.IRBuilder(done).ret_void()
+            return
         b.call(self._record_fn(kl.module), [self.record, code, origin, self.kernel_id, offset])
         b.ret_void()
+
+    @staticmethod
+    def fault_geometry(b: ir.IRBuilder, opcode: str, dim: str) -> ir.Value:
+        """A thread/block index read for an inline fault record (NVPTX): a volatile ``mov``
+        from the special register, which LLVM cannot hoist out of the cold block (it hoisted
+        the intrinsic reads into the kernel body, one live register each)."""
+        sreg = _PTX_SREG[opcode]
+        asm = ir.InlineAsm(ir.FunctionType(I32, []), f"mov.u32 $0, %{sreg}.{dim};", "=r", side_effect=True)
+        return b.call(asm, [])
+
+    def _write_record(self, b: ir.IRBuilder, rec: ir.Value, code: ir.Value, origin: ir.Value,
+                      kernel_id: ir.Value, offset: ir.Value, done: ir.Block,
+                      geometry: Callable[[ir.IRBuilder, str, str], ir.Value]) -> None:
+        """Claim the record (first violation wins: ``cmpxchg`` of its first word, 0 → 1) and
+        fill it; ends ``b``'s block with a branch to ``done``."""
+        def field(name: str, ty: ir.Type) -> ir.Value:
+            return b.bitcast(b.gep(rec, [ir.Constant(I64, FAULT_RECORD[name])]), ty.as_pointer(1))
+
+        pair = b.cmpxchg(field("claimed", I32), ir.Constant(I32, 0), ir.Constant(I32, 1), "monotonic", "monotonic")
+        write = b.function.append_basic_block("fault.first")
+        b.cbranch(b.extract_value(pair, 1), write, done)
+        b.position_at_end(write)
+        for name, val in (("code", code), ("origin", origin), ("kernel_id", kernel_id), ("offset", offset)):
+            b.store(val, field(name, val.type), align=val.type.width // 8)
+        for dim in "xyz":
+            b.store(geometry(b, "block_id", dim), field(f"block_{dim}", I32), align=4)
+            b.store(geometry(b, "thread_id", dim), field(f"thread_{dim}", I32), align=4)
+        b.branch(done)
 
     def _record_fn(self, mod: ir.Module) -> ir.Function:
         """``vxpu.fault.record(rec, code, origin, kernel_id, offset)``, made once per module and
@@ -127,23 +177,10 @@ class GpuHooks(TargetHooks):
         fn.attributes.add("noinline")
         rec, code, origin, kernel_id, offset = fn.args
         b = ir.IRBuilder(fn.append_basic_block("entry"))
-
-        def field(name: str, ty: ir.Type) -> ir.Value:
-            return b.bitcast(b.gep(rec, [ir.Constant(I64, FAULT_RECORD[name])]), ty.as_pointer(1))
-
-        pair = b.cmpxchg(field("claimed", I32), ir.Constant(I32, 0), ir.Constant(I32, 1), "monotonic", "monotonic")
-        write, done = fn.append_basic_block("first"), fn.append_basic_block("done")
-        b.cbranch(b.extract_value(pair, 1), write, done)
-        b.position_at_end(write)
-        for name, val in (("code", code), ("origin", origin), ("kernel_id", kernel_id), ("offset", offset)):
-            b.store(val, field(name, val.type), align=val.type.width // 8)
-        shim = _Emitter(b, mod)                 # geometry() emits through .b into .module
-        for dim in "xyz":
-            b.store(self.geometry(shim, "block_id", dim), field(f"block_{dim}", I32), align=4)  # type: ignore[arg-type]
-            b.store(self.geometry(shim, "thread_id", dim), field(f"thread_{dim}", I32), align=4)  # type: ignore[arg-type]
-        b.branch(done)
-        b.position_at_end(done)
-        b.ret_void()
+        done = fn.append_basic_block("done")
+        self._write_record(b, rec, code, origin, kernel_id, offset, done,
+                           lambda eb, opcode, dim: self.geometry(_Emitter(eb, mod), opcode, dim))  # type: ignore[arg-type]
+        ir.IRBuilder(done).ret_void()
         return fn
 
     def array_addr(self, kl: KernelLowering, op: Op) -> ir.Value:
@@ -224,6 +261,7 @@ class GpuHooks(TargetHooks):
 
 
 _RECORD_FN = "vxpu.fault.record"
+_PTX_SREG = {"thread_id": "tid", "block_id": "ctaid"}
 
 
 class _Emitter:

@@ -1,0 +1,272 @@
+"""GPU access checks in groups: one branch for a run of loads (and the store that ends it).
+
+Every access of a checked GPU kernel is checked before it is performed (docs/ir-lowering.md §7).
+Emitting the check right before each access puts a branch between every two loads, so a
+thread issues its loads one at a time. Here the lowering checks a whole *group* at its first
+access instead: the group is that access and the accesses that follow it in the same IR block
+— loads, then at most one store or atomic, which ends it — up to the first barrier, or the
+first access whose pointer is not yet computed at the group's start. Their checks are
+evaluated there and joined with ``and``: one branch. Its cold side re-tests them *in program
+order* and records the first that fails (the last one needs no test: something failed), so
+the fault reported is the one the access-by-access order would report. Moving a check above
+*loads* changes nothing observable: a load has no effect, and a violation stops the thread
+before any later access. No check moves above a store, an atomic or a barrier.
+
+Each check has the cheapest exact form its pointer allows:
+
+* ``offset (shared_addr|local_addr), i`` with element size = access size and ``i`` at most
+  32 bits: ``(u32) i <u count`` (arrays are 16-aligned and far smaller than 2^31 bytes);
+* ``offset P, i`` with ``P`` a pointer parameter, element size ``s`` = access size and ``i``
+  at most 32 bits: ``sext(i) + d <u q`` (u64), where the kernel computes once, at entry, per
+  parameter and size, ``D = P - base`` (mod 2^64), ``d = D >>s log2 s`` (arithmetic) and
+  ``q = length >> log2 s``, or ``q = 0`` when ``D`` is not a multiple of ``s``. This equals
+  the general check ``off = P + s*i - base; off % s == 0 && off + s <= length`` for every
+  ``P`` and ``i`` as long as ``length <= 2^62`` (the host refuses larger bounds): for aligned
+  ``D`` the general check accepts exactly when ``(d + i) mod 2^(64-k) < q`` (``k = log2 s``),
+  and ``d + i`` computed in i64 neither wraps nor lands in ``[0, q)`` from outside it;
+* anything else (a pointer with several possible buffers, 64-bit indices, an ``offset`` into
+  a value that is not a parameter): the general check of :func:`~.bounds.check_access`.
+
+The cold side computes the fault's code and offset from the same values, exactly as the
+general check would report them (misaligned before out of bounds).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from llvmlite import ir
+from vxpu.ir.lower.bounds import (
+    FAULT_LOCAL,
+    FAULT_MISALIGNED,
+    FAULT_SHARED,
+    aligned,
+    i32,
+    in_bounds,
+    space_fault,
+)
+from vxpu.ir.model import Block, Op, OpResult, Param, Value
+
+if TYPE_CHECKING:
+    from vxpu.ir.lower.common import KernelLowering
+    from vxpu.ir.lower.gpu import GpuHooks
+
+I1 = ir.IntType(1)
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+
+__all__ = ["CheckGroups", "access_of"]
+
+#: The largest buffer length the parameter-index form is exact for (hosts refuse larger).
+MAX_LENGTH = 1 << 62
+
+
+def access_of(op: Op) -> tuple[Value, int] | None:
+    """``(pointer, size)`` of a load, store or atomic; None for other ops."""
+    if op.opcode == "load" or op.opcode.startswith("atomic_"):
+        assert op.type is not None
+        return op.operands[0], op.type.size
+    if op.opcode == "store":
+        return op.operands[1], op.operands[0].type.size
+    return None
+
+
+@dataclass
+class _Member:
+    """One access's check: ``ok`` (hot side) and how to report it (cold side)."""
+
+    ok: ir.Value
+    code: int                     # the out-of-bounds code (misaligned is derived from off)
+    origin: ir.Value
+    off: ir.Value                 # offset from the buffer's start (i64)
+    size: int
+    may_misalign: bool            # report misaligned when off is not a multiple of the size
+
+
+class CheckGroups:
+    """The group checks of one GPU kernel (one instance per kernel lowering)."""
+
+    def __init__(self, hooks: GpuHooks) -> None:
+        self.hooks = hooks
+        #: id() of accesses whose check an earlier access of their group emitted.
+        self.covered: set[int] = set()
+        #: (param index, size) -> (d, q) computed in the entry block.
+        self.limits: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        self.uses: dict[tuple[int, int], int] | None = None
+
+    def check(self, kl: KernelLowering, op: Op) -> bool:
+        """Emit the check of access ``op`` (and of the rest of its group), or find it emitted
+        by its group; True: ``op`` runs unchecked at its place."""
+        if id(op) in self.covered:
+            self.covered.discard(id(op))
+            return True
+        blk = kl.current_block
+        assert blk is not None
+        members = [op, *self._followers(kl, blk, op)]
+        checks = [self._member(kl, m) for m in members]
+        ok = checks[0].ok
+        for c in checks[1:]:
+            ok = kl.b.and_(ok, c.ok)
+        self._branch(kl, ok, checks)
+        self.covered.update(id(m) for m in members[1:])
+        return True
+
+    # -- the group ---------------------------------------------------------------------------
+
+    def _followers(self, kl: KernelLowering, blk: Block, first: Op) -> list[Op]:
+        """The accesses after ``first`` that join its group (see the module docstring)."""
+        if first.opcode != "load":
+            return []
+        ops = blk.ops
+        start = next(i for i, o in enumerate(ops) if o is first)
+        later = {id(o) for o in ops[start:]}
+        out: list[Op] = []
+        for o in ops[start + 1:]:
+            if o.opcode == "barrier" or o.defn.terminator:
+                break
+            acc = access_of(o)
+            if acc is None:
+                continue
+            if id(o) in kl.proven_ops:
+                if o.opcode != "load":
+                    break
+                continue
+            if not self._ready(acc[0], later):
+                break
+            out.append(o)
+            if o.opcode != "load":
+                break
+        return out
+
+    @staticmethod
+    def _ready(pv: Value, later: set[int]) -> bool:
+        """``pv`` (and what its check reads) is computed before the group's first access."""
+        if isinstance(pv, OpResult) and id(pv.op) in later:
+            return False
+        if isinstance(pv, OpResult) and pv.op.opcode == "offset":
+            idx = pv.op.operands[1]
+            return not (isinstance(idx, OpResult) and id(idx.op) in later)
+        return True
+
+    # -- one check ---------------------------------------------------------------------------
+
+    def _member(self, kl: KernelLowering, op: Op) -> _Member:
+        acc = access_of(op)
+        assert acc is not None
+        pv, size = acc
+        space = pv.type.space
+        assert space is not None
+        form = self._array_index(kl, pv, size) or self._param_index(kl, pv, size)
+        if form is not None:
+            return form
+        base, length, origin = kl.bounds_of(pv)
+        addr = kl.hooks.pointer_int(kl, kl.get(pv))
+        off = kl.b.sub(addr, base)
+        ok = in_bounds(kl.b, off, length, size)
+        if size > 1:
+            ok = kl.b.and_(aligned(kl.b, off, size), ok)
+        return _Member(ok, space_fault(space), origin, off, size, size > 1)
+
+    @staticmethod
+    def _narrow_offset(pv: Value, size: int) -> tuple[Value, Value] | None:
+        """``(base pointer, index)`` of ``offset P, i : T`` with sizeof(T) = ``size`` and
+        ``i`` at most 32 bits wide."""
+        if not (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.type is not None
+                and pv.op.type.size == size and pv.op.operands[1].type.bits <= 32):
+            return None
+        return pv.op.operands[0], pv.op.operands[1]
+
+    def _index32(self, kl: KernelLowering, idx: Value) -> ir.Value:
+        v = kl.get(idx)
+        return v if v.type.width == 32 else kl.b.sext(v, I32)
+
+    def _array_index(self, kl: KernelLowering, pv: Value, size: int) -> _Member | None:
+        form = self._narrow_offset(pv, size)
+        if form is None or not (isinstance(form[0], OpResult)
+                                and form[0].op.opcode in ("shared_addr", "local_addr")):
+            return None
+        arr = form[0].op.array
+        assert arr is not None
+        (origin,) = kl.origins[pv]
+        i = self._index32(kl, form[1])
+        ok = kl.b.icmp_unsigned("<", i, ir.Constant(I32, arr.size // size))
+        off = kl.b.mul(kl.b.sext(i, I64), ir.Constant(I64, size))
+        code = FAULT_SHARED if form[0].op.opcode == "shared_addr" else FAULT_LOCAL
+        return _Member(ok, code, i32(origin), off, size, False)
+
+    def _param_index(self, kl: KernelLowering, pv: Value, size: int) -> _Member | None:
+        form = self._narrow_offset(pv, size)
+        if form is None or not isinstance(form[0], Param):
+            return None
+        param = form[0]
+        if self._uses(kl).get((param.index, size), 0) < 2:
+            return None             # the entry computation would cost more than it saves
+        space = param.type.space
+        assert space is not None
+        d, q = self._limits(kl, param, size)
+        i = kl.b.sext(self._index32(kl, form[1]), I64)
+        ok = kl.b.icmp_unsigned("<", kl.b.add(i, d), q)
+        base, _ = self.hooks.param_bounds[param.index]
+        addr = kl.b.ptrtoint(kl.get(pv), I64)
+        return _Member(ok, space_fault(space), i32(param.index), kl.b.sub(addr, base), size, size > 1)
+
+    def _uses(self, kl: KernelLowering) -> dict[tuple[int, int], int]:
+        """How many accesses of the kernel have the parameter-index form, per (param, size)."""
+        if self.uses is None:
+            self.uses = {}
+            for blk in kl.kernel.blocks:
+                for op in blk.ops:
+                    acc = access_of(op)
+                    form = None if acc is None else self._narrow_offset(*acc)
+                    if acc is not None and form is not None and isinstance(form[0], Param):
+                        key = (form[0].index, acc[1])
+                        self.uses[key] = self.uses.get(key, 0) + 1
+        return self.uses
+
+    def _limits(self, kl: KernelLowering, param: Param, size: int) -> tuple[ir.Value, ir.Value]:
+        """``(d, q)`` of ``param`` for ``size``-byte elements, computed once in the entry block."""
+        key = (param.index, size)
+        have = self.limits.get(key)
+        if have is not None:
+            return have
+        entry = kl.fn.entry_basic_block
+        b = ir.IRBuilder(entry)
+        assert entry.terminator is not None
+        b.position_before(entry.terminator)
+        base, length = self.hooks.param_bounds[param.index]
+        dist = b.sub(b.ptrtoint(kl.values[param], I64), base)
+        k = ir.Constant(I64, size.bit_length() - 1)
+        q = b.lshr(length, k)
+        if size > 1:
+            q = b.select(aligned(b, dist, size), q, ir.Constant(I64, 0))
+        self.limits[key] = (b.ashr(dist, k), q)
+        return self.limits[key]
+
+    # -- the branch and its cold side --------------------------------------------------------
+
+    def _branch(self, kl: KernelLowering, ok: ir.Value, checks: list[_Member]) -> None:
+        fn = kl.fn
+        cont, cold = fn.append_basic_block("ok"), fn.append_basic_block("fault")
+        br = kl.b.cbranch(ok, cont, cold)
+        mod = kl.module
+        br.set_metadata("prof", mod.add_metadata([ir.MetaDataString(mod, "branch_weights"),
+                                                  ir.Constant(I32, 1 << 20), ir.Constant(I32, 1)]))
+        cb = ir.IRBuilder(cold)
+        for n, c in enumerate(checks):
+            if n + 1 < len(checks):
+                nxt, fail = fn.append_basic_block("fault.next"), fn.append_basic_block("fault.here")
+                cb.cbranch(c.ok, nxt, fail)
+                self._report(kl, ir.IRBuilder(fail), c)
+                cb = ir.IRBuilder(nxt)
+            else:
+                self._report(kl, cb, c)
+        kl.b = ir.IRBuilder(cont)
+
+    def _report(self, kl: KernelLowering, b: ir.IRBuilder, c: _Member) -> None:
+        if c.may_misalign:
+            code = b.select(aligned(b, c.off, c.size), i32(c.code), i32(FAULT_MISALIGNED))
+        else:
+            code = i32(c.code)
+        self.hooks._record(kl, b, code, c.origin, c.off)
+
