@@ -27,7 +27,13 @@ the server runs with ``VXPU_XPU_PROFILE=1`` (inherited by the ``vxpu serve`` chi
 per-phase profile (:mod:`vxpu.vfio_server.xpu.profile`); ``--old-wait`` makes the SDK's waiter
 back off after 1 ms as before ``guest.ring.BUSY_SPIN_S`` (an A/B switch).
 
-Usage: ``python benchmarks/bench_sdk.py [--backend cpu|cuda] [--quick] [--old-wait] [--json FILE]``.
+``--trace FILE`` then runs 300 more LAUNCH + completion round trips and 20 batches of 1 MiB x16
+copies with the guest's post/return times (``perf_counter_ns``) written to FILE; with
+``VXPU_XPU_TRACE`` set too, the server writes its per-call timings on the same clock, so
+both sides of each round trip line up (``benchmarks/trace_devpath.py`` reads the two).
+
+Usage: ``python benchmarks/bench_sdk.py [--backend cpu|cuda] [--quick] [--old-wait] [--trace FILE]
+[--json FILE]``.
 """
 
 from __future__ import annotations
@@ -133,6 +139,31 @@ class SdkSide:
             launcher()
         self.post_times.append((time.perf_counter() - t0) / LAUNCHES)
         self.dev.synchronize()
+
+    def traced(self, path: str) -> None:
+        """The ``--trace`` runs: guest-side timestamps of each post and round trip, to ``path``."""
+        ring, clock, events = self.dev.ring, time.perf_counter_ns, []
+        post = ring.post
+
+        def traced_post(opcode: int, *args: Any, **kwargs: Any) -> int:
+            seq = post(opcode, *args, **kwargs)
+            events.append(("post", int(opcode), clock()))
+            return seq
+        ring.post = traced_post  # type: ignore[method-assign]
+        try:
+            for _ in range(300):
+                events.append(("start", 0, clock()))
+                self.launch_sync()
+                events.append(("end", 0, clock()))
+            run = self.copies("htod", MiB, 16)
+            for _ in range(20):
+                events.append(("start", 1, clock()))
+                run()
+                events.append(("end", 1, clock()))
+        finally:
+            del ring.post
+        with open(path, "w") as fh:
+            json.dump(events, fh)
 
 
 # -- native: a Session over an in-process backend ----------------------------------------------
@@ -296,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer repetitions (smoke test)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--old-wait", action="store_true", help="SDK waiter without the busy-device spin (A/B)")
+    parser.add_argument("--trace", metavar="FILE", help="guest-side timestamps of traced round trips")
     parser.add_argument("--block", type=int, default=0,
                         help="copies: at least this many repetitions per interleaved block (the device's "
                              "poller sleeps during the native block, so each SDK block's first one pays a wake-up)")
@@ -307,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
         sdk = SdkSide(dev)
         ident = dev.identify()
         rows = bench(sdk, native, args.quick, args.block)
+        if args.trace and sdk.launcher is not None:
+            sdk.traced(args.trace)
         result = {"backend": args.backend, "block": args.block, "native": native.name, "device": ident.get("name"),
                   "rows": rows, "doorbells": dev.ring.doorbells, "commands": dev.ring.submitted,
                   "old_wait": args.old_wait, "stats": dev.stats()}

@@ -620,5 +620,7 @@ class Poller:
         rings = self._rings
         if rings is not None:
             self.stats.queue_depth = (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK
+        if self.profile is not None:
+            self.profile.write_trace()
         return stats_json(self.stats, self.session.statistics(),
                           self.profile.as_dict() if self.profile is not None else None)
