@@ -142,6 +142,7 @@ class CudaBackend(GpuBackend):
             "sync_device": ("cuCtxSynchronize", drv.cuCtxSynchronize),
             "sync_stream": ("cuStreamSynchronize", drv.cuStreamSynchronize),
             "host_alloc": ("cuMemAllocHost", self._host_alloc), "host_free": ("cuMemFreeHost", drv.cuMemFreeHost),
+            "host_alloc_mapped": ("cuMemHostAlloc", self._host_alloc_mapped),
         }
 
     # -- memory ---------------------------------------------------------------------------
@@ -291,6 +292,18 @@ class CudaBackend(GpuBackend):
     def _host_alloc(self, size: int) -> tuple[Any, int]:
         err, ptr = self._drv.cuMemAllocHost(size)
         return err, 0 if err else int(ptr)
+
+    def _host_alloc_mapped(self, size: int) -> tuple[Any, int, int]:
+        """Pinned host memory mapped into the device: ``(err, host address, device address)``."""
+        drv = self._drv
+        err, ptr = drv.cuMemHostAlloc(size, drv.CU_MEMHOSTALLOC_DEVICEMAP)
+        if err:
+            return err, 0, 0
+        err, dptr = drv.cuMemHostGetDevicePointer(ptr, 0)
+        if err:
+            drv.cuMemFreeHost(ptr)
+            return err, 0, 0
+        return err, int(ptr), int(dptr)
 
     def _drv_launch(self, handle: Any, gx: int, gy: int, gz: int, bx: int, by: int, bz: int,
                     shared_bytes: int, stream: Any, pack: Any) -> tuple[Any, ...]:

@@ -6,13 +6,16 @@ that the host fills at every launch and the guest never sees:
 * ``(base: u64, length: u64)`` per pointer parameter — the buffer that pointer may reach (the
   session's :func:`vxpu.accel.backend.launch_bounds`, or the backend's own allocation);
 * ``fault: u64`` — the device address of the context's fault record (:data:`RECORD_SIZE`
-  bytes of device memory, zero while no thread has faulted);
+  bytes, zero while no thread has faulted): pinned host memory mapped into the device where the
+  vendor offers it (CUDA), else device memory;
 * ``kernel_id: u32`` — which kernel wrote the record (an index into the backend's names).
 
 A thread about to make a bad access claims the record with a ``cmpxchg`` (the first violation
 wins), fills it and returns; the launch completes normally, so the driver never sees a fault
-and nothing becomes sticky. At :meth:`GpuBackend.synchronize` the backend reads the record
-back (one 64-byte copy, only after checked launches), clears it and raises
+and nothing becomes sticky. The claim is atomic among the device's own threads also when the
+record is mapped host memory (the host reads it only after the wait). At
+:meth:`GpuBackend.synchronize`, only after checked launches, the backend reads the record (a
+plain read of mapped host memory, else a 64-byte copy), clears it and raises
 :class:`~vxpu.accel.backend.KernelFaultError` with the decoded :class:`FaultRecord` — without
 resetting the context.
 """

@@ -12,12 +12,16 @@ that shape:
 * **Queue and event lifecycle**, copies and memsets, ``synchronize``.
 * **Checked IR kernels** (:mod:`vxpu.accel.gpu_checked`): each launch fills the hidden
   bounds and fault-record arguments; :meth:`GpuBackend.synchronize` reads the fault record
-  back and raises a contained :class:`~vxpu.accel.backend.KernelFaultError` (no reset). When
-  every checked launch since the last check went to one stream and the vendor can allocate
-  pinned host memory (``host_alloc``), the read is an asynchronous copy into a pinned
-  *mirror*, queued on that stream right before the wait, so one synchronization covers both
-  (a synchronous read after the wait cost 9.6 us per synchronize on the H200); otherwise a
-  synchronous copy after the wait.
+  back and raises a contained :class:`~vxpu.accel.backend.KernelFaultError` (no reset). Where
+  the vendor maps pinned host memory into the device (``host_alloc_mapped``), the record lives
+  there: the kernels' fault writer claims and fills it over the bus (the claim's ``cmpxchg`` is
+  atomic among this device's threads, which is all first-violation-wins needs; the host reads
+  only after the wait), and the check after a wait is a plain memory read. Otherwise it is
+  device memory, read through a pinned *mirror* (``host_alloc``: an asynchronous copy queued
+  on the launches' one stream right before the wait, so one synchronization covers both) or,
+  failing that, with a synchronous copy after the wait. H200, checked launch + synchronize:
+  26.0 us with the synchronous copy, 20.5 with the mirror, 14.8 mapped, 13.2 not read at all
+  (benchmarks/RESULTS.md, issue 8 second round).
 * **Faults and teardown.** :meth:`GpuBackend._raise` maps a vendor error through the subclass's
   :class:`~vxpu.accel.gpu_common.ErrorMap`; after a kernel fault it destroys every handle and
   has the subclass rebuild its context (:meth:`_hard_reset`), re-pinning host memory. When
@@ -117,7 +121,8 @@ class GpuBackend:
         # module_unload, stream_create, stream_destroy, event_create, event_destroy,
         # event_record, event_elapsed, host_register (address, size, read_only),
         # host_unregister, sync_device, sync_stream; optional: host_alloc (pinned host memory,
-        # returns its address as an int), host_free.
+        # returns its address as an int), host_alloc_mapped (pinned host memory mapped into the
+        # device: returns the host and the device address), host_free (either kind).
         self._ops: dict[str, tuple[str, Callable[..., tuple[Any, ...]]]] = {}
         self._lock = threading.RLock()
         self._default_stream: Any = None  # what queue=None means to the runtime
@@ -125,6 +130,7 @@ class GpuBackend:
         self.pci_bus_id = ""
         self.lost: str | None = None  # why the device is unusable in this process, after a fault
         self._record: tuple[int, int] | None = None   # (generation, device address) of the fault record
+        self._record_host = 0                          # its host address when it is mapped host memory
         self._kernel_names: list[str] = []             # kernel_id -> name, for fault records
         self._checked_pending = False                  # checked launches since the last full sync
         self._record_stream: Any = None                # the one stream they went to (None: none yet)
@@ -361,26 +367,51 @@ class GpuBackend:
         return None
 
     def _fault_record(self) -> int:
-        """The device address of this context's fault record (made, zeroed, on first use)."""
+        """The device address of this context's fault record (made, zeroed, on first use):
+        mapped pinned host memory where the vendor has it, else device memory."""
         if self._record is None or self._record[0] != self._generation:
-            err, address = self._call("malloc", gpu_checked.RECORD_SIZE)
-            self._check(err, f"{self._call_name('malloc')} (fault record)")
+            self._record_host = 0           # an older context's allocations went with it
+            address = self._mapped_record()
+            if not address:
+                err, address = self._call("malloc", gpu_checked.RECORD_SIZE)
+                self._check(err, f"{self._call_name('malloc')} (fault record)")
             self._record = (self._generation, int(address))
             self._record_stream, self._record_streams_many = None, False   # streams of an older context
             self._clear_fault_record()
         return self._record[1]
 
+    def _mapped_record(self) -> int:
+        """A record in mapped pinned host memory: its device address (0: not available)."""
+        if "host_alloc_mapped" not in self._ops:
+            return 0
+        err, host, device = self._call("host_alloc_mapped", gpu_checked.RECORD_SIZE)
+        if err or not host or not device:
+            log.info("%s for the fault record failed (%s); it goes to device memory",
+                     self._call_name("host_alloc_mapped"), getattr(err, "name", err))
+            self._ops.pop("host_alloc_mapped", None)
+            return 0
+        self._record_host = int(host)
+        return int(device)
+
     def _free_record(self) -> None:
         """Free this context's fault record and its mirror (at close; errors are ignored)."""
         if self._record is not None and self._record[0] == self._generation:
-            self._call("free", self._record[1])
+            if self._record_host:
+                self._call("host_free", self._record_host)
+            else:
+                self._call("free", self._record[1])
         if self._mirror is not None and self._mirror[0] == self._generation and "host_free" in self._ops:
             self._call("host_free", self._mirror[1])
         self._record = self._mirror = None
+        self._record_host = 0
 
     def _clear_fault_record(self) -> None:
-        """Zero the record with a synchronous copy (done before any later launch can run)."""
+        """Zero the record: a plain store when it is mapped host memory, else a synchronous copy
+        (either way before any later launch can run)."""
         assert self._record is not None
+        if self._record_host:
+            ctypes.memset(self._record_host, 0, gpu_checked.RECORD_SIZE)
+            return
         zeros = bytes(gpu_checked.RECORD_SIZE)
         (err,) = self._call("htod", self._record[1], memoryview(zeros), len(zeros), None)
         self._check(err, f"{self._call_name('htod')} (fault record)")
@@ -408,6 +439,8 @@ class GpuBackend:
         stream = self._record_stream
         if self._record_streams_many or stream is None or (queue_stream is not None and queue_stream is not stream):
             return 0
+        if self._record_host:               # mapped: read in place after the wait
+            return self._record_host
         mirror = self._record_mirror()
         if not mirror:
             return 0
@@ -426,7 +459,9 @@ class GpuBackend:
             raw = bytearray(ctypes.string_at(mirror, gpu_checked.RECORD_SIZE))
             if raw[:4] == b"\xff\xff\xff\xff":     # the queued copy did not land: read it now
                 mirror = 0
-        if not mirror:
+        elif self._record_host:             # mapped, but this wait did not cover every launch
+            raw = bytearray(ctypes.string_at(self._record_host, gpu_checked.RECORD_SIZE))
+        if not mirror and not self._record_host:
             raw = bytearray(gpu_checked.RECORD_SIZE)
             (err,) = self._call("dtoh", memoryview(raw), self._record[1], len(raw), None)
             self._check(err, f"{self._call_name('dtoh')} (fault record)")
