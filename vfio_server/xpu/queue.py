@@ -198,6 +198,19 @@ class Rings:
         self.cq_head = head
         return self.cfg.cq_entries - ((tail - head) & MASK)
 
+    def idle_hint(self, generation: int) -> bool:
+        """Without the lock: True when the views are those of guest-RAM ``generation`` and the
+        guest has posted nothing since the last :meth:`take` (``sq_tail == sq_head``). Only a hint
+        for a spinning poller, which then skips its locked cycle: the locked :meth:`pending`
+        decides everything else. A view that an unmap released meanwhile reads as not idle."""
+        hdr = self._hdr
+        if hdr is None or self.generation != generation:
+            return False
+        try:
+            return bool(hdr[_SQ_TAIL] == self.sq_head)
+        except (ValueError, IndexError):       # released under the lock by the loop thread
+            return False
+
     def set_need_wakeup(self, on: bool) -> None:
         assert self._hdr is not None
         self._hdr[_FLAGS] = abi.FLAG_NEED_WAKEUP if on else 0
