@@ -29,8 +29,6 @@ from vxpu.accel.backend import BackendError, FaultRecord, KernelInfo, Status
 
 __all__ = ["RECORD_SIZE", "CheckedArgs", "decode_record", "launch_info"]
 
-#: The longest buffer a checked kernel's bounds may describe (``vxpu.ir.lower.gpucheck``).
-MAX_LENGTH = 1 << 62
 #: Bytes of the fault record (the layout is ``vxpu.ir.lower.gpu.FAULT_RECORD``).
 RECORD_SIZE = 64
 # claimed, code, origin, kernel_id: u32; offset: u64; block x/y/z, thread x/y/z: u32
@@ -83,8 +81,6 @@ class CheckedArgs:
                                f"got {len(args)} and {len(bounds)}")
         if any(base % 8 for base, _ in bounds):      # the generated alignment test needs it
             raise BackendError(Status.INVALID_ARGUMENT, "a buffer base is not a multiple of 8")
-        if any(length > MAX_LENGTH for _, length in bounds):   # gpucheck's index form needs it
-            raise BackendError(Status.INVALID_ARGUMENT, "a buffer is longer than 2^62 bytes")
         view[:self.args_size] = args
         flat = [v for pair in bounds for v in pair]
         self.struct.pack_into(view, self.offset, *flat, record, self.kernel_id)

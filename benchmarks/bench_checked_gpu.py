@@ -86,13 +86,14 @@ class CheckedGpu(big.Gpu):
 
 #: Earlier forms of the checked GPU lowering (``GpuHooks`` switches), timed beside the
 #: current one with ``--variants``: what each step of the lowering bought.
-VARIANTS: dict[str, dict[str, bool]] = {
-    "call_record": {"inline_record": False, "group_checks": False},   # one noinline writer, check per access
-    "inline_record": {"group_checks": False},                         # record written inline, check per access
+VARIANTS: dict[str, dict[str, int]] = {
+    "call_record": {"inline_record": False, "group_checks": False, "block_version": False},  # before 33329a5
+    "no_block_version": {"block_version": False},    # no small-block copy (tidrange.py)
+    "param_form_all": {"param_form_uses": 1},        # parameter-offset form for single accesses too
 }
 
 
-def _compile_variant(mod: Any, switches: dict[str, bool]) -> Any:
+def _compile_variant(mod: Any, switches: dict[str, int]) -> Any:
     from vxpu.ir.lower.gpu import GpuHooks
 
     saved = {k: getattr(GpuHooks, k) for k in switches}

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from llvmlite import ir
+from vxpu.ir.lower import tidrange
 from vxpu.ir.lower.bounds import (
     FAULT_TRAP,
     ORIGIN_LOCAL,
@@ -76,6 +77,11 @@ class GpuHooks(TargetHooks):
     inline_record = True
     #: Check runs of accesses with one branch (:mod:`vxpu.ir.lower.gpucheck`).
     group_checks = True
+    #: gpucheck's parameter-offset form for a (parameter, size) with at least this many accesses.
+    param_form_uses = 2
+    #: Emit a second copy of kernels for blocks small enough to prove array accesses in
+    #: bounds (:mod:`vxpu.ir.lower.tidrange`).
+    block_version = True
 
     def __init__(self, checked: bool = True) -> None:
         self.arrays: dict[int, ir.Value] = {}
@@ -85,6 +91,8 @@ class GpuHooks(TargetHooks):
         #: parameter index -> (base, length) hidden parameters.
         self.param_bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
         self.groups: CheckGroups | None = None
+        #: id() of the array accesses proven in bounds in the copy being emitted (tidrange.py).
+        self.assume_proven: set[int] = set()
         self.record: ir.Value | None = None
         self.kernel_id: ir.Value | None = None
 
@@ -102,6 +110,8 @@ class GpuHooks(TargetHooks):
         return kl.b.bitcast(p, t.as_pointer(self.spaces[space]))
 
     def group_check(self, kl: KernelLowering, op: Op) -> bool:
+        if id(op) in self.assume_proven:
+            return True
         if not self.group_checks:
             return False
         if self.groups is None:
@@ -235,9 +245,29 @@ class GpuHooks(TargetHooks):
             self.arrays[id(sarr)] = self._shared_global(mod, kernel, sarr)
         for larr in kernel.local:
             self.arrays[id(larr)] = self._local_alloca(mod, b, larr)
-        kl = KernelLowering(kernel, self, fn, entry, dict(zip(kernel.params, fn.args)))
-        kl.b = b
-        kl.lower()
+        version = tidrange.choose(kernel) if self.checked and self.block_version else None
+        if version is None:
+            kl = KernelLowering(kernel, self, fn, entry, dict(zip(kernel.params, fn.args)))
+            kl.b = b
+            kl.lower()
+            return fn
+        # two copies: blocks within the shape run the proven array accesses unchecked
+        shape, ranges, proven = version
+        small: ir.Value = ir.Constant(ir.IntType(1), 1)
+        for dim, n in zip("xyz", shape):
+            if n < tidrange.SIZES[0]:
+                size = self.geometry(_Emitter(b, mod), "block_dim", dim)  # type: ignore[arg-type]
+                small = b.and_(small, b.icmp_unsigned("<=", size, ir.Constant(I32, n)))
+        for index, (lo, hi) in ranges.items():
+            v = fn.args[index]
+            small = b.and_(small, b.and_(b.icmp_signed(">=", v, ir.Constant(v.type, lo)),
+                                         b.icmp_signed("<=", v, ir.Constant(v.type, hi))))
+        fast, general = fn.append_basic_block("small.block"), fn.append_basic_block("any.block")
+        b.cbranch(small, fast, general)
+        for start, assume in ((fast, proven), (general, set())):
+            self.assume_proven = assume
+            KernelLowering(kernel, self, fn, start, dict(zip(kernel.params, fn.args))).lower()
+        self.assume_proven = set()
         return fn
 
     def _param_type(self, t):  # type: ignore[no-untyped-def]

@@ -16,15 +16,15 @@ Each check has the cheapest exact form its pointer allows:
 
 * ``offset (shared_addr|local_addr), i`` with element size = access size and ``i`` at most
   32 bits: ``(u32) i <u count`` (arrays are 16-aligned and far smaller than 2^31 bytes);
-* ``offset P, i`` with ``P`` a pointer parameter, element size ``s`` = access size and ``i``
-  at most 32 bits: ``sext(i) + d <u q`` (u64), where the kernel computes once, at entry, per
-  parameter and size, ``D = P - base`` (mod 2^64), ``d = D >>s log2 s`` (arithmetic) and
-  ``q = length >> log2 s``, or ``q = 0`` when ``D`` is not a multiple of ``s``. This equals
-  the general check ``off = P + s*i - base; off % s == 0 && off + s <= length`` for every
-  ``P`` and ``i`` as long as ``length <= 2^62`` (the host refuses larger bounds): for aligned
-  ``D`` the general check accepts exactly when ``(d + i) mod 2^(64-k) < q`` (``k = log2 s``),
-  and ``d + i`` computed in i64 neither wraps nor lands in ``[0, q)`` from outside it;
-* anything else (a pointer with several possible buffers, 64-bit indices, an ``offset`` into
+* ``offset P, i`` with ``P`` a pointer parameter and element size ``s`` = access size:
+  ``off = D + s*i`` (the same ``off = addr - base`` as the general check, wrapping alike) and
+  ``off <u L``, where the kernel computes once, at entry, per parameter and size, ``D = P - base``
+  and ``L = length - (s - 1)``, or ``L = 0`` when ``length < s - 1`` or ``D`` is not a multiple
+  of ``s``. ``s*i`` is a multiple of ``s``, so ``off`` is aligned exactly when ``D`` is, and then
+  ``off + s - 1 <u length`` (the general test, which cannot wrap) is ``off <u L``. Used when
+  the kernel has at least :attr:`~.gpu.GpuHooks.param_form_uses` such accesses;
+* anything else (a pointer with several possible buffers, an element size other than the
+  access size, an ``offset`` into
   a value that is not a parameter): the general check of :func:`~.bounds.check_access`.
 
 The cold side computes the fault's code and offset from the same values, exactly as the
@@ -57,10 +57,6 @@ I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 
 __all__ = ["CheckGroups", "access_of"]
-
-#: The largest buffer length the parameter-index form is exact for (hosts refuse larger).
-MAX_LENGTH = 1 << 62
-
 
 def access_of(op: Op) -> tuple[Value, int] | None:
     """``(pointer, size)`` of a load, store or atomic; None for other ops."""
@@ -128,7 +124,7 @@ class CheckGroups:
             acc = access_of(o)
             if acc is None:
                 continue
-            if id(o) in kl.proven_ops:
+            if id(o) in kl.proven_ops or id(o) in self.hooks.assume_proven:
                 if o.opcode != "load":
                     break
                 continue
@@ -196,36 +192,39 @@ class CheckGroups:
         return _Member(ok, code, i32(origin), off, size, False)
 
     def _param_index(self, kl: KernelLowering, pv: Value, size: int) -> _Member | None:
-        form = self._narrow_offset(pv, size)
-        if form is None or not isinstance(form[0], Param):
+        if not (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.type is not None
+                and pv.op.type.size == size and isinstance(pv.op.operands[0], Param)):
             return None
-        param = form[0]
-        if self._uses(kl).get((param.index, size), 0) < 2:
-            return None             # the entry computation would cost more than it saves
+        param = pv.op.operands[0]
+        if self._uses(kl).get((param.index, size), 0) < self.hooks.param_form_uses:
+            return None
         space = param.type.space
         assert space is not None
-        d, q = self._limits(kl, param, size)
-        i = kl.b.sext(self._index32(kl, form[1]), I64)
-        ok = kl.b.icmp_unsigned("<", kl.b.add(i, d), q)
-        base, _ = self.hooks.param_bounds[param.index]
-        addr = kl.b.ptrtoint(kl.get(pv), I64)
-        return _Member(ok, space_fault(space), i32(param.index), kl.b.sub(addr, base), size, size > 1)
+        dist, limit = self._limits(kl, param, size)
+        i = kl.get(pv.op.operands[1])
+        i = i if i.type.width == 64 else kl.b.sext(i, I64)
+        off = kl.b.add(dist, kl.b.mul(i, ir.Constant(I64, size)))
+        ok = kl.b.icmp_unsigned("<", off, limit)
+        return _Member(ok, space_fault(space), i32(param.index), off, size, size > 1)
 
     def _uses(self, kl: KernelLowering) -> dict[tuple[int, int], int]:
-        """How many accesses of the kernel have the parameter-index form, per (param, size)."""
+        """How many accesses of the kernel have the parameter-offset form, per (param, size)."""
         if self.uses is None:
             self.uses = {}
             for blk in kl.kernel.blocks:
                 for op in blk.ops:
                     acc = access_of(op)
-                    form = None if acc is None else self._narrow_offset(*acc)
-                    if acc is not None and form is not None and isinstance(form[0], Param):
-                        key = (form[0].index, acc[1])
+                    pv = None if acc is None else acc[0]
+                    if acc is not None and isinstance(pv, OpResult) and pv.op.opcode == "offset" \
+                            and isinstance(pv.op.operands[0], Param):
+                        key = (pv.op.operands[0].index, acc[1])
                         self.uses[key] = self.uses.get(key, 0) + 1
         return self.uses
 
     def _limits(self, kl: KernelLowering, param: Param, size: int) -> tuple[ir.Value, ir.Value]:
-        """``(d, q)`` of ``param`` for ``size``-byte elements, computed once in the entry block."""
+        """``(D, L)`` of ``param`` for ``size``-byte accesses, computed once in the entry block:
+        ``D = P - base`` and ``L = length - (size - 1)`` (0 if negative, or if ``D`` is not a
+        multiple of ``size``)."""
         key = (param.index, size)
         have = self.limits.get(key)
         if have is not None:
@@ -236,11 +235,12 @@ class CheckGroups:
         b.position_before(entry.terminator)
         base, length = self.hooks.param_bounds[param.index]
         dist = b.sub(b.ptrtoint(kl.values[param], I64), base)
-        k = ir.Constant(I64, size.bit_length() - 1)
-        q = b.lshr(length, k)
+        limit = length
         if size > 1:
-            q = b.select(aligned(b, dist, size), q, ir.Constant(I64, 0))
-        self.limits[key] = (b.ashr(dist, k), q)
+            slack = ir.Constant(I64, size - 1)
+            room = b.icmp_unsigned(">=", length, slack)
+            limit = b.select(b.and_(room, aligned(b, dist, size)), b.sub(length, slack), ir.Constant(I64, 0))
+        self.limits[key] = (dist, limit)
         return self.limits[key]
 
     # -- the branch and its cold side --------------------------------------------------------
