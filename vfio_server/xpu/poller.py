@@ -155,6 +155,8 @@ class Poller:
         self._execute = prof.wrap_execute(self._execute)  # type: ignore[method-assign]
         self._flush = prof.wrap("flush", self._flush)  # type: ignore[method-assign]
         self._cycle = prof.wrap("cycle", self._cycle, count_if=lambda n: n > 0)  # type: ignore[method-assign]
+        self._sleep = prof.wrap("sleep", self._sleep)  # type: ignore[method-assign]
+        self.doorbell = prof.wrap("doorbell", self.doorbell)  # type: ignore[method-assign]
         ex = self.executor
         ex._synchronize = prof.wrap("synchronize", ex._synchronize)  # type: ignore[method-assign]
 

@@ -9,7 +9,9 @@ under ``"profile"``:
 * ``synchronize`` — every wait for the backend (inside a FENCE, or for a batch's copies);
 * ``flush`` — posting a group of completions, its synchronization included;
 * ``cycle`` — a whole poller cycle that took descriptors (ring reads, statistics, IRQ
-  settings, the batch); ``cycle - sum(op:*) - flush`` is the per-batch cost of the poller.
+  settings, the batch); ``cycle - sum(op:*) - flush`` is the per-batch cost of the poller;
+* ``sleep`` — the poller asleep (need-wakeup set) until a doorbell, a request or its timeout;
+* ``doorbell`` — a DOORBELL write handled on the serve loop (its end: the poller was kicked).
 
 With ``VXPU_XPU_TRACE=FILE`` as well, the last :data:`TRACE_EVENTS` timed calls are kept as
 ``(key, start_ns, end_ns)`` on ``time.perf_counter_ns`` (CLOCK_MONOTONIC: the same clock in every
