@@ -140,3 +140,43 @@ def test_kernel_fault_makes_arrays_stale_only_when_the_state_was_lost(fake, rese
             assert np.array_equal(dev.to_device(np.ones(4, np.uint8)).to_host(), np.ones(4, np.uint8))
         else:
             assert np.array_equal(arr.to_host(), np.arange(8, dtype=np.uint8))
+
+
+@pytest.mark.parametrize(("awake", "busy_spin", "sleeps"), [(True, 0.05, False), (False, 0.05, True), (True, 0.0, True)])
+def test_waiter_keeps_polling_while_the_device_is_awake(fake, monkeypatch, awake, busy_spin, sleeps):
+    """A completion that takes 5 ms (a long copy batch) is polled for while the device is awake
+    (need-wakeup clear), not slept for; asleep (or with BUSY_SPIN_S = 0) the waiter backs off."""
+    import threading
+    import time
+
+    from vxpu.guest import ring as ring_mod
+
+    ring = Ring(fake, sq_entries=8)
+    ring.start()
+    fake.complete_limit = 0                      # the device holds the completion back...
+    if awake:
+        fake._hdr_store(xpu.QH_FLAGS, 0)         # ... while awake: no doorbell, no wake-up
+    seq = ring.post(xpu.Opcode.NOP, waited=True)
+    slept: list[float] = []
+    real_sleep = time.sleep
+    monkeypatch.setattr(ring_mod.time, "sleep", lambda s: (slept.append(s), real_sleep(s)))
+    monkeypatch.setattr(ring_mod, "BUSY_SPIN_S", busy_spin)
+
+    lock, run = threading.Lock(), fake.run
+
+    def locked_run() -> None:                    # the waiter's REG_STATUS reads run the fake too
+        with lock:
+            run()
+    monkeypatch.setattr(fake, "run", locked_run)
+
+    def finish() -> None:
+        with lock:
+            fake.complete_limit = None
+        locked_run()
+    timer = threading.Timer(0.005 + ring_mod.SPIN_S, finish)
+    timer.start()
+    try:
+        assert ring.wait(seq)[0] == 0
+    finally:
+        timer.join()
+    assert bool(slept) is sleeps
