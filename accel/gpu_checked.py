@@ -27,7 +27,10 @@ from collections.abc import Sequence
 
 from vxpu.accel.backend import BackendError, FaultRecord, KernelInfo, Status
 
-__all__ = ["RECORD_SIZE", "CheckedArgs", "decode_record", "launch_info"]
+__all__ = ["MAX_LENGTH", "RECORD_SIZE", "CheckedArgs", "decode_record", "launch_info"]
+
+#: The longest buffer a checked kernel's bounds may describe (``vxpu.ir.lower.gpucheck``).
+MAX_LENGTH = 1 << 62
 
 #: Bytes of the fault record (the layout is ``vxpu.ir.lower.gpu.FAULT_RECORD``).
 RECORD_SIZE = 64
@@ -81,6 +84,8 @@ class CheckedArgs:
                                f"got {len(args)} and {len(bounds)}")
         if any(base % 8 for base, _ in bounds):      # the generated alignment test needs it
             raise BackendError(Status.INVALID_ARGUMENT, "a buffer base is not a multiple of 8")
+        if any(length > MAX_LENGTH for _, length in bounds):   # gpucheck's element-index form needs it
+            raise BackendError(Status.INVALID_ARGUMENT, "a buffer is longer than 2^62 bytes")
         view[:self.args_size] = args
         flat = [v for pair in bounds for v in pair]
         self.struct.pack_into(view, self.offset, *flat, record, self.kernel_id)

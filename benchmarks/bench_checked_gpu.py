@@ -86,14 +86,14 @@ class CheckedGpu(big.Gpu):
 
 #: Earlier forms of the checked GPU lowering (``GpuHooks`` switches), timed beside the
 #: current one with ``--variants``: what each step of the lowering bought.
-VARIANTS: dict[str, dict[str, int]] = {
-    "call_record": {"inline_record": False, "group_checks": False, "block_version": False},  # before 33329a5
+VARIANTS: dict[str, dict[str, int | str]] = {
     "no_block_version": {"block_version": False},    # no small-block copy (tidrange.py)
-    "param_form_all": {"param_form_uses": 1},        # parameter-offset form for single accesses too
+    "param_dl": {"param_form": "dl"},                # gpucheck's byte-offset parameter form
+    "no_groups": {"group_checks": False},            # a check (and branch) per access
 }
 
 
-def _compile_variant(mod: Any, switches: dict[str, int]) -> Any:
+def _compile_variant(mod: Any, switches: dict[str, int | str]) -> Any:
     from vxpu.ir.lower.gpu import GpuHooks
 
     saved = {k: getattr(GpuHooks, k) for k in switches}

@@ -77,8 +77,10 @@ class GpuHooks(TargetHooks):
     inline_record = True
     #: Check runs of accesses with one branch (:mod:`vxpu.ir.lower.gpucheck`).
     group_checks = True
-    #: gpucheck's parameter-offset form for a (parameter, size) with at least this many accesses.
+    #: gpucheck's parameter-offset form for a (parameter, size) with at least this many accesses,
+    #: and which of its two exact forms ("dq": element index against d, q; "dl": byte offset).
     param_form_uses = 2
+    param_form = "dq"
     #: Emit a second copy of kernels for blocks small enough to prove array accesses in
     #: bounds (:mod:`vxpu.ir.lower.tidrange`).
     block_version = True

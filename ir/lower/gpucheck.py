@@ -16,13 +16,17 @@ Each check has the cheapest exact form its pointer allows:
 
 * ``offset (shared_addr|local_addr), i`` with element size = access size and ``i`` at most
   32 bits: ``(u32) i <u count`` (arrays are 16-aligned and far smaller than 2^31 bytes);
-* ``offset P, i`` with ``P`` a pointer parameter and element size ``s`` = access size:
-  ``off = D + s*i`` (the same ``off = addr - base`` as the general check, wrapping alike) and
-  ``off <u L``, where the kernel computes once, at entry, per parameter and size, ``D = P - base``
-  and ``L = length - (s - 1)``, or ``L = 0`` when ``length < s - 1`` or ``D`` is not a multiple
-  of ``s``. ``s*i`` is a multiple of ``s``, so ``off`` is aligned exactly when ``D`` is, and then
-  ``off + s - 1 <u length`` (the general test, which cannot wrap) is ``off <u L``. Used when
-  the kernel has at least :attr:`~.gpu.GpuHooks.param_form_uses` such accesses;
+* ``offset P, i`` with ``P`` a pointer parameter and element size ``s`` = access size, when
+  the kernel has at least :attr:`~.gpu.GpuHooks.param_form_uses` such accesses; the kernel
+  computes per parameter and size, once at entry, either (``param_form = "dq"``, the default,
+  for indices of at most 32 bits) ``d = (P - base) >>s log2 s`` (arithmetic) and
+  ``q = length >> log2 s`` (0 if ``P - base`` is not a multiple of ``s``), and the check is
+  ``sext(i) + d <u q`` (u64) — equal to the general check for every ``P`` and ``i`` while
+  ``length <= 2^62``, which hosts enforce: for aligned ``P - base`` the general check accepts
+  exactly when ``(d + i) mod 2^(64-log2 s) < q``, and ``d + i`` in i64 neither wraps nor
+  reaches ``[0, q)`` from outside it; or (``"dl"``) ``D = P - base`` and
+  ``L = length - (s - 1)`` (0 if ``length < s - 1`` or ``D`` is misaligned), and the check is
+  ``off = D + s*i <u L`` — the general check's own ``off``, whose alignment is ``D``'s;
 * anything else (a pointer with several possible buffers, an element size other than the
   access size, an ``offset`` into
   a value that is not a parameter): the general check of :func:`~.bounds.check_access`.
@@ -200,12 +204,47 @@ class CheckGroups:
             return None
         space = param.type.space
         assert space is not None
-        dist, limit = self._limits(kl, param, size)
         i = kl.get(pv.op.operands[1])
+        if self.hooks.param_form == "dq":
+            if i.type.width > 32:
+                return None
+            d, q = self._element_limits(kl, param, size)
+            i = kl.b.sext(i, I64) if i.type.width < 64 else i
+            ok = kl.b.icmp_unsigned("<", kl.b.add(i, d), q)
+            base, _ = self.hooks.param_bounds[param.index]
+            off = kl.b.sub(kl.b.ptrtoint(kl.get(pv), I64), base)
+            return _Member(ok, space_fault(space), i32(param.index), off, size, size > 1)
+        dist, limit = self._limits(kl, param, size)
         i = i if i.type.width == 64 else kl.b.sext(i, I64)
         off = kl.b.add(dist, kl.b.mul(i, ir.Constant(I64, size)))
         ok = kl.b.icmp_unsigned("<", off, limit)
         return _Member(ok, space_fault(space), i32(param.index), off, size, size > 1)
+
+    def _element_limits(self, kl: KernelLowering, param: Param, size: int) -> tuple[ir.Value, ir.Value]:
+        """``(d, q)`` of ``param`` for ``size``-byte elements, computed once in the entry block:
+        ``d = (P - base) >>s log2 size``, ``q = length >> log2 size`` (0 if ``P - base`` is not
+        a multiple of ``size``)."""
+        key = (param.index, -size)
+        have = self.limits.get(key)
+        if have is not None:
+            return have
+        b = self._entry_builder(kl)
+        base, length = self.hooks.param_bounds[param.index]
+        dist = b.sub(b.ptrtoint(kl.values[param], I64), base)
+        k = ir.Constant(I64, size.bit_length() - 1)
+        q = b.lshr(length, k)
+        if size > 1:
+            q = b.select(aligned(b, dist, size), q, ir.Constant(I64, 0))
+        self.limits[key] = (b.ashr(dist, k), q)
+        return self.limits[key]
+
+    @staticmethod
+    def _entry_builder(kl: KernelLowering) -> ir.IRBuilder:
+        entry = kl.fn.entry_basic_block
+        b = ir.IRBuilder(entry)
+        assert entry.terminator is not None
+        b.position_before(entry.terminator)
+        return b
 
     def _uses(self, kl: KernelLowering) -> dict[tuple[int, int], int]:
         """How many accesses of the kernel have the parameter-offset form, per (param, size)."""
@@ -229,10 +268,7 @@ class CheckGroups:
         have = self.limits.get(key)
         if have is not None:
             return have
-        entry = kl.fn.entry_basic_block
-        b = ir.IRBuilder(entry)
-        assert entry.terminator is not None
-        b.position_before(entry.terminator)
+        b = self._entry_builder(kl)
         base, length = self.hooks.param_bounds[param.index]
         dist = b.sub(b.ptrtoint(kl.values[param], I64), base)
         limit = length

@@ -187,3 +187,15 @@ def _read_n(session, ptr: int, n: int) -> list[int]:  # type: ignore[no-untyped-
     back = np.zeros(128, np.int32)
     session.copy_dtoh(memoryview(back), ptr)
     return back[:n].tolist()
+
+
+def test_hosts_refuse_bounds_the_element_form_is_not_exact_for() -> None:
+    from vxpu.accel import gpu_checked
+    from vxpu.accel.backend import BackendError, KernelInfo
+
+    info = KernelInfo("k", (8,), (0,), 8, 0, True, (0,))
+    guard = gpu_checked.CheckedArgs(info, 0)
+    buf = bytearray(gpu_checked.launch_info(info).args_size)
+    guard.fill(memoryview(buf), bytes(8), [(64, gpu_checked.MAX_LENGTH)], 0)
+    with pytest.raises(BackendError):
+        guard.fill(memoryview(buf), bytes(8), [(64, gpu_checked.MAX_LENGTH + 1)], 0)
