@@ -48,7 +48,7 @@ CHECK_GRID = 132 * 16
 
 IR_KERNEL = """
 module @sweep
-kernel @k(%y: ptr<global>, %base: i32) {
+kernel @k(%base: i32, %y: ptr<global>) {
 ^entry:
   %t = thread_id.x
   %b = block_id.x
@@ -65,7 +65,7 @@ kernel @k(%y: ptr<global>, %base: i32) {
 """
 
 CUDA_GEN = """
-extern "C" __global__ void gen_{op}(float* y, unsigned base) {{
+extern "C" __global__ void gen_{op}(unsigned base, float* y) {{
   unsigned i = blockIdx.x * blockDim.x + threadIdx.x;
   y[i] = {cfn}(__uint_as_float(base + i));
 }}
@@ -157,11 +157,11 @@ def sweep(gpu: big.Gpu, ops: list[str], chunks: int) -> list[dict[str, Any]]:
         for c in range(chunks):
             base = c * CHUNK
             blob = bytearray(sig.args_size)
-            struct.pack_into("<Q", blob, sig.param_offsets[0], y_ir)
-            struct.pack_into("<I", blob, sig.param_offsets[1], base)
+            struct.pack_into("<I", blob, sig.param_offsets[0], base)
+            struct.pack_into("<Q", blob, sig.param_offsets[1], y_ir)
             grid = (CHUNK // BLOCK, 1, 1)
             ms["ir"] += gpu.time_ms(ir_fn, grid, (BLOCK, 1, 1), bytes(blob), 1)
-            ms["cuda"] += gpu.time_ms(cu_fn, grid, (BLOCK, 1, 1), struct.pack("<QI", y_cu, base), 1)
+            ms["cuda"] += gpu.time_ms(cu_fn, grid, (BLOCK, 1, 1), struct.pack("<I4xQ", base, y_cu), 1)
             for who, mine, other in (("ir", y_ir, y_cu), ("cuda", y_cu, y_ir)):
                 gpu.htod(out, np.zeros(8, np.uint64))
                 gpu.launch(chk, (CHECK_GRID, 1, 1), (BLOCK, 1, 1), struct.pack("<QQIIQ", mine, other, base, CHUNK, out))

@@ -67,7 +67,12 @@ def _ex2_full(b: ir.IRBuilder, f: ir.Value) -> ir.Value:
     return b.call(declare(b.module, "llvm.nvvm.ex2.approx.f", f.type, [f.type]), [f])
 
 
-_EX2 = Ex2Unit(ftz=_ex2_ftz, full=_ex2_full)
+def _rcp_ftz(b: ir.IRBuilder, f: ir.Value) -> ir.Value:
+    """``rcp.approx.ftz.f32``: one ``MUFU.RCP`` (≤ 1 ulp; used by f32 tanh, as CUDA's ``tanhf``)."""
+    return b.call(declare(b.module, "llvm.nvvm.rcp.approx.ftz.f", f.type, [f.type]), [f])
+
+
+_EX2 = Ex2Unit(ftz=_ex2_ftz, full=_ex2_full, rcp=_rcp_ftz)
 
 
 def lower_module(module: Module, checked: bool = True) -> ir.Module:

@@ -1,10 +1,13 @@
-"""f32 exp on NVIDIA (:mod:`vxpu.ir.lower.math_f32`): its length in PTX, and its reduction on the CPU.
+"""f32 math in f32 arithmetic (:mod:`vxpu.ir.lower.math_f32`): PTX length, and accuracy on the CPU.
 
-The ex2 unit itself only exists on the GPU (``benchmarks/bench_math_gpu.py`` sweeps all 2^32
-inputs there). Here the exact same IR sequence runs on the x86 JIT with a stand-in unit that
-returns 2^f correctly rounded (f64 exp2, flushed below 2^-126 like ``ex2.approx.ftz``), so any
-error measured is the reduction's and the scaling's: clamping, rounding n, the two-part
-log2(e), the 2^n bits, overflow, underflow, subnormal results and specials.
+NVIDIA's f32 exp is built on the ex2 unit, which only exists on the GPU
+(``benchmarks/bench_math_gpu.py`` sweeps all 2^32 inputs there). Here the exact same IR sequence
+runs on the x86 JIT with a stand-in unit that returns 2^f correctly rounded (f64 exp2, flushed
+below 2^-126 like ``ex2.approx.ftz``), so any error measured is the reduction's and the
+scaling's: clamping, rounding n, the two-part log2(e), the 2^n bits, overflow, underflow,
+subnormal results and specials. f32 log, log2, sin, cos and tanh without a unit are plain IEEE
+f32 arithmetic, the same bits on every target: their x86 results are checked on a dense sweep
+(all 2^32 inputs: ``benchmarks/sweep_math_cpu.py``).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import math
 import re
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -62,6 +66,21 @@ def test_nvptx_exp2_is_the_unit() -> None:
     assert [re.split(r"\s+", ln)[0] for ln in body] == ["ex2.approx.f32"], body
 
 
+def test_nvptx_tanh_uses_the_units_and_no_division() -> None:
+    body = _ptx_body("tanh")
+    assert sum("ex2.approx.ftz.f32" in ln for ln in body) == 1, body
+    assert sum("rcp.approx.ftz.f32" in ln for ln in body) == 1, body
+    assert not any(".f64" in ln or ln.startswith("div") for ln in body), body
+    assert len(body) <= 20, body  # CUDA's tanhf: 20 SASS instructions
+
+
+@pytest.mark.parametrize("op", ["log", "log2"])
+def test_nvptx_log_is_f32_only(op: str) -> None:
+    body = _ptx_body(op)
+    assert not any(".f64" in ln or ln.startswith(("div", "call")) for ln in body), body
+    assert len(body) <= 36, body  # was 90 f64 instructions plus a division subroutine
+
+
 def _exact_unit() -> Ex2Unit:
     """2^f correctly rounded (f64 exp2 + one rounding) with ``ftz`` results below 2^-126 → +0."""
 
@@ -72,12 +91,14 @@ def _exact_unit() -> Ex2Unit:
         r = full(b, f)
         return b.select(b.fcmp_ordered("<", f, ir.Constant(F32, -126.0)), ir.Constant(F32, 0.0), r)
 
-    return Ex2Unit(ftz=ftz, full=full)
+    def rcp(b: ir.IRBuilder, f: ir.Value) -> ir.Value:
+        return b.fdiv(ir.Constant(F32, 1.0), f)
+
+    return Ex2Unit(ftz=ftz, full=full, rcp=rcp)
 
 
-@pytest.fixture(scope="module")
-def sweep():  # type: ignore[no-untyped-def]
-    """``sweep(bits: uint32 array) -> float32 array``: the NVPTX exp sequence on the x86 JIT."""
+def _jit(emit: Callable[[ir.IRBuilder, ir.Value], ir.Value]) -> Callable[[np.ndarray], np.ndarray]:
+    """``run(bits: uint32 array) -> float32 array`` applying ``emit`` on the x86 JIT."""
     llvm = toolchain.llvm_binding()
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
@@ -90,7 +111,7 @@ def sweep():  # type: ignore[no-untyped-def]
     i = b.phi(I32)
     i.add_incoming(ir.Constant(I32, 0), entry)
     x = b.bitcast(b.load(b.gep(fn.args[0], [i])), F32)
-    b.store(vmath.call_math(b, "exp", [x], _exact_unit()), b.gep(fn.args[1], [i]))
+    b.store(emit(b, x), b.gep(fn.args[1], [i]))
     nxt = b.add(i, ir.Constant(I32, 1))
     i.add_incoming(nxt, loop)
     b.cbranch(b.icmp_signed("<", nxt, fn.args[2]), loop, done)
@@ -112,12 +133,21 @@ def sweep():  # type: ignore[no-untyped-def]
     return run
 
 
-def _ulps(got: np.ndarray, x: np.ndarray) -> np.ndarray:
-    """|got − exp(x)| in units of the f32 ulp at exp(x) (inf counts as 2^128), x finite."""
-    want = np.minimum(np.exp(np.minimum(x.astype(np.float64), 100.0)), 2.0 ** 128)
+@pytest.fixture(scope="module")
+def sweep() -> Callable[[np.ndarray], np.ndarray]:
+    """The NVPTX exp sequence on the x86 JIT, with the exact stand-in unit."""
+    unit = _exact_unit()
+    return _jit(lambda b, x: vmath.call_math(b, "exp", [x], unit))
+
+
+def _ulps(got: np.ndarray, x: np.ndarray, ref: Callable[[np.ndarray], np.ndarray] = np.exp) -> np.ndarray:
+    """|got − ref(x)| in units of the f32 ulp at ref(x) (inf counts as 2^128), finite results."""
+    with np.errstate(over="ignore"):
+        want = ref(x.astype(np.float64))
+    want = np.clip(want, -2.0 ** 128, 2.0 ** 128)
     g = got.astype(np.float64)
-    g[np.isinf(g)] = 2.0 ** 128
-    e = np.floor(np.log2(np.maximum(want, 2.0 ** -149)))
+    g[np.isinf(g)] = np.copysign(2.0 ** 128, g[np.isinf(g)])
+    e = np.floor(np.log2(np.maximum(np.abs(want), 2.0 ** -149)))
     ulp = np.exp2(np.clip(e, -126, 127) - 23)
     return np.abs(g - want) / ulp
 
@@ -155,3 +185,62 @@ def test_specials_and_limits(sweep) -> None:  # type: ignore[no-untyped-def]
     assert np.isfinite(sweep(np.array([f32max_x], np.float32).view(np.uint32)))[0]
     nan = sweep(np.array([0x7FC00000, 0xFFC00000, 0x7F800001], np.uint32))
     assert np.isnan(nan).all(), nan
+
+
+#: Max error over all 2^32 inputs (benchmarks/sweep_math_cpu.py), as measured; the dense sweep
+#: below must stay within it. Ranges: where each function's reduction changes form.
+_MEASURED = {"log": 0.990, "log2": 1.09, "sin": 1.48, "cos": 1.48, "tanh": 1.075}
+_DENSE_RANGES = {
+    "log": [(0.5, 2.0), (1e-45, 1e-37)], "log2": [(0.5, 2.0), (1e-45, 1e-37)],
+    "sin": [(-4.0, 4.0), (105000.0, 106000.0)], "cos": [(-4.0, 4.0), (105000.0, 106000.0)],
+    "tanh": [(0.7, 0.8), (8.0, 10.0)],
+}
+
+
+def _range_bits(lo: float, hi: float, stride: int) -> np.ndarray:
+    """Every ``stride``-th f32 in [lo, hi] (lo < hi, same sign), as bits."""
+    a, z = sorted(int(np.float32(v).view(np.uint32)) for v in (lo, hi))
+    return np.arange(a, z, stride, dtype=np.uint32)
+
+
+@pytest.mark.parametrize("op", sorted(_MEASURED))
+def test_f32_op_on_a_dense_sweep(op: str) -> None:
+    run = _jit(lambda b, x: vmath.call_math(b, op, [x]))
+    dense = np.arange(0, 1 << 31, 4099, dtype=np.uint32)
+    parts = [dense, dense | np.uint32(1 << 31)] + [_range_bits(lo, hi, 7) for lo, hi in _DENSE_RANGES[op]]
+    bits = np.concatenate(parts)
+    x = bits.view(np.float32)
+    ref = getattr(np, op)
+    with np.errstate(all="ignore"):
+        want = ref(x.astype(np.float64))
+    ok = np.isfinite(want) & np.isfinite(x)
+    err = _ulps(run(bits[ok]), x[ok], ref)
+    worst = int(np.argmax(err))
+    assert err[worst] <= _MEASURED[op] + 0.005, f"{op}: {err[worst]:.3f} ulp at x = {x[ok][worst]!r}"
+
+
+_SPECIALS = {
+    "log": [(0.0, -math.inf), (-0.0, -math.inf), (-1.0, math.nan), (-math.inf, math.nan), (math.inf, math.inf),
+            (1.0, 0.0), (1.4e-45, -103.27893), (3.4028235e38, 88.72284)],
+    "log2": [(0.0, -math.inf), (-0.0, -math.inf), (-1e-45, math.nan), (math.inf, math.inf), (1.0, 0.0),
+             (1.4e-45, -149.0), (0.5, -1.0), (2.0 ** 127, 127.0)],
+    "sin": [(0.0, 0.0), (-0.0, -0.0), (math.inf, math.nan), (-math.inf, math.nan), (1e-30, 1e-30), (-1e-30, -1e-30),
+            (3.4028235e38, -0.52187)],
+    "cos": [(0.0, 1.0), (-0.0, 1.0), (math.inf, math.nan), (1e-30, 1.0), (3.4028235e38, 0.85302)],
+    "tanh": [(0.0, 0.0), (-0.0, -0.0), (math.inf, 1.0), (-math.inf, -1.0), (20.0, 1.0), (-1e-30, -1e-30),
+             (1.4e-45, 1.4e-45)],
+}
+
+
+@pytest.mark.parametrize("op", sorted(_SPECIALS))
+def test_f32_op_specials(op: str) -> None:
+    run = _jit(lambda b, x: vmath.call_math(b, op, [x]))
+    xs = np.array([x for x, _ in _SPECIALS[op]] + [math.nan], np.float32)
+    got = run(xs.view(np.uint32))
+    assert np.isnan(got[-1])
+    for (x, want), g in zip(_SPECIALS[op], got[:-1], strict=True):
+        if math.isnan(want):
+            assert np.isnan(g), (op, x, g)
+        else:
+            assert g == np.float32(want) or abs(float(g) - want) <= 2e-5 * abs(want), (op, x, g, want)
+            assert bool(np.signbit(g)) == (math.copysign(1.0, want) < 0), (op, x, g, want)  # ±0 too
