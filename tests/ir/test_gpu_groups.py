@@ -135,20 +135,36 @@ def _read(session, ptr: int) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 
 def _tid_kernel() -> Module:
-    """k(out): s[tid] = tid; barrier; out[tid] = s[63 - tid % 64] (64-element shared array:
-    proven for blocks of at most 64 threads, so the kernel has a small-block copy)."""
+    """k(out): twice: s[tid] = tid; barrier; out[tid] = s[63 - tid % 64]; barrier (a 64-element
+    shared array: proven for blocks of at most 64 threads, so the kernel has a small-block copy)."""
     kb = KernelBuilder("t", [("out", ptr_global)])
     (out,) = kb.params
     s = kb.shared_array("s", i32, 64)
-    kb.set_block(kb.block("e"))
+    entry, head, body, done = kb.block("e"), kb.block("h", [("k", i32)]), kb.block("b"), kb.block("x")
+    kb.set_block(entry)
+    kb.br(head, kb.const(0, i32))
+    kb.set_block(head)
+    k = head.params[0]
+    kb.cbr(kb.icmp("slt", k, kb.const(2, i32)), body, done)
+    kb.set_block(body)
     t = kb.thread_id("x")
     base = kb.shared_addr(s)
-    kb.store(t, kb.offset(base, t, i32))
+    kb.store(kb.add(t, k), kb.offset(base, t, i32))
     kb.barrier()
     back = kb.sub(kb.const(63, i32), kb.urem(t, kb.const(64, i32)))
     kb.store(kb.load(kb.offset(base, back, i32), i32), kb.offset(out, t, i32))
+    kb.barrier()
+    kb.br(head, kb.add(k, kb.const(1, i32)))
+    kb.set_block(done)
     kb.ret()
     return Module("t", [kb.finish()])
+
+
+def test_the_tid_kernel_has_a_small_block_copy() -> None:
+    from vxpu.ir.lower import tidrange
+
+    got = tidrange.choose(_tid_kernel().kernels[0])
+    assert got is not None and got[0][0] == 64 and len(got[2]) == 2
 
 
 @pytest.mark.parametrize("threads", [1, 33, 64, 65, 128])
