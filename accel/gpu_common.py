@@ -144,6 +144,8 @@ class GpuKernel(GpuHandle):
     pack: ArgPack | None = None
     #: Checked IR kernels: writes the hidden bounds/fault-record arguments (accel.gpu_checked).
     checked: Any = None
+    #: ``(args, bounds, record)`` of the fill ``pack`` holds now (None: unknown, fill again).
+    filled: tuple[bytes, tuple[tuple[int, int], ...], int] | None = None
 
 
 @dataclass(eq=False)

@@ -33,6 +33,14 @@ never talks to a backend directly. The session is the backend-independent policy
   Guest-caused log lines (faults, resets, internal errors) share a per-process budget
   (:data:`WARN_BUDGET`, refilled slowly); past it they go to DEBUG, so a guest faulting in a
   loop cannot flood the log.
+* **Launch plans.** :meth:`Session.launch_plan` launches like :meth:`Session.launch` and
+  returns a :class:`LaunchPlan`: the checked result (kernel, shapes, argument bytes, queue, the
+  checked kernel's bounds). :meth:`Session.relaunch` issues it again with only the per-launch
+  work (the depth accounting, the backend call), while the session's *plan generation* is the
+  one it was made in. The generation moves on everything that could make a check come out
+  differently: any free, a module unload, a queue destroyed, a context reset (own or foreign),
+  a quota change and :meth:`close` (and :meth:`forget_plans`). A launch with a pointer outside
+  every allocation gets no plan (a later allocation could make it resolve).
 * **Statistics.** :class:`vxpu.accel.stats.SessionStats` plus the pool's figures.
 
 Memory goes through a :class:`vxpu.accel.pool.MemoryPool` per session. Typical use::
@@ -50,14 +58,12 @@ Memory goes through a :class:`vxpu.accel.pool.MemoryPool` per session. Typical u
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from vxpu.accel.backend import (
     Backend,
@@ -67,13 +73,26 @@ from vxpu.accel.backend import (
     ModuleKind,
     Status,
     launch_bounds,
-    pack_dims,
 )
-from vxpu.accel.pool import DEFAULT_CHUNK_SIZE, MemoryPool, align_up
+from vxpu.accel.pool import MemoryPool, align_up
 from vxpu.accel.quota import DEFAULT_QUOTA, CompileBudget, Quota, QuotaUsage
+from vxpu.accel.session_records import (
+    WARN_BUDGET,
+    WARN_REFILL_S,
+    LaunchPlan,
+    next_plan_generation,
+    reserve_limit,
+    status_of,
+)
+from vxpu.accel.session_records import KernelRecord as _Kernel
+from vxpu.accel.session_records import ModuleRecord as _Module
+from vxpu.accel.session_records import QueueRecord as _Queue
+from vxpu.accel.session_records import dims3 as _dims3
+from vxpu.accel.session_records import guarded as _guarded
+from vxpu.accel.session_records import guest_log as _guest_log
 from vxpu.accel.stats import SessionStats, metrics
 
-from vxpu.log import LogBudget
+__all__ = ["DEFAULT_QUEUE", "WARN_BUDGET", "WARN_REFILL_S", "LaunchPlan", "Session", "reserve_limit", "status_of"]
 
 log = logging.getLogger(__name__)
 
@@ -85,94 +104,6 @@ DEFAULT_ALLOWED_KINDS = frozenset({ModuleKind.IR})
 # Handle tags (top 16 bits of a 64-bit handle) so a handle of one kind never names another.
 _TAG_MODULE, _TAG_KERNEL, _TAG_QUEUE, _TAG_EVENT = 0x4D4F, 0x4B45, 0x5155, 0x4556
 _TAG_SHIFT = 48
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-#: Guest-caused warnings (kernel faults, context resets, internal errors) logged at WARNING or
-#: ERROR per process before they go to DEBUG; one more is allowed every WARN_REFILL_S seconds.
-#: A guest faulting its kernels in a loop cannot flood the host's log (stats still count all).
-WARN_BUDGET = 64
-WARN_REFILL_S = 60.0
-
-
-_budget = LogBudget(WARN_BUDGET, WARN_REFILL_S,
-                    "further guest-caused device warnings are logged at DEBUG for a while")
-
-
-def _guest_log(logger: logging.Logger, level: int, fmt: str, *args: Any) -> None:
-    """Log a guest-caused event at ``level`` while the budget lasts, else at DEBUG."""
-    _budget.log(logger, level, fmt, *args)
-
-
-def reserve_limit(quota: Quota) -> int:
-    """Device bytes a client's pool may hold: twice its memory quota plus one chunk, so ordinary
-    fragmentation never stops a client short of its quota, while a client fragmenting on
-    purpose cannot make the host hold more than that."""
-    return 2 * quota.memory_bytes + DEFAULT_CHUNK_SIZE
-
-
-def status_of(exc: BaseException) -> Status:
-    """The wire status for any exception a session operation raised (INTERNAL if unknown)."""
-    return exc.status if isinstance(exc, BackendError) else Status.INTERNAL
-
-
-@dataclass
-class _Module:
-    token: object
-    kind: ModuleKind
-    kernels: dict[str, int]            # kernel name -> kernel handle
-
-
-@dataclass
-class _Kernel:
-    token: object
-    info: KernelInfo
-    module: int
-
-
-@dataclass
-class _Queue:
-    token: object | None
-    pending: int = 0
-
-
-_DIM_MAX = 0x7FFFFFFF
-
-
-def _dims3(dims: tuple[int, ...]) -> tuple[int, int, int]:
-    """:func:`pack_dims` with a fast path for what the device model passes (a tuple of three
-    ints); the same checks, the same errors."""
-    if dims.__class__ is tuple and len(dims) == 3:
-        x, y, z = dims
-        if (x.__class__ is int and y.__class__ is int and z.__class__ is int
-                and 0 < x <= _DIM_MAX and 0 < y <= _DIM_MAX and 0 < z <= _DIM_MAX):
-            return dims  # type: ignore[return-value]
-    return pack_dims(dims)
-
-
-def _guarded(method: F) -> F:
-    """Serialise, notice foreign resets, map errors, and invalidate handles after a fault."""
-
-    @functools.wraps(method)
-    def wrapper(self: Session, *args: Any, **kwargs: Any) -> Any:
-        with self._lock:
-            if self._closed:
-                raise BackendError(Status.INVALID_HANDLE, "the session is closed")
-            self._check_epoch()
-            try:
-                return method(self, *args, **kwargs)
-            except BackendError as exc:
-                self._on_error(exc)
-                raise
-            except Exception as exc:  # a bug below us: never let it reach the guest raw
-                _guest_log(log, logging.ERROR, "internal error in %s: %s", method.__name__, exc)
-                log.debug("traceback", exc_info=True)
-                err = BackendError(Status.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
-                self._on_error(err)
-                raise err from exc
-
-    return wrapper  # type: ignore[return-value]
-
 
 class Session:
     """One client's handles, quotas and statistics on one opened backend.
@@ -195,7 +126,8 @@ class Session:
         if depth_policy not in ("wait", "fail"):
             raise ValueError(f"depth_policy must be 'wait' or 'fail', got {depth_policy!r}")
         self.backend = backend
-        self.quota = quota
+        self._quota = quota
+        self._plan_generation = next_plan_generation()
         self.usage = QuotaUsage(quota)
         self.compile_budget = compile_budget or CompileBudget(quota.compile_seconds)
         self.pool = pool or MemoryPool(backend.alloc, backend.free, reserve_limit=reserve_limit(quota))
@@ -215,6 +147,23 @@ class Session:
         self._events: dict[int, object] = {}
         self._host_tokens: list[object] = []
         self._epoch = backend.stats.resets
+
+    @property
+    def quota(self) -> Quota:
+        """The client's limits; setting new ones makes every :class:`LaunchPlan` stale."""
+        return self._quota
+
+    @quota.setter
+    def quota(self, value: Quota) -> None:
+        with self._lock:
+            self._quota = value
+            self.usage.quota = value
+            self.forget_plans()
+
+    def forget_plans(self) -> None:
+        """Make every :class:`LaunchPlan` of this session stale (the next launch is checked
+        in full). The session calls it itself on every change that could affect a plan."""
+        self._plan_generation = next_plan_generation()
 
     # -- internal helpers -------------------------------------------------------------
     def _new_handle(self, tag: int) -> int:
@@ -257,6 +206,7 @@ class Session:
         self.usage.clear()
         self.stats.invalidations += 1
         self._epoch = self.backend.stats.resets
+        self.forget_plans()
 
     def _lookup(self, table: dict[int, Any], handle: int, what: str) -> Any:
         try:
@@ -303,15 +253,19 @@ class Session:
     def _submit(self, queue: int) -> _Queue:
         """Account one operation on ``queue``, applying the depth policy."""
         q = self._queue(queue)
-        if q.pending >= self.quota.queue_depth:
+        self._account(q)
+        return q
+
+    def _account(self, q: _Queue) -> None:
+        """Count one operation on ``q``; a full queue is waited for ("wait") or refused ("fail")."""
+        if q.pending >= self._quota.queue_depth:
             if self.depth_policy == "fail":
                 raise BackendError(Status.QUOTA_EXCEEDED,
-                                   f"queue depth quota ({self.quota.queue_depth}) reached; synchronize first")
+                                   f"queue depth quota ({self._quota.queue_depth}) reached; synchronize first")
             self.stats.queue_waits += 1
             self.backend.synchronize(q.token)
             q.pending = 0
         q.pending += 1
-        return q
 
     def pending(self, queue: int = DEFAULT_QUEUE) -> int:
         """Operations on ``queue`` since it was last waited for: what the depth quota counts
@@ -363,6 +317,7 @@ class Session:
         if size is None:
             raise BackendError(Status.INVALID_HANDLE, f"{address!r} is not a live allocation of this client")
         del self._alloc_starts[bisect.bisect_left(self._alloc_starts, address)]
+        self.forget_plans()                      # a plan's bounds may name this allocation
         self.usage.refund_memory(self._charged(size))
         self.stats.frees += 1
         self.pool.free(address)
@@ -498,6 +453,40 @@ class Session:
             fn(host, src, size, q.token)
         self.stats.bytes_dtoh += size
 
+    @_guarded
+    def copy_address(self, to_device: bool, device: int, host: int, size: int, queue: int,
+                     reserve: int | None) -> bool:
+        """:meth:`copy_htod_address` (``to_device``) or :meth:`copy_dtoh_address` in one call,
+        for a device model that must not block on a full queue: with ``reserve`` (the
+        operations the caller has issued since its last wait) it first checks the device
+        range, then returns False, issuing nothing, when ``max(reserve, pending) + 1`` reaches
+        the queue depth quota (the caller waits for the queue, then calls again with None).
+
+        Raises:
+            BackendError: as :meth:`copy_htod_address`.
+        """
+        self.check_range(device, size)
+        if reserve is not None:
+            q = self._queues.get(queue)
+            if max(reserve, 0 if q is None else q.pending) + 1 >= self._quota.queue_depth:
+                return False
+        fn = getattr(self.backend, "copy_htod_address" if to_device else "copy_dtoh_address", None)
+        if fn is None:
+            raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
+        if not 0 <= host <= U64_MAX:
+            raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
+        if size:
+            q = self._submit(queue)
+            if to_device:
+                fn(device, host, size, q.token)
+            else:
+                fn(host, device, size, q.token)
+        if to_device:
+            self.stats.bytes_htod += size
+        else:
+            self.stats.bytes_dtoh += size
+        return True
+
     # -- code -------------------------------------------------------------------------
     def load_module(self, image: bytes | memoryview, kind: ModuleKind = ModuleKind.IR) -> int:
         """Load a module image; returns a module handle.
@@ -528,9 +517,9 @@ class Session:
             raise BackendError(Status.UNSUPPORTED,
                                f"{kind.value} modules are not enabled for this client "
                                "(native modules need the server's --allow-native)")
-        if len(image) > self.quota.module_bytes:
+        if len(image) > self._quota.module_bytes:
             raise BackendError(Status.QUOTA_EXCEEDED,
-                               f"module image of {len(image)} bytes exceeds the quota of {self.quota.module_bytes}")
+                               f"module image of {len(image)} bytes exceeds the quota of {self._quota.module_bytes}")
         self.usage.charge("modules")
         try:
             self.compile_budget.begin()
@@ -588,6 +577,7 @@ class Session:
         """
         mod: _Module = self._lookup(self._modules, module, "module")
         del self._modules[module]
+        self.forget_plans()
         for kernel in mod.kernels.values():
             del self._kernels[kernel]
         self.usage.refund("kernels", len(mod.kernels))
@@ -629,6 +619,43 @@ class Session:
                 memory, argument size), QUOTA_EXCEEDED (queue depth with the "fail" policy),
                 KERNEL_FAULT / DEVICE_LOST (a fault surfaced; handles are invalidated).
         """
+        self._launch(kernel, grid, block, args, shared_bytes, queue, False)
+
+    @_guarded
+    def launch_plan(self, kernel: int, grid: tuple[int, ...], block: tuple[int, ...], args: bytes | memoryview,
+                    shared_bytes: int = 0, queue: int = DEFAULT_QUEUE) -> LaunchPlan | None:
+        """:meth:`launch`, returning the plan that :meth:`relaunch` issues again (None when the
+        launch gets none: a pointer argument inside no allocation).
+
+        Raises:
+            BackendError: as :meth:`launch`.
+        """
+        return self._launch(kernel, grid, block, args, shared_bytes, queue, True)
+
+    @_guarded
+    def relaunch(self, plan: LaunchPlan) -> bool:
+        """Launch ``plan`` again: the depth accounting and the backend call, no other check,
+        which is exact only while the plan generation is unchanged. False (nothing done) when
+        the plan is stale: launch in full (:meth:`launch_plan`).
+
+        Raises:
+            BackendError: INVALID_HANDLE (closed session), QUOTA_EXCEEDED (queue depth with
+                the "fail" policy), KERNEL_FAULT / DEVICE_LOST (a fault surfaced).
+        """
+        if plan.generation != self._plan_generation:
+            return False
+        q = plan.queue
+        self._account(q)
+        if plan.bounds is None:
+            self.backend.launch(plan.kernel, plan.grid, plan.block, plan.args, plan.shared_bytes, q.token)
+        else:
+            self.backend.launch(plan.kernel, plan.grid, plan.block, plan.args, plan.shared_bytes, q.token,
+                                bounds=plan.bounds)
+        self.stats.launches += 1
+        return True
+
+    def _launch(self, kernel: int, grid: tuple[int, ...], block: tuple[int, ...], args: bytes | memoryview,
+                shared_bytes: int, queue: int, plan: bool) -> LaunchPlan | None:
         k: _Kernel = self._lookup(self._kernels, kernel, "kernel")
         grid3, block3 = _dims3(grid), _dims3(block)
         threads = block3[0] * block3[1] * block3[2]
@@ -644,12 +671,17 @@ class Session:
             raise BackendError(Status.INVALID_ARGUMENT,
                                f"kernel {k.info.name!r} takes {k.info.args_size} bytes of arguments, got {len(args)}")
         q = self._submit(queue)
+        data = bytes(args)
+        bounds = None
         if k.info.checked:
-            bounds = launch_bounds(k.info, args, self._allocation_at)
-            self.backend.launch(k.token, grid3, block3, bytes(args), shared_bytes, q.token, bounds=bounds)
+            bounds = launch_bounds(k.info, data, self._allocation_at)
+            self.backend.launch(k.token, grid3, block3, data, shared_bytes, q.token, bounds=bounds)
         else:
-            self.backend.launch(k.token, grid3, block3, bytes(args), shared_bytes, q.token)
+            self.backend.launch(k.token, grid3, block3, data, shared_bytes, q.token)
         self.stats.launches += 1
+        if not plan or (bounds is not None and (0, 0) in bounds):
+            return None
+        return LaunchPlan(self._plan_generation, k.token, grid3, block3, data, shared_bytes, q, bounds)
 
     # -- ordering ---------------------------------------------------------------------
     @_guarded
@@ -680,6 +712,7 @@ class Session:
             raise BackendError(Status.INVALID_HANDLE, "the default queue cannot be destroyed")
         q = self._queue(queue)
         del self._queues[queue]
+        self.forget_plans()
         self.usage.refund("queues")
         self.backend.destroy_queue(q.token)
 
@@ -780,6 +813,7 @@ class Session:
                 self.log.exception("internal error while closing session")
             finally:
                 self._closed = True
+                self.forget_plans()
             for token in self._host_tokens:
                 try:
                     self.backend.unregister_host(token)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,7 +51,19 @@ def _xpu_device(args: argparse.Namespace, backend: Any) -> Any:
     from vxpu.accel.backend import ModuleKind
     from vxpu.vfio_server.xpu import XpuDevice
     kinds = frozenset({ModuleKind.IR} | {ModuleKind(k) for k in args.allow_native or ()})
-    return XpuDevice(backend, quota_from_args(args), allowed_kinds=kinds, msix=args.msix)
+    return XpuDevice(backend, quota_from_args(args), allowed_kinds=kinds, msix=args.msix,
+                     poll_idle_us=getattr(args, "poll_idle_us", None))
+
+
+def _poll_idle_us(text: str) -> int:
+    """``--poll-idle-us``: microseconds, 0 to 1,000,000."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 1_000_000:
+        raise argparse.ArgumentTypeError(f"{value} is not between 0 and 1000000 microseconds")
+    return value
 
 
 def quota_from_args(args: argparse.Namespace) -> Any:
@@ -113,6 +126,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--allow-native", action="append", choices=["ptx", "cubin", "hsaco", "onnx"],
                    help="let the guest load native modules of this kind (repeatable; unchecked code, off by "
                         "default); the backend must support the kind too")
+    p.add_argument("--poll-idle-us", type=_poll_idle_us, metavar="US", default=os.environ.get("VXPU_POLL_IDLE_US"),
+                   help="accelerator: longest idle spin of the queue poller after recent submissions, in "
+                        "microseconds (adaptive between 200 and this; default 2000, or VXPU_POLL_IDLE_US; "
+                        "0: sleep at once, for hosts without a core to spare)")
     p.add_argument("--stats-file", metavar="PATH",
                    help="keep the device's STATS JSON in PATH (written at start and every 2 s, atomically; "
                         "the accelerator only)")

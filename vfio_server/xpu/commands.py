@@ -19,6 +19,13 @@ which also checks that no device reset or disconnect happened meanwhile (:class:
 Backend calls that may wait (compiles, FENCE, frees, event waits) run without that lock, so
 a DMA_UNMAP on the serve loop never waits for them.
 
+LAUNCH plans: a LAUNCH whose kernel handle, dims words, queue and argument bytes (read from
+guest RAM for every command, after the same SG checks) match an earlier successful one reuses
+the session's :class:`~vxpu.accel.session.LaunchPlan` (:meth:`Session.relaunch`: the depth
+accounting and the backend call). The session refuses a plan made before any free, module
+unload, context reset, quota change or close, and the LAUNCH is then checked in full, so a
+stale handle fails exactly as without the cache. At most :data:`MAX_PLANS` are kept.
+
 Asynchronous errors (KERNEL_FAULT, TIMEOUT, DEVICE_LOST surfacing from earlier work) complete
 the command during which they surfaced with that status, and are also kept until the next
 FENCE, which reports the first of them.
@@ -33,7 +40,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from vxpu.accel.backend import BackendError, ModuleKind
-from vxpu.accel.session import DEFAULT_QUEUE, Session
+from vxpu.accel.session import DEFAULT_QUEUE, LaunchPlan, Session
 from vxpu.vfio_server.xpu.guestram import GuestFault, GuestRam, RamRegion
 from vxpu.vfio_server.xpu.stats import DeviceStats
 
@@ -46,6 +53,7 @@ log = logging.getLogger(__name__)
 U64_MAX = (1 << 64) - 1
 ASYNC_ERRORS = frozenset({Status.KERNEL_FAULT, Status.TIMEOUT, Status.DEVICE_LOST})
 MAX_INFER_REQUEST = 4096
+MAX_PLANS = 256                  # LAUNCH plans kept per device (all dropped when full)
 _KINDS = {abi.ModuleKind.IR: ModuleKind.IR, abi.ModuleKind.PTX: ModuleKind.PTX,
           abi.ModuleKind.CUBIN: ModuleKind.CUBIN, abi.ModuleKind.HSACO: ModuleKind.HSACO,
           abi.ModuleKind.ONNX: ModuleKind.ONNX}
@@ -123,6 +131,9 @@ class Executor:
         self.queued = 0                # backend operations issued since the last full synchronize
         self._section = _GuestSection(self)
         self.events: dict[int, bool] = {}      # this guest's event handles -> recorded yet
+        #: LAUNCH plans: (kernel, dims words, queue, argument bytes) -> the session's LaunchPlan
+        self._plans: dict[tuple[int, int, int, int, int, bytes], LaunchPlan] = {}
+        self.max_plans = MAX_PLANS                 # 0: no plan cache (every LAUNCH checked in full)
         self._queue = DEFAULT_QUEUE
         self._queue_session: Session | None = None     # the session and its invalidation count the
         self._queue_drops = -1                         # queue is for
@@ -355,6 +366,12 @@ class Executor:
         dev = d.a0
         with self.guest():
             segs, total = self._segments(d, not to_device)
+            if len(segs) == 1 and segs[0][0].token is not None:    # one registered piece: one call
+                ram, off, n = segs[0]
+                if not s.copy_address(to_device, dev, ram.host_base + off, n, q, self.queued if need_room else None):
+                    return None
+                self.queued += 1
+                return total
             s.check_range(dev, total)
             # The session's own count too: a wait or launch that failed leaves it above ours.
             if need_room and max(self.queued, s.pending(q)) + len(segs) >= s.quota.queue_depth:
@@ -421,13 +438,40 @@ class Executor:
         return handle, info.args_size
 
     def _launch(self, d: Desc) -> Result:
+        """LAUNCH through the plan cache (see the module docstring): the argument blob is read
+        from guest RAM every time and is part of the key; a plan the session no longer vouches
+        for (its generation moved) is checked in full again, like a miss."""
+        try:
+            blob = self._read_sg(d, abi.MAX_ARG_BYTES)
+        except GuestFault:
+            self._launch_dims(d)       # a shape error is reported first, as it always was
+            raise
+        q = self.queue
+        key = (d.a0, d.a1, d.a2, d.a3, q, blob)
+        plan = self._plans.get(key)
+        if plan is None or not self._session().relaunch(plan):
+            grid, block, shared = self._launch_dims(d)
+            plan = self._session().launch_plan(d.a0, grid, block, blob, shared, q)
+            if plan is not None and self.max_plans:
+                if len(self._plans) >= self.max_plans:
+                    self._plans.clear()
+                self._plans[key] = plan
+        self.queued += 1
+        return 0, 0
+
+    @staticmethod
+    def _launch_dims(d: Desc) -> tuple[tuple[int, int, int], tuple[int, int, int], int]:
+        """LAUNCH's ``(grid, block, shared bytes)``; INVALID_ARGUMENT for a zero or too large
+        dimension (the session checks the rest)."""
         grid, block, shared = abi.unpack_launch_dims(d.a1, d.a2, d.a3)
         if block[0] > _MAX_BLOCK_DIM or 0 in grid or 0 in block:
             raise GuestFault(Status.INVALID_ARGUMENT, f"grid {grid} / block {block} out of range")
-        blob = self._read_sg(d, abi.MAX_ARG_BYTES)
-        self.session.launch(d.a0, grid, block, blob, shared, self.queue)
-        self.queued += 1
-        return 0, 0
+        return grid, block, shared
+
+    def forget_plans(self) -> None:
+        """Drop the launch plans (a reset, a bus-master loss, a DMA map change: none of them can
+        make a plan wrong, the session's generation covers that, but none is worth keeping)."""
+        self._plans = {}
 
     def _infer(self, d: Desc) -> Result:
         if not self.features & Feature.ONNX:
@@ -514,6 +558,7 @@ class Executor:
 
     def _reset_cmd(self, d: Desc) -> Result:
         self._reset()
+        self.forget_plans()
         self.events.clear()
         self.queued = 0
         self.async_error = None

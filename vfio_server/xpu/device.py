@@ -62,11 +62,13 @@ class XpuDevice(PciDevice):
         allowed_kinds: module kinds the guest may load (native kinds are an operator opt-in).
         msix: also offer MSI-X (2 vectors; cold-plug only: QEMU 11.1.3 aborts on hot-unplug).
         name: for log lines.
+        poll_idle_us: the poller's adaptive idle spin ceiling in microseconds (None: the
+            default, :data:`~vxpu.vfio_server.xpu.poller.MAX_SPIN_S`; 0: never spin).
     """
 
     def __init__(self, backend: Backend, quota: Quota = DEFAULT_QUOTA, *,
                  allowed_kinds: frozenset[ModuleKind] = frozenset({ModuleKind.IR}),
-                 msix: bool = False, name: str = "xpu") -> None:
+                 msix: bool = False, name: str = "xpu", poll_idle_us: int | None = None) -> None:
         self.backend = backend
         self.quota = quota
         self.allowed_kinds = allowed_kinds
@@ -82,7 +84,8 @@ class XpuDevice(PciDevice):
         self._name = name
         self._call: Callable[[Callable[[], None]], None] | None = None
         self.poller = Poller(self._new_session, self.features, self._identity, self._irq_from_any_thread,
-                             self._irq_settings, lambda: self.bus_master_enabled)
+                             self._irq_settings, lambda: self.bus_master_enabled,
+                             max_spin_s=None if poll_idle_us is None else poll_idle_us / 1e6)
 
     def _new_session(self) -> Session:
         return Session(self.backend, self.quota, allowed_kinds=self.allowed_kinds, name=self._name,

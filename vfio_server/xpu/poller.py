@@ -16,7 +16,7 @@ Threads and locks (ARCHITECTURE.md decision 2; the serve loop is single-threaded
   (:func:`vxpu.accel.hostqueue.defer_wakeups`), so the FENCE runs the kernel on the poller
   thread with no worker woken to contend for the GIL.
 
-Polling: after the last descriptor the poller spins for :data:`SPIN_S`, checking ``sq_tail``
+Polling: after the last descriptor the poller spins (see *Adaptive spin*), checking ``sq_tail``
 without the lock (a hint: the locked cycle runs only when it moved) and calling
 ``os.sched_yield()`` on every check: that releases the GIL (the loop's replies to QEMU are not
 held up) and lets a submitter that shares the core run (with ``time.sleep(0)`` instead, a
@@ -27,6 +27,16 @@ the device lowers the interpreter's switch interval to :data:`SWITCH_INTERVAL_S`
 device"). Then it sets need-wakeup in the queue header, re-reads ``sq_tail`` (a descriptor
 submitted meanwhile is taken at once), and sleeps until a doorbell, a control request or
 :data:`~vxpu.abi.xpu.MAX_WAKEUP_LATENCY_MS` (a missed doorbell costs at most that long).
+
+Adaptive spin (like KVM's halt polling): the spin lasts :attr:`Poller.spin_s`, at least
+:data:`SPIN_S` and at most :attr:`Poller.max_spin_s` (``vxpu serve --poll-idle-us``, default
+:data:`MAX_SPIN_S`). When the poller wakes from a sleep, the idle gap since its last work tells
+whether a longer spin would have caught it: a gap within the ceiling raises the spin to twice
+the gap (never lowering it), a longer gap (the guest went idle) puts it back to the floor. A
+guest that pauses between bursts for less than the ceiling stops paying the ~0.3 ms wake-up
+after a few bursts; an idle guest costs one ceiling's spin at most. A ceiling below
+:data:`SPIN_S` is a fixed spin of that length (0: sleep at once, for hosts without a core to
+spare, e.g. TCG guests on two cores).
 
 Completions are posted in submission order, in groups: the completions of commands that only
 issue work (copies, memsets, NOPs, launches, event records) are held and written together with
@@ -66,7 +76,8 @@ from vxpu.log import LogBudget
 
 log = logging.getLogger(__name__)
 
-SPIN_S = 200e-6                  # keep polling this long after the last descriptor
+SPIN_S = 200e-6                  # keep polling at least this long after the last descriptor
+MAX_SPIN_S = 2e-3                # ... and at most this long, after short idle gaps (adaptive)
 BATCH = 64                       # descriptors taken per lock acquisition
 MAX_HELD = 4 * BATCH             # completions held while copies wait for one synchronization
 SWITCH_INTERVAL_S = 0.0005       # sys.setswitchinterval while a device runs (see the docstring)
@@ -114,11 +125,15 @@ class Poller:
         irq: ``irq(vector)`` delivers an interrupt from any thread (hands over to the loop).
         irq_settings: returns ``(IrqControl bits, coalesce count, coalesce usec)``.
         bus_master: returns whether the guest allows DMA now.
+        max_spin_s: the adaptive idle spin's ceiling in seconds (None: :data:`MAX_SPIN_S`).
     """
 
     def __init__(self, make_session: Callable[[], Session], features: int, identity: Callable[[], bytes],
                  irq: Callable[[int], None], irq_settings: Callable[[], tuple[int, int, int]],
-                 bus_master: Callable[[], bool]) -> None:
+                 bus_master: Callable[[], bool], max_spin_s: float | None = None) -> None:
+        self.max_spin_s = MAX_SPIN_S if max_spin_s is None else max(0.0, float(max_spin_s))
+        self.min_spin_s = min(SPIN_S, self.max_spin_s)
+        self.spin_s = self.min_spin_s            # the current idle spin (see the module docstring)
         self.ram = GuestRam(log)
         self.stats = DeviceStats()
         self.controls: collections.deque[tuple[str, Any]] = collections.deque()
@@ -212,6 +227,7 @@ class Poller:
         """Bus mastering went off: a running queue stops with NO_BUS_MASTER, at once, and the
         commands of its batch touch guest memory no more (the epoch moves: they are abandoned)."""
         with self.ram.lock:
+            self.executor.forget_plans()
             if self.enabled:
                 self.epoch += 1
                 self._set_fatal(FatalCode.NO_BUS_MASTER, 0, "bus mastering turned off while the queue ran")
@@ -228,6 +244,7 @@ class Poller:
             if self._rings is not None:
                 self._rings.release()
             self.ram.remove(region, self.session.unregister_host)
+            self.executor.forget_plans()
 
     def stop(self) -> None:
         """Stop the thread and close the session (server shutdown)."""
@@ -348,6 +365,7 @@ class Poller:
                     break
         with self.ram.lock:
             old.close()
+            self.executor.forget_plans()
             self.session = self._make_session()
             self.ram.forget_registrations()
             self.ram.register_pending(self.session.register_host)
@@ -380,11 +398,21 @@ class Poller:
                 last = now
                 continue
             self._timer_irq(now)
-            if now - last < SPIN_S:
+            if now - last < self.spin_s:
                 os.sched_yield()         # releases the GIL and lets a submitter sharing this core run
                 continue
             self._sleep()
-            last = time.monotonic()
+            now = time.monotonic()
+            self._adapt_spin(now - last)
+            last = now
+
+    def _adapt_spin(self, gap: float) -> None:
+        """After a sleep that ended ``gap`` seconds after the last work: spin long enough to
+        catch such a gap next time when it is within the ceiling, else back to the floor."""
+        if gap <= self.max_spin_s:
+            self.spin_s = min(self.max_spin_s, max(self.spin_s, 2 * gap))
+        else:
+            self.spin_s = self.min_spin_s
 
     def _quiet(self) -> bool:
         """Lock-free: the running queue has nothing new (so a spin iteration skips the locked
