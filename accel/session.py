@@ -466,17 +466,18 @@ class Session:
             BackendError: as :meth:`copy_htod_address`.
         """
         self.check_range(device, size)
-        if reserve is not None:
-            q = self._queues.get(queue)
-            if max(reserve, 0 if q is None else q.pending) + 1 >= self._quota.queue_depth:
-                return False
+        q = self._queues.get(queue)
+        if reserve is not None and max(reserve, 0 if q is None else q.pending) + 1 >= self._quota.queue_depth:
+            return False
         fn = getattr(self.backend, "copy_htod_address" if to_device else "copy_dtoh_address", None)
         if fn is None:
             raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
         if not 0 <= host <= U64_MAX:
             raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
         if size:
-            q = self._submit(queue)
+            if q is None:
+                q = self._queue(queue)          # INVALID_HANDLE
+            self._account(q)
             if to_device:
                 fn(device, host, size, q.token)
             else:

@@ -195,6 +195,13 @@ class Probe:
         r["executor LAUNCH+FENCE us"] = median_us(exec_one, 2000)
         r["executor LAUNCH only us"] = median_us(lambda: ex.execute(launch), 2000)
         ex.execute(fence)
+        plans = getattr(ex, "max_plans", None)         # None: a tree before the plan cache
+        if plans is not None:
+            ex.max_plans = 0                             # every LAUNCH checked in full
+            ex.forget_plans()
+            r["executor LAUNCH only us [no plan cache]"] = median_us(lambda: ex.execute(launch), 2000)
+            ex.max_plans = plans
+            ex.execute(fence)
         r["executor FENCE (nothing issued) us"] = median_us(lambda: ex.execute(fence), 2000)
 
         def exec_batch() -> None:
@@ -210,6 +217,17 @@ class Probe:
         r = self.results
         s, ex, d = self.session, self.executor, self.dptr
         q = ex.queue
+        for direction, op in (("htod", abi.Opcode.MEM_COPY_HTOD), ("dtoh", abi.Opcode.MEM_COPY_DTOH)):
+            small = self._desc(op, d, sg=(RAM_BASE, 64))        # 64 bytes: the per-command cost
+
+            def exec_small(desc: tuple[int, ...] = small) -> None:
+                ex.defer_sync = True
+                for _ in range(64):
+                    ex.execute(desc)
+                ex.sync_pending = False
+                ex.synchronize_deferred()
+                ex.defer_sync = False
+            r[f"executor {direction} 64 B x64 us/copy"] = median_us(exec_small, 200, 64)
         for size, k in COPIES:
             tag = f"{size // KiB} KiB x{k}" if size < MiB else f"{size // MiB} MiB x{k}"
             reps = max(5, 400 // k)

@@ -282,6 +282,13 @@ class Executor:
         """The bytes the SG list names (at most ``limit``), copied out of guest RAM."""
         if not d.sg_count:
             return b""
+        if d.sg_count == 1 and not d.flags & _SG_INDIRECT:     # inline: _segments' checks, in its order
+            length = d.sg_len
+            with self.guest():
+                if length > limit:
+                    raise GuestFault(Status.INVALID_ARGUMENT, f"{length} bytes exceed the limit of {limit}")
+                ram, off = self.ram.find(d.sg_addr, length, False)
+                return ram.view[off:off + length].tobytes()
         with self.guest():
             segs, _total = self._segments(d, False, limit)
             if len(segs) == 1:
@@ -329,14 +336,37 @@ class Executor:
         return 0, 0
 
     def _htod(self, d: Desc) -> Result:
-        self.counters.bytes_htod += self._copy(d, to_device=True)
+        n = self._copy_inline(d, True) if d.sg_count == 1 and not d.flags & _SG_INDIRECT else -1
+        self.counters.bytes_htod += n if n >= 0 else self._copy(d, to_device=True)
         self._consumed()                # HTOD completes once its guest bytes were read
         return 0, 0
 
     def _dtoh(self, d: Desc) -> Result:
-        self.counters.bytes_dtoh += self._copy(d, to_device=False)
+        n = self._copy_inline(d, False) if d.sg_count == 1 and not d.flags & _SG_INDIRECT else -1
+        self.counters.bytes_dtoh += n if n >= 0 else self._copy(d, to_device=False)
         self._consumed()                # DTOH completes when the bytes are in guest RAM
         return 0, 0
+
+    def _copy_inline(self, d: Desc, to_device: bool) -> int:
+        """The common copy in one step: one inline SG entry in a region registered with the
+        backend, one :meth:`Session.copy_address` (the same checks, in the same order, as
+        :meth:`_copy`: transfer limit, guest range, device range, queue room). Returns the
+        bytes, or -1 when the region is not registered (then :meth:`_copy` does it)."""
+        length = d.sg_len
+        if length > abi.MAX_TRANSFER_BYTES:
+            raise GuestFault(Status.INVALID_ARGUMENT, f"{length} bytes exceed the limit of {abi.MAX_TRANSFER_BYTES}")
+        s = self._session()
+        q = self.queue
+        for reserve in (self.queued, None):     # None: after waiting for the queue, no room check
+            with self.guest():
+                ram, off = self.ram.find(d.sg_addr, length, not to_device)
+                if ram.token is None:
+                    return -1
+                if s.copy_address(to_device, d.a0, ram.host_base + off, length, q, reserve):
+                    self.queued += 1
+                    return length
+            self._synchronize()         # without the lock: earlier kernels may take a while
+        raise AssertionError("copy_address without a room check issued nothing")
 
     def _consumed(self) -> None:
         """The copy just issued must be done with guest RAM before its completion is posted:
@@ -366,12 +396,6 @@ class Executor:
         dev = d.a0
         with self.guest():
             segs, total = self._segments(d, not to_device)
-            if len(segs) == 1 and segs[0][0].token is not None:    # one registered piece: one call
-                ram, off, n = segs[0]
-                if not s.copy_address(to_device, dev, ram.host_base + off, n, q, self.queued if need_room else None):
-                    return None
-                self.queued += 1
-                return total
             s.check_range(dev, total)
             # The session's own count too: a wait or launch that failed leaves it above ours.
             if need_room and max(self.queued, s.pending(q)) + len(segs) >= s.quota.queue_depth:
