@@ -331,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=0,
                         help="copies: at least this many repetitions per interleaved block (the device's "
                              "poller sleeps during the native block, so each SDK block's first one pays a wake-up)")
+    parser.add_argument("--poll-idle-us", type=int, metavar="US",
+                        help="the server's 'vxpu serve --poll-idle-us' (adaptive idle spin ceiling; passed to the "
+                             "child as VXPU_POLL_IDLE_US; 200 gives the fixed spin of before)")
     args = parser.parse_args(argv)
+    if args.poll_idle_us is not None:
+        os.environ["VXPU_POLL_IDLE_US"] = str(args.poll_idle_us)
     if args.old_wait:
         ring.BUSY_SPIN_S = 0.0
     native = CudaNative() if args.backend.startswith("cuda") else SessionNative(args.backend)
@@ -343,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
             sdk.traced(args.trace)
         result = {"backend": args.backend, "block": args.block, "native": native.name, "device": ident.get("name"),
                   "rows": rows, "doorbells": dev.ring.doorbells, "commands": dev.ring.submitted,
-                  "old_wait": args.old_wait, "stats": dev.stats()}
+                  "old_wait": args.old_wait, "poll_idle_us": os.environ.get("VXPU_POLL_IDLE_US"),
+                  "stats": dev.stats()}
         log = getattr(dev.transport, "server_log", None)
         if callable(log):
             result["server_warnings"] = [ln for ln in log().splitlines() if "WARNING" in ln or "ERROR" in ln][-10:]
