@@ -56,6 +56,7 @@ from vxpu.ir import encode, parse
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = (64 * KiB, 1 * MiB, 16 * MiB)
 BATCH = {64 * KiB: 64, 1 * MiB: 16, 16 * MiB: 4}
+PAUSES = (0.001, 0.003)          # idle gaps before a LAUNCH + completion (the poller's adaptive spin)
 LAUNCHES = 1000
 EMPTY_IR = """module @bench
 kernel @empty() {
@@ -79,6 +80,18 @@ def timed(fn: Callable[[], None], reps: int) -> list[float]:
         fn()
         out.append(clock() - t0)
     return out
+
+
+def after_pause(fn: Callable[[], None], pause: float, reps: int) -> float:
+    """Median seconds of ``fn`` when each call follows ``pause`` seconds of idleness (the
+    device's poller may have gone to sleep: see vfio_server/xpu/poller.py, adaptive spin)."""
+    out = []
+    for _ in range(reps):
+        time.sleep(pause)
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return statistics.median(out)
 
 
 def interleave(a: Callable[[], None], b: Callable[[], None], reps: int, block: int) -> tuple[float, float]:
@@ -285,6 +298,11 @@ def bench(sdk: SdkSide, native: Any, quick: bool, block: int = 0) -> list[dict[s
     t_sdk, t_nat = interleave(sdk.launch_sync, native.launch_sync, reps, 100)
     rows.append({"what": "empty LAUNCH + completion (us)", "sdk": t_sdk * 1e6, "native": t_nat * 1e6,
                  "ratio": t_sdk / t_nat, "better": "lower"})
+    for pause in PAUSES:
+        t_sdk, t_nat = after_pause(sdk.launch_sync, pause, 50 if quick else 200), \
+            after_pause(native.launch_sync, pause, 50 if quick else 200)
+        rows.append({"what": f"  the same after a {pause * 1e3:g} ms pause (us)", "sdk": t_sdk * 1e6,
+                     "native": t_nat * 1e6, "ratio": t_sdk / t_nat, "better": "lower"})
     reps = 3 if quick else 10
     t_sdk, t_nat = interleave(sdk.launch_batch, native.launch_batch, reps, 1)
     rows.append({"what": f"batched launches, {LAUNCHES} then sync (us/launch)", "sdk": t_sdk / LAUNCHES * 1e6,

@@ -128,7 +128,7 @@ def register(subparsers: Any) -> None:
                         "default); the backend must support the kind too")
     p.add_argument("--poll-idle-us", type=_poll_idle_us, metavar="US", default=os.environ.get("VXPU_POLL_IDLE_US"),
                    help="accelerator: longest idle spin of the queue poller after recent submissions, in "
-                        "microseconds (adaptive between 200 and this; default 2000, or VXPU_POLL_IDLE_US; "
+                        "microseconds (adaptive between 200 and this; default 5000, 2000 on two cores or fewer, or VXPU_POLL_IDLE_US; "
                         "0: sleep at once, for hosts without a core to spare)")
     p.add_argument("--stats-file", metavar="PATH",
                    help="keep the device's STATS JSON in PATH (written at start and every 2 s, atomically; "

@@ -77,7 +77,9 @@ from vxpu.log import LogBudget
 log = logging.getLogger(__name__)
 
 SPIN_S = 200e-6                  # keep polling at least this long after the last descriptor
-MAX_SPIN_S = 2e-3                # ... and at most this long, after short idle gaps (adaptive)
+#: ... and at most this long, after short idle gaps (adaptive): 5 ms, or 2 ms on a host of two
+#: cores or fewer, where a spinning poller takes half the machine from the guest.
+MAX_SPIN_S = 5e-3 if (os.cpu_count() or 1) > 2 else 2e-3
 BATCH = 64                       # descriptors taken per lock acquisition
 MAX_HELD = 4 * BATCH             # completions held while copies wait for one synchronization
 SWITCH_INTERVAL_S = 0.0005       # sys.setswitchinterval while a device runs (see the docstring)
