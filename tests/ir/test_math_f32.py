@@ -187,9 +187,11 @@ def test_specials_and_limits(sweep) -> None:  # type: ignore[no-untyped-def]
     assert np.isnan(nan).all(), nan
 
 
-#: Max error over all 2^32 inputs (benchmarks/sweep_math_cpu.py), as measured; the dense sweep
-#: below must stay within it. Ranges: where each function's reduction changes form.
-_MEASURED = {"log": 0.990, "log2": 1.09, "sin": 1.48, "cos": 1.48, "tanh": 1.075}
+#: Max error over all 2^32 inputs, as measured (log, log2, tanh: benchmarks/sweep_math_cpu.py on
+#: x86; sin, cos: bench_math_gpu.py on the H200, the same IEEE f32 arithmetic, where log and log2
+#: gave the x86 maxima at the same inputs); the dense sweep below must stay within them. Ranges:
+#: where each function's reduction changes form.
+_MEASURED = {"log": 0.990, "log2": 1.089, "sin": 1.487, "cos": 1.490, "tanh": 1.075}
 _DENSE_RANGES = {
     "log": [(0.5, 2.0), (1e-45, 1e-37)], "log2": [(0.5, 2.0), (1e-45, 1e-37)],
     "sin": [(-4.0, 4.0), (105000.0, 106000.0)], "cos": [(-4.0, 4.0), (105000.0, 106000.0)],
