@@ -5,8 +5,8 @@
   while the session's plan generation, from :func:`next_plan_generation`, is unchanged).
 * :func:`guarded`: every public session method runs under the session lock, refuses a closed
   session, notices another client's context reset first, and maps any error to a
-  :class:`BackendError` (an unexpected exception becomes INTERNAL, logged within
-  :data:`WARN_BUDGET`).
+  :class:`BackendError` (an unexpected exception becomes INTERNAL, logged to the session's
+  own logger within :data:`WARN_BUDGET`).
 * :func:`dims3`: the launch-shape check with a fast path for three-int tuples.
 """
 
@@ -131,8 +131,8 @@ def guarded(method: F) -> F:
                 self._on_error(exc)
                 raise
             except Exception as exc:  # a bug below us: never let it reach the guest raw
-                guest_log(log, logging.ERROR, "internal error in %s: %s", method.__name__, exc)
-                log.debug("traceback", exc_info=True)
+                guest_log(self.log, logging.ERROR, "internal error in %s: %s", method.__name__, exc)
+                self.log.debug("traceback", exc_info=True)
                 err = BackendError(Status.INTERNAL, f"internal error in {method.__name__}: {type(exc).__name__}")
                 self._on_error(err)
                 raise err from exc

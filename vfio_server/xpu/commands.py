@@ -355,9 +355,9 @@ class Executor:
         length = d.sg_len
         if length > abi.MAX_TRANSFER_BYTES:
             raise GuestFault(Status.INVALID_ARGUMENT, f"{length} bytes exceed the limit of {abi.MAX_TRANSFER_BYTES}")
-        s = self._session()
-        q = self.queue
         for reserve in (self.queued, None):     # None: after waiting for the queue, no room check
+            s = self._session()
+            q = self.queue
             with self.guest():
                 ram, off = self.ram.find(d.sg_addr, length, not to_device)
                 if ram.token is None:
