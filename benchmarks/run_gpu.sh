@@ -2,8 +2,10 @@
 # One batched run on a lent GPU machine (no network, no vxpu install): the checked-IR kernel
 # ratios, the SDK and device-path ratios against native CUDA, and the device tests on CUDA.
 # Results go to $OUT (the device tool's output folder) or ./gpu-results; a short table on stdout.
-#   usage: [STEPS=checked,sdk,xpu,tests] [STEP_TIMEOUT=200] benchmarks/run_gpu.sh [cuda]
-#   (STEPS picks a subset, in that order; default all four.)
+#   usage: [STEPS=checked,sdk,xpu,tests,groups] [STEP_TIMEOUT=200] benchmarks/run_gpu.sh [cuda]
+#   (STEPS picks a subset, in that order; default all five. "groups" runs the checked-kernel
+#   fault tests on CUDA twice: fault record in mapped host memory (the default) and in device
+#   memory, to tell a record-placement problem from a lowering one.)
 set -uo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
 BACKEND="${1:-cuda}"
@@ -15,11 +17,22 @@ ln -s "$R/vm-images" "$PK/vxpu/images"
 PY="${PYTHON:-python3}"
 export PYTHONPATH="$PK" VXPU_CACHE="$PK/cache" PYTHONDONTWRITEBYTECODE=1
 cd "$PK"
-STEPS=",${STEPS:-checked,sdk,xpu,tests},"
+STEPS=",${STEPS:-checked,sdk,xpu,tests,groups},"
 want() { [[ "$STEPS" == *",$1,"* ]]; }
-step() { echo "== $1"; shift; timeout "${STEP_TIMEOUT:-200}" "$@" 2>&1 | tail -25; }
+step() {  # the whole output goes to $OUT/steps.log, its last 25 lines to stdout
+    echo "== $1" | tee -a "$OUT/steps.log"; shift
+    timeout "${STEP_TIMEOUT:-200}" "$@" 2>&1 | tee -a "$OUT/steps.log" | tail -25; }
 want checked && step "checked IR kernels vs CUDA C" "$PY" "$R/benchmarks/bench_checked_gpu.py" --json "$OUT/checked.json"
 want sdk && step "SDK through the host transport" "$PY" "$R/benchmarks/bench_sdk.py" --backend "$BACKEND" --json "$OUT/sdk.json"
 want xpu && step "device path, raw descriptors" "$PY" "$R/benchmarks/bench_xpu.py" --quick --backend "$BACKEND" --json "$OUT/xpu.json"
 want tests && step "device + SDK tests on $BACKEND" env VXPU_XPU_BACKEND="$BACKEND" VXPU_SDK_BACKEND="$BACKEND" \
     "$PY" -m pytest -q -p no:cacheprovider --import-mode=importlib "$R/tests/xpu" "$R/tests/sdk/test_sdk_local.py"
+want groups && step "checked-kernel fault tests on CUDA, record in mapped host memory" \
+    env PYTHONPATH="$PK:$R" "$PY" -m pytest -q -p no:cacheprovider -p no:logging --tb=short --import-mode=importlib \
+    "$R/tests/ir/test_gpu_groups.py" "$R/tests/ir/test_bounds.py"
+want groups && step "the same, record in device memory" env PYTHONPATH="$PK:$R" "$PY" -c "
+import sys, pytest
+from vxpu.accel.gpubase import GpuBackend
+GpuBackend._mapped_record = lambda self: 0     # force the device-memory record (+ pinned mirror)
+sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-p', 'no:logging', '--tb=short', '--import-mode=importlib',
+                      '$R/tests/ir/test_gpu_groups.py', '$R/tests/ir/test_bounds.py']))"
