@@ -192,10 +192,11 @@ def test_specials_and_limits(sweep) -> None:  # type: ignore[no-untyped-def]
 #: gave the x86 maxima at the same inputs); the dense sweep below must stay within them. Ranges:
 #: where each function's reduction changes form.
 _MEASURED = {"log": 0.990, "log2": 1.089, "sin": 1.487, "cos": 1.490, "tanh": 1.075}
-_DENSE_RANGES = {
-    "log": [(0.5, 2.0), (1e-45, 1e-37)], "log2": [(0.5, 2.0), (1e-45, 1e-37)],
-    "sin": [(-4.0, 4.0), (105000.0, 106000.0)], "cos": [(-4.0, 4.0), (105000.0, 106000.0)],
-    "tanh": [(0.7, 0.8), (8.0, 10.0)],
+_DENSE_RANGES = {  # (lo, hi, stride): every stride-th f32 between lo and hi
+    "log": [(0.5, 2.0, 7), (1e-45, 1e-37, 7)], "log2": [(0.5, 2.0, 7), (1e-45, 1e-37, 7)],
+    "sin": [(1e-30, 4.0, 401), (-4.0, -1e-30, 401), (105000.0, 106000.0, 1)],
+    "cos": [(1e-30, 4.0, 401), (105000.0, 106000.0, 1)],
+    "tanh": [(0.7, 0.8, 7), (8.0, 10.0, 7)],
 }
 
 
@@ -209,7 +210,7 @@ def _range_bits(lo: float, hi: float, stride: int) -> np.ndarray:
 def test_f32_op_on_a_dense_sweep(op: str) -> None:
     run = _jit(lambda b, x: vmath.call_math(b, op, [x]))
     dense = np.arange(0, 1 << 31, 4099, dtype=np.uint32)
-    parts = [dense, dense | np.uint32(1 << 31)] + [_range_bits(lo, hi, 7) for lo, hi in _DENSE_RANGES[op]]
+    parts = [dense, dense | np.uint32(1 << 31)] + [_range_bits(lo, hi, st) for lo, hi, st in _DENSE_RANGES[op]]
     bits = np.concatenate(parts)
     x = bits.view(np.float32)
     ref = getattr(np, op)
