@@ -147,6 +147,9 @@ class Session:
         self._events: dict[int, object] = {}
         self._host_tokens: list[object] = []
         self._epoch = backend.stats.resets
+        #: the backend's optional address copies (htod, dtoh), looked up once
+        self._address_copies: tuple[Callable[..., None] | None, Callable[..., None] | None] = (
+            getattr(backend, "copy_htod_address", None), getattr(backend, "copy_dtoh_address", None))
 
     @property
     def quota(self) -> Quota:
@@ -469,7 +472,7 @@ class Session:
         q = self._queues.get(queue)
         if reserve is not None and max(reserve, 0 if q is None else q.pending) + 1 >= self._quota.queue_depth:
             return False
-        fn = getattr(self.backend, "copy_htod_address" if to_device else "copy_dtoh_address", None)
+        fn = self._address_copies[0 if to_device else 1]
         if fn is None:
             raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
         if not 0 <= host <= U64_MAX:

@@ -124,7 +124,8 @@ def guarded(method: F) -> F:
         with self._lock:
             if self._closed:
                 raise BackendError(Status.INVALID_HANDLE, "the session is closed")
-            self._check_epoch()
+            if self.backend.stats.resets != self._epoch:     # another client's fault reset the context
+                self._check_epoch()
             try:
                 return method(self, *args, **kwargs)
             except BackendError as exc:
