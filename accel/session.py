@@ -76,7 +76,10 @@ from vxpu.accel.backend import (
 )
 from vxpu.accel.pool import MemoryPool, align_up
 from vxpu.accel.quota import DEFAULT_QUOTA, CompileBudget, Quota, QuotaUsage
+from vxpu.accel.session_copies import SessionCopies
 from vxpu.accel.session_records import (
+    DEFAULT_QUEUE,
+    U64_MAX,
     WARN_BUDGET,
     WARN_REFILL_S,
     LaunchPlan,
@@ -96,8 +99,6 @@ __all__ = ["DEFAULT_QUEUE", "WARN_BUDGET", "WARN_REFILL_S", "LaunchPlan", "Sessi
 
 log = logging.getLogger(__name__)
 
-DEFAULT_QUEUE = 0
-U64_MAX = (1 << 64) - 1
 MAX_KERNEL_NAME = 255
 DEFAULT_ALLOWED_KINDS = frozenset({ModuleKind.IR})
 
@@ -105,7 +106,7 @@ DEFAULT_ALLOWED_KINDS = frozenset({ModuleKind.IR})
 _TAG_MODULE, _TAG_KERNEL, _TAG_QUEUE, _TAG_EVENT = 0x4D4F, 0x4B45, 0x5155, 0x4556
 _TAG_SHIFT = 48
 
-class Session:
+class Session(SessionCopies):
     """One client's handles, quotas and statistics on one opened backend.
 
     Args:
@@ -277,16 +278,6 @@ class Session:
             q = self._queues.get(queue)
             return 0 if q is None else q.pending
 
-    @staticmethod
-    def _host(view: memoryview, writable: bool) -> memoryview:
-        if not isinstance(view, memoryview):
-            view = memoryview(view)
-        if writable and view.readonly:
-            raise BackendError(Status.INVALID_ARGUMENT, "destination host memory is read-only")
-        if not view.c_contiguous:
-            raise BackendError(Status.INVALID_ARGUMENT, "host memory must be contiguous")
-        return view if view.format == "B" and view.ndim == 1 else view.cast("B")
-
     # -- memory -----------------------------------------------------------------------
     @_guarded
     def alloc(self, size: int) -> int:
@@ -333,163 +324,6 @@ class Session:
                 return None
             self._check_epoch()
             return self._allocs.get(address)
-
-    @_guarded
-    def memset(self, address: int, value: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
-        """Fill ``size`` bytes at ``address`` with the byte ``value``.
-
-        Raises:
-            BackendError: INVALID_ARGUMENT (value not a byte), OUT_OF_RANGE, INVALID_HANDLE.
-        """
-        if not 0 <= value <= 255:
-            raise BackendError(Status.INVALID_ARGUMENT, f"memset value must be a byte, got {value!r}")
-        self.check_range(address, size)
-        if size:
-            q = self._submit(queue)
-            self.backend.memset(address, value, size, q.token)
-        self.stats.memsets += 1
-
-    @_guarded
-    def copy_htod(self, dst: int, src: memoryview, queue: int = DEFAULT_QUEUE) -> None:
-        """Copy host memory ``src`` to device address ``dst``.
-
-        Raises:
-            BackendError: INVALID_ARGUMENT (non-contiguous host memory), OUT_OF_RANGE, INVALID_HANDLE.
-        """
-        src = self._host(src, writable=False)
-        self.check_range(dst, src.nbytes)
-        if src.nbytes:
-            q = self._submit(queue)
-            self.backend.copy_htod(dst, src, q.token)
-        self.stats.bytes_htod += src.nbytes
-
-    @_guarded
-    def copy_dtoh(self, dst: memoryview, src: int, queue: int = DEFAULT_QUEUE) -> None:
-        """Copy ``len(dst)`` bytes from device address ``src`` into host memory ``dst``.
-
-        Raises:
-            BackendError: INVALID_ARGUMENT (read-only or non-contiguous ``dst``), OUT_OF_RANGE,
-                INVALID_HANDLE.
-        """
-        dst = self._host(dst, writable=True)
-        self.check_range(src, dst.nbytes)
-        if dst.nbytes:
-            q = self._submit(queue)
-            self.backend.copy_dtoh(dst, src, q.token)
-        self.stats.bytes_dtoh += dst.nbytes
-
-    @_guarded
-    def copy_dtod(self, dst: int, src: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
-        """Copy ``size`` bytes between two device ranges of this client (they may overlap).
-
-        Raises:
-            BackendError: OUT_OF_RANGE, INVALID_ARGUMENT, INVALID_HANDLE.
-        """
-        self.check_range(src, size)
-        self.check_range(dst, size)
-        if size:
-            q = self._submit(queue)
-            self.backend.copy_dtod(dst, src, size, q.token)
-        self.stats.bytes_dtod += size
-
-    @_guarded
-    def register_host(self, view: memoryview, read_only: bool = False) -> object:
-        """Pin a DMA-mapped host region for zero-copy transfers; returns a token.
-        The session unregisters what is left at :meth:`close`.
-
-        Raises:
-            BackendError: from the backend (e.g. OUT_OF_MEMORY when pinning fails).
-        """
-        token = self.backend.register_host(view, read_only)
-        self._host_tokens.append(token)
-        return token
-
-    def unregister_host(self, token: object) -> None:
-        """Undo :meth:`register_host` before the region is unmapped (waits for queued copies).
-        Works on a closed session too, so teardown order does not matter.
-
-        Raises:
-            BackendError: INVALID_HANDLE for a token this session did not hand out.
-        """
-        with self._lock:
-            if token not in self._host_tokens:
-                raise BackendError(Status.INVALID_HANDLE, "unknown host registration")
-            self._host_tokens.remove(token)
-            self.backend.unregister_host(token)
-
-    @_guarded
-    def copy_htod_address(self, dst: int, host: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
-        """Copy ``size`` bytes from a host *address* inside a region given to
-        :meth:`register_host` (the fast path for device models that translate guest-physical
-        addresses themselves). The backend checks the host range; the session the device range.
-
-        Raises:
-            BackendError: UNSUPPORTED if the backend lacks the extension; OUT_OF_RANGE;
-                INVALID_ARGUMENT; INVALID_HANDLE.
-        """
-        fn = getattr(self.backend, "copy_htod_address", None)
-        if fn is None:
-            raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
-        if not 0 <= host <= U64_MAX:
-            raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
-        self.check_range(dst, size)
-        if size:
-            q = self._submit(queue)
-            fn(dst, host, size, q.token)
-        self.stats.bytes_htod += size
-
-    @_guarded
-    def copy_dtoh_address(self, host: int, src: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
-        """Copy ``size`` bytes to a host *address* inside a writable registered region.
-
-        Raises:
-            BackendError: as :meth:`copy_htod_address`.
-        """
-        fn = getattr(self.backend, "copy_dtoh_address", None)
-        if fn is None:
-            raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
-        if not 0 <= host <= U64_MAX:
-            raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
-        self.check_range(src, size)
-        if size:
-            q = self._submit(queue)
-            fn(host, src, size, q.token)
-        self.stats.bytes_dtoh += size
-
-    @_guarded
-    def copy_address(self, to_device: bool, device: int, host: int, size: int, queue: int,
-                     reserve: int | None) -> bool:
-        """:meth:`copy_htod_address` (``to_device``) or :meth:`copy_dtoh_address` in one call,
-        for a device model that must not block on a full queue: with ``reserve`` (the
-        operations the caller has issued since its last wait) it first checks the device
-        range, then returns False, issuing nothing, when ``max(reserve, pending) + 1`` reaches
-        the queue depth quota (the caller waits for the queue, then calls again with None).
-
-        Raises:
-            BackendError: as :meth:`copy_htod_address`.
-        """
-        self.check_range(device, size)
-        q = self._queues.get(queue)
-        if reserve is not None and max(reserve, 0 if q is None else q.pending) + 1 >= self._quota.queue_depth:
-            return False
-        fn = self._address_copies[0 if to_device else 1]
-        if fn is None:
-            raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
-        if not 0 <= host <= U64_MAX:
-            raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
-        if size:
-            if q is None:
-                q = self._queue(queue)          # INVALID_HANDLE
-            self._account(q)
-            if to_device:
-                fn(device, host, size, q.token)
-            else:
-                fn(host, device, size, q.token)
-        if to_device:
-            self.stats.bytes_htod += size
-        else:
-            self.stats.bytes_dtoh += size
-        return True
 
     # -- code -------------------------------------------------------------------------
     def load_module(self, image: bytes | memoryview, kind: ModuleKind = ModuleKind.IR) -> int:

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+DEFAULT_QUEUE = 0                      # the handle of the backend's default queue
+U64_MAX = (1 << 64) - 1
+
 #: Guest-caused warnings (kernel faults, context resets, internal errors) logged at WARNING or
 #: ERROR per process before they go to DEBUG; one more is allowed every WARN_REFILL_S seconds.
 #: A guest faulting its kernels in a loop cannot flood the host's log (stats still count all).
