@@ -124,7 +124,7 @@ def test_groups_fault_like_the_interpreter_on_cuda(cuda, i: int, j: int, w: int,
             got: tuple = ("ok", float(_read(session, out)[0]))
         except KernelFaultError as exc:
             r = exc.record
-            got = ("fault", r.code, r.param, r.offset & MASK)
+            got = ("fault", r.code, r.origin, r.offset & MASK)   # origin: as the interpreter's param
     finally:
         for p in (a, b, out):
             session.free(p)
@@ -185,7 +185,7 @@ def test_small_block_copy_and_general_copy_on_cuda(threads: int) -> None:
             got: tuple = ("ok", _read_n(session, out, threads))
         except KernelFaultError as exc:
             r = exc.record
-            got = ("fault", r.code, r.param, r.offset)
+            got = ("fault", r.code, r.origin, r.offset)
         mem = Memory(1 << 20)
         ref = mem.upload(np.zeros(128, np.int32))
         try:

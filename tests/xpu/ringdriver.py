@@ -110,6 +110,11 @@ class XpuRig:
     def reg(self, offset: int) -> int:
         return int(_U32.unpack(self.client.region_read(BAR0, offset, 4))[0])
 
+    def flush(self) -> None:
+        """Read a register: answered after every earlier posted write was applied (device-abi
+        §4.2), so a setting written before covers the commands posted after this."""
+        self.reg(abi.REG_SCRATCH)
+
     def set_reg(self, offset: int, value: int, posted: bool = True) -> None:
         self.client.region_write(BAR0, offset, _U32.pack(value & 0xFFFF_FFFF), posted=posted)
 

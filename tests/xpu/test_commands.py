@@ -185,10 +185,12 @@ def test_completion_interrupts_and_coalescing(rig):
         rig.run([desc(Opcode.NOP)] * 4)
         assert _count(fd) == 0                                        # IRQ_CONTROL off: none
         rig.set_reg(abi.REG_IRQ_CONTROL, IrqControl.COMPLETION)
+        rig.flush()                                                   # posted: applied before the NOP
         rig.cmd(Opcode.NOP)
         assert _count(fd) == 1
         rig.set_reg(abi.REG_IRQ_COALESCE_COUNT, 8)
         rig.set_reg(abi.REG_IRQ_COALESCE_USEC, 50_000)
+        rig.flush()
         rig.submit([desc(Opcode.NOP)] * 16)
         rig.completions(16)
         assert _count(fd, 0.01) >= 1                                  # 8 reached: at once, not after 50 ms
@@ -196,6 +198,7 @@ def test_completion_interrupts_and_coalescing(rig):
         assert _count(fd, 0.01) == 0                                  # 1 of 8: held back ...
         assert _count(fd, 0.2) == 1                                   # ... until 50 ms passed
         rig.set_reg(abi.REG_IRQ_COALESCE_USEC, 100_000)
+        rig.flush()
         rig.cmd(Opcode.NOP, flags=DescFlags.IRQ)                      # forced
         assert _count(fd, 0.02) == 1
         assert json.loads(_stats(rig))["device"]["interrupts"] >= 4

@@ -29,16 +29,17 @@ class _Spin:
         self.adapt = lambda gap: Poller._adapt_spin(self, gap)  # type: ignore[arg-type]
 
 
-def test_the_spin_grows_to_twice_a_short_gap_and_falls_back_after_a_long_one():
-    p = _Spin(MAX_SPIN_S)
+@pytest.mark.parametrize("ceiling", [2e-3, 5e-3, MAX_SPIN_S])   # both host defaults, and this host's
+def test_the_spin_grows_to_twice_a_short_gap_and_falls_back_after_a_long_one(ceiling: float):
+    p = _Spin(ceiling)
     assert p.spin_s == SPIN_S
     p.adapt(0.0003)
     assert p.spin_s == pytest.approx(0.0006)
     p.adapt(0.0001)                                 # a shorter gap never lowers it
     assert p.spin_s == pytest.approx(0.0006)
-    p.adapt(0.0015)
-    assert p.spin_s == MAX_SPIN_S                   # capped
-    p.adapt(MAX_SPIN_S * 1.01)                      # the guest went idle
+    p.adapt(ceiling * 0.75)
+    assert p.spin_s == ceiling                      # twice the gap, capped
+    p.adapt(ceiling * 1.01)                         # the guest went idle
     assert p.spin_s == SPIN_S
 
 

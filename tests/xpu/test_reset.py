@@ -274,6 +274,7 @@ def test_control_reset_interrupts_for_its_aborted_completions(rig):
     fd = _msi(rig)
     try:
         rig.set_reg(abi.REG_IRQ_CONTROL, 1)                       # IrqControl.COMPLETION
+        rig.flush()
         launch, _out = _spin_launch(rig)
         base = rig.hdr(abi.QH_CQ_TAIL)
         rig.submit([launch, desc(Opcode.FENCE)])
