@@ -142,7 +142,9 @@ def test_kernel_fault_makes_arrays_stale_only_when_the_state_was_lost(fake, rese
             assert np.array_equal(arr.to_host(), np.arange(8, dtype=np.uint8))
 
 
-@pytest.mark.parametrize(("awake", "busy_spin", "sleeps"), [(True, 0.05, False), (False, 0.05, True), (True, 0.0, True)])
+# (awake, 5 s): far more than the completion's 6 ms even when a loaded CI box delays the timer
+# thread (with 50 ms it failed once under load); a waiter that slept regardless still fails.
+@pytest.mark.parametrize(("awake", "busy_spin", "sleeps"), [(True, 5.0, False), (False, 0.05, True), (True, 0.0, True)])
 def test_waiter_keeps_polling_while_the_device_is_awake(fake, monkeypatch, awake, busy_spin, sleeps):
     """A completion that takes 5 ms (a long copy batch) is polled for while the device is awake
     (need-wakeup clear), not slept for; asleep (or with BUSY_SPIN_S = 0) the waiter backs off."""
