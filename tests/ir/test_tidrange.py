@@ -2,9 +2,12 @@
 
 The proof must be sound: an index it calls in bounds for blocks of at most ``B`` threads must be
 in bounds for every thread of every such block. A hypothesis test builds random index
-expressions over ``thread_id.x`` (adds, subs, muls, shifts, masks, remainders, selects, with
-wrapping), computes every thread's index with the interpreter, and requires each index the
-analysis proves to lie inside the array. Fixed cases: the samples' reductions and tiles are
+expressions over ``thread_id.x`` and ``block_dim.x`` (adds, subs, muls, shifts, masks,
+remainders, selects, with wrapping), computes every thread's index with the interpreter, and
+requires each index the analysis proves to lie inside the array. The narrowing by a conditional
+branch is tested the same way: a sweep of compares of thread indices and block sizes with the
+constants at the edges (both edges, every ordered predicate) and a hypothesis test of random
+ones. Fixed cases: the samples' reductions and tiles are
 proven; wrapping, ``urem`` by a parameter (``x % 0 = x``), loaded and off-by-one indices are
 not. The NVPTX lowering versions the kernel on ``block_dim`` and drops exactly those checks in
 the small-block copy.
@@ -76,7 +79,7 @@ def test_fixed_cases(expr: str, shape: tuple[int, int, int], proven: bool) -> No
     assert bool(tidrange.proven_array_accesses(kernel, shape)) is proven
 
 
-_LEAVES = st.sampled_from(["t", "c"])
+_LEAVES = st.sampled_from(["t", "c", "bd"])
 _OPS = st.sampled_from(["add", "sub", "mul", "shl", "lshr", "and", "urem", "select"])
 
 
@@ -90,13 +93,21 @@ def _expr(depth: int) -> st.SearchStrategy:
     return st.one_of(st.tuples(_LEAVES, _CONSTS), st.tuples(_OPS, _expr(depth - 1), _expr(depth - 1)))
 
 
-def _build(kb: KernelBuilder, t, e):  # type: ignore[no-untyped-def]
+def _build(kb: KernelBuilder, t, e, bd=None, env=None):  # type: ignore[no-untyped-def]
+    """The value of expression ``e``: leaves ``t`` (thread_id.x), ``bd`` (block_dim.x), ``c``
+    (a constant) and names in ``env``."""
     c = lambda v: kb.const(v - (1 << 32) if v >= 1 << 31 else v, i32)
     if e[0] == "t":
         return t
     if e[0] == "c":
         return c(e[1])
-    a, b = _build(kb, t, e[1]), _build(kb, t, e[2])
+    if e[0] == "bd":
+        return bd if bd is not None else t
+    if env is not None and e[0] in env:
+        return env[e[0]]
+    if e[0] in ("a", "vb"):
+        return t
+    a, b = _build(kb, t, e[1], bd, env), _build(kb, t, e[2], bd, env)
     if e[0] == "shl" or e[0] == "lshr":
         b = kb.and_(b, c(31)) if e[2][0] != "c" else c(e[2][1] & 31)
         return getattr(kb, e[0])(a, b)
@@ -113,7 +124,7 @@ def _kernel(e, with_access: bool) -> Module:  # type: ignore[no-untyped-def]
     s = kb.shared_array("s", i32, COUNT)
     kb.set_block(kb.block("e"))
     t = kb.thread_id("x")
-    idx = _build(kb, t, e)
+    idx = _build(kb, t, e, kb.block_dim("x"))
     if with_access:
         kb.store(kb.const(1, i32), kb.offset(kb.shared_addr(s), idx, i32))
     kb.store(idx, kb.offset(out, t, i32))
@@ -134,6 +145,103 @@ def test_random_indices_proven_only_when_in_bounds(e, block: int) -> None:  # ty
         got = mem.read(out, np.int32, threads)
         assert ((got >= 0) & (got < COUNT)).all(), (e, threads, got)
 
+
+_PREDS = st.sampled_from(["slt", "sle", "sgt", "sge", "ult", "ule", "ugt", "uge", "eq", "ne"])
+
+
+def _guarded_kernel(a, b, pred: str, e, edge: bool, with_access: bool) -> Module:  # type: ignore[no-untyped-def]
+    """k(out): if ((a pred b) == edge) { s[e] = 1 (e may use a and b as leaves); out[tid] = e }.
+    Threads that do not take the edge leave out[tid] at 0 (in bounds)."""
+    kb = KernelBuilder("k", [("out", ptr_global)])
+    (out,) = kb.params
+    s = kb.shared_array("s", i32, COUNT)
+    entry, body, done = kb.block("e"), kb.block("body"), kb.block("done")
+    kb.set_block(entry)
+    t = kb.thread_id("x")
+    bd = kb.block_dim("x")
+    va, vb = _build(kb, t, a, bd), _build(kb, t, b, bd)
+    cond = kb.icmp(pred, va, vb)
+    kb.cbr(cond, body, done) if edge else kb.cbr(cond, done, body)
+    kb.set_block(body)
+    idx = _build(kb, t, e, bd, {"a": va, "vb": vb})
+    if with_access:
+        kb.store(kb.const(1, i32), kb.offset(kb.shared_addr(s), idx, i32))
+    kb.store(idx, kb.offset(out, t, i32))
+    kb.br(done)
+    kb.set_block(done)
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+_GUARD_LEAVES = st.tuples(st.sampled_from(["t", "c", "bd", "a", "vb"]), _CONSTS)
+
+
+def _guard_expr(depth: int) -> st.SearchStrategy:
+    if depth == 0:
+        return _GUARD_LEAVES
+    return st.one_of(_GUARD_LEAVES, st.tuples(_OPS, _guard_expr(depth - 1), _guard_expr(depth - 1)))
+
+
+#: constants at the edges that matter: the array's bounds, the block sizes, the i32 limits
+_EDGE_CONSTS = st.sampled_from([0, 1, 2, 7, 8, 9, 31, 32, 33, 56, 63, 64, 65, 127, 128, 0x7FFFFFFF,
+                                0x80000000, 0xFFFFFFFF, 0xFFFFFFC0])
+_SMALL = st.tuples(st.just("c"), st.one_of(st.integers(-70, 70), _EDGE_CONSTS))
+#: the index: mostly the compared values themselves, or one step from them
+_GUARDED_INDEX = st.one_of(st.tuples(st.sampled_from(["a", "vb"]), st.just(0)),
+                           st.tuples(st.sampled_from(["add", "sub", "and", "urem"]),
+                                     st.tuples(st.sampled_from(["a", "vb"]), st.just(0)), _SMALL),
+                           st.tuples(st.just("sub"), st.tuples(st.just("a"), st.just(0)),
+                                     st.tuples(st.just("vb"), st.just(0))),
+                           _guard_expr(2))
+
+
+@settings(max_examples=600, deadline=None)
+@given(a=st.one_of(st.tuples(st.sampled_from(["t", "bd"]), st.just(0)), _expr(1)),
+       b=st.one_of(_SMALL, _expr(1)), pred=_PREDS, e=_GUARDED_INDEX, edge=st.booleans(),
+       block=st.sampled_from([8, 16, 32, 64]))
+def test_random_branch_narrowing_is_sound(a, b, pred: str, e, edge: bool, block: int) -> None:  # type: ignore[no-untyped-def]
+    """An index in a block entered only when ``a pred b`` holds (or fails) is proven only when
+    every thread of every block of at most ``block`` threads that enters it has it in bounds."""
+    proven = tidrange.proven_array_accesses(_guarded_kernel(a, b, pred, e, edge, True).kernels[0],
+                                            (block, 1024, 1024))
+    if not proven:
+        return
+    mem = Memory(1 << 20)
+    for threads in {1, block // 2 or 1, block}:
+        out = mem.upload(np.zeros(block, np.int32))
+        run_kernel(_guarded_kernel(a, b, pred, e, edge, False), "k", 1, threads, [out], mem)
+        got = mem.read(out, np.int32, threads)
+        assert ((got >= 0) & (got < COUNT)).all(), (a, b, pred, e, edge, threads, got)
+
+
+
+def test_branch_narrowing_is_sound_at_the_edges() -> None:
+    """Every compare of a thread index (or block size) with a constant at the edges that matter,
+    on both edges, with the index one step from the compared values: each access proven for
+    blocks of at most 16 or 64 threads is in bounds for every thread that reaches it."""
+    t, bd, c = ("t", 0), ("bd", 0), lambda v: ("c", v)
+    lefts = [t, bd, ("sub", t, c(8))]
+    rights = [c(v) for v in (-1, 0, 1, 8, 32, 63, 64, 65, 0x7FFFFFFF, 0x80000000)] + [t, bd, ("sub", t, c(8))]
+    av, bv = ("a", 0), ("vb", 0)
+    indices = [av, bv, ("sub", av, c(8)), ("add", av, c(1)), ("sub", av, bv), ("sub", bv, av)]
+    checked = 0
+    for a in lefts:
+        for b in rights:
+            for pred in ("slt", "sle", "sgt", "sge", "ult", "ule", "ugt", "uge"):
+                for edge in (True, False):
+                    for e in indices:
+                        for block in (16, 64):
+                            kernel = _guarded_kernel(a, b, pred, e, edge, True).kernels[0]
+                            if not tidrange.proven_array_accesses(kernel, (block, 1024, 1024)):
+                                continue
+                            checked += 1
+                            mem = Memory(1 << 20)
+                            for threads in {1, block - 1, block}:
+                                out = mem.upload(np.zeros(block, np.int32))
+                                run_kernel(_guarded_kernel(a, b, pred, e, edge, False), "k", 1, threads, [out], mem)
+                                got = mem.read(out, np.int32, threads)
+                                assert ((got >= 0) & (got < COUNT)).all(), (a, b, pred, edge, e, threads, got)
+    assert checked > 100                   # the sweep proves something to check
 
 def test_nvptx_versions_the_kernel_and_drops_the_proven_checks() -> None:
     mod = SAMPLES["scan"].module()
