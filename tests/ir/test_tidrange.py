@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vxpu.ir.builder import KernelBuilder
-from vxpu.ir.interp import Memory, run_kernel
+from vxpu.ir.interp import InterpFault, Memory, run_kernel
 from vxpu.ir.lower import tidrange
 from vxpu.ir.lower.nvptx import lower_module
 from vxpu.ir.model import Kernel, Module
@@ -242,6 +242,54 @@ def test_branch_narrowing_is_sound_at_the_edges() -> None:
                                 got = mem.read(out, np.int32, threads)
                                 assert ((got >= 0) & (got < COUNT)).all(), (a, b, pred, edge, e, threads, got)
     assert checked > 100                   # the sweep proves something to check
+
+
+def _loop_kernel(start, limit, pred: str, step, e) -> Module:  # type: ignore[no-untyped-def]
+    """k(): for (j = start; j pred limit; j += step) s[e(j)] = 1 (a block parameter the
+    analysis widens, narrowed again by the header's branch)."""
+    kb = KernelBuilder("k", [])
+    s = kb.shared_array("s", i32, COUNT)
+    entry = kb.block("e")
+    head, body, done = kb.block("head", [("j", i32)]), kb.block("body"), kb.block("done")
+    kb.set_block(entry)
+    t, bd = kb.thread_id("x"), kb.block_dim("x")
+    kb.br(head, _build(kb, t, start, bd))
+    kb.set_block(head)
+    (j,) = head.params
+    kb.cbr(kb.icmp(pred, j, _build(kb, t, limit, bd)), body, done)
+    kb.set_block(body)
+    kb.store(kb.const(1, i32), kb.offset(kb.shared_addr(s), _build(kb, t, e, bd, {"a": j}), i32))
+    kb.br(head, kb.add(j, _build(kb, t, step, bd)))
+    kb.set_block(done)
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+def test_loop_indices_are_proven_only_when_in_bounds() -> None:
+    """Counted loops over a shared array (the widening of a block parameter, then the narrowing
+    by the loop test): an access proven for blocks of at most 16 or 64 threads never faults in
+    the interpreter for such blocks (a wrapping counter included)."""
+    t, bd, c = ("t", 0), ("bd", 0), lambda v: ("c", v)
+    j = ("a", 0)
+    checked = 0
+    for start in (t, c(0), ("sub", t, c(8)), bd):
+        for limit in (c(0), c(63), c(64), c(65), bd, c(0x7FFFFFFF)):
+            for pred in ("slt", "sle", "ult", "ule"):
+                for step in (c(1), bd, c(0x40000000)):
+                    if limit == c(0x7FFFFFFF) and step != c(0x40000000):
+                        continue                    # billions of iterations
+                    for e in (j, ("add", j, c(1)), ("sub", j, c(1))):
+                        for block in (16, 64):
+                            module = _loop_kernel(start, limit, pred, step, e)
+                            if not tidrange.proven_array_accesses(module.kernels[0], (block, 1024, 1024)):
+                                continue
+                            checked += 1
+                            for threads in {1, block - 1, block}:
+                                try:
+                                    run_kernel(module, "k", 1, threads, [], Memory(1 << 20), step_limit=1 << 16)
+                                except InterpFault as exc:
+                                    assert "step limit" in str(exc), (start, limit, pred, step, e, threads, exc)
+    assert checked > 50                    # the sweep proves something to check
 
 def test_nvptx_versions_the_kernel_and_drops_the_proven_checks() -> None:
     mod = SAMPLES["scan"].module()
