@@ -19,9 +19,10 @@ that shape:
   only after the wait), and the check after a wait is a plain memory read. Otherwise it is
   device memory, read through a pinned *mirror* (``host_alloc``: an asynchronous copy queued
   on the launches' one stream right before the wait, so one synchronization covers both) or,
-  failing that, with a synchronous copy after the wait. H200, checked launch + synchronize:
-  26.0 us with the synchronous copy, 20.5 with the mirror, 14.8 mapped, 13.2 not read at all
-  (benchmarks/RESULTS.md, issue 8 second round).
+  failing that, with a synchronous copy after the wait. H200, checked launch + synchronize
+  of an empty kernel: 23.7-27.5 us with the synchronous copy, 16.9-21.8 with the mirror,
+  14.8-15.9 mapped, 10.9-13.3 not read at all (benchmarks/RESULTS.md, issue 8 second round,
+  "Launches").
 * **Faults and teardown.** :meth:`GpuBackend._raise` maps a vendor error through the subclass's
   :class:`~vxpu.accel.gpu_common.ErrorMap`; after a kernel fault it destroys every handle and
   has the subclass rebuild its context (:meth:`_hard_reset`), re-pinning host memory. When

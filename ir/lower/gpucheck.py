@@ -22,9 +22,10 @@ Each check has the cheapest exact form its pointer allows:
   for indices of at most 32 bits) ``d = (P - base) >>s log2 s`` (arithmetic) and
   ``q = length >> log2 s`` (0 if ``P - base`` is not a multiple of ``s``), and the check is
   ``sext(i) + d <u q`` (u64) — equal to the general check for every ``P`` and ``i`` while
-  ``length <= 2^62``, which hosts enforce: for aligned ``P - base`` the general check accepts
-  exactly when ``(d + i) mod 2^(64-log2 s) < q``, and ``d + i`` in i64 neither wraps nor
-  reaches ``[0, q)`` from outside it; or (``"dl"``) ``D = P - base`` and
+  ``length <= 2^62``, which hosts enforce: for ``s = 1`` it is the general check itself
+  (``d = P - base``, ``q = length``, both mod 2^64); for ``s >= 2`` and aligned ``P - base``
+  the general check accepts exactly when ``(d + i) mod 2^(64-log2 s) < q``, and ``d + i`` in
+  i64 (``|d| <= 2^62``) neither wraps nor reaches ``[0, q)`` from outside it; or (``"dl"``) ``D = P - base`` and
   ``L = length - (s - 1)`` (0 if ``length < s - 1`` or ``D`` is misaligned), and the check is
   ``off = D + s*i <u L`` — the general check's own ``off``, whose alignment is ``D``'s;
 * anything else (a pointer with several possible buffers, an element size other than the

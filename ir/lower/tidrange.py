@@ -370,8 +370,10 @@ def choose(kernel: Kernel) -> Choice | None:
     """The block shape (and parameter ranges, :func:`_divisor_params`) whose copy proves the
     most array accesses (the larger block on a tie, no parameter ranges unless they prove
     more), with those accesses; None if nothing is proven or the copy does not pay
-    (:func:`_pays`). A dimension the kernel does not read is 1024 (no limit: the entry does
-    not test it)."""
+    (:func:`_pays`). A dimension the kernel does not read is 1024. The entry tests only the
+    dimensions below 1024: no GPU block has more threads than that (the session refuses a
+    block above the device's ``max_threads_per_block``, 1024 on CUDA and HIP, as do the
+    drivers), so a dimension of 1024, read or not, holds for every launch."""
     if not (kernel.shared or kernel.local) or sum(len(b.ops) for b in kernel.blocks) > MAX_OPS:
         return None
     best: Choice | None = None
