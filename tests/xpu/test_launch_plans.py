@@ -150,3 +150,75 @@ def test_a_bad_shape_is_reported_before_a_bad_argument_buffer(rig, saxpy):
     assert c.status == Status.INVALID_ARGUMENT
     c = rig.cmd(Opcode.LAUNCH, [kernel, *dims], sg=(1 << 60, 24))
     assert c.status == Status.OUT_OF_RANGE
+
+
+def _scenario(rig) -> list[int]:  # type: ignore[no-untyped-def]
+    """Statuses of a LAUNCH sequence with every kind of refusal and staleness, each LAUNCH
+    posted twice (so a cache would serve the second), each followed by a FENCE (a fault then
+    surfaces at that FENCE, never at whichever later command the kernel's timing picks)."""
+    from vxpu.ir import text
+    from vxpu.ir.args import kernel_signature
+    sig = kernel_signature(text.parse(SAXPY).kernels[0])
+    out: list[int] = []
+
+    def twice(kernel, blob, grid=(1, 1, 1), block=(16, 1, 1), shared=0):  # type: ignore[no-untyped-def]
+        for _ in range(2):
+            out.append(_launch(rig, kernel, grid, block, blob, shared))
+            out.append(rig.cmd(Opcode.FENCE).status)
+
+    status, module = _load(rig, _image(SAXPY))
+    out.append(status)
+    status, kernel, _size = _kernel(rig, module, b"saxpy")
+    out.append(status)
+    d = rig.alloc(64)
+    blob = pack_args(sig, [16, 1.0, d, d])
+    twice(kernel, blob)
+    twice(kernel, blob, grid=(0, 1, 1))                                # zero grid
+    twice(kernel, blob, block=(4096, 1, 1))                            # block too large
+    twice(kernel, blob, block=(32, 32, 2))                             # too many threads
+    twice(kernel, blob, shared=1 << 30)                                # too much shared memory
+    twice(kernel, blob[:-4])                                           # wrong argument size
+    twice(kernel + 1, blob)                                            # unknown kernel
+    twice(kernel, pack_args(sig, [16, 1.0, d + 4096, d]))               # x outside every allocation
+    twice(kernel, pack_args(sig, [32, 1.0, d, d]))                      # n past the buffers
+    assert rig.cmd(Opcode.MEM_FREE, [d]).status == Status.OK
+    twice(kernel, blob)                                                # freed: faults
+    d2 = rig.alloc(64)
+    blob2 = pack_args(sig, [16, 1.0, d2, d2])
+    twice(kernel, blob2)
+    assert rig.cmd(Opcode.MODULE_UNLOAD, [module]).status == Status.OK
+    twice(kernel, blob2)                                               # unloaded
+    status, module = _load(rig, _image(SAXPY))
+    status, kernel2, _size = _kernel(rig, module, b"saxpy")
+    out.append(status)
+    twice(kernel2, blob2)
+    assert rig.cmd(Opcode.RESET).status == Status.OK
+    twice(kernel2, blob2)                                              # reset: every handle gone
+    rig.alive()
+    return out
+
+
+def test_the_plan_cache_changes_no_status(tmp_path, backend, monkeypatch):
+    """The same LAUNCH sequence (every refusal, fault and stale handle) completes with the same
+    statuses with the plan cache as with every LAUNCH checked in full (max_plans = 0)."""
+    from vxpu.accel.session import Session
+
+    from .ringdriver import XpuRig
+    hits = [0]
+    relaunch = Session.relaunch
+
+    def counting(self, plan):  # type: ignore[no-untyped-def]
+        done = relaunch(self, plan)
+        hits[0] += done
+        return done
+    monkeypatch.setattr(Session, "relaunch", counting)
+    with XpuRig(tmp_path / "cached", backend) as rig:
+        cached = _scenario(rig)
+    assert hits[0] >= 3                    # the valid launches' second posts were served by plans
+    hits[0] = 0
+    with XpuRig(tmp_path / "full", backend) as rig:
+        rig.device.poller.executor.max_plans = 0
+        full = _scenario(rig)
+    assert hits[0] == 0
+    assert cached == full
+    assert {Status.OK, Status.INVALID_ARGUMENT, Status.INVALID_HANDLE, Status.KERNEL_FAULT} <= set(full)
