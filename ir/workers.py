@@ -86,6 +86,8 @@ DEFAULT_CPU_SECONDS = 10
 DEFAULT_WALL_SECONDS = 20.0
 #: Seconds a worker may sit idle before the pool stops it (0: never).
 DEFAULT_IDLE_SECONDS = 300.0
+#: Longest single wait of the idle reaper (it looks again then; any idle limit works).
+_REAP_WAIT_MAX_S = 3600.0
 #: Seconds a new worker may take to import the compiler and say it is ready.
 STARTUP_SECONDS = 60.0
 #: Largest reply accepted from a worker (a compiled module is far smaller).
@@ -417,7 +419,8 @@ class CompilePool:
             with self._cond:
                 if self._closed:
                     return
-                self._cond.wait(max(0.05, wake - time.monotonic()))
+                # capped: an idle limit of inf (or 1e300) is "never", not an OverflowError
+                self._cond.wait(min(_REAP_WAIT_MAX_S, max(0.05, wake - time.monotonic())))
 
     def _retire(self, worker: _Worker, reason: str) -> None:
         """Reap a failed worker and start its replacement."""

@@ -261,3 +261,21 @@ def test_idle_limit_from_the_environment_and_its_validation():
     assert config_from_env({"VXPU_COMPILE_IDLE_S": "0"})[1].idle_seconds == 0
     with pytest.raises(ValueError):
         config_from_env({"VXPU_COMPILE_IDLE_S": "-1"})
+
+
+@pytest.mark.parametrize("idle", [float("inf"), 1e300])
+def test_an_idle_limit_too_long_for_a_timed_wait_keeps_the_reaper_running(idle):
+    """``--compile-idle inf`` (or a huge number) means "practically never": the reaper must keep
+    waiting, not die on a wait too long for the platform's clock (OverflowError)."""
+    died: list[BaseException] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: died.append(args.exc_value)  # type: ignore[assignment,return-value]
+    try:
+        with CompilePool(size=1, limits=WorkerLimits(idle_seconds=idle)) as pool:
+            ok(pool)
+            time.sleep(0.3)
+            reapers = [t for t in threading.enumerate() if t.name == "vxpu-compile-idle"]
+            assert reapers and all(t.is_alive() for t in reapers) and not died
+            assert len(pool.pids()) == 1 and pool.stats.stopped_idle == 0
+    finally:
+        threading.excepthook = old_hook
