@@ -84,3 +84,26 @@ def test_a_bad_bound_is_still_refused_with_the_same_status():
     with pytest.raises(BackendError) as e:
         gpu.launch(kernel, (1, 1, 1), (1, 1, 1), struct.pack("<Q", 12), 0, q, bounds=((12, 8),))
     assert e.value.status is Status.INVALID_ARGUMENT
+
+
+def test_a_bound_past_the_element_forms_limit_is_refused_after_a_memoized_fill():
+    """The 2^62 host limit (ir-lowering §7, gpucheck's element-index form) holds through
+    GpuBackend.launch, also right after launches whose fill was skipped for the same arguments:
+    a new bounds object is always filled (and so checked) again."""
+    from vxpu.accel.gpu_checked import MAX_LENGTH
+
+    gpu = FakeGpu(mapped=True, mirror=True)
+    kernel = _kernel(gpu)
+    q = gpu.create_queue()
+    a = gpu.alloc(64)
+    args_a, bounds_a = struct.pack("<Q", a), ((a, 64),)
+    for _ in range(2):
+        gpu.launch(kernel, (1, 1, 1), (1, 1, 1), args_a, 0, q, bounds=bounds_a)
+    assert kernel.checked.fills == 1
+    gpu.launch(kernel, (1, 1, 1), (1, 1, 1), args_a, 0, q, bounds=((a, MAX_LENGTH),))    # the limit itself
+    with pytest.raises(BackendError) as e:
+        gpu.launch(kernel, (1, 1, 1), (1, 1, 1), args_a, 0, q, bounds=((a, MAX_LENGTH + 1),))
+    assert e.value.status is Status.INVALID_ARGUMENT
+    gpu.launch(kernel, (1, 1, 1), (1, 1, 1), args_a, 0, q, bounds=bounds_a)
+    assert _hidden(kernel) == (a, a, 64)
+    gpu.synchronize(q)
