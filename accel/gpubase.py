@@ -463,9 +463,16 @@ class GpuBackend:
         elif self._record_host:             # mapped, but this wait did not cover every launch
             raw = bytearray(ctypes.string_at(self._record_host, gpu_checked.RECORD_SIZE))
         if not mirror and not self._record_host:
-            raw = bytearray(gpu_checked.RECORD_SIZE)
-            (err,) = self._call("dtoh", memoryview(raw), self._record[1], len(raw), None)
-            self._check(err, f"{self._call_name('dtoh')} (fault record)")
+            raw = self._read_record()
+        if not full and raw[:4] != bytes(4):
+            # Claimed, but this wait did not cover every checked launch: a kernel on another
+            # stream may still be writing the fields (the sync copy is not ordered after the
+            # non-blocking streams either). Wait for the device, then read it whole.
+            (err,) = self._call("sync_device")
+            self._check(err, "synchronize")
+            full = True
+            raw = (bytearray(ctypes.string_at(self._record_host, gpu_checked.RECORD_SIZE))
+                   if self._record_host else self._read_record())
         if full:
             self._checked_pending = False
             self._record_stream = None
@@ -478,6 +485,14 @@ class GpuBackend:
         fault = KernelFaultError(record)
         log.warning("%s device %d: %s (contained, context kept)", self.vendor, self.index, fault)
         raise fault
+
+    def _read_record(self) -> bytearray:
+        """The record in device memory, with a synchronous copy."""
+        assert self._record is not None
+        raw = bytearray(gpu_checked.RECORD_SIZE)
+        (err,) = self._call("dtoh", memoryview(raw), self._record[1], len(raw), None)
+        self._check(err, f"{self._call_name('dtoh')} (fault record)")
+        return raw
 
     def launch(self, kernel: object, grid: tuple[int, int, int], block: tuple[int, int, int],
                args: bytes | memoryview, shared_bytes: int = 0, queue: object | None = None,

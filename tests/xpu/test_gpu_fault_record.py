@@ -99,6 +99,13 @@ class FakeGpu(GpuBackend):
             if handle == "faulty" and not ctypes.c_uint32.from_address(record).value:
                 RECORD.pack_into((ctypes.c_char * RECORD.size).from_address(record), 0,
                                  1, 1, 0, kernel_id, 4096, 2, 0, 0, 64, 0, 0)
+
+        def fill() -> None:                 # ... the rest of a claim made while the kernel runs
+            RECORD.pack_into((ctypes.c_char * RECORD.size).from_address(record), 0,
+                             1, 1, 0, kernel_id, 4096, 2, 0, 0, 64, 0, 0)
+        if handle == "torn":                # still running: a thread has claimed, not yet filled
+            ctypes.c_uint32.from_address(record).value = 1
+            run = fill
         self.queued.setdefault(stream, []).append(run)
         return (0,)
 
@@ -181,3 +188,22 @@ def test_launches_on_two_streams_are_checked_at_the_device_wide_wait(placement):
     assert gpu.stats.faults == 1
     if placement == "mirror":                            # two streams: no mirror copy, read after
         assert ("dtoh", "stream0") not in gpu.record_copies()
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_a_record_still_being_written_on_another_stream_is_reported_whole(placement):
+    """A wait for one stream while a checked kernel on another is still filling the record it
+    claimed (claimed, fields not yet written) must not report, and clear, the half-written
+    record: the fault is raised once, with its fields."""
+    gpu = FakeGpu(**PLACEMENTS[placement])
+    torn, clean = gpu.kernel("torn"), gpu.kernel("clean")
+    q1, q2 = gpu.create_queue(), gpu.create_queue()
+    _launch(gpu, torn, q1)
+    _launch(gpu, clean, q2)
+    with pytest.raises(KernelFaultError) as info:
+        gpu.synchronize(q2)                              # covers q2 only
+        gpu.synchronize(None)
+    rec = info.value.record
+    assert (rec.kernel, rec.code, rec.offset, rec.block, rec.thread) == ("torn", 1, 4096, (2, 0, 0), (64, 0, 0))
+    gpu.synchronize(None)
+    assert gpu.stats.faults == 1
