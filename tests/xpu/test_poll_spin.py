@@ -82,3 +82,32 @@ def test_poll_idle_us_parsing(text, ok):
             cli._poll_idle_us(text)
     else:
         assert cli._poll_idle_us(text) == ok
+
+
+def test_the_ceiling_comes_from_the_flag_or_the_environment(monkeypatch):
+    """README: ``--poll-idle-us``, also ``VXPU_POLL_IDLE_US``; the flag wins, a bad value in
+    either is refused, and neither set leaves the host default (None)."""
+    from vxpu import cli as top
+
+    def parsed(*argv: str):  # type: ignore[no-untyped-def]
+        return top.build_parser().parse_args(["serve", "--socket", "s", *argv]).poll_idle_us
+
+    monkeypatch.delenv("VXPU_POLL_IDLE_US", raising=False)
+    assert parsed() is None and parsed("--poll-idle-us", "300") == 300
+    monkeypatch.setenv("VXPU_POLL_IDLE_US", "1234")
+    assert parsed() == 1234 and parsed("--poll-idle-us", "0") == 0
+    monkeypatch.setenv("VXPU_POLL_IDLE_US", "-5")
+    with pytest.raises(SystemExit):
+        parsed()
+
+
+def test_the_flag_reaches_the_poller(backend, monkeypatch):
+    from vxpu import cli as top
+
+    monkeypatch.setenv("VXPU_POLL_IDLE_US", "1234")
+    args = top.build_parser().parse_args(["serve", "--socket", "s"])
+    device = cli._xpu_device(args, backend)
+    try:
+        assert device.poller.max_spin_s == pytest.approx(1234e-6)
+    finally:
+        device.poller.stop()
