@@ -279,3 +279,22 @@ def test_an_idle_limit_too_long_for_a_timed_wait_keeps_the_reaper_running(idle):
             assert len(pool.pids()) == 1 and pool.stats.stopped_idle == 0
     finally:
         threading.excepthook = old_hook
+
+
+def test_the_idle_limit_from_the_serve_flag_or_the_environment(monkeypatch):
+    """``vxpu serve --compile-idle S`` overrides ``VXPU_COMPILE_IDLE_S``; a negative one is a
+    configuration error (docs/ir-lowering.md's table of compile limits)."""
+    from vxpu.vfio_server import cli
+
+    from vxpu import cli as top
+
+    def limits(*argv: str) -> WorkerLimits:
+        return cli.compile_config(top.build_parser().parse_args(["serve", "--socket", "s", *argv]))[1]
+
+    monkeypatch.delenv("VXPU_COMPILE_IDLE_S", raising=False)
+    assert limits().idle_seconds == 300
+    monkeypatch.setenv("VXPU_COMPILE_IDLE_S", "12")
+    assert limits().idle_seconds == 12
+    assert limits("--compile-idle", "0").idle_seconds == 0
+    with pytest.raises(cli.ConfigError):
+        limits("--compile-idle", "-1")
