@@ -301,3 +301,31 @@ def test_nvptx_versions_the_kernel_and_drops_the_proven_checks() -> None:
     general = body[body.index("any.block:"):]
     # the general copy checks every shared index against 512 elements; the small-block copy none
     assert "icmp ult i32" in general and fast.count(", 512") < general.count(", 512")
+
+
+@pytest.mark.parametrize("name", ["histogram", "sgemm", "scan"])
+def test_the_entry_tests_every_assumption_of_the_small_block_copy(name: str) -> None:
+    """The kernel's entry branches to the small-block copy only when every dimension proven for
+    fewer than 1024 threads has ``block_dim <= B`` (unsigned) and every divisor parameter lies
+    in its range: exactly the assumptions the copy's unchecked accesses were proven under (a
+    dimension of 1024 holds for every launch: no block has more threads)."""
+    import re
+
+    mod = SAMPLES[name].module()
+    choice = tidrange.choose(mod.kernels[0])
+    assert choice is not None
+    shape, params, _proven = choice
+    text = str(lower_module(mod))
+    entry = text[text.index("entry:"):text.index("small.block:")]
+    tests = set()
+    for dim, n in zip("xyz", shape):
+        m = re.search(r'%"?([\w.]+)"? = call i32 @"llvm\.nvvm\.read\.ptx\.sreg\.ntid\.' + dim + r'"\(\)', entry)
+        if n < 1024:
+            assert m is not None, f"block_dim.{dim} is not tested"
+            assert re.search(r'icmp ule i32 %"?' + re.escape(m.group(1)) + r'"?, ' + str(n) + r'\b', entry), dim
+            tests.add(dim)
+    for index, (lo, hi) in params.items():
+        arg = f'%"?\\.{index + 1}"?'             # llvmlite names the function's arguments .1, .2, ...
+        assert re.search(rf'icmp sge i32 {arg}, {lo}\b', entry) and re.search(rf'icmp sle i32 {arg}, {hi}\b', entry)
+    assert tests or params
+    assert entry.count("icmp") == len(tests) + 2 * len(params)   # nothing else decides the branch
