@@ -222,3 +222,18 @@ def test_the_plan_cache_changes_no_status(tmp_path, backend, monkeypatch):
     assert hits[0] == 0
     assert cached == full
     assert {Status.OK, Status.INVALID_ARGUMENT, Status.INVALID_HANDLE, Status.KERNEL_FAULT} <= set(full)
+
+
+def test_the_plans_kept_are_bounded(rig, saxpy):
+    """A guest cycling through ever new argument bytes cannot grow the cache past max_plans
+    (it is emptied when full), and every LAUNCH still runs."""
+    _m, kernel, sig = saxpy
+    ex = rig.device.poller.executor
+    ex.max_plans = 4
+    d = rig.alloc(64)
+    sizes = []
+    for k in range(11):
+        assert _launch(rig, kernel, (1, 1, 1), (16, 1, 1), pack_args(sig, [16, float(k), d, d])) == Status.OK
+        sizes.append(len(ex._plans))
+    assert rig.cmd(Opcode.FENCE).status == Status.OK
+    assert max(sizes) == 4 and sizes == [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3]
