@@ -105,7 +105,8 @@ class CompileLimitError(CompileError):
     """A compile worker crashed or ran past a limit; the worker was replaced.
 
     Attributes:
-        reason: ``"deadline"``, ``"cpu"``, ``"memory"`` or ``"crash"``.
+        reason: ``"deadline"``, ``"cpu"``, ``"memory"``, ``"crash"``, or ``"spawn"`` (no worker
+            could be started: the host is out of processes, fds or memory; retrying may work).
     """
 
     def __init__(self, message: str, reason: str, *, log: str = "") -> None:
@@ -163,10 +164,14 @@ class _Worker:
     def __init__(self, limits: WorkerLimits) -> None:
         self.limits = limits
         self.stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed in close()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vxpu.ir.workers", str(limits.memory_bytes)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
-            close_fds=True, start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vxpu.ir.workers", str(limits.memory_bytes)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
+                close_fds=True, start_new_session=True)
+        except BaseException:
+            self.stderr.close()             # no fd left behind by a failed start
+            raise
         self.ready = False
         self.idle_since = time.monotonic()
 
@@ -303,10 +308,22 @@ class CompilePool:
         self._running: dict[int, _Worker] = {}     # pid -> worker with a job
         self._busy = 0
         self._closed = False
+        self._spawn_error = ""
         for _ in range(size):
-            self._idle.append(self._spawn())
+            worker = self._try_spawn()
+            if worker is not None:          # else the first job that needs one starts it
+                self._idle.append(worker)
         if self.limits.idle_seconds > 0:
             threading.Thread(target=self._stop_idle_workers, name="vxpu-compile-idle", daemon=True).start()
+
+    def _try_spawn(self) -> _Worker | None:
+        """A new worker, or None when the host cannot start one now (logged, rate-limited)."""
+        try:
+            return self._spawn()
+        except OSError as exc:
+            self._spawn_error = f"{type(exc).__name__}: {exc}"
+            _budget.log(log, logging.WARNING, "could not start a compile worker: %s", self._spawn_error)
+            return None
 
     def _spawn(self) -> _Worker:
         worker = _Worker(self.limits)
@@ -385,10 +402,13 @@ class CompilePool:
                 self._cond.wait()
             if self._closed:
                 raise CompileError("the compile pool is closed")
+            started = self._idle.pop() if self._idle else self._try_spawn()   # idle ones were stopped
+            if started is None:
+                raise CompileLimitError(f"could not start a compile worker ({self._spawn_error}); the host is "
+                                        "short of processes, file descriptors or memory: retry later", "spawn")
             self._busy += 1
-            worker = self._idle.pop() if self._idle else self._spawn()   # idle ones were stopped
-            self._running[worker.pid] = worker
-            return worker
+            self._running[started.pid] = started
+            return started
 
     def _release(self, worker: _Worker) -> None:
         with self._cond:
@@ -432,7 +452,9 @@ class CompilePool:
             self.stats.failures += 1
             self.stats.reasons[reason] = self.stats.reasons.get(reason, 0) + 1
             if not self._closed:
-                self._idle.append(self._spawn())
+                replacement = self._try_spawn()     # None: the next job starts one (or says why not)
+                if replacement is not None:
+                    self._idle.append(replacement)
                 self._cond.notify_all()
 
     def close(self) -> None:

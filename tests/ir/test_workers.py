@@ -298,3 +298,30 @@ def test_the_idle_limit_from_the_serve_flag_or_the_environment(monkeypatch):
     assert limits("--compile-idle", "0").idle_seconds == 0
     with pytest.raises(cli.ConfigError):
         limits("--compile-idle", "-1")
+
+
+def test_a_worker_that_cannot_start_fails_that_compile_only(monkeypatch):
+    """The host cannot start a process (EAGAIN): the compile fails with CompileLimitError
+    reason "spawn" (the session's COMPILE_LIMIT, not a raw OSError = INTERNAL), no fd is left
+    behind, and once starting works again the next compile succeeds."""
+    import subprocess
+
+    with CompilePool(size=1, limits=WorkerLimits(idle_seconds=0)) as pool:
+        (pid,) = pool.pids()
+        real_popen = subprocess.Popen
+
+        def no_fork(*args, **kwargs):  # type: ignore[no-untyped-def]
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+
+        monkeypatch.setattr(subprocess, "Popen", no_fork)
+        os.kill(pid, signal.SIGKILL)               # the worker dies; its replacement cannot start
+        fds_before = len(os.listdir("/proc/self/fd"))
+        for _ in range(2):
+            with pytest.raises(CompileLimitError) as info:
+                ok(pool)
+        assert info.value.reason == "spawn" and "could not start a compile worker" in str(info.value)
+        assert len(os.listdir("/proc/self/fd")) <= fds_before        # the failed starts leaked nothing
+        assert pool.pids() == []
+        monkeypatch.setattr(subprocess, "Popen", real_popen)
+        ok(pool)
+        assert len(pool.pids()) == 1
