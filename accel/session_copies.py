@@ -151,16 +151,9 @@ class SessionCopies:
             BackendError: UNSUPPORTED if the backend lacks the extension; OUT_OF_RANGE;
                 INVALID_ARGUMENT; INVALID_HANDLE.
         """
-        fn = getattr(self.backend, "copy_htod_address", None)
-        if fn is None:
-            raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
-        if not 0 <= host <= U64_MAX:
-            raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
+        fn = self._address_copy_fn(True, host)
         self.check_range(dst, size)
-        if size:
-            q = self._submit(queue)
-            fn(dst, host, size, q.token)
-        self.stats.bytes_htod += size
+        self._issue_address_copy(fn, True, dst, host, size, self._submit(queue) if size else None)
 
     @_guarded
     def copy_dtoh_address(self, host: int, src: int, size: int, queue: int = DEFAULT_QUEUE) -> None:
@@ -169,16 +162,9 @@ class SessionCopies:
         Raises:
             BackendError: as :meth:`copy_htod_address`.
         """
-        fn = getattr(self.backend, "copy_dtoh_address", None)
-        if fn is None:
-            raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
-        if not 0 <= host <= U64_MAX:
-            raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
+        fn = self._address_copy_fn(False, host)
         self.check_range(src, size)
-        if size:
-            q = self._submit(queue)
-            fn(host, src, size, q.token)
-        self.stats.bytes_dtoh += size
+        self._issue_address_copy(fn, False, src, host, size, self._submit(queue) if size else None)
 
     @_guarded
     def copy_address(self, to_device: bool, device: int, host: int, size: int, queue: int,
@@ -196,21 +182,35 @@ class SessionCopies:
         q = self._queues.get(queue)
         if reserve is not None and max(reserve, 0 if q is None else q.pending) + 1 >= self._quota.queue_depth:
             return False
+        fn = self._address_copy_fn(to_device, host)
+        if size:
+            if q is None:
+                q = self._queue(queue)          # INVALID_HANDLE
+            self._account(q)
+        self._issue_address_copy(fn, to_device, device, host, size, q)
+        return True
+
+    def _address_copy_fn(self, to_device: bool, host: int) -> Callable[..., None]:
+        """The backend's address copy for this direction, once ``host`` is a u64.
+
+        Raises:
+            BackendError: UNSUPPORTED (no such extension), INVALID_ARGUMENT (``host``).
+        """
         fn = self._address_copies[0 if to_device else 1]
         if fn is None:
             raise BackendError(Status.UNSUPPORTED, f"the {self.backend.name} backend has no address copies")
         if not 0 <= host <= U64_MAX:
             raise BackendError(Status.INVALID_ARGUMENT, f"host address {host!r} is not a u64")
-        if size:
-            if q is None:
-                q = self._queue(queue)          # INVALID_HANDLE
-            self._account(q)
-            if to_device:
-                fn(device, host, size, q.token)
-            else:
-                fn(host, device, size, q.token)
+        return fn
+
+    def _issue_address_copy(self, fn: Callable[..., None], to_device: bool, device: int, host: int, size: int,
+                            q: QueueRecord | None) -> None:
+        """Issue a checked address copy on ``q`` (already accounted; None for ``size`` 0) and count it."""
         if to_device:
+            if size:
+                fn(device, host, size, q.token)  # type: ignore[union-attr]
             self.stats.bytes_htod += size
         else:
+            if size:
+                fn(host, device, size, q.token)  # type: ignore[union-attr]
             self.stats.bytes_dtoh += size
-        return True
