@@ -133,9 +133,14 @@ class WorkerLimits:
     idle_seconds: float = DEFAULT_IDLE_SECONDS
 
     def __post_init__(self) -> None:
-        if not (self.memory_bytes > 0 and self.cpu_seconds > 0 and self.wall_seconds > 0
-                and self.idle_seconds >= 0):
-            raise ValueError(f"compile worker limits must be positive: {self}")
+        for name, value, ok, setting in (
+                ("memory_bytes", self.memory_bytes, self.memory_bytes > 0, "--compile-memory / VXPU_COMPILE_MEMORY_MB"),
+                ("cpu_seconds", self.cpu_seconds, self.cpu_seconds > 0, "--compile-cpu / VXPU_COMPILE_CPU_S"),
+                ("wall_seconds", self.wall_seconds, self.wall_seconds > 0, "--compile-timeout / VXPU_COMPILE_WALL_S"),
+                ("idle_seconds", self.idle_seconds, self.idle_seconds >= 0, "--compile-idle / VXPU_COMPILE_IDLE_S")):
+            if not ok:                      # NaN compares false: refused too
+                rule = "0 or more" if name == "idle_seconds" else "positive"
+                raise ValueError(f"{name} must be {rule}, got {value!r}: set {setting}")
 
 
 @dataclass

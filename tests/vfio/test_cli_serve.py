@@ -119,6 +119,10 @@ def test_compile_worker_flags_override_the_environment(monkeypatch):
     for bad in (["--compile-timeout", "0"], ["--compile-workers", "-1"], ["--compile-cpu", "0"]):
         with pytest.raises(ConfigError, match="compile"):
             serve_cli.compile_config(parser.parse_args(["serve", "--socket", "s", *bad]))
+    for bad, flag in ((["--compile-timeout", "0"], "--compile-timeout"), (["--compile-idle", "-1"], "--compile-idle"),
+                      (["--compile-cpu", "0"], "--compile-cpu"), (["--compile-memory", "0"], "--compile-memory")):
+        with pytest.raises(ConfigError, match=flag):        # the message names the setting to fix
+            serve_cli.compile_config(parser.parse_args(["serve", "--socket", "s", *bad]))
     monkeypatch.setenv("VXPU_COMPILE_MEMORY_MB", "lots")
     with pytest.raises(ConfigError, match="compile workers"):
         serve_cli.compile_config(parser.parse_args(["serve", "--socket", "s"]))
