@@ -1,0 +1,319 @@
+"""Benchmark: the guest SDK's own Python per command, with no server and no backend.
+
+The SDK (:class:`vxpu.guest.Device`) runs over :class:`NullTransport`, an in-process stand-in
+for the accelerator whose "device" does nothing while a measurement runs: it keeps
+``FLAG_NEED_WAKEUP`` clear (an awake device that polls ``sq_tail``, so no doorbell is rung, as
+on a busy server), never consumes a descriptor by itself, and between timed rounds the
+benchmark writes OK completions for what was posted (untimed). For the synchronous rows the
+completions a call will wait for are written *before* the call (tags of commands not yet
+posted), so ``synchronize()`` finds its FENCE completed at its first poll: what is timed is
+exactly the guest's Python, the part of a round trip that no server change can remove.
+
+During set-up (open, MODULE_LOAD, KERNEL_GET, MEM_ALLOC) the stand-in behaves like a sleeping
+device that runs everything at the doorbell, enough for ``Device``, ``load_module`` and
+``empty`` to work unchanged.
+
+Rows (nanoseconds; the minimum over rounds, this 2-core machine being shared, and the median):
+
+* posts, timed as rounds of ``--batch`` calls (per call = round / batch): ``ring.post(NOP)``,
+  the empty kernel ``launcher()``, ``saxpy[g, b](n, a, x, y)`` (4 arguments, 24-byte blob in the
+  side area), ``Device.launch`` with a prepared blob, the saxpy launcher inside ``dev.batch()``,
+  a 64 KiB pinned ``copy_to_device`` and ``copy_to_host(blocking=False)``;
+* round trips, timed one call at a time with the completions already written: ``synchronize()``
+  (a FENCE), empty ``launcher()`` + ``synchronize()`` (LAUNCH + FENCE), saxpy + ``synchronize()``;
+* the timer's own cost (two ``perf_counter_ns`` calls), included in the round-trip rows.
+
+Usage: ``python benchmarks/bench_sdk_post.py [--rounds N] [--batch K] [--json FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import struct
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vxpu.guest.sdk import Device
+from vxpu.guest.transport import DmaMemory
+from vxpu.ir import decode, parse
+from vxpu.ir.args import kernel_signature
+
+from vxpu.abi import xpu
+from vxpu.abi.status import Status
+
+BASE = 0x1000_0000
+_U32 = struct.Struct("<I")
+
+IR = """module @bench
+kernel @empty() {
+^entry:
+  ret
+}
+kernel @saxpy(%n: i32, %a: f32, %x: ptr<global>, %y: ptr<global>) {
+^entry:
+  ret
+}
+"""
+
+
+class NullTransport:
+    """Guest RAM in a bytearray and a device that runs commands only when told to.
+
+    ``awake`` False (set-up): FLAG_NEED_WAKEUP is set and every doorbell runs what was
+    submitted (MEM_ALLOC, MODULE_LOAD, KERNEL_GET answered; everything else OK). ``awake`` True
+    (measurement): the flag is clear and nothing runs until :meth:`complete_posted`.
+    """
+
+    name = "null"
+
+    def __init__(self, size: int = 16 << 20) -> None:
+        self.ram = bytearray(size)
+        self.view = memoryview(self.ram)
+        self.next = 0
+        self.regs: dict[int, int] = {xpu.REG_MAGIC: xpu.MAGIC_VALUE, xpu.REG_VERSION: xpu.VERSION_VALUE}
+        self.sq_head = self.cq_tail = 0
+        self.next_handle = 0x10000
+        self.kernels: dict[tuple[int, str], int] = {}      # (module, name) -> packed argument size
+        self.modules: dict[int, Any] = {}
+        self.awake = False
+
+    # -- Transport -------------------------------------------------------------------------------
+    def read_reg(self, offset: int) -> int:
+        if offset == xpu.REG_STATUS:
+            return int(xpu.DeviceStatus.ENABLED) if self.regs.get(xpu.REG_QUEUE_ENABLE) else 0
+        return self.regs.get(offset, 0)
+
+    def write_reg(self, offset: int, value: int) -> None:
+        self.regs[offset] = value
+        if offset == xpu.REG_QUEUE_ENABLE and value:
+            self.sq_head = self.cq_tail = 0
+            self.set_awake(self.awake)
+        if offset == xpu.REG_DOORBELL and not self.awake:
+            self.run()
+
+    def alloc_dma(self, size: int, *, contiguous: bool = False) -> DmaMemory:
+        size = -(-size // 4096) * 4096
+        off = self.next
+        self.next += size
+        if self.next > len(self.ram):
+            raise MemoryError("NullTransport RAM exhausted")
+        return DmaMemory(self.view[off:off + size], [(0, BASE + off, size)])
+
+    def free_dma(self, mem: DmaMemory) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    # -- the device ------------------------------------------------------------------------------
+    def _addr(self, lo: int) -> int:
+        return (self.regs.get(lo, 0) | self.regs.get(lo + 4, 0) << 32) - BASE
+
+    def set_awake(self, awake: bool) -> None:
+        """Awake: need-wakeup clear, nothing runs by itself. Asleep: set, doorbells run."""
+        self.awake = awake
+        _U32.pack_into(self.ram, self._addr(xpu.REG_QUEUE_BASE_LO) + xpu.QH_FLAGS,
+                       0 if awake else xpu.FLAG_NEED_WAKEUP)
+
+    def _store(self, sq_head: int, cq_tail: int) -> None:
+        hdr = self._addr(xpu.REG_QUEUE_BASE_LO)
+        _U32.pack_into(self.ram, hdr + xpu.QH_SQ_HEAD, sq_head & xpu.INDEX_MASK)
+        _U32.pack_into(self.ram, hdr + xpu.QH_CQ_TAIL, cq_tail & xpu.INDEX_MASK)
+
+    def run(self) -> None:
+        """Execute every submitted descriptor (set-up commands answered, the rest OK)."""
+        sq, cq = self._addr(xpu.REG_SQ_BASE_LO), self._addr(xpu.REG_CQ_BASE_LO)
+        nsq, ncq = self.regs[xpu.REG_SQ_ENTRIES], self.regs[xpu.REG_CQ_ENTRIES]
+        tail = _U32.unpack_from(self.ram, self._addr(xpu.REG_QUEUE_BASE_LO) + xpu.QH_SQ_TAIL)[0]
+        while self.sq_head != tail:
+            d = xpu.DESCRIPTOR.unpack_from(self.ram, sq + (self.sq_head % nsq) * xpu.SQ_ENTRY_SIZE)
+            status, result, result2 = self._execute(d)
+            xpu.COMPLETION.pack_into(self.ram, cq + (self.cq_tail % ncq) * xpu.CQ_ENTRY_SIZE, d[3], result,
+                                     result2, status, 0)
+            self.sq_head = (self.sq_head + 1) & xpu.INDEX_MASK
+            self.cq_tail = (self.cq_tail + 1) & xpu.INDEX_MASK
+        self._store(self.sq_head, self.cq_tail)
+
+    def _execute(self, d: tuple[int, ...]) -> tuple[int, int, int]:
+        op, a0, addr, length = d[0], d[4], d[8], d[9]
+        if op == xpu.Opcode.MEM_ALLOC:
+            handle, self.next_handle = self.next_handle, self.next_handle + max(a0, 256)
+            return 0, handle, 0
+        if op == xpu.Opcode.MODULE_LOAD:
+            handle, self.next_handle = self.next_handle, self.next_handle + 16
+            self.modules[handle] = decode(bytes(self.ram[addr - BASE:addr - BASE + length]))
+            return 0, handle, 0
+        if op == xpu.Opcode.KERNEL_GET:
+            name = bytes(self.ram[addr - BASE:addr - BASE + length]).decode()
+            kernel = next((k for k in self.modules[a0].kernels if k.name == name), None)
+            if kernel is None:
+                return int(Status.NOT_FOUND), 0, 0
+            handle, self.next_handle = self.next_handle, self.next_handle + 16
+            return 0, handle, kernel_signature(kernel).args_size
+        return 0, 0, 0
+
+    def complete_posted(self) -> None:
+        """OK completions for everything submitted (tags from the descriptors)."""
+        sq, cq = self._addr(xpu.REG_SQ_BASE_LO), self._addr(xpu.REG_CQ_BASE_LO)
+        nsq, ncq = self.regs[xpu.REG_SQ_ENTRIES], self.regs[xpu.REG_CQ_ENTRIES]
+        tail = _U32.unpack_from(self.ram, self._addr(xpu.REG_QUEUE_BASE_LO) + xpu.QH_SQ_TAIL)[0]
+        while self.sq_head != tail:
+            tag = struct.unpack_from("<Q", self.ram, sq + (self.sq_head % nsq) * xpu.SQ_ENTRY_SIZE + 8)[0]
+            xpu.COMPLETION.pack_into(self.ram, cq + (self.cq_tail % ncq) * xpu.CQ_ENTRY_SIZE, tag, 0, 0, 0, 0)
+            self.sq_head = (self.sq_head + 1) & xpu.INDEX_MASK
+            self.cq_tail = (self.cq_tail + 1) & xpu.INDEX_MASK
+        self._store(self.sq_head, self.cq_tail)
+
+    def complete_ahead(self, first_tag: int, count: int) -> None:
+        """OK completions for the next ``count`` commands, tags ``first_tag`` on, before the guest
+        posts them (the device "finished" them at once); call with nothing else in flight."""
+        cq, ncq = self._addr(xpu.REG_CQ_BASE_LO), self.regs[xpu.REG_CQ_ENTRIES]
+        for i in range(count):
+            xpu.COMPLETION.pack_into(self.ram, cq + (self.cq_tail % ncq) * xpu.CQ_ENTRY_SIZE, first_tag + i,
+                                     0, 0, 0, 0)
+            self.cq_tail = (self.cq_tail + 1) & xpu.INDEX_MASK
+        self.sq_head = (self.sq_head + count) & xpu.INDEX_MASK
+        self._store(self.sq_head, self.cq_tail)
+
+
+class Bench:
+    """A device on a NullTransport with the kernels and arrays the rows use."""
+
+    def __init__(self, sq_entries: int = 1024) -> None:
+        self.t = NullTransport()
+        self.dev = Device(self.t, sq_entries=sq_entries, staging_chunk=64 << 10, staging_count=2)
+        mod = self.dev.load_module(parse(IR))
+        self.empty = mod.empty[1, 32]
+        self.saxpy_kernel = mod.saxpy
+        self.saxpy = mod.saxpy[4, 256]
+        self.x, self.y = self.dev.empty(1024, "float32"), self.dev.empty(1024, "float32")
+        self.host = self.dev.pinned(64 << 10, "uint8")
+        self.darr = self.dev.empty(64 << 10, "uint8")
+        self.dims = xpu.pack_launch_dims((4, 1, 1), (256, 1, 1), 0)
+        self.blob = self.saxpy_kernel.pack((1024, 2.0, self.x, self.y))
+        self.dev.synchronize()
+        self.t.set_awake(True)
+        self.ring = self.dev.ring
+        assert self.ring is not None
+
+    def settle(self) -> None:
+        """Complete and consume everything posted (untimed)."""
+        ring = self.ring
+        assert ring is not None
+        self.t.complete_posted()
+        ring.poll()
+        if ring.in_flight:
+            raise RuntimeError(f"{ring.in_flight} commands still in flight")
+        ring.raise_async()
+
+    def posts(self, fn: Callable[[], None], batch: int, rounds: int) -> list[float]:
+        """ns per call of ``fn`` over ``rounds`` rounds of ``batch`` calls."""
+        out = []
+        clock = time.perf_counter_ns
+        loop = range(batch)
+        for _ in range(rounds):
+            t0 = clock()
+            for _ in loop:
+                fn()
+            out.append((clock() - t0) / batch)
+            self.settle()
+        return out
+
+    def round_trips(self, fn: Callable[[], None], commands: int, calls: int) -> list[float]:
+        """ns per call of ``fn``, whose ``commands`` completions are written before each call."""
+        ring = self.ring
+        assert ring is not None
+        out = []
+        clock = time.perf_counter_ns
+        for _ in range(calls):
+            self.t.complete_ahead(ring.submitted, commands)
+            t0 = clock()
+            fn()
+            out.append(clock() - t0)
+            if ring.in_flight:
+                raise RuntimeError(f"{ring.in_flight} commands still in flight after a round trip")
+        return out
+
+
+def measure(rounds: int, batch: int) -> list[dict[str, Any]]:
+    b = Bench()
+    dev, ring, x, y = b.dev, b.ring, b.x, b.y
+    assert ring is not None
+    empty, saxpy, kernel, dims, blob, host, darr = b.empty, b.saxpy, b.saxpy_kernel, b.dims, b.blob, b.host, b.darr
+    nop = int(xpu.Opcode.NOP)
+
+    def batched_saxpy() -> None:
+        with dev.batch():
+            for _ in range(batch):
+                saxpy(1024, 2.0, x, y)
+
+    def empty_sync() -> None:
+        empty()
+        dev.synchronize()
+
+    def saxpy_sync() -> None:
+        saxpy(1024, 2.0, x, y)
+        dev.synchronize()
+
+    posts: list[tuple[str, Callable[[], None]]] = [
+        ("ring.post(NOP)", lambda: ring.post(nop)),
+        ("empty kernel: launcher()", lambda: empty()),
+        ("saxpy[g, b](n, a, x, y)", lambda: saxpy(1024, 2.0, x, y)),
+        ("Device.launch(kernel, dims, blob)", lambda: dev.launch(kernel, dims, blob)),
+        ("copy_to_device(DeviceArray, HostArray 64 KiB)", lambda: dev.copy_to_device(darr, host)),
+        ("copy_to_host(HostArray 64 KiB, blocking=False)", lambda: dev.copy_to_host(host, darr, blocking=False)),
+    ]
+    trips: list[tuple[str, Callable[[], None], int]] = [
+        ("synchronize() (FENCE already completed)", dev.synchronize, 1),
+        ("launcher() + synchronize() (empty kernel)", empty_sync, 2),
+        ("saxpy[g, b](...) + synchronize()", saxpy_sync, 2),
+    ]
+    raw: dict[str, list[float]] = {}
+    # interleave the rows, a few rounds at a time, so a burst of load hits all of them
+    step = max(1, rounds // 10)
+    done = 0
+    while done < rounds:
+        n = min(step, rounds - done)
+        for name, fn in posts:
+            raw.setdefault(name, []).extend(b.posts(fn, batch, n))
+        raw.setdefault("saxpy[g, b](...) inside dev.batch()", []).extend(
+            [t / batch for t in b.posts(batched_saxpy, 1, n)])
+        for name, fn, commands in trips:
+            raw.setdefault(name, []).extend(b.round_trips(fn, commands, n * 20))
+        clock = time.perf_counter_ns
+        raw.setdefault("timer: two perf_counter_ns() calls", []).extend(
+            [float(-clock() + clock()) for _ in range(n * 20)])
+        done += n
+    b.settle()
+    dev.close()
+    return [{"what": k, "min_ns": min(v), "median_ns": statistics.median(v), "samples": len(v)}
+            for k, v in raw.items()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=100, help="timed rounds per post row (default 100)")
+    ap.add_argument("--batch", type=int, default=256, help="calls per round of the post rows (default 256)")
+    ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    args = ap.parse_args(argv)
+    if not 1 <= args.batch <= 512:
+        ap.error("--batch must be 1..512 (the ring has 1024 slots)")
+    rows = measure(args.rounds, args.batch)
+    width = max(len(r["what"]) for r in rows)
+    print(f"{'what':<{width}}  {'min ns':>8}  {'median ns':>9}")
+    for r in rows:
+        print(f"{r['what']:<{width}}  {r['min_ns']:8.0f}  {r['median_ns']:9.0f}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"python": sys.version.split()[0], "machine": platform.machine(),
+                       "rounds": args.rounds, "batch": args.batch, "rows": rows}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
