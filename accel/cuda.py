@@ -39,6 +39,7 @@ load). Device addresses are the real ``CUdeviceptr`` values as ``int``.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 from typing import Any
@@ -193,6 +194,20 @@ class CudaBackend(GpuBackend):
         if err:
             self._raise(err, "cuMemcpyDtoH")
         self.stats.bytes_dtoh += size
+
+    def native_driver(self) -> dict[str, int] | None:
+        """libcuda's entry points for the device model's native fast lane: ``cuLaunchKernel``,
+        ``cuMemcpyHtoDAsync_v2``, ``cuMemcpyDtoHAsync_v2``, ``cuCtxSynchronize`` (the library
+        cuda.bindings loaded: the same context). None when libcuda cannot be opened here."""
+        names = {"launch": "cuLaunchKernel", "htod": "cuMemcpyHtoDAsync_v2", "dtoh": "cuMemcpyDtoHAsync_v2",
+                 "sync": "cuCtxSynchronize"}
+        try:
+            lib = ctypes.CDLL("libcuda.so.1")
+            table = {key: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for key, name in names.items()}
+        except (OSError, AttributeError) as exc:
+            log.info("no native driver entry points: %s", exc)
+            return None
+        return {key: int(addr) for key, addr in table.items() if addr} if all(table.values()) else None
 
     def _host_region(self, host: int, size: int, *, writable: bool) -> HostRegistration:
         """Find the registered region holding ``[host, host+size)`` and cache it for the next call."""

@@ -542,6 +542,90 @@ class GpuBackend:
             self._raise(err, f"launch of {pack.info.name!r}")
         self.stats.launches += 1
 
+    # -- native issue (the accelerator device model's fast lane) ---------------------------
+    def native_driver(self) -> dict[str, int] | None:
+        """Addresses of the driver entry points a native issuer calls (``launch``: the
+        cuLaunchKernel signature, ``htod``/``dtoh``: the async copies, ``sync``: the context
+        synchronize), or None when this backend has none (the default)."""
+        return None
+
+    def native_ready(self) -> None:
+        """Make this backend's context current in the calling thread before native calls.
+
+        Raises:
+            BackendError: UNAVAILABLE or DEVICE_LOST (closed, or lost after a fault).
+        """
+        self._ensure()
+
+    def native_pointer(self, handle: Any) -> int:
+        """The raw driver value of a vendor handle (a function, a stream)."""
+        return int(handle)
+
+    def native_stream(self, queue: object | None) -> int | None:
+        """The raw stream of ``queue`` (None for the default stream: a native issuer then
+        leaves copies to Python, whose copies on it are synchronous).
+
+        Raises:
+            BackendError: INVALID_HANDLE.
+        """
+        return None if queue is None else self.native_pointer(self._stream(queue))
+
+    def native_launch(self, kernel: object, args: bytes, bounds: Sequence[tuple[int, int]] | None,
+                      queue: object | None) -> tuple[int, int, bytes, tuple[int, ...], bool] | None:
+        """What a native issuer needs to launch ``kernel`` as :meth:`launch` would with these
+        arguments: ``(function, stream, packed parameter bytes, parameter offsets, checked)``;
+        the bytes are a fresh fill (arguments, and a checked kernel's hidden bounds and fault
+        record), never the kernel's shared pack. None when this backend cannot say (no fault
+        record in this context yet, a handle from before a reset)."""
+        if kernel.__class__ is not GpuKernel or kernel.generation != self._generation:  # type: ignore[attr-defined]
+            return None
+        assert isinstance(kernel, GpuKernel) and kernel.pack is not None
+        info = kernel.pack.info
+        buf = bytearray(max(info.args_size, 1))
+        if kernel.checked is None:
+            if len(args) != info.args_size:
+                return None
+            buf[:len(args)] = args
+        else:
+            if bounds is None or self._record is None or self._record[0] != self._generation:
+                return None
+            kernel.checked.fill(memoryview(buf), args, bounds, self._record[1])
+        stream = self.native_stream(queue)
+        if stream is None:
+            return None
+        return (self.native_pointer(kernel.handle), stream, bytes(buf[:max(info.args_size, 0)]),
+                tuple(info.param_offsets), kernel.checked is not None)
+
+    def native_record(self) -> int:
+        """The host address of this context's fault record when it is mapped host memory (a
+        native FENCE reads its claim word after the wait), else 0."""
+        record = self._record
+        return self._record_host if record is not None and record[0] == self._generation else 0
+
+    def note_native_work(self, queue: object | None, launches: int, checked: int, bytes_htod: int,
+                         bytes_dtoh: int) -> None:
+        """A native issuer launched ``launches`` kernels (``checked`` of them checked IR) and
+        copied these bytes on ``queue``: count them, and note the checked launches for the
+        fault-record check of the next :meth:`synchronize`, as :meth:`launch` does."""
+        self.stats.launches += launches
+        self.stats.bytes_htod += bytes_htod
+        self.stats.bytes_dtoh += bytes_dtoh
+        if checked:
+            stream = self._stream(queue)
+            self._checked_pending = True
+            if stream is not self._record_stream:
+                if self._record_stream is None:
+                    self._record_stream = stream
+                else:
+                    self._record_streams_many = True
+
+    def note_native_sync(self) -> None:
+        """A native issuer waited for the whole device and found the fault record unclaimed:
+        the checked launches before are checked, as after :meth:`synchronize` (None)."""
+        self._checked_pending = False
+        self._record_stream = None
+        self._record_streams_many = False
+
     # -- ordering -------------------------------------------------------------------------
     def create_queue(self) -> object:
         """Create a non-blocking stream."""

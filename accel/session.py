@@ -142,6 +142,7 @@ class Session(SessionCopies):
         self._seq = itertools.count(1)
         self._allocs: dict[int, int] = {}        # address -> requested size
         self._alloc_starts: list[int] = []       # sorted addresses, for range lookup
+        self.allocation_version = 0              # moves whenever the allocation table changes
         self._modules: dict[int, _Module] = {}
         self._kernels: dict[int, _Kernel] = {}
         self._queues: dict[int, _Queue] = {DEFAULT_QUEUE: _Queue(None)}
@@ -202,6 +203,7 @@ class Session(SessionCopies):
         """Forget every handle: the backend context (and all device objects) are gone."""
         self._allocs.clear()
         self._alloc_starts.clear()
+        self.allocation_version += 1
         self._modules.clear()
         self._kernels.clear()
         self._queues = {DEFAULT_QUEUE: _Queue(None)}
@@ -297,6 +299,7 @@ class Session(SessionCopies):
             raise
         self._allocs[address] = size
         bisect.insort(self._alloc_starts, address)
+        self.allocation_version += 1
         self.stats.allocations += 1
         return address
 
@@ -311,6 +314,7 @@ class Session(SessionCopies):
         if size is None:
             raise BackendError(Status.INVALID_HANDLE, f"{address!r} is not a live allocation of this client")
         del self._alloc_starts[bisect.bisect_left(self._alloc_starts, address)]
+        self.allocation_version += 1
         self.forget_plans()                      # a plan's bounds may name this allocation
         self.usage.refund_memory(self._charged(size))
         self.stats.frees += 1
@@ -520,6 +524,55 @@ class Session(SessionCopies):
         if not plan or (bounds is not None and (0, 0) in bounds):
             return None
         return LaunchPlan(self._plan_generation, k.token, grid3, block3, data, shared_bytes, q, bounds)
+
+    # -- native issue (the device model's fast lane) ------------------------------------
+    @_guarded
+    def plan_generation(self) -> int:
+        """The current plan generation, after noticing another client's context reset (a
+        native copy of this session's plans is valid only while it is unchanged).
+
+        Raises:
+            BackendError: INVALID_HANDLE (closed session).
+        """
+        return self._plan_generation
+
+    def allocation_table(self) -> list[tuple[int, int]]:
+        """``(start, size)`` of every live allocation, by address (:attr:`allocation_version`
+        moves whenever this changes)."""
+        with self._lock:
+            return [(start, self._allocs[start]) for start in self._alloc_starts]
+
+    def queue_token(self, queue: int) -> object | None:
+        """The backend token of ``queue`` (None for the default queue or an unknown handle)."""
+        with self._lock:
+            q = self._queues.get(queue)
+            return None if q is None else q.token
+
+    def note_native_work(self, queue: int, ops: int, launches: int, bytes_htod: int, bytes_dtoh: int,
+                         checked: int) -> None:
+        """Account work a native issuer put on ``queue`` after :meth:`plan_generation` and the
+        checks this session would make (plans, :meth:`allocation_table`, the depth quota):
+        ``ops`` operations, of them ``launches`` launches (``checked`` of checked kernels), and
+        the bytes copied, exactly as :meth:`relaunch` and :meth:`copy_address` count them; the
+        backend is told too. An unknown queue is ignored (nothing was issued on it)."""
+        with self._lock:
+            q = self._queues.get(queue)
+            if q is None:
+                return
+            q.pending += ops
+            self.stats.launches += launches
+            self.stats.bytes_htod += bytes_htod
+            self.stats.bytes_dtoh += bytes_dtoh
+            self.backend.note_native_work(q.token, launches, checked, bytes_htod, bytes_dtoh)  # type: ignore[attr-defined]
+
+    def note_native_sync(self) -> None:
+        """Account a device-wide wait a native issuer made that surfaced no error (a FENCE):
+        as :meth:`synchronize` with no queue does."""
+        with self._lock:
+            self.stats.synchronizes += 1
+            for q in self._queues.values():
+                q.pending = 0
+            self.backend.note_native_sync()  # type: ignore[attr-defined]
 
     # -- ordering ---------------------------------------------------------------------
     @_guarded

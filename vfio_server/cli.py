@@ -52,7 +52,8 @@ def _xpu_device(args: argparse.Namespace, backend: Any) -> Any:
     from vxpu.vfio_server.xpu import XpuDevice
     kinds = frozenset({ModuleKind.IR} | {ModuleKind(k) for k in args.allow_native or ()})
     return XpuDevice(backend, quota_from_args(args), allowed_kinds=kinds, msix=args.msix,
-                     poll_idle_us=getattr(args, "poll_idle_us", None))
+                     poll_idle_us=getattr(args, "poll_idle_us", None),
+                     fastlane=None if getattr(args, "fastlane", None) is None else args.fastlane == "on")
 
 
 def _poll_idle_us(text: str) -> int:
@@ -130,6 +131,10 @@ def register(subparsers: Any) -> None:
                    help="accelerator: longest idle spin of the queue poller after recent submissions, in "
                         "microseconds (adaptive between 200 and this; default 5000, 2000 on two cores or fewer, or VXPU_POLL_IDLE_US; "
                         "0: sleep at once, for hosts without a core to spare)")
+    p.add_argument("--fastlane", choices=["on", "off"],
+                   help="accelerator: run LAUNCH, NOP, inline copies and FENCE natively on their success path "
+                        "(C, built at first use with the system cc; GPU backends only). Default: on where it "
+                        "builds, unless VXPU_FASTLANE=0")
     p.add_argument("--stats-file", metavar="PATH",
                    help="keep the device's STATS JSON in PATH (written at start and every 2 s, atomically; "
                         "the accelerator only)")

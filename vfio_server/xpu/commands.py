@@ -134,6 +134,9 @@ class Executor:
         #: LAUNCH plans: (kernel, dims words, queue, argument bytes) -> the session's LaunchPlan
         self._plans: dict[tuple[int, int, int, int, int, bytes], LaunchPlan] = {}
         self.max_plans = MAX_PLANS                 # 0: no plan cache (every LAUNCH checked in full)
+        self.plan_drops = 0                        # times forget_plans() dropped them all
+        #: told of every plan a LAUNCH made or reused (the native fast lane keeps its own copy)
+        self.plan_hook: Callable[[tuple[int, int, int, int, int, bytes], LaunchPlan], None] | None = None
         self._queue = DEFAULT_QUEUE
         self._queue_session: Session | None = None     # the session and its invalidation count the
         self._queue_drops = -1                         # queue is for
@@ -480,6 +483,8 @@ class Executor:
                 if len(self._plans) >= self.max_plans:
                     self._plans.clear()
                 self._plans[key] = plan
+        if plan is not None and self.max_plans and self.plan_hook is not None:
+            self.plan_hook(key, plan)
         self.queued += 1
         return 0, 0
 
@@ -496,6 +501,7 @@ class Executor:
         """Drop the launch plans (a reset, a bus-master loss, a DMA map change: none of them can
         make a plan wrong, the session's generation covers that, but none is worth keeping)."""
         self._plans = {}
+        self.plan_drops += 1
 
     def _infer(self, d: Desc) -> Result:
         if not self.features & Feature.ONNX:

@@ -26,6 +26,7 @@ from vxpu.accel.quota import DEFAULT_QUOTA, CompileBudget, Quota
 from vxpu.accel.session import Session
 from vxpu.vfio_server.device import DeviceContext
 from vxpu.vfio_server.pci import Access, Bar, MsixLayout, PciDevice, PciIds, Register, RegisterBank
+from vxpu.vfio_server.xpu import fastlane as native
 from vxpu.vfio_server.xpu.poller import MAX_COALESCE_USEC, Poller
 from vxpu.vfio_server.xpu.queue import QueueConfig
 
@@ -64,11 +65,15 @@ class XpuDevice(PciDevice):
         name: for log lines.
         poll_idle_us: the poller's adaptive idle spin ceiling in microseconds (None: the
             default, :data:`~vxpu.vfio_server.xpu.poller.MAX_SPIN_S`; 0: never spin).
+        fastlane: run the common success path natively (:mod:`~vxpu.vfio_server.xpu.fastlane`):
+            True/False, or None for ``$VXPU_FASTLANE`` (default on where it builds; backends
+            without native driver entry points always run in Python).
     """
 
     def __init__(self, backend: Backend, quota: Quota = DEFAULT_QUOTA, *,
                  allowed_kinds: frozenset[ModuleKind] = frozenset({ModuleKind.IR}),
-                 msix: bool = False, name: str = "xpu", poll_idle_us: int | None = None) -> None:
+                 msix: bool = False, name: str = "xpu", poll_idle_us: int | None = None,
+                 fastlane: bool | None = None) -> None:
         self.backend = backend
         self.quota = quota
         self.allowed_kinds = allowed_kinds
@@ -86,6 +91,7 @@ class XpuDevice(PciDevice):
         self.poller = Poller(self._new_session, self.features, self._identity, self._irq_from_any_thread,
                              self._irq_settings, lambda: self.bus_master_enabled,
                              max_spin_s=None if poll_idle_us is None else poll_idle_us / 1e6)
+        self.poller.use_fastlane(native.create(backend, fastlane))
 
     def _new_session(self) -> Session:
         return Session(self.backend, self.quota, allowed_kinds=self.allowed_kinds, name=self._name,
@@ -222,3 +228,5 @@ class XpuDevice(PciDevice):
     def close(self) -> None:
         """Stop the poller and close the session (server shutdown)."""
         self.poller.stop()
+        if self.poller.fastlane is not None:
+            self.poller.fastlane.close()

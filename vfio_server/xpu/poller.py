@@ -65,6 +65,7 @@ from vxpu.accel.session import Session
 from vxpu.vfio_server.dma import DmaRegion
 from vxpu.vfio_server.xpu import profile
 from vxpu.vfio_server.xpu.commands import ASYNC_ERRORS, Abandoned, Executor
+from vxpu.vfio_server.xpu.fastlane import STOP_END, STOP_FENCE, Batch, FastLane
 from vxpu.vfio_server.xpu.guestram import GuestRam
 from vxpu.vfio_server.xpu.queue import QueueConfig, QueueFatal, Rings, check_config
 from vxpu.vfio_server.xpu.stats import DeviceStats, stats_json
@@ -159,12 +160,21 @@ class Poller:
         self.executor = Executor(self.ram, lambda: self.session, lambda: self.epoch, features, identity,
                                  self.stats_document, self._reset_command, self.stats)
         self.profile: profile.PhaseProfile | None = None
+        #: the native fast lane (:meth:`use_fastlane`; None: every command runs in Python)
+        self.fastlane: FastLane | None = None
+        self._native_gen = -1            # guest-RAM generation the lane's group was written under
         if profile.enabled():            # benchmarks: per-phase timers (see vfio_server.xpu.profile)
             self._profile(profile.PhaseProfile())
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:
             sys.setswitchinterval(SWITCH_INTERVAL_S)     # the loop waits at most this for the GIL
         self._thread = threading.Thread(target=self._run, name="vxpu-xpu-poller", daemon=True)
         self._thread.start()
+
+    def use_fastlane(self, lane: FastLane | None) -> None:
+        """Run the common success path natively through ``lane`` (None: Python only). Call it
+        before the queue is enabled."""
+        self.fastlane = lane
+        self.executor.plan_hook = None if lane is None else lane.add_plan
 
     def _profile(self, prof: profile.PhaseProfile) -> None:
         """Wrap the per-command and per-batch steps with ``prof``'s timers."""
@@ -455,6 +465,9 @@ class Poller:
         """Take up to ``limit`` descriptors and complete them (``extend``: and those that join
         the batch while copies wait, see :meth:`_run_batch`). Returns how many were completed
         (-1 when the queue stopped)."""
+        lane = self.fastlane
+        queue = self.executor.queue if lane is not None else 0      # made outside the lock
+        fence: tuple[int, int] | None = None
         with self.ram.lock:
             rings = self._rings
             if not self.enabled or rings is None:
@@ -470,13 +483,33 @@ class Poller:
             if not self._bus_master():
                 self._set_fatal(FatalCode.NO_BUS_MASTER, 0, "bus mastering is off")
                 return -1
-            descs = rings.take(n)
             epoch = self.epoch
-            self.stats.batch(n, (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK)
+            self.stats.batch(n, (rings.sq_head + n - rings.cq_tail) & abi.INDEX_MASK)
+            native = 0
+            take = n
+            if lane is not None and not self.aborting:
+                native, take, fence = self._native_issue(lane, rings, queue, n)
+            descs = rings.take(take) if take else []
         self.executor.epoch = epoch
         t0 = time.perf_counter_ns()
         try:
-            done = self._run_batch(descs, rings, epoch, extend)
+            done = 0
+            if native or fence is not None:
+                self._batch_irq = self._irq_settings()
+                count = max(1, self._batch_irq[1])
+                if native and not self._native_finish(rings, epoch, count, extend and not descs):
+                    return -1
+                done = native
+                if fence is not None:
+                    got = self._native_fence(fence, rings, epoch, count)
+                    if got < 0:
+                        return -1
+                    done += got
+            if descs:
+                got = self._run_batch(descs, rings, epoch, extend)
+                if got < 0:
+                    return -1
+                done += got
             self._signal(force=False, batch_end=True)
         finally:
             self.stats.busy_ns += time.perf_counter_ns() - t0
@@ -549,6 +582,122 @@ class Poller:
                 resume_wakeups()
             ex.defer_sync = False
             ex.sync_pending = False
+
+    # -- the native fast lane (vfio_server.xpu.fastlane) -----------------------------------------
+    def _native_issue(self, lane: FastLane, rings: Rings, queue: int, n: int) -> tuple[int, int, tuple[int, int] | None]:
+        """Under the lock: let the lane take what it can of the ``n`` validated descriptors.
+        Returns ``(taken natively, descriptors Python takes now, the FENCE taken for the native
+        wait as (tag, flags) or None)``; Python takes the descriptor the lane stopped at and
+        those after it that the lane would not take either."""
+        s, ex = self.session, self.executor
+        addrs = lane.ring_addresses(rings.cfg, self.ram)
+        if addrs is None or not lane.prepare(s, queue, ex.plan_drops, self.ram):
+            return 0, n, None
+        self._native_gen = self.ram.generation
+        lane.start_group(s.pending(queue), ex.queued, s.quota.queue_depth)
+        b = self._native_run(lane, rings, addrs, queue, n, 0)
+        k = b.consumed
+        if b.stop == STOP_FENCE and k < n:
+            rings.consume(1)                # the FENCE: waited for natively after the group
+            return k, 0, (b.stop_tag, b.stop_flags)
+        return k, min(n - k, b.python_run), None
+
+    def _native_run(self, lane: FastLane, rings: Rings, addrs: tuple[int, int], queue: int, n: int,
+                    unposted: int) -> Batch:
+        """One lane run from ``sq_head`` (lock held); accounts what it issued, as Python would."""
+        pending_before = lane.batch.pending
+        b = lane.run(addrs[0], addrs[1], rings.sq_mask, rings.cq_mask, rings.sq_head,
+                     (rings.cq_tail + unposted) & abi.INDEX_MASK, n)
+        if b.consumed:
+            rings.consume(b.consumed)
+            ex = self.executor
+            ex.queued = b.queued
+            ex.counters.bytes_htod += b.bytes_htod
+            ex.counters.bytes_dtoh += b.bytes_dtoh
+            self.session.note_native_work(queue, b.pending - pending_before, b.launches, b.bytes_htod,
+                                          b.bytes_dtoh, b.checked)
+            commands = self.stats.commands
+            for name, count in lane.command_counts():
+                commands[name] += count
+        b.launches = b.checked = b.nops = b.htods = b.dtohs = 0
+        b.bytes_htod = b.bytes_dtoh = 0
+        return b
+
+    def _native_finish(self, rings: Rings, epoch: int, count: int, extend: bool) -> bool:
+        """Post the lane's group: after one synchronization when copies wait for it (taking the
+        copies posted meanwhile into the group first, as :meth:`_run_batch` does), with one
+        ``cq_tail`` store; rewritten by Python in the rare case (an error or abort surfaced, or
+        guest RAM changed). False when the queue stopped or changed meanwhile."""
+        lane = self.fastlane
+        assert lane is not None
+        b = lane.batch
+        while extend and b.syncs and b.group < MAX_HELD and b.stop == STOP_END:
+            with self.ram.lock:
+                if self.epoch != epoch or not self.enabled or not self._same_rings(rings) or self.controls:
+                    break
+                try:
+                    rings.attach(self.ram)
+                    more = min(rings.pending(), rings.cq_free() - b.group, BATCH, MAX_HELD - b.group)
+                except QueueFatal as exc:
+                    self._set_fatal(exc.code, exc.info, str(exc))
+                    break
+                addrs = lane.ring_addresses(rings.cfg, self.ram)
+                if more <= 0 or addrs is None or self.ram.generation != self._native_gen or not self._bus_master():
+                    break
+                self.stats.batch(more, (rings.sq_head + more - rings.cq_tail) & abi.INDEX_MASK)
+                if not self._native_run(lane, rings, addrs, self.executor.queue, more, b.group).consumed:
+                    break
+        err = self.executor.synchronize_deferred() if b.syncs else None
+        n = b.group
+        with self.ram.lock:
+            if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
+                return False
+            try:
+                rings.attach(self.ram)
+            except QueueFatal as exc:
+                self._set_fatal(exc.code, exc.info, str(exc))
+                return False
+            if err is None and not self.aborting and self.ram.generation == self._native_gen:
+                rings.publish(n)
+            else:
+                held = [self._final(entry, err) for entry in lane.held(0, n)]
+                rings.complete_many(held)
+                for entry in held:
+                    if entry[1]:
+                        self.stats.errors[Status(entry[1]).name] += 1
+        self._note_completions(n, b.irq & _DESC_IRQ, count)
+        return True
+
+    def _native_fence(self, fence: tuple[int, int], rings: Rings, epoch: int, count: int) -> int:
+        """The FENCE the lane stopped at (taken off the ring): when no asynchronous error is
+        pending, wait natively without the lock and complete it OK if the device finished and
+        the fault record is unclaimed; anything else runs the FENCE in Python. Returns 1, or -1
+        when the queue stopped meanwhile."""
+        lane, ex = self.fastlane, self.executor
+        assert lane is not None
+        tag, flags = fence
+        ok = False
+        if ex.async_error is None and not self.aborting:
+            if not ex.queued:
+                ok = True               # nothing issued since the last wait: Python waits neither
+            elif lane.fence_wait():
+                self.session.note_native_sync()
+                ex.queued = 0
+                ok = True
+        if not ok or self.aborting:
+            return self._run_batch([(_FENCE, flags, 0, tag, 0, 0, 0, 0, 0, 0)], rings, epoch, False)
+        with self.ram.lock:
+            if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
+                return -1
+            try:
+                rings.attach(self.ram)
+            except QueueFatal as exc:
+                self._set_fatal(exc.code, exc.info, str(exc))
+                return -1
+            rings.complete(tag, 0, 0, 0)
+        self.stats.count(_FENCE, 0)
+        self._note_completions(1, flags & _DESC_IRQ, count)
+        return 1
 
     def _take_more(self, rings: Rings, epoch: int, held: int) -> list[tuple[int, ...]]:
         """The descriptors posted since the batch was taken, as far as the completion ring has

@@ -227,6 +227,24 @@ class Rings:
         hdr[_SQ_HEAD] = self.sq_head
         return out
 
+    def consume(self, n: int) -> None:
+        """Advance ``sq_head`` past ``n`` descriptors a native issuer read itself (the caller
+        checked :meth:`pending`)."""
+        hdr = self._hdr
+        assert hdr is not None
+        self.sq_head = (self.sq_head + n) & MASK
+        hdr[_SQ_HEAD] = self.sq_head
+
+    def publish(self, n: int) -> None:
+        """Publish ``n`` completions a native issuer wrote from ``cq_tail`` on, with one
+        ``cq_tail`` store (the caller checked :meth:`cq_free`)."""
+        hdr, raw = self._hdr, self._raw
+        assert hdr is not None and raw is not None
+        self.cq_tail = (self.cq_tail + n) & MASK
+        self.completed += n
+        hdr[_CQ_TAIL] = self.cq_tail
+        _U64.pack_into(raw, abi.QH_COMPLETED, self.completed & _U64_MAX)
+
     def complete(self, tag: int, status: int, result: int, result2: int) -> None:
         """Write one completion and publish it (the caller checked :meth:`cq_free`)."""
         cq, hdr, raw = self._cq, self._hdr, self._raw

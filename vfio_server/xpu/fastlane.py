@@ -1,0 +1,412 @@
+"""The accelerator's native fast lane: the device model's common success path, in C.
+
+The Python device model (:mod:`.commands`, :mod:`.poller`) costs 10-19 us of CPython per
+LAUNCH or 64 KiB copy, several times the driver call itself (benchmarks/RESULTS.md, "H200,
+issue 8 second round"). ``native/fastlane.c`` takes over the descriptors it can complete
+successfully on its own, reading them straight from guest RAM, and the GIL is released while it
+runs (a ctypes call), so the serve loop runs freely meanwhile:
+
+* **NOP**, **LAUNCH** through a plan the executor made (:meth:`FastLane.add_plan`: kernel
+  handle, dims words and argument bytes as key; the backend's fully packed parameter buffer,
+  copied, as value), **MEM_COPY_HTOD / MEM_COPY_DTOH** with one inline SG entry in registered
+  guest RAM into one allocation of the session, and **FENCE** (a wait without the guest-RAM
+  lock, then the mapped fault record's claim word).
+* Python stays the reference. On anything else — another opcode, a plan miss, an address
+  outside the tables, the queue-depth quota, a driver error, a claimed fault record — the C
+  code stops *before* that descriptor and the executor runs it with its ordinary code (a failed
+  driver call had no effect, so doing it again is sound).
+* The tables C reads are pushed from Python under :attr:`GuestRam.lock` and dropped whenever
+  what they mirror moves: plans with the session's plan generation (checked before every call),
+  guest RAM with its generation and registrations, allocations with the session's allocation
+  version, the copy stream with the executor's queue.
+* After a run the caller applies the accounting Python would have done
+  (:meth:`FastLane.account`): the session's queue depth and statistics, the executor's
+  ``queued``, the backend's launch counters and checked-kernel state, the device statistics.
+
+Only GPU backends with ``native_driver()`` (CUDA: libcuda's entry points; tests: ctypes fakes)
+take part. The library is built at first use with the system ``cc`` into vxpu's cache
+(``$VXPU_CACHE/native``), keyed by a hash of the source, the flags and the compiler; no
+compiler, a failed build or another backend leave the Python path alone, logged once with the
+reason. ``vxpu serve --fastlane off`` or ``VXPU_FASTLANE=0`` turn it off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import importlib.resources
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from vxpu.accel.session import LaunchPlan, Session
+from vxpu.vfio_server.xpu.guestram import GuestFault, GuestRam
+
+from vxpu.abi import xpu as abi
+from vxpu.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+ENV = "VXPU_FASTLANE"
+CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
+ABI = 3                          # fl_abi() of the source this module speaks to
+GROUP = 256                      # FL_GROUP: completions one group holds at most
+MAX_PLANS = 256
+MAX_PARAM_BYTES = 65536
+MAX_PARAMS = 512
+
+# why fl_run stopped
+STOP_END, STOP_OTHER, STOP_MISS, STOP_ROOM, STOP_DRIVER, STOP_FENCE, STOP_SYNC_FIRST, STOP_FULL = range(8)
+
+_OP_NAMES = {int(op): op.name for op in abi.Opcode}
+_HTOD, _DTOH, _LAUNCH, _NOP = (int(abi.Opcode.MEM_COPY_HTOD), int(abi.Opcode.MEM_COPY_DTOH),
+                               int(abi.Opcode.LAUNCH), int(abi.Opcode.NOP))
+_u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
+
+
+class Batch(ctypes.Structure):
+    """``struct fl_batch``: one call's geometry (in), counters (in/out) and results (out)."""
+
+    _fields_ = [("sq", _u64), ("cq", _u64), ("sq_mask", _u32), ("cq_mask", _u32), ("sq_head", _u32),
+                ("cq_index", _u32), ("max", _u32), ("depth", _u32), ("pending", _u32), ("queued", _u32),
+                ("group", _u32), ("syncs", _u32), ("launches", _u32), ("checked", _u32), ("nops", _u32),
+                ("htods", _u32), ("dtohs", _u32), ("irq", _u32), ("bytes_htod", _u64), ("bytes_dtoh", _u64),
+                ("consumed", _u32), ("stop", _u32), ("driver_error", ctypes.c_int32), ("python_run", _u32),
+                ("stop_tag", _u64), ("stop_flags", _u32), ("pad", _u32), ("tags", _u64 * GROUP),
+                ("ops", ctypes.c_uint16 * GROUP), ("flags", ctypes.c_uint16 * GROUP)]
+
+
+class Region(ctypes.Structure):
+    _fields_ = [("gpa", _u64), ("end", _u64), ("host", _u64), ("writable", _u32), ("registered", _u32)]
+
+
+class Alloc(ctypes.Structure):
+    _fields_ = [("start", _u64), ("size", _u64)]
+
+
+#: The driver entry points fl_new takes, in order (``struct fl_driver``).
+DRIVER_FIELDS = ("launch", "htod", "dtoh", "sync")
+
+
+class Driver(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_void_p) for name in DRIVER_FIELDS]
+
+
+# -- the library ---------------------------------------------------------------------------------
+_lib_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_lib_error: str | None = None
+_logged = False
+
+
+def source() -> bytes:
+    """The C source of the fast lane."""
+    return (importlib.resources.files("vxpu.vfio_server.xpu") / "native" / "fastlane.c").read_bytes()
+
+
+def _compiler() -> tuple[str, str]:
+    """``(path, version line)`` of the system C compiler.
+
+    Raises:
+        OSError: no ``cc`` on PATH (or ``$CC``), or it does not run.
+    """
+    cc = shutil.which(os.environ.get("CC", "cc"))
+    if cc is None:
+        raise OSError("no C compiler (cc) on PATH")
+    out = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30, check=True)
+    return cc, (out.stdout.splitlines() or [""])[0]
+
+
+def build(directory: Path | None = None) -> Path:
+    """Build the library (or find it built) under ``directory`` (default: ``$VXPU_CACHE/native``).
+
+    The file name carries a hash of the source, the flags and the compiler, so a changed source
+    or compiler builds anew; the build goes to a temporary file renamed into place.
+
+    Raises:
+        OSError: no compiler, or the build failed (the message holds the compiler's output).
+    """
+    src = source()
+    cc, version = _compiler()
+    key = hashlib.sha256(src + "\0".join((cc, version, *CFLAGS)).encode()).hexdigest()[:20]
+    folder = directory or cache_dir() / "native"
+    target = folder / f"fastlane-{key}.so"
+    if target.exists():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        c_file = Path(tmp) / "fastlane.c"
+        c_file.write_bytes(src)
+        out = Path(tmp) / "fastlane.so"
+        try:
+            proc = subprocess.run([cc, *CFLAGS, "-o", str(out), str(c_file)], capture_output=True, text=True,
+                                  timeout=120, check=False)
+        except subprocess.TimeoutExpired:
+            raise OSError(f"{cc} took over 120 s") from None
+        if proc.returncode != 0:
+            raise OSError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.replace(out, target)
+    return target
+
+
+def load() -> ctypes.CDLL | None:
+    """The loaded library, built at first use; None (and the reason in :func:`unavailable`)
+    when it cannot be built or loaded here. Never raises."""
+    global _lib, _lib_error
+    with _lib_lock:
+        if _lib is not None or _lib_error is not None:
+            return _lib
+        try:
+            if sys.byteorder != "little":
+                raise OSError("the fast lane reads the little-endian ring layout natively")
+            lib = ctypes.CDLL(str(build()))
+            _declare(lib)
+            if lib.fl_abi() != ABI or lib.fl_batch_size() != ctypes.sizeof(Batch):
+                raise OSError(f"library ABI {lib.fl_abi()} / batch {lib.fl_batch_size()} bytes, expected {ABI} / "
+                              f"{ctypes.sizeof(Batch)}")
+            _lib = lib
+        except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+            _lib_error = str(exc)
+        return _lib
+
+
+def unavailable() -> str | None:
+    """Why :func:`load` gave None (None while it has not failed)."""
+    return _lib_error
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    p, vp = ctypes.POINTER, ctypes.c_void_p
+    sigs: dict[str, tuple[Any, list[Any]]] = {
+        "fl_abi": (ctypes.c_int, []), "fl_batch_size": (ctypes.c_size_t, []),
+        "fl_new": (vp, [p(Driver)]), "fl_free": (None, [vp]), "fl_plans_clear": (None, [vp]),
+        "fl_plan_add": (ctypes.c_int, [vp, p(_u64), ctypes.c_char_p, _u32, vp, vp, p(_u32), ctypes.c_char_p, _u32,
+                                       p(_u32), _u32, _u32]),
+        "fl_plan_count": (_u32, [vp]), "fl_set_regions": (ctypes.c_int, [vp, p(Region), _u32]),
+        "fl_set_allocs": (ctypes.c_int, [vp, p(Alloc), _u32]), "fl_set_copy_stream": (None, [vp, vp, _u32]),
+        "fl_set_record": (None, [vp, _u64]), "fl_run": (_u32, [vp, p(Batch)]),
+        "fl_fence_wait": (ctypes.c_int, [vp]), "fl_record_claimed": (ctypes.c_int, [vp]),
+    }
+    for name, (res, args) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = res, args
+
+
+def wanted(setting: bool | None) -> bool:
+    """Whether the fast lane should be used: ``setting`` (``vxpu serve --fastlane``) if given,
+    else ``$VXPU_FASTLANE`` (``0``/``off`` turn it off), else on."""
+    if setting is not None:
+        return setting
+    return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def create(backend: Any, setting: bool | None = None) -> FastLane | None:
+    """A fast lane for ``backend``, or None (the Python path), logged once with the reason:
+    turned off, a backend without native driver entry points, or no library here."""
+    global _logged
+    reason = None
+    driver = None
+    if not wanted(setting):
+        reason = "turned off (--fastlane off / VXPU_FASTLANE=0)"
+    else:
+        native = getattr(backend, "native_driver", None)
+        driver = native() if callable(native) else None
+        if driver is None:
+            reason = f"the {getattr(backend, 'name', '?')} backend has no native driver entry points"
+        elif load() is None:
+            reason = f"the native library is unavailable: {unavailable()}"
+    if reason is not None or driver is None:
+        if not _logged:
+            log.info("accelerator fast lane off, commands run in Python: %s", reason)
+            _logged = True
+        return None
+    assert _lib is not None
+    lane = FastLane(_lib, backend, driver)
+    if not _logged:
+        log.info("accelerator fast lane on (native LAUNCH, NOP, inline copies, FENCE)")
+        _logged = True
+    return lane
+
+
+# -- one device's lane ---------------------------------------------------------------------------
+class FastLane:
+    """The native tables and calls of one device (see the module docstring). Poller thread only,
+    with :attr:`GuestRam.lock` held, except :meth:`fence_wait`.
+
+    Args:
+        lib: the loaded library.
+        backend: the GPU backend (its ``native_*`` methods).
+        driver: the driver entry points, ``{name: address}`` for :data:`DRIVER_FIELDS`.
+    """
+
+    def __init__(self, lib: ctypes.CDLL, backend: Any, driver: dict[str, int]) -> None:
+        self.lib = lib
+        self.backend = backend
+        self._driver = Driver(*(driver[name] for name in DRIVER_FIELDS))
+        ctx = lib.fl_new(ctypes.byref(self._driver))
+        if not ctx:
+            raise OSError("fl_new refused the driver table")
+        self._ctx = ctypes.c_void_p(ctx)
+        self.batch = Batch()
+        self._plan_key: tuple[Session | None, int, int, int] = (None, -1, -1, -1)  # session, generation, queue, drops
+        self._ram_key: tuple[Any, ...] = ()
+        self._alloc_key: tuple[Session | None, int] = (None, -1)
+        self._stream_key: tuple[Session | None, int] = (None, -1)
+        self._rings_key: tuple[Any, int] | None = None
+        self._rings_addr = (0, 0)
+        self.record = 0                    # the mapped fault record the FENCE reads (0: FENCE in Python)
+        self.fences = True                 # take FENCEs natively where the record allows it
+        self.runs = 0                      # statistics: calls, descriptors taken, hand-offs by reason
+        self.taken = 0
+        self.stops: dict[int, int] = {}
+
+    def close(self) -> None:
+        """Free the native tables (idempotent)."""
+        if self._ctx:
+            self.lib.fl_free(self._ctx)
+            self._ctx = ctypes.c_void_p(0)
+
+    # -- tables (lock held) ----------------------------------------------------------------
+    def forget_plans(self) -> None:
+        """Drop every native plan (the executor dropped its own)."""
+        self.lib.fl_plans_clear(self._ctx)
+
+    def prepare(self, session: Session, queue: int, drops: int, ram: GuestRam) -> bool:
+        """Bring the tables up to date for a run on ``session``'s ``queue`` over ``ram``: plans
+        are dropped when the plan generation, the queue or the executor's ``drops`` (its
+        :attr:`~.commands.Executor.plan_drops`) moved, guest RAM and allocations pushed again
+        when they changed. False when the lane cannot run now (a closed or lost session)."""
+        try:
+            generation = session.plan_generation()
+            self.backend.native_ready()
+        except Exception:                  # noqa: BLE001 -- closed or lost: the Python path says so
+            return False
+        if self._plan_key != (session, generation, queue, drops):
+            self.forget_plans()
+            self._plan_key = (session, generation, queue, drops)
+        regions = ram.regions()
+        ram_key = (ram.generation, session, *(r.token is not None for r in regions))
+        if ram_key != self._ram_key:
+            table = (Region * max(1, len(regions)))(*(Region(r.addr, r.end, r.host_base, int(r.writable),
+                                                             int(r.token is not None)) for r in regions))
+            if self.lib.fl_set_regions(self._ctx, table, len(regions)):
+                log.debug("fast lane: guest RAM table refused (%d regions)", len(regions))
+            self._ram_key = ram_key
+        version = session.allocation_version
+        if self._alloc_key != (session, version):
+            allocs = session.allocation_table()
+            table2 = (Alloc * max(1, len(allocs)))(*(Alloc(s, n) for s, n in allocs))
+            if self.lib.fl_set_allocs(self._ctx, table2, len(allocs)):
+                log.debug("fast lane: allocation table refused (%d allocations)", len(allocs))
+            self._alloc_key = (session, version)
+        if self._stream_key != (session, queue):
+            token = session.queue_token(queue)
+            try:
+                stream = self.backend.native_stream(token) if token is not None else None
+            except Exception as exc:       # noqa: BLE001 -- no native copies: they stay in Python
+                log.debug("fast lane: no native stream: %s", exc)
+                stream = None
+            self.lib.fl_set_copy_stream(self._ctx, stream or 0, int(stream is not None))
+            self._stream_key = (session, queue)
+        record = self.backend.native_record() if self.fences else 0
+        if record != self.record:
+            self.lib.fl_set_record(self._ctx, record)
+            self.record = record
+        return True
+
+    def add_plan(self, key: tuple[int, int, int, int, int, bytes], plan: LaunchPlan) -> None:
+        """Executor hook: the LAUNCH ``key`` (kernel, dims words, queue, argument bytes) got
+        ``plan``; push the backend's packed launch for it (nothing when the backend has none)."""
+        kernel, a1, a2, a3, queue, blob = key
+        if self._plan_key[1] != plan.generation or self._plan_key[2] != queue:
+            return                         # made for a generation the table is not for: skip
+        try:
+            native = self.backend.native_launch(plan.kernel, plan.args, plan.bounds, plan.queue.token)
+        except Exception as exc:           # noqa: BLE001 -- no native plan: the LAUNCH stays in Python
+            log.debug("fast lane: no native launch for a plan: %s", exc)
+            return
+        if native is None:
+            return
+        func, stream, params, offsets, checked = native
+        if len(params) > MAX_PARAM_BYTES or len(offsets) > MAX_PARAMS:
+            return
+        words = (_u64 * 4)(kernel, a1, a2, a3)
+        dims = (_u32 * 7)(*plan.grid, *plan.block, plan.shared_bytes)
+        offs = (_u32 * max(1, len(offsets)))(*offsets)
+        args = (self._ctx, words, blob, len(blob), func, stream, dims, params, len(params), offs, len(offsets),
+                int(checked))
+        rc = self.lib.fl_plan_add(*args)
+        if rc == -2:                       # full: start again, as the executor's own cache does
+            self.forget_plans()
+            rc = self.lib.fl_plan_add(*args)
+        if rc:
+            log.debug("fast lane: plan refused (%d)", rc)
+
+    @property
+    def plan_count(self) -> int:
+        return int(self.lib.fl_plan_count(self._ctx))
+
+    # -- runs (lock held) ------------------------------------------------------------------
+    def ring_addresses(self, cfg: Any, ram: GuestRam) -> tuple[int, int] | None:
+        """Host addresses of the submission and completion rings of the queue ``cfg`` (a
+        :class:`~.queue.QueueConfig` the caller's :class:`~.queue.Rings` attached under this
+        guest-RAM generation); None when they are not in guest RAM."""
+        key = (cfg, ram.generation)
+        if key != self._rings_key:
+            try:
+                sq, sq_off = ram.find(cfg.sq_base, abi.ring_bytes(cfg.sq_entries, abi.SQ_ENTRY_SIZE), False)
+                cq, cq_off = ram.find(cfg.cq_base, abi.ring_bytes(cfg.cq_entries, abi.CQ_ENTRY_SIZE), True)
+            except GuestFault:
+                return None
+            self._rings_addr = (sq.host_base + sq_off, cq.host_base + cq_off)
+            self._rings_key = key
+        return self._rings_addr
+
+    def start_group(self, pending: int, queued: int, depth: int) -> None:
+        """Zero the group's counters before its first :meth:`run`."""
+        b = self.batch
+        b.group = b.syncs = b.launches = b.checked = b.nops = b.htods = b.dtohs = b.irq = 0
+        b.bytes_htod = b.bytes_dtoh = 0
+        b.pending, b.queued, b.depth = min(pending, 0xFFFF_FFFF), min(queued, 0xFFFF_FFFF), min(depth, 0xFFFF_FFFF)
+
+    def run(self, sq: int, cq: int, sq_mask: int, cq_mask: int, sq_head: int, cq_index: int, n: int) -> Batch:
+        """Take up to ``n`` descriptors from ``sq_head`` on (validated by the caller, inside the
+        rings at host addresses ``sq``/``cq``); their completions go from ring index
+        ``cq_index`` + the group's count on, unpublished. The batch says how many and why it
+        stopped."""
+        b = self.batch
+        b.sq, b.cq, b.sq_mask, b.cq_mask = sq, cq, sq_mask, cq_mask
+        b.sq_head, b.cq_index, b.max = sq_head, cq_index, n
+        self.lib.fl_run(self._ctx, ctypes.byref(b))
+        self.runs += 1
+        self.taken += b.consumed
+        self.stops[b.stop] = self.stops.get(b.stop, 0) + 1
+        return b
+
+    def fence_wait(self) -> bool:
+        """FENCE's wait, without any lock (the GIL is released): True when the device finished
+        with no driver error and the fault record is unclaimed (the FENCE then completes OK);
+        False hands the FENCE to Python."""
+        if self.lib.fl_fence_wait(self._ctx):
+            return False
+        return not self.lib.fl_record_claimed(self._ctx)
+
+    def held(self, start: int, count: int) -> list[tuple[int, int, int, int, int, int, bool]]:
+        """Completions ``start .. start + count`` of the group as the poller's held entries
+        (for the rare path that rewrites them: an error or an abort surfaced while they waited)."""
+        b = self.batch
+        return [(b.tags[i], 0, 0, 0, b.ops[i], b.flags[i], b.ops[i] in (_HTOD, _DTOH))
+                for i in range(start, start + count)]
+
+    def command_counts(self) -> Sequence[tuple[str, int]]:
+        """``(opcode name, count)`` of the group's completions."""
+        b = self.batch
+        counts = ((_LAUNCH, b.launches), (_NOP, b.nops), (_HTOD, b.htods), (_DTOH, b.dtohs))
+        return [(_OP_NAMES[op], n) for op, n in counts if n]

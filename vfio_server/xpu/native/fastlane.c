@@ -1,0 +1,478 @@
+/* The accelerator's native fast lane: the common success path of the device model in C.
+ *
+ * The Python device model (vfio_server/xpu) stays the reference. This file only takes a
+ * descriptor off the submission ring when it can complete it successfully on its own:
+ *
+ *   NOP, LAUNCH through a launch plan Python made, MEM_COPY_HTOD / MEM_COPY_DTOH with one inline
+ *   scatter-gather entry in registered guest RAM and a device range inside one allocation of
+ *   the session, and FENCE (fl_fence: a wait the caller makes without the guest-RAM lock).
+ *
+ * On anything else it stops *before* that descriptor and says why; Python then runs it with the
+ * ordinary code. A failed driver call has no effect, so Python redoing it is sound.
+ *
+ * Nothing here trusts guest memory: each descriptor is copied once into a local, every length,
+ * address and handle is checked with overflow-safe arithmetic against tables Python pushed
+ * (guest RAM regions, allocations, plans), and the rings are addressed only as
+ * base + (index & mask) * entry size inside the ring Python validated. Driver entry points are
+ * function pointers handed in at fl_new (libcuda's, or a test's fakes): no link to libcuda, no
+ * Python API. Not thread-safe: one caller at a time (the poller, under GuestRam.lock, except
+ * fl_fence_wait, which touches no table).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define FL_ABI 3
+#define SQ_ENTRY 64u
+#define CQ_ENTRY 32u
+#define MAX_ARG_BYTES 4096u
+#define MAX_TRANSFER ((uint64_t)1 << 32)
+#define MAX_PLANS 256u
+#define PLAN_SLOTS 512u /* power of two, twice MAX_PLANS */
+#define MAX_PARAMS 512u
+#define MAX_PARAM_BYTES 65536u
+#define MAX_REGIONS 4096u
+#define MAX_ALLOCS (1u << 20)
+#define FL_GROUP 256u   /* completions one group may hold (poller.MAX_HELD) */
+#define RECORD_BYTES 64u
+
+enum { OP_NOP = 0x00, OP_HTOD = 0x13, OP_DTOH = 0x14, OP_LAUNCH = 0x30, OP_FENCE = 0x40 };
+enum { FLAG_IRQ = 2u };
+/* why fl_run stopped */
+enum { STOP_END = 0, STOP_OTHER = 1, STOP_MISS = 2, STOP_ROOM = 3, STOP_DRIVER = 4, STOP_FENCE = 5,
+       STOP_SYNC_FIRST = 6, STOP_FULL = 7 };
+
+typedef int (*fl_launch_fn)(void *f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                            unsigned bz, unsigned shared, void *stream, void **params, void **extra);
+typedef int (*fl_htod_fn)(uint64_t dst, const void *src, size_t n, void *stream);
+typedef int (*fl_dtoh_fn)(void *dst, uint64_t src, size_t n, void *stream);
+typedef int (*fl_sync_fn)(void);
+
+struct fl_driver {
+    fl_launch_fn launch;
+    fl_htod_fn htod;   /* cuMemcpyHtoDAsync_v2 */
+    fl_dtoh_fn dtoh;   /* cuMemcpyDtoHAsync_v2 */
+    fl_sync_fn sync;   /* cuCtxSynchronize */
+};
+
+struct fl_region {      /* guest RAM [gpa, end) at host address host */
+    uint64_t gpa, end, host;
+    uint32_t writable, registered;
+};
+
+struct fl_alloc { uint64_t start, size; };
+
+struct fl_plan {
+    uint64_t key[4];
+    uint64_t hash;
+    uint32_t blob_len, nparams, checked, shared;
+    uint32_t dims[6];
+    void *func, *stream;
+    uint8_t *blob;
+    uint8_t *params;
+    void **ptrs;
+};
+
+struct fl_ctx {
+    struct fl_driver drv;
+    struct fl_plan *slots[PLAN_SLOTS];
+    uint32_t nplans;
+    struct fl_region *regions;
+    uint32_t nregions;
+    struct fl_alloc *allocs;
+    uint32_t nallocs;
+    void *copy_stream;
+    uint32_t copies;        /* copies enabled (a stream of the session's own) */
+    uint64_t record;        /* host address of the mapped fault record (0: FENCE not handled) */
+};
+
+/* One call's geometry and results; Python owns it (a ctypes Structure of the same layout). */
+struct fl_batch {
+    /* in */
+    uint64_t sq, cq;        /* host addresses of the validated rings */
+    uint32_t sq_mask, cq_mask;
+    uint32_t sq_head;       /* the first descriptor to read */
+    uint32_t cq_index;      /* the ring index of the group's first completion */
+    uint32_t max;           /* descriptors to take at most */
+    uint32_t depth;         /* the queue depth quota */
+    /* in/out */
+    uint32_t pending;       /* the session queue's operations since its last wait */
+    uint32_t queued;        /* the executor's operations since its last synchronize */
+    uint32_t group;         /* completions written in this group so far */
+    uint32_t syncs;         /* of them, copies that wait for one synchronization */
+    uint32_t launches, checked, nops, htods, dtohs, irq;
+    uint64_t bytes_htod, bytes_dtoh;
+    /* out */
+    uint32_t consumed;      /* descriptors taken by this call */
+    uint32_t stop;          /* STOP_* */
+    int32_t driver_error;   /* the driver's error when stop == STOP_DRIVER */
+    uint32_t python_run;    /* descriptors from the stop on that this lane does not take */
+    uint64_t stop_tag;      /* the descriptor at the stop (FENCE: its tag and flags) */
+    uint32_t stop_flags, pad;
+    uint64_t tags[FL_GROUP];
+    uint16_t ops[FL_GROUP];
+    uint16_t flags[FL_GROUP];
+};
+
+struct desc {
+    uint16_t opcode, flags;
+    uint32_t sg_count;
+    uint64_t tag;
+    uint64_t a[4];
+    uint64_t sg_addr, sg_len;
+};
+
+_Static_assert(sizeof(struct desc) == SQ_ENTRY, "descriptor layout");
+
+int fl_abi(void) { return FL_ABI; }
+size_t fl_batch_size(void) { return sizeof(struct fl_batch); }
+
+static void plan_free(struct fl_plan *p) {
+    if (!p) return;
+    free(p->blob);
+    free(p->params);
+    free(p->ptrs);
+    free(p);
+}
+
+void fl_plans_clear(struct fl_ctx *c) {
+    for (uint32_t i = 0; i < PLAN_SLOTS; i++) {
+        plan_free(c->slots[i]);
+        c->slots[i] = NULL;
+    }
+    c->nplans = 0;
+}
+
+struct fl_ctx *fl_new(const struct fl_driver *drv) {
+    if (!drv || !drv->launch || !drv->htod || !drv->dtoh || !drv->sync) return NULL;
+    struct fl_ctx *c = calloc(1, sizeof *c);
+    if (!c) return NULL;
+    c->drv = *drv;
+    return c;
+}
+
+void fl_free(struct fl_ctx *c) {
+    if (!c) return;
+    fl_plans_clear(c);
+    free(c->regions);
+    free(c->allocs);
+    free(c);
+}
+
+static uint64_t fnv(uint64_t h, const uint8_t *p, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        h ^= p[i];
+        h *= 0x100000001b3ULL;
+    }
+    return h;
+}
+
+static uint64_t plan_hash(const uint64_t key[4], const uint8_t *blob, uint32_t len) {
+    uint64_t h = fnv(0xcbf29ce484222325ULL, (const uint8_t *)key, 4 * sizeof(uint64_t));
+    return fnv(h, blob, len);
+}
+
+/* Add a plan: the LAUNCH key (kernel handle, three dims words), its argument bytes, and what
+ * the driver takes (function, stream, grid/block/shared, the fully packed parameter buffer and
+ * each parameter's offset in it). Returns 0, -1 for a refused shape, -2 when the table is full
+ * (clear it and add again), -3 out of memory. */
+int fl_plan_add(struct fl_ctx *c, const uint64_t key[4], const uint8_t *blob, uint32_t blob_len, void *func,
+                void *stream, const uint32_t dims[7], const uint8_t *params, uint32_t params_len,
+                const uint32_t *offsets, uint32_t nparams, uint32_t checked) {
+    if (!c || !key || !dims || blob_len > MAX_ARG_BYTES || (blob_len && !blob) || nparams > MAX_PARAMS ||
+        params_len > MAX_PARAM_BYTES || (nparams && (!offsets || !params)))
+        return -1;
+    for (uint32_t i = 0; i < nparams; i++)
+        if (offsets[i] >= params_len) return -1;
+    if (c->nplans >= MAX_PLANS) return -2;
+    uint64_t h = plan_hash(key, blob, blob_len);
+    uint32_t slot = (uint32_t)h & (PLAN_SLOTS - 1);
+    for (uint32_t probe = 0; probe < PLAN_SLOTS; probe++, slot = (slot + 1) & (PLAN_SLOTS - 1)) {
+        struct fl_plan *q = c->slots[slot];
+        if (!q) break;
+        if (q->hash == h && q->blob_len == blob_len && !memcmp(q->key, key, sizeof q->key) &&
+            !memcmp(q->blob, blob, blob_len)) {        /* the same key again: replace it */
+            plan_free(q);
+            c->slots[slot] = NULL;
+            c->nplans--;
+            break;
+        }
+    }
+    struct fl_plan *p = calloc(1, sizeof *p);
+    if (!p) return -3;
+    p->blob = malloc(blob_len ? blob_len : 1);
+    p->params = malloc(params_len ? params_len : 1);
+    p->ptrs = calloc(nparams ? nparams : 1, sizeof(void *));
+    if (!p->blob || !p->params || !p->ptrs) {
+        plan_free(p);
+        return -3;
+    }
+    memcpy(p->key, key, sizeof p->key);
+    if (blob_len) memcpy(p->blob, blob, blob_len);
+    if (params_len) memcpy(p->params, params, params_len);
+    for (uint32_t i = 0; i < nparams; i++) p->ptrs[i] = p->params + offsets[i];
+    p->hash = h;
+    p->blob_len = blob_len;
+    p->nparams = nparams;
+    p->checked = checked ? 1 : 0;
+    memcpy(p->dims, dims, sizeof p->dims);
+    p->shared = dims[6];
+    p->func = func;
+    p->stream = stream;
+    slot = (uint32_t)h & (PLAN_SLOTS - 1);
+    while (c->slots[slot]) slot = (slot + 1) & (PLAN_SLOTS - 1);   /* < PLAN_SLOTS used: a slot is free */
+    c->slots[slot] = p;
+    c->nplans++;
+    return 0;
+}
+
+uint32_t fl_plan_count(const struct fl_ctx *c) { return c ? c->nplans : 0; }
+
+static const struct fl_plan *plan_find(const struct fl_ctx *c, const uint64_t key[4], const uint8_t *blob,
+                                       uint32_t len) {
+    if (!c->nplans) return NULL;
+    uint64_t h = plan_hash(key, blob, len);
+    uint32_t slot = (uint32_t)h & (PLAN_SLOTS - 1);
+    for (uint32_t probe = 0; probe < PLAN_SLOTS; probe++, slot = (slot + 1) & (PLAN_SLOTS - 1)) {
+        const struct fl_plan *p = c->slots[slot];
+        if (!p) return NULL;
+        if (p->hash == h && p->blob_len == len && !memcmp(p->key, key, sizeof p->key) &&
+            !memcmp(p->blob, blob, len))
+            return p;
+    }
+    return NULL;
+}
+
+/* Replace the guest RAM table: sorted by gpa, non-overlapping, each gpa < end. Returns 0, or -1
+ * (the table is then empty: every guest range misses). */
+int fl_set_regions(struct fl_ctx *c, const struct fl_region *r, uint32_t n) {
+    if (!c) return -1;
+    free(c->regions);
+    c->regions = NULL;
+    c->nregions = 0;
+    if (n == 0) return 0;
+    if (!r || n > MAX_REGIONS) return -1;
+    for (uint32_t i = 0; i < n; i++) {
+        if (r[i].gpa >= r[i].end || (i && r[i].gpa < r[i - 1].end)) return -1;
+        if (r[i].host > UINT64_MAX - (r[i].end - r[i].gpa)) return -1;
+    }
+    c->regions = malloc((size_t)n * sizeof *r);
+    if (!c->regions) return -1;
+    memcpy(c->regions, r, (size_t)n * sizeof *r);
+    c->nregions = n;
+    return 0;
+}
+
+/* Replace the session's allocation table: sorted by start, non-overlapping, size > 0. */
+int fl_set_allocs(struct fl_ctx *c, const struct fl_alloc *a, uint32_t n) {
+    if (!c) return -1;
+    free(c->allocs);
+    c->allocs = NULL;
+    c->nallocs = 0;
+    if (n == 0) return 0;
+    if (!a || n > MAX_ALLOCS) return -1;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!a[i].size || a[i].size > UINT64_MAX - a[i].start) return -1;
+        if (i && a[i].start < a[i - 1].start + a[i - 1].size) return -1;
+    }
+    c->allocs = malloc((size_t)n * sizeof *a);
+    if (!c->allocs) return -1;
+    memcpy(c->allocs, a, (size_t)n * sizeof *a);
+    c->nallocs = n;
+    return 0;
+}
+
+/* The stream copies go to (enabled != 0), and the mapped fault record FENCE reads (0: none). */
+void fl_set_copy_stream(struct fl_ctx *c, void *stream, uint32_t enabled) {
+    if (!c) return;
+    c->copy_stream = stream;
+    c->copies = enabled ? 1 : 0;
+}
+
+void fl_set_record(struct fl_ctx *c, uint64_t host) {
+    if (c) c->record = host;
+}
+
+/* The host address of guest [addr, addr + len), len > 0, inside one region (writable when
+ * write; registered when registered); 0 when there is none. */
+static uint64_t guest_host(const struct fl_ctx *c, uint64_t addr, uint64_t len, int write, int registered) {
+    uint32_t lo = 0, hi = c->nregions;
+    if (!len) return 0;
+    while (lo < hi) {                       /* the first region with gpa > addr */
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (c->regions[mid].gpa <= addr) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == 0) return 0;
+    const struct fl_region *r = &c->regions[lo - 1];
+    if (addr >= r->end || len > r->end - addr) return 0;
+    if ((write && !r->writable) || (registered && !r->registered)) return 0;
+    return r->host + (addr - r->gpa);
+}
+
+/* Is device [addr, addr + len), len > 0, inside one allocation? */
+static int device_range(const struct fl_ctx *c, uint64_t addr, uint64_t len) {
+    uint32_t lo = 0, hi = c->nallocs;
+    if (!len) return 0;
+    while (lo < hi) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (c->allocs[mid].start <= addr) lo = mid + 1;
+        else hi = mid;
+    }
+    if (lo == 0) return 0;
+    const struct fl_alloc *a = &c->allocs[lo - 1];
+    uint64_t off = addr - a->start;
+    return off < a->size && len <= a->size - off;
+}
+
+static int handled(uint16_t op) {
+    return op == OP_NOP || op == OP_LAUNCH || op == OP_HTOD || op == OP_DTOH || op == OP_FENCE;
+}
+
+static void read_desc(const struct fl_batch *b, uint32_t i, struct desc *d) {
+    const uint8_t *sq = (const uint8_t *)(uintptr_t)b->sq;
+    memcpy(d, sq + (size_t)((b->sq_head + i) & b->sq_mask) * SQ_ENTRY, sizeof *d);
+}
+
+static void stop_at(struct fl_batch *b, uint32_t i, uint32_t why, const struct desc *d) {
+    b->stop = why;
+    b->stop_tag = d->tag;
+    b->stop_flags = d->flags;
+    uint32_t run = 0;
+    if (why == STOP_OTHER || why == STOP_MISS || why == STOP_ROOM || why == STOP_DRIVER) {
+        run = 1;                            /* Python takes this one, and the others after it that */
+        for (uint32_t j = i + 1; j < b->max; j++) {      /* this lane would not take either */
+            struct desc e;
+            read_desc(b, j, &e);
+            if (handled(e.opcode)) break;
+            run++;
+        }
+    }
+    b->python_run = run;
+}
+
+static void complete(struct fl_batch *b, const struct desc *d) {
+    uint8_t *cq = (uint8_t *)(uintptr_t)b->cq;
+    uint8_t *slot = cq + (size_t)((b->cq_index + b->group) & b->cq_mask) * CQ_ENTRY;
+    uint64_t words[4] = {d->tag, 0, 0, 0};   /* tag, result, result2, status 0 + reserved 0 */
+    memcpy(slot, words, sizeof words);
+    b->tags[b->group] = d->tag;
+    b->ops[b->group] = d->opcode;
+    b->flags[b->group] = d->flags;
+    b->irq |= d->flags & FLAG_IRQ;
+    b->group++;
+}
+
+static int no_sg(const struct desc *d) { return d->sg_count == 0 && d->sg_addr == 0 && d->sg_len == 0; }
+
+/* LAUNCH: 0 done, else the STOP_* reason. */
+static uint32_t run_launch(struct fl_ctx *c, struct fl_batch *b, const struct desc *d, int *err) {
+    uint8_t blob[MAX_ARG_BYTES];
+    uint32_t len = 0;
+    if (b->syncs) return STOP_SYNC_FIRST;   /* copies wait: never issue a kernel before their wait */
+    if (d->sg_count == 1) {
+        if (d->sg_len == 0 || d->sg_len > MAX_ARG_BYTES) return STOP_OTHER;
+        uint64_t host = guest_host(c, d->sg_addr, d->sg_len, 0, 0);
+        if (!host) return STOP_OTHER;
+        len = (uint32_t)d->sg_len;
+        memcpy(blob, (const void *)(uintptr_t)host, len);      /* read once */
+    } else if (!no_sg(d)) {
+        return STOP_OTHER;
+    }
+    const uint64_t key[4] = {d->a[0], d->a[1], d->a[2], d->a[3]};
+    const struct fl_plan *p = plan_find(c, key, blob, len);
+    if (!p) return STOP_MISS;
+    if (b->pending >= b->depth) return STOP_ROOM;
+    int e = c->drv.launch(p->func, p->dims[0], p->dims[1], p->dims[2], p->dims[3], p->dims[4], p->dims[5],
+                          p->shared, p->stream, p->ptrs, NULL);
+    if (e) {
+        *err = e;
+        return STOP_DRIVER;
+    }
+    b->pending++;
+    b->queued++;
+    b->launches++;
+    b->checked += p->checked;
+    return 0;
+}
+
+/* MEM_COPY_HTOD / MEM_COPY_DTOH with one inline entry: 0 done, else the STOP_* reason. */
+static uint32_t run_copy(struct fl_ctx *c, struct fl_batch *b, const struct desc *d, int *err) {
+    int to_device = d->opcode == OP_HTOD;
+    if (!c->copies || d->sg_count != 1 || d->sg_len == 0 || d->sg_len > MAX_TRANSFER) return STOP_OTHER;
+    uint64_t host = guest_host(c, d->sg_addr, d->sg_len, !to_device, 1);
+    if (!host || !device_range(c, d->a[0], d->sg_len)) return STOP_OTHER;
+    uint32_t used = b->queued > b->pending ? b->queued : b->pending;
+    if (used >= b->depth || used + 1 >= b->depth) return STOP_ROOM;
+    int e = to_device ? c->drv.htod(d->a[0], (const void *)(uintptr_t)host, (size_t)d->sg_len, c->copy_stream)
+                      : c->drv.dtoh((void *)(uintptr_t)host, d->a[0], (size_t)d->sg_len, c->copy_stream);
+    if (e) {
+        *err = e;
+        return STOP_DRIVER;
+    }
+    b->pending++;
+    b->queued++;
+    b->syncs++;
+    if (to_device) {
+        b->htods++;
+        b->bytes_htod += d->sg_len;
+    } else {
+        b->dtohs++;
+        b->bytes_dtoh += d->sg_len;
+    }
+    return 0;
+}
+
+/* Take descriptors from b->sq_head on, up to b->max, while each one fully succeeds here; write
+ * their completions from ring index cq_index + group on (not published: the caller publishes
+ * the group with one cq_tail store). Returns the descriptors taken (b->consumed). */
+uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
+    b->consumed = 0;
+    b->stop = STOP_END;
+    b->driver_error = 0;
+    b->python_run = 0;
+    if (!c || !b || !b->sq || !b->cq) return 0;
+    for (uint32_t i = 0; i < b->max; i++) {
+        struct desc d;
+        read_desc(b, i, &d);
+        uint32_t why = 0;
+        int err = 0;
+        if (b->group >= FL_GROUP) why = STOP_FULL;
+        else if (d.flags & ~FLAG_IRQ) why = STOP_OTHER;         /* reserved bits, SG_INDIRECT */
+        else if (d.opcode == OP_NOP) why = no_sg(&d) ? 0 : STOP_OTHER;
+        else if (d.opcode == OP_LAUNCH) why = run_launch(c, b, &d, &err);
+        else if (d.opcode == OP_HTOD || d.opcode == OP_DTOH) why = run_copy(c, b, &d, &err);
+        else if (d.opcode == OP_FENCE) why = no_sg(&d) && c->record ? STOP_FENCE : STOP_OTHER;
+        else why = STOP_OTHER;
+        if (why) {
+            stop_at(b, i, why, &d);
+            b->driver_error = err;
+            break;
+        }
+        if (d.opcode == OP_NOP) b->nops++;
+        complete(b, &d);
+        b->consumed++;
+    }
+    b->sq_head += b->consumed;
+    return b->consumed;
+}
+
+/* FENCE's wait (call it without any lock): 0, or the driver's error. */
+int fl_fence_wait(struct fl_ctx *c) {
+    if (!c) return -1;
+    return c->drv.sync();
+}
+
+/* After fl_fence_wait: 1 when the fault record is claimed (or there is none), else 0. */
+int fl_record_claimed(const struct fl_ctx *c) {
+    if (!c || !c->record) return 1;
+    uint32_t claimed;
+    memcpy(&claimed, (const void *)(uintptr_t)c->record, sizeof claimed);
+    return claimed != 0;
+}
+
+/* Write one completion (tag, OK) at ring index cq_index (a FENCE done here). */
+void fl_complete_one(uint64_t cq, uint32_t cq_mask, uint32_t cq_index, uint64_t tag) {
+    uint64_t words[4] = {tag, 0, 0, 0};
+    memcpy((uint8_t *)(uintptr_t)cq + (size_t)(cq_index & cq_mask) * CQ_ENTRY, words, sizeof words);
+}
