@@ -209,6 +209,13 @@ class CudaBackend(GpuBackend):
             return None
         return {key: int(addr) for key, addr in table.items() if addr} if all(table.values()) else None
 
+    def native_pointer(self, handle: Any) -> int:
+        """The raw ``CUfunction``/``CUstream`` of a cuda.bindings handle."""
+        try:
+            return int(handle)
+        except TypeError:                   # a binding without __int__: read the stored pointer
+            return int(ctypes.c_void_p.from_address(int(handle.getPtr())).value or 0)
+
     def _host_region(self, host: int, size: int, *, writable: bool) -> HostRegistration:
         """Find the registered region holding ``[host, host+size)`` and cache it for the next call."""
         if size < 0 or host < 0:

@@ -65,6 +65,8 @@ MAX_PARAMS = 512
 # why fl_run stopped
 STOP_END, STOP_OTHER, STOP_MISS, STOP_ROOM, STOP_DRIVER, STOP_FENCE, STOP_SYNC_FIRST, STOP_FULL = range(8)
 
+STOP_NAMES = {STOP_END: "end", STOP_OTHER: "other", STOP_MISS: "plan_miss", STOP_ROOM: "queue_room",
+              STOP_DRIVER: "driver_error", STOP_FENCE: "fence", STOP_SYNC_FIRST: "sync_first", STOP_FULL: "full"}
 _OP_NAMES = {int(op): op.name for op in abi.Opcode}
 _HTOD, _DTOH, _LAUNCH, _NOP = (int(abi.Opcode.MEM_COPY_HTOD), int(abi.Opcode.MEM_COPY_DTOH),
                                int(abi.Opcode.LAUNCH), int(abi.Opcode.NOP))
@@ -348,6 +350,14 @@ class FastLane:
             rc = self.lib.fl_plan_add(*args)
         if rc:
             log.debug("fast lane: plan refused (%d)", rc)
+
+    def statistics(self) -> dict[str, float]:
+        """Flat metrics for STATS: runs, descriptors taken natively, plans, hand-offs by reason."""
+        out: dict[str, float] = {"vxpu_fastlane_runs": self.runs, "vxpu_fastlane_taken": self.taken,
+                                 "vxpu_fastlane_plans": self.plan_count}
+        for stop, count in self.stops.items():
+            out[f"vxpu_fastlane_stop_{STOP_NAMES.get(stop, stop)}"] = count
+        return out
 
     @property
     def plan_count(self) -> int:

@@ -810,5 +810,9 @@ class Poller:
             self.stats.queue_depth = (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK
         if self.profile is not None:
             self.profile.write_trace()
-        return stats_json(self.stats, self.session.statistics(),
+        session = self.session.statistics()
+        lane = self.fastlane
+        if lane is not None:
+            session.update(lane.statistics())
+        return stats_json(self.stats, session,
                           self.profile.as_dict() if self.profile is not None else None)
