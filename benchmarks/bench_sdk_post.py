@@ -23,13 +23,18 @@ Rows (nanoseconds; the minimum over rounds, this 2-core machine being shared, an
   (a FENCE), empty ``launcher()`` + ``synchronize()`` (LAUNCH + FENCE), saxpy + ``synchronize()``;
 * the timer's own cost (two ``perf_counter_ns`` calls), included in the round-trip rows.
 
-Usage: ``python benchmarks/bench_sdk_post.py [--rounds N] [--batch K] [--json FILE]``.
+``--guest DIR`` imports ``vxpu.guest`` from ``DIR`` instead of the installed tree, so that two
+versions of the SDK are measured by the same script in the same session
+(``git archive REV guest | tar -x -C /tmp/old`` then ``--guest /tmp/old/guest``).
+
+Usage: ``python benchmarks/bench_sdk_post.py [--rounds N] [--batch K] [--guest DIR] [--json FILE]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import struct
@@ -38,7 +43,29 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vxpu.guest.sdk import Device
+
+def use_guest_tree(folder: str) -> None:
+    """Import ``vxpu.guest`` from ``folder`` (e.g. ``git archive REV guest | tar -x -C DIR``
+    gives ``DIR/guest``) instead of the installed one: the A/B switch. Call before anything
+    imports the SDK."""
+    import importlib.util
+
+    import vxpu
+
+    init = os.path.join(folder, "__init__.py")
+    spec = importlib.util.spec_from_file_location("vxpu.guest", init, submodule_search_locations=[folder])
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"no package at {folder}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["vxpu.guest"] = module
+    spec.loader.exec_module(module)
+    vxpu.guest = module  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__" and "--guest" in sys.argv[1:-1]:
+    use_guest_tree(sys.argv[sys.argv.index("--guest") + 1])
+
+from vxpu.guest.sdk import Device  # (imported after the optional --guest switch)
 from vxpu.guest.transport import DmaMemory
 from vxpu.ir import decode, parse
 from vxpu.ir.args import kernel_signature
@@ -300,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=100, help="timed rounds per post row (default 100)")
     ap.add_argument("--batch", type=int, default=256, help="calls per round of the post rows (default 256)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--guest", metavar="DIR", help="import vxpu.guest from DIR (an A/B switch: another tree's guest/)")
     args = ap.parse_args(argv)
     if not 1 <= args.batch <= 512:
         ap.error("--batch must be 1..512 (the ring has 1024 slots)")
@@ -310,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['what']:<{width}}  {r['min_ns']:8.0f}  {r['median_ns']:9.0f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"python": sys.version.split()[0], "machine": platform.machine(),
+            json.dump({"python": sys.version.split()[0], "machine": platform.machine(), "guest": args.guest,
                        "rounds": args.rounds, "batch": args.batch, "rows": rows}, fh, indent=1)
     return 0
 

@@ -122,7 +122,14 @@ class DeviceArray:
         self.nbytes = self.size * itemsize
         self.allocated = allocated
         self.epoch = device.epoch
+        #: ``epoch`` while the array is not freed, -1 after :meth:`free`: the one comparison
+        #: (``_valid_epoch == device.epoch``) that says the address may be used.
+        self._valid_epoch = self.epoch
         self._finalizer = weakref.finalize(self, device.allocs.defer, self.epoch, _MEM_FREE, address)
+        # Only free() or garbage collection ends the allocation; at interpreter exit nothing
+        # would post the release anyway, and a finalizer run then would make a live array look
+        # freed to ``_finalizer.alive`` but not to ``_valid_epoch``.
+        self._finalizer.atexit = False
 
     @property
     def ptr(self) -> int:
@@ -131,7 +138,7 @@ class DeviceArray:
         Raises:
             StaleHandle: the array was freed, or the device was reset since it was made.
         """
-        if not self._finalizer.alive or self.epoch != self.device.epoch:
+        if self._valid_epoch != self.device.epoch:
             raise StaleHandle(f"array at {self._ptr:#x}")
         return self._ptr
 
@@ -164,6 +171,7 @@ class DeviceArray:
 
     def free(self) -> None:
         """Free the allocation now (asynchronously on the device; idempotent)."""
+        self._valid_epoch = -1
         if self._finalizer.detach() is not None and self.epoch == self.device.epoch:
             self.device.free_address(self._ptr)
 
@@ -193,10 +201,19 @@ class HostArray:
         self.nbytes = math.prod(shape) * itemsize
         self.view = mem.view[:self.nbytes]
         self.array: Any = np.frombuffer(self.view, dtype).reshape(shape) if np is not None else None
+        #: The device address of byte 0 when the memory is one contiguous run (a copy is then
+        #: one inline segment); None when it is not, and after :meth:`free`.
+        self.address: int | None = mem.runs[0][1] if mem.contiguous else None
         self._finalizer = weakref.finalize(self, release, mem)
+
+    @property
+    def freed(self) -> bool:
+        """True once the memory went back to the transport (copies then refuse it)."""
+        return not self._finalizer.alive
 
     def free(self) -> None:
         """Give the memory back (idempotent)."""
+        self.address = None
         self.array = None
         self.view.release()
         self._finalizer()

@@ -31,6 +31,9 @@ if TYPE_CHECKING:
     from vxpu.guest.sdk import Device
 
 Dims = int | Sequence[int]
+#: Argument blobs larger than this use a DMA buffer of their own instead of the side area.
+INLINE_ARG_BYTES = SIDE_BYTES
+_LAUNCH = int(xpu.Opcode.LAUNCH)
 #: Launch configurations a kernel remembers (``kernel[grid, block]`` then costs a dict lookup).
 MAX_CACHED_LAUNCHERS = 64
 
@@ -111,8 +114,7 @@ class Kernel:
             StaleHandle: the module or an array is from before a reset.
             GuestError: a bad grid, block or argument kind. DeviceError: a fatal device error.
         """
-        dims = xpu.pack_launch_dims(dims3(grid, "grid"), dims3(block, "block"), shared)
-        self.module.device.launch(self, dims, self.pack(args))
+        self[grid, block, shared](*args)
 
     def pack(self, args: Sequence[Any]) -> bytes:
         """The argument blob for ``args`` (arrays become their device addresses).
@@ -129,8 +131,9 @@ class Kernel:
             if self._struct is not None:
                 try:
                     return self._struct.pack(*values)
-                except struct.error:           # e.g. an unsigned value for a signed parameter,
-                    pass                       # an array where a number goes: the general path
+                except (struct.error, OverflowError):   # e.g. an unsigned value for a signed
+                    pass                       # parameter, an array where a number goes, a float
+                    #                            too large for f32: the general path explains
         for i, v in enumerate(values):
             if isinstance(v, DeviceArray):
                 if i < len(self._ptr_params) and not self._ptr_params[i]:
@@ -145,18 +148,63 @@ class Kernel:
 
 
 class _Launcher:
-    """``kernel[grid, block]``: call it with the kernel's arguments."""
+    """``kernel[grid, block]``: call it with the kernel's arguments.
 
-    __slots__ = ("block", "dims", "grid", "kernel", "shared")
+    Everything that does not change between calls is worked out here, once: the LAUNCH
+    descriptor's arguments, the argument packer and whether the blob fits the side area. A call
+    then makes the checks :meth:`Device.launch` makes (the device is open, a kernel fault that
+    reset the device state has been noticed, the module is not stale, every array is live) and
+    packs the values straight into the ring slot's side area (:meth:`Ring.post_packed`), with
+    no intermediate bytes. Anything the packer refuses (an unsigned value for a signed
+    parameter, an array where a number goes, a wrong count ...) goes the general way,
+    :meth:`Kernel.pack` then :meth:`Device.launch`, which packs or explains exactly as before.
+    """
+
+    __slots__ = ("_a1", "_a2", "_a3", "_device", "_handle", "_module", "_nparams", "_packer", "_ptr_index",
+                 "block", "dims", "grid", "kernel", "shared")
 
     def __init__(self, kernel: Kernel, grid: tuple[int, int, int], block: tuple[int, int, int],
                  shared: int) -> None:
         self.kernel, self.grid, self.block, self.shared = kernel, grid, block, shared
         self.dims = xpu.pack_launch_dims(grid, block, shared)
+        self._a1, self._a2, self._a3 = self.dims
+        self._module = kernel.module
+        self._device = kernel.module.device
+        self._handle = kernel.handle
+        self._nparams = len(kernel._ptr_params)
+        self._ptr_index = kernel._ptr_index
+        packer = kernel._struct
+        self._packer = packer if packer is not None and 0 < packer.size <= INLINE_ARG_BYTES else None
 
     def __call__(self, *args: Any) -> None:
+        dev, module = self._device, self._module
+        if module._valid_epoch != dev.epoch:
+            module.check()                     # raises StaleHandle (a closed device included)
+        ring = dev.ring
+        if ring is None or ring.faults != dev._faults_seen or dev.allocs.garbage:
+            ring = dev.live_ring()             # may find the device state lost ...
+            if module._valid_epoch != dev.epoch:
+                module.check()                 # ... and the module with it
+        if len(args) == self._nparams:
+            if not args:
+                ring.post(_LAUNCH, self._handle, self._a1, self._a2, self._a3)
+                return
+            packer = self._packer
+            if packer is not None:
+                values: Sequence[Any] = args
+                if self._ptr_index:
+                    values = list(args)
+                    for i in self._ptr_index:
+                        v = values[i]
+                        if isinstance(v, DeviceArray):    # DeviceArray.ptr, inlined (it raises)
+                            values[i] = v._ptr if v._valid_epoch == v.device.epoch else v.ptr
+                try:
+                    ring.post_packed(_LAUNCH, self._handle, self._a1, self._a2, self._a3, packer, values)
+                    return
+                except (struct.error, OverflowError):
+                    pass                       # nothing was posted; the general path decides
         k = self.kernel
-        k.module.device.launch(k, self.dims, k.pack(args))
+        dev.launch(k, self.dims, k.pack(args))
 
 
 class Module:
@@ -170,9 +218,13 @@ class Module:
     def __init__(self, device: Device, handle: int, ir: IRModule) -> None:
         self.device, self.handle, self.ir = device, handle, ir
         self.epoch = device.epoch
+        #: ``epoch`` until :meth:`unload` (then -1): ``_valid_epoch == device.epoch`` is the
+        #: whole staleness check, one comparison on every launch.
+        self._valid_epoch = self.epoch
         self._kernels: dict[str, Kernel] = {}
         self._finalizer = weakref.finalize(self, device.allocs.defer, self.epoch, int(xpu.Opcode.MODULE_UNLOAD),
                                            handle)
+        self._finalizer.atexit = False         # only unload() or collection ends the module
 
     @property
     def kernel_names(self) -> list[str]:
@@ -205,7 +257,7 @@ class Module:
 
     def check(self) -> None:
         """Raise StaleHandle if the module was unloaded or the device reset since loading."""
-        if not self._finalizer.alive or self.epoch != self.device.epoch:
+        if self._valid_epoch != self.device.epoch:
             raise StaleHandle(f"module {self.handle:#x}")
 
     def __getattr__(self, name: str) -> Kernel:
@@ -224,6 +276,7 @@ class Module:
     def unload(self) -> None:
         """MODULE_UNLOAD (after the work already posted; idempotent). A module that becomes
         garbage is unloaded at the device's next command."""
+        self._valid_epoch = -1
         if self._finalizer.detach() is not None and self.epoch == self.device.epoch:
             self.device.module_unload(self.handle)
 
@@ -234,5 +287,3 @@ class Module:
         self.unload()
 
 
-#: Argument blobs larger than this use a DMA buffer of their own instead of the side area.
-INLINE_ARG_BYTES = SIDE_BYTES

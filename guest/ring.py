@@ -34,7 +34,9 @@ runs again after a reset.
 from __future__ import annotations
 
 import os
+import struct
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from vxpu.guest.errors import DeviceError, GuestError
@@ -66,6 +68,11 @@ _CQ_HEAD = xpu.QH_CQ_HEAD // 4
 _SQ_HEAD = xpu.QH_SQ_HEAD // 4
 _CQ_TAIL = xpu.QH_CQ_TAIL // 4
 _FLAGS = xpu.QH_FLAGS // 4
+_NEED_WAKEUP = xpu.FLAG_NEED_WAKEUP
+_SQ_ENTRY_SIZE = xpu.SQ_ENTRY_SIZE
+_CQ_ENTRY_SIZE = xpu.CQ_ENTRY_SIZE
+_pack_descriptor = xpu.DESCRIPTOR.pack_into
+_unpack_completion = xpu.COMPLETION.unpack_from
 #: The statuses after which the guest's device state may be gone: a fault, a lost device, or a
 #: TIMEOUT for which the server cancelled an overrunning kernel by resetting the context.
 _STATE_FAULTS = frozenset({int(Status.KERNEL_FAULT), int(Status.DEVICE_LOST), int(Status.TIMEOUT)})
@@ -120,6 +127,7 @@ class Ring:
         self._cq = view[self._cq_off:self._side_off]
         self._side = view[self._side_off:size]
         self._base = self.mem.address(0)
+        self._side_base = self._base + self._side_off      # device address of slot 0's side area
         self._sq_mask, self._cq_mask = sq_entries - 1, cq_entries - 1
         self._waited = [False] * sq_entries
         self._opcode = [0] * sq_entries
@@ -250,7 +258,7 @@ class Ring:
     def side(self, seq: int) -> tuple[memoryview, int]:
         """The side area of ``seq``'s slot: (writable view of SIDE_BYTES, its device address)."""
         off = (seq & self._sq_mask) * SIDE_BYTES
-        return self._side[off:off + SIDE_BYTES], self._base + self._side_off + off
+        return self._side[off:off + SIDE_BYTES], self._side_base + off
 
     def post(self, opcode: int, a0: int = 0, a1: int = 0, a2: int = 0, a3: int = 0, *, flags: int = 0,
              sg_addr: int = 0, sg_len: int = 0, sg_count: int | None = None, waited: bool = False,
@@ -265,19 +273,89 @@ class Ring:
             DeviceError: a fatal device error, or no room within the timeout.
             struct.error: an argument does not fit its field.
         """
-        seq = self.reserve()
+        seq = self._submitted
+        if seq - self._completed >= self.sq_entries:
+            seq = self.reserve()
         slot = seq & self._sq_mask
         if sg_count is None:
             sg_count = 1 if sg_len else 0
-        xpu.DESCRIPTOR.pack_into(self._sq, slot * xpu.SQ_ENTRY_SIZE, opcode, flags, sg_count, seq,
-                                 a0, a1, a2, a3, sg_addr, sg_len)
+        _pack_descriptor(self._sq, slot * _SQ_ENTRY_SIZE, opcode, flags, sg_count, seq, a0, a1, a2, a3,
+                         sg_addr, sg_len)
         self._waited[slot] = waited
         self._opcode[slot] = opcode
         self._hold[slot] = hold
-        self._submitted = seq + 1
+        self._submitted = seq = seq + 1
+        if not self.batching:                 # publish(), inlined: the common case
+            self._published = seq
+            hdr = self._hdr
+            hdr[_SQ_TAIL] = seq & _MASK
+            if hdr[_FLAGS] & _NEED_WAKEUP:
+                self._doorbell()
+        return seq - 1
+
+    def post_inline(self, opcode: int, a0: int, a1: int, a2: int, a3: int, data: bytes | memoryview) -> int:
+        """Post one command whose inline scatter-gather segment is ``data`` (1..SIDE_BYTES
+        bytes), copied into the slot's side area: what ``reserve()``, ``side()``, a copy and
+        ``post(..., sg_addr=, sg_len=len(data))`` do, without the intermediate views.
+
+        Raises:
+            DeviceError: a fatal device error, or no room within the timeout.
+            GuestError: ``data`` is empty or larger than SIDE_BYTES.
+            struct.error: an argument does not fit its field.
+        """
+        n = len(data)
+        if not 0 < n <= SIDE_BYTES:
+            raise GuestError(f"{n} bytes of inline data (1..{SIDE_BYTES} fit a side area)")
+        seq = self._submitted
+        if seq - self._completed >= self.sq_entries:
+            seq = self.reserve()
+        slot = seq & self._sq_mask
+        off = slot * SIDE_BYTES
+        self._side[off:off + n] = data
+        _pack_descriptor(self._sq, slot * _SQ_ENTRY_SIZE, opcode, 0, 1, seq, a0, a1, a2, a3,
+                         self._side_base + off, n)
+        self._waited[slot] = False
+        self._opcode[slot] = opcode
+        self._hold[slot] = None
+        self._submitted = seq = seq + 1
         if not self.batching:
-            self.publish()
-        return seq
+            self._published = seq
+            hdr = self._hdr
+            hdr[_SQ_TAIL] = seq & _MASK
+            if hdr[_FLAGS] & _NEED_WAKEUP:
+                self._doorbell()
+        return seq - 1
+
+    def post_packed(self, opcode: int, a0: int, a1: int, a2: int, a3: int, packer: struct.Struct,
+                    values: Sequence[Any]) -> int:
+        """Post one command whose inline segment is ``packer.pack(*values)``, packed straight
+        into the slot's side area (``0 < packer.size <= SIDE_BYTES``). Packing happens before
+        anything is posted: when it raises, the ring is as it was (the side area of a free slot
+        may hold part of the bytes, which no command reads).
+
+        Raises:
+            struct.error, OverflowError: ``values`` do not fit ``packer`` (nothing posted).
+            DeviceError: a fatal device error, or no room within the timeout.
+        """
+        seq = self._submitted
+        if seq - self._completed >= self.sq_entries:
+            seq = self.reserve()
+        slot = seq & self._sq_mask
+        off = slot * SIDE_BYTES
+        packer.pack_into(self._side, off, *values)
+        _pack_descriptor(self._sq, slot * _SQ_ENTRY_SIZE, opcode, 0, 1, seq, a0, a1, a2, a3,
+                         self._side_base + off, packer.size)
+        self._waited[slot] = False
+        self._opcode[slot] = opcode
+        self._hold[slot] = None
+        self._submitted = seq = seq + 1
+        if not self.batching:
+            self._published = seq
+            hdr = self._hdr
+            hdr[_SQ_TAIL] = seq & _MASK
+            if hdr[_FLAGS] & _NEED_WAKEUP:
+                self._doorbell()
+        return seq - 1
 
     def publish(self) -> None:
         """Store ``sq_tail`` for everything posted; ring the doorbell only if the device sleeps
@@ -292,12 +370,17 @@ class Ring:
             self._published = self._submitted
             hdr = self._hdr
             hdr[_SQ_TAIL] = self._submitted & _MASK
-            if hdr[_FLAGS] & xpu.FLAG_NEED_WAKEUP:
-                head = hdr[_SQ_HEAD]
-                if head != self._rung_at:
-                    self._rung_at = head
-                    self.transport.write_reg(xpu.REG_DOORBELL, 1)
-                    self.doorbells += 1
+            if hdr[_FLAGS] & _NEED_WAKEUP:
+                self._doorbell()
+
+    def _doorbell(self) -> None:
+        """The device sleeps (need-wakeup read set after the ``sq_tail`` store): ring, unless it
+        was rung already and has taken nothing since (see :meth:`publish`)."""
+        head = self._hdr[_SQ_HEAD]
+        if head != self._rung_at:
+            self._rung_at = head
+            self.transport.write_reg(xpu.REG_DOORBELL, 1)
+            self.doorbells += 1
 
     def set_sq_tail(self, value: int) -> None:
         """Store a raw ``sq_tail`` (a deliberate protocol violation, for tests) and ring."""
@@ -311,16 +394,17 @@ class Ring:
         Raises:
             GuestError: the device broke the ring protocol (too many completions, a wrong tag).
         """
-        tail = self._hdr[_CQ_TAIL]
-        n = (tail - self._cq_head) & _MASK
+        head = self._cq_head
+        n = (self._hdr[_CQ_TAIL] - head) & _MASK
         if not n:
             return 0
-        if n > self._submitted - self._completed:
+        seq = self._completed
+        if n > self._submitted - seq:
             raise GuestError(f"the device posted {n} completions with only {self.in_flight} commands in flight")
-        cq, unpack, cq_mask, sq_mask = self._cq, xpu.COMPLETION.unpack_from, self._cq_mask, self._sq_mask
-        head, seq = self._cq_head, self._completed
-        for _ in range(n):
-            tag, result, result2, status, _ = unpack(cq, (head & cq_mask) * xpu.CQ_ENTRY_SIZE)
+        cq, cq_mask, sq_mask = self._cq, self._cq_mask, self._sq_mask
+        end = seq + n
+        while seq != end:
+            tag, result, result2, status, _ = _unpack_completion(cq, (head & cq_mask) * _CQ_ENTRY_SIZE)
             if tag != seq:
                 raise GuestError(f"completion tag {tag} where {seq} was expected (the ring is corrupt)")
             slot = seq & sq_mask
@@ -328,7 +412,7 @@ class Ring:
                 self._done[seq] = (status, result, result2)
             elif status and self.async_error is None:
                 self.async_error = (seq, self._opcode[slot], status, result)
-            if status in _STATE_FAULTS:
+            if status and status in _STATE_FAULTS:
                 self.faults += 1
                 if result2 & STATE_RESET_BIT:
                     self.state_resets += 1
@@ -339,8 +423,8 @@ class Ring:
             head += 1
             seq += 1
         self._completed = seq
-        self._cq_head = head & _MASK
-        self._hdr[_CQ_HEAD] = self._cq_head
+        self._cq_head = head = head & _MASK
+        self._hdr[_CQ_HEAD] = head
         return n
 
     def wait(self, seq: int) -> tuple[int, int, int]:
@@ -404,18 +488,21 @@ class Ring:
             return
         if self.fatal is not None:
             raise self.fatal
+        if self.poll() and self._completed >= target:     # already there: no clock, no spin set-up
+            return
         poll, clock, yield_cpu, hdr = self.poll, time.perf_counter, os.sched_yield, self._hdr
         start = clock()
         deadline, busy_deadline = start + SPIN_S, start + BUSY_SPIN_S
         while True:
-            if poll():
+            yield_cpu()
+            if hdr[_CQ_TAIL] != self._cq_head and poll():     # poll() only when cq_tail moved
                 if self._completed >= target:
                     return
                 now = clock()
                 deadline, busy_deadline = now + SPIN_S, now + BUSY_SPIN_S
-            yield_cpu()
+                continue
             now = clock()
-            if now > deadline and (now > busy_deadline or hdr[_FLAGS] & xpu.FLAG_NEED_WAKEUP):
+            if now > deadline and (now > busy_deadline or hdr[_FLAGS] & _NEED_WAKEUP):
                 break
         self._wait_slow(target)
 

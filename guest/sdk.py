@@ -43,12 +43,28 @@ from vxpu.guest.module import INLINE_ARG_BYTES, Kernel, Module
 from vxpu.guest.raw import Raw
 from vxpu.guest.ring import Ring
 from vxpu.guest.staging import StagingPool, post_copy, post_single
-from vxpu.guest.transport import Transport
+from vxpu.guest.transport import DmaMemory, Transport
 
 from vxpu.abi import xpu
 from vxpu.errors import StateError
 
 __all__ = ["Device", "DeviceArray", "DeviceError", "Event", "HostArray", "Kernel", "Module", "StaleHandle"]
+
+_LAUNCH = int(xpu.Opcode.LAUNCH)
+_FENCE = int(xpu.Opcode.FENCE)
+_HTOD = int(xpu.Opcode.MEM_COPY_HTOD)
+_DTOH = int(xpu.Opcode.MEM_COPY_DTOH)
+
+
+def _host_mem(host: HostArray) -> DmaMemory:
+    """The DMA memory of a HostArray that is still allocated.
+
+    Raises:
+        GuestError: the HostArray was freed (its memory may belong to another buffer now).
+    """
+    if host.freed:
+        raise GuestError("copy to or from a HostArray that was freed")
+    return host.mem
 
 
 class Event:
@@ -332,12 +348,21 @@ class Device:
         Raises:
             GuestError: sizes differ. DeviceError: the copy failed.
         """
-        ptr, ring = dst.ptr, self.live_ring()
+        ring = self.ring
+        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
+            _ = dst.ptr                       # a stale array is reported first, as always ...
+            ring = self.live_ring()
+        ptr = dst.ptr                         # ... and after a device state loss noticed just now
         if isinstance(src, HostArray):
-            if src.nbytes != dst.nbytes:
-                raise GuestError(f"copy of {src.nbytes} bytes into a {dst.nbytes}-byte array")
-            if src.nbytes:
-                post_copy(ring, xpu.Opcode.MEM_COPY_HTOD, ptr, src.mem, 0, src.nbytes, waited=False)
+            n = src.nbytes
+            if n != dst.nbytes:
+                raise GuestError(f"copy of {n} bytes into a {dst.nbytes}-byte array")
+            if n:
+                address = src.address
+                if address is not None:       # one contiguous run: one inline segment
+                    ring.post(_HTOD, ptr, sg_addr=address, sg_len=n)
+                else:
+                    post_copy(ring, _HTOD, ptr, _host_mem(src), 0, n, waited=False)
             return
         view, _, _ = as_bytes(src)
         if len(view) != dst.nbytes:
@@ -352,12 +377,21 @@ class Device:
         Raises:
             GuestError: sizes differ or ``dst`` is not writable. DeviceError: the copy failed.
         """
-        ptr, ring = src.ptr, self.live_ring()
+        ring = self.ring
+        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
+            _ = src.ptr                       # a stale array is reported first, as always ...
+            ring = self.live_ring()
+        ptr = src.ptr                         # ... and after a device state loss noticed just now
         if isinstance(dst, HostArray):
-            if dst.nbytes != src.nbytes:
-                raise GuestError(f"copy of {src.nbytes} bytes into {dst.nbytes} bytes")
-            if src.nbytes:
-                post_copy(ring, xpu.Opcode.MEM_COPY_DTOH, ptr, dst.mem, 0, src.nbytes, waited=False)
+            n = src.nbytes
+            if dst.nbytes != n:
+                raise GuestError(f"copy of {n} bytes into {dst.nbytes} bytes")
+            if n:
+                address = dst.address
+                if address is not None:       # one contiguous run: one inline segment
+                    ring.post(_DTOH, ptr, sg_addr=address, sg_len=n)
+                else:
+                    post_copy(ring, _DTOH, ptr, _host_mem(dst), 0, n, waited=False)
             if blocking:
                 ring.drain()
             return
@@ -407,22 +441,23 @@ class Device:
             StaleHandle: the kernel's module is gone. DeviceError: a fatal device error while
                 waiting for ring space.
         """
-        kernel.module.check()
-        ring = self.live_ring()
+        module = kernel.module
+        if module._valid_epoch != self.epoch:
+            module.check()                    # raises StaleHandle (a closed device included)
+        ring = self.ring
+        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
+            ring = self.live_ring()           # may find the device state lost, the module with it
+            module.check()
         a1, a2, a3 = dims
         n = len(blob)
         if n == 0:
-            ring.post(xpu.Opcode.LAUNCH, kernel.handle, a1, a2, a3)
-            return
-        if n <= INLINE_ARG_BYTES:
-            seq = ring.reserve()
-            side, addr = ring.side(seq)
-            side[:n] = blob
-            ring.post(xpu.Opcode.LAUNCH, kernel.handle, a1, a2, a3, sg_addr=addr, sg_len=n)
-            return
-        mem = self.transport.alloc_dma(n, contiguous=True)
-        mem.view[:n] = blob
-        ring.post(xpu.Opcode.LAUNCH, kernel.handle, a1, a2, a3, sg_addr=mem.address(0), sg_len=n, hold=mem)
+            ring.post(_LAUNCH, kernel.handle, a1, a2, a3)
+        elif n <= INLINE_ARG_BYTES:
+            ring.post_inline(_LAUNCH, kernel.handle, a1, a2, a3, blob)
+        else:
+            mem = self.transport.alloc_dma(n, contiguous=True)
+            mem.view[:n] = blob
+            ring.post(_LAUNCH, kernel.handle, a1, a2, a3, sg_addr=mem.address(0), sg_len=n, hold=mem)
 
     def synchronize(self) -> None:
         """Wait for all posted work (a FENCE) and raise the first asynchronous error.
@@ -433,10 +468,14 @@ class Device:
                 state (its result2 says so, or a probe of a sentinel allocation shows it),
                 older arrays, modules and events are stale.
         """
-        ring = self.live_ring()
-        status, result, _ = ring.wait(ring.post(xpu.Opcode.FENCE, waited=True))
-        self.live_ring()                  # notices a kernel fault that reset the device state
-        ring.raise_async()
+        ring = self.ring
+        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
+            ring = self.live_ring()
+        status, result, _ = ring.wait(ring.post(_FENCE, waited=True))
+        if ring.faults != self._faults_seen or self.allocs.garbage:
+            self.live_ring()              # notices a kernel fault that reset the device state
+        if ring.async_error is not None:
+            ring.raise_async()
         if status:
             raise DeviceError(status, "FENCE", result=result, detail="reported by synchronize")
 

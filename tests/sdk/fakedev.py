@@ -3,9 +3,11 @@
 :class:`FakeTransport` implements the Transport protocol over a bytearray "guest RAM" and a
 tiny device: it keeps FLAG_NEED_WAKEUP set (it is always asleep) and runs every submitted
 descriptor when the doorbell is written, so each test sees exactly which doorbells the driver
-rang. It knows NOP, MEM_ALLOC, MEM_FREE, MEM_SET, MEM_COPY_HTOD/DTOH (inline or indirect SG) and FENCE;
-``complete_limit`` holds completions back to model a slow device; ``fence_fault`` makes the next
-FENCE report a (status, result2) pair, as a kernel fault surfacing there would.
+rang. It knows NOP, MEM_ALLOC, MEM_FREE, MEM_SET, MEM_COPY_HTOD/DTOH (inline or indirect SG),
+FENCE, MODULE_LOAD (IR), MODULE_UNLOAD, KERNEL_GET and LAUNCH (recorded in ``launches`` with the
+argument bytes it read, not run); ``complete_limit`` holds completions back to model a slow
+device; ``fence_fault`` makes the next FENCE report a (status, result2) pair, as a kernel fault
+surfacing there would.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from __future__ import annotations
 import struct
 
 from vxpu.guest.transport import DmaMemory
+from vxpu.ir import decode
+from vxpu.ir.args import kernel_signature
 
 from vxpu.abi import xpu
 from vxpu.abi.status import Status
@@ -37,6 +41,9 @@ class FakeTransport:
         self.max_pending_seen = 0
         self.fence_fault: tuple[int, int] | None = None   # the next FENCE completes with (status, result2)
         self.fault_drops_state = False                      # ... and the device drops every allocation
+        self.modules: dict[int, dict[str, int]] = {}        # module handle -> kernel name -> args size
+        self.kernels: dict[int, tuple[int, int]] = {}       # kernel handle -> (module, args size)
+        self.launches: list[tuple[int, int, int, int, bytes]] = []   # kernel, dims a1..a3, argument bytes
 
     # -- Transport -----------------------------------------------------------------------------
     def read_reg(self, offset: int) -> int:
@@ -90,12 +97,14 @@ class FakeTransport:
             cq_head = self._hdr_load(xpu.QH_CQ_HEAD)
             assert (self.cq_tail - cq_head) & xpu.INDEX_MASK < ncq, "driver let the CQ overflow"
             d = xpu.DESCRIPTOR.unpack_from(self.ram, sq + (self.sq_head % nsq) * 64)
-            status, result = self._execute(d)
-            result2 = 0
+            status, result, *rest = self._execute(d)
+            result2 = rest[0] if rest else 0
             if d[0] == xpu.Opcode.FENCE and self.fence_fault is not None:
                 (status, result2), self.fence_fault = self.fence_fault, None
                 if self.fault_drops_state:
                     self.device_mem.clear()
+                    self.modules.clear()
+                    self.kernels.clear()
             xpu.COMPLETION.pack_into(self.ram, cq + (self.cq_tail % ncq) * 32, d[3], result, result2, status, 0)
             self.sq_head = (self.sq_head + 1) & xpu.INDEX_MASK
             self.cq_tail = (self.cq_tail + 1) & xpu.INDEX_MASK
@@ -108,7 +117,8 @@ class FakeTransport:
             return [xpu.SG_ENTRY.unpack_from(self.ram, addr - BASE + 16 * i) for i in range(count)]
         return [(addr, length)] if count else []
 
-    def _execute(self, d: tuple[int, ...]) -> tuple[int, int]:
+    def _execute(self, d: tuple[int, ...]) -> tuple[int, ...]:
+        """``(status, result)``, or ``(status, result, result2)``."""
         op, a0 = d[0], d[4]
         if op in (xpu.Opcode.NOP, xpu.Opcode.FENCE):
             return 0, 0
@@ -139,5 +149,32 @@ class FakeTransport:
                 else:
                     self.ram[addr - BASE:addr - BASE + n] = mem[pos:pos + n]
                 pos += n
+            return 0, 0
+        if op == xpu.Opcode.MODULE_LOAD:
+            image = b"".join(bytes(self.ram[a - BASE:a - BASE + n]) for a, n in self._sg(d))
+            handle, self.next_dev = self.next_dev, self.next_dev + 256
+            self.modules[handle] = {k.name: kernel_signature(k).args_size for k in decode(image).kernels}
+            return 0, handle
+        if op == xpu.Opcode.MODULE_UNLOAD:
+            if self.modules.pop(a0, None) is None:
+                return Status.INVALID_HANDLE, 0
+            self.kernels = {k: v for k, v in self.kernels.items() if v[0] != a0}
+            return 0, 0
+        if op == xpu.Opcode.KERNEL_GET:
+            name = b"".join(bytes(self.ram[a - BASE:a - BASE + n]) for a, n in self._sg(d)).decode()
+            if a0 not in self.modules:
+                return Status.INVALID_HANDLE, 0
+            if name not in self.modules[a0]:
+                return Status.NOT_FOUND, 0
+            handle, self.next_dev = self.next_dev, self.next_dev + 256
+            self.kernels[handle] = (a0, self.modules[a0][name])
+            return 0, handle, self.modules[a0][name]
+        if op == xpu.Opcode.LAUNCH:
+            blob = b"".join(bytes(self.ram[a - BASE:a - BASE + n]) for a, n in self._sg(d))
+            if a0 not in self.kernels:
+                return Status.INVALID_HANDLE, 0
+            if len(blob) != self.kernels[a0][1]:
+                return Status.INVALID_ARGUMENT, 0
+            self.launches.append((a0, d[5], d[6], d[7], blob))
             return 0, 0
         return Status.UNSUPPORTED, 0
