@@ -240,7 +240,8 @@ class Module:
         """
         k = self._kernels.get(name)
         if k is not None:
-            self.check()
+            if self._valid_epoch != self.device.epoch:
+                self.check()                  # raises StaleHandle
             return k
         ir_kernel = next((k for k in self.ir.kernels if k.name == name), None)
         if ir_kernel is None:
@@ -263,6 +264,9 @@ class Module:
     def __getattr__(self, name: str) -> Kernel:
         if name.startswith("_"):
             raise AttributeError(name)
+        k = self._kernels.get(name)           # kernel(name) for a known kernel, without the calls
+        if k is not None and self._valid_epoch == self.device.epoch:
+            return k
         try:
             return self.kernel(name)
         except GuestError as exc:

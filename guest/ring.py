@@ -436,7 +436,8 @@ class Ring:
         """
         if seq >= self._published:
             self.publish()
-        self._wait_completed(seq + 1)
+        if self._completed <= seq and (self.fatal is not None or not self.poll() or self._completed <= seq):
+            self._wait_completed(seq + 1)     # (a fatal device raises there, as before any poll)
         try:
             return self._done.pop(seq)
         except KeyError:

@@ -252,6 +252,9 @@ def test_stale_arrays_and_modules_post_nothing(pair):
     dev.reset()
     with pytest.raises(StaleHandle):                          # the module is from before the reset
         launch(0, 1)
+    for get in (lambda: mod.k, lambda: mod["k"], lambda: mod.kernel("k")):
+        with pytest.raises(StaleHandle):                      # and so are its cached kernels
+            get()
     mod2 = dev.load_module(kernel_ir(["ptr<global>", "i32"]))
     with pytest.raises(StaleHandle):                          # the array is
         mod2.k[1, 32](old, 1)
