@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import json
 import logging
 import struct
 from collections.abc import Callable
@@ -439,14 +440,18 @@ def test_repeated_launches_run_natively(tmp_path):
         inc, empty = setup_kernels(rig)
         dev = rig.alloc(256)
         ln = lane(rig)
+        assert rig.run([inc_desc(rig, inc, dev, 1)])[0].status == 0      # Python: the queue, the plan
+        assert ln.taken == 0 and ln.plan_count == 1
         got = rig.run([inc_desc(rig, inc, dev, 1, tag=i) for i in range(20)] + [desc(Opcode.FENCE, tag=99)])
         assert [c.status for c in got] == [0] * 21 and [c.tag for c in got] == [*range(20), 99]
-        assert rig.dtoh(dev, 4) == struct.pack("<I", 20)
-        assert ln.taken >= 19                  # the first LAUNCH made the plan in Python
+        assert rig.dtoh(dev, 4) == struct.pack("<I", 21)
+        assert ln.taken == 21                  # 20 launches and the FENCE's wait
         assert ln.plan_count == 1
         s = rig.device.poller.session
-        assert s.stats.launches == 20 and rig.device.backend.stats.launches == 20
-        assert rig.device.poller.stats.commands["LAUNCH"] == 20
+        assert s.stats.launches == 21 and rig.device.backend.stats.launches == 21
+        assert rig.device.poller.stats.commands["LAUNCH"] == 21
+        stats = json.loads(rig.device.stats_document())
+        assert stats["session"]["vxpu_fastlane_taken"] >= 21
         before = rig.device.backend.dev.native_calls
         got = rig.run([empty_desc(empty, tag=i) for i in range(5)] + [desc(Opcode.NOP, tag=7)])
         assert all(c.status == 0 for c in got)
@@ -457,6 +462,7 @@ def test_a_plan_miss_hands_the_launch_to_python(tmp_path):
     with rig_for(tmp_path, "b") as rig:
         inc, _ = setup_kernels(rig)
         dev = rig.alloc(256)
+        assert rig.htod(dev + 128, b"zzzz").status == 0         # (the session queue is made)
         ln = lane(rig)
         stops = dict(ln.stops)
         assert rig.run([inc_desc(rig, inc, dev, 5)])[0].status == 0
@@ -527,6 +533,7 @@ def test_a_claimed_fault_record_hands_the_fence_to_python(tmp_path):
         dev = rig.alloc(256)
         good = inc_desc(rig, inc, dev, 1, slot=0)
         assert rig.run([good, desc(Opcode.FENCE)])[1].status == 0
+        assert rig.run([desc(Opcode.NOP)])[0].status == 0              # the lane has read the record's place
         ln = lane(rig)
         assert ln.record != 0
         calls = rig.device.backend.dev.native_calls
@@ -569,10 +576,11 @@ def test_copies_out_of_range_are_python_s_statuses(tmp_path, case, op):
         dev = rig.alloc(256)
         sg = (rig.addr(guest) if guest < (1 << 32) else guest, length)
         ok = desc(op, [dev], sg=(rig.addr(DATA_OFF), 16), tag=1)
+        assert rig.run([ok])[0].status == 0         # (the session queue is made)
         got = rig.run([ok, desc(op, [dev + dev_off], sg=sg, tag=2), ok])
         assert [c.status for c in got] == [0, want, 0]
         ln = lane(rig)
-        assert ln.taken >= 1
+        assert ln.taken >= 1 and ln.stops.get(fastlane.STOP_OTHER, 0) >= (1 if want else 0)
 
 
 def test_a_freed_or_foreign_device_address_is_refused(tmp_path):
@@ -599,7 +607,7 @@ def test_copies_run_natively_and_complete_after_one_wait(tmp_path):
         assert all(c.status == 0 for c in rig.run(back))
         assert rig.read(DATA_OFF + 0x8000, 64 * 256) == bytes(range(256)) * 64
         ln = lane(rig)
-        assert ln.taken >= 120
+        assert ln.taken >= 64                  # the HTODs made the queue; the DTOHs are native
         stats = rig.device.poller.stats
         assert stats.bytes_htod == stats.bytes_dtoh == 64 * 256
         assert rig.device.poller.session.stats.bytes_htod == 64 * 256
@@ -616,3 +624,42 @@ def test_an_indirect_list_stays_in_python(tmp_path):
         assert rig.cmd(Opcode.MEM_COPY_HTOD, [dev], indirect=(lst, 2)).status == 0
         assert ln.taken == taken
         assert rig.dtoh(dev, 32) == b"q" * 32
+
+
+def test_a_guest_rewriting_descriptors_and_arguments_meanwhile_gets_statuses_only(tmp_path):
+    """The lane reads each descriptor and argument blob once; whatever the guest scribbles over
+    them while the device runs (the GIL is released meanwhile), every command completes with
+    a status of the table and the device keeps serving."""
+    import random
+    import threading
+
+    from vxpu.abi.status import Status as St
+
+    from .ringdriver import SQ_OFF
+    with rig_for(tmp_path, "m") as rig:
+        inc, _empty = setup_kernels(rig)
+        dev = rig.alloc(4096)
+        assert rig.run([inc_desc(rig, inc, dev, 1), desc(Opcode.FENCE)])[1].status == 0
+        stop = threading.Event()
+        rnd = random.Random(7)
+
+        def scribble() -> None:
+            while not stop.is_set():
+                slot = rnd.randrange(rig.sq_entries)
+                raw = bytearray(rnd.randbytes(64))
+                raw[0:2] = struct.pack("<H", rnd.choice((0x00, 0x13, 0x14, 0x30, 0x40)))
+                rig.write(SQ_OFF + 64 * slot, bytes(raw))
+                rig.write(ARG_OFF + 64 * rnd.randrange(4), rnd.randbytes(16))
+        writer = threading.Thread(target=scribble)
+        writer.start()
+        try:
+            for _ in range(20):
+                batch = [inc_desc(rig, inc, dev + 4 * (i % 8), 1, slot=i % 4) for i in range(40)]
+                batch += [desc(Opcode.MEM_COPY_HTOD, [dev], sg=(rig.addr(DATA_OFF), 64)), desc(Opcode.FENCE)]
+                got = rig.run(batch, timeout=30)
+                assert len(got) == len(batch)
+                assert all(c.status in {int(s) for s in St} for c in got)
+        finally:
+            stop.set()
+            writer.join()
+        rig.alive()

@@ -136,7 +136,7 @@ class Executor:
         self.max_plans = MAX_PLANS                 # 0: no plan cache (every LAUNCH checked in full)
         self.plan_drops = 0                        # times forget_plans() dropped them all
         #: told of every plan a LAUNCH made or reused (the native fast lane keeps its own copy)
-        self.plan_hook: Callable[[tuple[int, int, int, int, int, bytes], LaunchPlan], None] | None = None
+        self.plan_hook: Callable[[tuple[int, int, int, int, int, bytes], LaunchPlan, int], None] | None = None
         self._queue = DEFAULT_QUEUE
         self._queue_session: Session | None = None     # the session and its invalidation count the
         self._queue_drops = -1                         # queue is for
@@ -175,6 +175,14 @@ class Executor:
             self._queue = DEFAULT_QUEUE
         self._queue_session, self._queue_drops = s, s.stats.invalidations
         return self._queue
+
+    def made_queue(self) -> int | None:
+        """:attr:`queue` when it is already made for the current session, else None (it is made
+        by the first command that needs it, so a native issuer never makes one first)."""
+        s = self._session()
+        if s is self._queue_session and s.stats.invalidations == self._queue_drops:
+            return self._queue
+        return None
 
     # -- entry point ---------------------------------------------------------------------------
     def execute(self, raw: tuple[int, ...]) -> tuple[int, int, int, int]:
@@ -484,7 +492,7 @@ class Executor:
                     self._plans.clear()
                 self._plans[key] = plan
         if plan is not None and self.max_plans and self.plan_hook is not None:
-            self.plan_hook(key, plan)
+            self.plan_hook(key, plan, self.plan_drops)
         self.queued += 1
         return 0, 0
 

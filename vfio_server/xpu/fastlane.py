@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ENV = "VXPU_FASTLANE"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
-ABI = 3                          # fl_abi() of the source this module speaks to
+ABI = 4                          # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
 MAX_PLANS = 256
 MAX_PARAM_BYTES = 65536
@@ -79,7 +79,8 @@ class Batch(ctypes.Structure):
     _fields_ = [("sq", _u64), ("cq", _u64), ("sq_mask", _u32), ("cq_mask", _u32), ("sq_head", _u32),
                 ("cq_index", _u32), ("max", _u32), ("depth", _u32), ("pending", _u32), ("queued", _u32),
                 ("group", _u32), ("syncs", _u32), ("launches", _u32), ("checked", _u32), ("nops", _u32),
-                ("htods", _u32), ("dtohs", _u32), ("irq", _u32), ("bytes_htod", _u64), ("bytes_dtoh", _u64),
+                ("htods", _u32), ("dtohs", _u32), ("irq", _u32), ("g_launches", _u32), ("g_nops", _u32),
+                ("g_htods", _u32), ("g_dtohs", _u32), ("bytes_htod", _u64), ("bytes_dtoh", _u64),
                 ("consumed", _u32), ("stop", _u32), ("driver_error", ctypes.c_int32), ("python_run", _u32),
                 ("stop_tag", _u64), ("stop_flags", _u32), ("pad", _u32), ("tags", _u64 * GROUP),
                 ("ops", ctypes.c_uint16 * GROUP), ("flags", ctypes.c_uint16 * GROUP)]
@@ -257,7 +258,7 @@ class FastLane:
             raise OSError("fl_new refused the driver table")
         self._ctx = ctypes.c_void_p(ctx)
         self.batch = Batch()
-        self._plan_key: tuple[Session | None, int, int, int] = (None, -1, -1, -1)  # session, generation, queue, drops
+        self._plan_key = (-1, -1, -1)      # plan generation (unique per session), queue, executor drops
         self._ram_key: tuple[Any, ...] = ()
         self._alloc_key: tuple[Session | None, int] = (None, -1)
         self._stream_key: tuple[Session | None, int] = (None, -1)
@@ -290,9 +291,9 @@ class FastLane:
             self.backend.native_ready()
         except Exception:                  # noqa: BLE001 -- closed or lost: the Python path says so
             return False
-        if self._plan_key != (session, generation, queue, drops):
+        if self._plan_key != (generation, queue, drops):
             self.forget_plans()
-            self._plan_key = (session, generation, queue, drops)
+            self._plan_key = (generation, queue, drops)
         regions = ram.regions()
         ram_key = (ram.generation, session, *(r.token is not None for r in regions))
         if ram_key != self._ram_key:
@@ -323,12 +324,14 @@ class FastLane:
             self.record = record
         return True
 
-    def add_plan(self, key: tuple[int, int, int, int, int, bytes], plan: LaunchPlan) -> None:
+    def add_plan(self, key: tuple[int, int, int, int, int, bytes], plan: LaunchPlan, drops: int) -> None:
         """Executor hook: the LAUNCH ``key`` (kernel, dims words, queue, argument bytes) got
-        ``plan``; push the backend's packed launch for it (nothing when the backend has none)."""
+        ``plan`` (``drops``: the executor's plan drops); push the backend's packed launch for it
+        (nothing when the backend has none). Plans of another generation go first."""
         kernel, a1, a2, a3, queue, blob = key
-        if self._plan_key[1] != plan.generation or self._plan_key[2] != queue:
-            return                         # made for a generation the table is not for: skip
+        if self._plan_key != (plan.generation, queue, drops):
+            self.forget_plans()
+            self._plan_key = (plan.generation, queue, drops)
         try:
             native = self.backend.native_launch(plan.kernel, plan.args, plan.bounds, plan.queue.token)
         except Exception as exc:           # noqa: BLE001 -- no native plan: the LAUNCH stays in Python
@@ -383,6 +386,7 @@ class FastLane:
         """Zero the group's counters before its first :meth:`run`."""
         b = self.batch
         b.group = b.syncs = b.launches = b.checked = b.nops = b.htods = b.dtohs = b.irq = 0
+        b.g_launches = b.g_nops = b.g_htods = b.g_dtohs = 0
         b.bytes_htod = b.bytes_dtoh = 0
         b.pending, b.queued, b.depth = min(pending, 0xFFFF_FFFF), min(queued, 0xFFFF_FFFF), min(depth, 0xFFFF_FFFF)
 
@@ -418,5 +422,5 @@ class FastLane:
     def command_counts(self) -> Sequence[tuple[str, int]]:
         """``(opcode name, count)`` of the group's completions."""
         b = self.batch
-        counts = ((_LAUNCH, b.launches), (_NOP, b.nops), (_HTOD, b.htods), (_DTOH, b.dtohs))
+        counts = ((_LAUNCH, b.g_launches), (_NOP, b.g_nops), (_HTOD, b.g_htods), (_DTOH, b.g_dtohs))
         return [(_OP_NAMES[op], n) for op, n in counts if n]

@@ -466,7 +466,7 @@ class Poller:
         the batch while copies wait, see :meth:`_run_batch`). Returns how many were completed
         (-1 when the queue stopped)."""
         lane = self.fastlane
-        queue = self.executor.queue if lane is not None else 0      # made outside the lock
+        queue = self.executor.made_queue() if lane is not None else None
         fence: tuple[int, int] | None = None
         with self.ram.lock:
             rings = self._rings
@@ -487,26 +487,32 @@ class Poller:
             self.stats.batch(n, (rings.sq_head + n - rings.cq_tail) & abi.INDEX_MASK)
             native = 0
             take = n
-            if lane is not None and not self.aborting:
+            if lane is not None and queue is not None and not self.aborting:
                 native, take, fence = self._native_issue(lane, rings, queue, n)
             descs = rings.take(take) if take else []
         self.executor.epoch = epoch
         t0 = time.perf_counter_ns()
         try:
             done = 0
+            handed: list[tuple[int, int, int, int, int, int, bool]] = []
             if native or fence is not None:
                 self._batch_irq = self._irq_settings()
                 count = max(1, self._batch_irq[1])
-                if native and not self._native_finish(rings, epoch, count, extend and not descs):
-                    return -1
-                done = native
+                if native and not descs and extend:
+                    descs = self._native_extend(rings, epoch)
+                if native and descs:        # Python's descriptors join the lane's group, as without it
+                    handed = lane.held(0, lane.batch.group) if lane is not None else []
+                elif native:
+                    if not self._native_finish(rings, epoch, count):
+                        return -1
+                    done = native
                 if fence is not None:
                     got = self._native_fence(fence, rings, epoch, count)
                     if got < 0:
                         return -1
                     done += got
             if descs:
-                got = self._run_batch(descs, rings, epoch, extend)
+                got = self._run_batch(descs, rings, epoch, extend, handed)
                 if got < 0:
                     return -1
                 done += got
@@ -516,7 +522,8 @@ class Poller:
             self._batch_irq = None
         return done
 
-    def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int, extend: bool = True) -> int:
+    def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int, extend: bool = True,
+                   handed: list[tuple[int, int, int, int, int, int, bool]] | None = None) -> int:
         """Execute and complete ``descs`` in order. Completions are held and posted together
         (one lock, one ``cq_tail`` store): at the end of the batch, and before any command that
         may wait (all but :data:`_HOLDABLE`), so a completion is never held up by a later slow
@@ -527,11 +534,11 @@ class Poller:
         descriptors, those join the batch (up to :data:`MAX_HELD` held completions) before the
         device synchronizes: a stream of copies keeps the backend's queue fed instead of draining
         it at every batch boundary. Returns the number completed, -1 when the queue stopped
-        meanwhile."""
+        meanwhile. ``handed``: the fast lane's unposted group, held as if Python had run it."""
         self._batch_irq = self._irq_settings()      # the IRQ_* registers, read once per batch
         count = max(1, self._batch_irq[1])
-        held: list[tuple[int, int, int, int, int, int, bool]] = []   # tag, status, r1, r2, opcode, flags, sync
-        syncs = 0                                   # held entries that wait for a synchronization
+        held = handed or []                         # tag, status, r1, r2, opcode, flags, sync
+        syncs = sum(1 for entry in held if entry[6])     # held entries that wait for a synchronization
         done = 0
         ex = self.executor
         execute = self._execute
@@ -616,22 +623,18 @@ class Poller:
             ex.counters.bytes_dtoh += b.bytes_dtoh
             self.session.note_native_work(queue, b.pending - pending_before, b.launches, b.bytes_htod,
                                           b.bytes_dtoh, b.checked)
-            commands = self.stats.commands
-            for name, count in lane.command_counts():
-                commands[name] += count
         b.launches = b.checked = b.nops = b.htods = b.dtohs = 0
         b.bytes_htod = b.bytes_dtoh = 0
         return b
 
-    def _native_finish(self, rings: Rings, epoch: int, count: int, extend: bool) -> bool:
-        """Post the lane's group: after one synchronization when copies wait for it (taking the
-        copies posted meanwhile into the group first, as :meth:`_run_batch` does), with one
-        ``cq_tail`` store; rewritten by Python in the rare case (an error or abort surfaced, or
-        guest RAM changed). False when the queue stopped or changed meanwhile."""
-        lane = self.fastlane
+    def _native_extend(self, rings: Rings, epoch: int) -> list[tuple[int, ...]]:
+        """While the lane's copies wait for their synchronization, take the descriptors posted
+        meanwhile into the group (as :meth:`_take_more` does); returns the descriptors Python
+        must run in the same group when the lane stopped at one (none: the group is all native)."""
+        lane, queue = self.fastlane, self.executor.made_queue()
         assert lane is not None
         b = lane.batch
-        while extend and b.syncs and b.group < MAX_HELD and b.stop == STOP_END:
+        while queue is not None and b.syncs and b.group < MAX_HELD and b.stop == STOP_END:
             with self.ram.lock:
                 if self.epoch != epoch or not self.enabled or not self._same_rings(rings) or self.controls:
                     break
@@ -645,8 +648,20 @@ class Poller:
                 if more <= 0 or addrs is None or self.ram.generation != self._native_gen or not self._bus_master():
                     break
                 self.stats.batch(more, (rings.sq_head + more - rings.cq_tail) & abi.INDEX_MASK)
-                if not self._native_run(lane, rings, addrs, self.executor.queue, more, b.group).consumed:
+                self._native_run(lane, rings, addrs, queue, more, b.group)
+                if b.python_run:
+                    return rings.take(b.python_run)
+                if b.stop == STOP_FENCE or not b.consumed:
                     break
+        return []
+
+    def _native_finish(self, rings: Rings, epoch: int, count: int) -> bool:
+        """Post the lane's group: after one synchronization when copies wait for it, with one
+        ``cq_tail`` store; rewritten by Python in the rare case (an error or abort surfaced, or
+        guest RAM changed). False when the queue stopped or changed meanwhile."""
+        lane = self.fastlane
+        assert lane is not None
+        b = lane.batch
         err = self.executor.synchronize_deferred() if b.syncs else None
         n = b.group
         with self.ram.lock:
@@ -665,6 +680,9 @@ class Poller:
                 for entry in held:
                     if entry[1]:
                         self.stats.errors[Status(entry[1]).name] += 1
+        commands = self.stats.commands
+        for name, got in lane.command_counts():
+            commands[name] += got
         self._note_completions(n, b.irq & _DESC_IRQ, count)
         return True
 

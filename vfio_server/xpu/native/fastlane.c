@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FL_ABI 3
+#define FL_ABI 4
 #define SQ_ENTRY 64u
 #define CQ_ENTRY 32u
 #define MAX_ARG_BYTES 4096u
@@ -100,7 +100,8 @@ struct fl_batch {
     uint32_t queued;        /* the executor's operations since its last synchronize */
     uint32_t group;         /* completions written in this group so far */
     uint32_t syncs;         /* of them, copies that wait for one synchronization */
-    uint32_t launches, checked, nops, htods, dtohs, irq;
+    uint32_t launches, checked, nops, htods, dtohs, irq;   /* this call (launches .. dtohs), group (irq) */
+    uint32_t g_launches, g_nops, g_htods, g_dtohs;         /* completions of the group, by opcode */
     uint64_t bytes_htod, bytes_dtoh;
     /* out */
     uint32_t consumed;      /* descriptors taken by this call */
@@ -360,6 +361,10 @@ static void complete(struct fl_batch *b, const struct desc *d) {
     b->ops[b->group] = d->opcode;
     b->flags[b->group] = d->flags;
     b->irq |= d->flags & FLAG_IRQ;
+    b->g_launches += d->opcode == OP_LAUNCH;
+    b->g_nops += d->opcode == OP_NOP;
+    b->g_htods += d->opcode == OP_HTOD;
+    b->g_dtohs += d->opcode == OP_DTOH;
     b->group++;
 }
 
