@@ -65,8 +65,9 @@ from vxpu.accel.session import Session
 from vxpu.vfio_server.dma import DmaRegion
 from vxpu.vfio_server.xpu import profile
 from vxpu.vfio_server.xpu.commands import ASYNC_ERRORS, Abandoned, Executor
-from vxpu.vfio_server.xpu.fastlane import STOP_END, STOP_FENCE, Batch, FastLane
+from vxpu.vfio_server.xpu.fastlane import FastLane
 from vxpu.vfio_server.xpu.guestram import GuestRam
+from vxpu.vfio_server.xpu.poller_native import BATCH, MAX_HELD, NativeLane
 from vxpu.vfio_server.xpu.queue import QueueConfig, QueueFatal, Rings, check_config
 from vxpu.vfio_server.xpu.stats import DeviceStats, stats_json
 
@@ -81,8 +82,6 @@ SPIN_S = 200e-6                  # keep polling at least this long after the las
 #: ... and at most this long, after short idle gaps (adaptive): 5 ms, or 2 ms on a host of two
 #: cores or fewer, where a spinning poller takes half the machine from the guest.
 MAX_SPIN_S = 5e-3 if (os.cpu_count() or 1) > 2 else 2e-3
-BATCH = 64                       # descriptors taken per lock acquisition
-MAX_HELD = 4 * BATCH             # completions held while copies wait for one synchronization
 SWITCH_INTERVAL_S = 0.0005       # sys.setswitchinterval while a device runs (see the docstring)
 IDLE_WAIT_S = 1.0                # sleep while the queue is off (requests kick anyway)
 MAX_COALESCE_USEC = 100_000      # REG_IRQ_COALESCE_USEC is clamped to this
@@ -118,7 +117,7 @@ def _next_stop(descs: list[tuple[int, ...]], i: int) -> tuple[int, bool]:
     return j, j < n and descs[j][0] == _FENCE
 
 
-class Poller:
+class Poller(NativeLane):
     """The queue engine of one accelerator device (see the module docstring).
 
     Args:
@@ -589,133 +588,6 @@ class Poller:
                 resume_wakeups()
             ex.defer_sync = False
             ex.sync_pending = False
-
-    # -- the native fast lane (vfio_server.xpu.fastlane) -----------------------------------------
-    def _native_issue(self, lane: FastLane, rings: Rings, queue: int, n: int) -> tuple[int, int, tuple[int, int] | None]:
-        """Under the lock: let the lane take what it can of the ``n`` validated descriptors.
-        Returns ``(taken natively, descriptors Python takes now, the FENCE taken for the native
-        wait as (tag, flags) or None)``; Python takes the descriptor the lane stopped at and
-        those after it that the lane would not take either."""
-        s, ex = self.session, self.executor
-        addrs = lane.ring_addresses(rings.cfg, self.ram)
-        if addrs is None or not lane.prepare(s, queue, ex.plan_drops, self.ram):
-            return 0, n, None
-        self._native_gen = self.ram.generation
-        lane.start_group(s.pending(queue), ex.queued, s.quota.queue_depth)
-        b = self._native_run(lane, rings, addrs, queue, n, 0)
-        k = b.consumed
-        if b.stop == STOP_FENCE and k < n:
-            rings.consume(1)                # the FENCE: waited for natively after the group
-            return k, 0, (b.stop_tag, b.stop_flags)
-        return k, min(n - k, b.python_run), None
-
-    def _native_run(self, lane: FastLane, rings: Rings, addrs: tuple[int, int], queue: int, n: int,
-                    unposted: int) -> Batch:
-        """One lane run from ``sq_head`` (lock held); accounts what it issued, as Python would."""
-        pending_before = lane.batch.pending
-        b = lane.run(addrs[0], addrs[1], rings.sq_mask, rings.cq_mask, rings.sq_head,
-                     (rings.cq_tail + unposted) & abi.INDEX_MASK, n)
-        if b.consumed:
-            rings.consume(b.consumed)
-            ex = self.executor
-            ex.queued = b.queued
-            ex.counters.bytes_htod += b.bytes_htod
-            ex.counters.bytes_dtoh += b.bytes_dtoh
-            self.session.note_native_work(queue, b.pending - pending_before, b.launches, b.bytes_htod,
-                                          b.bytes_dtoh, b.checked)
-        b.launches = b.checked = b.nops = b.htods = b.dtohs = 0
-        b.bytes_htod = b.bytes_dtoh = 0
-        return b
-
-    def _native_extend(self, rings: Rings, epoch: int) -> list[tuple[int, ...]]:
-        """While the lane's copies wait for their synchronization, take the descriptors posted
-        meanwhile into the group (as :meth:`_take_more` does); returns the descriptors Python
-        must run in the same group when the lane stopped at one (none: the group is all native)."""
-        lane, queue = self.fastlane, self.executor.made_queue()
-        assert lane is not None
-        b = lane.batch
-        while queue is not None and b.syncs and b.group < MAX_HELD and b.stop == STOP_END:
-            with self.ram.lock:
-                if self.epoch != epoch or not self.enabled or not self._same_rings(rings) or self.controls:
-                    break
-                try:
-                    rings.attach(self.ram)
-                    more = min(rings.pending(), rings.cq_free() - b.group, BATCH, MAX_HELD - b.group)
-                except QueueFatal as exc:
-                    self._set_fatal(exc.code, exc.info, str(exc))
-                    break
-                addrs = lane.ring_addresses(rings.cfg, self.ram)
-                if more <= 0 or addrs is None or self.ram.generation != self._native_gen or not self._bus_master():
-                    break
-                self.stats.batch(more, (rings.sq_head + more - rings.cq_tail) & abi.INDEX_MASK)
-                self._native_run(lane, rings, addrs, queue, more, b.group)
-                if b.python_run:
-                    return rings.take(b.python_run)
-                if b.stop == STOP_FENCE or not b.consumed:
-                    break
-        return []
-
-    def _native_finish(self, rings: Rings, epoch: int, count: int) -> bool:
-        """Post the lane's group: after one synchronization when copies wait for it, with one
-        ``cq_tail`` store; rewritten by Python in the rare case (an error or abort surfaced, or
-        guest RAM changed). False when the queue stopped or changed meanwhile."""
-        lane = self.fastlane
-        assert lane is not None
-        b = lane.batch
-        err = self.executor.synchronize_deferred() if b.syncs else None
-        n = b.group
-        with self.ram.lock:
-            if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
-                return False
-            try:
-                rings.attach(self.ram)
-            except QueueFatal as exc:
-                self._set_fatal(exc.code, exc.info, str(exc))
-                return False
-            if err is None and not self.aborting and self.ram.generation == self._native_gen:
-                rings.publish(n)
-            else:
-                held = [self._final(entry, err) for entry in lane.held(0, n)]
-                rings.complete_many(held)
-                for entry in held:
-                    if entry[1]:
-                        self.stats.errors[Status(entry[1]).name] += 1
-        commands = self.stats.commands
-        for name, got in lane.command_counts():
-            commands[name] += got
-        self._note_completions(n, b.irq & _DESC_IRQ, count)
-        return True
-
-    def _native_fence(self, fence: tuple[int, int], rings: Rings, epoch: int, count: int) -> int:
-        """The FENCE the lane stopped at (taken off the ring): when no asynchronous error is
-        pending, wait natively without the lock and complete it OK if the device finished and
-        the fault record is unclaimed; anything else runs the FENCE in Python. Returns 1, or -1
-        when the queue stopped meanwhile."""
-        lane, ex = self.fastlane, self.executor
-        assert lane is not None
-        tag, flags = fence
-        ok = False
-        if ex.async_error is None and not self.aborting:
-            if not ex.queued:
-                ok = True               # nothing issued since the last wait: Python waits neither
-            elif lane.fence_wait():
-                self.session.note_native_sync()
-                ex.queued = 0
-                ok = True
-        if not ok or self.aborting:
-            return self._run_batch([(_FENCE, flags, 0, tag, 0, 0, 0, 0, 0, 0)], rings, epoch, False)
-        with self.ram.lock:
-            if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
-                return -1
-            try:
-                rings.attach(self.ram)
-            except QueueFatal as exc:
-                self._set_fatal(exc.code, exc.info, str(exc))
-                return -1
-            rings.complete(tag, 0, 0, 0)
-        self.stats.count(_FENCE, 0)
-        self._note_completions(1, flags & _DESC_IRQ, count)
-        return 1
 
     def _take_more(self, rings: Rings, epoch: int, held: int) -> list[tuple[int, ...]]:
         """The descriptors posted since the batch was taken, as far as the completion ring has
