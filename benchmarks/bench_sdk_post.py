@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import platform
+import signal
 import statistics
 import struct
 import sys
@@ -89,7 +91,7 @@ kernel @saxpy(%n: i32, %a: f32, %x: ptr<global>, %y: ptr<global>) {
 
 
 class NullTransport:
-    """Guest RAM in a bytearray and a device that runs commands only when told to.
+    """Guest RAM in a shared mapping and a device that runs commands only when told to.
 
     ``awake`` False (set-up): FLAG_NEED_WAKEUP is set and every doorbell runs what was
     submitted (MEM_ALLOC, MODULE_LOAD, KERNEL_GET answered; everything else OK). ``awake`` True
@@ -99,7 +101,7 @@ class NullTransport:
     name = "null"
 
     def __init__(self, size: int = 16 << 20) -> None:
-        self.ram = bytearray(size)
+        self.ram = mmap.mmap(-1, size)          # anonymous and shared: a forked echo device sees it
         self.view = memoryview(self.ram)
         self.next = 0
         self.regs: dict[int, int] = {xpu.REG_MAGIC: xpu.MAGIC_VALUE, xpu.REG_VERSION: xpu.VERSION_VALUE}
@@ -208,6 +210,55 @@ class NullTransport:
         self._store(self.sq_head, self.cq_tail)
 
 
+#: A word of the queue header page that no one else uses: non-zero tells the echo device to stop.
+_ECHO_STOP = 0x800
+
+
+def echo_device(t: NullTransport) -> int:
+    """Fork a process that completes every descriptor OK as soon as it sees it (spinning on
+    ``sq_tail``, no sleep, no yield), from the transport's current indices on; its pid. The
+    parent must not run the in-process device while it serves (``awake`` stays True); stop it
+    with :func:`stop_echo`, which takes its indices back."""
+    pid = os.fork()
+    if pid:
+        return pid
+    try:                                        # the child: a device as small as Python allows
+        hdr = t.view[t._addr(xpu.REG_QUEUE_BASE_LO):][:xpu.QUEUE_HEADER_ALIGN].cast("I")
+        sq, cq = t._addr(xpu.REG_SQ_BASE_LO), t._addr(xpu.REG_CQ_BASE_LO)
+        nsq, ncq = t.regs[xpu.REG_SQ_ENTRIES], t.regs[xpu.REG_CQ_ENTRIES]
+        head, ctail, ram = t.sq_head, t.cq_tail, t.ram
+        tag_at, complete = struct.Struct("<Q").unpack_from, xpu.COMPLETION.pack_into
+        sq_tail, sq_head, cq_tail, stop = xpu.QH_SQ_TAIL // 4, xpu.QH_SQ_HEAD // 4, xpu.QH_CQ_TAIL // 4, _ECHO_STOP // 4
+        while not hdr[stop]:
+            tail = hdr[sq_tail]
+            if tail == head:
+                continue
+            while head != tail:
+                complete(ram, cq + (ctail % ncq) * xpu.CQ_ENTRY_SIZE,
+                         tag_at(ram, sq + (head % nsq) * xpu.SQ_ENTRY_SIZE + 8)[0], 0, 0, 0, 0)
+                head = (head + 1) & xpu.INDEX_MASK
+                ctail = (ctail + 1) & xpu.INDEX_MASK
+            hdr[sq_head] = head
+            hdr[cq_tail] = ctail
+    finally:
+        os._exit(0)
+
+
+def stop_echo(t: NullTransport, pid: int) -> None:
+    """Stop the echo device ``pid`` and take its ring indices back."""
+    hdr_off = t._addr(xpu.REG_QUEUE_BASE_LO)
+    _U32.pack_into(t.ram, hdr_off + _ECHO_STOP, 1)
+    try:
+        os.waitpid(pid, 0)
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        raise
+    _U32.pack_into(t.ram, hdr_off + _ECHO_STOP, 0)
+    t.sq_head = _U32.unpack_from(t.ram, hdr_off + xpu.QH_SQ_HEAD)[0]
+    t.cq_tail = _U32.unpack_from(t.ram, hdr_off + xpu.QH_CQ_TAIL)[0]
+
+
 class Bench:
     """A device on a NullTransport with the kernels and arrays the rows use."""
 
@@ -267,12 +318,13 @@ class Bench:
         return out
 
 
-def measure(rounds: int, batch: int) -> list[dict[str, Any]]:
+def measure(rounds: int, batch: int, echo: bool = True) -> list[dict[str, Any]]:
     b = Bench()
     dev, ring, x, y = b.dev, b.ring, b.x, b.y
     assert ring is not None
     empty, saxpy, kernel, dims, blob, host, darr = b.empty, b.saxpy, b.saxpy_kernel, b.dims, b.blob, b.host, b.darr
     nop = int(xpu.Opcode.NOP)
+    mod = kernel.module
 
     def batched_saxpy() -> None:
         with dev.batch():
@@ -291,6 +343,7 @@ def measure(rounds: int, batch: int) -> list[dict[str, Any]]:
         ("ring.post(NOP)", lambda: ring.post(nop)),
         ("empty kernel: launcher()", lambda: empty()),
         ("saxpy[g, b](n, a, x, y)", lambda: saxpy(1024, 2.0, x, y)),
+        ("mod.saxpy[4, 256](n, a, x, y) (attribute, launcher, call)", lambda: mod.saxpy[4, 256](1024, 2.0, x, y)),
         ("Device.launch(kernel, dims, blob)", lambda: dev.launch(kernel, dims, blob)),
         ("copy_to_device(DeviceArray, HostArray 64 KiB)", lambda: dev.copy_to_device(darr, host)),
         ("copy_to_host(HostArray 64 KiB, blocking=False)", lambda: dev.copy_to_host(host, darr, blocking=False)),
@@ -317,9 +370,57 @@ def measure(rounds: int, batch: int) -> list[dict[str, Any]]:
             [float(-clock() + clock()) for _ in range(n * 20)])
         done += n
     b.settle()
+    if echo:
+        echo_rows(b, rounds, batch, raw)
     dev.close()
     return [{"what": k, "min_ns": min(v), "median_ns": statistics.median(v), "samples": len(v)}
             for k, v in raw.items()]
+
+
+def echo_rows(b: Bench, rounds: int, batch: int, raw: dict[str, list[float]]) -> None:
+    """Round trips through :func:`echo_device`, a second process completing each descriptor
+    as it sees it: what the guest adds around a device that answers at once, its waiter's
+    reaction to a completion included (the echo process's own cost is in every figure too,
+    the same for both trees of an A/B)."""
+    dev, ring, empty = b.dev, b.ring, b.empty
+    assert ring is not None
+    clock = time.perf_counter_ns
+    data = bytes(4096)
+    out_buf = bytearray(4096)
+    pid = echo_device(b.t)
+    try:
+        small = dev.empty(1024, "float32")        # (the echo device answers MEM_ALLOC with 0)
+        staged: list[tuple[str, Callable[[], None]]] = [
+            ("echo process: dev.empty(1024) (MEM_ALLOC round trip) + free()", lambda: dev.empty(1024).free()),
+            ("echo process: to_device(4 KiB bytes) + free() (MEM_ALLOC, staged HTOD)",
+             lambda: dev.to_device(data).free()),
+            ("echo process: to_host(4 KiB bytearray) (staged DTOH)", lambda: small.to_host(out_buf)),
+        ]
+        for _ in range(rounds):
+            for name, fn in (("echo process: launcher() + synchronize() (empty kernel)", lambda: (empty(), dev.synchronize())),
+                             ("echo process: synchronize()", dev.synchronize)):
+                out = raw.setdefault(name, [])
+                for _ in range(20):
+                    t0 = clock()
+                    fn()
+                    out.append(clock() - t0)
+            for name, fn in staged:
+                out = raw.setdefault(name, [])
+                for _ in range(5):
+                    t0 = clock()
+                    fn()
+                    out.append(clock() - t0)
+            t0 = clock()
+            for _ in range(batch):
+                empty()
+            dev.synchronize()
+            raw.setdefault(f"echo process: {batch} x launcher() then synchronize(), per launch", []).append(
+                (clock() - t0) / batch)
+        small.free()
+        dev.synchronize()
+    finally:
+        stop_echo(b.t, pid)
+    ring.poll()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -327,11 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=100, help="timed rounds per post row (default 100)")
     ap.add_argument("--batch", type=int, default=256, help="calls per round of the post rows (default 256)")
     ap.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    ap.add_argument("--no-echo", action="store_true", help="skip the rows through a forked echo device")
     ap.add_argument("--guest", metavar="DIR", help="import vxpu.guest from DIR (an A/B switch: another tree's guest/)")
     args = ap.parse_args(argv)
     if not 1 <= args.batch <= 512:
         ap.error("--batch must be 1..512 (the ring has 1024 slots)")
-    rows = measure(args.rounds, args.batch)
+    rows = measure(args.rounds, args.batch, echo=not args.no_echo)
     width = max(len(r["what"]) for r in rows)
     print(f"{'what':<{width}}  {'min ns':>8}  {'median ns':>9}")
     for r in rows:
