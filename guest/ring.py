@@ -14,6 +14,13 @@ slot, for the data a descriptor points to that must live as long as the command 
 argument blob, an indirect scatter-gather list). The slot of a descriptor is its sequence
 number modulo the ring size, and so is its side area.
 
+Hot paths: :meth:`Ring.post` writes the descriptor with one precompiled ``pack_into`` and
+publishes inline; :meth:`Ring.post_packed` packs a launch's arguments straight into the slot's
+side area and :meth:`Ring.post_inline` copies a blob there, each in one call with no
+intermediate views or bytes (what ``reserve`` + ``side`` + ``post`` do, byte for byte:
+tests/sdk/test_fast_paths.py). A wait polls once before it sets up its spin, so a completion
+that is already there costs one poll.
+
 Flow control: at most ``sq_entries`` commands are *in flight* (posted, completion not yet
 consumed). That one rule keeps the submission ring from overfilling (``sq_tail - sq_head``
 cannot pass it) and the completion ring from overflowing (``cq_entries >= sq_entries``), and it
