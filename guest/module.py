@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import struct
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Self
 
 from vxpu.guest.array import DeviceArray, StaleHandle
@@ -160,8 +160,8 @@ class _Launcher:
     :meth:`Kernel.pack` then :meth:`Device.launch`, which packs or explains exactly as before.
     """
 
-    __slots__ = ("_a1", "_a2", "_a3", "_device", "_handle", "_module", "_nparams", "_packer", "_ptr_index",
-                 "block", "dims", "grid", "kernel", "shared")
+    __slots__ = ("_a1", "_a2", "_a3", "_device", "_handle", "_module", "_nparams", "_pack_into", "_ptr_index",
+                 "_size", "block", "dims", "grid", "kernel", "shared")
 
     def __init__(self, kernel: Kernel, grid: tuple[int, int, int], block: tuple[int, int, int],
                  shared: int) -> None:
@@ -174,7 +174,10 @@ class _Launcher:
         self._nparams = len(kernel._ptr_params)
         self._ptr_index = kernel._ptr_index
         packer = kernel._struct
-        self._packer = packer if packer is not None and 0 < packer.size <= INLINE_ARG_BYTES else None
+        self._pack_into: Callable[..., None] | None = None     # None: the general path packs
+        self._size = 0
+        if packer is not None and 0 < packer.size <= INLINE_ARG_BYTES:
+            self._pack_into, self._size = packer.pack_into, packer.size
 
     def __call__(self, *args: Any) -> None:
         dev, module = self._device, self._module
@@ -189,8 +192,8 @@ class _Launcher:
             if not args:
                 ring.post(_LAUNCH, self._handle, self._a1, self._a2, self._a3)
                 return
-            packer = self._packer
-            if packer is not None:
+            pack_into = self._pack_into
+            if pack_into is not None:
                 values: Sequence[Any] = args
                 if self._ptr_index:
                     values = list(args)
@@ -199,7 +202,8 @@ class _Launcher:
                         if isinstance(v, DeviceArray):    # DeviceArray.ptr, inlined (it raises)
                             values[i] = v._ptr if v._valid_epoch == v.device.epoch else v.ptr
                 try:
-                    ring.post_packed(_LAUNCH, self._handle, self._a1, self._a2, self._a3, packer, values)
+                    ring.post_packed(_LAUNCH, self._handle, self._a1, self._a2, self._a3, pack_into, self._size,
+                                     values)
                     return
                 except (struct.error, OverflowError):
                     pass                       # nothing was posted; the general path decides

@@ -41,9 +41,8 @@ runs again after a reset.
 from __future__ import annotations
 
 import os
-import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from vxpu.guest.errors import DeviceError, GuestError
@@ -333,15 +332,17 @@ class Ring:
                 self._doorbell()
         return seq - 1
 
-    def post_packed(self, opcode: int, a0: int, a1: int, a2: int, a3: int, packer: struct.Struct,
-                    values: Sequence[Any]) -> int:
-        """Post one command whose inline segment is ``packer.pack(*values)``, packed straight
-        into the slot's side area (``0 < packer.size <= SIDE_BYTES``). Packing happens before
-        anything is posted: when it raises, the ring is as it was (the side area of a free slot
-        may hold part of the bytes, which no command reads).
+    def post_packed(self, opcode: int, a0: int, a1: int, a2: int, a3: int, pack_into: Callable[..., None],
+                    size: int, values: Sequence[Any]) -> int:
+        """Post one command whose inline segment is the ``size`` bytes that ``pack_into``
+        (a ``struct.Struct``'s bound ``pack_into``, ``0 < size <= SIDE_BYTES``) packs from
+        ``values``, straight into the slot's side area. Packing happens before anything is
+        posted: when it raises, the ring is as it was (the side area of a free slot may hold
+        part of the bytes, which no command reads). The bound method is passed, not the Struct:
+        looking ``pack_into`` up on every call costs more than the pack.
 
         Raises:
-            struct.error, OverflowError: ``values`` do not fit ``packer`` (nothing posted).
+            struct.error, OverflowError: ``values`` do not fit (nothing posted).
             DeviceError: a fatal device error, or no room within the timeout.
         """
         seq = self._submitted
@@ -349,9 +350,9 @@ class Ring:
             seq = self.reserve()
         slot = seq & self._sq_mask
         off = slot * SIDE_BYTES
-        packer.pack_into(self._side, off, *values)
+        pack_into(self._side, off, *values)
         _pack_descriptor(self._sq, slot * _SQ_ENTRY_SIZE, opcode, 0, 1, seq, a0, a1, a2, a3,
-                         self._side_base + off, packer.size)
+                         self._side_base + off, size)
         self._waited[slot] = False
         self._opcode[slot] = opcode
         self._hold[slot] = None

@@ -369,7 +369,7 @@ def test_ring_fast_posts_match_reserve_side_post(pair):
         batched = i % 5 == 0
         r0.batching += batched
         r1.batching += batched
-        seq = r0.post_packed(op, i, 1, 2, 3, packer, values) if i % 2 else \
+        seq = r0.post_packed(op, i, 1, 2, 3, packer.pack_into, packer.size, values) if i % 2 else \
             r0.post_inline(op, i, 1, 2, 3, blob)
         ref = r1.reserve()
         side, addr = r1.side(ref)
@@ -393,9 +393,9 @@ def test_a_refused_pack_leaves_the_ring_as_it_was(pair):
     before = (ring.submitted, ring.header())
     for bad in ((1 << 31,), ("x",)):
         with pytest.raises(struct.error):
-            ring.post_packed(LAUNCH, 1, 0, 0, 0, struct.Struct("<i"), bad)
+            ring.post_packed(LAUNCH, 1, 0, 0, 0, struct.Struct("<i").pack_into, 4, bad)
     with pytest.raises(OverflowError):
-        ring.post_packed(LAUNCH, 1, 0, 0, 0, struct.Struct("<f"), (1e39,))
+        ring.post_packed(LAUNCH, 1, 0, 0, 0, struct.Struct("<f").pack_into, 4, (1e39,))
     assert (ring.submitted, ring.header()) == before
     for data in (b"", bytes(SIDE_BYTES + 1)):
         with pytest.raises(GuestError):
