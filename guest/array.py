@@ -59,8 +59,8 @@ def normalize(shape: Shape, dtype: Any) -> tuple[tuple[int, ...], Any, int]:
     Raises:
         GuestError: a negative dimension or an unknown dtype.
     """
-    dims = (int(shape),) if isinstance(shape, int) else tuple(int(d) for d in shape)
-    if any(d < 0 for d in dims):
+    dims = (int(shape),) if isinstance(shape, int) else tuple(map(int, shape))
+    if dims and min(dims) < 0:
         raise GuestError(f"negative dimension in shape {dims}")
     if np is not None:
         dt = np.dtype(dtype)

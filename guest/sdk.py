@@ -318,11 +318,15 @@ class Device:
         """
         if isinstance(data, HostArray):
             arr = self.empty(data.shape, data.dtype)
+            view = None
         else:
-            _, shape, dtype = as_bytes(data)
+            view, shape, dtype = as_bytes(data)     # once: copy_to_device would convert again
             arr = self.empty(shape, dtype)
         try:
-            self.copy_to_device(arr, data)
+            if view is None:
+                self.copy_to_device(arr, data)
+            else:
+                self._upload(arr, view)
         except BaseException:
             arr.free()
             raise
@@ -364,7 +368,20 @@ class Device:
                 else:
                     post_copy(ring, _HTOD, ptr, _host_mem(src), 0, n, waited=False)
             return
-        view, _, _ = as_bytes(src)
+        self._upload(dst, as_bytes(src)[0])
+
+    def _upload(self, dst: DeviceArray, view: memoryview) -> None:
+        """The staged half of :meth:`copy_to_device`: ``view`` (bytes) into ``dst``, through
+        the staging pool; returns once the device has read it all.
+
+        Raises:
+            GuestError: sizes differ. StaleHandle: ``dst`` is stale. DeviceError: a copy failed.
+        """
+        ring = self.ring
+        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
+            _ = dst.ptr
+            self.live_ring()
+        ptr = dst.ptr
         if len(view) != dst.nbytes:
             raise GuestError(f"copy of {len(view)} bytes into a {dst.nbytes}-byte array")
         self._staging().upload(ptr, view)

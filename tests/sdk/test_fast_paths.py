@@ -467,3 +467,36 @@ def test_launch_descriptor_address_is_inside_the_side_area(pair):
     dev.synchronize()
     assert [b[4] for b in pair.fakes[0].launches[-3:]] == \
         [struct.pack("<ixxxxd", i, math.pi) for i in range(ring.sq_entries, ring.sq_entries + 3)]
+
+
+@pytest.mark.parametrize(("shape", "dims"), [(5, (5,)), ((3, 4), (3, 4)), ([2, np.int64(3)], (2, 3)), ((), ()),
+                                             ((0, 7), (0, 7)), ((2.0, 1), (2, 1))])
+def test_shapes_normalize_as_before(shape, dims):
+    from vxpu.guest.array import normalize
+
+    assert normalize(shape, "float32")[:2] == (dims, np.dtype(np.float32))
+
+
+@pytest.mark.parametrize("shape", [-1, (3, -2), (-1,)])
+def test_negative_dimensions_are_refused(shape):
+    from vxpu.guest.array import normalize
+
+    with pytest.raises(GuestError, match="negative dimension"):
+        normalize(shape, "uint8")
+
+
+def test_to_device_converts_its_input_once(pair, monkeypatch):
+    """to_device converts a numpy array to bytes once (copy_to_device used to do it again),
+    and the device gets the same bytes either way."""
+    import vxpu.guest.sdk as sdk_mod
+
+    calls = []
+    real = sdk_mod.as_bytes
+    monkeypatch.setattr(sdk_mod, "as_bytes", lambda d: (calls.append(1), real(d))[1])
+    dev, _ = pair.devs
+    data = np.arange(3000, dtype=np.int16).reshape(60, 50)
+    arr = dev.to_device(data)
+    assert len(calls) == 1 and arr.shape == (60, 50) and arr.dtype == np.int16
+    assert np.array_equal(arr.to_host(), data)
+    with pytest.raises(GuestError, match="copy of 6000 bytes into a 4-byte array"):
+        dev.copy_to_device(dev.empty(1, np.float32), data)
