@@ -219,6 +219,7 @@ def echo_device(t: NullTransport) -> int:
     ``sq_tail``, no sleep, no yield), from the transport's current indices on; its pid. The
     parent must not run the in-process device while it serves (``awake`` stays True); stop it
     with :func:`stop_echo`, which takes its indices back."""
+    parent = os.getpid()
     pid = os.fork()
     if pid:
         return pid
@@ -229,9 +230,13 @@ def echo_device(t: NullTransport) -> int:
         head, ctail, ram = t.sq_head, t.cq_tail, t.ram
         tag_at, complete = struct.Struct("<Q").unpack_from, xpu.COMPLETION.pack_into
         sq_tail, sq_head, cq_tail, stop = xpu.QH_SQ_TAIL // 4, xpu.QH_SQ_HEAD // 4, xpu.QH_CQ_TAIL // 4, _ECHO_STOP // 4
+        idle = 0
         while not hdr[stop]:
             tail = hdr[sq_tail]
             if tail == head:
+                idle += 1
+                if not idle & 0xFFFF and os.getppid() != parent:
+                    break                       # the benchmark died without stopping us
                 continue
             while head != tail:
                 complete(ram, cq + (ctail % ncq) * xpu.CQ_ENTRY_SIZE,
