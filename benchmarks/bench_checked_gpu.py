@@ -90,6 +90,8 @@ VARIANTS: dict[str, dict[str, int | str]] = {
     "no_block_version": {"block_version": False},    # no small-block copy (tidrange.py)
     "param_dl": {"param_form": "dl"},                # gpucheck's byte-offset parameter form
     "no_groups": {"group_checks": False},            # a check (and branch) per access
+    "no_range_copy": {"range_copy": False},          # no range copy (rangecopy.py): session 3's start
+    "no_exit_free": {"exit_free": False},            # range copy only by its own rule, not exit-free
 }
 
 
@@ -107,7 +109,7 @@ def _compile_variant(mod: Any, switches: dict[str, int | str]) -> Any:
 
 
 def samples(gpu: CheckedGpu, quick: bool, rng: np.random.Generator, only: list[str] | None = None,
-            variants: bool = False) -> list[dict[str, Any]]:
+            variants: list[str] | None = None) -> list[dict[str, Any]]:
     from vxpu.accel.backend import KernelInfo as KI
 
     twin = gpu.load(big.nvrtc_cubin(big.SAMPLE_CUDA, big.ARCH), "s_vector_add")[0]
@@ -122,7 +124,8 @@ def samples(gpu: CheckedGpu, quick: bool, rng: np.random.Generator, only: list[s
         fns = {"ir": Checked(gpu.load(cm_c.image, kname)[1], info),
                "ir_unchecked": gpu.load(cm_u.image, kname)[1],
                "cuda": big._check(gpu.cu.cuModuleGetFunction(twin, f"s_{kname}".encode()))}
-        for vname, switches in VARIANTS.items() if variants else ():
+        for vname in variants or ():
+            switches = VARIANTS[vname]
             cm_v = _compile_variant(mod, switches)
             fns[f"ir_{vname}"] = Checked(gpu.load(cm_v.image, kname)[1], info)
         row = big.run_kernel(gpu, stem, fns, quick, rng, case=big._sample_case)
@@ -201,12 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--json", help="write all numbers here")
     ap.add_argument("--samples", help="comma-separated subset of the samples (default: all)")
-    ap.add_argument("--variants", action="store_true", help="also time the earlier lowering forms (VARIANTS)")
+    ap.add_argument("--variants", nargs="?", const=",".join(VARIANTS), default="",
+                    help="also time these earlier lowering forms (comma-separated VARIANTS; all without a value)")
     ap.add_argument("--no-oob", action="store_true", help="skip the out-of-bounds launch (part 2)")
     ns = ap.parse_args(argv)
     rng = np.random.default_rng(20261202)
     gpu = CheckedGpu()
-    rows = samples(gpu, ns.quick, rng, ns.samples.split(",") if ns.samples else None, ns.variants)
+    rows = samples(gpu, ns.quick, rng, ns.samples.split(",") if ns.samples else None,
+                   [v for v in ns.variants.split(",") if v])
     oob = {} if ns.no_oob else out_of_bounds()
     if ns.json:
         Path(ns.json).write_text(json.dumps({"device": gpu.name, "samples": rows, "oob": oob}, indent=1, default=str))

@@ -15,6 +15,11 @@ performs the access: the thread claims the record with a ``cmpxchg`` of its firs
 launch then completes normally (no sticky driver fault); the host reads the record. The
 unchecked build (``checked=False``, host-side only) has no hidden parameters and no checks:
 a bad address faults the context, and ``trap`` is ``llvm.trap``.
+
+A checked kernel may be emitted twice (:meth:`GpuHooks._copies`): a fast copy that runs the
+accesses proven for small blocks (:mod:`vxpu.ir.lower.tidrange`) and for the block's index
+ranges (:mod:`vxpu.ir.lower.rangecopy`) unchecked, and the general copy; the entry picks one
+with a branch that is the same for every thread of a block.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from llvmlite import ir
-from vxpu.ir.lower import tidrange
+from vxpu.ir.lower import rangecopy, tidrange
 from vxpu.ir.lower.bounds import (
     FAULT_TRAP,
     ORIGIN_LOCAL,
@@ -44,6 +49,7 @@ from vxpu.ir.lower.common import (
     TargetHooks,
     declare,
     new_module,
+    reverse_postorder,
     scalar_type,
 )
 from vxpu.ir.lower.gpucheck import CheckGroups
@@ -84,6 +90,14 @@ class GpuHooks(TargetHooks):
     #: Emit a second copy of kernels for blocks small enough to prove array accesses in
     #: bounds (:mod:`vxpu.ir.lower.tidrange`).
     block_version = True
+    #: Make the small-block copy whenever it proves something (else only where it pays,
+    #: ``tidrange._pays``).
+    small_copy_always = False
+    #: Prefer copies that leave no check before a barrier (:meth:`_copies`).
+    exit_free = True
+    #: Emit a second copy of kernels whose global accesses the entry can prove in bounds for
+    #: the whole block (:mod:`vxpu.ir.lower.rangecopy`).
+    range_copy = True
 
     def __init__(self, checked: bool = True) -> None:
         self.arrays: dict[int, ir.Value] = {}
@@ -247,30 +261,63 @@ class GpuHooks(TargetHooks):
             self.arrays[id(sarr)] = self._shared_global(mod, kernel, sarr)
         for larr in kernel.local:
             self.arrays[id(larr)] = self._local_alloca(mod, b, larr)
-        version = tidrange.choose(kernel) if self.checked and self.block_version else None
-        if version is None:
+        version, ranged = self._copies(kernel)
+        if version is None and ranged is None:
             kl = KernelLowering(kernel, self, fn, entry, dict(zip(kernel.params, fn.args)))
             kl.b = b
             kl.lower()
             return fn
-        # two copies: blocks within the shape run the proven array accesses unchecked
-        shape, ranges, proven = version
-        small: ir.Value = ir.Constant(ir.IntType(1), 1)
-        for dim, n in zip("xyz", shape):
-            if n < tidrange.SIZES[0]:
-                size = self.geometry(_Emitter(b, mod), "block_dim", dim)  # type: ignore[arg-type]
-                small = b.and_(small, b.icmp_unsigned("<=", size, ir.Constant(I32, n)))
-        for index, (lo, hi) in ranges.items():
-            v = fn.args[index]
-            small = b.and_(small, b.and_(b.icmp_signed(">=", v, ir.Constant(v.type, lo)),
-                                         b.icmp_signed("<=", v, ir.Constant(v.type, hi))))
-        fast, general = fn.append_basic_block("small.block"), fn.append_basic_block("any.block")
-        b.cbranch(small, fast, general)
+        # two copies: the fast one runs the proven accesses unchecked
+        go: ir.Value = ir.Constant(ir.IntType(1), 1)
+        proven: set[int] = set()
+        fast = fn.append_basic_block("small.block" if version is not None else "range.block")
+        general = fn.append_basic_block("any.block")
+        if version is not None:
+            shape, ranges, proven = version
+            for dim, n in zip("xyz", shape):
+                if n < tidrange.SIZES[0]:
+                    size = self.geometry(_Emitter(b, mod), "block_dim", dim)  # type: ignore[arg-type]
+                    go = b.and_(go, b.icmp_unsigned("<=", size, ir.Constant(I32, n)))
+            for index, (lo, hi) in ranges.items():
+                v = fn.args[index]
+                go = b.and_(go, b.and_(b.icmp_signed(">=", v, ir.Constant(v.type, lo)),
+                                       b.icmp_signed("<=", v, ir.Constant(v.type, hi))))
+        if ranged is not None:
+            proven = proven | set(ranged.accesses)
+            if version is not None:
+                check = fn.append_basic_block("range.check")
+                b.cbranch(go, check, general)
+                b = ir.IRBuilder(check)
+            leaves = rangecopy.Leaves(list(fn.args),
+                                      lambda eb, opcode, dim: self.geometry(_Emitter(eb, mod), opcode, dim),  # type: ignore[arg-type]
+                                      self.param_bounds)
+            go = ranged.emit(b, leaves)
+        b.cbranch(go, fast, general)
+        proven = proven | rangecopy.direct_array_accesses(kernel)
         for start, assume in ((fast, proven), (general, set())):
             self.assume_proven = assume
             KernelLowering(kernel, self, fn, start, dict(zip(kernel.params, fn.args))).lower()
         self.assume_proven = set()
         return fn
+
+    def _copies(self, kernel: Kernel) -> tuple[tidrange.Choice | None, rangecopy.RangePlan | None]:
+        """The small-block copy's choice and the range copy's plan of a checked kernel (either
+        may be None; both None: one copy). With :attr:`exit_free`, a kernel with barriers
+        first tries both copies with every access they prove: taken when no check before a
+        barrier remains in the fast copy (so ptxas needs no convergence code there)."""
+        if not self.checked:
+            return None, None
+        order = reverse_postorder(kernel)
+        if self.exit_free and self.block_version and self.range_copy \
+                and any(op.opcode == "barrier" for b in kernel.blocks for op in b.ops):
+            version = tidrange.choose(kernel, pays=False)
+            ranged = rangecopy.plan(kernel, order, version is not None, every=True)
+            proven = (version[2] if version is not None else set()) | (set(ranged.accesses) if ranged else set())
+            if proven and not rangecopy.exits_before_barrier(kernel, proven | rangecopy.direct_array_accesses(kernel)):
+                return version, ranged
+        version = tidrange.choose(kernel, not self.small_copy_always) if self.block_version else None
+        ranged = rangecopy.plan(kernel, order, version is not None) if self.range_copy else None
+        return version, ranged
 
     def _param_type(self, t):  # type: ignore[no-untyped-def]
         return self.ptr_type(t.space) if t.is_ptr else scalar_type(t)

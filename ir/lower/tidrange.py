@@ -366,11 +366,11 @@ def _guarded(blk: Block, preds: list[Block]) -> bool:
                                         for v in cmp.operands)
 
 
-def choose(kernel: Kernel) -> Choice | None:
+def choose(kernel: Kernel, pays: bool = True) -> Choice | None:
     """The block shape (and parameter ranges, :func:`_divisor_params`) whose copy proves the
     most array accesses (the larger block on a tie, no parameter ranges unless they prove
     more), with those accesses; None if nothing is proven or the copy does not pay
-    (:func:`_pays`). A dimension the kernel does not read is 1024. The entry tests only the
+    (:func:`_pays`; ``pays=False`` skips that rule). A dimension the kernel does not read is 1024. The entry tests only the
     dimensions below 1024: no GPU block has more threads than that (the session refuses a
     block above the device's ``max_threads_per_block``, 1024 on CUDA and HIP, as do the
     drivers), so a dimension of 1024, read or not, holds for every launch."""
@@ -384,4 +384,4 @@ def choose(kernel: Kernel) -> Choice | None:
             if proven and (best is None or len(proven) > len(best[2])
                            or (len(proven) == len(best[2]) and _volume(shape) > _volume(best[0]))):
                 best = shape, params, proven
-    return best if best is not None and _pays(kernel, best[2]) else None
+    return best if best is not None and (not pays or _pays(kernel, best[2])) else None

@@ -1,0 +1,395 @@
+"""The range copy (``vxpu.ir.lower.rangecopy``): global accesses proven for a whole block at entry.
+
+* Soundness: the entry test, JIT-compiled for the host exactly as the GPU lowering emits it
+  (:meth:`RangePlan.emit`), is evaluated for every block of random launches of random kernels
+  (a counted loop with a barrier reading ``a[expr]``, ``expr`` a random tree of add, sub, mul,
+  shl and select over the counter, thread and block indices, parameters and constants, with
+  values near the i32 limits); whenever it holds for every block, the interpreter runs the
+  launch without a fault. A test that drops the last iteration, the thread range or a wrap
+  check fails this sweep.
+* Structure: sgemm's and scan's NVPTX kernels test the range of every global buffer at entry
+  (each hidden length is compared) and their fast copy has fewer fault exits than the general.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import random
+import re
+import struct
+
+import numpy as np
+import pytest
+from llvmlite import ir
+from vxpu.ir.builder import KernelBuilder
+from vxpu.ir.interp import InterpFault, Memory, run_kernel
+from vxpu.ir.lower import rangecopy
+from vxpu.ir.lower.common import reverse_postorder
+from vxpu.ir.lower.nvptx import lower_module
+from vxpu.ir.lower.toolchain import llvm_binding
+from vxpu.ir.model import Module
+from vxpu.ir.samples import SAMPLES
+from vxpu.ir.types import f32, i32, ptr_global
+
+I32 = ir.IntType(32)
+I64 = ir.IntType(64)
+BIG = [0, 1, 3, 7, 40, (1 << 30), (1 << 31) - 3, -(1 << 31) + 5, -2, 1 << 16]
+
+
+def _expr(kb: KernelBuilder, rng: random.Random, leaves: list, depth: int):  # type: ignore[no-untyped-def]
+    if depth == 0 or rng.random() < 0.25:
+        pick = rng.randrange(len(leaves) + 1)
+        return leaves[pick] if pick < len(leaves) else kb.const(rng.choice(BIG + list(range(-3, 12))), i32)
+    op = rng.choice(["add", "add", "sub", "mul", "shl", "select"])
+    a = _expr(kb, rng, leaves, depth - 1)
+    if op == "shl":
+        return kb.shl(a, kb.const(rng.randrange(0, 5), i32))
+    b = _expr(kb, rng, leaves, depth - 1)
+    if op == "select":
+        return kb.select(kb.icmp("slt", a, b), a, b)
+    return getattr(kb, op)(a, b)
+
+
+def _kernel(rng: random.Random) -> Module:
+    """k(n, p, a): j from init by step while j < n: v = a[expr] (then a barrier, if every thread
+    of a block runs the same iterations); after the loop: ret."""
+    kb = KernelBuilder("k", [("n", i32), ("p", i32), ("a", ptr_global)])
+    n, p, a = kb.params
+    entry, head, body, done = kb.block("e"), kb.block("h", [("j", i32)]), kb.block("b"), kb.block("x")
+    kb.set_block(entry)
+    tx, ty, bx = kb.thread_id("x"), kb.thread_id("y"), kb.block_id("x")
+    uniform = rng.random() < 0.5           # a barrier in the loop needs one trip count per block
+    init = rng.choice([kb.const(rng.randrange(-2, 4), i32), p, kb.mul(p, kb.const(4, i32)), kb.add(p, p)]
+                      + ([] if uniform else [tx, kb.add(tx, bx)]))
+    step = rng.choice([kb.const(rng.randrange(1, 5), i32), kb.const(16, i32), p, kb.block_dim("x")])
+    kb.br(head, init)
+    kb.set_block(head)
+    j = head.params[0]
+    kb.cbr(kb.icmp("slt", j, n), body, done)
+    kb.set_block(body)
+    idx = _expr(kb, rng, [j, tx, ty, bx, p, kb.block_dim("x")], 3)
+    kb.load(kb.offset(a, idx, f32), f32)
+    if uniform:
+        kb.barrier()
+    kb.br(head, kb.add(j, step))
+    kb.set_block(done)
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+class _Jit:
+    """The plan's entry test as a host function: (n, p, a, base, length, bid, bdim, gdim) -> ok."""
+
+    def __init__(self, plan: rangecopy.RangePlan) -> None:
+        llvm = llvm_binding()
+        mod = ir.Module("rt")
+        mod.triple = llvm.get_process_triple()
+        fnty = ir.FunctionType(I32, [I32, I32, I64, I64, I64] + [I32] * 9)
+        fn = ir.Function(mod, fnty, "ok")
+        n, p, a, base, length, *geo = fn.args
+        b = ir.IRBuilder(fn.append_basic_block("e"))
+        a_ptr = b.inttoptr(a, ir.IntType(8).as_pointer(1))
+        names = {(o, d): geo[3 * k + "xyz".index(d)] for k, o in enumerate(("block_id", "block_dim", "grid_dim"))
+                 for d in "xyz"}
+        leaves = rangecopy.Leaves([n, p, a_ptr], lambda _b, opcode, dim: names[(opcode, dim)], {2: (base, length)})
+        b.ret(b.zext(plan.emit(b, leaves), I32))
+        target = llvm.Target.from_default_triple().create_target_machine()
+        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(mod)), target)
+        self.engine.finalize_object()
+        self.fn = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int32] * 2, *[ctypes.c_uint64] * 3,
+                                   *[ctypes.c_int32] * 9)(self.engine.get_function_address("ok"))
+
+    def __call__(self, n: int, p: int, a: int, base: int, length: int, bid: int, block: tuple[int, int],
+                 grid: int) -> bool:
+        return bool(self.fn(n, p, a, base, length, bid, 0, 0, block[0], block[1], 1, grid, 1, 1))
+
+
+def test_random_kernels_run_without_fault_whenever_the_entry_test_holds() -> None:
+    rng = random.Random(20261202)
+    proven = held = 0
+    for case in range(400):
+        module = _kernel(rng)
+        kernel = module.kernels[0]
+        plan = rangecopy.plan(kernel, reverse_postorder(kernel), False, every=True)
+        if plan is None:
+            continue
+        proven += 1
+        jit = _Jit(plan)
+        for _ in range(3):
+            n, p = rng.choice([rng.randrange(-2, 12), rng.choice(BIG)]), rng.choice(BIG[:5] + [rng.randrange(-4, 9)])
+            count = rng.randrange(0, 300)
+            delta = rng.choice([0, 0, 4, 8, 2])
+            block, grid = (rng.choice([1, 2, 4, 5]), rng.choice([1, 2])), rng.choice([1, 2, 3])
+            mem = Memory(1 << 20)
+            base = mem.alloc(max(4 * count, 1))
+            ok = all(jit(n, p, base + delta, base, 4 * count, bid, block, grid) for bid in range(grid))
+            if not ok:
+                continue
+            held += 1
+            try:
+                run_kernel(module, "k", grid, block, [n, p, base + delta], mem, step_limit=1 << 17)
+            except InterpFault as exc:
+                assert "step limit" in str(exc), (case, n, p, count, delta, block, grid, exc)
+    assert proven > 150 and held > 100, (proven, held)       # the sweep proves something
+
+
+def _wrap(x: int) -> int:
+    x &= 0xFFFFFFFF
+    return x - (1 << 32) if x >> 31 else x
+
+
+def _eval(v, env: dict) -> int:  # type: ignore[no-untyped-def]
+    """The i32 value of ``v`` (IR semantics: wrapping add/sub/mul/shl) given ``env``'s leaves."""
+    if v in env:
+        return env[v]
+    op = v.op
+    name = op.opcode
+    if name == "const":
+        return _wrap(int(op.imm))
+    if name in ("thread_id", "block_id", "block_dim"):
+        return env[(name, op.dim or "x")]
+    args = [_eval(x, env) for x in op.operands]
+    if name == "icmp":
+        return int(args[0] < args[1])
+    if name == "select":
+        return args[1] if args[0] else args[2]
+    if name == "shl":
+        return 0 if not 0 <= args[1] < 32 else _wrap(args[0] << args[1])
+    return _wrap({"add": args[0] + args[1], "sub": args[0] - args[1], "mul": args[0] * args[1]}[name])
+
+
+def test_random_kernels_huge_buffers_every_access_in_bounds_whenever_the_test_holds() -> None:
+    """The same kernels against buffers up to 2^36 bytes (pointers anywhere inside), checked by
+    evaluating every thread's every iteration directly with i32 wrapping: a wrapped index that
+    the test's exact intervals would place in bounds must still fail the test."""
+    rng = random.Random(6)
+    held = 0
+    for _ in range(300):
+        module = _kernel(rng)
+        kernel = module.kernels[0]
+        plan = rangecopy.plan(kernel, reverse_postorder(kernel), False, every=True)
+        if plan is None:
+            continue
+        jit = _Jit(plan)
+        body = kernel.blocks[2]
+        load = next(op for op in body.ops if op.opcode == "load")
+        idx = load.operands[0].op.operands[1]
+        head = kernel.blocks[1]
+        j = head.params[0]
+        init = kernel.blocks[0].terminator.successors[0].args[0]
+        step = body.terminator.successors[0].args[0].op.operands[1]
+        n_param, p_param = kernel.params[0], kernel.params[1]
+        for _ in range(4):
+            n = rng.choice([rng.randrange(-2, 12), rng.choice(BIG), (1 << 31) - rng.randrange(1, 40)])
+            p = rng.choice(BIG + [rng.randrange(-4, 9), (1 << 28) + rng.randrange(-3, 3)])
+            base = 8 * rng.randrange(1, 1 << 40)
+            length = rng.choice([4 * rng.randrange(0, 1 << 34), rng.randrange(0, 1 << 36), 1 << 36])
+            ptr = base + rng.choice([0, 4 * rng.randrange(0, 1 << 33), rng.randrange(0, 1 << 34), -4])
+            block, grid = (rng.choice([1, 2, 3]), rng.choice([1, 2])), rng.choice([1, 2])
+            oks = [jit(n, p, ptr & ((1 << 64) - 1), base, length, bid, block, grid) for bid in range(grid)]
+            if not all(oks):
+                continue
+            held += 1
+            for bid in range(grid):
+                for tx in range(block[0]):
+                    for ty in range(block[1]):
+                        env = {n_param: _wrap(n), p_param: _wrap(p), ("thread_id", "x"): tx, ("thread_id", "y"): ty,
+                               ("block_id", "x"): bid, ("block_dim", "x"): block[0], ("block_dim", "y"): block[1]}
+                        jv = _eval(init, env)
+                        for _trip in range(64):
+                            env[j] = jv
+                            if not jv < _wrap(n):
+                                break
+                            off = (ptr + 4 * _eval(idx, env) - base) & ((1 << 64) - 1)
+                            assert off % 4 == 0 and off + 4 <= length, (n, p, base, length, ptr, bid, tx, ty, jv)
+                            jv = _wrap(jv + _eval(step, env))
+    assert held > 100, held
+
+
+def test_an_access_past_the_end_in_the_last_iteration_fails_the_test() -> None:
+    """j = 0, 16, ..., < k reading a[row*k + j + tx] (sgemm's A tile): the test holds for an
+    m x k buffer and fails when it is one element short (the last iteration's last thread)."""
+    kernel = SAMPLES["sgemm"].module().kernels[0]
+    plan = rangecopy.plan(kernel, reverse_postorder(kernel), True)
+    assert plan is not None and len(plan.accesses) == 3
+    a_only = rangecopy.RangePlan({k: v for k, v in plan.accesses.items() if v.param == 3}, plan.loops)
+    assert len(a_only.accesses) == 1
+    llvm = llvm_binding()
+    mod = ir.Module("rt")
+    mod.triple = llvm.get_process_triple()
+    fn = ir.Function(mod, ir.FunctionType(I32, [I32, I32, I32, I64, I64, I64, I32, I32, I32, I32]), "ok")
+    m, n, k, a, base, length, bx, by, dx, dy = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("e"))
+    geo = {("block_id", "x"): bx, ("block_id", "y"): by, ("block_dim", "x"): dx, ("block_dim", "y"): dy}
+    null = ir.Constant(ir.IntType(8).as_pointer(1), None)
+    leaves = rangecopy.Leaves([m, n, k, b.inttoptr(a, null.type), null, null], lambda _b, o, d: geo[(o, d)],
+                              {3: (base, length)})
+    b.ret(b.zext(a_only.emit(b, leaves), I32))
+    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(mod)), llvm.Target.from_default_triple().create_target_machine())
+    engine.finalize_object()
+    ok = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int32] * 3, *[ctypes.c_uint64] * 3, *[ctypes.c_int32] * 4)(
+        engine.get_function_address("ok"))
+    size = 64
+    last = (size // 16 - 1, size // 16 - 1)
+    assert ok(size, size, size, 4096, 4096, 4 * size * size, *last, 16, 16)
+    assert not ok(size, size, size, 4096, 4096, 4 * size * size - 4, *last, 16, 16)
+    assert ok(size, size, size, 4096, 4096, 4 * size * size - 4, 0, 0, 16, 16)       # an earlier row
+    assert not ok(size, size, size, 4098, 4096, 4 * size * size, 0, 0, 16, 16)       # misaligned
+    assert not ok(size, size, size, 4096, 4096, 4 * size * size, *last, 16, 17)     # one row more
+    assert not ok(size, size, size, 4096, 4096, 4 * size * size, *last, 17, 16)     # one column more
+
+
+@pytest.mark.parametrize("name, params", [("sgemm", (3, 4, 5)), ("scan", (1, 2, 3))])
+def test_nvptx_tests_every_global_buffer_at_entry(name: str, params: tuple[int, ...]) -> None:
+    """The range test compares an offset with each pointer parameter's hidden length; the fast
+    copy keeps fewer fault exits (cmpxchg of the record) than the general copy."""
+    mod = SAMPLES[name].module()
+    text = str(lower_module(mod))
+    kname = mod.kernels[0].name
+    start = text.index(f'define ptx_kernel void @"{kname}"') if f'@"{kname}"' in text else text.index(f"@{kname}(")
+    body = text[start:text.index("\n}\n", start)]
+    check = body[body.index("range.check:"):]
+    check = check[:re.search(r"\n[\w.\"]+:", check).start()]   # up to the next block's label
+    nargs = len(mod.kernels[0].params)
+    for k, index in enumerate(params):
+        length = f'%".{nargs + 2 * k + 2}"'
+        assert re.search(r"icmp ult i64 %[\w.\"]+, " + re.escape(length), check), (index, length)
+    without = _without_range_copy(mod)
+    start = without.index(f'define ptx_kernel void @"{kname}"') if f'@"{kname}"' in without else without.index(f"@{kname}(")
+    general = without[start:without.index("\n}\n", start)]
+    assert body.count("cmpxchg") < general.count("cmpxchg"), (body.count("cmpxchg"), general.count("cmpxchg"))
+
+
+def _without_range_copy(mod: Module) -> str:
+    from vxpu.ir.lower.gpu import GpuHooks
+
+    saved = GpuHooks.range_copy
+    GpuHooks.range_copy = False
+    try:
+        return str(lower_module(mod))
+    finally:
+        GpuHooks.range_copy = saved
+
+
+def test_exit_free_copy_for_softmax_and_none_for_kernels_without_barriers() -> None:
+    from vxpu.ir.lower.nvptx import NvptxHooks
+
+    for name, want in (("softmax", True), ("sgemm", True), ("vector_add", False), ("saxpy", False),
+                       ("stencil2d", False)):
+        kernel = SAMPLES[name].module().kernels[0]
+        version, ranged = NvptxHooks(True)._copies(kernel)
+        assert (ranged is not None) == want, name
+    kernel = SAMPLES["softmax"].module().kernels[0]
+    version, ranged = NvptxHooks(True)._copies(kernel)
+    assert version is not None and ranged is not None
+    proven = version[2] | set(ranged.accesses) | rangecopy.direct_array_accesses(kernel)
+    assert not rangecopy.exits_before_barrier(kernel, proven)
+    assert rangecopy.exits_before_barrier(kernel, set(ranged.accesses))   # the shared checks stay
+
+
+def test_intervals_stay_exact_in_i64() -> None:
+    """A product whose exact bounds could pass 2^62 (``tid * (p * p)``) tests its operands to
+    fit i32 first: its interval, computed in i64, then cannot wrap."""
+    kb = KernelBuilder("k", [("p", i32), ("a", ptr_global)])
+    p, a = kb.params
+    kb.set_block(kb.block("e"))
+    square = kb.mul(p, p)
+    idx = kb.mul(kb.thread_id("x"), square)
+    kb.load(kb.offset(a, idx, f32), f32)
+    kb.ret()
+    kernel = kb.finish()
+    analysis = rangecopy._Analysis({})
+    node = analysis.node(idx)
+    assert node is not None and node.fit_args and not analysis.node(square).fit_args  # type: ignore[union-attr]
+    assert max(-node.lo, node.hi) <= 1 << 62
+    plan = rangecopy.plan(kernel, reverse_postorder(kernel), False, every=True)
+    assert plan is not None
+
+
+def test_unknown_leaves_are_not_proven() -> None:
+    """An index read from memory, or a counter used after its loop, is not proven."""
+    kb = KernelBuilder("k", [("n", i32), ("a", ptr_global)])
+    n, a = kb.params
+    entry, head, body, done = kb.block("e"), kb.block("h", [("j", i32)]), kb.block("b"), kb.block("x")
+    kb.set_block(entry)
+    one = kb.const(1, i32)
+    kb.br(head, kb.const(0, i32))
+    kb.set_block(head)
+    j = head.params[0]
+    kb.cbr(kb.icmp("slt", j, n), body, done)
+    kb.set_block(body)
+    v = kb.load(kb.offset(a, j, i32), i32)
+    kb.load(kb.offset(a, v, i32), i32)                 # data-dependent
+    kb.barrier()
+    kb.br(head, kb.add(j, one))
+    kb.set_block(done)
+    kb.load(kb.offset(a, j, i32), i32)                 # j == n here: past the loop's range
+    kb.ret()
+    kernel = kb.finish()
+    plan = rangecopy.plan(kernel, reverse_postorder(kernel), False, every=True)
+    assert plan is not None and len(plan.accesses) == 1
+    (op_id,) = plan.accesses
+    first = next(op for op in kernel.blocks[2].ops if op.opcode == "load")
+    assert op_id == id(first)
+
+
+def test_sgemm_one_element_short_faults_like_the_interpreter_on_cuda() -> None:
+    """sgemm 32 x 32 x 32 with ``a`` one element short: only the last slab's last thread reads
+    past it, so the general copy runs that block and reports exactly the interpreter's fault
+    (code, buffer, offset) and thread; the other blocks take the range copy. With the whole
+    buffer the next launch computes the product."""
+    from vxpu.accel.backend import KernelFaultError
+    from vxpu.ir import binary
+
+    mod = SAMPLES["sgemm"].module()
+    size = 32
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal(size * size, dtype=np.float32)
+    bm = rng.standard_normal(size * size, dtype=np.float32)
+    mem = Memory(1 << 20)
+    pa, pb = mem.upload(a[:-1]), mem.upload(bm)
+    pc = mem.upload(np.zeros(size * size, np.float32))
+    with pytest.raises(InterpFault) as want:
+        run_kernel(mod, "sgemm", (2, 2), (16, 16), [size, size, size, pa, pb, pc], mem)
+    assert (want.value.code, want.value.param, want.value.offset) == (1, 3, 4 * (size * size - 1))
+    backend, session = _cuda()
+    try:
+        k, _ = session.get_kernel(session.load_module(binary.encode(mod)), "sgemm")
+        short, full = session.alloc(4 * (size * size - 1)), session.alloc(4 * size * size)
+        gb, gc = session.alloc(4 * size * size), session.alloc(4 * size * size)
+        session.copy_htod(short, memoryview(a[:-1]))
+        session.copy_htod(full, memoryview(a))
+        session.copy_htod(gb, memoryview(bm))
+        args = struct.pack("<iiiiQQQ", size, size, size, 0, short, gb, gc)
+        with pytest.raises(KernelFaultError) as got:
+            session.launch(k, (2, 2), (16, 16), args)
+            session.synchronize()
+        r = got.value.record
+        assert (r.code, r.origin, r.offset, tuple(r.block)[:2], tuple(r.thread)[:2]) == \
+            (1, 3, 4 * (size * size - 1), (1, 1), (15, 15))
+        session.launch(k, (2, 2), (16, 16), struct.pack("<iiiiQQQ", size, size, size, 0, full, gb, gc))
+        session.synchronize()
+        out = np.zeros(size * size, np.float32)
+        session.copy_dtoh(memoryview(out), gc)
+        ref = a.reshape(size, size).astype(np.float64) @ bm.reshape(size, size)
+        assert np.allclose(out.reshape(size, size), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        session.close()
+        backend.close()
+
+
+def _cuda():  # type: ignore[no-untyped-def]
+    """A CUDA backend and session, or skip (no driver or device; ``VXPU_GPU_TESTS=0``)."""
+    import logging
+    import os
+
+    if os.environ.get("VXPU_GPU_TESTS", "1") == "0":
+        pytest.skip("VXPU_GPU_TESTS=0")
+    try:
+        from vxpu.accel.registry import open_backend
+        from vxpu.accel.session import Session
+        backend = open_backend("cuda")
+    except Exception as exc:  # noqa: BLE001 - any missing driver/device means: no GPU here
+        pytest.skip(f"no CUDA device: {exc}")
+    logging.getLogger("vxpu.accel").setLevel(logging.ERROR)
+    return backend, Session(backend)
