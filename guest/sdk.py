@@ -194,6 +194,12 @@ class Device:
         """The ring, once a kernel fault that reset the device state has been noticed and the
         garbage queued by finalizers has been posted for release.
 
+        It has work to do only when ``self.ring is None or ring.faults != self._faults_seen or
+        self.allocs.garbage``; the hot paths (launchers, :meth:`launch`, pinned and staged
+        copies, :meth:`synchronize`) test that condition inline and call this only when it
+        holds, which saves the call on every command. A new condition here must be added there
+        too (tests/sdk/test_fast_paths.py checks each path against each condition).
+
         Raises:
             StateError: the device is closed.
         """
@@ -326,7 +332,7 @@ class Device:
             if view is None:
                 self.copy_to_device(arr, data)
             else:
-                self._upload(arr, view)
+                self._upload(arr, data, view)
         except BaseException:
             arr.free()
             raise
@@ -352,36 +358,40 @@ class Device:
         Raises:
             GuestError: sizes differ. DeviceError: the copy failed.
         """
+        if not isinstance(src, HostArray):
+            self._upload(dst, src)
+            return
         ring = self.ring
         if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
             _ = dst.ptr                       # a stale array is reported first, as always ...
             ring = self.live_ring()
         ptr = dst.ptr                         # ... and after a device state loss noticed just now
-        if isinstance(src, HostArray):
-            n = src.nbytes
-            if n != dst.nbytes:
-                raise GuestError(f"copy of {n} bytes into a {dst.nbytes}-byte array")
-            if n:
-                address = src.address
-                if address is not None:       # one contiguous run: one inline segment
-                    ring.post(_HTOD, ptr, sg_addr=address, sg_len=n)
-                else:
-                    post_copy(ring, _HTOD, ptr, _host_mem(src), 0, n, waited=False)
-            return
-        self._upload(dst, as_bytes(src)[0])
+        n = src.nbytes
+        if n != dst.nbytes:
+            raise GuestError(f"copy of {n} bytes into a {dst.nbytes}-byte array")
+        if n:
+            address = src.address
+            if address is not None:           # one contiguous run: one inline segment
+                ring.post(_HTOD, ptr, sg_addr=address, sg_len=n)
+            else:
+                post_copy(ring, _HTOD, ptr, _host_mem(src), 0, n, waited=False)
 
-    def _upload(self, dst: DeviceArray, view: memoryview) -> None:
-        """The staged half of :meth:`copy_to_device`: ``view`` (bytes) into ``dst``, through
-        the staging pool; returns once the device has read it all.
+    def _upload(self, dst: DeviceArray, src: Any, view: memoryview | None = None) -> None:
+        """The staged half of :meth:`copy_to_device`: ``src`` (or ``view``, its bytes when the
+        caller converted it already) into ``dst`` through the staging pool; returns once the
+        device has read it all.
 
         Raises:
-            GuestError: sizes differ. StaleHandle: ``dst`` is stale. DeviceError: a copy failed.
+            GuestError: sizes differ, or ``src`` is no buffer. StaleHandle: ``dst`` is stale.
+            DeviceError: a copy failed.
         """
         ring = self.ring
         if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
-            _ = dst.ptr
+            _ = dst.ptr                       # as in copy_to_device
             self.live_ring()
         ptr = dst.ptr
+        if view is None:
+            view = as_bytes(src)[0]
         if len(view) != dst.nbytes:
             raise GuestError(f"copy of {len(view)} bytes into a {dst.nbytes}-byte array")
         self._staging().upload(ptr, view)

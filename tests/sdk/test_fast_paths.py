@@ -500,3 +500,94 @@ def test_to_device_converts_its_input_once(pair, monkeypatch):
     assert np.array_equal(arr.to_host(), data)
     with pytest.raises(GuestError, match="copy of 6000 bytes into a 4-byte array"):
         dev.copy_to_device(dev.empty(1, np.float32), data)
+
+
+HOT_PATHS = ["launcher", "launcher, no arguments", "Device.launch", "copy_to_device", "copy_to_host", "upload",
+             "synchronize"]
+
+
+def _hot(dev: Device, how: str, objs: dict[str, Any]) -> None:
+    arr, host = objs["arr"], objs["host"]
+    if how == "launcher":
+        objs["k"][1, 1](arr)
+    elif how == "launcher, no arguments":
+        objs["k0"][1, 1]()
+    elif how == "Device.launch":
+        dev.launch(objs["k"], xpu.pack_launch_dims((1, 1, 1), (1, 1, 1), 0), struct.pack("<Q", arr.ptr))
+    elif how == "copy_to_device":
+        dev.copy_to_device(arr, host)
+    elif how == "copy_to_host":
+        dev.copy_to_host(host, arr, blocking=False)
+    elif how == "upload":
+        dev.copy_to_device(arr, bytes(16))
+    else:
+        dev.synchronize()
+
+
+def _objs(dev: Device) -> dict[str, Any]:
+    return {"k": dev.load_module(kernel_ir(["ptr<global>"])).k, "k0": dev.load_module(kernel_ir([], "z")).z,
+            "arr": dev.empty(16, "uint8"), "host": dev.pinned(16, "uint8")}
+
+
+@pytest.mark.parametrize("how", HOT_PATHS)
+def test_each_hot_path_releases_garbage_first(how):
+    """The inlined live_ring() condition, 'garbage queued': the MEM_FREE of an array that became
+    garbage is posted before the path's own command."""
+    fake = FakeTransport()
+    with Device(fake, sq_entries=16) as dev:
+        objs = _objs(dev)
+        doomed = dev.empty(64, "uint8")
+        addr = doomed.ptr
+        dev.synchronize()
+        del doomed
+        gc.collect()
+        assert dev.allocs.garbage
+        ring = dev.ring
+        assert ring is not None
+        first = ring.submitted
+        _hot(dev, how, objs)
+        assert not dev.allocs.garbage
+        d = descriptor(ring, first)
+        assert (d[0], d[4]) == (xpu.Opcode.MEM_FREE, addr)
+        dev.synchronize()
+        assert addr not in fake.device_mem
+
+
+@pytest.mark.parametrize("how", HOT_PATHS)
+def test_each_hot_path_refuses_a_closed_device(how):
+    """The inlined condition 'ring closed': StateError (StaleHandle for the objects that belong
+    to the closed device's state, as before), nothing touched."""
+    fake = FakeTransport()
+    dev = Device(fake, sq_entries=16)
+    objs = _objs(dev)
+    dev.close()
+    with pytest.raises(StateError):
+        _hot(dev, how, objs)
+
+
+@pytest.mark.parametrize("how", HOT_PATHS)
+@pytest.mark.parametrize("drops", [False, True])
+def test_each_hot_path_notices_a_fault_first(how, drops):
+    """The inlined condition 'a fault completion not yet looked at': the sentinel probe runs
+    before the path's own command; a state that survived keeps every object usable, a lost one
+    makes them stale (nothing of the path posted)."""
+    fake = FakeTransport()
+    with Device(fake, sq_entries=16) as dev:
+        objs = _objs(dev)
+        dev.synchronize()
+        fake.fence_fault, fake.fault_drops_state = (Status.KERNEL_FAULT, 0), drops
+        ring = dev.ring
+        assert ring is not None
+        ring.wait_done(ring.post(xpu.Opcode.FENCE))
+        ring.async_error = None
+        first, sentinel = ring.submitted, dev._sentinel
+        if drops and how != "synchronize":
+            with pytest.raises(StaleHandle):
+                _hot(dev, how, objs)
+        else:
+            _hot(dev, how, objs)
+        d = descriptor(ring, first)
+        assert (d[0], d[4]) == (xpu.Opcode.MEM_SET, sentinel)       # the probe came first
+        assert ring.faults == dev._faults_seen
+        assert (dev.epoch != objs["arr"].epoch) is drops
+        dev.synchronize()
