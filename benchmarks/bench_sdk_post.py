@@ -17,17 +17,27 @@ Rows (nanoseconds; the minimum over rounds, this 2-core machine being shared, an
 
 * posts, timed as rounds of ``--batch`` calls (per call = round / batch): ``ring.post(NOP)``,
   the empty kernel ``launcher()``, ``saxpy[g, b](n, a, x, y)`` (4 arguments, 24-byte blob in the
-  side area), ``Device.launch`` with a prepared blob, the saxpy launcher inside ``dev.batch()``,
-  a 64 KiB pinned ``copy_to_device`` and ``copy_to_host(blocking=False)``;
+  side area), the same written ``mod.saxpy[4, 256](...)`` (attribute, launcher look-up, call),
+  ``Device.launch`` with a prepared blob, the saxpy launcher inside ``dev.batch()``, a 64 KiB
+  pinned ``copy_to_device`` and ``copy_to_host(blocking=False)``;
 * round trips, timed one call at a time with the completions already written: ``synchronize()``
   (a FENCE), empty ``launcher()`` + ``synchronize()`` (LAUNCH + FENCE), saxpy + ``synchronize()``;
-* the timer's own cost (two ``perf_counter_ns`` calls), included in the round-trip rows.
+* the timer's own cost (two ``perf_counter_ns`` calls), included in the round-trip rows;
+* "echo process" rows (``--no-echo`` skips them): a forked process plays a device that
+  completes every descriptor OK as soon as it sees it (spinning on ``sq_tail``; MEM_ALLOC
+  answers address 0), so waits really wait for another process: LAUNCH + FENCE, FENCE alone,
+  MEM_ALLOC + MEM_FREE, a staged 4 KiB ``to_device`` and ``to_host``, and 256 launches then a
+  FENCE (per launch). The echo process's own time is in these figures, the same for every tree.
+
+No GPU and no server are involved, so it runs anywhere the SDK does (a few seconds), the GPU
+host included, where it gives the guest's share of bench_sdk's round trips on that CPU.
 
 ``--guest DIR`` imports ``vxpu.guest`` from ``DIR`` instead of the installed tree, so that two
 versions of the SDK are measured by the same script in the same session
 (``git archive REV guest | tar -x -C /tmp/old`` then ``--guest /tmp/old/guest``).
 
-Usage: ``python benchmarks/bench_sdk_post.py [--rounds N] [--batch K] [--guest DIR] [--json FILE]``.
+Usage: ``python benchmarks/bench_sdk_post.py [--rounds N] [--batch K] [--guest DIR] [--no-echo]
+[--json FILE]``.
 """
 
 from __future__ import annotations
