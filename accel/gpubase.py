@@ -597,10 +597,13 @@ class GpuBackend:
                 tuple(info.param_offsets), kernel.checked is not None)
 
     def native_record(self) -> int:
-        """The host address of this context's fault record when it is mapped host memory (a
-        native FENCE reads its claim word after the wait), else 0."""
+        """Where a native FENCE finds this context's fault record after its wait: the host
+        address when it is mapped host memory, 0 when there is none yet (no checked launch in
+        this context: nothing to read), -1 when it is in device memory (FENCE stays in Python)."""
         record = self._record
-        return self._record_host if record is not None and record[0] == self._generation else 0
+        if record is None or record[0] != self._generation:
+            return 0
+        return self._record_host or -1
 
     def note_native_work(self, queue: object | None, launches: int, checked: int, bytes_htod: int,
                          bytes_dtoh: int) -> None:

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ENV = "VXPU_FASTLANE"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
-ABI = 4                          # fl_abi() of the source this module speaks to
+ABI = 5                          # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
 MAX_PLANS = 256
 MAX_PARAM_BYTES = 65536
@@ -194,7 +194,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                        p(_u32), _u32, _u32]),
         "fl_plan_count": (_u32, [vp]), "fl_set_regions": (ctypes.c_int, [vp, p(Region), _u32]),
         "fl_set_allocs": (ctypes.c_int, [vp, p(Alloc), _u32]), "fl_set_copy_stream": (None, [vp, vp, _u32]),
-        "fl_set_record": (None, [vp, _u64]), "fl_run": (_u32, [vp, p(Batch)]),
+        "fl_set_fence": (None, [vp, _u32, _u64]), "fl_run": (_u32, [vp, p(Batch)]),
+        "fl_group_start": (None, [p(Batch), _u32, _u32, _u32]),
         "fl_fence_wait": (ctypes.c_int, [vp]), "fl_record_claimed": (ctypes.c_int, [vp]),
     }
     for name, (res, args) in sigs.items():
@@ -258,13 +259,14 @@ class FastLane:
             raise OSError("fl_new refused the driver table")
         self._ctx = ctypes.c_void_p(ctx)
         self.batch = Batch()
+        self._batch_ref = ctypes.byref(self.batch)
         self._plan_key = (-1, -1, -1)      # plan generation (unique per session), queue, executor drops
         self._ram_key: tuple[Any, ...] = ()
         self._alloc_key: tuple[Session | None, int] = (None, -1)
         self._stream_key: tuple[Session | None, int] = (None, -1)
         self._rings_key: tuple[Any, int] | None = None
         self._rings_addr = (0, 0)
-        self.record = 0                    # the mapped fault record the FENCE reads (0: FENCE in Python)
+        self.record = -1                   # the mapped fault record FENCE reads (0: none; -1: FENCE in Python)
         self.fences = True                 # take FENCEs natively where the record allows it
         self.runs = 0                      # statistics: calls, descriptors taken, hand-offs by reason
         self.taken = 0
@@ -294,9 +296,9 @@ class FastLane:
         if self._plan_key != (generation, queue, drops):
             self.forget_plans()
             self._plan_key = (generation, queue, drops)
-        regions = ram.regions()
-        ram_key = (ram.generation, session, *(r.token is not None for r in regions))
+        ram_key = (ram.generation, session, ram.unregistered)   # registrations move only with these
         if ram_key != self._ram_key:
+            regions = ram.regions()
             table = (Region * max(1, len(regions)))(*(Region(r.addr, r.end, r.host_base, int(r.writable),
                                                              int(r.token is not None)) for r in regions))
             if self.lib.fl_set_regions(self._ctx, table, len(regions)):
@@ -318,9 +320,9 @@ class FastLane:
                 stream = None
             self.lib.fl_set_copy_stream(self._ctx, stream or 0, int(stream is not None))
             self._stream_key = (session, queue)
-        record = self.backend.native_record() if self.fences else 0
+        record = self.backend.native_record() if self.fences else -1
         if record != self.record:
-            self.lib.fl_set_record(self._ctx, record)
+            self.lib.fl_set_fence(self._ctx, int(record >= 0), max(record, 0))
             self.record = record
         return True
 
@@ -384,11 +386,8 @@ class FastLane:
 
     def start_group(self, pending: int, queued: int, depth: int) -> None:
         """Zero the group's counters before its first :meth:`run`."""
-        b = self.batch
-        b.group = b.syncs = b.launches = b.checked = b.nops = b.htods = b.dtohs = b.irq = 0
-        b.g_launches = b.g_nops = b.g_htods = b.g_dtohs = 0
-        b.bytes_htod = b.bytes_dtoh = 0
-        b.pending, b.queued, b.depth = min(pending, 0xFFFF_FFFF), min(queued, 0xFFFF_FFFF), min(depth, 0xFFFF_FFFF)
+        self.lib.fl_group_start(self._batch_ref, min(pending, 0xFFFF_FFFF), min(queued, 0xFFFF_FFFF),
+                                min(depth, 0xFFFF_FFFF))
 
     def run(self, sq: int, cq: int, sq_mask: int, cq_mask: int, sq_head: int, cq_index: int, n: int) -> Batch:
         """Take up to ``n`` descriptors from ``sq_head`` on (validated by the caller, inside the
@@ -398,7 +397,7 @@ class FastLane:
         b = self.batch
         b.sq, b.cq, b.sq_mask, b.cq_mask = sq, cq, sq_mask, cq_mask
         b.sq_head, b.cq_index, b.max = sq_head, cq_index, n
-        self.lib.fl_run(self._ctx, ctypes.byref(b))
+        self.lib.fl_run(self._ctx, self._batch_ref)
         self.runs += 1
         self.taken += b.consumed
         self.stops[b.stop] = self.stops.get(b.stop, 0) + 1

@@ -497,7 +497,7 @@ class Poller(NativeLane):
             if native or fence is not None:
                 self._batch_irq = self._irq_settings()
                 count = max(1, self._batch_irq[1])
-                if native and not descs and extend:
+                if native and not descs and extend and lane is not None and lane.batch.syncs:
                     descs = self._native_extend(rings, epoch)
                 if native and descs:        # Python's descriptors join the lane's group, as without it
                     handed = lane.held(0, lane.batch.group) if lane is not None else []

@@ -94,8 +94,6 @@ class NativeLane:
             ex.counters.bytes_dtoh += b.bytes_dtoh
             self.session.note_native_work(queue, b.pending - pending_before, b.launches, b.bytes_htod,
                                           b.bytes_dtoh, b.checked)
-        b.launches = b.checked = b.nops = b.htods = b.dtohs = 0
-        b.bytes_htod = b.bytes_dtoh = 0
         return b
 
     def _native_extend(self, rings: Rings, epoch: int) -> list[tuple[int, ...]]:

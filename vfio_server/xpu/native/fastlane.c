@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FL_ABI 4
+#define FL_ABI 5
 #define SQ_ENTRY 64u
 #define CQ_ENTRY 32u
 #define MAX_ARG_BYTES 4096u
@@ -83,7 +83,8 @@ struct fl_ctx {
     uint32_t nallocs;
     void *copy_stream;
     uint32_t copies;        /* copies enabled (a stream of the session's own) */
-    uint64_t record;        /* host address of the mapped fault record (0: FENCE not handled) */
+    uint64_t record;        /* host address of the mapped fault record (0: none to read) */
+    uint32_t fences;        /* FENCE handled here (the record, if any, is readable in place) */
 };
 
 /* One call's geometry and results; Python owns it (a ctypes Structure of the same layout). */
@@ -100,7 +101,7 @@ struct fl_batch {
     uint32_t queued;        /* the executor's operations since its last synchronize */
     uint32_t group;         /* completions written in this group so far */
     uint32_t syncs;         /* of them, copies that wait for one synchronization */
-    uint32_t launches, checked, nops, htods, dtohs, irq;   /* this call (launches .. dtohs), group (irq) */
+    uint32_t launches, checked, nops, htods, dtohs, irq;   /* this call (launches .. dtohs, bytes), group (irq) */
     uint32_t g_launches, g_nops, g_htods, g_dtohs;         /* completions of the group, by opcode */
     uint64_t bytes_htod, bytes_dtoh;
     /* out */
@@ -283,15 +284,31 @@ int fl_set_allocs(struct fl_ctx *c, const struct fl_alloc *a, uint32_t n) {
     return 0;
 }
 
-/* The stream copies go to (enabled != 0), and the mapped fault record FENCE reads (0: none). */
+/* The stream copies go to (enabled != 0). */
 void fl_set_copy_stream(struct fl_ctx *c, void *stream, uint32_t enabled) {
     if (!c) return;
     c->copy_stream = stream;
     c->copies = enabled ? 1 : 0;
 }
 
-void fl_set_record(struct fl_ctx *c, uint64_t host) {
-    if (c) c->record = host;
+/* FENCE: handled here when enabled; after its wait it reads the claim word of the mapped fault
+ * record at host (0: there is no record, nothing to read). */
+void fl_set_fence(struct fl_ctx *c, uint32_t enabled, uint64_t host) {
+    if (!c) return;
+    c->fences = enabled ? 1 : 0;
+    c->record = host;
+}
+
+/* Zero a group's counters and set its queue accounting (before its first fl_run). */
+void fl_group_start(struct fl_batch *b, uint32_t pending, uint32_t queued, uint32_t depth) {
+    if (!b) return;
+    b->group = b->syncs = b->irq = 0;
+    b->launches = b->checked = b->nops = b->htods = b->dtohs = 0;
+    b->g_launches = b->g_nops = b->g_htods = b->g_dtohs = 0;
+    b->bytes_htod = b->bytes_dtoh = 0;
+    b->pending = pending;
+    b->queued = queued;
+    b->depth = depth;
 }
 
 /* The host address of guest [addr, addr + len), len > 0, inside one region (writable when
@@ -433,6 +450,8 @@ static uint32_t run_copy(struct fl_ctx *c, struct fl_batch *b, const struct desc
  * the group with one cq_tail store). Returns the descriptors taken (b->consumed). */
 uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
     b->consumed = 0;
+    b->launches = b->checked = b->nops = b->htods = b->dtohs = 0;
+    b->bytes_htod = b->bytes_dtoh = 0;
     b->stop = STOP_END;
     b->driver_error = 0;
     b->python_run = 0;
@@ -447,7 +466,7 @@ uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
         else if (d.opcode == OP_NOP) why = no_sg(&d) ? 0 : STOP_OTHER;
         else if (d.opcode == OP_LAUNCH) why = run_launch(c, b, &d, &err);
         else if (d.opcode == OP_HTOD || d.opcode == OP_DTOH) why = run_copy(c, b, &d, &err);
-        else if (d.opcode == OP_FENCE) why = no_sg(&d) && c->record ? STOP_FENCE : STOP_OTHER;
+        else if (d.opcode == OP_FENCE) why = no_sg(&d) && c->fences ? STOP_FENCE : STOP_OTHER;
         else why = STOP_OTHER;
         if (why) {
             stop_at(b, i, why, &d);
@@ -468,9 +487,10 @@ int fl_fence_wait(struct fl_ctx *c) {
     return c->drv.sync();
 }
 
-/* After fl_fence_wait: 1 when the fault record is claimed (or there is none), else 0. */
+/* After fl_fence_wait: 1 when the fault record is claimed (or FENCE is not handled here), else 0. */
 int fl_record_claimed(const struct fl_ctx *c) {
-    if (!c || !c->record) return 1;
+    if (!c || !c->fences) return 1;
+    if (!c->record) return 0;
     uint32_t claimed;
     memcpy(&claimed, (const void *)(uintptr_t)c->record, sizeof claimed);
     return claimed != 0;
