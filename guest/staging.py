@@ -29,6 +29,9 @@ from vxpu.guest.transport import DmaMemory, Transport
 
 from vxpu.abi import xpu
 
+_HTOD = int(xpu.Opcode.MEM_COPY_HTOD)
+_DTOH = int(xpu.Opcode.MEM_COPY_DTOH)
+
 
 def post_segments(ring: Ring, opcode: int, device_addr: int, segments: Sequence[tuple[int, int]], *,
                   waited: bool) -> list[int]:
@@ -177,6 +180,19 @@ class StagingPool:
             DeviceError: a copy failed (OUT_OF_RANGE for a range outside the allocation ...).
         """
         n, chunk, nslots = len(src), self.chunk, len(self.slots)
+        if 0 < n <= chunk and not any(self._pending):      # one chunk, nothing else in flight:
+            self.transfers += 1                             # the loop below, unrolled
+            slot = self._next_slot
+            self._next_slot = (slot + 1) % nslots
+            mem = self.slots[slot]
+            try:
+                mem.view[:n] = src
+                self._pending[slot] = post_copy(self.ring, _HTOD, device_addr, mem, 0, n, waited=True)
+            except BaseException:
+                self.settle_all(quiet=True)
+                raise
+            self._settle(slot)
+            return
         self.transfers += 1
         first = self._next_slot              # rotate, so back-to-back small uploads do not wait
         self._next_slot = (first + -(-n // chunk)) % nslots          # for each other's copies
@@ -203,6 +219,17 @@ class StagingPool:
             DeviceError: a copy failed.
         """
         n, chunk, nslots = len(dst), self.chunk, len(self.slots)
+        if 0 < n <= chunk:                   # one chunk: the loop below, unrolled (slot 0)
+            self.transfers += 1
+            mem = self.slots[0]
+            try:
+                self._pending[0] = post_copy(self.ring, _DTOH, device_addr, mem, 0, n, waited=True)
+                self._settle(0)
+                dst[:n] = mem.view[:n]
+            except BaseException:
+                self.settle_all(quiet=True)
+                raise
+            return
         self.transfers += 1
         offsets = deque(range(0, n, chunk))
         queued: deque[tuple[int, int, int]] = deque()        # slot, offset, length

@@ -591,3 +591,35 @@ def test_each_hot_path_notices_a_fault_first(how, drops):
         assert ring.faults == dev._faults_seen
         assert (dev.epoch != objs["arr"].epoch) is drops
         dev.synchronize()
+
+
+@pytest.mark.parametrize("nbytes", [1, 4095, 4096])
+def test_one_chunk_staged_copies_post_what_the_pipeline_posts(nbytes):
+    """A staged transfer of one chunk (the unrolled path) posts the copy the chunk loop posts:
+    the same slot (uploads rotate through the slots, downloads use slot 0), address, length and
+    waited flag, and leaves nothing pending; a failing one raises and leaves nothing pending."""
+    fake = FakeTransport()
+    with Device(fake, sq_entries=8, staging_chunk=4096, staging_count=3) as dev:
+        staging, ring = dev.staging, dev.ring
+        assert staging is not None and ring is not None
+        arr = dev.empty(nbytes, "uint8")
+        data = bytes(range(256)) * (nbytes // 256) + bytes(range(nbytes % 256))
+        for i in range(4):
+            slot = staging._next_slot
+            dev.copy_to_device(arr, data)
+            d = descriptor(ring, ring.submitted - 1)
+            assert (d[0], d[4], d[8], d[9]) == (xpu.Opcode.MEM_COPY_HTOD, arr.ptr, staging.slots[slot].address(0),
+                                                nbytes)
+            assert staging._next_slot == (slot + 1) % 3 and not any(staging._pending)
+            out = bytearray(nbytes)
+            dev.copy_to_host(out, arr)
+            d = descriptor(ring, ring.submitted - 1)
+            assert (d[0], d[4], d[8], d[9]) == (xpu.Opcode.MEM_COPY_DTOH, arr.ptr, staging.slots[0].address(0), nbytes)
+            assert bytes(out) == data and not any(staging._pending)
+        assert staging.transfers == 8
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE"):
+            staging.upload(arr.ptr + 1, memoryview(data))
+        with pytest.raises(DeviceError, match="OUT_OF_RANGE"):
+            staging.download(memoryview(bytearray(nbytes)), arr.ptr + 1)
+        assert not any(staging._pending)
+        assert np.array_equal(arr.to_host(), np.frombuffer(data, np.uint8))
