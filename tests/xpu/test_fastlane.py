@@ -663,3 +663,19 @@ def test_a_guest_rewriting_descriptors_and_arguments_meanwhile_gets_statuses_onl
             stop.set()
             writer.join()
         rig.alive()
+
+
+def test_copies_posted_while_others_wait_join_the_group_in_order(tmp_path):
+    """More copies than one batch: the lane takes the rest into its group before the one
+    synchronization (the extension), and every completion is in its slot, in order."""
+    with rig_for(tmp_path, "n", sq_entries=256) as rig:
+        dev = rig.alloc(1 << 20)
+        assert rig.htod(dev, b"w" * 16).status == 0          # (the session queue is made)
+        rig.write(DATA_OFF, bytes(range(256)) * 200)
+        for _ in range(3):
+            descs = [desc(Opcode.MEM_COPY_HTOD, [dev + 256 * i], sg=(rig.addr(DATA_OFF + 256 * i), 256), tag=1000 + i)
+                     for i in range(200)]
+            got = rig.run(descs)
+            assert [c.tag for c in got] == list(range(1000, 1200)) and all(c.status == 0 for c in got)
+        assert lane(rig).taken >= 600
+        assert rig.dtoh(dev, 200 * 256, off=DATA_OFF + 0x10_0000) == bytes(range(256)) * 200

@@ -86,6 +86,13 @@ class Stream:
                              desc(0x77, tag=tag)])
         return self.hostile(tag, dims)
 
+    def copy(self, to_device: bool) -> bytes:
+        """A valid 256-byte HTOD or DTOH between the first allocation and the copies' buffers."""
+        self.tag += 1
+        addr, _size = self.allocs[0]
+        op = Opcode.MEM_COPY_HTOD if to_device else Opcode.MEM_COPY_DTOH
+        return desc(op, [addr], sg=(RAM_BASE + GUEST + 256 * self.rnd.randrange(4096), 256), tag=self.tag)
+
     def hostile(self, tag: int, dims: list[int]) -> bytes:
         r = self.rnd
         addr, size = self._dev()
@@ -167,7 +174,10 @@ def test_the_lane_changes_nothing_the_guest_or_host_can_see(tmp_path, seed):
                 slot, blob = stream.slot_bytes()
                 for r in rigs:
                     r.write(ARG_OFF + 64 * slot, blob)
-            chunk = [stream.one() for _ in range(rnd.randrange(1, 100))]
+            if rnd.random() < 0.2:                     # a burst of copies longer than one batch
+                chunk = [stream.copy(rnd.random() < 0.5) for _ in range(rnd.randrange(65, 120))]
+            else:
+                chunk = [stream.one() for _ in range(rnd.randrange(1, 100))]
             chunk.append(desc(Opcode.FENCE, tag=0xFFFF))
             got = [r.run(chunk, timeout=30) for r in rigs]
             assert got[0] == got[1], _explain(chunk, got[0], got[1])

@@ -392,8 +392,8 @@ class FastLane:
     def run(self, sq: int, cq: int, sq_mask: int, cq_mask: int, sq_head: int, cq_index: int, n: int) -> Batch:
         """Take up to ``n`` descriptors from ``sq_head`` on (validated by the caller, inside the
         rings at host addresses ``sq``/``cq``); their completions go from ring index
-        ``cq_index`` + the group's count on, unpublished. The batch says how many and why it
-        stopped."""
+        ``cq_index`` (the published ``cq_tail``) + the group's count on, unpublished. The batch
+        says how many and why it stopped."""
         b = self.batch
         b.sq, b.cq, b.sq_mask, b.cq_mask = sq, cq, sq_mask, cq_mask
         b.sq_head, b.cq_index, b.max = sq_head, cq_index, n

@@ -73,19 +73,18 @@ class NativeLane:
             return 0, n, None
         self._native_gen = self.ram.generation
         lane.start_group(s.pending(queue), ex.queued, s.quota.queue_depth)
-        b = self._native_run(lane, rings, addrs, queue, n, 0)
+        b = self._native_run(lane, rings, addrs, queue, n)
         k = b.consumed
         if b.stop == STOP_FENCE and k < n:
             rings.consume(1)                # the FENCE: waited for natively after the group
             return k, 0, (b.stop_tag, b.stop_flags)
         return k, min(n - k, b.python_run), None
 
-    def _native_run(self, lane: FastLane, rings: Rings, addrs: tuple[int, int], queue: int, n: int,
-                    unposted: int) -> Batch:
-        """One lane run from ``sq_head`` (lock held); accounts what it issued, as Python would."""
+    def _native_run(self, lane: FastLane, rings: Rings, addrs: tuple[int, int], queue: int, n: int) -> Batch:
+        """One lane run from ``sq_head`` (lock held), its completions after the group's unposted
+        ones (from ``cq_tail`` on); accounts what it issued, as Python would."""
         pending_before = lane.batch.pending
-        b = lane.run(addrs[0], addrs[1], rings.sq_mask, rings.cq_mask, rings.sq_head,
-                     (rings.cq_tail + unposted) & abi.INDEX_MASK, n)
+        b = lane.run(addrs[0], addrs[1], rings.sq_mask, rings.cq_mask, rings.sq_head, rings.cq_tail, n)
         if b.consumed:
             rings.consume(b.consumed)
             ex = self.executor
@@ -117,7 +116,7 @@ class NativeLane:
                 if more <= 0 or addrs is None or self.ram.generation != self._native_gen or not self._bus_master():
                     break
                 self.stats.batch(more, (rings.sq_head + more - rings.cq_tail) & abi.INDEX_MASK)
-                self._native_run(lane, rings, addrs, queue, more, b.group)
+                self._native_run(lane, rings, addrs, queue, more)
                 if b.python_run:
                     return rings.take(b.python_run)
                 if b.stop == STOP_FENCE or not b.consumed:
