@@ -149,6 +149,8 @@ class TargetHooks:
     #: Check every access against its own buffer (per-buffer bounds); False only for trusted
     #: modules compiled with ``checked=False`` on the host.
     checked = False
+    #: id() of the accesses proven in bounds for the whole copy being emitted (GPU copies).
+    assume_proven: set[int] = frozenset()  # type: ignore[assignment]
 
     def ptr_type(self, space: AddressSpace) -> ir.Type:
         """LLVM type of an IR pointer in ``space``."""
@@ -377,7 +379,9 @@ class KernelLowering:
         if self.hooks.version_loops and not self.spill:
             self.versioned = {id(cl.header): cl for cl in find_counted_loops(self.kernel, order)}
             if self.checked:
-                self.loop_proven = {h: proven_accesses(cl) for h, cl in self.versioned.items()}
+                whole = self.hooks.assume_proven    # proven for the whole copy already
+                self.loop_proven = {h: {k: v for k, v in proven_accesses(cl).items() if k not in whole}
+                                    for h, cl in self.versioned.items()}
         for blk in order:
             lb = self.fn.append_basic_block(f"b.{blk.name or len(self.blocks)}")
             self.blocks[id(blk)] = lb

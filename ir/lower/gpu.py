@@ -303,20 +303,21 @@ class GpuHooks(TargetHooks):
     def _copies(self, kernel: Kernel) -> tuple[tidrange.Choice | None, rangecopy.RangePlan | None]:
         """The small-block copy's choice and the range copy's plan of a checked kernel (either
         may be None; both None: one copy). With :attr:`exit_free`, a kernel with barriers
-        first tries both copies with every access they prove: taken when no check before a
-        barrier remains in the fast copy (so ptxas needs no convergence code there)."""
+        first tries both copies with every access they prove (the range copy only where a
+        proven access runs in a loop): taken when no check before a barrier remains in the
+        fast copy (so ptxas needs no convergence code there)."""
         if not self.checked:
             return None, None
         order = reverse_postorder(kernel)
         if self.exit_free and self.block_version and self.range_copy \
                 and any(op.opcode == "barrier" for b in kernel.blocks for op in b.ops):
             version = tidrange.choose(kernel, pays=False)
-            ranged = rangecopy.plan(kernel, order, version is not None, every=True)
+            ranged = rangecopy.plan(kernel, order, every=True)
             proven = (version[2] if version is not None else set()) | (set(ranged.accesses) if ranged else set())
             if proven and not rangecopy.exits_before_barrier(kernel, proven | rangecopy.direct_array_accesses(kernel)):
                 return version, ranged
         version = tidrange.choose(kernel, not self.small_copy_always) if self.block_version else None
-        ranged = rangecopy.plan(kernel, order, version is not None) if self.range_copy else None
+        ranged = rangecopy.plan(kernel, order) if self.range_copy else None
         return version, ranged
 
     def _param_type(self, t):  # type: ignore[no-untyped-def]

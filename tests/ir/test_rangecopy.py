@@ -110,7 +110,7 @@ def test_random_kernels_run_without_fault_whenever_the_entry_test_holds() -> Non
     for case in range(400):
         module = _kernel(rng)
         kernel = module.kernels[0]
-        plan = rangecopy.plan(kernel, reverse_postorder(kernel), False, every=True)
+        plan = rangecopy.plan(kernel, reverse_postorder(kernel), every=True)
         if plan is None:
             continue
         proven += 1
@@ -167,7 +167,7 @@ def test_random_kernels_huge_buffers_every_access_in_bounds_whenever_the_test_ho
     for _ in range(300):
         module = _kernel(rng)
         kernel = module.kernels[0]
-        plan = rangecopy.plan(kernel, reverse_postorder(kernel), False, every=True)
+        plan = rangecopy.plan(kernel, reverse_postorder(kernel), every=True)
         if plan is None:
             continue
         jit = _Jit(plan)
@@ -210,7 +210,7 @@ def test_an_access_past_the_end_in_the_last_iteration_fails_the_test() -> None:
     """j = 0, 16, ..., < k reading a[row*k + j + tx] (sgemm's A tile): the test holds for an
     m x k buffer and fails when it is one element short (the last iteration's last thread)."""
     kernel = SAMPLES["sgemm"].module().kernels[0]
-    plan = rangecopy.plan(kernel, reverse_postorder(kernel), True)
+    plan = rangecopy.plan(kernel, reverse_postorder(kernel))
     assert plan is not None and len(plan.accesses) == 3
     a_only = rangecopy.RangePlan({k: v for k, v in plan.accesses.items() if v.param == 3}, plan.loops)
     assert len(a_only.accesses) == 1
@@ -239,10 +239,10 @@ def test_an_access_past_the_end_in_the_last_iteration_fails_the_test() -> None:
     assert not ok(size, size, size, 4096, 4096, 4 * size * size, *last, 17, 16)     # one column more
 
 
-@pytest.mark.parametrize("name, params", [("sgemm", (3, 4, 5)), ("scan", (1, 2, 3))])
+@pytest.mark.parametrize("name, params", [("sgemm", (3, 4, 5)), ("softmax", (2, 3))])
 def test_nvptx_tests_every_global_buffer_at_entry(name: str, params: tuple[int, ...]) -> None:
-    """The range test compares an offset with each pointer parameter's hidden length; the fast
-    copy keeps fewer fault exits (cmpxchg of the record) than the general copy."""
+    """The range test compares an offset with each pointer parameter's hidden length, and the
+    range copy keeps no global fault exit (a cmpxchg of the record)."""
     mod = SAMPLES[name].module()
     text = str(lower_module(mod))
     kname = mod.kernels[0].name
@@ -257,7 +257,10 @@ def test_nvptx_tests_every_global_buffer_at_entry(name: str, params: tuple[int, 
     without = _without_range_copy(mod)
     start = without.index(f'define ptx_kernel void @"{kname}"') if f'@"{kname}"' in without else without.index(f"@{kname}(")
     general = without[start:without.index("\n}\n", start)]
-    assert body.count("cmpxchg") < general.count("cmpxchg"), (body.count("cmpxchg"), general.count("cmpxchg"))
+    # sgemm without the range copy has a small-block copy with the global checks; softmax none,
+    # so its range copy, holding no fault exit, adds none to the general copy's
+    have, before = body.count("cmpxchg"), general.count("cmpxchg")
+    assert (have < before) if name == "sgemm" else (have == before), (have, before)
 
 
 def _without_range_copy(mod: Module) -> str:
@@ -275,7 +278,7 @@ def test_exit_free_copy_for_softmax_and_none_for_kernels_without_barriers() -> N
     from vxpu.ir.lower.nvptx import NvptxHooks
 
     for name, want in (("softmax", True), ("sgemm", True), ("vector_add", False), ("saxpy", False),
-                       ("stencil2d", False)):
+                       ("stencil2d", False), ("scan", False), ("dot", False), ("histogram", False)):
         kernel = SAMPLES[name].module().kernels[0]
         version, ranged = NvptxHooks(True)._copies(kernel)
         assert (ranged is not None) == want, name
@@ -302,8 +305,7 @@ def test_intervals_stay_exact_in_i64() -> None:
     node = analysis.node(idx)
     assert node is not None and node.fit_args and not analysis.node(square).fit_args  # type: ignore[union-attr]
     assert max(-node.lo, node.hi) <= 1 << 62
-    plan = rangecopy.plan(kernel, reverse_postorder(kernel), False, every=True)
-    assert plan is not None
+    assert rangecopy.plan(kernel, reverse_postorder(kernel), every=True) is None   # no loop: no copy
 
 
 def test_unknown_leaves_are_not_proven() -> None:
@@ -326,7 +328,7 @@ def test_unknown_leaves_are_not_proven() -> None:
     kb.load(kb.offset(a, j, i32), i32)                 # j == n here: past the loop's range
     kb.ret()
     kernel = kb.finish()
-    plan = rangecopy.plan(kernel, reverse_postorder(kernel), False, every=True)
+    plan = rangecopy.plan(kernel, reverse_postorder(kernel), every=True)
     assert plan is not None and len(plan.accesses) == 1
     (op_id,) = plan.accesses
     first = next(op for op in kernel.blocks[2].ops if op.opcode == "load")
@@ -334,10 +336,10 @@ def test_unknown_leaves_are_not_proven() -> None:
 
 
 def test_sgemm_one_element_short_faults_like_the_interpreter_on_cuda() -> None:
-    """sgemm 32 x 32 x 32 with ``a`` one element short: only the last slab's last thread reads
-    past it, so the general copy runs that block and reports exactly the interpreter's fault
-    (code, buffer, offset) and thread; the other blocks take the range copy. With the whole
-    buffer the next launch computes the product."""
+    """sgemm 32 x 32 x 32 with ``a`` one element short: only the last slab's last thread of
+    each block in the last block row reads past it, so those blocks run the general copy and
+    report the interpreter's fault (code, buffer, offset, thread); the other blocks take the
+    range copy. With the whole buffer the next launch computes the product."""
     from vxpu.accel.backend import KernelFaultError
     from vxpu.ir import binary
 
@@ -365,8 +367,10 @@ def test_sgemm_one_element_short_faults_like_the_interpreter_on_cuda() -> None:
             session.launch(k, (2, 2), (16, 16), args)
             session.synchronize()
         r = got.value.record
-        assert (r.code, r.origin, r.offset, tuple(r.block)[:2], tuple(r.thread)[:2]) == \
-            (1, 3, 4 * (size * size - 1), (1, 1), (15, 15))
+        # both blocks of the last block row read that row of a: either may claim the record
+        bx, by, _bz = r.block
+        assert (r.code, r.origin, r.offset, by, tuple(r.thread)[:2]) == (1, 3, 4 * (size * size - 1), 1, (15, 15))
+        assert bx in (0, 1)
         session.launch(k, (2, 2), (16, 16), struct.pack("<iiiiQQQ", size, size, size, 0, full, gb, gc))
         session.synchronize()
         out = np.zeros(size * size, np.float32)
