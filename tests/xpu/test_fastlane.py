@@ -679,3 +679,26 @@ def test_copies_posted_while_others_wait_join_the_group_in_order(tmp_path):
             assert [c.tag for c in got] == list(range(1000, 1200)) and all(c.status == 0 for c in got)
         assert lane(rig).taken >= 600
         assert rig.dtoh(dev, 200 * 256, off=DATA_OFF + 0x10_0000) == bytes(range(256)) * 200
+
+
+def test_descriptors_posted_one_by_one_while_the_lane_runs_complete_in_order(tmp_path):
+    """The lane re-reads sq_tail for descriptors posted while it runs (the GIL is released
+    meanwhile, so this thread posts concurrently): every one completes once, in order."""
+    with rig_for(tmp_path, "o", sq_entries=256) as rig:
+        inc, empty = setup_kernels(rig)
+        dev = rig.alloc(4096)
+        assert rig.run([inc_desc(rig, inc, dev, 1), desc(Opcode.FENCE)])[1].status == 0
+        rig.write(DATA_OFF, bytes(range(256)))
+        kinds = [lambda t: inc_desc(rig, inc, dev, 1, tag=t), lambda t: empty_desc(empty, tag=t),
+                 lambda t: desc(Opcode.MEM_COPY_HTOD, [dev + 256], sg=(rig.addr(DATA_OFF), 256), tag=t),
+                 lambda t: desc(Opcode.NOP, tag=t)]
+        got = []
+        for burst in range(8):
+            for i in range(100):
+                rig.submit([kinds[i % 4](burst * 1000 + i)], doorbell=False)
+            rig.submit([desc(Opcode.FENCE, tag=burst * 1000 + 999)])
+            got += rig.completions(101, timeout=30)
+        want = [b * 1000 + i for b in range(8) for i in [*range(100), 999]]
+        assert [c.tag for c in got] == want and all(c.status == 0 for c in got)
+        assert rig.dtoh(dev, 4) == struct.pack("<I", 1 + 8 * 25)
+        assert lane(rig).taken >= 700

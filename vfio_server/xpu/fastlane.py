@@ -56,8 +56,9 @@ log = logging.getLogger(__name__)
 
 ENV = "VXPU_FASTLANE"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
-ABI = 5                          # fl_abi() of the source this module speaks to
+ABI = 6                          # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
+TAKES = 8                        # FL_TAKES: re-reads of sq_tail per call
 MAX_PLANS = 256
 MAX_PARAM_BYTES = 65536
 MAX_PARAMS = 512
@@ -82,7 +83,8 @@ class Batch(ctypes.Structure):
                 ("htods", _u32), ("dtohs", _u32), ("irq", _u32), ("g_launches", _u32), ("g_nops", _u32),
                 ("g_htods", _u32), ("g_dtohs", _u32), ("bytes_htod", _u64), ("bytes_dtoh", _u64),
                 ("consumed", _u32), ("stop", _u32), ("driver_error", ctypes.c_int32), ("python_run", _u32),
-                ("stop_tag", _u64), ("stop_flags", _u32), ("pad", _u32), ("tags", _u64 * GROUP),
+                ("stop_tag", _u64), ("stop_flags", _u32), ("pad", _u32), ("hdr", _u64), ("sq_entries", _u32),
+                ("cq_room", _u32), ("reread", _u32), ("ntakes", _u32), ("takes", _u32 * TAKES), ("tags", _u64 * GROUP),
                 ("ops", ctypes.c_uint16 * GROUP), ("flags", ctypes.c_uint16 * GROUP)]
 
 
@@ -265,7 +267,7 @@ class FastLane:
         self._alloc_key: tuple[Session | None, int] = (None, -1)
         self._stream_key: tuple[Session | None, int] = (None, -1)
         self._rings_key: tuple[Any, int] | None = None
-        self._rings_addr = (0, 0)
+        self._rings_addr = (0, 0, 0)
         self.record = -1                   # the mapped fault record FENCE reads (0: none; -1: FENCE in Python)
         self.fences = True                 # take FENCEs natively where the record allows it
         self.runs = 0                      # statistics: calls, descriptors taken, hand-offs by reason
@@ -369,18 +371,19 @@ class FastLane:
         return int(self.lib.fl_plan_count(self._ctx))
 
     # -- runs (lock held) ------------------------------------------------------------------
-    def ring_addresses(self, cfg: Any, ram: GuestRam) -> tuple[int, int] | None:
-        """Host addresses of the submission and completion rings of the queue ``cfg`` (a
-        :class:`~.queue.QueueConfig` the caller's :class:`~.queue.Rings` attached under this
-        guest-RAM generation); None when they are not in guest RAM."""
+    def ring_addresses(self, cfg: Any, ram: GuestRam) -> tuple[int, int, int] | None:
+        """Host addresses of the submission ring, the completion ring and the header of the
+        queue ``cfg`` (a :class:`~.queue.QueueConfig` the caller's :class:`~.queue.Rings`
+        attached under this guest-RAM generation); None when they are not in guest RAM."""
         key = (cfg, ram.generation)
         if key != self._rings_key:
             try:
                 sq, sq_off = ram.find(cfg.sq_base, abi.ring_bytes(cfg.sq_entries, abi.SQ_ENTRY_SIZE), False)
                 cq, cq_off = ram.find(cfg.cq_base, abi.ring_bytes(cfg.cq_entries, abi.CQ_ENTRY_SIZE), True)
+                hdr, hdr_off = ram.find(cfg.header, abi.QUEUE_HEADER_SIZE, True)
             except GuestFault:
                 return None
-            self._rings_addr = (sq.host_base + sq_off, cq.host_base + cq_off)
+            self._rings_addr = (sq.host_base + sq_off, cq.host_base + cq_off, hdr.host_base + hdr_off)
             self._rings_key = key
         return self._rings_addr
 
@@ -389,14 +392,19 @@ class FastLane:
         self.lib.fl_group_start(self._batch_ref, min(pending, 0xFFFF_FFFF), min(queued, 0xFFFF_FFFF),
                                 min(depth, 0xFFFF_FFFF))
 
-    def run(self, sq: int, cq: int, sq_mask: int, cq_mask: int, sq_head: int, cq_index: int, n: int) -> Batch:
+    def run(self, addrs: tuple[int, int, int], sq_mask: int, cq_mask: int, sq_entries: int, sq_head: int,
+            cq_index: int, n: int, cq_room: int, reread: bool) -> Batch:
         """Take up to ``n`` descriptors from ``sq_head`` on (validated by the caller, inside the
-        rings at host addresses ``sq``/``cq``); their completions go from ring index
-        ``cq_index`` (the published ``cq_tail``) + the group's count on, unpublished. The batch
-        says how many and why it stopped."""
+        rings at host addresses ``addrs``: submission ring, completion ring, header); their
+        completions go from ring index ``cq_index`` (the published ``cq_tail``) + the group's
+        count on, unpublished. With ``reread``, also those the guest posts meanwhile while
+        ``sq_tail`` is valid, within ``cq_room`` validated free completion slots (``b.max``
+        grows; ``b.takes[:b.ntakes]`` are the extra takes). The batch says how many and why it
+        stopped."""
         b = self.batch
-        b.sq, b.cq, b.sq_mask, b.cq_mask = sq, cq, sq_mask, cq_mask
-        b.sq_head, b.cq_index, b.max = sq_head, cq_index, n
+        b.sq, b.cq, b.hdr = addrs
+        b.sq_mask, b.cq_mask, b.sq_entries = sq_mask, cq_mask, sq_entries
+        b.sq_head, b.cq_index, b.max, b.cq_room, b.reread = sq_head, cq_index, n, max(0, cq_room), int(reread)
         self.lib.fl_run(self._ctx, self._batch_ref)
         self.runs += 1
         self.taken += b.consumed

@@ -473,10 +473,12 @@ class Poller(NativeLane):
                 return 0
             try:
                 rings.attach(self.ram)
-                n = min(rings.pending(), rings.cq_free(), limit, BATCH)
+                pending = rings.pending()
+                free = rings.cq_free()
             except QueueFatal as exc:
                 self._set_fatal(exc.code, exc.info, str(exc))
                 return -1
+            n = min(pending, free, limit, BATCH)
             if n == 0:
                 return 0
             if not self._bus_master():
@@ -487,7 +489,7 @@ class Poller(NativeLane):
             native = 0
             take = n
             if lane is not None and queue is not None and not self.aborting:
-                native, take, fence = self._native_issue(lane, rings, queue, n)
+                native, take, fence = self._native_issue(lane, rings, queue, n, free if extend else 0)
             descs = rings.take(take) if take else []
         self.executor.epoch = epoch
         t0 = time.perf_counter_ns()

@@ -62,29 +62,42 @@ class NativeLane:
         def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int, extend: bool = True,
                        handed: list[Held] | None = None) -> int: ...
 
-    def _native_issue(self, lane: FastLane, rings: Rings, queue: int, n: int) -> tuple[int, int, tuple[int, int] | None]:
-        """Under the lock: let the lane take what it can of the ``n`` validated descriptors.
-        Returns ``(taken natively, descriptors Python takes now, the FENCE taken for the native
-        wait as (tag, flags) or None)``; Python takes the descriptor the lane stopped at and
-        those after it that the lane would not take either."""
+    def _native_issue(self, lane: FastLane, rings: Rings, queue: int, n: int,
+                      room: int) -> tuple[int, int, tuple[int, int] | None]:
+        """Under the lock: let the lane take what it can of the ``n`` validated descriptors, and
+        of those the guest posts meanwhile within ``room`` validated free completion slots (0:
+        none; a drain takes only what it saw). Returns ``(taken natively, descriptors Python
+        takes now, the FENCE taken for the native wait as (tag, flags) or None)``; Python takes
+        the descriptor the lane stopped at and those after it that the lane would not take
+        either."""
         s, ex = self.session, self.executor
         addrs = lane.ring_addresses(rings.cfg, self.ram)
         if addrs is None or not lane.prepare(s, queue, ex.plan_drops, self.ram):
             return 0, n, None
         self._native_gen = self.ram.generation
         lane.start_group(s.pending(queue), ex.queued, s.quota.queue_depth)
-        b = self._native_run(lane, rings, addrs, queue, n)
+        b = self._native_run(lane, rings, addrs, queue, n, room)
         k = b.consumed
-        if b.stop == STOP_FENCE and k < n:
+        if b.stop == STOP_FENCE and k < b.max:
             rings.consume(1)                # the FENCE: waited for natively after the group
             return k, 0, (b.stop_tag, b.stop_flags)
-        return k, min(n - k, b.python_run), None
+        return k, min(b.max - k, b.python_run), None
 
-    def _native_run(self, lane: FastLane, rings: Rings, addrs: tuple[int, int], queue: int, n: int) -> Batch:
+    def _native_run(self, lane: FastLane, rings: Rings, addrs: tuple[int, int, int], queue: int, n: int,
+                    room: int) -> Batch:
         """One lane run from ``sq_head`` (lock held), its completions after the group's unposted
-        ones (from ``cq_tail`` on); accounts what it issued, as Python would."""
+        ones (from ``cq_tail`` on), taking what the guest posts meanwhile within ``room`` free
+        completion slots besides the group's (0: none); accounts what it issued, as Python
+        would (a take of posted-meanwhile descriptors counts as a batch, as ``_take_more``'s)."""
         pending_before = lane.batch.pending
-        b = lane.run(addrs[0], addrs[1], rings.sq_mask, rings.cq_mask, rings.sq_head, rings.cq_tail, n)
+        head, tail = rings.sq_head, rings.cq_tail
+        b = lane.run(addrs, rings.sq_mask, rings.cq_mask, rings.cfg.sq_entries, head, tail, n,
+                     room - lane.batch.group, room > 0)
+        if b.ntakes:
+            seen = n
+            for extra in b.takes[:b.ntakes]:
+                seen += extra
+                self.stats.batch(extra, (head + seen - tail) & abi.INDEX_MASK)
         if b.consumed:
             rings.consume(b.consumed)
             ex = self.executor
@@ -108,7 +121,9 @@ class NativeLane:
                     break
                 try:
                     rings.attach(self.ram)
-                    more = min(rings.pending(), rings.cq_free() - b.group, BATCH, MAX_HELD - b.group)
+                    pending = rings.pending()
+                    free = rings.cq_free()
+                    more = min(pending, free - b.group, BATCH, MAX_HELD - b.group)
                 except QueueFatal as exc:
                     self._set_fatal(exc.code, exc.info, str(exc))
                     break
@@ -116,7 +131,7 @@ class NativeLane:
                 if more <= 0 or addrs is None or self.ram.generation != self._native_gen or not self._bus_master():
                     break
                 self.stats.batch(more, (rings.sq_head + more - rings.cq_tail) & abi.INDEX_MASK)
-                self._native_run(lane, rings, addrs, queue, more)
+                self._native_run(lane, rings, addrs, queue, more, free)
                 if b.python_run:
                     return rings.take(b.python_run)
                 if b.stop == STOP_FENCE or not b.consumed:

@@ -22,7 +22,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FL_ABI 5
+#define FL_ABI 6
 #define SQ_ENTRY 64u
 #define CQ_ENTRY 32u
 #define MAX_ARG_BYTES 4096u
@@ -35,6 +35,8 @@
 #define MAX_ALLOCS (1u << 20)
 #define FL_GROUP 256u   /* completions one group may hold (poller.MAX_HELD) */
 #define RECORD_BYTES 64u
+#define FL_TAKES 8u     /* times one call may re-read sq_tail for descriptors posted meanwhile */
+#define TAKE_MAX 64u    /* descriptors one such take adds at most (poller.BATCH) */
 
 enum { OP_NOP = 0x00, OP_HTOD = 0x13, OP_DTOH = 0x14, OP_LAUNCH = 0x30, OP_FENCE = 0x40 };
 enum { FLAG_IRQ = 2u };
@@ -111,6 +113,13 @@ struct fl_batch {
     uint32_t python_run;    /* descriptors from the stop on that this lane does not take */
     uint64_t stop_tag;      /* the descriptor at the stop (FENCE: its tag and flags) */
     uint32_t stop_flags, pad;
+    /* taking what the guest posts meanwhile (in: reread != 0 allows it) */
+    uint64_t hdr;           /* host address of the queue header (sq_tail at offset 0) */
+    uint32_t sq_entries;    /* the submission ring's entries (a valid sq_tail is at most this ahead) */
+    uint32_t cq_room;       /* free completion slots the caller validated, besides the group's */
+    uint32_t reread;
+    uint32_t ntakes;        /* out: how many re-reads took more, and how many each */
+    uint32_t takes[FL_TAKES];
     uint64_t tags[FL_GROUP];
     uint16_t ops[FL_GROUP];
     uint16_t flags[FL_GROUP];
@@ -445,18 +454,38 @@ static uint32_t run_copy(struct fl_ctx *c, struct fl_batch *b, const struct desc
     return 0;
 }
 
-/* Take descriptors from b->sq_head on, up to b->max, while each one fully succeeds here; write
- * their completions from ring index cq_index + group on (not published: the caller publishes
- * the group with one cq_tail store). Returns the descriptors taken (b->consumed). */
+/* Descriptor i (from the call's sq_head) is past b->max: take the ones the guest posted
+ * meanwhile, when the caller allows it, sq_tail is valid (at most sq_entries ahead: anything
+ * else is left to the caller's validation), and the completion ring has room. 1 when b->max grew. */
+static int take_more(struct fl_batch *b, uint32_t i) {
+    if (!b->reread || !b->hdr || b->ntakes >= FL_TAKES || b->group >= FL_GROUP) return 0;
+    uint32_t tail = __atomic_load_n((const uint32_t *)(uintptr_t)b->hdr, __ATOMIC_ACQUIRE);
+    uint32_t pend = tail - (b->sq_head + i);
+    if (pend == 0 || pend > b->sq_entries) return 0;
+    uint32_t room = b->cq_room > i ? b->cq_room - i : 0;
+    uint32_t take = pend < room ? pend : room;
+    if (take > TAKE_MAX) take = TAKE_MAX;
+    if (take > FL_GROUP - b->group) take = FL_GROUP - b->group;
+    if (!take) return 0;
+    b->takes[b->ntakes++] = take;
+    b->max += take;
+    return 1;
+}
+
+/* Take descriptors from b->sq_head on, up to b->max (and those posted meanwhile, see
+ * take_more), while each one fully succeeds here; write their completions from ring index
+ * cq_index + group on (not published: the caller publishes the group with one cq_tail store).
+ * Returns the descriptors taken (b->consumed). */
 uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
     b->consumed = 0;
+    b->ntakes = 0;
     b->launches = b->checked = b->nops = b->htods = b->dtohs = 0;
     b->bytes_htod = b->bytes_dtoh = 0;
     b->stop = STOP_END;
     b->driver_error = 0;
     b->python_run = 0;
     if (!c || !b || !b->sq || !b->cq) return 0;
-    for (uint32_t i = 0; i < b->max; i++) {
+    for (uint32_t i = 0; i < b->max || take_more(b, i); i++) {
         struct desc d;
         read_desc(b, i, &d);
         uint32_t why = 0;
