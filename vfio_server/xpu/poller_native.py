@@ -139,13 +139,19 @@ class NativeLane:
         return []
 
     def _native_finish(self, rings: Rings, epoch: int, count: int) -> bool:
-        """Post the lane's group: after one synchronization when copies wait for it, with one
-        ``cq_tail`` store; rewritten by Python in the rare case (an error or abort surfaced, or
+        """Post the lane's group: after one synchronization when copies wait for it (native when
+        it surfaces nothing, else Python's, which reports the error), with one ``cq_tail`` store; rewritten by Python in the rare case (an error or abort surfaced, or
         guest RAM changed). False when the queue stopped or changed meanwhile."""
         lane = self.fastlane
         assert lane is not None
         b = lane.batch
-        err = self.executor.synchronize_deferred() if b.syncs else None
+        err = None
+        if b.syncs:                         # the copies' one wait: natively when it surfaces nothing
+            if lane.fence_wait():
+                self.session.note_native_sync()
+                self.executor.queued = 0
+            else:
+                err = self.executor.synchronize_deferred()
         n = b.group
         with self.ram.lock:
             if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
