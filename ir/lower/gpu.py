@@ -90,9 +90,6 @@ class GpuHooks(TargetHooks):
     #: Emit a second copy of kernels for blocks small enough to prove array accesses in
     #: bounds (:mod:`vxpu.ir.lower.tidrange`).
     block_version = True
-    #: Make the small-block copy whenever it proves something (else only where it pays,
-    #: ``tidrange._pays``).
-    small_copy_always = False
     #: Prefer copies that leave no check before a barrier (:meth:`_copies`).
     exit_free = True
     #: Emit a second copy of kernels whose global accesses the entry can prove in bounds for
@@ -316,7 +313,7 @@ class GpuHooks(TargetHooks):
             proven = (version[2] if version is not None else set()) | (set(ranged.accesses) if ranged else set())
             if proven and not rangecopy.exits_before_barrier(kernel, proven | rangecopy.direct_array_accesses(kernel)):
                 return version, ranged
-        version = tidrange.choose(kernel, not self.small_copy_always) if self.block_version else None
+        version = tidrange.choose(kernel) if self.block_version else None
         ranged = rangecopy.plan(kernel, order) if self.range_copy else None
         return version, ranged
 
