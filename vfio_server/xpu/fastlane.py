@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ENV = "VXPU_FASTLANE"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
-ABI = 6                          # fl_abi() of the source this module speaks to
+ABI = 7                          # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
 TAKES = 8                        # FL_TAKES: re-reads of sq_tail per call
 MAX_PLANS = 256
@@ -196,9 +196,8 @@ def _declare(lib: ctypes.CDLL) -> None:
                                        p(_u32), _u32, _u32]),
         "fl_plan_count": (_u32, [vp]), "fl_set_regions": (ctypes.c_int, [vp, p(Region), _u32]),
         "fl_set_allocs": (ctypes.c_int, [vp, p(Alloc), _u32]), "fl_set_copy_stream": (None, [vp, vp, _u32]),
-        "fl_set_fence": (None, [vp, _u32, _u64]), "fl_run": (_u32, [vp, p(Batch)]),
-        "fl_group_start": (None, [p(Batch), _u32, _u32, _u32]),
-        "fl_fence_wait": (ctypes.c_int, [vp]), "fl_record_claimed": (ctypes.c_int, [vp]),
+        "fl_set_fence": (None, [vp, _u32, _u64]), "fl_run": (_u32, [vp, vp]),       # (the batch by address)
+        "fl_group_start": (None, [vp, _u32, _u32, _u32]), "fl_fence": (ctypes.c_int, [vp]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -261,7 +260,7 @@ class FastLane:
             raise OSError("fl_new refused the driver table")
         self._ctx = ctypes.c_void_p(ctx)
         self.batch = Batch()
-        self._batch_ref = ctypes.byref(self.batch)
+        self._batch_ref = ctypes.addressof(self.batch)    # fl_run / fl_group_start take it as void*
         self._plan_key = (-1, -1, -1)      # plan generation (unique per session), queue, executor drops
         self._ram_key: tuple[Any, ...] = ()
         self._alloc_key: tuple[Session | None, int] = (None, -1)
@@ -415,9 +414,7 @@ class FastLane:
         """FENCE's wait, without any lock (the GIL is released): True when the device finished
         with no driver error and the fault record is unclaimed (the FENCE then completes OK);
         False hands the FENCE to Python."""
-        if self.lib.fl_fence_wait(self._ctx):
-            return False
-        return not self.lib.fl_record_claimed(self._ctx)
+        return not self.lib.fl_fence(self._ctx)
 
     def held(self, start: int, count: int) -> list[tuple[int, int, int, int, int, int, bool]]:
         """Completions ``start .. start + count`` of the group as the poller's held entries

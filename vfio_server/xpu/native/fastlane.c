@@ -16,13 +16,14 @@
  * base + (index & mask) * entry size inside the ring Python validated. Driver entry points are
  * function pointers handed in at fl_new (libcuda's, or a test's fakes): no link to libcuda, no
  * Python API. Not thread-safe: one caller at a time (the poller, under GuestRam.lock, except
- * fl_fence_wait, which touches no table).
+ * fl_fence, which touches no table). The only guest words read more than once are sq_tail
+ * (re-read for descriptors posted meanwhile, and validated each time) and nothing else.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define FL_ABI 6
+#define FL_ABI 7
 #define SQ_ENTRY 64u
 #define CQ_ENTRY 32u
 #define MAX_ARG_BYTES 4096u
@@ -510,23 +511,13 @@ uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
     return b->consumed;
 }
 
-/* FENCE's wait (call it without any lock): 0, or the driver's error. */
-int fl_fence_wait(struct fl_ctx *c) {
-    if (!c) return -1;
-    return c->drv.sync();
-}
-
-/* After fl_fence_wait: 1 when the fault record is claimed (or FENCE is not handled here), else 0. */
-int fl_record_claimed(const struct fl_ctx *c) {
+/* FENCE's wait (call it without any lock): 0 when the device finished with no driver error and
+ * the mapped fault record's claim word is clear (or there is no record); 1 otherwise (the
+ * caller's Python FENCE waits again and reports what surfaced). */
+int fl_fence(struct fl_ctx *c) {
     if (!c || !c->fences) return 1;
+    if (c->drv.sync()) return 1;
     if (!c->record) return 0;
-    uint32_t claimed;
-    memcpy(&claimed, (const void *)(uintptr_t)c->record, sizeof claimed);
+    uint32_t claimed = __atomic_load_n((const uint32_t *)(uintptr_t)c->record, __ATOMIC_ACQUIRE);
     return claimed != 0;
-}
-
-/* Write one completion (tag, OK) at ring index cq_index (a FENCE done here). */
-void fl_complete_one(uint64_t cq, uint32_t cq_mask, uint32_t cq_index, uint64_t tag) {
-    uint64_t words[4] = {tag, 0, 0, 0};
-    memcpy((uint8_t *)(uintptr_t)cq + (size_t)(cq_index & cq_mask) * CQ_ENTRY, words, sizeof words);
 }
