@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 ENV = "VXPU_FASTLANE"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
-ABI = 7                          # fl_abi() of the source this module speaks to
+ABI = 8                          # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
 TAKES = 8                        # FL_TAKES: re-reads of sq_tail per call
 MAX_PLANS = 256
@@ -84,7 +84,7 @@ class Batch(ctypes.Structure):
                 ("g_htods", _u32), ("g_dtohs", _u32), ("bytes_htod", _u64), ("bytes_dtoh", _u64),
                 ("consumed", _u32), ("stop", _u32), ("driver_error", ctypes.c_int32), ("python_run", _u32),
                 ("stop_tag", _u64), ("stop_flags", _u32), ("pad", _u32), ("hdr", _u64), ("sq_entries", _u32),
-                ("cq_room", _u32), ("reread", _u32), ("ntakes", _u32), ("takes", _u32 * TAKES), ("tags", _u64 * GROUP),
+                ("cq_room", _u32), ("reread", _u32), ("start", _u32), ("pad2", _u32), ("ntakes", _u32), ("takes", _u32 * TAKES), ("tags", _u64 * GROUP),
                 ("ops", ctypes.c_uint16 * GROUP), ("flags", ctypes.c_uint16 * GROUP)]
 
 
@@ -197,7 +197,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "fl_plan_count": (_u32, [vp]), "fl_set_regions": (ctypes.c_int, [vp, p(Region), _u32]),
         "fl_set_allocs": (ctypes.c_int, [vp, p(Alloc), _u32]), "fl_set_copy_stream": (None, [vp, vp, _u32]),
         "fl_set_fence": (None, [vp, _u32, _u64]), "fl_run": (_u32, [vp, vp]),       # (the batch by address)
-        "fl_group_start": (None, [vp, _u32, _u32, _u32]), "fl_fence": (ctypes.c_int, [vp]),
+        "fl_fence": (ctypes.c_int, [vp]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -260,7 +260,7 @@ class FastLane:
             raise OSError("fl_new refused the driver table")
         self._ctx = ctypes.c_void_p(ctx)
         self.batch = Batch()
-        self._batch_ref = ctypes.addressof(self.batch)    # fl_run / fl_group_start take it as void*
+        self._batch_ref = ctypes.addressof(self.batch)    # fl_run takes it as void*
         self._plan_key = (-1, -1, -1)      # plan generation (unique per session), queue, executor drops
         self._ram_key: tuple[Any, ...] = ()
         self._alloc_key: tuple[Session | None, int] = (None, -1)
@@ -387,9 +387,11 @@ class FastLane:
         return self._rings_addr
 
     def start_group(self, pending: int, queued: int, depth: int) -> None:
-        """Zero the group's counters before its first :meth:`run`."""
-        self.lib.fl_group_start(self._batch_ref, min(pending, 0xFFFF_FFFF), min(queued, 0xFFFF_FFFF),
-                                min(depth, 0xFFFF_FFFF))
+        """Start a group: the next :meth:`run` zeroes its counters; ``pending`` (the session
+        queue's), ``queued`` (the executor's) and ``depth`` (the quota) are its accounting."""
+        b = self.batch
+        b.start = 1
+        b.pending, b.queued, b.depth = min(pending, 0xFFFF_FFFF), min(queued, 0xFFFF_FFFF), min(depth, 0xFFFF_FFFF)
 
     def run(self, addrs: tuple[int, int, int], sq_mask: int, cq_mask: int, sq_entries: int, sq_head: int,
             cq_index: int, n: int, cq_room: int, reread: bool) -> Batch:

@@ -162,6 +162,7 @@ class Poller(NativeLane):
         #: the native fast lane (:meth:`use_fastlane`; None: every command runs in Python)
         self.fastlane: FastLane | None = None
         self._native_gen = -1            # guest-RAM generation the lane's group was written under
+        self._native_posted = False      # ... and whether it was posted at issue already
         if profile.enabled():            # benchmarks: per-phase timers (see vfio_server.xpu.profile)
             self._profile(profile.PhaseProfile())
         if sys.getswitchinterval() > SWITCH_INTERVAL_S:

@@ -51,6 +51,7 @@ class NativeLane:
     controls: collections.deque[tuple[str, Any]]
     fastlane: FastLane | None
     _native_gen: int
+    _native_posted: bool
     _bus_master: Callable[[], bool]
     kick: threading.Event
 
@@ -75,13 +76,28 @@ class NativeLane:
         if addrs is None or not lane.prepare(s, queue, ex.plan_drops, self.ram):
             return 0, n, None
         self._native_gen = self.ram.generation
+        self._native_posted = False
         lane.start_group(s.pending(queue), ex.queued, s.quota.queue_depth)
         b = self._native_run(lane, rings, addrs, queue, n, room)
         k = b.consumed
+        fence = None
         if b.stop == STOP_FENCE and k < b.max:
             rings.consume(1)                # the FENCE: waited for natively after the group
-            return k, 0, (b.stop_tag, b.stop_flags)
-        return k, min(b.max - k, b.python_run), None
+            fence = (b.stop_tag, b.stop_flags)
+        take = min(b.max - k, b.python_run)
+        if k and not take and not b.syncs and not self.aborting:
+            self._native_post(lane, rings)  # nothing waits and nothing joins: post it under this lock
+        return k, take, fence
+
+    def _native_post(self, lane: FastLane, rings: Rings) -> None:
+        """Post the lane's group with one ``cq_tail`` store (lock held, views current) and
+        count its commands; :attr:`_native_posted` says so to the cycle."""
+        b = lane.batch
+        rings.publish(b.group)
+        commands = self.stats.commands
+        for name, got in lane.command_counts():
+            commands[name] += got
+        self._native_posted = True
 
     def _native_run(self, lane: FastLane, rings: Rings, addrs: tuple[int, int, int], queue: int, n: int,
                     room: int) -> Batch:
@@ -145,6 +161,9 @@ class NativeLane:
         lane = self.fastlane
         assert lane is not None
         b = lane.batch
+        if self._native_posted:             # posted at issue (see _native_issue)
+            self._note_completions(b.group, b.irq & _DESC_IRQ, count)
+            return True
         err = None
         if b.syncs:                         # the copies' one wait: natively when it surfaces nothing
             if lane.fence_wait():

@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define FL_ABI 7
+#define FL_ABI 8
 #define SQ_ENTRY 64u
 #define CQ_ENTRY 32u
 #define MAX_ARG_BYTES 4096u
@@ -119,6 +119,8 @@ struct fl_batch {
     uint32_t sq_entries;    /* the submission ring's entries (a valid sq_tail is at most this ahead) */
     uint32_t cq_room;       /* free completion slots the caller validated, besides the group's */
     uint32_t reread;
+    uint32_t start;         /* in: the first call of a group (its counters start from zero) */
+    uint32_t pad2;
     uint32_t ntakes;        /* out: how many re-reads took more, and how many each */
     uint32_t takes[FL_TAKES];
     uint64_t tags[FL_GROUP];
@@ -309,17 +311,6 @@ void fl_set_fence(struct fl_ctx *c, uint32_t enabled, uint64_t host) {
     c->record = host;
 }
 
-/* Zero a group's counters and set its queue accounting (before its first fl_run). */
-void fl_group_start(struct fl_batch *b, uint32_t pending, uint32_t queued, uint32_t depth) {
-    if (!b) return;
-    b->group = b->syncs = b->irq = 0;
-    b->launches = b->checked = b->nops = b->htods = b->dtohs = 0;
-    b->g_launches = b->g_nops = b->g_htods = b->g_dtohs = 0;
-    b->bytes_htod = b->bytes_dtoh = 0;
-    b->pending = pending;
-    b->queued = queued;
-    b->depth = depth;
-}
 
 /* The host address of guest [addr, addr + len), len > 0, inside one region (writable when
  * write; registered when registered); 0 when there is none. */
@@ -480,6 +471,11 @@ static int take_more(struct fl_batch *b, uint32_t i) {
 uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
     b->consumed = 0;
     b->ntakes = 0;
+    if (b->start) {                         /* a new group: pending/queued/depth are the caller's */
+        b->start = 0;
+        b->group = b->syncs = b->irq = 0;
+        b->g_launches = b->g_nops = b->g_htods = b->g_dtohs = 0;
+    }
     b->launches = b->checked = b->nops = b->htods = b->dtohs = 0;
     b->bytes_htod = b->bytes_dtoh = 0;
     b->stop = STOP_END;
