@@ -228,5 +228,3 @@ class XpuDevice(PciDevice):
     def close(self) -> None:
         """Stop the poller and close the session (server shutdown)."""
         self.poller.stop()
-        if self.poller.fastlane is not None:
-            self.poller.fastlane.close()

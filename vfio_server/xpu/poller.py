@@ -259,13 +259,16 @@ class Poller(NativeLane):
             self.executor.forget_plans()
 
     def stop(self) -> None:
-        """Stop the thread and close the session (server shutdown)."""
+        """Stop the thread and close the session (server shutdown); the fast lane's tables go
+        too, once the thread has ended (a thread still in a driver wait keeps them)."""
         self._stopping = True
         self.kick.set()
         self._thread.join(5.0)
         with self.ram.lock:
             self._stop_queue()
         self.session.close()
+        if self.fastlane is not None and not self._thread.is_alive():
+            self.fastlane.close()
 
     # -- state (lock held) ---------------------------------------------------------------------
     def _stop_queue(self) -> None:

@@ -215,7 +215,7 @@ int fl_plan_add(struct fl_ctx *c, const uint64_t key[4], const uint8_t *blob, ui
     struct fl_plan *p = calloc(1, sizeof *p);
     if (!p) return -3;
     p->blob = malloc(blob_len ? blob_len : 1);
-    p->params = malloc(params_len ? params_len : 1);
+    p->params = calloc(1, (size_t)params_len + 16);      /* slack past the last parameter, zeroed */
     p->ptrs = calloc(nparams ? nparams : 1, sizeof(void *));
     if (!p->blob || !p->params || !p->ptrs) {
         plan_free(p);
