@@ -19,9 +19,16 @@ runs (a ctypes call), so the serve loop runs freely meanwhile:
   what they mirror moves: plans with the session's plan generation (checked before every call),
   guest RAM with its generation and registrations, allocations with the session's allocation
   version, the copy stream with the executor's queue.
-* After a run the caller applies the accounting Python would have done
-  (:meth:`FastLane.account`): the session's queue depth and statistics, the executor's
-  ``queued``, the backend's launch counters and checked-kernel state, the device statistics.
+* A run takes at most what Python validated (``sq_head`` .. ``sq_tail``, the free completion
+  slots), plus what the guest posts while it runs: it re-reads ``sq_tail`` (at most 8 times,
+  64 descriptors each) and takes more only while it is at most SQ_ENTRIES ahead and within the
+  completion room Python validated; an invalid value is left to Python's validation. Its
+  completions are written unpublished; the poller (:mod:`.poller_native`) publishes the group
+  with one ``cq_tail`` store, after the copies' one wait, or hands it to Python's batch as held
+  completions when Python runs the next descriptors, so grouping is the Python path's.
+* After a run the poller applies the accounting Python would have done: the session's queue
+  depth and statistics, the executor's ``queued``, the backend's launch counters and
+  checked-kernel state, the device statistics (commands by opcode when the group is posted).
 
 Only GPU backends with ``native_driver()`` (CUDA: libcuda's entry points; tests: ctypes fakes)
 take part. The library is built at first use with the system ``cc`` into vxpu's cache
