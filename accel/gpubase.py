@@ -544,17 +544,15 @@ class GpuBackend:
 
     # -- native issue (the accelerator device model's fast lane) ---------------------------
     def native_driver(self) -> dict[str, int] | None:
-        """Addresses of the driver entry points a native issuer calls (``launch``: the
-        cuLaunchKernel signature, ``htod``/``dtoh``: the async copies, ``sync``: the context
-        synchronize), or None when this backend has none (the default)."""
+        """Driver entry points for a native issuer (``launch``: cuLaunchKernel's signature,
+        ``htod``/``dtoh``: the async copies, ``sync``: context synchronize); None: none here."""
         return None
 
     def native_ready(self) -> None:
         """Make this backend's context current in the calling thread before native calls.
 
         Raises:
-            BackendError: UNAVAILABLE or DEVICE_LOST (closed, or lost after a fault).
-        """
+            BackendError: UNAVAILABLE or DEVICE_LOST (closed, or lost after a fault)."""
         self._ensure()
 
     def native_pointer(self, handle: Any) -> int:
@@ -610,9 +608,9 @@ class GpuBackend:
         """A native issuer launched ``launches`` kernels (``checked`` of them checked IR) and
         copied these bytes on ``queue``: count them, and note the checked launches for the
         fault-record check of the next :meth:`synchronize`, as :meth:`launch` does."""
-        self.stats.launches += launches
-        self.stats.bytes_htod += bytes_htod
-        self.stats.bytes_dtoh += bytes_dtoh
+        stats = self.stats
+        stats.launches, stats.bytes_htod, stats.bytes_dtoh = (stats.launches + launches, stats.bytes_htod + bytes_htod,
+                                                              stats.bytes_dtoh + bytes_dtoh)
         if checked:
             stream = self._stream(queue)
             self._checked_pending = True
@@ -625,9 +623,7 @@ class GpuBackend:
     def note_native_sync(self) -> None:
         """A native issuer waited for the whole device and found the fault record unclaimed:
         the checked launches before are checked, as after :meth:`synchronize` (None)."""
-        self._checked_pending = False
-        self._record_stream = None
-        self._record_streams_many = False
+        self._checked_pending, self._record_stream, self._record_streams_many = False, None, False
 
     # -- ordering -------------------------------------------------------------------------
     def create_queue(self) -> object:
