@@ -184,6 +184,9 @@ class Poller(NativeLane):
         self._cycle = prof.wrap("cycle", self._cycle, count_if=lambda n: n > 0)  # type: ignore[method-assign]
         self._sleep = prof.wrap("sleep", self._sleep)  # type: ignore[method-assign]
         self.doorbell = prof.wrap("doorbell", self.doorbell)  # type: ignore[method-assign]
+        for step in ("issue", "finish", "fence", "extend"):    # the fast lane's steps (poller_native)
+            name = f"_native_{step}"
+            setattr(self, name, prof.wrap(f"native_{step}", getattr(self, name)))
         ex = self.executor
         ex._synchronize = prof.wrap("synchronize", ex._synchronize)  # type: ignore[method-assign]
 

@@ -11,7 +11,11 @@ under ``"profile"``:
 * ``cycle`` — a whole poller cycle that took descriptors (ring reads, statistics, IRQ
   settings, the batch); ``cycle - sum(op:*) - flush`` is the per-batch cost of the poller;
 * ``sleep`` — the poller asleep (need-wakeup set) until a doorbell, a request or its timeout;
-* ``doorbell`` — a DOORBELL write handled on the serve loop (its end: the poller was kicked).
+* ``doorbell`` — a DOORBELL write handled on the serve loop (its end: the poller was kicked);
+* ``native_issue`` / ``native_finish`` / ``native_fence`` / ``native_extend`` — the fast lane's
+  steps (:mod:`~vxpu.vfio_server.xpu.poller_native`): a C run and its accounting under the lock,
+  posting a group (its copies' wait included), a FENCE's native wait and completion, taking
+  the descriptors posted while copies wait.
 
 With ``VXPU_XPU_TRACE=FILE`` as well, the last :data:`TRACE_EVENTS` timed calls are kept as
 ``(key, start_ns, end_ns)`` on ``time.perf_counter_ns`` (CLOCK_MONOTONIC: the same clock in every
