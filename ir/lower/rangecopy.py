@@ -65,7 +65,7 @@ from llvmlite import ir
 from vxpu.ir.lower.bounds import aligned, in_bounds
 from vxpu.ir.lower.gpucheck import access_of
 from vxpu.ir.lower.hoist import proven_accesses
-from vxpu.ir.lower.versioning import _invariant, _natural_loop, _predecessors, find_counted_loops
+from vxpu.ir.lower.versioning import invariant, natural_loop, predecessors, find_counted_loops
 from vxpu.ir.model import Block, BlockParam, Kernel, OpResult, Param, Value
 from vxpu.ir.types import AddressSpace
 
@@ -105,12 +105,12 @@ class Loop:
 def find_loops(kernel: Kernel, order: list[Block]) -> list[Loop]:
     """The counted loops of ``kernel`` (blocks in reverse post-order ``order``)."""
     index = {id(b): i for i, b in enumerate(order)}
-    preds = _predecessors(order)
+    preds = predecessors(order)
     out: list[Loop] = []
     for h in order:
         latches = [p for p in preds[id(h)] if index[id(p)] >= index[id(h)]]
         if latches:
-            found = _match(h, _natural_loop(h, latches, preds), latches, preds, order)
+            found = _match(h, natural_loop(h, latches, preds), latches, preds, order)
             if found is not None:
                 out.append(found)
     return out
@@ -135,7 +135,7 @@ def _match(h: Block, loop: set[int], latches: list[Block], preds: dict[int, list
     if not (isinstance(cond, OpResult) and cond.op.opcode == "icmp" and cond.op.pred == "slt"):
         return None
     iv, bound = cond.op.operands
-    if not (isinstance(iv, BlockParam) and iv.block is h and _narrow(iv) and _invariant(bound, loop)):
+    if not (isinstance(iv, BlockParam) and iv.block is h and _narrow(iv) and invariant(bound, loop)):
         return None
     step: Value | None = None
     for latch in latches:
@@ -151,7 +151,7 @@ def _match(h: Block, loop: set[int], latches: list[Block], preds: dict[int, list
                 return None
             a, c = nxt.op.operands
             other = c if a is iv else a if c is iv else None
-            if other is None or not _invariant(other, loop) or (step is not None and other is not step):
+            if other is None or not invariant(other, loop) or (step is not None and other is not step):
                 return None
             step = other
     if step is None:

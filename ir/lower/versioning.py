@@ -41,7 +41,8 @@ class CountedLoop:
     escaping: list[Value] = field(default_factory=list)  # header values used after the loop
 
 
-def _predecessors(order: list[Block]) -> dict[int, list[Block]]:
+def predecessors(order: list[Block]) -> dict[int, list[Block]]:
+    """Each block's predecessors in ``order``, keyed by ``id(block)``."""
     preds: dict[int, list[Block]] = {id(b): [] for b in order}
     for b in order:
         for s in b.successor_blocks():
@@ -50,7 +51,8 @@ def _predecessors(order: list[Block]) -> dict[int, list[Block]]:
     return preds
 
 
-def _natural_loop(header: Block, latches: list[Block], preds: dict[int, list[Block]]) -> set[int]:
+def natural_loop(header: Block, latches: list[Block], preds: dict[int, list[Block]]) -> set[int]:
+    """The ``id``s of the blocks of the natural loop of ``header`` with back edges from ``latches``."""
     body = {id(header)}
     stack = [b for b in latches if id(b) != id(header)]
     for b in stack:
@@ -64,7 +66,8 @@ def _natural_loop(header: Block, latches: list[Block], preds: dict[int, list[Blo
     return body
 
 
-def _invariant(v: Value, loop: set[int]) -> bool:
+def invariant(v: Value, loop: set[int]) -> bool:
+    """Is ``v`` defined outside ``loop`` (block ``id``s), so the same on every iteration?"""
     if isinstance(v, OpResult):
         return v.op.block is not None and id(v.op.block) not in loop
     if isinstance(v, BlockParam):
@@ -75,13 +78,13 @@ def _invariant(v: Value, loop: set[int]) -> bool:
 def find_counted_loops(kernel: Kernel, order: list[Block]) -> list[CountedLoop]:
     """Every loop of ``kernel`` (blocks in reverse post-order ``order``) that can be versioned."""
     index = {id(b): i for i, b in enumerate(order)}
-    preds = _predecessors(order)
+    preds = predecessors(order)
     found: list[CountedLoop] = []
     for h in order:
         latches = [p for p in preds[id(h)] if index[id(p)] >= index[id(h)]]
         if not latches:
             continue
-        loop = _natural_loop(h, latches, preds)
+        loop = natural_loop(h, latches, preds)
         cl = _match(h, loop, latches, preds, index, order)
         if cl is not None:
             found.append(cl)
@@ -120,7 +123,7 @@ def _match(h: Block, loop: set[int], latches: list[Block], preds: dict[int, list
         return None
     iv, bound = cmp.operands
     if not isinstance(iv, BlockParam) or iv.block is not h or iv.type.name not in ("i8", "i16", "i32", "i64") \
-            or not _invariant(bound, loop):
+            or not invariant(bound, loop):
         return None
     cl = CountedLoop(h, blocks, outside_preds[0], exit_s.block, iv, bound, bound, cmp.pred == "slt")
     step: Value | None = None
@@ -136,7 +139,7 @@ def _match(h: Block, loop: set[int], latches: list[Block], preds: dict[int, list
                 return None
             a, c = nxt.op.operands
             other = c if a is iv else a if c is iv else None
-            if other is None or not _invariant(other, loop) or (step is not None and other is not step):
+            if other is None or not invariant(other, loop) or (step is not None and other is not step):
                 return None
             step = other
             cl.increments.add(id(nxt.op))
