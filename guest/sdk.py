@@ -67,6 +67,16 @@ def _host_mem(host: HostArray) -> DmaMemory:
     return host.mem
 
 
+def _post_pinned(ring: Ring, opcode: int, ptr: int, host: HostArray, n: int) -> None:
+    """Post a copy of ``n`` bytes between device address ``ptr`` and ``host``: one inline
+    segment when its memory is one contiguous run, else a scatter-gather list."""
+    address = host.address
+    if address is not None:
+        ring.post(opcode, ptr, sg_addr=address, sg_len=n)
+    else:
+        post_copy(ring, opcode, ptr, _host_mem(host), 0, n, waited=False)
+
+
 class Event:
     """A device timestamp (create with ``Device.event()``); ``record()`` it after some work."""
 
@@ -350,6 +360,21 @@ class Device:
             nbytes *= d
         return HostArray(self.transport.alloc_dma(max(1, nbytes)), dims, dt, itemsize, self.transport.free_dma)
 
+    def _ring_for(self, arr: DeviceArray) -> tuple[Ring, int]:
+        """The ring to post a copy of ``arr`` on, and ``arr``'s device address. A stale array
+        is reported first, as always, and again after a device state loss that
+        :meth:`live_ring` notices just now (only when it has work to do: one check otherwise).
+
+        Raises:
+            StaleHandle: ``arr`` is freed or from an earlier device state. DeviceError: the
+                device stopped.
+        """
+        ring = self.ring
+        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
+            _ = arr.ptr
+            ring = self.live_ring()
+        return ring, arr.ptr
+
     def copy_to_device(self, dst: DeviceArray, src: Any) -> None:
         """Copy ``src`` into ``dst``. From a HostArray the copy is only posted (the device may
         read the HostArray until the next :meth:`synchronize`; leave it unchanged till then);
@@ -361,20 +386,12 @@ class Device:
         if not isinstance(src, HostArray):
             self._upload(dst, src)
             return
-        ring = self.ring
-        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
-            _ = dst.ptr                       # a stale array is reported first, as always ...
-            ring = self.live_ring()
-        ptr = dst.ptr                         # ... and after a device state loss noticed just now
+        ring, ptr = self._ring_for(dst)
         n = src.nbytes
         if n != dst.nbytes:
             raise GuestError(f"copy of {n} bytes into a {dst.nbytes}-byte array")
         if n:
-            address = src.address
-            if address is not None:           # one contiguous run: one inline segment
-                ring.post(_HTOD, ptr, sg_addr=address, sg_len=n)
-            else:
-                post_copy(ring, _HTOD, ptr, _host_mem(src), 0, n, waited=False)
+            _post_pinned(ring, _HTOD, ptr, src, n)
 
     def _upload(self, dst: DeviceArray, src: Any, view: memoryview | None = None) -> None:
         """The staged half of :meth:`copy_to_device`: ``src`` (or ``view``, its bytes when the
@@ -385,11 +402,7 @@ class Device:
             GuestError: sizes differ, or ``src`` is no buffer. StaleHandle: ``dst`` is stale.
             DeviceError: a copy failed.
         """
-        ring = self.ring
-        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
-            _ = dst.ptr                       # as in copy_to_device
-            self.live_ring()
-        ptr = dst.ptr
+        _, ptr = self._ring_for(dst)
         if view is None:
             view = as_bytes(src)[0]
         if len(view) != dst.nbytes:
@@ -404,21 +417,13 @@ class Device:
         Raises:
             GuestError: sizes differ or ``dst`` is not writable. DeviceError: the copy failed.
         """
-        ring = self.ring
-        if ring is None or ring.faults != self._faults_seen or self.allocs.garbage:
-            _ = src.ptr                       # a stale array is reported first, as always ...
-            ring = self.live_ring()
-        ptr = src.ptr                         # ... and after a device state loss noticed just now
+        ring, ptr = self._ring_for(src)
         if isinstance(dst, HostArray):
             n = src.nbytes
             if dst.nbytes != n:
                 raise GuestError(f"copy of {n} bytes into {dst.nbytes} bytes")
             if n:
-                address = dst.address
-                if address is not None:       # one contiguous run: one inline segment
-                    ring.post(_DTOH, ptr, sg_addr=address, sg_len=n)
-                else:
-                    post_copy(ring, _DTOH, ptr, _host_mem(dst), 0, n, waited=False)
+                _post_pinned(ring, _DTOH, ptr, dst, n)
             if blocking:
                 ring.drain()
             return
