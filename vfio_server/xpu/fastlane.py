@@ -49,7 +49,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +75,8 @@ STOP_END, STOP_OTHER, STOP_MISS, STOP_ROOM, STOP_DRIVER, STOP_FENCE, STOP_SYNC_F
 
 STOP_NAMES = {STOP_END: "end", STOP_OTHER: "other", STOP_MISS: "plan_miss", STOP_ROOM: "queue_room",
               STOP_DRIVER: "driver_error", STOP_FENCE: "fence", STOP_SYNC_FIRST: "sync_first", STOP_FULL: "full"}
-_OP_NAMES = {int(op): op.name for op in abi.Opcode}
+_NAME_LAUNCH, _NAME_NOP, _NAME_HTOD, _NAME_DTOH = (abi.Opcode.LAUNCH.name, abi.Opcode.NOP.name,
+                                                  abi.Opcode.MEM_COPY_HTOD.name, abi.Opcode.MEM_COPY_DTOH.name)
 _HTOD, _DTOH, _LAUNCH, _NOP = (int(abi.Opcode.MEM_COPY_HTOD), int(abi.Opcode.MEM_COPY_DTOH),
                                int(abi.Opcode.LAUNCH), int(abi.Opcode.NOP))
 _u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
@@ -268,6 +269,7 @@ class FastLane:
         self._ctx = ctypes.c_void_p(ctx)
         self.batch = Batch()
         self._batch_ref = ctypes.addressof(self.batch)    # fl_run takes it as void*
+        self._geometry: tuple[Any, ...] = ()               # the rings the batch holds now
         self._plan_key = (-1, -1, -1)      # plan generation (unique per session), queue, executor drops
         self._ram_key: tuple[Any, ...] = ()
         self._alloc_key: tuple[Session | None, int] = (None, -1)
@@ -410,8 +412,11 @@ class FastLane:
         grows; ``b.takes[:b.ntakes]`` are the extra takes). The batch says how many and why it
         stopped."""
         b = self.batch
-        b.sq, b.cq, b.hdr = addrs
-        b.sq_mask, b.cq_mask, b.sq_entries = sq_mask, cq_mask, sq_entries
+        geometry = (addrs, sq_mask, cq_mask, sq_entries)
+        if geometry != self._geometry:      # the same queue: set once
+            b.sq, b.cq, b.hdr = addrs
+            b.sq_mask, b.cq_mask, b.sq_entries = sq_mask, cq_mask, sq_entries
+            self._geometry = geometry
         b.sq_head, b.cq_index, b.max, b.cq_room, b.reread = sq_head, cq_index, n, max(0, cq_room), int(reread)
         self.lib.fl_run(self._ctx, self._batch_ref)
         self.runs += 1
@@ -432,8 +437,14 @@ class FastLane:
         return [(b.tags[i], 0, 0, 0, b.ops[i], b.flags[i], b.ops[i] in (_HTOD, _DTOH))
                 for i in range(start, start + count)]
 
-    def command_counts(self) -> Sequence[tuple[str, int]]:
-        """``(opcode name, count)`` of the group's completions."""
+    def count_commands(self, commands: Counter[str]) -> None:
+        """Add the group's completions to ``commands`` (by opcode name, as DeviceStats counts)."""
         b = self.batch
-        counts = ((_LAUNCH, b.g_launches), (_NOP, b.g_nops), (_HTOD, b.g_htods), (_DTOH, b.g_dtohs))
-        return [(_OP_NAMES[op], n) for op, n in counts if n]
+        if b.g_launches:
+            commands[_NAME_LAUNCH] += b.g_launches
+        if b.g_nops:
+            commands[_NAME_NOP] += b.g_nops
+        if b.g_htods:
+            commands[_NAME_HTOD] += b.g_htods
+        if b.g_dtohs:
+            commands[_NAME_DTOH] += b.g_dtohs

@@ -94,9 +94,7 @@ class NativeLane:
         count its commands; :attr:`_native_posted` says so to the cycle."""
         b = lane.batch
         rings.publish(b.group)
-        commands = self.stats.commands
-        for name, got in lane.command_counts():
-            commands[name] += got
+        lane.count_commands(self.stats.commands)
         self._native_posted = True
 
     def _native_run(self, lane: FastLane, rings: Rings, addrs: tuple[int, int, int], queue: int, n: int,
@@ -188,9 +186,7 @@ class NativeLane:
                 for entry in held:
                     if entry[1]:
                         self.stats.errors[Status(entry[1]).name] += 1
-        commands = self.stats.commands
-        for name, got in lane.command_counts():
-            commands[name] += got
+        lane.count_commands(self.stats.commands)
         self._note_completions(n, b.irq & _DESC_IRQ, count)
         return True
 
