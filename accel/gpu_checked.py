@@ -5,6 +5,12 @@ that the host fills at every launch and the guest never sees:
 
 * ``(base: u64, length: u64)`` per pointer parameter — the buffer that pointer may reach (the
   session's :func:`vxpu.accel.backend.launch_bounds`, or the backend's own allocation);
+* ``(lo: i32, hi: i32)`` per pointer parameter and element size 1, 2, 4, 8
+  (:data:`WINDOW_SIZES`): the *element window* of that pointer, :func:`element_window` — the
+  i32 indices ``i`` for which an access of that size at ``P + size*i`` passes the general
+  check, as ``lo <= i <= hi`` (``(1, 0)``: none). Computed here from the pointer argument and
+  its bounds, so an access at ``offset P, i`` with a sign-extended index of at most 32 bits is
+  checked with two 32-bit compares (``vxpu.ir.lower.gpucheck``; docs/ir-lowering.md §7);
 * ``fault: u64`` — the device address of the context's fault record (:data:`RECORD_SIZE`
   bytes, zero while no thread has faulted): pinned host memory mapped into the device where the
   vendor offers it (CUDA), else device memory;
@@ -27,15 +33,56 @@ from collections.abc import Sequence
 
 from vxpu.accel.backend import BackendError, FaultRecord, KernelInfo, Status
 
-__all__ = ["MAX_LENGTH", "RECORD_SIZE", "CheckedArgs", "decode_record", "launch_info"]
+__all__ = ["EMPTY_WINDOW", "MAX_LENGTH", "RECORD_SIZE", "WINDOW_SIZES", "CheckedArgs", "decode_record",
+           "element_window", "launch_info"]
 
 #: The longest buffer a checked kernel's bounds may describe (``vxpu.ir.lower.gpucheck``).
 MAX_LENGTH = 1 << 62
+
+#: The element sizes that get a window per pointer parameter, in hidden-argument order.
+WINDOW_SIZES = (1, 2, 4, 8)
+#: The window that admits no index.
+EMPTY_WINDOW = (1, 0)
+_M64 = (1 << 64) - 1
+_I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
+
+
+def element_window(pointer: int, base: int, length: int, size: int) -> tuple[int, int]:
+    """``(lo, hi)``: the i32 indices ``i`` for which a ``size``-byte access at
+    ``pointer + size*i`` (mod 2^64) passes the general check against ``(base, length)``
+    (``off = addr - base`` mod 2^64 a multiple of ``size`` and ``off + size <= length``) are
+    exactly ``lo <= i <= hi``; :data:`EMPTY_WINDOW` when there is none.
+
+    With ``d = (pointer - base) mod 2^64``: ``off = d + size*i - k*2^64`` for the ``k`` that puts
+    it in ``[0, 2^64)``; since ``size*i`` lies in ``[-2^34, 2^34)``, ``k`` is -1, 0 or 1, and
+    ``k = -1`` (``d + size*i < 0``) gives ``off >= 2^64 - 2^34 > length``. Alignment: ``off``
+    is a multiple of ``size`` iff ``d`` is (``size`` divides 2^64), so a misaligned ``d``
+    admits nothing. Otherwise each ``k`` in (0, 1) admits the integers ``i`` with
+    ``k*2^64 - d <= size*i <= k*2^64 + length - size - d``, an interval; both cannot be
+    non-empty, since they lie ``2^64 - length > 2^34`` apart in ``d + size*i`` while ``length
+    <= MAX_LENGTH`` (the caller refuses longer). Clamped to the i32 range. The window is never
+    rounded: any index in it is in bounds, any outside it is not.
+    """
+    if length > MAX_LENGTH:
+        raise BackendError(Status.INVALID_ARGUMENT, "a buffer is longer than 2^62 bytes")
+    d = (pointer - base) & _M64
+    if length < size or d % size:
+        return EMPTY_WINDOW
+    for k in (0, 1):
+        lo = max(((k << 64) - d) // size, _I32_MIN)               # exact: size divides both
+        hi = min(((k << 64) + length - size - d) // size, _I32_MAX)   # floor
+        if lo <= hi:
+            return lo, hi
+    return EMPTY_WINDOW
+
 
 #: Bytes of the fault record (the layout is ``vxpu.ir.lower.gpu.FAULT_RECORD``).
 RECORD_SIZE = 64
 # claimed, code, origin, kernel_id: u32; offset: u64; block x/y/z, thread x/y/z: u32
 _RECORD = struct.Struct("<IIIIQ6I")
+
+
+_U64 = struct.Struct("<Q")
 
 
 def _hidden_start(info: KernelInfo) -> int:
@@ -47,10 +94,12 @@ def launch_info(info: KernelInfo) -> KernelInfo:
     alignment, so it matches the lowering's LLVM signature)."""
     start = _hidden_start(info)
     pairs = 2 * len(info.pointer_params)
-    sizes = info.param_sizes + (8,) * pairs + (8, 4)
-    offsets = info.param_offsets + tuple(start + 8 * k for k in range(pairs)) + (start + 8 * pairs,
-                                                                                 start + 8 * pairs + 8)
-    return KernelInfo(info.name, sizes, offsets, start + 8 * pairs + 12, info.static_shared_bytes,
+    windows = 2 * len(WINDOW_SIZES) * len(info.pointer_params)
+    record = start + 8 * pairs + 4 * windows          # a multiple of 8: windows come in eights
+    sizes = info.param_sizes + (8,) * pairs + (4,) * windows + (8, 4)
+    offsets = info.param_offsets + tuple(start + 8 * k for k in range(pairs)) \
+        + tuple(start + 8 * pairs + 4 * k for k in range(windows)) + (record, record + 8)
+    return KernelInfo(info.name, sizes, offsets, record + 12, info.static_shared_bytes,
                       info.checked, info.pointer_params)
 
 
@@ -62,18 +111,23 @@ class CheckedArgs:
         kernel_id: its index in the backend's kernel names (reported in the fault record).
     """
 
-    __slots__ = ("args_size", "count", "kernel_id", "offset", "struct")
+    __slots__ = ("args_size", "count", "kernel_id", "offset", "pointers", "struct")
 
     def __init__(self, info: KernelInfo, kernel_id: int) -> None:
         self.args_size = info.args_size
         self.count = len(info.pointer_params)
         self.offset = _hidden_start(info)
-        self.struct = struct.Struct("<" + "Q" * (2 * self.count) + "QI")
+        self.pointers = tuple(info.param_offsets[i] for i in info.pointer_params)
+        self.struct = struct.Struct("<" + "Q" * (2 * self.count) + "i" * (2 * len(WINDOW_SIZES) * self.count)
+                                    + "QI")
         self.kernel_id = kernel_id
 
     def fill(self, view: memoryview, args: bytes | memoryview, bounds: Sequence[tuple[int, int]],
              record: int) -> None:
-        """Copy ``args`` and the hidden arguments into ``view`` (the pack's storage).
+        """Copy ``args`` and the hidden arguments into ``view`` (the pack's storage): each
+        pointer parameter's bounds, each pointer's :func:`element_window` per size of
+        :data:`WINDOW_SIZES` (from the pointer in ``args`` and its bounds, nothing else the
+        guest sends), the record and the kernel id.
 
         Raises:
             BackendError: INVALID_ARGUMENT for a wrong argument size or bounds count.
@@ -88,7 +142,12 @@ class CheckedArgs:
             raise BackendError(Status.INVALID_ARGUMENT, "a buffer is longer than 2^62 bytes")
         view[:self.args_size] = args
         flat = [v for pair in bounds for v in pair]
-        self.struct.pack_into(view, self.offset, *flat, record, self.kernel_id)
+        windows: list[int] = []
+        for at, (base, length) in zip(self.pointers, bounds):
+            (pointer,) = _U64.unpack_from(args, at)
+            for size in WINDOW_SIZES:
+                windows += element_window(pointer, base, length, size)
+        self.struct.pack_into(view, self.offset, *flat, *windows, record, self.kernel_id)
 
 
 def decode_record(raw: bytes | bytearray, names: Sequence[str]) -> FaultRecord | None:

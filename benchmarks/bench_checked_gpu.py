@@ -92,6 +92,7 @@ VARIANTS: dict[str, dict[str, int | str]] = {
     "no_groups": {"group_checks": False},            # a check (and branch) per access
     "no_range_copy": {"range_copy": False},          # no range copy (rangecopy.py): session 3's start
     "no_exit_free": {"exit_free": False},            # range copy only by its own rule, not exit-free
+    "no_limits32": {"limits32": False},              # no host-filled element windows: 64-bit index checks
 }
 
 

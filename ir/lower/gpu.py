@@ -7,9 +7,11 @@ the entry block, pointers are byte pointers and offsets are (non-``inbounds``, w
 
 **Checked build** (the default; :mod:`vxpu.ir.lower.bounds`). After the IR parameters the
 kernel takes hidden ones, filled by the host at launch: ``(base: i64, length: i64)`` per
-pointer parameter, then ``fault: i8 addrspace(1)*`` (the context's fault record) and
-``kernel_id: i32``. Every load, store and atomic is checked against its own buffer (shared and
-local arrays against their declared size) and alignment; a violation — or ``trap`` — never
+pointer parameter, ``(lo: i32, hi: i32)`` per pointer parameter and element size 1, 2, 4, 8
+(the pointer's element window, :func:`vxpu.accel.gpu_checked.element_window`), then
+``fault: i8 addrspace(1)*`` (the context's fault record) and ``kernel_id: i32``. Every load,
+store and atomic is checked against its own buffer (shared and local arrays against their
+declared size) and alignment; a violation — or ``trap`` — never
 performs the access: the thread claims the record with a ``cmpxchg`` of its first word
 (0 → 1, so the first violation wins), writes :data:`FAULT_RECORD` fields and returns. The
 launch then completes normally (no sticky driver fault); the host reads the record. The
@@ -52,7 +54,7 @@ from vxpu.ir.lower.common import (
     reverse_postorder,
     scalar_type,
 )
-from vxpu.ir.lower.gpucheck import CheckGroups
+from vxpu.ir.lower.gpucheck import WINDOW_SIZES, CheckGroups
 from vxpu.ir.lower.toolchain import NVPTX_TRIPLE
 from vxpu.ir.model import Kernel, LocalArray, Module, Op, SharedArray
 from vxpu.ir.types import AddressSpace
@@ -87,6 +89,10 @@ class GpuHooks(TargetHooks):
     #: and which of its two exact forms ("dq": element index against d, q; "dl": byte offset).
     param_form_uses = 2
     param_form = "dq"
+    #: gpucheck's window form for ``offset P, i`` (``i`` at most 32 bits): ``lo <= i <= hi``
+    #: against the host-filled element window of (P, size) (before the two forms above), and
+    #: the range copy's test of such accesses against the window (:mod:`.rangecopy`).
+    limits32 = True
     #: Emit a second copy of kernels for blocks small enough to prove array accesses in
     #: bounds (:mod:`vxpu.ir.lower.tidrange`).
     block_version = True
@@ -103,6 +109,8 @@ class GpuHooks(TargetHooks):
         self.exit: FaultTarget | None = None
         #: parameter index -> (base, length) hidden parameters.
         self.param_bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
+        #: (parameter index, element size) -> its element window (lo, hi), i32 hidden parameters.
+        self.param_windows: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
         self.groups: CheckGroups | None = None
         #: id() of the array accesses proven in bounds in the copy being emitted (tidrange.py).
         self.assume_proven: set[int] = set()
@@ -242,8 +250,9 @@ class GpuHooks(TargetHooks):
     def lower_kernel(self, mod: ir.Module, kernel: Kernel) -> ir.Function:
         params = [kl_type for kl_type in (self._param_type(p.type) for p in kernel.params)]
         ptrs = [i for i, p in enumerate(kernel.params) if p.type.is_ptr]
+        nsizes = len(WINDOW_SIZES)
         if self.checked:
-            params += [I64, I64] * len(ptrs) + [I8.as_pointer(1), I32]
+            params += [I64, I64] * len(ptrs) + [I32, I32] * nsizes * len(ptrs) + [I8.as_pointer(1), I32]
         fn = ir.Function(mod, ir.FunctionType(VOID, params), name=kernel.name)
         self.kernel = kernel
         if self.checked:
@@ -251,6 +260,9 @@ class GpuHooks(TargetHooks):
             self.param_bounds = {i: (hidden[2 * k], hidden[2 * k + 1]) for k, i in enumerate(ptrs)}
             self.record, self.kernel_id = hidden[-2], hidden[-1]
             fn.args[len(fn.args) - 2].add_attribute("noalias")
+            wins = hidden[2 * len(ptrs):-2]
+            self.param_windows = {(i, size): (wins[2 * (nsizes * k + n)], wins[2 * (nsizes * k + n) + 1])
+                                  for k, i in enumerate(ptrs) for n, size in enumerate(WINDOW_SIZES)}
         self.mark_kernel(fn)
         entry = fn.append_basic_block("entry")
         b = ir.IRBuilder(entry)
@@ -287,7 +299,7 @@ class GpuHooks(TargetHooks):
                 b = ir.IRBuilder(check)
             leaves = rangecopy.Leaves(list(fn.args),
                                       lambda eb, opcode, dim: self.geometry(_Emitter(eb, mod), opcode, dim),  # type: ignore[arg-type]
-                                      self.param_bounds)
+                                      self.param_bounds, self.param_windows if self.limits32 else None)
             go = ranged.emit(b, leaves)
         b.cbranch(go, fast, general)
         proven = proven | rangecopy.direct_array_accesses(kernel)

@@ -61,7 +61,11 @@ I1 = ir.IntType(1)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 
-__all__ = ["CheckGroups", "access_of"]
+__all__ = ["WINDOW_SIZES", "CheckGroups", "access_of"]
+
+#: The element sizes with a host-filled window per pointer parameter, in hidden-argument order
+#: (``vxpu.accel.gpu_checked.WINDOW_SIZES``).
+WINDOW_SIZES = (1, 2, 4, 8)
 
 def access_of(op: Op) -> tuple[Value, int] | None:
     """``(pointer, size)`` of a load, store or atomic; None for other ops."""
@@ -158,7 +162,8 @@ class CheckGroups:
         pv, size = acc
         space = pv.type.space
         assert space is not None
-        form = self._array_index(kl, pv, size) or self._param_index(kl, pv, size)
+        form = self._array_index(kl, pv, size) or self._param_window(kl, pv, size) \
+            or self._param_index(kl, pv, size)
         if form is not None:
             return form
         base, length, origin = kl.bounds_of(pv)
@@ -195,6 +200,27 @@ class CheckGroups:
         off = kl.b.mul(kl.b.sext(i, I64), ir.Constant(I64, size))
         code = FAULT_SHARED if form[0].op.opcode == "shared_addr" else FAULT_LOCAL
         return _Member(ok, code, i32(origin), off, size, False)
+
+    def _param_window(self, kl: KernelLowering, pv: Value, size: int) -> _Member | None:
+        """``lo <= sext(i) <= hi`` (i32) for ``offset P, i : T``, sizeof(T) = ``size``, ``P`` a
+        pointer parameter, ``i`` at most 32 bits: ``(lo, hi)`` is the host-filled element window
+        of (P, size), the i32 indices the general check admits (exact, see the module docstring)."""
+        if not self.hooks.limits32:
+            return None
+        form = self._narrow_offset(pv, size)
+        if form is None or not isinstance(form[0], Param):
+            return None
+        window = self.hooks.param_windows.get((form[0].index, size))
+        if window is None:
+            return None
+        lo, hi = window
+        i = self._index32(kl, form[1])
+        ok = kl.b.and_(kl.b.icmp_signed(">=", i, lo), kl.b.icmp_signed("<=", i, hi))
+        space = form[0].type.space
+        assert space is not None
+        base, _ = self.hooks.param_bounds[form[0].index]
+        off = kl.b.sub(kl.b.ptrtoint(kl.get(pv), I64), base)
+        return _Member(ok, space_fault(space), i32(form[0].index), off, size, size > 1)
 
     def _param_index(self, kl: KernelLowering, pv: Value, size: int) -> _Member | None:
         if not (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.type is not None

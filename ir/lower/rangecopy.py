@@ -43,7 +43,14 @@ tested to fit its type), ``off_lo = P - base + B.lo`` and ``off_hi = P - base + 
 (:func:`~vxpu.ir.lower.bounds.in_bounds`, ``off_hi + size <= length``): ``off_hi = off_lo +
 (B.hi - B.lo)`` does not wrap (``off_lo < 2^63``, ``B.hi - B.lo < 2^40``), so every offset the
 access takes lies in ``[0, off_hi]`` and ends within the buffer, and each is ``off_lo`` plus a
-multiple of the access size, so aligned.
+multiple of the access size, so aligned. With host-filled *element windows* (GPU: ``P``'s
+window for the access size, :func:`vxpu.accel.gpu_checked.element_window` — exactly the i32
+indices ``i`` for which an access at ``P + size*i`` passes the general check, an interval)
+the test is instead ``w.lo <= E.lo`` and ``E.hi <= w.hi`` for the element index ``E = sum
+(size_k/size) * i_k`` (exact in i64: each index is tested to fit its type): the access is at
+``P + size*E`` (mod 2^64) with ``E`` an i32 value in the window, so it passes the general
+check. Two compares instead of the offset arithmetic; it fails (the general copy runs) only
+where ``E`` may leave the i32 range, i.e. buffers of 2^31 elements or more.
 
 **Which accesses, which kernels.** Global and constant accesses in the form above whose leaves
 are all known (a loaded value, a phi that is not a counted loop's counter, a counter read
@@ -65,7 +72,7 @@ from llvmlite import ir
 from vxpu.ir.lower.bounds import aligned, in_bounds
 from vxpu.ir.lower.gpucheck import access_of
 from vxpu.ir.lower.hoist import proven_accesses
-from vxpu.ir.lower.versioning import invariant, natural_loop, predecessors, find_counted_loops
+from vxpu.ir.lower.versioning import find_counted_loops, invariant, natural_loop, predecessors
 from vxpu.ir.model import Block, BlockParam, Kernel, OpResult, Param, Value
 from vxpu.ir.types import AddressSpace
 
@@ -196,8 +203,11 @@ class Leaves:
     """What the entry test reads: the kernel's arguments, the geometry and the hidden bounds."""
 
     def __init__(self, args: list[ir.Value], geometry: Callable[[ir.IRBuilder, str, str], ir.Value],
-                 bounds: dict[int, tuple[ir.Value, ir.Value]]) -> None:
+                 bounds: dict[int, tuple[ir.Value, ir.Value]],
+                 windows: dict[tuple[int, int], tuple[ir.Value, ir.Value]] | None = None) -> None:
         self.args, self.geometry, self.bounds = args, geometry, bounds
+        #: (parameter, element size) -> the host-filled element window (lo, hi) (i32 values).
+        self.windows = windows or {}
 
 
 @dataclass
@@ -217,6 +227,21 @@ class RangePlan:
         self._emitted, self._ok, self._fitted = {}, [], set()
         dists: dict[int, ir.Value] = {}                   # P - base per pointer parameter
         for acc in self.accesses.values():
+            window = leaves.windows.get((acc.param, acc.size))
+            if window is not None and all(esize % acc.size == 0 for esize, _ in acc.terms):
+                # the element index E = sum (esize/size)*i_k lies in [elo, ehi] (exact in i64);
+                # the window (the i32 indices the general check admits at P, an interval)
+                # containing it proves every access (module docstring)
+                elo: ir.Value = ir.Constant(I64, 0)
+                ehi: ir.Value = ir.Constant(I64, 0)
+                for esize, node in acc.terms:
+                    lo, hi = self._emit(b, leaves, node)
+                    self._fit(b, node, lo, hi)            # offset sign-extends its index
+                    m = ir.Constant(I64, esize // acc.size)
+                    elo, ehi = b.add(elo, b.mul(lo, m)), b.add(ehi, b.mul(hi, m))
+                wlo, whi = (b.sext(w, I64) for w in window)
+                self._ok.append(b.and_(b.icmp_signed("<=", wlo, elo), b.icmp_signed("<=", ehi, whi)))
+                continue
             blo: ir.Value = ir.Constant(I64, 0)
             bhi: ir.Value = ir.Constant(I64, 0)
             for esize, node in acc.terms:

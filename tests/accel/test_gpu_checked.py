@@ -15,32 +15,42 @@ from vxpu.ir.lower.gpu import FAULT_RECORD, FAULT_RECORD_SIZE
 SAXPY = KernelInfo("saxpy", (4, 4, 8, 8), (0, 4, 8, 16), 24, 0, True, (2, 3))
 
 
-def test_launch_info_appends_bounds_record_and_kernel_id():
+def test_launch_info_appends_bounds_record_kernel_id_and_windows():
     full = gpu_checked.launch_info(SAXPY)
-    assert full.param_sizes == (4, 4, 8, 8, 8, 8, 8, 8, 8, 4)
-    assert full.param_offsets == (0, 4, 8, 16, 24, 32, 40, 48, 56, 64)
-    assert full.args_size == 68          # where the last parameter ends, as the hsaco metadata says
+    assert full.param_sizes == (4, 4, 8, 8, 8, 8, 8, 8) + (4,) * 16 + (8, 4)
+    assert full.param_offsets == (0, 4, 8, 16, 24, 32, 40, 48) + tuple(range(56, 120, 4)) + (120, 128)
+    assert full.args_size == 132         # where the last parameter ends, as the hsaco metadata says
 
 
 def test_odd_guest_size_is_padded_to_eight():
     info = KernelInfo("k", (4, 8), (0, 8), 16, 0, True, (1,))
     one = KernelInfo("k1", (4,), (0,), 4, 0, True, ())
-    assert gpu_checked.launch_info(info).param_offsets[2:] == (16, 24, 32, 40)
+    assert gpu_checked.launch_info(info).param_offsets[2:4] == (16, 24)
+    assert gpu_checked.launch_info(info).param_offsets[-2:] == (64, 72)
+    assert gpu_checked.launch_info(info).args_size == 76
     assert gpu_checked.launch_info(one).param_offsets == (0, 8, 16) and gpu_checked.launch_info(one).args_size == 20
 
 
 def test_fill_writes_guest_and_hidden_arguments():
     pack = ArgPack(gpu_checked.launch_info(SAXPY))
     guard = gpu_checked.CheckedArgs(SAXPY, kernel_id=7)
-    args = struct.pack("<ifQQ", 10, 2.0, 0x1000, 0x2000)
+    args = struct.pack("<ifQQ", 10, 2.0, 0x1008, 0x2000)
     guard.fill(pack.view, args, [(0x1000, 40), (0, 0)], 0xABC000)
     raw = bytes(pack.view)
     assert raw[:24] == args
-    assert struct.unpack_from("<QQQQQI", raw, 24) == (0x1000, 40, 0, 0, 0xABC000, 7)
+    assert struct.unpack_from("<QQQQ", raw, 24) == (0x1000, 40, 0, 0)
+    # x = base + 8 in 40 bytes: bytes -8..31, halves -4..15, words -2..7, dwords -1..3; y: none
+    assert struct.unpack_from("<16i", raw, 56) == (-8, 31, -4, 15, -2, 7, -1, 3) + (1, 0) * 4
+    assert struct.unpack_from("<QI", raw, 120) == (0xABC000, 7)
     with pytest.raises(BackendError):
         guard.fill(pack.view, args, [(0x1000, 40)], 0)
     with pytest.raises(BackendError):
         guard.fill(pack.view, args[:-1], [(0x1000, 40), (0, 0)], 0)
+
+
+def test_window_sizes_match_the_lowering():
+    from vxpu.ir.lower.gpucheck import WINDOW_SIZES
+    assert gpu_checked.WINDOW_SIZES == WINDOW_SIZES
 
 
 def test_record_layout_matches_the_lowering():

@@ -80,31 +80,38 @@ def _kernel(rng: random.Random) -> Module:
 class _Jit:
     """The plan's entry test as a host function: (n, p, a, base, length, bid, bdim, gdim) -> ok."""
 
-    def __init__(self, plan: rangecopy.RangePlan) -> None:
+    def __init__(self, plan: rangecopy.RangePlan, windows: bool = False) -> None:
         llvm = llvm_binding()
         mod = ir.Module("rt")
         mod.triple = llvm.get_process_triple()
-        fnty = ir.FunctionType(I32, [I32, I32, I64, I64, I64] + [I32] * 9)
+        fnty = ir.FunctionType(I32, [I32, I32, I64, I64, I64] + [I32] * 9 + [I32, I32])
         fn = ir.Function(mod, fnty, "ok")
         n, p, a, base, length, *geo = fn.args
+        wlo, whi = geo[-2:]
         b = ir.IRBuilder(fn.append_basic_block("e"))
         a_ptr = b.inttoptr(a, ir.IntType(8).as_pointer(1))
         names = {(o, d): geo[3 * k + "xyz".index(d)] for k, o in enumerate(("block_id", "block_dim", "grid_dim"))
                  for d in "xyz"}
-        leaves = rangecopy.Leaves([n, p, a_ptr], lambda _b, opcode, dim: names[(opcode, dim)], {2: (base, length)})
+        # with windows: a's f32 element window as the host fills it (gpu_checked.element_window)
+        leaves = rangecopy.Leaves([n, p, a_ptr], lambda _b, opcode, dim: names[(opcode, dim)], {2: (base, length)},
+                                  {(2, 4): (wlo, whi)} if windows else None)
         b.ret(b.zext(plan.emit(b, leaves), I32))
         target = llvm.Target.from_default_triple().create_target_machine()
         self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(mod)), target)
         self.engine.finalize_object()
         self.fn = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int32] * 2, *[ctypes.c_uint64] * 3,
-                                   *[ctypes.c_int32] * 9)(self.engine.get_function_address("ok"))
+                                   *[ctypes.c_int32] * 11)(self.engine.get_function_address("ok"))
 
     def __call__(self, n: int, p: int, a: int, base: int, length: int, bid: int, block: tuple[int, int],
                  grid: int) -> bool:
-        return bool(self.fn(n, p, a, base, length, bid, 0, 0, block[0], block[1], 1, grid, 1, 1))
+        from vxpu.accel.gpu_checked import element_window
+        wlo, whi = element_window(a, base, length, 4)
+        return bool(self.fn(n, p, a, base, length, bid, 0, 0, block[0], block[1], 1, grid, 1, 1, wlo, whi))
 
 
-def test_random_kernels_run_without_fault_whenever_the_entry_test_holds() -> None:
+@pytest.mark.parametrize("windows", [False, True])
+def test_random_kernels_run_without_fault_whenever_the_entry_test_holds(windows: bool) -> None:
+    """(windows: the access is tested against a's host-filled element window)"""
     rng = random.Random(20261202)
     proven = held = 0
     for case in range(400):
@@ -114,7 +121,7 @@ def test_random_kernels_run_without_fault_whenever_the_entry_test_holds() -> Non
         if plan is None:
             continue
         proven += 1
-        jit = _Jit(plan)
+        jit = _Jit(plan, windows)
         for _ in range(3):
             n, p = rng.choice([rng.randrange(-2, 12), rng.choice(BIG)]), rng.choice(BIG[:5] + [rng.randrange(-4, 9)])
             count = rng.randrange(0, 300)
@@ -158,10 +165,12 @@ def _eval(v, env: dict) -> int:  # type: ignore[no-untyped-def]
     return _wrap({"add": args[0] + args[1], "sub": args[0] - args[1], "mul": args[0] * args[1]}[name])
 
 
-def test_random_kernels_huge_buffers_every_access_in_bounds_whenever_the_test_holds() -> None:
+@pytest.mark.parametrize("windows", [False, True])
+def test_random_kernels_huge_buffers_every_access_in_bounds_whenever_the_test_holds(windows: bool) -> None:
     """The same kernels against buffers up to 2^36 bytes (pointers anywhere inside), checked by
     evaluating every thread's every iteration directly with i32 wrapping: a wrapped index that
-    the test's exact intervals would place in bounds must still fail the test."""
+    the test's exact intervals would place in bounds must still fail the test (windows: the
+    access tested against a's host-filled element window)."""
     rng = random.Random(6)
     held = 0
     for _ in range(300):
@@ -170,7 +179,7 @@ def test_random_kernels_huge_buffers_every_access_in_bounds_whenever_the_test_ho
         plan = rangecopy.plan(kernel, reverse_postorder(kernel), every=True)
         if plan is None:
             continue
-        jit = _Jit(plan)
+        jit = _Jit(plan, windows)
         body = kernel.blocks[2]
         load = next(op for op in body.ops if op.opcode == "load")
         idx = load.operands[0].op.operands[1]
@@ -251,9 +260,13 @@ def test_nvptx_tests_every_global_buffer_at_entry(name: str, params: tuple[int, 
     check = body[body.index("range.check:"):]
     check = check[:re.search(r"\n[\w.\"]+:", check).start()]   # up to the next block's label
     nargs = len(mod.kernels[0].params)
+    nptr = len(params)
     for k, index in enumerate(params):
+        # its length (the offset form), or its f32 element window (lo, hi: sign-extended)
         length = f'%".{nargs + 2 * k + 2}"'
-        assert re.search(r"icmp ult i64 %[\w.\"]+, " + re.escape(length), check), (index, length)
+        lo, hi = (f'%".{nargs + 2 * nptr + 8 * k + 5 + d}"' for d in (0, 1))
+        assert re.search(r"icmp ult i64 %[\w.\"]+, " + re.escape(length), check) \
+            or (f"sext i32 {lo} to i64" in check and f"sext i32 {hi} to i64" in check), (index, length)
     without = _without_range_copy(mod)
     start = without.index(f'define ptx_kernel void @"{kname}"') if f'@"{kname}"' in without else without.index(f"@{kname}(")
     general = without[start:without.index("\n}\n", start)]

@@ -116,7 +116,8 @@ class FakeDevice:
         self.log.append(("launch", info.name, dims, shared, stream, self._normal(info, params)))
         if info.name == "inc":
             ptr, value = struct.unpack_from("<QI", params, 0)
-            base, length, record = struct.unpack_from("<QQQ", params, info.param_offsets[2])
+            base, length = struct.unpack_from("<QQ", params, info.param_offsets[2])
+            (record,) = struct.unpack_from("<Q", params, info.param_offsets[-2])     # the last two: record, kernel id
 
             def run() -> None:
                 if base <= ptr and ptr + 4 <= base + length:

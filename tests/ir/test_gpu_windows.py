@@ -1,0 +1,335 @@
+"""Host-filled element windows (ir-lowering §7, "Element windows"): exact, through the fill.
+
+A checked GPU kernel checks an access at ``offset P, i : T`` (``P`` a pointer parameter,
+sizeof(T) the access size, ``i`` at most 32 bits) as ``lo <= sext32(i) <= hi``, where ``(lo,
+hi)`` is the window ``gpu_checked.CheckedArgs.fill`` computed for (P, size) from the pointer
+argument and its bounds. Here the window, read back from the packed buffer the fill wrote, and
+the very instructions ``CheckGroups._param_window`` emits (compiled for the host with
+llvmlite's MCJIT) must admit exactly the indices the general check admits — ``off = P +
+size*i - base (mod 2^64)`` a multiple of ``size`` with ``off + size <= length`` — over the
+edges: indices around 0, -1, 2^31 - 1, -2^31 and the window's own ends, pointers before, at,
+inside, at the end of and past their buffer, misaligned, lengths near 2^31 and 2^32 elements
+and the host limit 2^62, bases near 0 and 2^64. Deliberately wrong windows (off by one, no
+clamp to i32, no pointer offset, no alignment, no wrap) fail the same comparison. The
+interpreter (which checks every access against the allocation containing its pointer, as
+the session fills bounds) faults exactly outside the window.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import struct
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import llvmlite.binding as llvm
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from llvmlite import ir
+from vxpu.accel import gpu_checked
+from vxpu.accel.backend import KernelInfo
+from vxpu.accel.gpu_checked import EMPTY_WINDOW, MAX_LENGTH, WINDOW_SIZES, CheckedArgs, element_window
+from vxpu.ir.builder import KernelBuilder
+from vxpu.ir.interp import InterpFault, Memory, run_kernel
+from vxpu.ir.lower.gpucheck import CheckGroups
+from vxpu.ir.model import Module
+from vxpu.ir.types import f32, f64, i8, i16, i32, ptr_global
+
+M64 = (1 << 64) - 1
+I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
+I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
+_TYPES = {1: i8, 2: i16, 4: f32, 8: f64}
+_keep: list[object] = []
+
+
+def general_ok(pointer: int, base: int, length: int, size: int, i: int) -> bool:
+    """The general check (bounds.check_access) of a ``size``-byte access at ``P + size*i``."""
+    off = (pointer + size * i - base) & M64
+    return off & (size - 1) == 0 and (off + size - 1) & M64 < length
+
+
+Window = Callable[[int, int, int, int], tuple[int, int]]
+
+
+def _filled(pointer: int, base: int, length: int) -> dict[int, tuple[int, int]]:
+    """The windows of one pointer parameter as CheckedArgs.fill packs them (size -> (lo, hi))."""
+    info = KernelInfo("k", (8,), (0,), 8, 0, True, (0,))
+    full = gpu_checked.launch_info(info)
+    buf = bytearray(full.args_size)
+    CheckedArgs(info, 0).fill(memoryview(buf), struct.pack("<Q", pointer), [(base, length)], 0xF000)
+    raw = struct.unpack_from(f"<{2 * len(WINDOW_SIZES)}i", buf, full.param_offsets[3])
+    assert full.param_offsets[1:3] == (8, 16) and full.param_offsets[-2:] == (56, 64)
+    return {size: (raw[2 * n], raw[2 * n + 1]) for n, size in enumerate(WINDOW_SIZES)}
+
+
+def _lengths(size: int) -> list[int]:
+    out = {0, 1, size - 1, size, size + 1, 40, 4096, MAX_LENGTH, MAX_LENGTH - 1, MAX_LENGTH - size}
+    for e in (31, 32, 33):
+        for k in (-1, 0, 1):
+            out.add(size * ((1 << e) + k))
+    return sorted(v for v in out if 0 <= v <= MAX_LENGTH)
+
+
+def _dists(size: int, length: int) -> list[int]:
+    out = {0, 1, size - 1, size, -size, 3 * size, length, length - size, length + size, length - 1,
+           size << 31, (size << 31) - size, size << 32, -(size << 31), -(size << 31) - size, -(size << 32),
+           1 << 62, -(1 << 62), 1 << 63, (1 << 63) - size, (1 << 62) + size}
+    return sorted(out)
+
+
+def _indices(window: tuple[int, int], size: int, dist: int, length: int) -> set[int]:
+    out = {0, -1, 1, I32_MAX, I32_MIN, I32_MAX - 1, I32_MIN + 1}
+    for v in (*window, -dist // size, (length - dist) // size):
+        out |= {v - 1, v, v + 1}
+    return {v for v in out if I32_MIN <= v <= I32_MAX}
+
+
+_BASES = (0, 8, 0x1000, 1 << 63, (1 << 64) - 64)
+
+
+def _cases(size: int):  # type: ignore[no-untyped-def]
+    for base in _BASES:
+        for length in _lengths(size):
+            for dist in _dists(size, length):
+                yield (base + dist) & M64, base, length
+
+
+def _mismatches(window: Window, size: int, limit: int = 5) -> list[tuple[int, ...]]:
+    bad: list[tuple[int, ...]] = []
+    for pointer, base, length in _cases(size):
+        lo, hi = window(pointer, base, length, size)
+        for i in _indices((lo, hi), size, (pointer - base) & M64, length) \
+                | _indices((lo, hi), size, (pointer - base) - (1 << 64), length):
+            if (lo <= i <= hi) != general_ok(pointer, base, length, size, i):
+                bad.append((pointer, base, length, size, i, lo, hi))
+                if len(bad) >= limit:
+                    return bad
+    return bad
+
+
+@pytest.mark.parametrize("size", WINDOW_SIZES)
+def test_the_window_admits_exactly_what_the_general_check_admits(size: int) -> None:
+    assert _mismatches(element_window, size) == []
+
+
+def test_the_fill_packs_each_sizes_window() -> None:
+    for pointer, base, length in ((0x1008, 0x1000, 40), (0x1002, 0x1000, 40), (0x2000, 0x1000, 8),
+                                  (0, 0, 0), (0x1000 + (4 << 31), 0x1000, 4 << 32)):
+        assert _filled(pointer, base, length) == {s: element_window(pointer, base, length, s)
+                                                  for s in WINDOW_SIZES}
+    assert _filled(0x1008, 0x1000, 40)[4] == (-2, 7)          # an offset pointer reaches back
+    assert _filled(0x1002, 0x1000, 40)[4] == EMPTY_WINDOW     # misaligned: nothing (the cold side says so)
+    assert _filled(0x1002, 0x1000, 40)[2] == (-1, 18)
+    assert _filled(0x1000 + (4 << 31), 0x1000, 4 << 32)[4] == (I32_MIN, I32_MAX)   # every i32 index
+
+
+# -- deliberately wrong windows: the comparison above must catch each -----------------------------
+
+def _off_by_one(p: int, b: int, n: int, s: int) -> tuple[int, int]:
+    lo, hi = element_window(p, b, n, s)
+    return (lo, hi + 1) if lo <= hi < I32_MAX else (lo, hi)
+
+
+def _one_short(p: int, b: int, n: int, s: int) -> tuple[int, int]:
+    lo, hi = element_window(p, b, n, s)
+    return (lo, hi - 1) if lo <= hi else (lo, hi)
+
+
+def _no_clamp(p: int, b: int, n: int, s: int) -> tuple[int, int]:
+    """The unclamped bounds, truncated to i32 as a naive pack would."""
+    d = (p - b) & M64
+    if n < s or d % s:
+        return EMPTY_WINDOW
+    lo, hi = -d // s, (n - s - d) // s
+    def wrap(v: int) -> int:
+        return ((v + (1 << 31)) & M64 & 0xFFFFFFFF) - (1 << 31)
+    return wrap(lo), wrap(hi)
+
+
+def _from_zero(p: int, b: int, n: int, s: int) -> tuple[int, int]:
+    """``min(elements that fit from the pointer, 2^31)`` as a limit on ``(u32) i``."""
+    d = (p - b) & M64
+    if n < s or d % s or d > n:
+        return EMPTY_WINDOW
+    return 0, min((n - d) // s, 1 << 31) - 1
+
+
+def _no_alignment(p: int, b: int, n: int, s: int) -> tuple[int, int]:
+    d = (p - b) & M64
+    lo, hi = -(d // s), (n - s - d) // s
+    return (max(lo, I32_MIN), min(hi, I32_MAX)) if n >= s and max(lo, I32_MIN) <= min(hi, I32_MAX) else EMPTY_WINDOW
+
+
+def _no_wrap(p: int, b: int, n: int, s: int) -> tuple[int, int]:
+    """Only ``k = 0``: a pointer just below its base (``d`` near 2^64) gets nothing."""
+    d = (p - b) & M64
+    if n < s or d % s:
+        return EMPTY_WINDOW
+    lo, hi = max(-d // s, I32_MIN), min((n - s - d) // s, I32_MAX)
+    return (lo, hi) if lo <= hi else EMPTY_WINDOW
+
+
+@pytest.mark.parametrize("wrong", [_off_by_one, _one_short, _no_clamp, _from_zero, _no_alignment, _no_wrap])
+def test_a_wrong_window_is_caught(wrong: Window) -> None:
+    assert any(_mismatches(wrong, size, limit=1) for size in WINDOW_SIZES), wrong.__name__
+
+
+@settings(max_examples=300, deadline=None)
+@given(size=st.sampled_from(WINDOW_SIZES), base=st.integers(0, (M64 >> 3)).map(lambda v: v << 3),
+       dist=st.one_of(st.integers(-(1 << 36), 1 << 36), st.integers(-(1 << 63), M64)),
+       length=st.one_of(st.integers(0, 1 << 12), st.integers(0, 1 << 36), st.integers(0, MAX_LENGTH)),
+       i=st.integers(I32_MIN, I32_MAX))
+def test_random_windows_match_the_general_check(size: int, base: int, dist: int, length: int, i: int) -> None:
+    pointer = (base + dist) & M64
+    lo, hi = element_window(pointer, base, length, size)
+    assert (lo <= i <= hi) == general_ok(pointer, base, length, size, i)
+    for j in (lo - 1, lo, hi, hi + 1):               # its edges too, when they are i32 indices
+        if I32_MIN <= j <= I32_MAX:
+            assert (lo <= j <= hi) == general_ok(pointer, base, length, size, j)
+
+
+def test_a_length_past_the_host_limit_is_refused() -> None:
+    from vxpu.accel.backend import BackendError
+    with pytest.raises(BackendError):
+        element_window(0, 0, MAX_LENGTH + 1, 4)
+
+
+# -- the emitted check, compiled for the host ------------------------------------------------------
+
+def _window_check(size: int, index_type):  # type: ignore[no-untyped-def]
+    """``ok(lo, hi, i)`` compiled from the check ``_param_window`` emits for a ``size``-byte
+    load at ``offset P, i``."""
+    kb = KernelBuilder("k", [("P", ptr_global), ("i", index_type)])
+    p, i = kb.params
+    kb.set_block(kb.block("e"))
+    pv = kb.offset(p, i, _TYPES[size])
+    kb.load(pv, _TYPES[size])
+    kb.ret()
+    kernel = kb.finish()
+    mod = ir.Module("windows")
+    mod.triple = llvm.get_process_triple()
+    ity = ir.IntType(index_type.bits)
+    fn = ir.Function(mod, ir.FunctionType(I1, [I32, I32, ity]), "ok")
+    a_lo, a_hi, a_i = fn.args
+    b = ir.IRBuilder(fn.append_basic_block("entry"))
+    ptr = ir.IntType(8).as_pointer(1)
+    values = {p: ir.Constant(ptr, None), i: a_i, pv: ir.Constant(ptr, None)}
+    hooks = SimpleNamespace(limits32=True, param_windows={(0, size): (a_lo, a_hi)},
+                            param_bounds={0: (ir.Constant(I64, 0), ir.Constant(I64, 0))})
+    kl = SimpleNamespace(fn=fn, b=b, values=values, get=values.__getitem__, kernel=kernel)
+    member = CheckGroups(hooks)._param_window(kl, pv, size)   # type: ignore[arg-type]
+    assert member is not None, "the window form did not apply"
+    kl.b.ret(member.ok)
+    llvm.initialize_native_target()
+    llvm.initialize_native_asmprinter()
+    parsed = llvm.parse_assembly(str(mod))
+    parsed.verify()
+    engine = llvm.create_mcjit_compiler(parsed, llvm.Target.from_default_triple().create_target_machine())
+    engine.finalize_object()
+    _keep.append(engine)
+    ctype = {8: ctypes.c_int8, 16: ctypes.c_int16, 32: ctypes.c_int32}[index_type.bits]
+    proto = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_int32, ctypes.c_int32, ctype)
+    return proto(engine.get_function_address("ok"))
+
+
+@pytest.mark.parametrize("size", WINDOW_SIZES)
+def test_the_emitted_check_with_the_filled_window_is_the_general_check(size: int) -> None:
+    ok = _window_check(size, i32)
+    bad = []
+    for base in (0x1000, (1 << 64) - 64):
+        for length in _lengths(size):
+            for dist in _dists(size, length):
+                pointer = (base + dist) & M64
+                lo, hi = _filled(pointer, base, length)[size]
+                for i in _indices((lo, hi), size, (pointer - base) & M64, length) \
+                        | _indices((lo, hi), size, dist, length):
+                    if ok(lo, hi, i) != general_ok(pointer, base, length, size, i):
+                        bad.append((pointer, base, length, i))
+    assert bad == []
+
+
+def test_narrow_indices_are_sign_extended() -> None:
+    ok = _window_check(4, i16)
+    lo, hi = element_window(0x1000 + 4 * 100, 0x1000, 4 * 200, 4)          # indices -100..99
+    for i in (-32768, -101, -100, -1, 0, 99, 100, 32767):
+        assert ok(lo, hi, i) == general_ok(0x1000 + 400, 0x1000, 800, 4, i) == (-100 <= i <= 99)
+    ok8 = _window_check(1, i8)
+    lo, hi = element_window(0x1000 + 10, 0x1000, 20, 1)                      # -10..9
+    for i in range(-128, 128):
+        assert ok8(lo, hi, i) == (-10 <= i <= 9)
+
+
+# -- the interpreter agrees ------------------------------------------------------------------------
+
+def _load_kernel(size: int) -> Module:
+    t = _TYPES[size]
+    kb = KernelBuilder("k", [("p", ptr_global), ("i", i32), ("out", ptr_global)])
+    p, i, out = kb.params
+    kb.set_block(kb.block("e"))
+    kb.store(kb.load(kb.offset(p, i, t), t), kb.offset(out, kb.const(0, i32), t))
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+@pytest.mark.parametrize("size", WINDOW_SIZES)
+def test_the_interpreter_faults_exactly_outside_the_filled_window(size: int) -> None:
+    module = _load_kernel(size)
+    mem = Memory(1 << 21)
+    buf = mem.upload(np.zeros(64, np.uint8))
+    out = mem.upload(np.zeros(16, np.uint8))
+    for delta in (0, size, 3 * size, 1, 64 - size, 64, 64 + size, -size, 1 << 20):
+        pointer = (buf + delta) & M64
+        base, length = mem.allocation_at(pointer) or (0, 0)
+        lo, hi = _filled(pointer, base, length)[size]
+        for i in sorted({lo - 1, lo, hi, hi + 1, 0, -1, 1, -delta // size - 1, -delta // size, I32_MIN, I32_MAX}):
+            if not I32_MIN <= i <= I32_MAX:
+                continue
+            try:
+                run_kernel(module, "k", 1, 1, [pointer, i, out], mem)
+                faulted = False
+            except InterpFault as f:
+                faulted = True
+                assert f.param == 0
+            assert faulted == (not lo <= i <= hi), (delta, i, lo, hi)
+
+
+# -- the PTX ---------------------------------------------------------------------------------------
+
+def test_vector_add_ptx_compares_the_index_with_the_hidden_window() -> None:
+    from vxpu.ir.lower.nvptx import lower_module
+    from vxpu.ir.samples import SAMPLES
+
+    module = SAMPLES["vector_add"].module()
+    text = str(lower_module(module))
+    body = text[text.index("define"):]
+    # (n, a, b, c), 3 x (base, length), 3 x 4 windows (lo, hi), record, kernel id: the f32
+    # windows are the third pair of each parameter
+    sig = body[:body.index("{")]
+    args = re.findall(r"%\"?(\.\d+)\"?", sig)
+    assert len(args) == 4 + 6 + 24 + 2
+    windows = args[10:34]
+    f32_windows = [(windows[8 * k + 4], windows[8 * k + 5]) for k in range(3)]
+    for lo, hi in f32_windows:
+        assert re.search(rf"icmp sge i32 %\"?\.\d+\"?, %\"{lo}\"", body), lo
+        assert re.search(rf"icmp sle i32 %\"?\.\d+\"?, %\"{hi}\"", body), hi
+    # no 64-bit bounds compare on the hot side (the cold side computes offsets only)
+    hot = body[:body.index("fault:")]
+    assert "icmp ult i64" not in hot
+
+
+def test_the_variant_switch_restores_the_64_bit_forms() -> None:
+    from vxpu.ir.lower.gpu import GpuHooks
+    from vxpu.ir.lower.nvptx import lower_module
+    from vxpu.ir.samples import SAMPLES
+
+    module = SAMPLES["vector_add"].module()
+    GpuHooks.limits32 = False
+    try:
+        text = str(lower_module(module))
+    finally:
+        GpuHooks.limits32 = True
+    hot = text[text.index("define"):text.index("fault:")]
+    assert "icmp ult i64" in hot and "icmp sge i32" not in hot
