@@ -330,11 +330,15 @@ class FastLane:
                 stream = None
             self.lib.fl_set_copy_stream(self._ctx, stream or 0, int(stream is not None))
             self._stream_key = (session, queue)
+        self.refresh_record()
+        return True
+
+    def refresh_record(self) -> None:
+        """Tell C where the fault record is now (a context reset frees the old one)."""
         record = self.backend.native_record() if self.fences else -1
         if record != self.record:
             self.lib.fl_set_fence(self._ctx, int(record >= 0), max(record, 0))
             self.record = record
-        return True
 
     def add_plan(self, key: tuple[int, int, int, int, int, bytes], plan: LaunchPlan, drops: int) -> None:
         """Executor hook: the LAUNCH ``key`` (kernel, dims words, queue, argument bytes) got

@@ -202,7 +202,9 @@ class NativeLane:
         if ex.async_error is None and not self.aborting:
             if not ex.queued:
                 ok = True               # nothing issued since the last wait: Python waits neither
-            elif lane.fence_wait():
+            else:
+                lane.refresh_record()   # (the group's wait may have reset the context: never a freed record)
+            if not ok and lane.fence_wait():
                 self.session.note_native_sync()
                 ex.queued = 0
                 ok = True
