@@ -28,6 +28,7 @@ resetting the context.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Sequence
 
@@ -76,6 +77,19 @@ def element_window(pointer: int, base: int, length: int, size: int) -> tuple[int
     return EMPTY_WINDOW
 
 
+_WINDOWS = struct.Struct("<" + "ii" * len(WINDOW_SIZES))
+_WINDOWS_BYTES = _WINDOWS.size
+_TAIL = struct.Struct("<QI")          # the record's address, the kernel id
+
+
+@functools.lru_cache(maxsize=4096)
+def _windows(pointer: int, base: int, length: int) -> bytes:
+    """``(lo, hi)`` of every size of :data:`WINDOW_SIZES`, packed (a pure function of its
+    arguments, cached: a plan miss with new scalar arguments but the same buffers costs a
+    lookup per pointer, not four window computations)."""
+    return _WINDOWS.pack(*(v for size in WINDOW_SIZES for v in element_window(pointer, base, length, size)))
+
+
 #: Bytes of the fault record (the layout is ``vxpu.ir.lower.gpu.FAULT_RECORD``).
 RECORD_SIZE = 64
 # claimed, code, origin, kernel_id: u32; offset: u64; block x/y/z, thread x/y/z: u32
@@ -111,15 +125,15 @@ class CheckedArgs:
         kernel_id: its index in the backend's kernel names (reported in the fault record).
     """
 
-    __slots__ = ("args_size", "count", "kernel_id", "offset", "pointers", "struct")
+    __slots__ = ("args_size", "count", "kernel_id", "offset", "pointers", "struct", "windows")
 
     def __init__(self, info: KernelInfo, kernel_id: int) -> None:
         self.args_size = info.args_size
         self.count = len(info.pointer_params)
         self.offset = _hidden_start(info)
         self.pointers = tuple(info.param_offsets[i] for i in info.pointer_params)
-        self.struct = struct.Struct("<" + "Q" * (2 * self.count) + "i" * (2 * len(WINDOW_SIZES) * self.count)
-                                    + "QI")
+        self.struct = struct.Struct("<" + "Q" * (2 * self.count))
+        self.windows = self.offset + self.struct.size
         self.kernel_id = kernel_id
 
     def fill(self, view: memoryview, args: bytes | memoryview, bounds: Sequence[tuple[int, int]],
@@ -142,12 +156,12 @@ class CheckedArgs:
             raise BackendError(Status.INVALID_ARGUMENT, "a buffer is longer than 2^62 bytes")
         view[:self.args_size] = args
         flat = [v for pair in bounds for v in pair]
-        windows: list[int] = []
-        for at, (base, length) in zip(self.pointers, bounds):
-            (pointer,) = _U64.unpack_from(args, at)
-            for size in WINDOW_SIZES:
-                windows += element_window(pointer, base, length, size)
-        self.struct.pack_into(view, self.offset, *flat, *windows, record, self.kernel_id)
+        self.struct.pack_into(view, self.offset, *flat)
+        at = self.windows
+        for arg, (base, length) in zip(self.pointers, bounds):
+            view[at:at + _WINDOWS_BYTES] = _windows(_U64.unpack_from(args, arg)[0], base, length)
+            at += _WINDOWS_BYTES
+        _TAIL.pack_into(view, at, record, self.kernel_id)
 
 
 def decode_record(raw: bytes | bytearray, names: Sequence[str]) -> FaultRecord | None:
