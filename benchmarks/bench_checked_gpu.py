@@ -93,17 +93,26 @@ VARIANTS: dict[str, dict[str, int | str]] = {
     "no_range_copy": {"range_copy": False},          # no range copy (rangecopy.py): session 3's start
     "no_exit_free": {"exit_free": False},            # range copy only by its own rule, not exit-free
     "no_limits32": {"limits32": False},              # no host-filled element windows: 64-bit index checks
+    # scanloop (session 3): shared offsets of non-wrapping sums split, guarded shared loads
+    "no_split_offsets": {"split_offsets": ""},       # offset p, a + b as one address (scan's start)
+    "no_guarded_loads": {"guarded_loads": ""},       # select-only loads speculated (scan's start)
+    "no_scanloop": {"split_offsets": "", "guarded_loads": ""},                  # both: the lowering before
+    "no_scanloop_unchecked": {"split_offsets": "", "guarded_loads": "", "checked": 0},  # ... unchecked
+    "guarded_loads_all": {"guarded_loads": "all"},   # global loads guarded too (sgemm: not unrolled then)
 }
 
 
 def _compile_variant(mod: Any, switches: dict[str, int | str]) -> Any:
+    """``mod`` compiled with ``GpuHooks`` switches set (``"checked": 0``: the unchecked build)."""
     from vxpu.ir.lower.gpu import GpuHooks
 
+    switches = dict(switches)
+    checked = bool(switches.pop("checked", 1))
     saved = {k: getattr(GpuHooks, k) for k in switches}
     try:
         for k, v in switches.items():
             setattr(GpuHooks, k, v)
-        return compile_module(mod, "nvptx", arch=big.ARCH, cache=False)
+        return compile_module(mod, "nvptx", arch=big.ARCH, cache=False, checked=checked)
     finally:
         for k, v in saved.items():
             setattr(GpuHooks, k, v)
@@ -128,7 +137,8 @@ def samples(gpu: CheckedGpu, quick: bool, rng: np.random.Generator, only: list[s
         for vname in variants or ():
             switches = VARIANTS[vname]
             cm_v = _compile_variant(mod, switches)
-            fns[f"ir_{vname}"] = Checked(gpu.load(cm_v.image, kname)[1], info)
+            fn_v = gpu.load(cm_v.image, kname)[1]
+            fns[f"ir_{vname}"] = Checked(fn_v, info) if switches.get("checked", 1) else fn_v
         row = big.run_kernel(gpu, stem, fns, quick, rng, case=big._sample_case)
         gpu.sizes = {gpu.record: gpu_checked.RECORD_SIZE}     # run_kernel freed the sample's buffers
         row["ptxas_checked"] = str(cm_c.extra.get("ptxas_info", ""))[-300:]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from llvmlite import ir
 from vxpu.ir.lower import math as vmath
@@ -41,7 +41,7 @@ from vxpu.ir.lower.bounds import (
 )
 from vxpu.ir.lower.errors import LoweringError
 from vxpu.ir.lower.hoist import check_array_index, proven_accesses, range_ok
-from vxpu.ir.lower.versioning import CountedLoop, find_counted_loops
+from vxpu.ir.lower.versioning import UNROLL_COUNT, CountedLoop, find_counted_loops, loop_id
 from vxpu.ir.model import Block, Kernel, Op, Value
 from vxpu.ir.types import AddressSpace, Type
 
@@ -105,26 +105,6 @@ def freeze(b: ir.IRBuilder, val: ir.Value) -> ir.Value:
     return inst
 
 
-#: Unroll factor requested for the no-wrap copy of a counted loop.
-UNROLL_COUNT = 4
-
-
-class _LoopID(ir.values.MDValue):
-    """``distinct !{!self, ...}``: a loop ID (llvmlite cannot print self-referential nodes)."""
-
-    def descr(self, buf: list[str]) -> None:
-        ops = ", ".join(op.get_reference() for op in self.operands)
-        buf += (f"distinct !{{ {ops} }}", "\n")
-
-
-def loop_id(module: ir.Module, unroll_count: int) -> ir.values.MDValue:
-    """A fresh loop ID asking for unrolling by ``unroll_count``."""
-    opt = module.add_metadata(["llvm.loop.unroll.count", ir.Constant(I32, unroll_count)])
-    md = _LoopID(module, [], name=str(len(module.metadata)))
-    md.operands = (md, opt)
-    return md
-
-
 def declare(module: ir.Module, name: str, ret: ir.Type, args: list[ir.Type]) -> ir.Function:
     """Get or declare the function ``name`` (intrinsics and helpers)."""
     fn = module.globals.get(name)
@@ -185,6 +165,14 @@ class TargetHooks:
         """Emit the check of access ``op`` together with the accesses after it (or find it
         emitted by an earlier one); True if done, False: check ``op`` by itself."""
         return False
+
+    def split_offset(self, kl: KernelLowering, op: Op) -> ir.Value | None:
+        """``offset``/``byte_offset`` ``op`` emitted as two offsets, or None: emit it whole."""
+        return None
+
+    def load(self, kl: KernelLowering, op: Op, emit: Callable[[], ir.Value]) -> ir.Value:
+        """Load ``op``'s value: ``emit()`` emits the load here (a target may put it under a branch)."""
+        return emit()
 
     def pointer_int(self, kl: KernelLowering, p: ir.Value) -> ir.Value:
         """An IR pointer as the i64 its bounds are expressed in."""
@@ -659,15 +647,18 @@ def _geometry(kl: KernelLowering, op: Op) -> ir.Value:
 
 
 def _offset(kl: KernelLowering, op: Op) -> ir.Value:
+    space = op.operands[0].type.space
+    assert space is not None and op.result is not None
+    if kl.multi(op.result):
+        kl.set_tag(op.result, kl.tag(op.operands[0]))
+    split = kl.hooks.split_offset(kl, op)
+    if split is not None:
+        return split
     p, i = kl.args(op)
     idx = i if i.type.width == 64 else kl.b.sext(i, I64)
     if op.opcode == "offset":
         assert op.type is not None
         idx = kl.b.mul(idx, ir.Constant(I64, op.type.size))
-    space = op.operands[0].type.space
-    assert space is not None and op.result is not None
-    if kl.multi(op.result):
-        kl.set_tag(op.result, kl.tag(op.operands[0]))
     return kl.hooks.offset(kl, p, idx, space)
 
 
@@ -692,6 +683,10 @@ def _address(kl: KernelLowering, pv: Value, t: Type, atomic: bool = False, op: O
 
 
 def _load(kl: KernelLowering, op: Op) -> ir.Value:
+    return kl.hooks.load(kl, op, lambda: _plain_load(kl, op))
+
+
+def _plain_load(kl: KernelLowering, op: Op) -> ir.Value:
     assert op.type is not None
     addr = _address(kl, op.operands[0], op.type, op=op)
     inst = kl.b.load(addr, align=op.type.size)

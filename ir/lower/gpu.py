@@ -56,7 +56,7 @@ from vxpu.ir.lower.common import (
 )
 from vxpu.ir.lower.gpucheck import WINDOW_SIZES, CheckGroups
 from vxpu.ir.lower.toolchain import NVPTX_TRIPLE
-from vxpu.ir.model import Kernel, LocalArray, Module, Op, SharedArray
+from vxpu.ir.model import Kernel, LocalArray, Module, Op, OpResult, SharedArray, Value
 from vxpu.ir.types import AddressSpace
 
 _SAFE = re.compile(r"[^A-Za-z0-9_]")
@@ -101,6 +101,12 @@ class GpuHooks(TargetHooks):
     #: Emit a second copy of kernels whose global accesses the entry can prove in bounds for
     #: the whole block (:mod:`vxpu.ir.lower.rangecopy`).
     range_copy = True
+    #: Emit ``offset p, a ± b`` as two offsets where ``a ± b`` cannot wrap (:meth:`split_offset`):
+    #: "shared" (shared-space pointers), "all" (every space) or "" (none).
+    split_offsets = "shared"
+    #: Emit an unchecked load whose one use is ``select c, v, x`` under ``c`` (:meth:`load`):
+    #: "shared" (loads from shared memory), "all" or "" (none).
+    guarded_loads = "shared"
 
     def __init__(self, checked: bool = True) -> None:
         self.arrays: dict[int, ir.Value] = {}
@@ -116,12 +122,100 @@ class GpuHooks(TargetHooks):
         self.assume_proven: set[int] = set()
         self.record: ir.Value | None = None
         self.kernel_id: ir.Value | None = None
+        #: id() of the kernel's add/sub ops that cannot wrap (:meth:`split_offset`; made on first use).
+        self.no_wrap: set[int] | None = None
+        #: value -> the ops that read it (:meth:`_guard`; made on first use).
+        self.uses: dict[Value, list[Op]] | None = None
 
     def ptr_type(self, space: AddressSpace) -> ir.Type:
         return I8.as_pointer(self.spaces[space])
 
     def offset(self, kl: KernelLowering, p: ir.Value, nbytes: ir.Value, space: AddressSpace) -> ir.Value:
         return kl.b.gep(p, [nbytes])
+
+    def split_offset(self, kl: KernelLowering, op: Op) -> ir.Value | None:
+        """``offset p, a ± b : T`` (s = sizeof T, 1 for ``byte_offset``) as ``(p + sext(a)·s)
+        ± sext(b)·s``, recursively through ``a`` and ``b``, where that is the same address:
+        always for i64 indices (arithmetic mod 2^64), for narrower ones when ``a ± b`` cannot
+        wrap in any launch (:func:`tidrange.no_wrap_ops`). LLVM then keeps ``p + sext(b)·s``
+        out of a loop where ``b`` is invariant and shares it between accesses (scan's
+        ``buf[src + tid]``, ``buf[dst + tid]``: ``[R + UR]`` addressing instead of an add and
+        a ``LEA`` each), as for CUDA C, whose ``int`` sums cannot wrap. None: nothing to split
+        (``select`` indices are not split: that cost scan's level loop an instruction)."""
+        space = op.operands[0].type.space
+        if not (self.split_offsets == "all" or self.split_offsets == "shared" and space is AddressSpace.SHARED) \
+                or not self._splits(kl, op.operands[1]):
+            return None
+        size = op.type.size if op.opcode == "offset" and op.type is not None else 1
+        assert space is not None
+        return self._split(kl, kl.get(op.operands[0]), op.operands[1], size, space)
+
+    def _splits(self, kl: KernelLowering, i: Value) -> bool:
+        if not isinstance(i, OpResult) or i.op.opcode not in ("add", "sub"):
+            return False
+        if i.type.bits == 64:
+            return True
+        if self.no_wrap is None:
+            self.no_wrap = tidrange.no_wrap_ops(kl.kernel)
+        return id(i.op) in self.no_wrap
+
+    def _split(self, kl: KernelLowering, p: ir.Value, i: Value, size: int, space: AddressSpace) -> ir.Value:
+        """``p + sext(i)·size``, split where :meth:`_splits` allows."""
+        if self._splits(kl, i):
+            assert isinstance(i, OpResult)
+            a, c = i.op.operands
+            q = self._split(kl, p, a, size, space)
+            return self._split(kl, q, c, -size if i.op.opcode == "sub" else size, space)
+        b, v = kl.b, kl.get(i)
+        return self.offset(kl, p, b.mul(v if v.type.width == 64 else b.sext(v, I64), ir.Constant(I64, size)), space)
+
+    def load(self, kl: KernelLowering, op: Op, emit: Callable[[], ir.Value]) -> ir.Value:
+        """A load whose value is used once, as the chosen value of ``select c, v, x`` (or
+        ``select c, x, v``) in its block, with ``c`` defined before it, runs only where the
+        select takes it: ``br c, load, join`` and a phi (0 on the other edge, which the select
+        never passes on), as CUDA C's ``tid >= d ? buf[...] : 0`` (scan's level loop: a
+        predicated ``LDS`` instead of a select of its index and of its value). Only for
+        accesses without a check (unchecked builds, accesses the copy proves in bounds):
+        a load that would fault must still fault where the IR runs it."""
+        space = op.operands[0].type.space
+        scope = self.guarded_loads == "all" or self.guarded_loads == "shared" and space is AddressSpace.SHARED
+        guard = self._guard(kl, op) if scope else None
+        if guard is None:
+            return emit()
+        cond, when = guard
+        start, then, join = kl.b.block, kl.fn.append_basic_block("load.then"), kl.fn.append_basic_block("load.join")
+        kl.b.cbranch(cond, then, join) if when else kl.b.cbranch(cond, join, then)
+        kl.b = ir.IRBuilder(then)
+        val = emit()
+        end = kl.b.block
+        kl.b.branch(join)
+        kl.b = ir.IRBuilder(join)
+        phi = kl.b.phi(val.type)
+        phi.add_incoming(val, end)
+        phi.add_incoming(ir.Constant(val.type, None), start)
+        return phi
+
+    def _guard(self, kl: KernelLowering, op: Op) -> tuple[ir.Value, bool] | None:
+        """``(c, taken)`` for :meth:`load`: the load's value is the select's when ``c == taken``."""
+        if op.result is None or (self.checked and id(op) not in self.assume_proven) or op.block is None:
+            return None
+        if self.uses is None:
+            self.uses = {}
+            for blk in kl.kernel.blocks:
+                for other in blk.ops:
+                    for v in other.uses():
+                        self.uses.setdefault(v, []).append(other)
+        users = self.uses.get(op.result, [])
+        sel = users[0] if len(users) == 1 else None
+        if sel is None or sel.opcode != "select" or sel.block is not op.block:
+            return None
+        c, x, y = sel.operands
+        if c is op.result or (x is op.result) == (y is op.result):
+            return None
+        ops = op.block.ops
+        if isinstance(c, OpResult) and c.op.block is op.block and ops.index(c.op) > ops.index(op):
+            return None                   # c is computed after the load: not available here
+        return kl.get(c), x is op.result
 
     def address(self, kl: KernelLowering, p: ir.Value, space: AddressSpace, t: ir.Type, size: int,
                 atomic: bool, bounds: tuple[ir.Value, ir.Value, ir.Value] | None) -> ir.Value:

@@ -33,12 +33,15 @@ from __future__ import annotations
 
 from vxpu.ir.model import Block, BlockParam, Kernel, Op, OpResult, Param, Value
 
-__all__ = ["MAX_OPS", "SIZES", "WIDEN_AFTER", "choose", "proven_array_accesses"]
+__all__ = ["ANY_BLOCK", "MAX_OPS", "SIZES", "WIDEN_AFTER", "choose", "no_wrap_ops", "proven_array_accesses"]
 
 Range = tuple[int, int]
 
 #: Sizes tried for each thread dimension the kernel uses (at most 1024 threads in all).
 SIZES = (1024, 512, 256, 128, 64, 32, 16, 8)
+#: A block shape that holds for every launch: no GPU block has more than 1024 threads in a
+#: dimension (see :func:`choose`).
+ANY_BLOCK = (SIZES[0],) * 3
 #: Fixpoint rounds after which a bound of a block parameter that still moves goes to its
 #: type's limit (the branch into a loop body then narrows it again).
 WIDEN_AFTER = 3
@@ -67,6 +70,8 @@ class _Ranges:
         self.shape = dict(zip("xyz", shape))
         self.params = params
         self.values: dict[Value, Range] = {}
+        #: id(block) -> its (predecessor, successor index) edges (set by :meth:`run`).
+        self.preds: dict[int, list[tuple[Block, int]]] = {}
 
     def get(self, v: Value, env: dict[Value, Range]) -> Range | None:
         if v in env:
@@ -81,6 +86,7 @@ class _Ranges:
             term = b.terminator
             for k, s in enumerate(term.successors if term is not None else ()):
                 preds[id(s.block)].append((b, k))
+        self.preds = preds
         rounds = 0
         changed = True
         while changed:
@@ -287,6 +293,32 @@ def proven_array_accesses(kernel: Kernel, shape: tuple[int, int, int],
                 continue
             r = ranges.get(form[0], {})
             if r is not None and 0 <= r[0] and r[1] < form[1]:
+                out.add(id(op))
+    return out
+
+
+def no_wrap_ops(kernel: Kernel) -> set[int]:
+    """id() of the ``add``/``sub`` ops (i8 to i32) whose signed result cannot wrap in any GPU
+    launch: the ranges of both operands under :data:`ANY_BLOCK` (a fact, not an assumption:
+    no copy or entry test needed) keep the exact sum or difference inside the type. For such
+    an op ``sext(a ± b) = sext(a) ± sext(b)``, so ``offset p, a ± b`` may be emitted as two
+    offsets (:meth:`vxpu.ir.lower.gpu.GpuHooks.split_offset`)."""
+    if sum(len(b.ops) for b in kernel.blocks) > MAX_OPS:
+        return set()
+    ranges = _Ranges(kernel, ANY_BLOCK, {})
+    ranges.run()
+    out: set[int] = set()
+    for blk in kernel.blocks:
+        env = ranges._edge_env(blk, ranges.preds[id(blk)])     # narrowed by the branch into blk
+        for op in blk.ops:
+            if op.opcode not in ("add", "sub") or op.result is None or not _narrow(op.result):
+                continue
+            ra, rb = (ranges.get(v, env) for v in op.operands)
+            if ra is None or rb is None:
+                continue                      # never reached by the fixpoint: leave it whole
+            lo, hi = (ra[0] + rb[0], ra[1] + rb[1]) if op.opcode == "add" else (ra[0] - rb[1], ra[1] - rb[0])
+            flo, fhi = _full(op.result.type.bits)
+            if flo <= lo and hi <= fhi:
                 out.add(id(op))
     return out
 

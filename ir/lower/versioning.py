@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from llvmlite import ir
 from vxpu.ir.model import Block, BlockParam, Kernel, Op, OpResult, Value
 
 
@@ -161,3 +162,23 @@ def _escaping(h: Block, loop: set[int], order: list[Block]) -> list[Value]:
                 if v in defined and v not in used:
                     used.append(v)
     return used
+
+
+#: Unroll factor requested for the no-wrap copy of a counted loop.
+UNROLL_COUNT = 4
+
+
+class _LoopID(ir.values.MDValue):
+    """``distinct !{!self, ...}``: a loop ID (llvmlite cannot print self-referential nodes)."""
+
+    def descr(self, buf: list[str]) -> None:
+        ops = ", ".join(op.get_reference() for op in self.operands)
+        buf += (f"distinct !{{ {ops} }}", "\n")
+
+
+def loop_id(module: ir.Module, unroll_count: int) -> ir.values.MDValue:
+    """A fresh loop ID asking for unrolling by ``unroll_count``."""
+    opt = module.add_metadata(["llvm.loop.unroll.count", ir.Constant(ir.IntType(32), unroll_count)])
+    md = _LoopID(module, [], name=str(len(module.metadata)))
+    md.operands = (md, opt)
+    return md
