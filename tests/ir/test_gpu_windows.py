@@ -38,6 +38,8 @@ from vxpu.ir.lower.gpucheck import CheckGroups
 from vxpu.ir.model import Module
 from vxpu.ir.types import f32, f64, i8, i16, i32, ptr_global
 
+from tests.ir.lowerhelpers import needs_nvjitlink
+
 M64 = (1 << 64) - 1
 I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
@@ -333,3 +335,26 @@ def test_the_variant_switch_restores_the_64_bit_forms() -> None:
         GpuHooks.limits32 = True
     hot = text[text.index("define"):text.index("fault:")]
     assert "icmp ult i64" in hot and "icmp sge i32" not in hot
+
+
+@needs_nvjitlink
+def test_vector_add_ptx_has_two_s32_compares_per_access_and_no_64_bit_bound_test() -> None:
+    """In the PTX: each access's index is compared (``setp.ge.s32`` / ``setp.le.s32``) with its
+    f32 window, hidden parameters 14/15, 22/23, 30/31 (after n, a, b, c and 3 bounds pairs: 8 i32
+    per pointer, the f32 pair third); the unchecked build has only the ``i < n`` compare."""
+    from vxpu.ir.compile import compile_module
+    from vxpu.ir.samples import SAMPLES
+
+    module = SAMPLES["vector_add"].module()
+    ptx = compile_module(module, "nvptx", arch="sm_90", cache=False).asm
+    reg = dict(re.findall(r"ld\.param\.b32\s+(%r\d+), \[vector_add_param_(\d+)\];", ptx))
+    param_of = {r: int(n) for r, n in reg.items()}
+    hot = ptx[ptx.index(".entry"):ptx.index("ld.global")]
+    pairs = re.findall(r"setp\.(ge|le)\.s32\s+%p\d+, %r\d+, (%r\d+);", hot)
+    assert sorted(param_of[r] for _, r in pairs) == [0, 14, 15, 22, 23, 30, 31]    # (0: i < n)
+    pairs = [(op, r) for op, r in pairs if param_of[r]]
+    assert {op for op, r in pairs if param_of[r] % 2 == 0} == {"ge"}      # lo
+    assert {op for op, r in pairs if param_of[r] % 2 == 1} == {"le"}      # hi
+    assert not re.search(r"setp\.\w+\.[us]64", hot)
+    unchecked = compile_module(module, "nvptx", arch="sm_90", cache=False, checked=False).asm
+    assert re.findall(r"setp\.\w+", unchecked) == ["setp.ge"]
