@@ -45,6 +45,7 @@ import importlib.resources
 import logging
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tempfile
@@ -117,6 +118,7 @@ _lib_lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _lib_error: str | None = None
 _logged = False
+_private: set[Path] = set()     # temporary build folders (see build)
 
 
 def source() -> bytes:
@@ -137,11 +139,27 @@ def _compiler() -> tuple[str, str]:
     return cc, (out.stdout.splitlines() or [""])[0]
 
 
-def build(directory: Path | None = None) -> Path:
+def _trusted(path: Path, folder: bool) -> bool:
+    """Is ``path`` (not followed when a file) ours alone: a folder or regular file owned by this
+    user that neither group nor others may write? Only such a cache entry is loaded: a library
+    anyone else could have put there runs with the server's rights."""
+    try:
+        st = os.stat(path) if folder else os.lstat(path)
+    except OSError:
+        return False
+    kind = stat.S_ISDIR(st.st_mode) if folder else stat.S_ISREG(st.st_mode)
+    return kind and st.st_uid == os.geteuid() and not st.st_mode & 0o022
+
+
+def build(directory: Path | None = None, *, fresh: bool = False) -> Path:
     """Build the library (or find it built) under ``directory`` (default: ``$VXPU_CACHE/native``).
 
     The file name carries a hash of the source, the flags and the compiler, so a changed source
-    or compiler builds anew; the build goes to a temporary file renamed into place.
+    or compiler builds anew; the build goes to a temporary file renamed into place (two
+    processes building at once each rename a whole file). A cached file is used only when it
+    and the folder are :func:`_trusted`; an untrusted file is built over, and in a folder
+    others may write (a shared ``$VXPU_CACHE``) the build goes to a private temporary folder
+    instead (:func:`load` deletes it once loaded). ``fresh``: build even when a file is there.
 
     Raises:
         OSError: no compiler, or the build failed (the message holds the compiler's output).
@@ -150,10 +168,15 @@ def build(directory: Path | None = None) -> Path:
     cc, version = _compiler()
     key = hashlib.sha256(src + "\0".join((cc, version, *CFLAGS)).encode()).hexdigest()[:20]
     folder = directory or cache_dir() / "native"
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if not _trusted(folder, True):
+        log.warning("fast lane: the cache folder %s is not this user's alone; building in a private "
+                    "temporary folder", folder)
+        folder = Path(tempfile.mkdtemp(prefix="vxpu-fastlane-"))
+        _private.add(folder)
     target = folder / f"fastlane-{key}.so"
-    if target.exists():
+    if not fresh and _trusted(target, False):
         return target
-    folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         c_file = Path(tmp) / "fastlane.c"
         c_file.write_bytes(src)
@@ -165,13 +188,24 @@ def build(directory: Path | None = None) -> Path:
             raise OSError(f"{cc} took over 120 s") from None
         if proc.returncode != 0:
             raise OSError(f"{cc} failed ({proc.returncode}): {proc.stderr.strip()[-2000:]}")
+        os.chmod(out, 0o755)
         os.replace(out, target)
     return target
 
 
+def _open(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    _declare(lib)
+    if lib.fl_abi() != ABI or lib.fl_batch_size() != ctypes.sizeof(Batch):
+        raise OSError(f"library ABI {lib.fl_abi()} / batch {lib.fl_batch_size()} bytes, expected {ABI} / "
+                      f"{ctypes.sizeof(Batch)}")
+    return lib
+
+
 def load() -> ctypes.CDLL | None:
     """The loaded library, built at first use; None (and the reason in :func:`unavailable`)
-    when it cannot be built or loaded here. Never raises."""
+    when it cannot be built or loaded here. A cached file that does not load (corrupt) is
+    built again once. Never raises."""
     global _lib, _lib_error
     with _lib_lock:
         if _lib is not None or _lib_error is not None:
@@ -179,14 +213,19 @@ def load() -> ctypes.CDLL | None:
         try:
             if sys.byteorder != "little":
                 raise OSError("the fast lane reads the little-endian ring layout natively")
-            lib = ctypes.CDLL(str(build()))
-            _declare(lib)
-            if lib.fl_abi() != ABI or lib.fl_batch_size() != ctypes.sizeof(Batch):
-                raise OSError(f"library ABI {lib.fl_abi()} / batch {lib.fl_batch_size()} bytes, expected {ABI} / "
-                              f"{ctypes.sizeof(Batch)}")
+            path = build()
+            try:
+                lib = _open(path)
+            except (OSError, AttributeError) as exc:
+                log.warning("fast lane: the cached library %s does not load (%s); building it again", path, exc)
+                path = build(fresh=True)
+                lib = _open(path)
             _lib = lib
         except (OSError, subprocess.SubprocessError, AttributeError) as exc:
             _lib_error = str(exc)
+        finally:
+            while _private:
+                shutil.rmtree(_private.pop(), ignore_errors=True)     # loaded (mapped) or not needed
         return _lib
 
 
