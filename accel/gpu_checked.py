@@ -11,6 +11,9 @@ that the host fills at every launch and the guest never sees:
   check, as ``lo <= i <= hi`` (``(1, 0)``: none). Computed here from the pointer argument and
   its bounds, so an access at ``offset P, i`` with a sign-extended index of at most 32 bits is
   checked with two 32-bit compares (``vxpu.ir.lower.gpucheck``; docs/ir-lowering.md §7);
+* with any pointer parameter, ``(lo: i32, hi: i32)`` per element size: the *common* window,
+  the intersection of every pointer parameter's window for that size (one compare pair for a
+  run of accesses at one index into every pointer buffer, as vector_add's);
 * ``fault: u64`` — the device address of the context's fault record (:data:`RECORD_SIZE`
   bytes, zero while no thread has faulted): pinned host memory mapped into the device where the
   vendor offers it (CUDA), else device memory;
@@ -82,6 +85,15 @@ _WINDOWS_BYTES = _WINDOWS.size
 _TAIL = struct.Struct("<QI")          # the record's address, the kernel id
 
 
+@functools.lru_cache(maxsize=1024)
+def _common(each: tuple[bytes, ...]) -> bytes:
+    """The windows of all pointers at once, per size: the intersection of theirs (``max`` of
+    the ``lo``, ``min`` of the ``hi``; an empty one, ``lo > hi``, keeps it empty)."""
+    rows = [_WINDOWS.unpack(w) for w in each]
+    return _WINDOWS.pack(*(max(r[k] for r in rows) if k % 2 == 0 else min(r[k] for r in rows)
+                           for k in range(2 * len(WINDOW_SIZES))))
+
+
 @functools.lru_cache(maxsize=4096)
 def _windows(pointer: int, base: int, length: int) -> bytes:
     """``(lo, hi)`` of every size of :data:`WINDOW_SIZES`, packed (a pure function of its
@@ -108,7 +120,8 @@ def launch_info(info: KernelInfo) -> KernelInfo:
     alignment, so it matches the lowering's LLVM signature)."""
     start = _hidden_start(info)
     pairs = 2 * len(info.pointer_params)
-    windows = 2 * len(WINDOW_SIZES) * len(info.pointer_params)
+    # one window per pointer and size, then (with any pointer) one per size for all pointers
+    windows = 2 * len(WINDOW_SIZES) * (len(info.pointer_params) + (1 if info.pointer_params else 0))
     record = start + 8 * pairs + 4 * windows          # a multiple of 8: windows come in eights
     sizes = info.param_sizes + (8,) * pairs + (4,) * windows + (8, 4)
     offsets = info.param_offsets + tuple(start + 8 * k for k in range(pairs)) \
@@ -141,7 +154,8 @@ class CheckedArgs:
         """Copy ``args`` and the hidden arguments into ``view`` (the pack's storage): each
         pointer parameter's bounds, each pointer's :func:`element_window` per size of
         :data:`WINDOW_SIZES` (from the pointer in ``args`` and its bounds, nothing else the
-        guest sends), the record and the kernel id.
+        guest sends), their intersection per size (the *common* windows), the record and the
+        kernel id.
 
         Raises:
             BackendError: INVALID_ARGUMENT for a wrong argument size or bounds count.
@@ -158,8 +172,14 @@ class CheckedArgs:
         flat = [v for pair in bounds for v in pair]
         self.struct.pack_into(view, self.offset, *flat)
         at = self.windows
+        each = []
         for arg, (base, length) in zip(self.pointers, bounds):
-            view[at:at + _WINDOWS_BYTES] = _windows(_U64.unpack_from(args, arg)[0], base, length)
+            packed = _windows(_U64.unpack_from(args, arg)[0], base, length)
+            view[at:at + _WINDOWS_BYTES] = packed
+            each.append(packed)
+            at += _WINDOWS_BYTES
+        if each:
+            view[at:at + _WINDOWS_BYTES] = _common(tuple(each))
             at += _WINDOWS_BYTES
         _TAIL.pack_into(view, at, record, self.kernel_id)
 

@@ -8,7 +8,8 @@ the entry block, pointers are byte pointers and offsets are (non-``inbounds``, w
 **Checked build** (the default; :mod:`vxpu.ir.lower.bounds`). After the IR parameters the
 kernel takes hidden ones, filled by the host at launch: ``(base: i64, length: i64)`` per
 pointer parameter, ``(lo: i32, hi: i32)`` per pointer parameter and element size 1, 2, 4, 8
-(the pointer's element window, :func:`vxpu.accel.gpu_checked.element_window`), then
+(the pointer's element window, :func:`vxpu.accel.gpu_checked.element_window`), with any
+pointer parameter ``(lo: i32, hi: i32)`` per size for the intersection of them all, then
 ``fault: i8 addrspace(1)*`` (the context's fault record) and ``kernel_id: i32``. Every load,
 store and atomic is checked against its own buffer (shared and local arrays against their
 declared size) and alignment; a violation — or ``trap`` — never
@@ -117,6 +118,8 @@ class GpuHooks(TargetHooks):
         self.param_bounds: dict[int, tuple[ir.Value, ir.Value]] = {}
         #: (parameter index, element size) -> its element window (lo, hi), i32 hidden parameters.
         self.param_windows: dict[tuple[int, int], tuple[ir.Value, ir.Value]] = {}
+        #: element size -> the intersection of every pointer parameter's window (lo, hi).
+        self.common_windows: dict[int, tuple[ir.Value, ir.Value]] = {}
         self.groups: CheckGroups | None = None
         #: id() of the array accesses proven in bounds in the copy being emitted (tidrange.py).
         self.assume_proven: set[int] = set()
@@ -346,7 +349,8 @@ class GpuHooks(TargetHooks):
         ptrs = [i for i, p in enumerate(kernel.params) if p.type.is_ptr]
         nsizes = len(WINDOW_SIZES)
         if self.checked:
-            params += [I64, I64] * len(ptrs) + [I32, I32] * nsizes * len(ptrs) + [I8.as_pointer(1), I32]
+            nwin = len(ptrs) + (1 if ptrs else 0)        # each pointer's, then the common ones
+            params += [I64, I64] * len(ptrs) + [I32, I32] * nsizes * nwin + [I8.as_pointer(1), I32]
         fn = ir.Function(mod, ir.FunctionType(VOID, params), name=kernel.name)
         self.kernel = kernel
         if self.checked:
@@ -357,6 +361,9 @@ class GpuHooks(TargetHooks):
             wins = hidden[2 * len(ptrs):-2]
             self.param_windows = {(i, size): (wins[2 * (nsizes * k + n)], wins[2 * (nsizes * k + n) + 1])
                                   for k, i in enumerate(ptrs) for n, size in enumerate(WINDOW_SIZES)}
+            at = 2 * nsizes * len(ptrs)
+            self.common_windows = {size: (wins[at + 2 * n], wins[at + 2 * n + 1])
+                                   for n, size in enumerate(WINDOW_SIZES)} if ptrs else {}
         self.mark_kernel(fn)
         entry = fn.append_basic_block("entry")
         b = ir.IRBuilder(entry)

@@ -87,6 +87,8 @@ class _Member:
     off: ir.Value                 # offset from the buffer's start (i64)
     size: int
     may_misalign: bool            # report misaligned when off is not a multiple of the size
+    #: the window form's (parameter, IR index, its i32 value): joins a common-window test
+    window: tuple[int, Value, ir.Value] | None = None
 
 
 class CheckGroups:
@@ -110,12 +112,38 @@ class CheckGroups:
         assert blk is not None
         members = [op, *self._followers(kl, blk, op)]
         checks = [self._member(kl, m) for m in members]
-        ok = checks[0].ok
-        for c in checks[1:]:
-            ok = kl.b.and_(ok, c.ok)
+        parts = self._common(kl, checks)
+        ok = parts[0]
+        for part in parts[1:]:
+            ok = kl.b.and_(ok, part)
         self._branch(kl, ok, checks)
         self.covered.update(id(m) for m in members[1:])
         return True
+
+    def _common(self, kl: KernelLowering, checks: list[_Member]) -> list[ir.Value]:
+        """The hot side's tests: the members' own, except that window-form members of one size
+        and one IR index whose parameters are *every* pointer parameter of the kernel are
+        tested once, against the common window (the intersection of all pointers' windows for
+        that size, host-filled): ``i`` is in every member's window iff it is in the
+        intersection of those windows, which is the common one. The cold side re-tests each
+        member with its own window, as always."""
+        common = self.hooks.common_windows
+        ptrs = {i for i, p in enumerate(kl.kernel.params) if p.type.is_ptr}
+        runs: dict[tuple[int, int], list[_Member]] = {}
+        for c in checks:
+            if c.window is not None and c.size in common:
+                runs.setdefault((c.size, id(c.window[1])), []).append(c)
+        joined: set[int] = set()
+        parts: list[ir.Value] = []
+        for (size, _), run in runs.items():
+            if len(run) > 1 and {c.window[0] for c in run if c.window is not None} == ptrs:
+                first = run[0].window
+                assert first is not None
+                lo, hi = common[size]
+                i = first[2]
+                parts.append(kl.b.and_(kl.b.icmp_signed(">=", i, lo), kl.b.icmp_signed("<=", i, hi)))
+                joined.update(id(c) for c in run)
+        return parts + [c.ok for c in checks if id(c) not in joined]
 
     # -- the group ---------------------------------------------------------------------------
 
@@ -220,7 +248,7 @@ class CheckGroups:
         assert space is not None
         base, _ = self.hooks.param_bounds[form[0].index]
         off = kl.b.sub(kl.b.ptrtoint(kl.get(pv), I64), base)
-        return _Member(ok, space_fault(space), i32(form[0].index), off, size, size > 1)
+        return _Member(ok, space_fault(space), i32(form[0].index), off, size, size > 1, (form[0].index, form[1], i))
 
     def _param_index(self, kl: KernelLowering, pv: Value, size: int) -> _Member | None:
         if not (isinstance(pv, OpResult) and pv.op.opcode == "offset" and pv.op.type is not None

@@ -17,17 +17,18 @@ SAXPY = KernelInfo("saxpy", (4, 4, 8, 8), (0, 4, 8, 16), 24, 0, True, (2, 3))
 
 def test_launch_info_appends_bounds_record_kernel_id_and_windows():
     full = gpu_checked.launch_info(SAXPY)
-    assert full.param_sizes == (4, 4, 8, 8, 8, 8, 8, 8) + (4,) * 16 + (8, 4)
-    assert full.param_offsets == (0, 4, 8, 16, 24, 32, 40, 48) + tuple(range(56, 120, 4)) + (120, 128)
-    assert full.args_size == 132         # where the last parameter ends, as the hsaco metadata says
+    # 2 pointers: bounds, their windows (8 i32 each), the common windows (8 i32), record, kernel id
+    assert full.param_sizes == (4, 4, 8, 8, 8, 8, 8, 8) + (4,) * 24 + (8, 4)
+    assert full.param_offsets == (0, 4, 8, 16, 24, 32, 40, 48) + tuple(range(56, 152, 4)) + (152, 160)
+    assert full.args_size == 164         # where the last parameter ends, as the hsaco metadata says
 
 
 def test_odd_guest_size_is_padded_to_eight():
     info = KernelInfo("k", (4, 8), (0, 8), 16, 0, True, (1,))
     one = KernelInfo("k1", (4,), (0,), 4, 0, True, ())
     assert gpu_checked.launch_info(info).param_offsets[2:4] == (16, 24)
-    assert gpu_checked.launch_info(info).param_offsets[-2:] == (64, 72)
-    assert gpu_checked.launch_info(info).args_size == 76
+    assert gpu_checked.launch_info(info).param_offsets[-2:] == (96, 104)
+    assert gpu_checked.launch_info(info).args_size == 108
     assert gpu_checked.launch_info(one).param_offsets == (0, 8, 16) and gpu_checked.launch_info(one).args_size == 20
 
 
@@ -41,7 +42,10 @@ def test_fill_writes_guest_and_hidden_arguments():
     assert struct.unpack_from("<QQQQ", raw, 24) == (0x1000, 40, 0, 0)
     # x = base + 8 in 40 bytes: bytes -8..31, halves -4..15, words -2..7, dwords -1..3; y: none
     assert struct.unpack_from("<16i", raw, 56) == (-8, 31, -4, 15, -2, 7, -1, 3) + (1, 0) * 4
-    assert struct.unpack_from("<QI", raw, 120) == (0xABC000, 7)
+    assert struct.unpack_from("<8i", raw, 120) == (1, 0) * 4          # common: y admits nothing
+    assert struct.unpack_from("<QI", raw, 152) == (0xABC000, 7)
+    guard.fill(pack.view, struct.pack("<ifQQ", 10, 2.0, 0x1008, 0x2000), [(0x1000, 40), (0x2000, 16)], 0xABC000)
+    assert struct.unpack_from("<8i", bytes(pack.view), 120) == (0, 15, 0, 7, 0, 3, 0, 1)   # the intersection
     with pytest.raises(BackendError):
         guard.fill(pack.view, args, [(0x1000, 40)], 0)
     with pytest.raises(BackendError):

@@ -373,10 +373,10 @@ def test_fake_runtime_checked_launch_and_contained_fault(monkeypatch: pytest.Mon
     sent = fake.launches[-1][-1]
     assert sent[:32] == args
     bounds = struct.unpack_from("<6Q", sent, 32)
-    windows = struct.unpack_from("<24i", sent, 80)           # (lo, hi) per pointer and size 1, 2, 4, 8
-    record, kernel_id = struct.unpack_from("<QI", sent, 176)
-    assert bounds == (a, 40, b, 40, 0, 0) and kernel_id == 0 and len(sent) == 188
-    assert windows == (-8, 31, -4, 15, -2, 7, -1, 3) + (0, 39, 0, 19, 0, 9, 0, 4) + (1, 0) * 4
+    windows = struct.unpack_from("<32i", sent, 80)           # (lo, hi) per pointer and size 1, 2, 4, 8
+    record, kernel_id = struct.unpack_from("<QI", sent, 208)
+    assert bounds == (a, 40, b, 40, 0, 0) and kernel_id == 0 and len(sent) == 220
+    assert windows == (-8, 31, -4, 15, -2, 7, -1, 3) + (0, 39, 0, 19, 0, 9, 0, 4) + (1, 0) * 4 + (1, 0) * 4
     backend.synchronize()                                   # nothing recorded: no fault
     backend.launch(kernel, (1, 1, 1), (64, 1, 1), args)     # this one faults (written here):
     raw = fake.mem[record]
