@@ -137,6 +137,8 @@ class GpuBackend:
         self._record_stream: Any = None                # the one stream they went to (None: none yet)
         self._record_streams_many = False              # ... or they went to more than one
         self._mirror: tuple[int, int] | None = None   # (generation, pinned host address) of the mirror
+        #: native readers of the mapped fault record (see :meth:`native_watch_record`)
+        self._record_readers: list[Callable[[int], None]] = []
 
     # -- the vendor side (subclasses) ------------------------------------------------------
     def _is_open(self) -> bool:
@@ -178,6 +180,7 @@ class GpuBackend:
             if not self._is_open():
                 return
             self._bind()
+            self._record_going()
             self._destroy_all()
             self._free_record()
             for reg in list(self._hosts):
@@ -210,6 +213,7 @@ class GpuBackend:
         """
         with self._lock:
             self._ensure()
+            self._record_going()
             self._destroy_all()
             self._hard_reset()
 
@@ -603,6 +607,28 @@ class GpuBackend:
             return 0
         return self._record_host or -1
 
+    def native_watch_record(self, reader: Callable[[int], None]) -> None:
+        """Tell ``reader`` where the mapped fault record is (:meth:`native_record`), now and
+        whenever a native reader must look again, always under this backend's lock: with -1
+        right before the record's memory goes (close, context reset), from whatever thread
+        does that, so a native wait in another thread never reads a freed record. Call it
+        again to refresh (a record made since); :meth:`native_unwatch_record` ends it."""
+        with self._lock:
+            if reader not in self._record_readers:
+                self._record_readers.append(reader)
+            reader(self.native_record())
+
+    def native_unwatch_record(self, reader: Callable[[int], None]) -> None:
+        """Stop telling ``reader`` (before the reader's native state is freed)."""
+        with self._lock:
+            if reader in self._record_readers:
+                self._record_readers.remove(reader)
+
+    def _record_going(self) -> None:
+        """The fault record's memory is about to go (lock held): withdraw it from native readers."""
+        for reader in self._record_readers:
+            reader(-1)
+
     def note_native_work(self, queue: object | None, launches: int, checked: int, bytes_htod: int,
                          bytes_dtoh: int) -> None:
         """A native issuer launched ``launches`` kernels (``checked`` of them checked IR) and
@@ -745,6 +771,7 @@ class GpuBackend:
                         self.reset_what)
             try:
                 with self._lock:
+                    self._record_going()
                     self._destroy_all()
                     self._hard_reset()
             except BackendError as exc:

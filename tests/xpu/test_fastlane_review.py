@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 from vxpu.vfio_server.xpu import fastlane
+
+from .test_fastlane import FakeGpu
 
 
 def _name(tmp_path: Path) -> str:
@@ -74,3 +77,50 @@ def test_the_cache_folder_is_made_private(tmp_path):
     folder = tmp_path / "new" / "native"
     got = fastlane.build(folder)
     assert got.parent == folder and not os.stat(folder).st_mode & 0o077
+
+
+# -- the fault record's lifetime -------------------------------------------------------------------
+def _lane_with_record() -> tuple[FakeGpu, fastlane.FastLane]:
+    backend = FakeGpu()
+    ln = fastlane.create(backend, True)
+    assert ln is not None, fastlane.unavailable()
+    backend._fault_record()                 # a checked launch would make it: mapped host memory
+    ln.refresh_record()
+    assert ln.record == backend.dev.record_host != 0
+    return backend, ln
+
+
+def test_a_record_freed_during_the_native_wait_is_not_read():
+    """The server closes the backend (another thread) while the poller waits in fl_fence: the
+    record is withdrawn before it is freed, so the wait hands the FENCE to Python instead of
+    reading the freed claim word (before: it read it, and here found it clear: 'OK')."""
+    backend, ln = _lane_with_record()
+    device_sync = backend.dev.sync
+
+    def sync_while_closing(stream: Any = None) -> int:
+        backend.close()                     # as Poller.stop's caller does after its 5 s join
+        return device_sync(stream)
+    backend.dev.sync = sync_while_closing   # type: ignore[method-assign]
+    assert ln.fence_wait() is False
+    assert ln.record == -1
+    ln.close()
+
+
+def test_a_context_reset_withdraws_the_record_and_a_new_one_is_found():
+    backend, ln = _lane_with_record()
+    backend.reset()
+    assert ln.record == -1                  # withdrawn before the old context's memory went
+    ln.refresh_record()
+    assert ln.record == 0                   # this context has none yet: nothing to read
+    assert ln.fence_wait() is True
+    backend._fault_record()
+    ln.refresh_record()
+    assert ln.record == backend.dev.record_host
+    ln.close()
+
+
+def test_a_closed_lane_is_no_longer_told():
+    backend, ln = _lane_with_record()
+    ln.close()
+    assert backend._record_readers == []
+    backend.close()                         # would call into the freed native tables

@@ -64,7 +64,7 @@ log = logging.getLogger(__name__)
 
 ENV = "VXPU_FASTLANE"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
-ABI = 8                          # fl_abi() of the source this module speaks to
+ABI = 9                          # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
 TAKES = 8                        # FL_TAKES: re-reads of sq_tail per call
 MAX_PLANS = 256
@@ -320,10 +320,16 @@ class FastLane:
         self.runs = 0                      # statistics: calls, descriptors taken, hand-offs by reason
         self.taken = 0
         self.stops: dict[int, int] = {}
+        # The backend tells where its record is under its own lock, and withdraws it (-1) before
+        # freeing it from any thread (a server closing while this lane waits in fl_fence).
+        self._watch = getattr(backend, "native_watch_record", None)
+        self._unwatch = getattr(backend, "native_unwatch_record", None)
 
     def close(self) -> None:
         """Free the native tables (idempotent)."""
         if self._ctx:
+            if callable(self._unwatch):
+                self._unwatch(self._set_record)
             self.lib.fl_free(self._ctx)
             self._ctx = ctypes.c_void_p(0)
 
@@ -373,8 +379,20 @@ class FastLane:
         return True
 
     def refresh_record(self) -> None:
-        """Tell C where the fault record is now (a context reset frees the old one)."""
-        record = self.backend.native_record() if self.fences else -1
+        """Tell C where the fault record is now (a context reset frees the old one): through
+        the backend's :meth:`~vxpu.accel.gpubase.GpuBackend.native_watch_record`, so the
+        address is read and pushed under the backend's lock, and withdrawn before it is freed."""
+        if not self.fences:
+            self._set_record(-1)
+        elif callable(self._watch):
+            self._watch(self._set_record)
+        else:
+            self._set_record(-1)           # no way to learn when it goes: FENCE stays in Python
+
+    def _set_record(self, record: int) -> None:
+        """The record C reads after a FENCE's wait (-1: none, the FENCE goes to Python)."""
+        if not self.fences:
+            record = -1
         if record != self.record:
             self.lib.fl_set_fence(self._ctx, int(record >= 0), max(record, 0))
             self.record = record

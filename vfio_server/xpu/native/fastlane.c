@@ -16,14 +16,16 @@
  * base + (index & mask) * entry size inside the ring Python validated. Driver entry points are
  * function pointers handed in at fl_new (libcuda's, or a test's fakes): no link to libcuda, no
  * Python API. Not thread-safe: one caller at a time (the poller, under GuestRam.lock, except
- * fl_fence, which touches no table). The only guest words read more than once are sq_tail
+ * fl_fence, which touches no table), except that fl_set_fence may come from any thread while
+ * fl_fence waits: the backend withdraws its fault record through it before freeing it (the
+ * claim word is read under record_busy, so never after fl_set_fence(c, 0, 0) has returned). The only guest words read more than once are sq_tail
  * (re-read for descriptors posted meanwhile, and validated each time) and nothing else.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define FL_ABI 8
+#define FL_ABI 9
 #define SQ_ENTRY 64u
 #define CQ_ENTRY 32u
 #define MAX_ARG_BYTES 4096u
@@ -88,6 +90,7 @@ struct fl_ctx {
     uint32_t copies;        /* copies enabled (a stream of the session's own) */
     uint64_t record;        /* host address of the mapped fault record (0: none to read) */
     uint32_t fences;        /* FENCE handled here (the record, if any, is readable in place) */
+    uint32_t record_busy;   /* spin lock over record/fences: fl_fence's read vs fl_set_fence */
 };
 
 /* One call's geometry and results; Python owns it (a ctypes Structure of the same layout). */
@@ -305,10 +308,22 @@ void fl_set_copy_stream(struct fl_ctx *c, void *stream, uint32_t enabled) {
 
 /* FENCE: handled here when enabled; after its wait it reads the claim word of the mapped fault
  * record at host (0: there is no record, nothing to read). */
+static void record_lock(struct fl_ctx *c) {
+    while (__atomic_exchange_n(&c->record_busy, 1u, __ATOMIC_ACQUIRE)) {
+        while (__atomic_load_n(&c->record_busy, __ATOMIC_RELAXED)) { }
+    }
+}
+
+static void record_unlock(struct fl_ctx *c) { __atomic_store_n(&c->record_busy, 0u, __ATOMIC_RELEASE); }
+
+/* Any thread, also while fl_fence waits in another: once this returns, fl_fence reads nothing
+ * at the old address (fl_set_fence(c, 0, 0) before the record is freed). */
 void fl_set_fence(struct fl_ctx *c, uint32_t enabled, uint64_t host) {
     if (!c) return;
+    record_lock(c);
     c->fences = enabled ? 1 : 0;
     c->record = host;
+    record_unlock(c);
 }
 
 
@@ -511,9 +526,12 @@ uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
  * the mapped fault record's claim word is clear (or there is no record); 1 otherwise (the
  * caller's Python FENCE waits again and reports what surfaced). */
 int fl_fence(struct fl_ctx *c) {
-    if (!c || !c->fences) return 1;
+    if (!c || !__atomic_load_n(&c->fences, __ATOMIC_RELAXED)) return 1;
     if (c->drv.sync()) return 1;
-    if (!c->record) return 0;
-    uint32_t claimed = __atomic_load_n((const uint32_t *)(uintptr_t)c->record, __ATOMIC_ACQUIRE);
-    return claimed != 0;
+    int out = 0;
+    record_lock(c);                         /* the record may have been withdrawn during the wait */
+    if (!c->fences) out = 1;
+    else if (c->record) out = __atomic_load_n((const uint32_t *)(uintptr_t)c->record, __ATOMIC_ACQUIRE) != 0;
+    record_unlock(c);
+    return out;
 }
