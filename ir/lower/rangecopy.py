@@ -72,7 +72,7 @@ from llvmlite import ir
 from vxpu.ir.lower.bounds import aligned, in_bounds
 from vxpu.ir.lower.gpucheck import access_of
 from vxpu.ir.lower.hoist import proven_accesses
-from vxpu.ir.lower.versioning import find_counted_loops, invariant, natural_loop, predecessors
+from vxpu.ir.lower.versioning import find_counted_loops, invariant, latch_step, natural_loop, predecessors
 from vxpu.ir.model import Block, BlockParam, Kernel, OpResult, Param, Value
 from vxpu.ir.types import AddressSpace
 
@@ -144,25 +144,10 @@ def _match(h: Block, loop: set[int], latches: list[Block], preds: dict[int, list
     iv, bound = cond.op.operands
     if not (isinstance(iv, BlockParam) and iv.block is h and _narrow(iv) and invariant(bound, loop)):
         return None
-    step: Value | None = None
-    for latch in latches:
-        lt = latch.terminator
-        if lt is None:
-            return None
-        for s in lt.successors:
-            if s.block is not h:
-                continue
-            nxt = s.args[iv.index]
-            if not (isinstance(nxt, OpResult) and nxt.op.opcode == "add" and nxt.op.block is not None
-                    and id(nxt.op.block) in loop):
-                return None
-            a, c = nxt.op.operands
-            other = c if a is iv else a if c is iv else None
-            if other is None or not invariant(other, loop) or (step is not None and other is not step):
-                return None
-            step = other
-    if step is None:
+    found = latch_step(h, iv, latches, loop)
+    if found is None:
         return None
+    step = found[0]
     barrier = any(op.opcode == "barrier" for b in blocks for op in b.ops)
     return Loop(h, iv, entries[0].args[iv.index], bound, step, frozenset(id(b) for b in blocks if b is not h), barrier)
 

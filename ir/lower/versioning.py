@@ -76,6 +76,32 @@ def invariant(v: Value, loop: set[int]) -> bool:
     return True  # kernel parameters
 
 
+def latch_step(h: Block, iv: BlockParam, latches: list[Block], loop: set[int]) -> tuple[Value, list[Op]] | None:
+    """``(s, adds)`` when every back edge of ``loop`` (header ``h``, blocks ``loop``) passes
+    ``add iv, s`` (either operand order; the add inside the loop) as ``iv``'s next value, with
+    one ``s`` defined outside the loop; ``adds`` are those add ops. None otherwise."""
+    step: Value | None = None
+    adds: list[Op] = []
+    for latch in latches:
+        lt = latch.terminator
+        if lt is None:
+            return None
+        for succ in lt.successors:
+            if succ.block is not h:
+                continue
+            nxt = succ.args[iv.index]
+            if not isinstance(nxt, OpResult) or nxt.op.opcode != "add" or nxt.op.block is None \
+                    or id(nxt.op.block) not in loop:
+                return None
+            a, c = nxt.op.operands
+            other = c if a is iv else a if c is iv else None
+            if other is None or not invariant(other, loop) or (step is not None and other is not step):
+                return None
+            step = other
+            adds.append(nxt.op)
+    return None if step is None else (step, adds)
+
+
 def find_counted_loops(kernel: Kernel, order: list[Block]) -> list[CountedLoop]:
     """Every loop of ``kernel`` (blocks in reverse post-order ``order``) that can be versioned."""
     index = {id(b): i for i, b in enumerate(order)}
@@ -127,26 +153,11 @@ def _match(h: Block, loop: set[int], latches: list[Block], preds: dict[int, list
             or not invariant(bound, loop):
         return None
     cl = CountedLoop(h, blocks, outside_preds[0], exit_s.block, iv, bound, bound, cmp.pred == "slt")
-    step: Value | None = None
-    for latch in latches:
-        lt = latch.terminator
-        if lt is None:
-            return None
-        for succ in lt.successors:
-            if succ.block is not h:
-                continue
-            nxt = succ.args[iv.index]
-            if not isinstance(nxt, OpResult) or nxt.op.opcode != "add" or id(nxt.op.block) not in loop:
-                return None
-            a, c = nxt.op.operands
-            other = c if a is iv else a if c is iv else None
-            if other is None or not invariant(other, loop) or (step is not None and other is not step):
-                return None
-            step = other
-            cl.increments.add(id(nxt.op))
-    if step is None:
+    found = latch_step(h, iv, latches, loop)
+    if found is None:
         return None
-    cl.step = step
+    cl.step, adds = found
+    cl.increments.update(id(op) for op in adds)
     cl.escaping = _escaping(h, loop, order)
     return cl
 
