@@ -93,11 +93,14 @@ VARIANTS: dict[str, dict[str, int | str]] = {
     "no_range_copy": {"range_copy": False},          # no range copy (rangecopy.py): session 3's start
     "no_exit_free": {"exit_free": False},            # range copy only by its own rule, not exit-free
     "no_limits32": {"limits32": False},              # no host-filled element windows: 64-bit index checks
-    # scanloop (session 3): shared offsets of non-wrapping sums split, guarded shared loads
+    # scanloop (session 3): shared offsets of non-wrapping sums split, guarded shared loads,
+    # doubling barrier loops unrolled by 2
     "no_split_offsets": {"split_offsets": ""},       # offset p, a + b as one address (scan's start)
     "no_guarded_loads": {"guarded_loads": ""},       # select-only loads speculated (scan's start)
-    "no_scanloop": {"split_offsets": "", "guarded_loads": ""},                  # both: the lowering before
-    "no_scanloop_unchecked": {"split_offsets": "", "guarded_loads": "", "checked": 0},  # ... unchecked
+    "no_unroll": {"unroll_shift_loops": False},      # scan's level loop not unrolled
+    "no_scanloop": {"split_offsets": "", "guarded_loads": "", "unroll_shift_loops": False},  # all three
+    "no_scanloop_unchecked": {"split_offsets": "", "guarded_loads": "", "unroll_shift_loops": False,
+                              "checked": 0},         # ... unchecked
     "guarded_loads_all": {"guarded_loads": "all"},   # global loads guarded too (sgemm: not unrolled then)
 }
 

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from llvmlite import ir
-from vxpu.ir.lower import rangecopy, tidrange
+from vxpu.ir.lower import rangecopy, tidrange, unroll
 from vxpu.ir.lower.bounds import (
     FAULT_TRAP,
     ORIGIN_LOCAL,
@@ -105,6 +105,8 @@ class GpuHooks(TargetHooks):
     #: Emit ``offset p, a ± b`` as two offsets where ``a ± b`` cannot wrap (:meth:`split_offset`):
     #: "shared" (shared-space pointers), "all" (every space) or "" (none).
     split_offsets = "shared"
+    #: Unroll barrier loops with a doubling/halving counter by 2 (:mod:`vxpu.ir.lower.unroll`).
+    unroll_shift_loops = True
     #: Emit an unchecked load whose one use is ``select c, v, x`` under ``c`` (:meth:`load`):
     #: "shared" (loads from shared memory), "all" or "" (none).
     guarded_loads = "shared"
@@ -345,6 +347,8 @@ class GpuHooks(TargetHooks):
         return slot
 
     def lower_kernel(self, mod: ir.Module, kernel: Kernel) -> ir.Function:
+        if self.unroll_shift_loops:
+            kernel = unroll.unroll_shift_loops(kernel)
         params = [kl_type for kl_type in (self._param_type(p.type) for p in kernel.params)]
         ptrs = [i for i, p in enumerate(kernel.params) if p.type.is_ptr]
         nsizes = len(WINDOW_SIZES)
