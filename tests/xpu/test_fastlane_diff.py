@@ -9,9 +9,11 @@ from __future__ import annotations
 import ctypes
 import random
 import struct
+from dataclasses import replace
 from typing import Any
 
 import pytest
+from vxpu.accel.quota import DEFAULT_QUOTA
 
 from vxpu.abi import xpu as abi
 from vxpu.abi.xpu import DescFlags, Opcode
@@ -150,43 +152,62 @@ def _snapshot(rig: XpuRig) -> dict[str, Any]:
             "device": device, "log": list(fake.log)}
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_the_lane_changes_nothing_the_guest_or_host_can_see(tmp_path, seed):
+def _setup(rigs: tuple[XpuRig, XpuRig]) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+    """Kernels and allocations, the same on both devices."""
+    kernels = [setup_kernels(r) for r in rigs]
+    assert kernels[0] == kernels[1]
+    allocs = [[(r.alloc(size), size) for size in (256, 4096, 65536, 1 << 20)] for r in rigs]
+    assert allocs[0] == allocs[1]
+    for r in rigs:                                  # every argument slot starts valid
+        for slot in range(SLOTS):
+            addr, _size = allocs[0][slot % 4]
+            r.write(ARG_OFF + 64 * slot, struct.pack("<QI4x", addr, 1))
+    return kernels[0], allocs[0]
+
+
+@pytest.mark.parametrize("seed,depth,resets", [(s, 0, False) for s in range(6)] + [(6, 6, False), (7, 3, False),
+                                                                                     (8, 0, True), (9, 5, True)])
+def test_the_lane_changes_nothing_the_guest_or_host_can_see(tmp_path, seed, depth, resets):
+    """``depth``: a queue-depth quota that small (the lane's queue-room stops and Python's waits
+    interleave); ``resets``: now and then a chunk with the RESET command in it (a new session
+    under the lane: its tables, plans, queue and record all go), then set up again."""
     rnd = random.Random(1000 + seed)
-    with rig_for(tmp_path, "on", fastlane_on=True, sq_entries=128) as on, \
-            rig_for(tmp_path, "off", fastlane_on=False, sq_entries=128) as off:
+    kw: dict[str, Any] = {"quota": replace(DEFAULT_QUOTA, queue_depth=depth)} if depth else {}
+    with rig_for(tmp_path, "on", fastlane_on=True, sq_entries=128, **kw) as on, \
+            rig_for(tmp_path, "off", fastlane_on=False, sq_entries=128, **kw) as off:
         assert off.device.poller.fastlane is None
         rigs = (on, off)
-        kernels = [setup_kernels(r) for r in rigs]
-        assert kernels[0] == kernels[1]
-        allocs = [[(r.alloc(size), size) for size in (256, 4096, 65536, 1 << 20)] for r in rigs]
-        assert allocs[0] == allocs[1]
+        kernels, allocs = _setup(rigs)
         fill = rnd.randbytes(1 << 20)
         for r in rigs:
             r.write(GUEST, fill)
-        stream = Stream(seed, *kernels[0], allocs[0])
-        for r in rigs:                                  # every argument slot starts valid
-            for slot in range(SLOTS):
-                addr, _size = allocs[0][slot % 4]
-                r.write(ARG_OFF + 64 * slot, struct.pack("<QI4x", addr, 1))
+        stream = Stream(seed, *kernels, allocs)
         for _chunk in range(25):
             for _ in range(rnd.randrange(0, 3)):
                 slot, blob = stream.slot_bytes()
                 for r in rigs:
                     r.write(ARG_OFF + 64 * slot, blob)
+            reset = resets and rnd.random() < 0.25
             if rnd.random() < 0.2:                     # a burst of copies longer than one batch
                 chunk = [stream.copy(rnd.random() < 0.5) for _ in range(rnd.randrange(65, 120))]
             else:
                 chunk = [stream.one() for _ in range(rnd.randrange(1, 100))]
+            if reset:                                  # the guest's state goes mid-chunk
+                at = rnd.randrange(len(chunk) + 1)
+                chunk[at:at] = [desc(Opcode.RESET, tag=0xEEEE)]
             chunk.append(desc(Opcode.FENCE, tag=0xFFFF))
             got = [r.run(chunk, timeout=30) for r in rigs]
             assert got[0] == got[1], _explain(chunk, got[0], got[1])
             for c, d in zip(got[0], chunk):
                 if abi.DESCRIPTOR.unpack(d)[0] == Opcode.MEM_ALLOC and c.status == 0:
                     stream.allocs.append((c.result, abi.DESCRIPTOR.unpack(d)[4]))
+            if reset:
+                kernels, allocs = _setup(rigs)
+                stream.inc, stream.empty = kernels
+                stream.allocs, stream.freed = allocs, []
         a, b = _snapshot(on), _snapshot(off)
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == b[key], key
         taken = lane(on).taken
-        assert taken > 200, lane(on).stops        # the lane really ran most of the common path
+        assert taken > (200 if not depth else 40), lane(on).stops     # the lane really ran much of the common path
