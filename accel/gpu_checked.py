@@ -13,7 +13,8 @@ that the host fills at every launch and the guest never sees:
   checked with two 32-bit compares (``vxpu.ir.lower.gpucheck``; docs/ir-lowering.md §7);
 * with any pointer parameter, ``(lo: i32, hi: i32)`` per element size: the *common* window,
   the intersection of every pointer parameter's window for that size (one compare pair for a
-  run of accesses at one index into every pointer buffer, as vector_add's);
+  run of accesses at one index into every pointer buffer, as vector_add's); no windows at all
+  where they would take the parameters past :data:`WINDOW_PARAM_BYTES` (:func:`windows_fit`);
 * ``fault: u64`` — the device address of the context's fault record (:data:`RECORD_SIZE`
   bytes, zero while no thread has faulted): pinned host memory mapped into the device where the
   vendor offers it (CUDA), else device memory;
@@ -37,8 +38,8 @@ from collections.abc import Sequence
 
 from vxpu.accel.backend import BackendError, FaultRecord, KernelInfo, Status
 
-__all__ = ["EMPTY_WINDOW", "MAX_LENGTH", "RECORD_SIZE", "WINDOW_SIZES", "CheckedArgs", "decode_record",
-           "element_window", "launch_info"]
+__all__ = ["EMPTY_WINDOW", "MAX_LENGTH", "RECORD_SIZE", "WINDOW_PARAM_BYTES", "WINDOW_SIZES", "CheckedArgs",
+           "decode_record", "element_window", "launch_info", "windows_fit"]
 
 #: The longest buffer a checked kernel's bounds may describe (``vxpu.ir.lower.gpucheck``).
 MAX_LENGTH = 1 << 62
@@ -78,6 +79,19 @@ def element_window(pointer: int, base: int, length: int, size: int) -> tuple[int
         if lo <= hi:
             return lo, hi
     return EMPTY_WINDOW
+
+
+#: The most parameter bytes a kernel with element windows takes (``vxpu.ir.lower.gpucheck``).
+WINDOW_PARAM_BYTES = 4096
+
+
+def windows_fit(args_size: int, pointers: int) -> bool:
+    """Does a checked kernel (``args_size`` bytes of guest arguments, ``pointers`` pointer
+    parameters) take element windows: with any pointer, while all its parameters then fit
+    :data:`WINDOW_PARAM_BYTES` (the lowering's ``gpucheck.windows_fit``, the same rule)?"""
+    start = (args_size + 7) & ~7
+    end = start + 16 * pointers + 8 * len(WINDOW_SIZES) * (pointers + 1) + 12
+    return pointers > 0 and end <= WINDOW_PARAM_BYTES
 
 
 _WINDOWS = struct.Struct("<" + "ii" * len(WINDOW_SIZES))
@@ -120,8 +134,9 @@ def launch_info(info: KernelInfo) -> KernelInfo:
     alignment, so it matches the lowering's LLVM signature)."""
     start = _hidden_start(info)
     pairs = 2 * len(info.pointer_params)
-    # one window per pointer and size, then (with any pointer) one per size for all pointers
-    windows = 2 * len(WINDOW_SIZES) * (len(info.pointer_params) + (1 if info.pointer_params else 0))
+    # one window per pointer and size, then one per size for all pointers (while they fit)
+    n = len(info.pointer_params)
+    windows = 2 * len(WINDOW_SIZES) * (n + 1) if windows_fit(info.args_size, n) else 0
     record = start + 8 * pairs + 4 * windows          # a multiple of 8: windows come in eights
     sizes = info.param_sizes + (8,) * pairs + (4,) * windows + (8, 4)
     offsets = info.param_offsets + tuple(start + 8 * k for k in range(pairs)) \
@@ -138,7 +153,7 @@ class CheckedArgs:
         kernel_id: its index in the backend's kernel names (reported in the fault record).
     """
 
-    __slots__ = ("args_size", "count", "kernel_id", "offset", "pointers", "struct", "windows")
+    __slots__ = ("args_size", "count", "kernel_id", "offset", "pointers", "struct", "windows", "with_windows")
 
     def __init__(self, info: KernelInfo, kernel_id: int) -> None:
         self.args_size = info.args_size
@@ -147,6 +162,7 @@ class CheckedArgs:
         self.pointers = tuple(info.param_offsets[i] for i in info.pointer_params)
         self.struct = struct.Struct("<" + "Q" * (2 * self.count))
         self.windows = self.offset + self.struct.size
+        self.with_windows = windows_fit(info.args_size, self.count)
         self.kernel_id = kernel_id
 
     def fill(self, view: memoryview, args: bytes | memoryview, bounds: Sequence[tuple[int, int]],
@@ -173,7 +189,7 @@ class CheckedArgs:
         self.struct.pack_into(view, self.offset, *flat)
         at = self.windows
         each = []
-        for arg, (base, length) in zip(self.pointers, bounds):
+        for arg, (base, length) in zip(self.pointers if self.with_windows else (), bounds):
             packed = _windows(_U64.unpack_from(args, arg)[0], base, length)
             view[at:at + _WINDOWS_BYTES] = packed
             each.append(packed)

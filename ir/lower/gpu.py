@@ -9,7 +9,8 @@ the entry block, pointers are byte pointers and offsets are (non-``inbounds``, w
 kernel takes hidden ones, filled by the host at launch: ``(base: i64, length: i64)`` per
 pointer parameter, ``(lo: i32, hi: i32)`` per pointer parameter and element size 1, 2, 4, 8
 (the pointer's element window, :func:`vxpu.accel.gpu_checked.element_window`), with any
-pointer parameter ``(lo: i32, hi: i32)`` per size for the intersection of them all, then
+pointer parameter ``(lo: i32, hi: i32)`` per size for the intersection of them all (all the
+windows only while the parameters fit :data:`~.gpucheck.WINDOW_PARAM_BYTES`), then
 ``fault: i8 addrspace(1)*`` (the context's fault record) and ``kernel_id: i32``. Every load,
 store and atomic is checked against its own buffer (shared and local arrays against their
 declared size) and alignment; a violation — or ``trap`` — never
@@ -32,6 +33,7 @@ from collections.abc import Callable
 from typing import ClassVar
 
 from llvmlite import ir
+from vxpu.ir.args import kernel_signature
 from vxpu.ir.lower import rangecopy, tidrange, unroll
 from vxpu.ir.lower.bounds import (
     FAULT_TRAP,
@@ -55,7 +57,7 @@ from vxpu.ir.lower.common import (
     reverse_postorder,
     scalar_type,
 )
-from vxpu.ir.lower.gpucheck import WINDOW_SIZES, CheckGroups
+from vxpu.ir.lower.gpucheck import WINDOW_SIZES, CheckGroups, windows_fit
 from vxpu.ir.lower.toolchain import NVPTX_TRIPLE
 from vxpu.ir.model import Kernel, LocalArray, Module, Op, OpResult, SharedArray, Value
 from vxpu.ir.types import AddressSpace
@@ -353,7 +355,8 @@ class GpuHooks(TargetHooks):
         ptrs = [i for i, p in enumerate(kernel.params) if p.type.is_ptr]
         nsizes = len(WINDOW_SIZES)
         if self.checked:
-            nwin = len(ptrs) + (1 if ptrs else 0)        # each pointer's, then the common ones
+            # each pointer's windows, then the common ones (while the parameters fit)
+            nwin = len(ptrs) + 1 if windows_fit(kernel_signature(kernel).args_size, len(ptrs)) else 0
             params += [I64, I64] * len(ptrs) + [I32, I32] * nsizes * nwin + [I8.as_pointer(1), I32]
         fn = ir.Function(mod, ir.FunctionType(VOID, params), name=kernel.name)
         self.kernel = kernel
@@ -363,11 +366,12 @@ class GpuHooks(TargetHooks):
             self.record, self.kernel_id = hidden[-2], hidden[-1]
             fn.args[len(fn.args) - 2].add_attribute("noalias")
             wins = hidden[2 * len(ptrs):-2]
-            self.param_windows = {(i, size): (wins[2 * (nsizes * k + n)], wins[2 * (nsizes * k + n) + 1])
-                                  for k, i in enumerate(ptrs) for n, size in enumerate(WINDOW_SIZES)}
-            at = 2 * nsizes * len(ptrs)
-            self.common_windows = {size: (wins[at + 2 * n], wins[at + 2 * n + 1])
-                                   for n, size in enumerate(WINDOW_SIZES)} if ptrs else {}
+            if nwin:
+                self.param_windows = {(i, size): (wins[2 * (nsizes * k + n)], wins[2 * (nsizes * k + n) + 1])
+                                      for k, i in enumerate(ptrs) for n, size in enumerate(WINDOW_SIZES)}
+                at = 2 * nsizes * len(ptrs)
+                self.common_windows = {size: (wins[at + 2 * n], wins[at + 2 * n + 1])
+                                       for n, size in enumerate(WINDOW_SIZES)}
         self.mark_kernel(fn)
         entry = fn.append_basic_block("entry")
         b = ir.IRBuilder(entry)

@@ -61,11 +61,23 @@ I1 = ir.IntType(1)
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 
-__all__ = ["WINDOW_SIZES", "CheckGroups", "access_of"]
+__all__ = ["WINDOW_PARAM_BYTES", "WINDOW_SIZES", "CheckGroups", "access_of", "windows_fit"]
 
 #: The element sizes with a host-filled window per pointer parameter, in hidden-argument order
 #: (``vxpu.accel.gpu_checked.WINDOW_SIZES``).
 WINDOW_SIZES = (1, 2, 4, 8)
+#: A checked kernel takes element windows only while all its parameters then fit these bytes
+#: (PTX before ISA 8.1 allows 4352 bytes of kernel parameters; AMD's kernarg segment 4096);
+#: a kernel with more (~75 pointer parameters and up) keeps the other forms.
+WINDOW_PARAM_BYTES = 4096
+
+
+def windows_fit(args_size: int, pointers: int) -> bool:
+    """Does a checked kernel with ``args_size`` bytes of IR parameters and ``pointers`` pointer
+    parameters take element windows (``vxpu.accel.gpu_checked.windows_fit`` is the same rule)?"""
+    start = (args_size + 7) & ~7
+    end = start + 16 * pointers + 8 * len(WINDOW_SIZES) * (pointers + 1) + 12
+    return pointers > 0 and end <= WINDOW_PARAM_BYTES
 
 def access_of(op: Op) -> tuple[Value, int] | None:
     """``(pointer, size)`` of a load, store or atomic; None for other ops."""

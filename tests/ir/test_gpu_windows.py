@@ -408,3 +408,48 @@ def test_vector_add_ptx_has_one_s32_compare_pair_and_no_64_bit_bound_test() -> N
     assert not re.search(r"setp\.\w+\.[us]64", hot)
     unchecked = compile_module(module, "nvptx", arch="sm_90", cache=False, checked=False).asm
     assert re.findall(r"setp\.\w+", unchecked) == ["setp.ge"]
+
+
+def _pointer_kernel(n: int) -> Module:
+    kb = KernelBuilder("k", [(f"p{k}", ptr_global) for k in range(n)])
+    ps = kb.params
+    kb.set_block(kb.block("e"))
+    t = kb.thread_id("x")
+    kb.store(kb.load(kb.offset(ps[0], t, f32), f32), kb.offset(ps[n - 1], t, f32))
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+def test_windows_only_while_the_parameters_fit_and_host_and_lowering_agree() -> None:
+    """Past WINDOW_PARAM_BYTES of parameters (PTX before ISA 8.1 allows 4352) a kernel takes no
+    windows; the host's layout and the lowered signature agree on either side of the edge."""
+    from vxpu.ir.args import kernel_signature
+    from vxpu.ir.lower import gpucheck
+    from vxpu.ir.lower.nvptx import lower_module
+
+    assert gpu_checked.WINDOW_PARAM_BYTES == gpucheck.WINDOW_PARAM_BYTES
+    for args_size in range(0, 4200, 4):
+        for n in (0, 1, 2, 3, 30, 60, 70, 75, 80, 100):
+            assert gpu_checked.windows_fit(args_size, n) == gpucheck.windows_fit(args_size, n)
+    flips = [n for n in range(1, 130) if gpu_checked.windows_fit(8 * n, n) != gpu_checked.windows_fit(8 * n + 8, n + 1)]
+    assert len(flips) == 1
+    for n in (1, flips[0], flips[0] + 1, 128):
+        module = _pointer_kernel(n)
+        info = KernelInfo.from_signature(kernel_signature(module.kernels[0]), checked=True)
+        full = gpu_checked.launch_info(info)
+        text = str(lower_module(module))
+        sig = text[text.index("define"):]
+        sig = sig[:sig.index("{")]
+        assert len(re.findall(r"%\"?\.\d+\"?", sig)) == len(full.param_sizes), n
+        assert ("icmp sge i32" in text) == gpu_checked.windows_fit(info.args_size, n), n
+        buf = bytearray(full.args_size)
+        CheckedArgs(info, 5).fill(memoryview(buf), struct.pack(f"<{n}Q", *([0x1000] * n)), [(0x1000, 64)] * n, 0xF000)
+        assert struct.unpack_from("<QI", buf, full.param_offsets[-2]) == (0xF000, 5)
+        assert struct.unpack_from("<QQ", buf, full.param_offsets[n]) == (0x1000, 64)
+
+
+@needs_nvjitlink
+def test_a_kernel_with_128_pointers_still_compiles() -> None:
+    from vxpu.ir.compile import compile_module
+
+    assert compile_module(_pointer_kernel(128), "nvptx", arch="sm_90", cache=False).image
