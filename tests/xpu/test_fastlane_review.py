@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
+import struct
 from pathlib import Path
 from typing import Any
 
+import pytest
 from vxpu.vfio_server.xpu import fastlane
+
+from vxpu.abi import xpu as abi
+from vxpu.abi.xpu import Opcode
 
 from .test_fastlane import FakeGpu
 
@@ -124,3 +130,40 @@ def test_a_closed_lane_is_no_longer_told():
     ln.close()
     assert backend._record_readers == []
     backend.close()                         # would call into the freed native tables
+
+
+# -- a hostile sq_tail re-read by the C run --------------------------------------------------------
+@pytest.mark.parametrize(("ahead", "room", "taken"), [
+    (0, 64, 2),                 # nothing posted meanwhile
+    (10, 64, 12),               # ten more, room for them
+    (10, 5, 5),                 # ten more, room for five completions in all
+    (62, 64, 64),               # a full ring from the next descriptor on (Python's sq_head after a take)
+    (64, 64, 64),               # ... the most it may be ahead: the completion room limits it
+    (65, 64, 2),                # one more than the ring holds: invalid, left to Python
+    (-1, 64, 2),                # behind the head (wraps to ~2^32): invalid
+    (0x8000_0000, 64, 2),       # far ahead
+])
+def test_a_hostile_sq_tail_is_never_followed_outside_the_ring_or_the_room(ahead, room, taken):
+    """fl_run re-reads sq_tail: it takes what lies at most sq_entries from the next descriptor
+    and within the completion room; completions are written only into that room."""
+    from .test_fastlane_native import CQ_OFF, ENTRIES, HDR_OFF, SQ_OFF, Lib, _plan
+    lib = Lib()
+    try:
+        nop = abi.DESCRIPTOR.pack(Opcode.NOP, 0, 0, 6, 0, 0, 0, 0, 0, 0)
+        for i in range(ENTRIES):
+            lib.write(SQ_OFF + i * 64, nop)
+        lib.write(CQ_OFF, b"\xee" * (ENTRIES * 32))
+        lib.write(HDR_OFF, struct.pack("<I", (2 + ahead) & 0xFFFF_FFFF))
+        assert _plan(lib, (1, 2, 3, 4), b"") == 0
+        b = lib.batch
+        b.start, b.pending, b.queued, b.depth = 1, 0, 0, 1024
+        b.sq, b.cq, b.hdr = lib.base + SQ_OFF, lib.base + CQ_OFF, lib.base + HDR_OFF
+        b.sq_mask = b.cq_mask = ENTRIES - 1
+        b.sq_entries, b.sq_head, b.cq_index, b.max, b.cq_room, b.reread = ENTRIES, 0, 0, 2, room, 1
+        lib.lib.fl_run(lib.ctx, ctypes.addressof(b))
+        assert b.consumed == taken and b.group == taken
+        cq = ctypes.string_at(lib.base + CQ_OFF, ENTRIES * 32)
+        assert all(cq[i * 32:(i + 1) * 32] != b"\xee" * 32 for i in range(taken))
+        assert all(cq[i * 32:(i + 1) * 32] == b"\xee" * 32 for i in range(taken, ENTRIES))
+    finally:
+        lib.close()
