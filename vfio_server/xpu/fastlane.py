@@ -30,11 +30,18 @@ runs (a ctypes call), so the serve loop runs freely meanwhile:
   depth and statistics, the executor's ``queued``, the backend's launch counters and
   checked-kernel state, the device statistics (commands by opcode when the group is posted).
 
+* The mapped fault record FENCE reads is the backend's: it tells the lane where it is, and
+  withdraws it before freeing it, under its own lock and from any thread
+  (``GpuBackend.native_watch_record``); C reads the claim word under a lock of its own, so a
+  wait still running when the backend closes or resets never reads freed memory.
+
 Only GPU backends with ``native_driver()`` (CUDA: libcuda's entry points; tests: ctypes fakes)
 take part. The library is built at first use with the system ``cc`` into vxpu's cache
-(``$VXPU_CACHE/native``), keyed by a hash of the source, the flags and the compiler; no
-compiler, a failed build or another backend leave the Python path alone, logged once with the
-reason. ``vxpu serve --fastlane off`` or ``VXPU_FASTLANE=0`` turn it off.
+(``$VXPU_CACHE/native``), keyed by a hash of the source, the flags and the compiler; a cached
+file is loaded only when it and its folder belong to this user and nobody else may write them
+(a shared cache builds in a private temporary folder instead), and one that does not load is
+built again. No compiler, a failed build or another backend leave the Python path alone,
+logged once with the reason. ``vxpu serve --fastlane off`` or ``VXPU_FASTLANE=0`` turn it off.
 """
 
 from __future__ import annotations

@@ -263,7 +263,8 @@ class Poller(NativeLane):
 
     def stop(self) -> None:
         """Stop the thread and close the session (server shutdown); the fast lane's tables go
-        too, once the thread has ended (a thread still in a driver wait keeps them)."""
+        too, once the thread has ended (a thread still in a driver wait keeps them, and the
+        backend withdraws its fault record from them before freeing it)."""
         self._stopping = True
         self.kick.set()
         self._thread.join(5.0)
