@@ -167,3 +167,39 @@ def test_a_hostile_sq_tail_is_never_followed_outside_the_ring_or_the_room(ahead,
         assert all(cq[i * 32:(i + 1) * 32] == b"\xee" * 32 for i in range(taken, ENTRIES))
     finally:
         lib.close()
+
+
+def test_statistics_from_another_thread_while_the_poller_counts_a_new_stop():
+    """STATS is also read by the --stats-file writer thread: a stop reason counted for the first
+    time meanwhile must not fail it ('dictionary changed size during iteration' before)."""
+    import sys
+    import threading
+    import time
+    ln = fastlane.create(FakeGpu(), True)
+    assert ln is not None
+    errors: list[Exception] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        while not done.is_set():
+            try:
+                ln.statistics()
+            except RuntimeError as exc:
+                errors.append(exc)
+                return
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 1.0 and not errors:
+            ln.stops = {}
+            for reason in range(40):             # as many first-time stop reasons as it takes
+                ln.stops[reason] = 1
+    finally:
+        done.set()
+        thread.join()
+        sys.setswitchinterval(old)
+        ln.close()
+    assert not errors, errors[0]

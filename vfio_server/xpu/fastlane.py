@@ -438,7 +438,7 @@ class FastLane:
         """Flat metrics for STATS: runs, descriptors taken natively, plans, hand-offs by reason."""
         out: dict[str, float] = {"vxpu_fastlane_runs": self.runs, "vxpu_fastlane_taken": self.taken,
                                  "vxpu_fastlane_plans": self.plan_count}
-        for stop, count in self.stops.items():
+        for stop, count in dict(self.stops).items():    # a copy: STATS may be read from another thread
             out[f"vxpu_fastlane_stop_{STOP_NAMES.get(stop, stop)}"] = count
         return out
 
