@@ -203,3 +203,25 @@ def test_statistics_from_another_thread_while_the_poller_counts_a_new_stop():
         sys.setswitchinterval(old)
         ln.close()
     assert not errors, errors[0]
+
+
+def test_a_closed_lane_refuses_calls_instead_of_crashing():
+    """After FastLane.close (the native context freed, its pointer NULL) every entry point is a
+    no-op: the executor's plan hook may still call add_plan (before: fl_plans_clear(NULL) was a
+    segmentation fault). In a child process, so a crash fails this test, not the run."""
+    import subprocess
+    import sys
+    code = ("from tests.xpu.test_fastlane import FakeGpu\n"
+            "from vxpu.vfio_server.xpu import fastlane\n"
+            "ln = fastlane.create(FakeGpu(), True)\n"
+            "ln.close()\n"
+            "ln.forget_plans()\n"
+            "assert ln.plan_count == 0 and ln.fence_wait() is False\n"
+            "ln.lib.fl_run(ln._ctx, ln._batch_ref)\n"
+            "ln.lib.fl_run(ln._ctx, None)\n"
+            "ln.close()\n"
+            "print('ok')\n")
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          check=False)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])

@@ -153,6 +153,7 @@ static void plan_free(struct fl_plan *p) {
 }
 
 void fl_plans_clear(struct fl_ctx *c) {
+    if (!c) return;
     for (uint32_t i = 0; i < PLAN_SLOTS; i++) {
         plan_free(c->slots[i]);
         c->slots[i] = NULL;
@@ -484,6 +485,7 @@ static int take_more(struct fl_batch *b, uint32_t i) {
  * cq_index + group on (not published: the caller publishes the group with one cq_tail store).
  * Returns the descriptors taken (b->consumed). */
 uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
+    if (!b) return 0;
     b->consumed = 0;
     b->ntakes = 0;
     if (b->start) {                         /* a new group: pending/queued/depth are the caller's */
@@ -496,7 +498,7 @@ uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
     b->stop = STOP_END;
     b->driver_error = 0;
     b->python_run = 0;
-    if (!c || !b || !b->sq || !b->cq) return 0;
+    if (!c || !b->sq || !b->cq) return 0;
     for (uint32_t i = 0; i < b->max || take_more(b, i); i++) {
         struct desc d;
         read_desc(b, i, &d);
