@@ -601,7 +601,10 @@ class GpuBackend:
     def native_record(self) -> int:
         """Where a native FENCE finds this context's fault record after its wait: the host
         address when it is mapped host memory, 0 when there is none yet (no checked launch in
-        this context: nothing to read), -1 when it is in device memory (FENCE stays in Python)."""
+        this context: nothing to read), -1 when it is in device memory or the backend is closed
+        (FENCE stays in Python)."""
+        if not self._is_open():
+            return -1
         record = self._record
         if record is None or record[0] != self._generation:
             return 0

@@ -225,3 +225,14 @@ def test_a_closed_lane_refuses_calls_instead_of_crashing():
     proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
                           check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_after_the_backend_closed_no_fence_is_native():
+    """A FENCE refreshed after the backend closed (shutdown) is Python's: a closed backend has
+    no record to read, which is not 'nothing to read' (before: 0, and the FENCE completed OK
+    natively wherever the driver's wait still returned success)."""
+    backend, ln = _lane_with_record()
+    backend.close()
+    ln.refresh_record()
+    assert ln.record == -1 and ln.fence_wait() is False
+    ln.close()
