@@ -205,7 +205,7 @@ def test_statistics_from_another_thread_while_the_poller_counts_a_new_stop():
     assert not errors, errors[0]
 
 
-def test_a_closed_lane_refuses_calls_instead_of_crashing():
+def test_a_closed_lane_refuses_calls_instead_of_crashing(tmp_path: Path) -> None:
     """After FastLane.close (the native context freed, its pointer NULL) every entry point is a
     no-op: the executor's plan hook may still call add_plan (before: fl_plans_clear(NULL) was a
     segmentation fault). In a child process, so a crash fails this test, not the run."""
@@ -221,9 +221,14 @@ def test_a_closed_lane_refuses_calls_instead_of_crashing():
             "ln.lib.fl_run(ln._ctx, None)\n"
             "ln.close()\n"
             "print('ok')\n")
+    # Not from the repository root: its vxpu/ folder (the core layer alone) would shadow the
+    # package where it is not installed (a tree on PYTHONPATH, as benchmarks/run_gpu.sh sets up);
+    # the root goes last on the path, for the tests package only.
     root = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
-                          check=False)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(root)) if p)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120, check=False)
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", (proc.returncode, proc.stderr[-2000:])
 
 
