@@ -66,6 +66,7 @@ from vxpu.accel.gpu_common import (
     check_handle,
 )
 from vxpu.accel.gpu_ir import resolve_cache
+from vxpu.accel.gpu_native import GpuNativeLane
 
 __all__ = ["UNBOUND", "CurrentSlot", "GpuBackend"]
 
@@ -84,7 +85,7 @@ class CurrentSlot(threading.local):
     token: object = UNBOUND
 
 
-class GpuBackend:
+class GpuBackend(GpuNativeLane):
     """Handle tables, queue/event lifecycle, copies, fault recovery and teardown of a GPU backend.
 
     Args:
@@ -545,114 +546,6 @@ class GpuBackend:
         if err:
             self._raise(err, f"launch of {pack.info.name!r}")
         self.stats.launches += 1
-
-    # -- native issue (the accelerator device model's fast lane) ---------------------------
-    def native_driver(self) -> dict[str, int] | None:
-        """Driver entry points for a native issuer (``launch``: cuLaunchKernel's signature,
-        ``htod``/``dtoh``: the async copies, ``sync``: context synchronize); None: none here."""
-        return None
-
-    def native_ready(self) -> None:
-        """Make this backend's context current in the calling thread before native calls.
-
-        Raises:
-            BackendError: UNAVAILABLE or DEVICE_LOST (closed, or lost after a fault)."""
-        self._ensure()
-
-    def native_pointer(self, handle: Any) -> int:
-        """The raw driver value of a vendor handle (a function, a stream)."""
-        return int(handle)
-
-    def native_stream(self, queue: object | None) -> int | None:
-        """The raw stream of ``queue`` (None for the default stream: a native issuer then
-        leaves copies to Python, whose copies on it are synchronous).
-
-        Raises:
-            BackendError: INVALID_HANDLE.
-        """
-        return None if queue is None else self.native_pointer(self._stream(queue))
-
-    def native_launch(self, kernel: object, args: bytes, bounds: Sequence[tuple[int, int]] | None,
-                      queue: object | None) -> tuple[int, int, bytes, tuple[int, ...], bool] | None:
-        """What a native issuer needs to launch ``kernel`` as :meth:`launch` would with these
-        arguments: ``(function, stream, packed parameter bytes, parameter offsets, checked)``;
-        the bytes are a fresh fill (arguments, and a checked kernel's hidden bounds and fault
-        record), never the kernel's shared pack. None when this backend cannot say (no fault
-        record in this context yet, a handle from before a reset)."""
-        if kernel.__class__ is not GpuKernel or kernel.generation != self._generation:  # type: ignore[attr-defined]
-            return None
-        assert isinstance(kernel, GpuKernel) and kernel.pack is not None
-        info = kernel.pack.info
-        buf = bytearray(max(info.args_size, 1))
-        if kernel.checked is None:
-            if len(args) != info.args_size:
-                return None
-            buf[:len(args)] = args
-        else:
-            if bounds is None or self._record is None or self._record[0] != self._generation:
-                return None
-            kernel.checked.fill(memoryview(buf), args, bounds, self._record[1])
-        stream = self.native_stream(queue)
-        if stream is None:
-            return None
-        return (self.native_pointer(kernel.handle), stream, bytes(buf[:max(info.args_size, 0)]),
-                tuple(info.param_offsets), kernel.checked is not None)
-
-    def native_record(self) -> int:
-        """Where a native FENCE finds this context's fault record after its wait: the host
-        address when it is mapped host memory, 0 when there is none yet (no checked launch in
-        this context: nothing to read), -1 when it is in device memory or the backend is closed
-        (FENCE stays in Python)."""
-        if not self._is_open():
-            return -1
-        record = self._record
-        if record is None or record[0] != self._generation:
-            return 0
-        return self._record_host or -1
-
-    def native_watch_record(self, reader: Callable[[int], None]) -> None:
-        """Tell ``reader`` where the mapped fault record is (:meth:`native_record`), now and
-        whenever a native reader must look again, always under this backend's lock: with -1
-        right before the record's memory goes (close, context reset), from whatever thread
-        does that, so a native wait in another thread never reads a freed record. Call it
-        again to refresh (a record made since); :meth:`native_unwatch_record` ends it."""
-        with self._lock:
-            if reader not in self._record_readers:
-                self._record_readers.append(reader)
-            reader(self.native_record())
-
-    def native_unwatch_record(self, reader: Callable[[int], None]) -> None:
-        """Stop telling ``reader`` (before the reader's native state is freed)."""
-        with self._lock:
-            if reader in self._record_readers:
-                self._record_readers.remove(reader)
-
-    def _record_going(self) -> None:
-        """The fault record's memory is about to go (lock held): withdraw it from native readers."""
-        for reader in self._record_readers:
-            reader(-1)
-
-    def note_native_work(self, queue: object | None, launches: int, checked: int, bytes_htod: int,
-                         bytes_dtoh: int) -> None:
-        """A native issuer launched ``launches`` kernels (``checked`` of them checked IR) and
-        copied these bytes on ``queue``: count them, and note the checked launches for the
-        fault-record check of the next :meth:`synchronize`, as :meth:`launch` does."""
-        stats = self.stats
-        stats.launches, stats.bytes_htod, stats.bytes_dtoh = (stats.launches + launches, stats.bytes_htod + bytes_htod,
-                                                              stats.bytes_dtoh + bytes_dtoh)
-        if checked:
-            stream = self._stream(queue)
-            self._checked_pending = True
-            if stream is not self._record_stream:
-                if self._record_stream is None:
-                    self._record_stream = stream
-                else:
-                    self._record_streams_many = True
-
-    def note_native_sync(self) -> None:
-        """A native issuer waited for the whole device and found the fault record unclaimed:
-        the checked launches before are checked, as after :meth:`synchronize` (None)."""
-        self._checked_pending, self._record_stream, self._record_streams_many = False, None, False
 
     # -- ordering -------------------------------------------------------------------------
     def create_queue(self) -> object:
