@@ -317,10 +317,11 @@ class RangePlan:
 
 
 def _single(n: _Node) -> bool:
-    """The node is one value for the whole block (no thread index, no counter below it)."""
+    """The node is one value for the whole block (no thread index, no counter, no select below
+    it: a select of two single values is either, its interval the hull of both)."""
     if n.lo == n.hi:
         return True
-    if n.op == "iv" or (n.op == "leaf" and _ranged(n)):
+    if n.op in ("iv", "select") or (n.op == "leaf" and _ranged(n)):
         return False
     return all(_single(a) for a in n.args)
 

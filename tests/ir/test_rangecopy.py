@@ -410,3 +410,38 @@ def _cuda():  # type: ignore[no-untyped-def]
         pytest.skip(f"no CUDA device: {exc}")
     logging.getLogger("vxpu.accel").setLevel(logging.ERROR)
     return backend, Session(backend)
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_a_counter_started_by_a_select_is_not_one_sequence(windows: bool) -> None:
+    """j from select(p < 1, 0, 1) by 4 while j < n: the start is one of two values, so the
+    counter's last value is not init.lo + 4*((n - 1 - init.lo)/4) (p = 5, n = 10: j = 1, 5, 9,
+    not 0, 4, 8). With a 9-element buffer a[9] is read: the test must fail (it held when a
+    select of two constants counted as one value for the block)."""
+    kb = KernelBuilder("k", [("n", i32), ("p", i32), ("a", ptr_global)])
+    n, p, a = kb.params
+    entry, head, body, done = kb.block("e"), kb.block("h", [("j", i32)]), kb.block("b"), kb.block("x")
+    kb.set_block(entry)
+    init = kb.select(kb.icmp("slt", p, kb.const(1, i32)), kb.const(0, i32), kb.const(1, i32))
+    four = kb.const(4, i32)
+    kb.br(head, init)
+    kb.set_block(head)
+    j = head.params[0]
+    kb.cbr(kb.icmp("slt", j, n), body, done)
+    kb.set_block(body)
+    kb.load(kb.offset(a, j, f32), f32)
+    kb.barrier()
+    kb.br(head, kb.add(j, four))
+    kb.set_block(done)
+    kb.ret()
+    module = Module("m", [kb.finish()])
+    kernel = module.kernels[0]
+    plan = rangecopy.plan(kernel, reverse_postorder(kernel), every=True)
+    assert plan is not None
+    jit = _Jit(plan, windows)
+    mem = Memory(1 << 20)
+    base = mem.alloc(4 * 9)
+    with pytest.raises(InterpFault):
+        run_kernel(module, "k", 1, (1, 1), [10, 5, base], mem)
+    assert not jit(10, 5, base, base, 4 * 9, 0, (1, 1), 1)
+    assert jit(10, 5, base, base, 4 * 10, 0, (1, 1), 1)
