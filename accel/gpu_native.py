@@ -132,13 +132,17 @@ class GpuNativeLane:
         stats.launches, stats.bytes_htod, stats.bytes_dtoh = (stats.launches + launches, stats.bytes_htod + bytes_htod,
                                                               stats.bytes_dtoh + bytes_dtoh)
         if checked:
-            stream = self._stream(queue)
-            self._checked_pending = True
-            if stream is not self._record_stream:
-                if self._record_stream is None:
-                    self._record_stream = stream
-                else:
-                    self._record_streams_many = True
+            self._note_checked_launch(self._stream(queue))
+
+    def _note_checked_launch(self, stream: Any) -> None:
+        """A checked kernel went to ``stream``: the next :meth:`synchronize` reads the fault
+        record, and knows whether its wait covers every stream such kernels went to."""
+        self._checked_pending = True
+        if stream is not self._record_stream:
+            if self._record_stream is None:
+                self._record_stream = stream
+            else:
+                self._record_streams_many = True
 
     def note_native_sync(self) -> None:
         """A native issuer waited for the whole device and found the fault record unclaimed:

@@ -533,12 +533,7 @@ class GpuBackend(GpuNativeLane):
                     if args.__class__ is bytes and bounds.__class__ is tuple \
                             and all(b.__class__ is tuple for b in bounds):     # immutable: safe to compare by identity
                         kernel.filled = (args, bounds, record)  # type: ignore[attr-defined]
-                self._checked_pending = True
-                if stream is not self._record_stream:
-                    if self._record_stream is None:
-                        self._record_stream = stream
-                    else:
-                        self._record_streams_many = True
+                self._note_checked_launch(stream)
             (err,) = self._drv_launch(kernel.handle, gx, gy, gz, bx, by, bz,  # type: ignore[attr-defined]
                                       shared_bytes, stream, pack)
         except self.launch_errors as exc:

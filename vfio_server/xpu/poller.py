@@ -644,12 +644,7 @@ class Poller(NativeLane):
         if err is not None or self.aborting:
             held[:] = [self._final(entry, err) for entry in held]
         with self.ram.lock:
-            if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
-                return False
-            try:
-                rings.attach(self.ram)
-            except QueueFatal as exc:
-                self._set_fatal(exc.code, exc.info, str(exc))
+            if not self._still_attached(rings, epoch):
                 return False
             rings.complete_many(held)
         forced = 0
@@ -670,6 +665,19 @@ class Poller(NativeLane):
         if needs_sync and err is not None and status == 0:
             return tag, int(err), r1, r2, op, flags, needs_sync
         return entry
+
+    def _still_attached(self, rings: Rings, epoch: int) -> bool:
+        """With :attr:`GuestRam.lock` held: are ``rings`` still this device's enabled queue of
+        ``epoch``, attached to the current guest-RAM views? A ring configuration that no longer
+        validates puts the device into its fatal-error state (False, as for a stopped queue)."""
+        if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
+            return False
+        try:
+            rings.attach(self.ram)
+        except QueueFatal as exc:
+            self._set_fatal(exc.code, exc.info, str(exc))
+            return False
+        return True
 
     def _same_rings(self, rings: Rings) -> bool:
         """Is ``rings`` still the running queue (not replaced by a reset or re-enable)?"""

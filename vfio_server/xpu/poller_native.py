@@ -57,6 +57,7 @@ class NativeLane:
 
     if TYPE_CHECKING:                   # Poller's own, used here
         def _same_rings(self, rings: Rings) -> bool: ...
+        def _still_attached(self, rings: Rings, epoch: int) -> bool: ...
         def _set_fatal(self, code: FatalCode, info: int, why: str) -> None: ...
         def _final(self, entry: Held, err: Status | None) -> Held: ...
         def _note_completions(self, n: int, forced: int, count: int) -> None: ...
@@ -171,12 +172,7 @@ class NativeLane:
                 err = self.executor.synchronize_deferred()
         n = b.group
         with self.ram.lock:
-            if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
-                return False
-            try:
-                rings.attach(self.ram)
-            except QueueFatal as exc:
-                self._set_fatal(exc.code, exc.info, str(exc))
+            if not self._still_attached(rings, epoch):
                 return False
             if err is None and not self.aborting and self.ram.generation == self._native_gen:
                 rings.publish(n)
@@ -211,12 +207,7 @@ class NativeLane:
         if not ok or self.aborting:
             return self._run_batch([(_FENCE, flags, 0, tag, 0, 0, 0, 0, 0, 0)], rings, epoch, False)
         with self.ram.lock:
-            if self.epoch != epoch or not self.enabled or not self._same_rings(rings):
-                return -1
-            try:
-                rings.attach(self.ram)
-            except QueueFatal as exc:
-                self._set_fatal(exc.code, exc.info, str(exc))
+            if not self._still_attached(rings, epoch):
                 return -1
             rings.complete(tag, 0, 0, 0)
         self.stats.count(_FENCE, 0)
