@@ -22,6 +22,7 @@ become parameters of the exit block (each exit passes its copy's value).
 
 from __future__ import annotations
 
+from vxpu.ir.lower.common import reverse_postorder
 from vxpu.ir.lower.versioning import natural_loop, predecessors
 from vxpu.ir.model import Block, BlockParam, Kernel, Module, Op, OpResult, Successor, Value
 from vxpu.ir.passes.util import clone_module, unique_block_name
@@ -32,32 +33,9 @@ __all__ = ["MAX_OPS", "shift_loops", "unroll_shift_loops"]
 MAX_OPS = 200
 
 
-def _order(kernel: Kernel) -> list[Block]:
-    seen: set[int] = set()
-    out: list[Block] = []
-
-    def visit(b: Block) -> None:
-        stack = [(b, iter(b.successor_blocks()))]
-        seen.add(id(b))
-        while stack:
-            blk, it = stack[-1]
-            nxt = next(it, None)
-            if nxt is None:
-                out.append(blk)
-                stack.pop()
-            elif id(nxt) not in seen:
-                seen.add(id(nxt))
-                stack.append((nxt, iter(nxt.successor_blocks())))
-
-    if kernel.blocks:
-        visit(kernel.blocks[0])
-    out.reverse()
-    return out
-
-
 def shift_loops(kernel: Kernel) -> list[tuple[Block, list[Block], Block]]:
     """``(header, loop blocks in order, exit)`` of every loop of ``kernel`` that qualifies."""
-    order = _order(kernel)
+    order = reverse_postorder(kernel)
     index = {id(b): i for i, b in enumerate(order)}
     preds = predecessors(order)
     found = []
