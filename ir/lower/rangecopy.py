@@ -251,7 +251,9 @@ class RangePlan:
         have = self._emitted.get(id(n))
         if have is not None:
             return have
-        if n.lo == n.hi:                                  # statically one value
+        if n.lo == n.hi and not n.ivs:                    # statically one value
+            # (not below a counter: its static bounds hold only once the counter's run-time
+            # tests, emitted by _iv, pass — j from 0 by p while j < 1 is 0 only for p > 0)
             c = ir.Constant(I64, n.lo)
             self._emitted[id(n)] = c, c
             return c, c

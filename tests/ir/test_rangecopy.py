@@ -27,7 +27,7 @@ from vxpu.ir.lower import rangecopy
 from vxpu.ir.lower.common import reverse_postorder
 from vxpu.ir.lower.nvptx import lower_module
 from vxpu.ir.lower.toolchain import llvm_binding
-from vxpu.ir.model import Module
+from vxpu.ir.model import Module, Value
 from vxpu.ir.samples import SAMPLES
 from vxpu.ir.types import f32, i32, ptr_global
 
@@ -445,3 +445,141 @@ def test_a_counter_started_by_a_select_is_not_one_sequence(windows: bool) -> Non
         run_kernel(module, "k", 1, (1, 1), [10, 5, base], mem)
     assert not jit(10, 5, base, base, 4 * 9, 0, (1, 1), 1)
     assert jit(10, 5, base, base, 4 * 10, 0, (1, 1), 1)
+
+
+def _nested_kernel(rng: random.Random) -> Module:
+    """k(n, p, a), no barrier: j from init1 by step1 while j < n { [a[e(j)]]; k from init2 by
+    step2 while k < bound2 { a[e(j, k)]; [break out on a thread or parameter test]; [a second
+    back edge ('continue') before a[e(j, k)] again] }; [a[e(j)]] }. init1 and init2 may be
+    selects, init2/bound2 may read j; every index a random tree over the counters, thread and
+    block indices and parameters."""
+    kb = KernelBuilder("k", [("n", i32), ("p", i32), ("a", ptr_global)])
+    n, p, a = kb.params
+    e, h1, b1, h2, b2, c2, l1, x = (kb.block("e"), kb.block("h1", [("j", i32)]), kb.block("b1"),
+                                    kb.block("h2", [("k", i32)]), kb.block("b2"), kb.block("c2"),
+                                    kb.block("l1"), kb.block("x"))
+    kb.set_block(e)
+    tx, bx = kb.thread_id("x"), kb.block_id("x")
+    c = [kb.const(v, i32) for v in (0, 1, 2, 3, 4)]
+
+    def start(extra: list) -> Value:  # type: ignore[type-arg]
+        pick = rng.choice(["const", "p", "select", "select_t"] + extra)
+        if pick == "const":
+            return kb.const(rng.randrange(-2, 4), i32)
+        if pick == "p":
+            return p
+        if pick == "select":
+            return kb.select(kb.icmp("slt", p, c[rng.randrange(5)]), c[rng.randrange(3)], c[rng.randrange(1, 5)])
+        if pick == "select_t":
+            return kb.select(kb.icmp("slt", tx, c[1]), c[rng.randrange(3)], c[rng.randrange(1, 5)])
+        return rng.choice(extra) if not isinstance(pick, str) else pick  # pragma: no cover
+
+    init1 = start([])
+    step1 = rng.choice([c[1], c[2], c[3], p, kb.block_dim("x")])
+    step2 = rng.choice([c[1], c[2], c[3], c[4], p])
+    kb.br(h1, init1)
+    kb.set_block(h1)
+    j = h1.params[0]
+    kb.cbr(kb.icmp("slt", j, n), b1, x)
+    kb.set_block(b1)
+    leaves = [j, tx, bx, p, kb.block_dim("x")]
+    def index(vs: list, plain: Value) -> Value:  # type: ignore[type-arg]
+        return plain if rng.random() < 0.4 else _expr(kb, rng, vs, 2)
+
+    if rng.random() < 0.5:
+        kb.load(kb.offset(a, index(leaves, j), f32), f32)
+    init2 = rng.choice([start([]), j, kb.add(j, c[1]), kb.sub(j, c[2])])
+    bound2 = rng.choice([n, kb.add(j, c[3]), p, kb.add(j, p), kb.mul(j, c[2]), c[0], kb.sub(j, c[1])])
+    kb.br(h2, init2)
+    kb.set_block(h2)
+    k = h2.params[0]
+    kb.cbr(kb.icmp("slt", k, bound2), b2, l1)
+    kb.set_block(b2)
+    inner = [j, k, tx, bx, p, kb.block_dim("x")]
+    kb.load(kb.offset(a, index(inner, k), f32), f32)
+    shape = rng.choice(["plain", "break", "continue"])
+    if shape == "break":
+        kb.cbr(kb.icmp("slt", rng.choice([tx, p, k]), rng.choice([c[2], p, c[3]])), c2, l1)
+    elif shape == "continue":
+        kb.cbr(kb.icmp("slt", rng.choice([tx, k]), rng.choice([c[2], p])), h2, c2, [kb.add(k, step2)])
+    else:
+        kb.br(c2)
+    kb.set_block(c2)
+    kb.load(kb.offset(a, index(inner, k), f32), f32)
+    kb.br(h2, kb.add(k, step2))
+    kb.set_block(l1)
+    if rng.random() < 0.5:
+        kb.load(kb.offset(a, index(leaves, j), f32), f32)
+    kb.br(h1, kb.add(j, step1))
+    kb.set_block(x)
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_random_nested_loops_run_without_fault_whenever_the_entry_test_holds(windows: bool) -> None:
+    """Nested counted loops, starts that are selects (uniform or per thread), inner loops
+    started and bounded by the outer counter, early exits and second back edges: whenever the
+    entry test holds for every block, the interpreter runs the launch without a fault."""
+    rng = random.Random(20261203)
+    proven = held = 0
+    for case in range(400):
+        module = _nested_kernel(rng)
+        kernel = module.kernels[0]
+        plan = rangecopy.plan(kernel, reverse_postorder(kernel), every=True)
+        if plan is None:
+            continue
+        proven += 1
+        jit = _Jit(plan, windows)
+        for _ in range(6):
+            n, p = rng.choice([rng.randrange(-2, 10), rng.randrange(-2, 10), rng.choice(BIG)]), \
+                rng.choice([rng.randrange(-3, 8), rng.randrange(-3, 8), rng.choice(BIG)])
+            count = rng.choice([rng.randrange(0, 16), rng.randrange(0, 120)])
+            delta = rng.choice([0, 0, 4, 8, 2])
+            block, grid = (rng.choice([1, 2, 3, 5]), 1), rng.choice([1, 2])
+            mem = Memory(1 << 20)
+            base = mem.alloc(max(4 * count, 1))
+            if not all(jit(n, p, base + delta, base, 4 * count, bid, block, grid) for bid in range(grid)):
+                continue
+            held += 1
+            try:
+                run_kernel(module, "k", grid, block, [n, p, base + delta], mem, step_limit=1 << 15)
+            except InterpFault as exc:
+                assert "step limit" in str(exc), (case, n, p, count, delta, block, grid, exc)
+    assert proven > 100 and held > 100, (proven, held)
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_a_counter_with_one_static_value_still_tests_its_step(windows: bool) -> None:
+    """j from 0 by p while j < 1: statically j is 0 in the body — but only if p > 0, which
+    only the counter's run-time test says. With p = -1 the loop reads a[0], a[-1], a[-2], ...
+    and the test must fail (it held when a node of one static value was emitted as that
+    constant, dropping the tests of the counters below it)."""
+    kb = KernelBuilder("k", [("n", i32), ("p", i32), ("a", ptr_global)])
+    _n, p, a = kb.params
+    entry, head, body, done = kb.block("e"), kb.block("h", [("j", i32)]), kb.block("b"), kb.block("x")
+    kb.set_block(entry)
+    zero, one = kb.const(0, i32), kb.const(1, i32)
+    kb.br(head, zero)
+    kb.set_block(head)
+    j = head.params[0]
+    kb.cbr(kb.icmp("slt", j, one), body, done)
+    kb.set_block(body)
+    kb.load(kb.offset(a, j, f32), f32)
+    kb.barrier()
+    kb.br(head, kb.add(j, p))
+    kb.set_block(done)
+    kb.ret()
+    module = Module("m", [kb.finish()])
+    kernel = module.kernels[0]
+    plan = rangecopy.plan(kernel, reverse_postorder(kernel), every=True)
+    assert plan is not None
+    jit = _Jit(plan, windows)
+    mem = Memory(1 << 20)
+    base = mem.alloc(4 * 8)
+    with pytest.raises(InterpFault) as fault:
+        run_kernel(module, "k", 1, (1, 1), [0, -1, base + 8], mem, step_limit=1 << 12)
+    assert "out of bounds" in str(fault.value)
+    assert not jit(0, -1, base + 8, base, 4 * 8, 0, (1, 1), 1)
+    assert not jit(0, 0, base + 8, base, 4 * 8, 0, (1, 1), 1)        # p = 0: j stays 0 (no end)
+    assert jit(0, 1, base + 8, base, 4 * 8, 0, (1, 1), 1)            # p = 1: a[0] once
