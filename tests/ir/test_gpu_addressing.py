@@ -18,14 +18,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from vxpu.ir.builder import KernelBuilder
-from vxpu.ir.interp import Memory, run_kernel
+from vxpu.ir.interp import InterpFault, Memory, run_kernel
 from vxpu.ir.lower import tidrange
 from vxpu.ir.lower.gpu import GpuHooks
 from vxpu.ir.lower.nvptx import lower_module
 from vxpu.ir.lower.x86 import lower_module as lower_x86
 from vxpu.ir.model import Module
 from vxpu.ir.samples import SAMPLES
-from vxpu.ir.types import i32, ptr_global
+from vxpu.ir.types import i32, i64, ptr_global
 
 _LEAF = st.one_of(st.sampled_from([("t",), ("bd",), ("n",), ("bid",)]),
                   st.tuples(st.just("c"), st.one_of(st.integers(-300, 300),
@@ -201,3 +201,82 @@ def _select_kernel(order: str) -> Module:
 @pytest.mark.parametrize("order,guarded", [("before", True), ("after", False), ("twice", False)])
 def test_only_a_load_used_once_by_a_select_is_guarded(order: str, guarded: bool) -> None:
     assert ("load.then" in str(lower_module(_select_kernel(order), False))) is guarded
+
+
+_PREDS = ["slt", "sle", "sgt", "sge", "ult", "ule", "ugt", "uge", "ne"]
+_LOOP_LEAF = st.one_of(st.sampled_from([("t",), ("bd",), ("n",), ("j",)]),
+                       st.tuples(st.just("c"), st.one_of(st.integers(-40, 40),
+                                                         st.sampled_from([(1 << 31) - 1, -(1 << 31), 1 << 30,
+                                                                          (1 << 31) - 1024, 1023, 1024]))))
+
+
+def _loop_expr(depth: int) -> st.SearchStrategy:
+    if depth == 0:
+        return _LOOP_LEAF
+    sub = _loop_expr(depth - 1)
+    return st.one_of(_LOOP_LEAF, st.tuples(st.sampled_from(["add", "sub", "shl1", "and1023", "mul", "lshr1", "urem"]),
+                                           sub, sub))
+
+
+def _loop_build(kb: KernelBuilder, e, leaves):  # type: ignore[no-untyped-def]
+    if e[0] == "c":
+        return kb.const(e[1], i32)
+    if e[0] in leaves:
+        return leaves[e[0]]
+    a, b = _loop_build(kb, e[1], leaves), _loop_build(kb, e[2], leaves)
+    if e[0] in ("shl1", "lshr1"):
+        return getattr(kb, e[0][:-1])(a, kb.const(1, i32))
+    if e[0] == "and1023":
+        return kb.and_(a, kb.const(1023, i32))
+    return getattr(kb, e[0])(a, b)
+
+
+@settings(max_examples=120, deadline=None)
+@given(op=st.sampled_from(["add", "sub"]), init=_LOOP_LEAF.filter(lambda e: e[0] != "j"),
+       pred=st.sampled_from(_PREDS), lim=_loop_expr(1), step=st.sampled_from(["add1", "add3", "shl", "lshr", "sub1"]),
+       pred2=st.sampled_from(_PREDS), x2=_loop_expr(1), y2=_loop_expr(1), ea=_loop_expr(2), eb=_loop_expr(2))
+def test_loop_ops_called_wrap_free_never_wrap(op, init, pred, lim, step, pred2, x2, y2, ea, eb) -> None:  # type: ignore[no-untyped-def]
+    """The same in a loop: j from init while (j pred lim) { if (x pred2 y) { r = a op b } ;
+    j = j+1 | j+3 | j<<1 | j>>1 | j-1 } — block parameters, widening and the narrowing of both
+    branches. The kernel itself flags (out[0] = 1) any run of the op whose exact result leaves
+    i32 (sext(a) op sext(b) != sext(a op b)); an op the analysis calls wrap-free must never."""
+    kb = KernelBuilder("k", [("n", i32), ("out", ptr_global)])
+    n, out = kb.params
+    entry, head, body, then, wrap, latch, done = (kb.block("e"), kb.block("h", [("j", i32)]), kb.block("b"),
+                                                  kb.block("t"), kb.block("w"), kb.block("l"), kb.block("x"))
+    kb.set_block(entry)
+    leaves = {"t": kb.thread_id("x"), "bd": kb.block_dim("x"), "n": n}
+    kb.br(head, _loop_build(kb, init, leaves))
+    kb.set_block(head)
+    leaves["j"] = head.params[0]
+    kb.cbr(kb.icmp(pred, leaves["j"], _loop_build(kb, lim, leaves)), body, done)
+    kb.set_block(body)
+    kb.cbr(kb.icmp(pred2, _loop_build(kb, x2, leaves), _loop_build(kb, y2, leaves)), then, latch)
+    kb.set_block(then)
+    a, b = _loop_build(kb, ea, leaves), _loop_build(kb, eb, leaves)
+    r = getattr(kb, op)(a, b)
+    wide = getattr(kb, op)(kb.sext(a, i64), kb.sext(b, i64))
+    kb.cbr(kb.icmp("ne", wide, kb.sext(r, i64)), wrap, latch)
+    kb.set_block(wrap)
+    kb.store(kb.const(1, i32), kb.offset(out, kb.const(0, i32), i32))
+    kb.br(latch)
+    kb.set_block(latch)
+    j = leaves["j"]
+    nxt = {"add1": lambda: kb.add(j, kb.const(1, i32)), "add3": lambda: kb.add(j, kb.const(3, i32)),
+           "shl": lambda: kb.shl(j, kb.const(1, i32)), "lshr": lambda: kb.lshr(j, kb.const(1, i32)),
+           "sub1": lambda: kb.sub(j, kb.const(1, i32))}[step]()
+    kb.br(head, nxt)
+    kb.set_block(done)
+    kb.ret()
+    module = Module("m", [kb.finish()])
+    if id(r.op) not in tidrange.no_wrap_ops(module.kernels[0]):
+        return
+    for threads in (5, 1024):
+        for nv in (0, 7, -1, (1 << 31) - 1, -(1 << 31), 1 << 30):
+            mem = Memory(1 << 20)
+            buf = mem.upload(np.zeros(4, np.int32))
+            try:
+                run_kernel(module, "k", 1, threads, [nv, buf], mem, step_limit=1 << 15)
+            except InterpFault as exc:
+                assert "step limit" in str(exc), exc
+            assert mem.read(buf, np.int32, 1)[0] == 0, (threads, nv)
