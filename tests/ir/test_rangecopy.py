@@ -583,3 +583,67 @@ def test_a_counter_with_one_static_value_still_tests_its_step(windows: bool) -> 
     assert not jit(0, -1, base + 8, base, 4 * 8, 0, (1, 1), 1)
     assert not jit(0, 0, base + 8, base, 4 * 8, 0, (1, 1), 1)        # p = 0: j stays 0 (no end)
     assert jit(0, 1, base + 8, base, 4 * 8, 0, (1, 1), 1)            # p = 1: a[0] once
+
+
+def _chain_kernel(rng: random.Random) -> Module:
+    """k(n, p, a): j from init by step while j < n: an f32 load at offset(offset(a, e1) : T1,
+    e2) : T2 (T1, T2 of 4, 8 or 16 bytes: element sizes that are multiples of the access's,
+    so the element index is (s1/4)*e1 + (s2/4)*e2), or at offset(a, i16 index) : f32 (a
+    conversion: never proven, the access stays checked)."""
+    from vxpu.ir.types import f64, i16, i64
+
+    kb = KernelBuilder("k", [("n", i32), ("p", i32), ("a", ptr_global)])
+    n, p, a = kb.params
+    entry, head, body, done = kb.block("e"), kb.block("h", [("j", i32)]), kb.block("b"), kb.block("x")
+    kb.set_block(entry)
+    tx, bx = kb.thread_id("x"), kb.block_id("x")
+    init = rng.choice([kb.const(rng.randrange(-2, 4), i32), p, tx])
+    step = rng.choice([kb.const(rng.randrange(1, 4), i32), p])
+    kb.br(head, init)
+    kb.set_block(head)
+    j = head.params[0]
+    kb.cbr(kb.icmp("slt", j, n), body, done)
+    kb.set_block(body)
+    leaves = [j, tx, bx, p]
+    if rng.random() < 0.25:
+        narrow = kb.convert("trunc", _expr(kb, rng, leaves, 1), i16)
+        kb.load(kb.offset(a, kb.add(narrow, kb.convert("trunc", j, i16)), f32), f32)
+    else:
+        t1, t2 = rng.choice([f32, f64, i64]), rng.choice([f32, f64])
+        inner = kb.offset(a, _expr(kb, rng, leaves, 2), t1)
+        kb.load(kb.offset(inner, _expr(kb, rng, leaves, 2), t2), f32)
+    kb.br(head, kb.add(j, step))
+    kb.set_block(done)
+    kb.ret()
+    return Module("m", [kb.finish()])
+
+
+@pytest.mark.parametrize("windows", [False, True])
+def test_random_offset_chains_run_without_fault_whenever_the_entry_test_holds(windows: bool) -> None:
+    """Chains of two offsets with element sizes 4 and 8 under an f32 access: whenever the entry test (offset form, or the f32 window with the element index
+    (s1/4)*i1 + (s2/4)*i2) holds, the interpreter runs the launch without a fault."""
+    rng = random.Random(20261204)
+    proven = held = 0
+    for case in range(300):
+        module = _chain_kernel(rng)
+        kernel = module.kernels[0]
+        plan = rangecopy.plan(kernel, reverse_postorder(kernel), every=True)
+        if plan is None:
+            continue
+        proven += 1
+        jit = _Jit(plan, windows)
+        for _ in range(5):
+            n, p = rng.choice([rng.randrange(-2, 10), rng.choice(BIG)]), rng.choice([rng.randrange(-4, 9), rng.choice(BIG)])
+            count = rng.choice([rng.randrange(0, 24), rng.randrange(0, 300)])
+            delta = rng.choice([0, 0, 4, 8, 12, 2])
+            block, grid = (rng.choice([1, 2, 3, 5]), 1), rng.choice([1, 2])
+            mem = Memory(1 << 20)
+            base = mem.alloc(max(4 * count, 1))
+            if not all(jit(n, p, base + delta, base, 4 * count, bid, block, grid) for bid in range(grid)):
+                continue
+            held += 1
+            try:
+                run_kernel(module, "k", grid, block, [n, p, base + delta], mem, step_limit=1 << 15)
+            except InterpFault as exc:
+                assert "step limit" in str(exc), (case, n, p, count, delta, block, grid, exc)
+    assert proven > 150 and held > 150, (proven, held)
