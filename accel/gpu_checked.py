@@ -190,7 +190,9 @@ class CheckedArgs:
         at = self.windows
         each = []
         for arg, (base, length) in zip(self.pointers if self.with_windows else (), bounds):
-            packed = _windows(_U64.unpack_from(args, arg)[0], base, length)
+            # The pointer the kernel gets: read from the copy just made, never from ``args`` again
+            # (a buffer the guest could change between two reads would get another pointer's window).
+            packed = _windows(_U64.unpack_from(view, arg)[0], base, length)
             view[at:at + _WINDOWS_BYTES] = packed
             each.append(packed)
             at += _WINDOWS_BYTES

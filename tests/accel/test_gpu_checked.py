@@ -52,6 +52,29 @@ def test_fill_writes_guest_and_hidden_arguments():
         guard.fill(pack.view, args[:-1], [(0x1000, 40), (0, 0)], 0)
 
 
+def test_windows_come_from_the_pointer_the_kernel_gets(monkeypatch):
+    """The windows describe the pointers copied into the pack, not a second read of ``args``:
+    argument bytes that change after the copy (a buffer the guest could still write) must not
+    give a pointer another pointer's window."""
+    pack = ArgPack(gpu_checked.launch_info(SAXPY))
+    guard = gpu_checked.CheckedArgs(SAXPY, kernel_id=7)
+    args = bytearray(struct.pack("<ifQQ", 10, 2.0, 0x1008, 0x2000))
+    real = gpu_checked._windows
+    calls = []
+
+    def changing(pointer, base, length):
+        calls.append(pointer)
+        struct.pack_into("<Q", args, 16, 0x1000)     # y now claims x's base, after the copy
+        return real(pointer, base, length)
+
+    monkeypatch.setattr(gpu_checked, "_windows", changing)
+    guard.fill(pack.view, memoryview(args), [(0x1000, 40), (0x2000, 16)], 0xABC000)
+    raw = bytes(pack.view)
+    assert calls == [0x1008, 0x2000]
+    assert struct.unpack_from("<Q", raw, 16) == (0x2000,)
+    assert struct.unpack_from("<8i", raw, 88) == (0, 15, 0, 7, 0, 3, 0, 1)    # y's own window
+
+
 def test_window_sizes_match_the_lowering():
     from vxpu.ir.lower.gpucheck import WINDOW_SIZES
     assert gpu_checked.WINDOW_SIZES == WINDOW_SIZES
