@@ -329,3 +329,32 @@ def test_the_entry_tests_every_assumption_of_the_small_block_copy(name: str) -> 
         assert re.search(rf'icmp sge i32 {arg}, {lo}\b', entry) and re.search(rf'icmp sle i32 {arg}, {hi}\b', entry)
     assert tests or params
     assert entry.count("icmp") == len(tests) + 2 * len(params)   # nothing else decides the branch
+
+
+@pytest.mark.parametrize("pred", ["uge", "ule"])
+def test_an_unsigned_guard_over_a_negative_value_narrows_nothing(pred: str) -> None:
+    """``select (a uge b), (p + a) - b, q`` with ``a = tid - 4``: for tid < 4, ``a`` is a huge
+    unsigned value, so the guard holds and the index is ``a - b`` < 0. The guarded-difference
+    rule must not assume ``a - b >= 0`` there (it did not, but no test failed when that
+    refusal was removed); every thread's index is checked against what the analysis proves."""
+    def kernel(with_access: bool) -> Module:
+        kb = KernelBuilder("k", [("out", ptr_global)])
+        (out,) = kb.params
+        s = kb.shared_array("s", i32, COUNT)
+        kb.set_block(kb.block("e"))
+        t = kb.thread_id("x")
+        a, b, zero = kb.sub(t, kb.const(4, i32)), kb.const(5, i32), kb.const(0, i32)
+        guard = kb.icmp("uge", a, b) if pred == "uge" else kb.icmp("ule", b, a)
+        idx = kb.select(guard, kb.sub(kb.add(zero, a), b), zero)
+        if with_access:
+            kb.store(kb.const(1, i32), kb.offset(kb.shared_addr(s), idx, i32))
+        kb.store(idx, kb.offset(out, t, i32))
+        kb.ret()
+        return Module("m", [kb.finish()])
+
+    mem = Memory(1 << 20)
+    out = mem.upload(np.zeros(16, np.int32))
+    run_kernel(kernel(False), "k", 1, 16, [out], mem)
+    got = mem.read(out, np.int32, 16)
+    assert (got[:4] < 0).all()                       # the guard holds for tid < 4: out of bounds
+    assert not tidrange.proven_array_accesses(kernel(True).kernels[0], (16, 1024, 1024))
