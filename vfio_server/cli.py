@@ -56,6 +56,16 @@ def _xpu_device(args: argparse.Namespace, backend: Any) -> Any:
                      fastlane=None if getattr(args, "fastlane", None) is None else args.fastlane == "on")
 
 
+def _on_off(text: str) -> str:
+    """``--fastlane`` (or ``VXPU_FASTLANE``): on/off, also 1/0, yes/no, true/false."""
+    word = text.strip().lower()
+    if word in ("on", "1", "yes", "true"):
+        return "on"
+    if word in ("off", "0", "no", "false"):
+        return "off"
+    raise argparse.ArgumentTypeError(f"{text!r} is neither on nor off (from --fastlane or VXPU_FASTLANE)")
+
+
 def _poll_idle_us(text: str) -> int:
     """``--poll-idle-us``: microseconds, 0 to 1,000,000."""
     try:
@@ -131,7 +141,7 @@ def register(subparsers: Any) -> None:
                    help="accelerator: longest idle spin of the queue poller after recent submissions, in "
                         "microseconds (adaptive between 200 and this; default 5000, 2000 on two cores or fewer, or VXPU_POLL_IDLE_US; "
                         "0: sleep at once, for hosts without a core to spare)")
-    p.add_argument("--fastlane", choices=["on", "off"],
+    p.add_argument("--fastlane", type=_on_off, choices=["on", "off"], default=os.environ.get("VXPU_FASTLANE"),
                    help="accelerator: run LAUNCH, NOP, inline copies and FENCE natively on their success path "
                         "(C, built at first use with the system cc; GPU backends only). Default: on where it "
                         "builds, unless VXPU_FASTLANE=0")

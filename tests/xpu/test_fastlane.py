@@ -703,3 +703,24 @@ def test_descriptors_posted_one_by_one_while_the_lane_runs_complete_in_order(tmp
         assert [c.tag for c in got] == want and all(c.status == 0 for c in got)
         assert rig.dtoh(dev, 4) == struct.pack("<I", 1 + 8 * 25)
         assert lane(rig).taken >= 700
+
+
+def test_the_fastlane_setting_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """README: ``--fastlane on|off``, also ``VXPU_FASTLANE``; the flag wins, 1/0, yes/no and
+    true/false are accepted, and any other value in either is a one-line usage error (it was
+    taken as "on" when it came from the environment)."""
+    from vxpu import cli as top
+
+    def parsed(*argv: str) -> str | None:
+        return top.build_parser().parse_args(["serve", "--socket", "s", *argv]).fastlane  # type: ignore[no-any-return]
+
+    monkeypatch.delenv("VXPU_FASTLANE", raising=False)
+    assert parsed() is None and parsed("--fastlane", "off") == "off"
+    monkeypatch.setenv("VXPU_FASTLANE", "0")
+    assert parsed() == "off" and parsed("--fastlane", "on") == "on"
+    monkeypatch.setenv("VXPU_FASTLANE", "True")
+    assert parsed() == "on"
+    for bad in (("--fastlane", "maybe"), ()):
+        monkeypatch.setenv("VXPU_FASTLANE", "maybe")
+        with pytest.raises(SystemExit):
+            parsed(*bad)
