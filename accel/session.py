@@ -565,11 +565,11 @@ class Session(SessionCopies):
             self.stats.bytes_dtoh += bytes_dtoh
             self.backend.note_native_work(q.token, launches, checked, bytes_htod, bytes_dtoh)  # type: ignore[attr-defined]
 
-    def note_native_sync(self) -> None:
-        """Account a device-wide wait a native issuer made that surfaced no error (a FENCE):
-        as :meth:`synchronize` with no queue does."""
+    def note_native_sync(self, waits: int = 1) -> None:
+        """Account ``waits`` device-wide waits a native issuer made that surfaced no error (a
+        FENCE): as :meth:`synchronize` with no queue does."""
         with self._lock:
-            self.stats.synchronizes += 1
+            self.stats.synchronizes += waits
             for q in self._queues.values():
                 q.pending = 0
             self.backend.note_native_sync()  # type: ignore[attr-defined]

@@ -107,6 +107,18 @@ class XpuRig:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def settle(self, timeout: float = 5.0) -> None:
+        """Wait until a native poll running now (the fast lane's C loop) has returned and its
+        work is accounted: the lane's and the device's counters lag until then."""
+        poller = self.device.poller
+        if not poller.native_poll_active:
+            return
+        before = poller.native_polls
+        poller.poke()
+        deadline = time.monotonic() + timeout
+        while poller.native_polls == before and time.monotonic() < deadline:
+            time.sleep(0.0002)
+
     def reg(self, offset: int) -> int:
         return int(_U32.unpack(self.client.region_read(BAR0, offset, 4))[0])
 

@@ -119,9 +119,11 @@ class XpuDevice(PciDevice):
             Register(abi.REG_CQ_ENTRIES, "CQ_ENTRIES", rw),
             Register(abi.REG_QUEUE_ENABLE, "QUEUE_ENABLE", rw, on_write=self._queue_enable, wmask=1),
             Register(abi.REG_DOORBELL, "DOORBELL", wo, on_write=lambda _v: self.poller.doorbell()),
-            Register(abi.REG_IRQ_CONTROL, "IRQ_CONTROL", rw, wmask=int(abi.IrqControl.COMPLETION | abi.IrqControl.FATAL)),
-            Register(abi.REG_IRQ_COALESCE_COUNT, "IRQ_COALESCE_COUNT", rw),
-            Register(abi.REG_IRQ_COALESCE_USEC, "IRQ_COALESCE_USEC", rw),
+            # (a native poll reads the interrupt settings when it starts: new ones end it)
+            Register(abi.REG_IRQ_CONTROL, "IRQ_CONTROL", rw, wmask=int(abi.IrqControl.COMPLETION | abi.IrqControl.FATAL),
+                     on_write=self._irq_changed),
+            Register(abi.REG_IRQ_COALESCE_COUNT, "IRQ_COALESCE_COUNT", rw, on_write=self._irq_changed),
+            Register(abi.REG_IRQ_COALESCE_USEC, "IRQ_COALESCE_USEC", rw, on_write=self._irq_changed),
             Register(abi.REG_MAX_RING_ENTRIES, "MAX_RING_ENTRIES", ro, abi.MAX_RING_ENTRIES),
             Register(abi.REG_RESET_COUNT, "RESET_COUNT", ro, on_read=lambda: self.poller.reset_count & _U32,
                      keep_on_reset=True),
@@ -153,6 +155,9 @@ class XpuDevice(PciDevice):
                           cq_base=r("CQ_BASE_LO") | r("CQ_BASE_HI") << 32,
                           sq_entries=r("SQ_ENTRIES"), cq_entries=r("CQ_ENTRIES"))
         self.poller.request("enable", cfg)
+
+    def _irq_changed(self, _value: int) -> None:
+        self.poller.poke()
 
     def _irq_settings(self) -> tuple[int, int, int]:
         r = self.regs.get

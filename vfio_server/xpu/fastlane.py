@@ -70,8 +70,9 @@ from vxpu.paths import cache_dir
 log = logging.getLogger(__name__)
 
 ENV = "VXPU_FASTLANE"
+POLL_ENV = "VXPU_FASTLANE_POLL"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
-ABI = 9                          # fl_abi() of the source this module speaks to
+ABI = 10                         # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
 TAKES = 8                        # FL_TAKES: re-reads of sq_tail per call
 MAX_PLANS = 256
@@ -102,6 +103,25 @@ class Batch(ctypes.Structure):
                 ("stop_tag", _u64), ("stop_flags", _u32), ("pad", _u32), ("hdr", _u64), ("sq_entries", _u32),
                 ("cq_room", _u32), ("reread", _u32), ("start", _u32), ("pad2", _u32), ("ntakes", _u32), ("takes", _u32 * TAKES), ("tags", _u64 * GROUP),
                 ("ops", ctypes.c_uint16 * GROUP), ("flags", ctypes.c_uint16 * GROUP)]
+
+
+#: why fl_poll returned (see native/fastlane.c, "the poll loop")
+PR_IDLE, PR_QUIESCE, PR_INDEX, PR_POSTED, PR_HANDOFF, PR_GROUP, PR_BUDGET = range(7)
+POLL_NAMES = {PR_IDLE: "idle", PR_QUIESCE: "quiesce", PR_INDEX: "index", PR_POSTED: "posted",
+              PR_HANDOFF: "handoff", PR_GROUP: "group", PR_BUDGET: "budget"}
+
+
+class Poll(ctypes.Structure):
+    """``struct fl_poll``: one poll's limits (in), the device's ring indices (in/out) and what
+    the poller accounts afterwards (out)."""
+
+    _fields_ = [("first_ns", _u64), ("spin_ns", _u64), ("run_ns", _u64), ("cq_entries", _u32), ("irq", _u32),
+                ("cq_tail", _u32), ("cq_head", _u32), ("completed", _u64), ("reason", _u32), ("posted", _u32),
+                ("forced", _u32), ("batches", _u32), ("max_batch", _u32), ("depth", _u32), ("max_depth", _u32),
+                ("waits", _u32), ("checked_after", _u32), ("launches", _u32), ("checked", _u32),
+                ("c_launches", _u32), ("c_nops", _u32), ("c_htods", _u32), ("c_dtohs", _u32), ("c_fences", _u32),
+                ("runs", _u32), ("taken", _u32), ("fence", _u32), ("pad", _u32), ("bytes_htod", _u64),
+                ("bytes_dtoh", _u64), ("busy_ns", _u64), ("idle_ns", _u64), ("stops", _u32 * 8)]
 
 
 class Region(ctypes.Structure):
@@ -203,9 +223,10 @@ def build(directory: Path | None = None, *, fresh: bool = False) -> Path:
 def _open(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     _declare(lib)
-    if lib.fl_abi() != ABI or lib.fl_batch_size() != ctypes.sizeof(Batch):
-        raise OSError(f"library ABI {lib.fl_abi()} / batch {lib.fl_batch_size()} bytes, expected {ABI} / "
-                      f"{ctypes.sizeof(Batch)}")
+    if (lib.fl_abi() != ABI or lib.fl_batch_size() != ctypes.sizeof(Batch)
+            or lib.fl_poll_size() != ctypes.sizeof(Poll)):
+        raise OSError(f"library ABI {lib.fl_abi()} / batch {lib.fl_batch_size()} / poll {lib.fl_poll_size()} "
+                      f"bytes, expected {ABI} / {ctypes.sizeof(Batch)} / {ctypes.sizeof(Poll)}")
     return lib
 
 
@@ -244,14 +265,15 @@ def unavailable() -> str | None:
 def _declare(lib: ctypes.CDLL) -> None:
     p, vp = ctypes.POINTER, ctypes.c_void_p
     sigs: dict[str, tuple[Any, list[Any]]] = {
-        "fl_abi": (ctypes.c_int, []), "fl_batch_size": (ctypes.c_size_t, []),
+        "fl_abi": (ctypes.c_int, []), "fl_batch_size": (ctypes.c_size_t, []), "fl_poll_size": (ctypes.c_size_t, []),
         "fl_new": (vp, [p(Driver)]), "fl_free": (None, [vp]), "fl_plans_clear": (None, [vp]),
         "fl_plan_add": (ctypes.c_int, [vp, p(_u64), ctypes.c_char_p, _u32, vp, vp, p(_u32), ctypes.c_char_p, _u32,
                                        p(_u32), _u32, _u32]),
         "fl_plan_count": (_u32, [vp]), "fl_set_regions": (ctypes.c_int, [vp, p(Region), _u32]),
         "fl_set_allocs": (ctypes.c_int, [vp, p(Alloc), _u32]), "fl_set_copy_stream": (None, [vp, vp, _u32]),
         "fl_set_fence": (None, [vp, _u32, _u64]), "fl_run": (_u32, [vp, vp]),       # (the batch by address)
-        "fl_fence": (ctypes.c_int, [vp]),
+        "fl_fence": (ctypes.c_int, [vp]), "fl_poll": (_u32, [vp, vp, vp]), "fl_halt": (None, [vp]),
+        "fl_quiesce": (None, [vp]), "fl_resume": (None, [vp]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -264,6 +286,13 @@ def wanted(setting: bool | None) -> bool:
     if setting is not None:
         return setting
     return os.environ.get(ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+
+
+def poll_wanted() -> bool:
+    """Whether the poller spins in the lane's C loop (:meth:`FastLane.poll`) instead of Python
+    while the lane is on: yes, unless ``$VXPU_FASTLANE_POLL`` is ``0``/``off``/``no``/``false``
+    (a measurement switch: the lane then runs only inside Python's cycles)."""
+    return os.environ.get(POLL_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
 
 
 def create(backend: Any, setting: bool | None = None) -> FastLane | None:
@@ -327,6 +356,9 @@ class FastLane:
         self.runs = 0                      # statistics: calls, descriptors taken, hand-offs by reason
         self.taken = 0
         self.stops: dict[int, int] = {}
+        self.polls: dict[int, int] = {}    # poll returns by PR_* reason
+        self._poll = Poll()
+        self._poll_ref = ctypes.addressof(self._poll)
         # The backend tells where its record is under its own lock, and withdraws it (-1) before
         # freeing it from any thread (a server closing while this lane waits in fl_fence).
         self._watch = getattr(backend, "native_watch_record", None)
@@ -440,6 +472,8 @@ class FastLane:
                                  "vxpu_fastlane_plans": self.plan_count}
         for stop, count in dict(self.stops).items():    # a copy: STATS may be read from another thread
             out[f"vxpu_fastlane_stop_{STOP_NAMES.get(stop, stop)}"] = count
+        for reason, count in dict(self.polls).items():
+            out[f"vxpu_fastlane_poll_{POLL_NAMES.get(reason, reason)}"] = count
         return out
 
     @property
@@ -491,6 +525,55 @@ class FastLane:
         self.taken += b.consumed
         self.stops[b.stop] = self.stops.get(b.stop, 0) + 1
         return b
+
+    def poll(self, addrs: tuple[int, int, int], rings: Any, first_s: float, spin_s: float, run_s: float,
+             irq: bool) -> Poll:
+        """Spin on the running queue ``rings`` (a :class:`~.queue.Rings` attached to the guest
+        RAM the tables mirror, ``addrs`` its host addresses) and run what arrives natively,
+        whole cycles at a time, without the guest-RAM lock and with the GIL released, until
+        something is due in Python (native/fastlane.c, "the poll loop"): nothing arrived for
+        ``first_s`` (then ``spin_s`` after each batch), ``run_s`` passed, a posted group while
+        ``irq``, a descriptor or an outcome for Python, or :meth:`halt` / :meth:`quiesce`. Call
+        :meth:`start_group` and :meth:`resume` first, under the lock. Returns the poll (its
+        ``reason``, the new ring indices, what to account); with PR_GROUP :attr:`batch` holds
+        the open group as :meth:`run` leaves it."""
+        b, p = self.batch, self._poll
+        cfg = rings.cfg
+        geometry = (addrs, rings.sq_mask, rings.cq_mask, cfg.sq_entries)
+        if geometry != self._geometry:
+            b.sq, b.cq, b.hdr = addrs
+            b.sq_mask, b.cq_mask, b.sq_entries = rings.sq_mask, rings.cq_mask, cfg.sq_entries
+            self._geometry = geometry
+        b.sq_head = rings.sq_head
+        p.first_ns, p.spin_ns, p.run_ns = int(first_s * 1e9), int(spin_s * 1e9), int(run_s * 1e9)
+        p.cq_entries, p.irq = cfg.cq_entries, int(irq)
+        p.cq_tail, p.cq_head, p.completed = rings.cq_tail, rings.cq_head, rings.completed & 0xFFFF_FFFF_FFFF_FFFF
+        self.lib.fl_poll(self._ctx, self._batch_ref, self._poll_ref)
+        self.runs += p.runs
+        self.taken += p.taken
+        stops = self.stops
+        for stop, count in enumerate(p.stops):
+            if count:
+                stops[stop] = stops.get(stop, 0) + count
+        self.polls[p.reason] = self.polls.get(p.reason, 0) + 1
+        return p
+
+    def halt(self) -> None:
+        """Any thread: a running :meth:`poll` returns at its next step (no wait)."""
+        if self._ctx:
+            self.lib.fl_halt(self._ctx)
+
+    def quiesce(self) -> None:
+        """Any thread, with :attr:`GuestRam.lock` held: :meth:`halt`, and wait until a running
+        :meth:`poll` touches neither guest memory nor the tables any more (at most one
+        descriptor's driver call; a device wait it is in goes on, touching neither). Until the
+        poller's next :meth:`resume` nothing native touches them."""
+        if self._ctx:
+            self.lib.fl_quiesce(self._ctx)
+
+    def resume(self) -> None:
+        """The poller, under :attr:`GuestRam.lock`, right before :meth:`poll`."""
+        self.lib.fl_resume(self._ctx)
 
     def fence_wait(self) -> bool:
         """FENCE's wait, without any lock (the GIL is released): True when the device finished

@@ -65,7 +65,7 @@ from vxpu.accel.session import Session
 from vxpu.vfio_server.dma import DmaRegion
 from vxpu.vfio_server.xpu import profile
 from vxpu.vfio_server.xpu.commands import ASYNC_ERRORS, Abandoned, Executor
-from vxpu.vfio_server.xpu.fastlane import FastLane
+from vxpu.vfio_server.xpu.fastlane import FastLane, poll_wanted
 from vxpu.vfio_server.xpu.guestram import GuestRam
 from vxpu.vfio_server.xpu.poller_native import BATCH, MAX_HELD, NativeLane
 from vxpu.vfio_server.xpu.queue import QueueConfig, QueueFatal, Rings, check_config
@@ -174,6 +174,7 @@ class Poller(NativeLane):
         """Run the common success path natively through ``lane`` (None: Python only). Call it
         before the queue is enabled."""
         self.fastlane = lane
+        self.native_polling = lane is not None and poll_wanted()
         self.executor.plan_hook = None if lane is None else lane.add_plan
 
     def _profile(self, prof: profile.PhaseProfile) -> None:
@@ -207,7 +208,22 @@ class Poller(NativeLane):
                         what, len(controls))
             return
         controls.append((what, arg))
+        self.poke()
         self.kick.set()
+
+    def poke(self) -> None:
+        """Any thread: a running native poll returns to Python soon (a control request, new
+        interrupt settings), without waiting for it."""
+        lane = self.fastlane
+        if lane is not None:
+            lane.halt()
+
+    def _quiesce(self) -> None:
+        """Loop side, with :attr:`GuestRam.lock` held, before guest memory or the tables change:
+        the native poll touches neither from now on (see NativeLane)."""
+        lane = self.fastlane
+        if lane is not None:
+            lane.quiesce()
 
     def doorbell(self) -> None:
         """A DOORBELL write: wake the poller, and clear need-wakeup at once, so the descriptors
@@ -230,6 +246,7 @@ class Poller(NativeLane):
         returns, no completions for what was in flight), then drop the guest's device state on
         the poller thread."""
         with self.ram.lock:
+            self._quiesce()
             self.epoch += 1
             self._stop_queue()
             self.fatal_code, self.fatal_info = FatalCode.NONE, 0
@@ -242,6 +259,7 @@ class Poller(NativeLane):
         """Bus mastering went off: a running queue stops with NO_BUS_MASTER, at once, and the
         commands of its batch touch guest memory no more (the epoch moves: they are abandoned)."""
         with self.ram.lock:
+            self._quiesce()
             self.executor.forget_plans()
             if self.enabled:
                 self.epoch += 1
@@ -250,12 +268,14 @@ class Poller(NativeLane):
     def on_map(self, region: DmaRegion) -> None:
         """After ``region`` is mapped: list it (the poller registers it with the backend)."""
         with self.ram.lock:
+            self._quiesce()
             if self.ram.add(region) is not None:
                 self.kick.set()
 
     def on_unmap(self, region: DmaRegion) -> None:
         """Before ``region`` is unmapped: drop views into it (the poller re-translates)."""
         with self.ram.lock:
+            self._quiesce()
             if self._rings is not None:
                 self._rings.release()
             self.ram.remove(region, self.session.unregister_host)
@@ -266,9 +286,11 @@ class Poller(NativeLane):
         too, once the thread has ended (a thread still in a driver wait keeps them, and the
         backend withdraws its fault record from them before freeing it)."""
         self._stopping = True
+        self.poke()
         self.kick.set()
         self._thread.join(5.0)
         with self.ram.lock:
+            self._quiesce()
             self._stop_queue()
         self.session.close()
         if self.fastlane is not None and not self._thread.is_alive():
@@ -418,7 +440,11 @@ class Poller(NativeLane):
                 continue
             self._timer_irq(now)
             if now - last < self.spin_s:
-                os.sched_yield()         # releases the GIL and lets a submitter sharing this core run
+                idle = self._native_poll(last + self.spin_s - now) if self._poll_ready() else None
+                if idle is None:
+                    os.sched_yield()     # releases the GIL and lets a submitter sharing this core run
+                else:                    # the lane's C loop spun (and ran what arrived) instead
+                    last = time.monotonic() - idle
                 continue
             self._sleep()
             now = time.monotonic()
@@ -499,6 +525,15 @@ class Poller(NativeLane):
             if lane is not None and queue is not None and not self.aborting:
                 native, take, fence = self._native_issue(lane, rings, queue, n, free if extend else 0)
             descs = rings.take(take) if take else []
+        return self._finish_cycle(rings, epoch, native, descs, fence, extend)
+
+    def _finish_cycle(self, rings: Rings, epoch: int, native: int, descs: list[tuple[int, ...]],
+                      fence: tuple[int, int] | None, extend: bool) -> int:
+        """The rest of a cycle after the taking (lock released): post the fast lane's group of
+        ``native`` completions (or hand it to Python's batch when ``descs`` follow), wait for
+        the FENCE it stopped at, run ``descs``. Returns how many were completed, -1 when the
+        queue stopped meanwhile."""
+        lane = self.fastlane
         self.executor.epoch = epoch
         t0 = time.perf_counter_ns()
         try:

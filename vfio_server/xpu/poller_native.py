@@ -17,24 +17,30 @@ from __future__ import annotations
 
 import collections
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from vxpu.accel.session import Session
 from vxpu.vfio_server.xpu.commands import Executor
-from vxpu.vfio_server.xpu.fastlane import STOP_END, STOP_FENCE, Batch, FastLane
+from vxpu.vfio_server.xpu.fastlane import PR_GROUP, PR_HANDOFF, STOP_END, STOP_FENCE, Batch, FastLane, Poll
 from vxpu.vfio_server.xpu.guestram import GuestRam
 from vxpu.vfio_server.xpu.queue import QueueFatal, Rings
 from vxpu.vfio_server.xpu.stats import DeviceStats
 
 from vxpu.abi import xpu as abi
 from vxpu.abi.status import Status
-from vxpu.abi.xpu import DescFlags, FatalCode, Opcode
+from vxpu.abi.xpu import DescFlags, FatalCode, IrqControl, Opcode
 
 BATCH = 64                       # descriptors taken per lock acquisition (the poller's too)
+POLL_RUN_S = 0.01                # a native poll returns at least this often (accounting, timers)
 MAX_HELD = 4 * BATCH             # completions held while copies wait for one synchronization
 _DESC_IRQ = int(DescFlags.IRQ)
 _FENCE = int(Opcode.FENCE)
+_IRQ_COMPLETION = int(IrqControl.COMPLETION)
+_POLLED = ((abi.Opcode.LAUNCH.name, "c_launches"), (abi.Opcode.NOP.name, "c_nops"),
+           (abi.Opcode.MEM_COPY_HTOD.name, "c_htods"), (abi.Opcode.MEM_COPY_DTOH.name, "c_dtohs"),
+           (abi.Opcode.FENCE.name, "c_fences"))
 Held = tuple[int, int, int, int, int, int, bool]
 
 
@@ -53,7 +59,16 @@ class NativeLane:
     _native_gen: int
     _native_posted: bool
     _bus_master: Callable[[], bool]
+    _irq_settings: Callable[[], tuple[int, int, int]]
+    _rings: Rings | None
+    _unsignalled: int
+    _stopping: bool
+    spin_s: float
     kick: threading.Event
+    #: spin in the lane's C poll loop instead of Python (``VXPU_FASTLANE_POLL=0`` turns it off)
+    native_polling = True
+    native_polls = 0                 # polls returned and accounted
+    native_poll_active = False       # a poll runs now (its counters are applied when it returns)
 
     if TYPE_CHECKING:                   # Poller's own, used here
         def _same_rings(self, rings: Rings) -> bool: ...
@@ -63,6 +78,111 @@ class NativeLane:
         def _note_completions(self, n: int, forced: int, count: int) -> None: ...
         def _run_batch(self, descs: list[tuple[int, ...]], rings: Rings, epoch: int, extend: bool = True,
                        handed: list[Held] | None = None) -> int: ...
+        def _finish_cycle(self, rings: Rings, epoch: int, native: int, descs: list[tuple[int, ...]],
+                          fence: tuple[int, int] | None, extend: bool) -> int: ...
+        def _irq_deadline(self) -> float: ...
+
+    # -- the poll loop -----------------------------------------------------------------------
+    def _poll_ready(self) -> bool:
+        """Lock-free: may the lane's poll loop spin now (re-checked under the lock)?"""
+        return (self.fastlane is not None and self.native_polling and self.enabled and self._rings is not None
+                and not self.aborting and not self.controls and not self._stopping
+                and self.executor.async_error is None)
+
+    def _native_poll(self, first_s: float) -> float | None:
+        """Spin in the lane's C loop instead of Python for up to ``first_s`` idle seconds,
+        running what arrives natively (:meth:`FastLane.poll`); then account it as the Python
+        cycles would have, and finish in Python what the loop handed back (an open group, a
+        FENCE). Returns how long nothing had arrived when it returned, or None when the loop
+        cannot run now (the Python spin goes on)."""
+        lane, ex, s = self.fastlane, self.executor, self.session
+        queue = ex.made_queue()
+        if lane is None or queue is None:
+            return None
+        with self.ram.lock:
+            lane.resume()               # first: a request or poke from now on stops the poll
+            rings = self._rings
+            if (not self.enabled or rings is None or self.aborting or self.controls or self._stopping
+                    or ex.async_error is not None):
+                return None
+            try:
+                rings.attach(self.ram)
+            except QueueFatal as exc:
+                self._set_fatal(exc.code, exc.info, str(exc))
+                return 0.0
+            addrs = lane.ring_addresses(rings.cfg, self.ram)
+            if addrs is None or not self._bus_master() or not lane.prepare(s, queue, ex.plan_drops, self.ram):
+                return None
+            epoch = self.epoch
+            self._native_gen = self.ram.generation
+            self._native_posted = False
+            pending = s.pending(queue)
+            lane.start_group(pending, ex.queued, s.quota.queue_depth)
+            ctrl, count, _usec = self._irq_settings()
+            irq = bool(ctrl & _IRQ_COMPLETION)
+            if irq and self._unsignalled:           # the coalescing timer is Python's
+                first_s = min(first_s, max(0.0, self._irq_deadline() - time.monotonic()))
+            self.native_poll_active = True
+        p = lane.poll(addrs, rings, first_s, self.spin_s, POLL_RUN_S, irq)
+        try:
+            self._poll_account(p, rings, queue, pending, max(1, count))
+            if p.reason == PR_GROUP or p.reason == PR_HANDOFF:
+                self._poll_group(lane, rings, epoch, p)
+                return 0.0
+            return p.idle_ns / 1e9
+        finally:
+            self.native_polls += 1      # (for tests: the poll's work is accounted)
+            self.native_poll_active = False
+
+    def _poll_account(self, p: Poll, rings: Rings, queue: int, pending: int, count: int) -> None:
+        """Apply what a poll did to the state Python keeps: the ring indices, the executor's
+        and session's queue accounting, the backend's, the device statistics, interrupts."""
+        lane = self.fastlane
+        assert lane is not None
+        b = lane.batch
+        rings.sq_head = b.sq_head
+        rings.cq_tail, rings.cq_head = p.cq_tail, p.cq_head
+        rings.completed += p.posted
+        ex, s, stats = self.executor, self.session, self.stats
+        ex.queued = b.queued
+        if p.waits:
+            s.note_native_sync(p.waits)
+        if p.taken:
+            ex.counters.bytes_htod += p.bytes_htod
+            ex.counters.bytes_dtoh += p.bytes_dtoh
+            s.note_native_work(queue, b.pending - (0 if p.waits else pending), p.launches, p.bytes_htod,
+                               p.bytes_dtoh, p.checked_after)
+        stats.batches_of(p.batches, p.max_batch, p.depth, p.max_depth)
+        stats.busy_ns += p.busy_ns
+        commands = stats.commands
+        for name, field in _POLLED:
+            n = getattr(p, field)
+            if n:
+                commands[name] += n
+        if p.posted:
+            self._note_completions(p.posted, p.forced & _DESC_IRQ, count)
+
+    def _poll_group(self, lane: FastLane, rings: Rings, epoch: int, p: Poll) -> None:
+        """A poll handed back the descriptors Python runs next (the lane does not take them),
+        an open group (its copies' wait is still to make, or to post) or the FENCE it stopped
+        at: finish the cycle in Python, exactly as after :meth:`_native_issue`."""
+        b = lane.batch
+        native = b.group
+        fence = (b.stop_tag, b.stop_flags) if p.fence else None
+        descs: list[tuple[int, ...]] = []
+        with self.ram.lock:
+            if not self._still_attached(rings, epoch):
+                return                  # stopped meanwhile: nothing is posted
+            if b.python_run and fence is None:
+                try:
+                    n = min(b.python_run, rings.pending(), rings.cq_free() - native)
+                except QueueFatal as exc:
+                    self._set_fatal(exc.code, exc.info, str(exc))
+                    return
+                if n > 0 and self._bus_master():
+                    descs = rings.take(n)
+                    self.stats.batch(n, (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK)
+        self._finish_cycle(rings, epoch, native, descs, fence, True)
 
     def _native_issue(self, lane: FastLane, rings: Rings, queue: int, n: int,
                       room: int) -> tuple[int, int, tuple[int, int] | None]:

@@ -64,6 +64,15 @@ class DeviceStats:
         self.queue_depth = depth
         self.max_queue_depth = max(self.max_queue_depth, depth)
 
+    def batches_of(self, count: int, max_batch: int, depth: int, max_depth: int) -> None:
+        """Account ``count`` batches taken natively (at most ``max_batch`` descriptors each,
+        ``depth`` outstanding at the last one, ``max_depth`` at most), as :meth:`batch` would."""
+        if count:
+            self.batches += count
+            self.max_batch = max(self.max_batch, max_batch)
+            self.queue_depth = depth
+            self.max_queue_depth = max(self.max_queue_depth, max_depth)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "commands": dict(self.commands),
