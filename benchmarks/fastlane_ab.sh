@@ -1,24 +1,30 @@
 #!/usr/bin/env bash
-# The accelerator fast lane on vs off, alternated, through bench_sdk on a lent GPU machine (no
-# network, no vxpu install: benchmarks/run_gpu.sh sets the package up for each run). Prints one
-# line per run (the issue-8 rows: SDK/native ratios, LAUNCH + completion in us) and, from one
-# more lane-on run with VXPU_XPU_PROFILE=1, the poller's mean time per step. Nothing big is kept.
-#   usage: [ROUNDS=2] benchmarks/fastlane_ab.sh [cuda]      (2 rounds: on, off, on, off; ~30 s)
+# The accelerator fast lane's modes, alternated, through bench_sdk on a lent GPU machine (no
+# network, no vxpu install: benchmarks/run_gpu.sh sets the package up for each run): "poll" (the
+# lane with its native poll loop, the default), "issue" (the lane inside Python's cycles only,
+# VXPU_FASTLANE_POLL=0) and "off" (VXPU_FASTLANE=0). Prints one line per run (the issue-8 rows:
+# SDK/native ratios, LAUNCH + completion in us) and, from one more run of the first mode with
+# VXPU_XPU_PROFILE=1, the poller's mean time per step and the lane's counters. Nothing big is kept.
+#   usage: [ROUNDS=2] [MODES="poll issue off"] benchmarks/fastlane_ab.sh [cuda]   (~15 s a run)
 set -uo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
 BACKEND="${1:-cuda}"
 TMP="$(mktemp -d)"
 PY="${PYTHON:-python3}"
 runs=()
+MODES=(${MODES:-poll issue off})
+env_of() {  # the environment of one mode
+    case "$1" in poll) echo "VXPU_FASTLANE=1 VXPU_FASTLANE_POLL=1";; issue) echo "VXPU_FASTLANE=1 VXPU_FASTLANE_POLL=0";;
+                 *) echo "VXPU_FASTLANE=0";; esac; }
 for round in $(seq 1 "${ROUNDS:-2}"); do
-    for fl in 1 0; do
-        out="$TMP/r$round-fl$fl"
-        STEPS=sdk VXPU_FASTLANE=$fl OUT="$out" STEP_TIMEOUT=60 bash "$R/benchmarks/run_gpu.sh" "$BACKEND" >/dev/null 2>&1
+    for mode in "${MODES[@]}"; do
+        out="$TMP/r$round-$mode"
+        env $(env_of "$mode") STEPS=sdk OUT="$out" STEP_TIMEOUT=60 bash "$R/benchmarks/run_gpu.sh" "$BACKEND" >/dev/null 2>&1
         runs+=("$out/sdk.json")
     done
 done
-STEPS=sdk VXPU_FASTLANE=1 VXPU_XPU_PROFILE=1 OUT="$TMP/prof" STEP_TIMEOUT=60 bash "$R/benchmarks/run_gpu.sh" "$BACKEND" \
-    >/dev/null 2>&1
+env $(env_of "${MODES[0]}") STEPS=sdk VXPU_XPU_PROFILE=1 OUT="$TMP/prof" STEP_TIMEOUT=60 \
+    bash "$R/benchmarks/run_gpu.sh" "$BACKEND" >/dev/null 2>&1
 "$PY" - "$TMP/prof/sdk.json" "${runs[@]}" <<'EOF'
 import json, os, sys
 ROWS = [("64K x64 htod", "guest-RAM->device 64 KiB x64"), ("64K x64 dtoh", "device->guest-RAM 64 KiB x64"),
@@ -45,7 +51,7 @@ for path in sys.argv[2:]:
 prof = sys.argv[1]
 if os.path.exists(prof):
     stats = json.load(open(prof))["stats"]
-    print("lane-on profile (mean us, count):", {k: (round(v["mean_us"], 2), v["count"])
+    print("profile (mean us, count):", {k: (round(v["mean_us"], 2), v["count"])
           for k, v in stats.get("profile", {}).items() if not k.startswith("op:M") and not k.startswith("op:K")})
     print("lane counters:", {k: v for k, v in stats["session"].items() if "fastlane" in k})
 EOF

@@ -182,3 +182,55 @@ def test_waiter_keeps_polling_while_the_device_is_awake(fake, monkeypatch, awake
     finally:
         timer.join()
     assert bool(slept) is sleeps
+
+
+def _posted(fake: FakeTransport, before: int, n: int, *, waited: int = -1) -> Ring:
+    """A ring of 16 whose indices stand at ``before`` (consumed), with ``n`` NOPs posted that
+    the fake device does not complete (the test writes their completions); NOP ``waited`` is
+    posted with ``waited=True``."""
+    ring = Ring(fake, sq_entries=16)
+    ring.start()
+    for _ in range(before):
+        ring.post(xpu.Opcode.NOP)
+    ring.drain()
+    fake.complete_limit = 0
+    for i in range(n):
+        ring.post(xpu.Opcode.NOP, waited=i == waited)
+    return ring
+
+
+def _complete(ring: Ring, seq: int, statuses: list[int], bad_tag: int = -1) -> None:
+    """Write completions ``seq ..`` with these statuses (tag = sequence number, except at
+    index ``bad_tag``), then publish them with one cq_tail store."""
+    for i, status in enumerate(statuses):
+        s = seq + i
+        xpu.COMPLETION.pack_into(ring.mem.view, ring._cq_off + (s & 15) * 32, 99 if i == bad_tag else s,
+                                 7, 0, status, 0)
+    ring._hdr[xpu.QH_CQ_TAIL // 4] = (seq + len(statuses)) & xpu.INDEX_MASK
+
+
+@pytest.mark.parametrize("before", [0, 10])          # 10: the run wraps the end of both rings
+def test_a_run_of_ok_completions_is_consumed_in_bulk(fake, before, monkeypatch):
+    ring = _posted(fake, before, 12)
+    _complete(ring, before, [0] * 12)
+    def one_by_one(*_args):
+        raise AssertionError("the bulk path should have taken these")
+    monkeypatch.setattr("vxpu.guest.ring._unpack_completion", one_by_one)
+    assert ring.poll() == 12
+    assert ring.in_flight == 0 and ring.async_error is None
+    assert ring.header()["cq_head"] == (before + 12) & xpu.INDEX_MASK
+
+
+@pytest.mark.parametrize("before", [0, 10])
+def test_the_bulk_path_leaves_errors_waiters_and_bad_tags_to_the_loop(fake, before):
+    ring = _posted(fake, before, 12, waited=3)
+    statuses = [0] * 12
+    statuses[8] = int(Status.INVALID_HANDLE)
+    _complete(ring, before, statuses)
+    assert ring.poll() == 12
+    assert ring.async_error == (before + 8, int(xpu.Opcode.NOP), int(Status.INVALID_HANDLE), 7)
+    assert ring.wait(before + 3) == (0, 7, 0)            # the waited one kept its result
+    ring2 = _posted(FakeTransport(), before, 12)
+    _complete(ring2, before, [0] * 12, bad_tag=9)
+    with pytest.raises(GuestError, match="tag 99 where"):
+        ring2.poll()
