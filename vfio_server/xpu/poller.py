@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import os
 import sys
 import threading
@@ -426,13 +427,22 @@ class Poller(NativeLane):
     def _run(self) -> None:
         last = time.monotonic()
         while not self._stopping:
+            polled = False
             try:
                 self._register_new_ram()
-                did = self._controls() or (not self._quiet() and self._cycle() > 0)
+                did = self._controls()
+                if not did and self._poll_ready():      # the lane's C loop runs and spins instead
+                    idle = self._native_poll(max(0.0, last + self.spin_s - time.monotonic()))
+                    if idle is not None:
+                        polled = True
+                        if idle != math.inf:            # it ran something: the spin counts from then
+                            last = time.monotonic() - idle
+                if not did and not polled:
+                    did = not self._quiet() and self._cycle() > 0
             except Exception as exc:     # noqa: BLE001 -- a device-model bug must not kill the poller
                 _budget.log(log, logging.ERROR, "accelerator poller error: %s: %s", type(exc).__name__, exc,
                             exc_info=log.isEnabledFor(logging.DEBUG))
-                did = False
+                did = polled = False
                 time.sleep(0.001)
             now = time.monotonic()
             if did:
@@ -440,11 +450,8 @@ class Poller(NativeLane):
                 continue
             self._timer_irq(now)
             if now - last < self.spin_s:
-                idle = self._native_poll(last + self.spin_s - now) if self._poll_ready() else None
-                if idle is None:
+                if not polled:
                     os.sched_yield()     # releases the GIL and lets a submitter sharing this core run
-                else:                    # the lane's C loop spun (and ran what arrived) instead
-                    last = time.monotonic() - idle
                 continue
             self._sleep()
             now = time.monotonic()

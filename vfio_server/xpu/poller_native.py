@@ -16,6 +16,7 @@ waited for without the lock (:meth:`NativeLane._native_fence`) or run by Python.
 from __future__ import annotations
 
 import collections
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 from vxpu.accel.session import Session
 from vxpu.vfio_server.xpu.commands import Executor
-from vxpu.vfio_server.xpu.fastlane import PR_GROUP, PR_HANDOFF, STOP_END, STOP_FENCE, Batch, FastLane, Poll
+from vxpu.vfio_server.xpu.fastlane import (
+    PR_GROUP,
+    PR_HANDOFF,
+    PR_INDEX,
+    STOP_END,
+    STOP_FENCE,
+    Batch,
+    FastLane,
+    Poll,
+)
 from vxpu.vfio_server.xpu.guestram import GuestRam
 from vxpu.vfio_server.xpu.queue import QueueFatal, Rings
 from vxpu.vfio_server.xpu.stats import DeviceStats
@@ -33,7 +43,7 @@ from vxpu.abi.status import Status
 from vxpu.abi.xpu import DescFlags, FatalCode, IrqControl, Opcode
 
 BATCH = 64                       # descriptors taken per lock acquisition (the poller's too)
-POLL_RUN_S = 0.01                # a native poll returns at least this often (accounting, timers)
+POLL_RUN_S = 0.05                # a native poll returns at least this often (its accounting)
 MAX_HELD = 4 * BATCH             # completions held while copies wait for one synchronization
 _DESC_IRQ = int(DescFlags.IRQ)
 _FENCE = int(Opcode.FENCE)
@@ -81,6 +91,7 @@ class NativeLane:
         def _finish_cycle(self, rings: Rings, epoch: int, native: int, descs: list[tuple[int, ...]],
                           fence: tuple[int, int] | None, extend: bool) -> int: ...
         def _irq_deadline(self) -> float: ...
+        def _cycle(self, limit: int = BATCH, extend: bool = True) -> int: ...
 
     # -- the poll loop -----------------------------------------------------------------------
     def _poll_ready(self) -> bool:
@@ -93,8 +104,9 @@ class NativeLane:
         """Spin in the lane's C loop instead of Python for up to ``first_s`` idle seconds,
         running what arrives natively (:meth:`FastLane.poll`); then account it as the Python
         cycles would have, and finish in Python what the loop handed back (an open group, a
-        FENCE). Returns how long nothing had arrived when it returned, or None when the loop
-        cannot run now (the Python spin goes on)."""
+        FENCE, descriptors it does not take, an index to validate). Returns how long nothing
+        had arrived when it returned (``math.inf``: nothing arrived), or None when the loop
+        cannot run now (the Python cycle and spin go on)."""
         lane, ex, s = self.fastlane, self.executor, self.session
         queue = ex.made_queue()
         if lane is None or queue is None:
@@ -129,7 +141,10 @@ class NativeLane:
             if p.reason == PR_GROUP or p.reason == PR_HANDOFF:
                 self._poll_group(lane, rings, epoch, p)
                 return 0.0
-            return p.idle_ns / 1e9
+            if p.reason == PR_INDEX:    # Python re-reads the index and decides (fatal or not)
+                self._cycle()
+                return 0.0
+            return p.idle_ns / 1e9 if p.batches else math.inf
         finally:
             self.native_polls += 1      # (for tests: the poll's work is accounted)
             self.native_poll_active = False
