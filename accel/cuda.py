@@ -197,10 +197,11 @@ class CudaBackend(GpuBackend):
 
     def native_driver(self) -> dict[str, int] | None:
         """libcuda's entry points for the device model's native fast lane: ``cuLaunchKernel``,
-        ``cuMemcpyHtoDAsync_v2``, ``cuMemcpyDtoHAsync_v2``, ``cuCtxSynchronize`` (the library
-        cuda.bindings loaded: the same context). None when libcuda cannot be opened here."""
+        ``cuMemcpyHtoDAsync_v2``, ``cuMemcpyDtoHAsync_v2``, ``cuCtxSynchronize``, ``cuStreamQuery``
+        (the library cuda.bindings loaded: the same context). None when libcuda cannot be opened
+        here."""
         names = {"launch": "cuLaunchKernel", "htod": "cuMemcpyHtoDAsync_v2", "dtoh": "cuMemcpyDtoHAsync_v2",
-                 "sync": "cuCtxSynchronize"}
+                 "sync": "cuCtxSynchronize", "query": "cuStreamQuery"}
         try:
             lib = ctypes.CDLL("libcuda.so.1")
             table = {key: ctypes.cast(getattr(lib, name), ctypes.c_void_p).value for key, name in names.items()}

@@ -40,7 +40,8 @@ class GpuNativeLane:
 
     def native_driver(self) -> dict[str, int] | None:
         """Driver entry points for a native issuer (``launch``: cuLaunchKernel's signature,
-        ``htod``/``dtoh``: the async copies, ``sync``: context synchronize); None: none here."""
+        ``htod``/``dtoh``: the async copies, ``sync``: context synchronize, ``query``: a stream's
+        state, 0 done / 600 still running); None: none here."""
         return None
 
     def native_ready(self) -> None:

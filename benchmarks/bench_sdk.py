@@ -277,12 +277,12 @@ class CudaNative:
 
 
 # -- the run ------------------------------------------------------------------------------------------
-def bench(sdk: SdkSide, native: Any, quick: bool, block: int = 0) -> list[dict[str, Any]]:
+def bench(sdk: SdkSide, native: Any, quick: bool, block: int = 0, scale: int = 1) -> list[dict[str, Any]]:
     rows = []
     for size in SIZES:
         for direction in ("htod", "dtoh"):
             for k in ((1, BATCH[size]) if size == min(SIZES) else (BATCH[size],)):
-                reps = max(5, (400 if size <= MiB else 40) // k // (4 if quick else 1))
+                reps = max(5, (400 if size <= MiB else 40) * scale // k // (4 if quick else 1))
                 t_sdk, t_nat = interleave(sdk.copies(direction, size, k), native.copies(direction, size, k),
                                           reps, max(2, reps // 5, min(block, reps)))
                 rows.append({"what": f"{'guest-RAM->device' if direction == 'htod' else 'device->guest-RAM'} "
@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--block", type=int, default=0,
                         help="copies: at least this many repetitions per interleaved block (the device's "
                              "poller sleeps during the native block, so each SDK block's first one pays a wake-up)")
+    parser.add_argument("--reps-scale", type=int, default=1, metavar="N",
+                        help="copies: N times the repetitions (a tighter median on a noisy machine)")
     parser.add_argument("--poll-idle-us", type=int, metavar="US",
                         help="the server's 'vxpu serve --poll-idle-us' (adaptive idle spin ceiling; passed to the "
                              "child as VXPU_POLL_IDLE_US; 200 gives the fixed spin of before)")
@@ -361,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     with Device.local(args.backend, ram_size=max(SIZES) * 4 + (64 << 20)) as dev:
         sdk = SdkSide(dev)
         ident = dev.identify()
-        rows = bench(sdk, native, args.quick, args.block)
+        rows = bench(sdk, native, args.quick, args.block, max(1, args.reps_scale))
         if args.trace and sdk.launcher is not None:
             sdk.traced(args.trace)
         result = {"backend": args.backend, "block": args.block, "native": native.name, "device": ident.get("name"),

@@ -15,7 +15,7 @@ from vxpu.vfio_server.xpu import fastlane
 from vxpu.abi import xpu as abi
 from vxpu.abi.xpu import Opcode
 
-from .test_fastlane import DTOH_FN, HTOD_FN, LAUNCH_FN, SYNC_FN
+from .test_fastlane import DTOH_FN, HTOD_FN, LAUNCH_FN, QUERY_FN, SYNC_FN
 
 GPA = 0x1_0000_0000             # guest-physical base of the fake RAM
 RAM = 1 << 20
@@ -45,7 +45,7 @@ class Lib:
         def dtoh(d: int, s: int, n: int, st: int) -> int:
             self.calls.append(("dtoh", s, d - self.base, n))
             return 1 if self.fail else 0
-        self._fns = [LAUNCH_FN(launch), HTOD_FN(htod), DTOH_FN(dtoh), SYNC_FN(lambda: 0)]
+        self._fns = [LAUNCH_FN(launch), HTOD_FN(htod), DTOH_FN(dtoh), SYNC_FN(lambda: 0), QUERY_FN(lambda _s: 0)]
         self.driver = fastlane.Driver(*(ctypes.cast(f, ctypes.c_void_p).value for f in self._fns))
         self.ctx = ctypes.c_void_p(lib.fl_new(ctypes.byref(self.driver)))
         self.ram = (ctypes.c_char * RAM)()

@@ -72,7 +72,7 @@ log = logging.getLogger(__name__)
 ENV = "VXPU_FASTLANE"
 POLL_ENV = "VXPU_FASTLANE_POLL"
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
-ABI = 10                         # fl_abi() of the source this module speaks to
+ABI = 11                         # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
 TAKES = 8                        # FL_TAKES: re-reads of sq_tail per call
 MAX_PLANS = 256
@@ -133,7 +133,7 @@ class Alloc(ctypes.Structure):
 
 
 #: The driver entry points fl_new takes, in order (``struct fl_driver``).
-DRIVER_FIELDS = ("launch", "htod", "dtoh", "sync")
+DRIVER_FIELDS = ("launch", "htod", "dtoh", "sync", "query")
 
 
 class Driver(ctypes.Structure):

@@ -28,7 +28,7 @@
 #include <string.h>
 #include <time.h>
 
-#define FL_ABI 10
+#define FL_ABI 11
 #define SQ_ENTRY 64u
 #define CQ_ENTRY 32u
 #define MAX_ARG_BYTES 4096u
@@ -55,12 +55,15 @@ typedef int (*fl_launch_fn)(void *f, unsigned gx, unsigned gy, unsigned gz, unsi
 typedef int (*fl_htod_fn)(uint64_t dst, const void *src, size_t n, void *stream);
 typedef int (*fl_dtoh_fn)(void *dst, uint64_t src, size_t n, void *stream);
 typedef int (*fl_sync_fn)(void);
+typedef int (*fl_query_fn)(void *stream);
+#define CU_NOT_READY 600   /* CUDA_ERROR_NOT_READY: fl_query_fn's "still running" */
 
 struct fl_driver {
     fl_launch_fn launch;
     fl_htod_fn htod;   /* cuMemcpyHtoDAsync_v2 */
     fl_dtoh_fn dtoh;   /* cuMemcpyDtoHAsync_v2 */
     fl_sync_fn sync;   /* cuCtxSynchronize */
+    fl_query_fn query; /* cuStreamQuery: 0 done, CU_NOT_READY running, else an error */
 };
 
 struct fl_region {      /* guest RAM [gpa, end) at host address host */
@@ -96,6 +99,7 @@ struct fl_ctx {
     uint32_t record_busy;   /* spin lock over record/fences: fl_fence's read vs fl_set_fence */
     uint32_t stop;          /* fl_poll: return at the next step (fl_halt, fl_quiesce; fl_resume clears) */
     uint32_t busy;          /* fl_poll: in guest memory or the tables now (see fl_quiesce) */
+    uint32_t elsewhere;     /* fl_poll: work since the last wait may be outside the copy stream */
 };
 
 /* One call's geometry and results; Python owns it (a ctypes Structure of the same layout). */
@@ -167,7 +171,7 @@ void fl_plans_clear(struct fl_ctx *c) {
 }
 
 struct fl_ctx *fl_new(const struct fl_driver *drv) {
-    if (!drv || !drv->launch || !drv->htod || !drv->dtoh || !drv->sync) return NULL;
+    if (!drv || !drv->launch || !drv->htod || !drv->dtoh || !drv->sync || !drv->query) return NULL;
     struct fl_ctx *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     c->drv = *drv;
@@ -427,6 +431,7 @@ static uint32_t run_launch(struct fl_ctx *c, struct fl_batch *b, const struct de
     const struct fl_plan *p = plan_find(c, key, blob, len);
     if (!p) return STOP_MISS;
     if (b->pending >= b->depth) return STOP_ROOM;
+    if (p->stream != c->copy_stream) c->elsewhere = 1;   /* a stream query no longer covers it all */
     int e = c->drv.launch(p->func, p->dims[0], p->dims[1], p->dims[2], p->dims[3], p->dims[4], p->dims[5],
                           p->shared, p->stream, p->ptrs, NULL);
     if (e) {
@@ -657,7 +662,8 @@ static void publish(const struct fl_batch *b, struct fl_poll *p, uint32_t n) {
 }
 
 /* A device wait surfaced nothing: what Python's synchronize would reset. */
-static void waited(struct fl_batch *b, struct fl_poll *p) {
+static void waited(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
+    c->elsewhere = 0;
     b->pending = b->queued = 0;
     b->syncs = 0;
     p->waits++;
@@ -697,6 +703,22 @@ static int64_t available(const struct fl_batch *b, struct fl_poll *p, uint32_t h
     return n < TAKE_MAX ? n : TAKE_MAX;
 }
 
+/* Has all work since the last wait finished, with nothing surfaced (guest memory entered)? 1
+ * yes (the copy stream, which then holds all of it, is done and the fault record unclaimed),
+ * 0 not yet, -1 unknown or an error (the blocking wait decides and reports). */
+static int group_done(struct fl_ctx *c) {
+    if (c->elsewhere || !c->copies) return -1;
+    int r = c->drv.query(c->copy_stream);
+    if (r == CU_NOT_READY) return 0;
+    if (r) return -1;
+    int out = 1;
+    record_lock(c);
+    if (!c->fences) out = -1;
+    else if (c->record && __atomic_load_n((const uint32_t *)(uintptr_t)c->record, __ATOMIC_ACQUIRE)) out = -1;
+    record_unlock(c);
+    return out;
+}
+
 /* Post the open group (guest memory entered): after its copies' one wait, made with `busy`
  * clear. 0 when posted; PR_GROUP when it stays open for Python: the wait surfaced something
  * (b->syncs still set), or a stop came during it (b->syncs clear: Python only posts it). */
@@ -708,7 +730,7 @@ static uint32_t post_group(struct fl_ctx *c, struct fl_batch *b, struct fl_poll 
             enter(c);                       /* (result unused: nothing more is touched) */
             return PR_GROUP;
         }
-        waited(b, p);
+        waited(c, b, p);
         if (!enter(c)) return PR_GROUP;
     }
     publish(b, p, b->group);
@@ -732,7 +754,7 @@ static uint32_t fence(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
             enter(c);
             return PR_GROUP;
         }
-        waited(b, p);
+        waited(c, b, p);
         if (!enter(c)) return PR_GROUP;
     }
     uint8_t *slot = (uint8_t *)(uintptr_t)b->cq + (size_t)(p->cq_tail & b->cq_mask) * CQ_ENTRY;
@@ -760,6 +782,7 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
     p->bytes_htod = p->bytes_dtoh = p->busy_ns = p->idle_ns = 0;
     b->group = 0;
     b->start = 1;
+    c->elsewhere = b->queued != 0;          /* Python issued work since its last wait */
     if (!b->sq || !b->cq || !b->hdr) return PR_INDEX;
     uint64_t start = now_ns(), last = start, limit = p->first_ns;
     uint32_t spins = 0;
@@ -803,10 +826,24 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
         b->reread = 1;
         fl_run(c, b);
         account_run(b, p);
-        /* while copies wait for their one wait, take what is posted meanwhile into the group */
-        while (b->stop == STOP_END && b->syncs && b->group < FL_GROUP) {
-            int64_t more = available(b, p, b->group, &room);
-            if (more <= 0) break;
+        /* While copies wait for their one wait, take what is posted meanwhile into the group,
+         * and while nothing is, ask the device whether they are done: the guest may still be
+         * posting copies, and a blocking wait now would drain the device's queue between them. */
+        uint32_t quiet = 0;
+        while (b->stop == STOP_END && b->syncs) {
+            int64_t more = b->group < FL_GROUP ? available(b, p, b->group, &room) : 0;
+            if (more < 0) break;                /* (the blocking wait, then PR_INDEX) */
+            if (more == 0) {
+                int done = group_done(c);
+                if (done > 0) {
+                    waited(c, b, p);            /* post_group publishes at once */
+                    break;
+                }
+                if (done < 0 || __atomic_load_n(&c->stop, __ATOMIC_SEQ_CST)) break;   /* the blocking wait */
+                relax(quiet++);
+                continue;
+            }
+            quiet = 0;
             if (more > FL_GROUP - b->group) more = FL_GROUP - b->group;
             uint32_t d = b->sq_head + (uint32_t)more - p->cq_tail;
             p->batches++;
