@@ -49,6 +49,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import importlib.resources
+import json
 import logging
 import os
 import shutil
@@ -71,6 +72,8 @@ log = logging.getLogger(__name__)
 
 ENV = "VXPU_FASTLANE"
 POLL_ENV = "VXPU_FASTLANE_POLL"
+TRACE_ENV = "VXPU_FASTLANE_TRACE"   # a file: the poll loop's timestamps, written when the lane closes
+TRACE_CAP = 1 << 20
 CFLAGS = ("-O2", "-shared", "-fPIC", "-std=c11", "-Wall", "-Wextra", "-Werror")
 ABI = 11                         # fl_abi() of the source this module speaks to
 GROUP = 256                      # FL_GROUP: completions one group holds at most
@@ -121,7 +124,8 @@ class Poll(ctypes.Structure):
                 ("waits", _u32), ("checked_after", _u32), ("launches", _u32), ("checked", _u32),
                 ("c_launches", _u32), ("c_nops", _u32), ("c_htods", _u32), ("c_dtohs", _u32), ("c_fences", _u32),
                 ("runs", _u32), ("taken", _u32), ("fence", _u32), ("pad", _u32), ("bytes_htod", _u64),
-                ("bytes_dtoh", _u64), ("busy_ns", _u64), ("idle_ns", _u64), ("stops", _u32 * 8)]
+                ("bytes_dtoh", _u64), ("busy_ns", _u64), ("idle_ns", _u64), ("stops", _u32 * 8),
+                ("trace", _u64), ("trace_cap", _u32), ("trace_len", _u32)]
 
 
 class Region(ctypes.Structure):
@@ -359,18 +363,35 @@ class FastLane:
         self.polls: dict[int, int] = {}    # poll returns by PR_* reason
         self._poll = Poll()
         self._poll_ref = ctypes.addressof(self._poll)
+        self._trace_path = os.environ.get(TRACE_ENV) or None
+        if self._trace_path is not None:    # a diagnostic: {ns, what, n} entries (native/fastlane.c TR_*)
+            self._trace = (_u64 * (2 * TRACE_CAP))()
+            self._poll.trace, self._poll.trace_cap = ctypes.addressof(self._trace), TRACE_CAP
         # The backend tells where its record is under its own lock, and withdraws it (-1) before
         # freeing it from any thread (a server closing while this lane waits in fl_fence).
         self._watch = getattr(backend, "native_watch_record", None)
         self._unwatch = getattr(backend, "native_unwatch_record", None)
 
     def close(self) -> None:
-        """Free the native tables (idempotent)."""
+        """Free the native tables (idempotent); write the poll trace when one was asked for."""
+        if self._trace_path is not None:
+            self._write_trace(self._trace_path)
+            self._trace_path = None
         if self._ctx:
             if callable(self._unwatch):
                 self._unwatch(self._set_record)
             self.lib.fl_free(self._ctx)
             self._ctx = ctypes.c_void_p(0)
+
+    def _write_trace(self, path: str) -> None:
+        """``[[monotonic ns, what, n], ...]`` as JSON (what: TR_* of native/fastlane.c)."""
+        raw = self._trace
+        entries = [[raw[2 * i], raw[2 * i + 1] & 0xFFFF_FFFF, raw[2 * i + 1] >> 32] for i in range(self._poll.trace_len)]
+        try:
+            with open(path, "w") as fh:
+                json.dump(entries, fh)
+        except OSError as exc:
+            log.warning("fast lane: cannot write the poll trace to %s: %s", path, exc)
 
     # -- tables (lock held) ----------------------------------------------------------------
     def forget_plans(self) -> None:

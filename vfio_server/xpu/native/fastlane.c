@@ -603,7 +603,14 @@ struct fl_poll {
     uint64_t busy_ns;       /* time spent on batches (not spinning) */
     uint64_t idle_ns;       /* how long nothing had arrived when it returned */
     uint32_t stops[STOPS];  /* fl_run's stops, by STOP_* */
+    uint64_t trace;         /* in: 0, or a buffer of trace_cap {u64 CLOCK_MONOTONIC ns, u32 what, u32 n} */
+    uint32_t trace_cap;     /* in */
+    uint32_t trace_len;     /* in/out: entries written (none once full) */
 };
+
+/* what a trace entry marks (VXPU_FASTLANE_TRACE, a diagnostic): */
+enum { TR_TAKE = 1, TR_RUN = 2, TR_WAIT = 3, TR_WAITED = 4, TR_POSTED = 5, TR_FENCE = 6, TR_FENCED = 7,
+       TR_QUERY = 8 };
 
 size_t fl_poll_size(void) { return sizeof(struct fl_poll); }
 
@@ -611,6 +618,13 @@ static uint64_t now_ns(void) {
     struct timespec t;
     clock_gettime(CLOCK_MONOTONIC, &t);
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void trace(struct fl_poll *p, uint32_t what, uint32_t n) {
+    if (!p->trace || p->trace_len >= p->trace_cap) return;
+    uint64_t *e = (uint64_t *)(uintptr_t)p->trace + 2 * (size_t)p->trace_len++;
+    e[0] = now_ns();
+    e[1] = (uint64_t)what | (uint64_t)n << 32;
 }
 
 static void relax(uint32_t i) {
@@ -725,15 +739,18 @@ static int group_done(struct fl_ctx *c) {
 static uint32_t post_group(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
     if (!b->group) return 0;
     if (b->syncs) {
+        trace(p, TR_WAIT, b->group);
         leave(c);
         if (fl_fence(c)) {
             enter(c);                       /* (result unused: nothing more is touched) */
             return PR_GROUP;
         }
+        trace(p, TR_WAITED, 0);
         waited(c, b, p);
         if (!enter(c)) return PR_GROUP;
     }
     publish(b, p, b->group);
+    trace(p, TR_POSTED, b->group);
     p->forced |= b->irq;
     p->c_launches += b->g_launches;
     p->c_nops += b->g_nops;
@@ -749,11 +766,13 @@ static uint32_t post_group(struct fl_ctx *c, struct fl_batch *b, struct fl_poll 
  * Python completes it: the wait surfaced something, or a stop came during it. */
 static uint32_t fence(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
     if (b->queued) {
+        trace(p, TR_FENCE, b->queued);
         leave(c);
         if (fl_fence(c)) {
             enter(c);
             return PR_GROUP;
         }
+        trace(p, TR_FENCED, 0);
         waited(c, b, p);
         if (!enter(c)) return PR_GROUP;
     }
@@ -761,6 +780,7 @@ static uint32_t fence(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
     uint64_t words[4] = {b->stop_tag, 0, 0, 0};
     memcpy(slot, words, sizeof words);
     publish(b, p, 1);
+    trace(p, TR_POSTED, 1);
     p->forced |= b->stop_flags & FLAG_IRQ;
     p->c_fences++;
     p->fence = 0;
@@ -824,7 +844,9 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
         b->max = (uint32_t)n;
         b->cq_room = room;
         b->reread = 1;
+        trace(p, TR_TAKE, (uint32_t)n);
         fl_run(c, b);
+        trace(p, TR_RUN, b->consumed);
         account_run(b, p);
         /* While copies wait for their one wait, take what is posted meanwhile into the group,
          * and while nothing is, ask the device whether they are done: the guest may still be
@@ -835,6 +857,7 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
             if (more < 0) break;                /* (the blocking wait, then PR_INDEX) */
             if (more == 0) {
                 int done = group_done(c);
+                if (!quiet || done) trace(p, TR_QUERY, (uint32_t)(done + 1));
                 if (done > 0) {
                     waited(c, b, p);            /* post_group publishes at once */
                     break;
@@ -852,7 +875,9 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
             if (d > p->max_depth) p->max_depth = d;
             b->max = (uint32_t)more;
             b->cq_room = room;
+            trace(p, TR_TAKE, (uint32_t)more);
             fl_run(c, b);
+            trace(p, TR_RUN, b->consumed);
             account_run(b, p);
         }
         uint32_t why = 0, stop = b->stop;
