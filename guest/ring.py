@@ -417,10 +417,11 @@ class Ring:
         if n >= _BULK_MIN:
             while seq != end:                   # contiguous runs, while the bulk path takes them
                 k = min(end - seq, self.cq_entries - (head & cq_mask), self.sq_entries - (seq & sq_mask))
-                if not self._bulk(head, seq, k):
+                got = self._bulk(head, seq, k)
+                head += got
+                seq += got
+                if got < k:
                     break
-                head += k
-                seq += k
         while seq != end:
             tag, result, result2, status, _ = _unpack_completion(cq, (head & cq_mask) * _CQ_ENTRY_SIZE)
             if tag != seq:
@@ -543,20 +544,27 @@ class Ring:
             time.sleep(pause)
             pause = min(pause * 2, 1e-3)
 
-    def _bulk(self, head: int, seq: int, n: int) -> bool:
-        """Check ``n`` completions at ring index ``head`` on (contiguous in the completion ring,
-        their submission slots contiguous too) with slices at C speed: True when each has status
-        OK, its own sequence number as tag, and no waiter and no held memory (what the loop in
-        :meth:`poll` would then only step over); the caller consumes them. False: nothing is
-        taken, the loop looks at them one by one."""
-        start = (head & self._cq_mask) * 4
+    def _bulk(self, head: int, seq: int, n: int) -> int:
+        """Of the ``n`` completions at ring index ``head`` on (contiguous in the completion ring,
+        their submission slots contiguous too), how many leading ones the caller may consume
+        without looking at each: those before the first one somebody waits for (a FENCE of
+        ``synchronize()``), when each has status OK, its own sequence number as tag and no held
+        memory (what the loop in :meth:`poll` would only step over). Checked with slices at C
+        speed; 0 when any of them needs the loop."""
         slot = seq & self._sq_mask
+        try:
+            n = self._waited.index(True, slot, slot + n) - slot
+        except ValueError:
+            pass
+        if n <= 0:
+            return 0
+        start = (head & self._cq_mask) * 4
         words = self._cq64
         if words[start + 3:start + 4 * n:4].tolist().count(0) != n:      # status + reserved words
-            return False
+            return 0
         if words[start:start + 4 * n:4].tolist() != list(range(seq, seq + n)):
-            return False
-        return not any(self._waited[slot:slot + n]) and self._hold[slot:slot + n].count(None) == n
+            return 0
+        return n if self._hold[slot:slot + n].count(None) == n else 0
 
     def header(self) -> dict[str, Any]:
         """The queue header's indices and flags (for diagnostics and tests)."""

@@ -222,6 +222,22 @@ def test_a_run_of_ok_completions_is_consumed_in_bulk(fake, before, monkeypatch):
 
 
 @pytest.mark.parametrize("before", [0, 10])
+def test_the_bulk_path_stops_at_a_waited_completion(fake, before, monkeypatch):
+    """synchronize() waits for its FENCE: the copies before it still go in bulk, and only the
+    FENCE is looked at by the loop."""
+    ring = _posted(fake, before, 12, waited=11)
+    _complete(ring, before, [0] * 12)
+    calls = []
+    unpack = xpu.COMPLETION.unpack_from
+    def counted(*args):
+        calls.append(args)
+        return unpack(*args)
+    monkeypatch.setattr("vxpu.guest.ring._unpack_completion", counted)
+    assert ring.poll() == 12
+    assert len(calls) == 1 and ring.wait(before + 11) == (0, 7, 0)
+
+
+@pytest.mark.parametrize("before", [0, 10])
 def test_the_bulk_path_leaves_errors_waiters_and_bad_tags_to_the_loop(fake, before):
     ring = _posted(fake, before, 12, waited=3)
     statuses = [0] * 12
