@@ -27,8 +27,8 @@ the server runs with ``VXPU_XPU_PROFILE=1`` (inherited by the ``vxpu serve`` chi
 per-phase profile (:mod:`vxpu.vfio_server.xpu.profile`); ``--old-wait`` makes the SDK's waiter
 back off after 1 ms as before ``guest.ring.BUSY_SPIN_S`` (an A/B switch).
 
-``--trace FILE`` then runs 300 more LAUNCH + completion round trips and 20 batches of 1 MiB x16
-copies with the guest's post/return times (``perf_counter_ns``) written to FILE; with
+``--trace FILE`` then runs 300 more LAUNCH + completion round trips and 20 batches each of 1 MiB
+x16 and 64 KiB x64 copies with the guest's post/return times (``perf_counter_ns``) written to FILE; with
 ``VXPU_XPU_TRACE`` set too, the server writes its per-call timings on the same clock, so
 both sides of each round trip line up (``benchmarks/trace_devpath.py`` reads the two).
 
@@ -168,11 +168,12 @@ class SdkSide:
                 events.append(("start", 0, clock()))
                 self.launch_sync()
                 events.append(("end", 0, clock()))
-            run = self.copies("htod", MiB, 16)
-            for _ in range(20):
-                events.append(("start", 1, clock()))
-                run()
-                events.append(("end", 1, clock()))
+            for kind, (size, k) in enumerate(((MiB, 16), (64 * KiB, 64)), start=1):
+                run = self.copies("htod", size, k)
+                for _ in range(20):
+                    events.append(("start", kind, clock()))
+                    run()
+                    events.append(("end", kind, clock()))
         finally:
             del ring.post
         with open(path, "w") as fh:
