@@ -162,7 +162,17 @@ class SdkSide:
             seq = post(opcode, *args, **kwargs)
             events.append(("post", int(opcode), clock()))
             return seq
+        poll = ring.poll
+
+        def traced_poll() -> int:
+            t0 = clock()
+            n = poll()
+            if n:
+                events.append(("poll", n, t0))
+                events.append(("polled", n, clock()))
+            return n
         ring.post = traced_post  # type: ignore[method-assign]
+        ring.poll = traced_poll  # type: ignore[method-assign]
         try:
             for _ in range(300):
                 events.append(("start", 0, clock()))
@@ -175,7 +185,7 @@ class SdkSide:
                     run()
                     events.append(("end", kind, clock()))
         finally:
-            del ring.post
+            del ring.post, ring.poll
         with open(path, "w") as fh:
             json.dump(events, fh)
 

@@ -362,9 +362,6 @@ def _rig(tmp_path: Path, name: str, **kw: Any) -> XpuRig:
     return XpuRig(tmp_path / f"{name}.sock", FakeGpu(), fastlane=True, **kw)
 
 
-@pytest.mark.xfail(strict=True, reason="pollreview HOLE: _poll_group counts a hand-off's descriptors as a "
-                   "second batch (C counted them in its take already): DeviceStats.batches/max_batch/"
-                   "queue_depth differ from the Python path (device-abi 4.7: statistics are the Python path's)")
 def test_a_hand_off_counts_one_batch_as_the_python_path_does(tmp_path, monkeypatch):
     got = {}
     for mode in ("poll", "issue"):

@@ -195,8 +195,7 @@ class NativeLane:
                     self._set_fatal(exc.code, exc.info, str(exc))
                     return
                 if n > 0 and self._bus_master():
-                    descs = rings.take(n)
-                    self.stats.batch(n, (rings.sq_head - rings.cq_tail) & abi.INDEX_MASK)
+                    descs = rings.take(n)       # (counted in the poll's batch already)
         self._finish_cycle(rings, epoch, native, descs, fence, True)
 
     def _native_issue(self, lane: FastLane, rings: Rings, queue: int, n: int,
