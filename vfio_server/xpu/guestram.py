@@ -4,9 +4,10 @@ The serve loop owns the connection's :class:`~vxpu.vfio_server.dma.DmaSpace`; it
 mutated on the loop without a lock, so another thread must never look them up. The device
 keeps this snapshot instead: the DMA map listeners (which run on the loop, ``on_map`` after a
 region is mapped, ``on_unmap`` *before* it is unmapped) add and remove regions while holding
-:attr:`GuestRam.lock`, and the poller holds the same lock whenever it touches guest memory. So
-an unmap waits until the poller is out of guest memory, and the poller never sees a region
-that is being released (no use-after-unmap). Every change bumps :attr:`GuestRam.generation`;
+:attr:`GuestRam.lock`, and the poller holds the same lock whenever it touches guest memory (the
+fast lane's C poll loop, which does not, is stopped first: ``Poller._quiesce``). So an unmap
+waits until the poller is out of guest memory, and the poller never sees a region that is being
+released (no use-after-unmap). Every change bumps :attr:`GuestRam.generation`;
 the poller re-translates its cached ring views when it changes.
 
 Only fd-backed (mmap-ed) maps are listed: message-only RAM (no ``share=on``) cannot be reached

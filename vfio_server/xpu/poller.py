@@ -10,13 +10,20 @@ Threads and locks (ARCHITECTURE.md decision 2; the serve loop is single-threaded
   after it returns), and bus mastering turned off.
 * The **poller thread** holds :attr:`GuestRam.lock` while it touches guest memory (ring reads,
   completions, SG copies) and never while it waits for the backend, so those loop-side
-  sections wait at most for one memory access. Interrupts go back to the loop through
+  sections wait at most for one memory access. The fast lane's **poll loop** (C, see
+  :mod:`.poller_native`) touches guest memory without the lock: each of those loop-side
+  sections first calls :meth:`Poller._quiesce`, which stops the loop and waits until it is out
+  of guest memory and the lane's tables (at most one descriptor's driver call), and the poller
+  re-validates everything under the lock before it lets the loop run again. Control requests
+  and new interrupt settings end a running poll too (:meth:`Poller.poke`, no wait). Interrupts go back to the loop through
   ``call_soon_threadsafe``. From a LAUNCH with a FENCE ahead in the same batch until that
   FENCE, it defers the wake-ups of a host backend's queue worker
   (:func:`vxpu.accel.hostqueue.defer_wakeups`), so the FENCE runs the kernel on the poller
   thread with no worker woken to contend for the GIL.
 
-Polling: after the last descriptor the poller spins (see *Adaptive spin*), checking ``sq_tail``
+Polling: with the fast lane's poll loop (GPU backends) the spin below happens in C, which also
+runs the lane's commands as they arrive, and the Python cycle runs only what the loop hands
+back. Otherwise: after the last descriptor the poller spins (see *Adaptive spin*), checking ``sq_tail``
 without the lock (a hint: the locked cycle runs only when it moved) and calling
 ``os.sched_yield()`` on every check: that releases the GIL (the loop's replies to QEMU are not
 held up) and lets a submitter that shares the core run (with ``time.sleep(0)`` instead, a

@@ -11,6 +11,13 @@ synchronization when copies wait, with one ``cq_tail`` store), or, when Python h
 to run right after it, handed to ``Poller._run_batch`` as held completions, so the grouping (and
 which copies an asynchronous error marks) is the Python path's. A FENCE the lane stopped at is
 waited for without the lock (:meth:`NativeLane._native_fence`) or run by Python.
+
+The **poll loop** (:meth:`NativeLane._native_poll`) runs the lane without Python at all while
+the queue is busy: under the lock the tables are brought up to date and the lane resumed, then
+C spins on ``sq_tail`` and runs whole cycles (:meth:`FastLane.poll`), and afterwards
+:meth:`NativeLane._poll_account` applies what it did to the state Python keeps (ring indices,
+queue accounting, statistics, interrupts) and :meth:`NativeLane._poll_group` finishes in Python,
+exactly as after :meth:`NativeLane._native_issue`, whatever it handed back.
 """
 
 from __future__ import annotations
