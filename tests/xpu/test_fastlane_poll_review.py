@@ -472,3 +472,75 @@ def test_random_streams_with_quiesces_complete_each_descriptor_once_in_order_int
         assert seen.get(fastlane.PR_QUIESCE, 0) + seen.get(fastlane.PR_GROUP, 0) >= 5, seen
     finally:
         ring.close()
+
+
+class QueryHeldGpu(FakeGpu):
+    """A FakeGpu whose stream query (the poll loop's copy wait, 255d201) answers "running" while
+    :attr:`hold` is set: the loop then spins in its query loop with ``busy`` set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold = False
+        self.held_queries = 0
+
+    def native_driver(self) -> dict[str, int] | None:
+        table = super().native_driver()
+        assert table is not None
+        inner = QUERY_FN(table["query"])
+
+        def query(stream: Any) -> int:
+            if self.hold:
+                self.held_queries += 1
+                return NOT_READY
+            return int(inner(stream))
+        fn = QUERY_FN(query)
+        self.dev.keep.append(fn)
+        table["query"] = ctypes.cast(fn, ctypes.c_void_p).value or 0
+        return table
+
+
+@pytest.mark.parametrize("what", ["reset", "unmap", "irq"])
+def test_the_copy_query_spin_ends_at_once_for_a_control_request_an_unmap_or_new_irq_settings(
+        tmp_path, monkeypatch, what):
+    """While a group's copies are "running" the loop spins on the stream query with ``busy``
+    set, unbounded by the poll's budget: a control request, a DMA unmap (its quiesce, under
+    GuestRam.lock) and an interrupt setting must still end it at once."""
+    from vxpu.abi.xpu import Control, DeviceStatus, IrqControl
+    from vxpu.vfio_server.client import GuestMemory
+    from vxpu.vfio_server.xpu import poller_native
+    monkeypatch.setattr(poller_native, "POLL_RUN_S", 10.0)
+    backend = QueryHeldGpu()
+    with GuestMemory(1 << 20) as extra, XpuRig(tmp_path / f"qh{what}.sock", backend, fastlane=True) as rig:
+        rig.client.map_guest_ram(extra, 0x4000_0000)
+        dev = rig.alloc(4096)
+        assert rig.htod(dev, b"warm").status == 0
+        poller = rig.device.poller
+        p = poller
+        p.min_spin_s = p.max_spin_s = p.spin_s = 5.0
+        assert rig.run([desc(Opcode.NOP)])[0].status == 0
+        _wait(lambda: poller.native_poll_active, 2.0)
+        backend.hold = True
+        rig.submit([desc(Opcode.MEM_COPY_HTOD, [dev + 64 * i], sg=(rig.addr(0x30_0000), 64), tag=10 + i)
+                    for i in range(3)])
+        _wait(lambda: backend.held_queries > 50)
+        t0 = time.monotonic()
+        if what == "reset":
+            before = rig.reg(abi.REG_RESET_COUNT)
+            rig.set_reg(abi.REG_CONTROL, Control.RESET, posted=False)
+            _wait(lambda: rig.reg(abi.REG_RESET_COUNT) != before)
+            got = rig.completions(3)
+            assert [c.tag for c in got] == [10, 11, 12]
+        elif what == "unmap":
+            rig.client.dma_unmap(0x4000_0000, 1 << 20)
+            got = rig.completions(3)
+            assert [(c.tag, c.status) for c in got] == [(10, 0), (11, 0), (12, 0)]
+        else:
+            rig.set_reg(abi.REG_IRQ_CONTROL, IrqControl.COMPLETION, posted=False)
+            got = rig.completions(3)
+            assert [(c.tag, c.status) for c in got] == [(10, 0), (11, 0), (12, 0)]
+        took = time.monotonic() - t0
+        backend.hold = False
+        assert took < 1.0, f"{what} took {took * 1e3:.0f} ms with the loop in its query spin"
+        if what == "reset":
+            assert rig.enable() & DeviceStatus.ENABLED
+        rig.alive()
