@@ -100,6 +100,7 @@ struct fl_ctx {
     uint32_t stop;          /* fl_poll: return at the next step (fl_halt, fl_quiesce; fl_resume clears) */
     uint32_t busy;          /* fl_poll: in guest memory or the tables now (see fl_quiesce) */
     uint32_t elsewhere;     /* fl_poll: work since the last wait may be outside the copy stream */
+    uint32_t polling;       /* fl_poll runs: fl_run ends at the next descriptor once `stop` is set */
 };
 
 /* One call's geometry and results; Python owns it (a ctypes Structure of the same layout). */
@@ -510,6 +511,7 @@ uint32_t fl_run(struct fl_ctx *c, struct fl_batch *b) {
     b->python_run = 0;
     if (!c || !b->sq || !b->cq) return 0;
     for (uint32_t i = 0; i < b->max || take_more(b, i); i++) {
+        if (i && c->polling && __atomic_load_n(&c->stop, __ATOMIC_SEQ_CST)) break;   /* a quiescer waits */
         struct desc d;
         read_desc(b, i, &d);
         uint32_t why = 0;
@@ -804,6 +806,7 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
     b->start = 1;
     c->elsewhere = b->queued != 0;          /* Python issued work since its last wait */
     if (!b->sq || !b->cq || !b->hdr) return PR_INDEX;
+    c->polling = 1;
     uint64_t start = now_ns(), last = start, limit = p->first_ns;
     uint32_t spins = 0;
     for (;;) {
@@ -852,7 +855,7 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
          * and while nothing is, ask the device whether they are done: the guest may still be
          * posting copies, and a blocking wait now would drain the device's queue between them. */
         uint32_t quiet = 0;
-        while (b->stop == STOP_END && b->syncs) {
+        while (b->stop == STOP_END && b->syncs && !__atomic_load_n(&c->stop, __ATOMIC_SEQ_CST)) {
             int64_t more = b->group < FL_GROUP ? available(b, p, b->group, &room) : 0;
             if (more < 0) break;                /* (the blocking wait, then PR_INDEX) */
             if (more == 0) {
@@ -913,5 +916,6 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
             break;
         }
     }
+    c->polling = 0;
     return p->reason;
 }
