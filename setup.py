@@ -24,7 +24,7 @@ LAYERS = {
     "vxpu.images": "vm-images",
 }
 # Data folders count as (namespace) packages for setuptools, so each is listed as one.
-PACKAGE_DATA = {"vxpu.ir.sample_kernels": ["*.vxir"], "vxpu.vfio_server.xpu.native": ["*.c"]}
+PACKAGE_DATA = {"vxpu.ir.sample_kernels": ["*.vxir"], "vxpu.vfio_server.xpu.native": ["*.c", "*.h"]}
 
 
 def packages() -> list[str]:

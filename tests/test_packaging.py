@@ -94,8 +94,9 @@ def test_wheel_install_builds_a_guest_tree_that_imports_alone(tmp_path: Path) ->
 
     report = json.loads(_run([python, "-I", "-c", ASSEMBLE, tree], tmp_path))
     assert report["vxpu"].startswith(str(env)), report["vxpu"]  # the wheel, not the checkout
-    # the accelerator's native fast lane is built from its C source at first use: package data
-    assert (Path(report["vxpu"]).parent / "vfio_server" / "xpu" / "native" / "fastlane.c").is_file()
+    # the accelerator's native fast lane is built from its C sources at first use: package data
+    for name in ("fastlane.h", "fastlane.c", "fastpoll.c"):
+        assert (Path(report["vxpu"]).parent / "vfio_server" / "xpu" / "native" / name).is_file(), name
     assert report["kernels"] == sorted(p.name for p in (REPO / "ir" / "sample_kernels").glob("*.vxir"))
     for rel in ("vxpu/__init__.py", "vxpu/errors.py", "vxpu/abi/testdev.py", "vxpu/guest/__init__.py",
                 "vxpu/ir/__init__.py", "vxpu/ir/args.py"):

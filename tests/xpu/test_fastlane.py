@@ -412,7 +412,8 @@ def test_a_failed_build_is_the_python_path(monkeypatch, tmp_path):
     monkeypatch.setattr(fastlane, "_lib_error", None)
     monkeypatch.setattr(fastlane, "_logged", False)
     monkeypatch.setenv("VXPU_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(fastlane, "source", lambda: b"this is not C;\n")
+    real = fastlane.sources()
+    monkeypatch.setattr(fastlane, "sources", lambda: {**real, "fastpoll.c": b"this is not C;\n"})
     assert fastlane.create(FakeGpu()) is None
     assert "failed" in (fastlane.unavailable() or "")
 

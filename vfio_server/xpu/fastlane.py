@@ -108,7 +108,7 @@ class Batch(ctypes.Structure):
                 ("ops", ctypes.c_uint16 * GROUP), ("flags", ctypes.c_uint16 * GROUP)]
 
 
-#: why fl_poll returned (see native/fastlane.c, "the poll loop")
+#: why fl_poll returned (see native/fastpoll.c)
 PR_IDLE, PR_QUIESCE, PR_INDEX, PR_POSTED, PR_HANDOFF, PR_GROUP, PR_BUDGET = range(7)
 POLL_NAMES = {PR_IDLE: "idle", PR_QUIESCE: "quiesce", PR_INDEX: "index", PR_POSTED: "posted",
               PR_HANDOFF: "handoff", PR_GROUP: "group", PR_BUDGET: "budget"}
@@ -152,9 +152,14 @@ _logged = False
 _private: set[Path] = set()     # temporary build folders (see build)
 
 
-def source() -> bytes:
-    """The C source of the fast lane."""
-    return (importlib.resources.files("vxpu.vfio_server.xpu") / "native" / "fastlane.c").read_bytes()
+#: The C sources of the fast lane (native/): the shared header, the tables and runs, the poll loop.
+SOURCES = ("fastlane.h", "fastlane.c", "fastpoll.c")
+
+
+def sources() -> dict[str, bytes]:
+    """The C sources of the fast lane, by file name."""
+    folder = importlib.resources.files("vxpu.vfio_server.xpu") / "native"
+    return {name: (folder / name).read_bytes() for name in SOURCES}
 
 
 def _compiler() -> tuple[str, str]:
@@ -195,9 +200,12 @@ def build(directory: Path | None = None, *, fresh: bool = False) -> Path:
     Raises:
         OSError: no compiler, or the build failed (the message holds the compiler's output).
     """
-    src = source()
+    src = sources()
     cc, version = _compiler()
-    key = hashlib.sha256(src + "\0".join((cc, version, *CFLAGS)).encode()).hexdigest()[:20]
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update(name.encode() + b"\0" + src[name] + b"\0")
+    key = hashlib.sha256(digest.digest() + "\0".join((cc, version, *CFLAGS)).encode()).hexdigest()[:20]
     folder = directory or cache_dir() / "native"
     folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     if not _trusted(folder, True):
@@ -209,11 +217,12 @@ def build(directory: Path | None = None, *, fresh: bool = False) -> Path:
     if not fresh and _trusted(target, False):
         return target
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        c_file = Path(tmp) / "fastlane.c"
-        c_file.write_bytes(src)
+        for name, text in src.items():
+            (Path(tmp) / name).write_bytes(text)
         out = Path(tmp) / "fastlane.so"
+        c_files = [str(Path(tmp) / name) for name in SOURCES if name.endswith(".c")]
         try:
-            proc = subprocess.run([cc, *CFLAGS, "-o", str(out), str(c_file)], capture_output=True, text=True,
+            proc = subprocess.run([cc, *CFLAGS, "-o", str(out), *c_files], capture_output=True, text=True,
                                   timeout=120, check=False)
         except subprocess.TimeoutExpired:
             raise OSError(f"{cc} took over 120 s") from None
@@ -364,7 +373,7 @@ class FastLane:
         self._poll = Poll()
         self._poll_ref = ctypes.addressof(self._poll)
         self._trace_path = os.environ.get(TRACE_ENV) or None
-        if self._trace_path is not None:    # a diagnostic: {ns, what, n} entries (native/fastlane.c TR_*)
+        if self._trace_path is not None:    # a diagnostic: {ns, what, n} entries (native/fastpoll.c TR_*)
             self._trace = (_u64 * (2 * TRACE_CAP))()
             self._poll.trace, self._poll.trace_cap = ctypes.addressof(self._trace), TRACE_CAP
         # The backend tells where its record is under its own lock, and withdraws it (-1) before
@@ -384,7 +393,7 @@ class FastLane:
             self._ctx = ctypes.c_void_p(0)
 
     def _write_trace(self, path: str) -> None:
-        """``[[monotonic ns, what, n], ...]`` as JSON (what: TR_* of native/fastlane.c)."""
+        """``[[monotonic ns, what, n], ...]`` as JSON (what: TR_* of native/fastpoll.c)."""
         raw = self._trace
         entries = [[raw[2 * i], raw[2 * i + 1] & 0xFFFF_FFFF, raw[2 * i + 1] >> 32] for i in range(self._poll.trace_len)]
         try:
@@ -552,7 +561,7 @@ class FastLane:
         """Spin on the running queue ``rings`` (a :class:`~.queue.Rings` attached to the guest
         RAM the tables mirror, ``addrs`` its host addresses) and run what arrives natively,
         whole cycles at a time, without the guest-RAM lock and with the GIL released, until
-        something is due in Python (native/fastlane.c, "the poll loop"): nothing arrived for
+        something is due in Python (native/fastpoll.c): nothing arrived for
         ``first_s`` (then ``spin_s`` after each batch), ``run_s`` passed, a posted group while
         ``irq``, a descriptor or an outcome for Python, or :meth:`halt` / :meth:`quiesce`. Call
         :meth:`start_group` and :meth:`resume` first, under the lock. Returns the poll (its
