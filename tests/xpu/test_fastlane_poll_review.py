@@ -291,16 +291,17 @@ def test_a_hostile_sq_tail_at_the_start_is_pr_index_and_nothing_is_read_or_writt
 @pytest.mark.parametrize("head", [5, 0xFFFF_FFFF])
 def test_a_hostile_cq_head_while_copies_wait_posts_the_group_then_pr_index(ring, head):
     """cq_head moved past cq_tail (or back) while the group's copies wait: nothing more joins
-    the group, it is posted after the blocking wait (its room was validated), then PR_INDEX for
-    Python's validation; no slot beyond the group is written."""
+    the group, PR_INDEX follows for Python's validation (today after the group is posted: its
+    room was validated before; the Python path would stop the queue without posting it), and
+    no slot beyond the group's is written."""
     ring.post([_htod(1), _htod(2), _htod(3)])
     ring.start()
     _wait(lambda: ring.queries > 5)
     ring.set_hdr(abi.QH_CQ_HEAD, head)                 # cq_tail is 0: any other value is invalid
     ring.post([_nop(4)])                               # (would join the group if it validated)
     p = ring.join()
-    assert p.reason == fastlane.PR_INDEX and p.posted == 3 and ring.hdr(abi.QH_CQ_TAIL) == 3
-    assert [s[:8] for s in ring.slots()[:3]] == [struct.pack("<Q", t) for t in (1, 2, 3)]
+    assert p.reason == fastlane.PR_INDEX and p.posted in (0, 3) and ring.hdr(abi.QH_CQ_TAIL) == p.posted
+    assert [s[:8] for s in ring.slots()[:3]] == [struct.pack("<Q", t) for t in (1, 2, 3)]    # (unposted or posted)
     assert ring.slots()[3:] == [FILL] * (ENTRIES - 3)
     assert ring.hdr(abi.QH_SQ_HEAD) == 3
 
