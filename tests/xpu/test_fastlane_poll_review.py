@@ -29,6 +29,7 @@ from vxpu.vfio_server.xpu import fastlane
 from vxpu.abi import xpu as abi
 from vxpu.abi.xpu import Opcode
 
+from .ringdriver import SQ_OFF as RIG_SQ_OFF
 from .ringdriver import XpuRig, desc
 from .test_fastlane import DTOH_FN, HTOD_FN, LAUNCH_FN, NOT_READY, QUERY_FN, SYNC_FN, FakeGpu, setup_kernels
 
@@ -620,3 +621,34 @@ def test_an_interrupt_due_before_a_fence_is_not_held_by_the_fence_s_wait(tmp_pat
     t_nop, t_irq = _first_irq_after_a_slow_fence(tmp_path, "irqpoll")
     assert t_nop < 0.3, t_nop                      # the completion itself is posted at once ...
     assert t_irq < 0.3, (t_nop, t_irq)             # ... its interrupt must be too
+
+
+@pytest.mark.parametrize("index", ["sq_tail", "cq_head"])
+def test_an_index_invalid_for_a_moment_while_the_loop_spins_is_reread_not_fatal(tmp_path, index):
+    """PR_INDEX hands the decision to Python, which re-reads an invalid-looking index for
+    REREAD_S (a guest storing it byte by byte): one that is valid again within that is not
+    fatal, with the loop spinning as without it."""
+    from vxpu.abi.xpu import DeviceStatus
+    with _rig(tmp_path, "torn" + index) as rig:
+        dev = rig.alloc(256)
+        assert rig.htod(dev, b"warm").status == 0
+        poller = rig.device.poller
+        for r in range(10):
+            assert rig.run([desc(Opcode.NOP, tag=r)])[0].status == 0
+            _wait(lambda: poller.native_poll_active, 2.0)
+            if index == "cq_head":
+                rig.set_hdr(abi.QH_CQ_HEAD, rig.cq_head + 7)        # past cq_tail: invalid
+                rig.submit([desc(Opcode.NOP, tag=100 + r)], doorbell=False)
+                time.sleep(0.002)
+                rig.set_hdr(abi.QH_CQ_HEAD, rig.cq_head)
+            else:
+                good = rig.sq_tail
+                rig.write(RIG_SQ_OFF + (good % rig.sq_entries) * abi.SQ_ENTRY_SIZE, desc(Opcode.NOP, tag=100 + r))
+                rig.set_hdr(abi.QH_SQ_TAIL, good + rig.sq_entries + 3)   # too far ahead: invalid
+                time.sleep(0.002)
+                rig.sq_tail = good + 1
+                rig.set_hdr(abi.QH_SQ_TAIL, rig.sq_tail)
+            got = rig.completions(1)
+            assert got[0].tag == 100 + r and got[0].status == 0
+            assert not rig.reg(abi.REG_STATUS) & DeviceStatus.FATAL
+        assert lane_polls(rig, fastlane.PR_INDEX) >= 5
