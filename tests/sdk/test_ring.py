@@ -250,3 +250,30 @@ def test_the_bulk_path_leaves_errors_waiters_and_bad_tags_to_the_loop(fake, befo
     _complete(ring2, before, [0] * 12, bad_tag=9)
     with pytest.raises(GuestError, match="tag 99 where"):
         ring2.poll()
+
+
+@pytest.mark.parametrize("counted", [False, True])
+def test_the_bulk_path_trusts_the_device_s_error_count_only_when_it_keeps_one(fake, counted):
+    """With Feature.ERROR_COUNT the device counts non-OK completions (QH_ERRORS) before it
+    publishes them: while the count is what the guest has seen, a run goes in bulk without its
+    status words being read; a new error in the count sends the run through the loop, which
+    records it. Without the feature every status word is read."""
+    fake.regs[xpu.REG_FEATURES_LO] = int(xpu.Feature.ERROR_COUNT) if counted else 0
+    ring = _posted(fake, 0, 12)
+    statuses = [0] * 12
+    statuses[5] = int(Status.INVALID_HANDLE)
+    _complete(ring, 0, statuses)                     # ... but the count says 0 errors
+    assert ring.poll() == 12
+    if counted:                                      # trusted: taken in bulk, nothing recorded
+        assert ring.async_error is None
+    else:
+        assert ring.async_error == (5, int(xpu.Opcode.NOP), int(Status.INVALID_HANDLE), 7)
+    ring.async_error = None
+    for _ in range(12):
+        ring.post(xpu.Opcode.NOP)
+    statuses = [0] * 12
+    statuses[3] = int(Status.OUT_OF_RANGE)
+    ring._hdr[xpu.QH_ERRORS // 4] = 1                # counted this time
+    _complete(ring, 12, statuses)
+    assert ring.poll() == 12
+    assert ring.async_error == (15, int(xpu.Opcode.NOP), int(Status.OUT_OF_RANGE), 7)

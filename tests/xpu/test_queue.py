@@ -64,6 +64,18 @@ def test_completions_in_submission_order_with_tags(rig):
     assert struct.unpack_from("<Q", rig.mem.view, abi.QH_COMPLETED)[0] == 40
 
 
+def test_the_header_counts_completions_with_a_status_other_than_ok(rig):
+    """Feature.ERROR_COUNT: QH_ERRORS counts non-OK completions, written before the cq_tail
+    that publishes them; enabling the queue starts it at 0."""
+    assert rig.reg(abi.REG_FEATURES_LO) & abi.Feature.ERROR_COUNT
+    assert rig.hdr(abi.QH_ERRORS) == 0
+    got = rig.run([desc(Opcode.NOP), desc(0x77), desc(Opcode.NOP, sg=(RAM_BASE, 16)), desc(Opcode.MEM_FREE, [0x1234]),
+                   desc(Opcode.FENCE)])
+    bad = sum(1 for c in got if c.status)
+    assert bad == 3 and rig.hdr(abi.QH_ERRORS) == bad
+    assert all(c.status == 0 for c in rig.run([desc(Opcode.NOP)] * 5)) and rig.hdr(abi.QH_ERRORS) == bad
+
+
 def test_need_wakeup_set_when_idle_and_doorbell_wakes(rig):
     rig.cmd(Opcode.NOP)
     deadline = time.monotonic() + 2

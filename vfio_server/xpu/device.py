@@ -43,7 +43,7 @@ _NATIVE_FEATURES = {ModuleKind.PTX: Feature.PTX, ModuleKind.CUBIN: Feature.CUBIN
 def device_features(backend: Backend, allowed_kinds: frozenset[ModuleKind], msix: bool) -> int:
     """The REG_FEATURES bits of a device on ``backend`` that lets the guest load ``allowed_kinds``."""
     props = backend.properties()
-    bits = Feature.IR | Feature.EVENTS | Feature.INDIRECT_SG
+    bits = Feature.IR | Feature.EVENTS | Feature.INDIRECT_SG | Feature.ERROR_COUNT
     if "checked-ir" in props.features:
         bits |= Feature.CHECKED_IR
     for kind, bit in _NATIVE_FEATURES.items():

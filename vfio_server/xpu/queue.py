@@ -43,6 +43,7 @@ _CQ_HEAD = abi.QH_CQ_HEAD // 4
 _SQ_HEAD = abi.QH_SQ_HEAD // 4
 _CQ_TAIL = abi.QH_CQ_TAIL // 4
 _FLAGS = abi.QH_FLAGS // 4
+_ERRORS = abi.QH_ERRORS // 4
 _U64_MAX = 0xFFFF_FFFF_FFFF_FFFF
 
 
@@ -98,6 +99,7 @@ class Rings:
         self.cq_tail = 0
         self.cq_head = 0
         self.completed = 0
+        self.errors = 0                  # completions with a status other than OK (QH_ERRORS)
         self.generation = -1
         self._raw: memoryview | None = None
         self._hdr: memoryview | None = None
@@ -142,7 +144,7 @@ class Rings:
         """Publish the initial device indices (enable): all zero, need-wakeup clear."""
         hdr = self._hdr
         assert hdr is not None and self._raw is not None
-        hdr[_SQ_HEAD] = hdr[_CQ_TAIL] = hdr[_FLAGS] = 0
+        hdr[_SQ_HEAD] = hdr[_CQ_TAIL] = hdr[_FLAGS] = hdr[_ERRORS] = 0
         _U64.pack_into(self._raw, abi.QH_COMPLETED, 0)
 
     def _stable(self, index: int, valid: Callable[[int], bool]) -> int:
@@ -251,6 +253,9 @@ class Rings:
         assert cq is not None and hdr is not None and raw is not None
         abi.COMPLETION.pack_into(cq, (self.cq_tail & self.cq_mask) * abi.CQ_ENTRY_SIZE,
                                  tag, result & 0xFFFF_FFFF_FFFF_FFFF, result2 & 0xFFFF_FFFF_FFFF_FFFF, status, 0)
+        if status:                       # (before cq_tail: a guest that sees the completion sees it counted)
+            self.errors = (self.errors + 1) & MASK
+            hdr[_ERRORS] = self.errors
         self.cq_tail = (self.cq_tail + 1) & MASK
         self.completed += 1
         hdr[_CQ_TAIL] = self.cq_tail
@@ -263,9 +268,15 @@ class Rings:
         cq, hdr, raw = self._cq, self._hdr, self._raw
         assert cq is not None and hdr is not None and raw is not None
         pack, size, mask, tail = abi.COMPLETION.pack_into, abi.CQ_ENTRY_SIZE, self.cq_mask, self.cq_tail
+        errors = self.errors
         for entry in results:
             pack(cq, (tail & mask) * size, entry[0], entry[2] & _U64_MAX, entry[3] & _U64_MAX, entry[1], 0)
             tail += 1
+            if entry[1]:
+                errors += 1
+        if errors != self.errors:        # (before cq_tail, as in complete)
+            self.errors = errors & MASK
+            hdr[_ERRORS] = self.errors
         self.cq_tail = tail & MASK
         self.completed += len(results)
         hdr[_CQ_TAIL] = self.cq_tail

@@ -136,6 +136,7 @@ class Feature(enum.IntFlag):
     EVENTS = 1 << 6           # EVENT_* commands with device timestamps
     INDIRECT_SG = 1 << 7      # scatter-gather lists in guest memory (DescFlags.SG_INDIRECT)
     MSIX = 1 << 8             # an MSI-X capability is offered (cold-plug only)
+    ERROR_COUNT = 1 << 9      # the queue header's QH_ERRORS counts non-OK completions
 
 
 # -- queue header (in guest RAM) ---------------------------------------------------------------
@@ -147,6 +148,7 @@ QH_SQ_HEAD = 0x40             # u32, device writes: descriptors consumed
 QH_CQ_TAIL = 0x44             # u32, device writes: completions written
 QH_FLAGS = 0x48               # u32, device writes: QueueFlags
 QH_COMPLETED = 0x50           # u64, device writes: completions posted since the queue was enabled
+QH_ERRORS = 0x58              # u32, device writes: of them, those with a status other than OK (Feature.ERROR_COUNT)
 FLAG_NEED_WAKEUP = 0x1        # the device is asleep: write REG_DOORBELL after advancing sq_tail
 MAX_WAKEUP_LATENCY_MS = 10    # upper bound on a missed doorbell's cost (see the module docstring)
 
