@@ -70,9 +70,14 @@ class Ring:
         self.sync_result = 0
         self.sync_gate: threading.Event | None = None    # a blocking wait holds until it is set
         self.in_sync = threading.Event()
+        self.launched = threading.Event()
+        self.launch_s = 0.0                      # each launch takes this long (a driver call)
 
         def launch(f: int, *a: Any) -> int:
             self.calls.append(("launch", f))
+            self.launched.set()
+            if self.launch_s:
+                time.sleep(self.launch_s)
             return 0
 
         def htod(d: int, s: int, n: int, st: int) -> int:
@@ -652,3 +657,30 @@ def test_an_index_invalid_for_a_moment_while_the_loop_spins_is_reread_not_fatal(
             assert got[0].tag == 100 + r and got[0].status == 0
             assert not rig.reg(abi.REG_STATUS) & DeviceStatus.FATAL
         assert lane_polls(rig, fastlane.PR_INDEX) >= 5
+
+
+def test_quiesce_mid_run_waits_for_one_launch_and_nothing_runs_or_is_written_after(ring):
+    """3bce788: fl_run ends at the next descriptor once a quiescer set `stop`: the quiescer
+    waits for the driver call in progress (and the post of what was taken), then no driver call
+    and no guest-memory write happens until resume; the rest stays on the ring for later."""
+    from .test_fastlane_native import _plan
+    key = (0x99, 2, 3, 4)
+    assert _plan(ring, key, b"") == 0        # type: ignore[arg-type]   (duck-typed: .lib, .ctx)
+    ring.launch_s = 0.03
+    launch = abi.DESCRIPTOR.pack(Opcode.LAUNCH, 0, 0, 0, *key, 0, 0)
+    ring.post([launch[:8] + struct.pack("<Q", 1 + i) + launch[16:] for i in range(12)])
+    ring.start()
+    assert ring.launched.wait(5)
+    ring.quiesce()
+    calls = len(ring.calls)
+    frozen = ring.snapshot()
+    time.sleep(0.1)
+    assert len(ring.calls) == calls and ring.snapshot() == frozen
+    assert calls <= 2, calls
+    p = ring.join()
+    assert p.reason == fastlane.PR_QUIESCE and p.taken == calls
+    assert ring.hdr(abi.QH_SQ_HEAD) == calls and ring.hdr(abi.QH_CQ_TAIL) == calls   # what ran, posted
+    ring.launch_s = 0.0
+    ring.start(first_s=0.05, spin_s=0.05)                                         # resumed: the rest
+    p = ring.join()
+    assert ring.hdr(abi.QH_CQ_TAIL) == 12 and len(ring.calls) == 12
