@@ -701,3 +701,33 @@ def test_the_copy_query_spin_keeps_the_poll_budget(ring):
     ring.lib.fl_halt(ring.ctx)
     ring.join()
     assert returned, f"still in the query spin after 1 s ({ring.queries} queries)"
+
+
+def test_indices_wrap_at_2_to_the_32(ring):
+    """Free-running u32 indices across 2^32: the loop takes, completes and publishes across the
+    wrap (slots by index & mask, cq_tail/sq_head wrapped, QH_COMPLETED a u64 that does not)."""
+    start = 0xFFFF_FFF0
+    ring.sq_head = ring.cq_tail = ring.cq_head = ring.tail = start
+    ring.completed = 7 << 32
+    for off in (abi.QH_SQ_HEAD, abi.QH_CQ_TAIL, abi.QH_CQ_HEAD):
+        ring.set_hdr(off, start)
+    ring.post([_nop(1000 + i) for i in range(40)])
+    ring.start(first_s=0.05, spin_s=0.05)
+    p = ring.join()
+    assert p.reason == fastlane.PR_IDLE and p.taken == 40 and p.posted == 40
+    end = (start + 40) & 0xFFFF_FFFF
+    assert ring.hdr(abi.QH_SQ_HEAD) == end and ring.hdr(abi.QH_CQ_TAIL) == end and p.cq_tail == end
+    assert struct.unpack("<Q", ctypes.string_at(ring.base + HDR_OFF + abi.QH_COMPLETED, 8))[0] == (7 << 32) + 40
+    slots = ring.slots()
+    for i in range(40):
+        assert struct.unpack_from("<Q", slots[(start + i) % ENTRIES])[0] == 1000 + i
+    # a cq_head that wrapped with it validates; one a wrap behind does not
+    ring.set_hdr(abi.QH_CQ_HEAD, end)
+    ring.post([_nop(2000)])
+    ring.start(first_s=0.05, spin_s=0.05)
+    assert ring.join().posted == 1
+    ring.set_hdr(abi.QH_CQ_HEAD, (end + 1) ^ 0x8000_0000)
+    ring.post([_nop(2001)])
+    ring.start(first_s=0.05, spin_s=0.05)
+    p = ring.join()
+    assert p.reason == fastlane.PR_INDEX and p.posted == 0
