@@ -123,8 +123,12 @@ class Ring:
     def close(self) -> None:
         if self.sync_gate is not None:
             self.sync_gate.set()
-        if self.thread is not None:
+        if self.thread is not None:             # (a test that failed with the poll running)
+            self.query_result = 0
+            self.lib.fl_halt(self.ctx)
             self.thread.join(10)
+            if self.thread.is_alive():
+                return                          # never free a context a poll still runs on
         self.lib.fl_free(self.ctx)
 
     # -- guest side ------------------------------------------------------------------------
