@@ -314,7 +314,8 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
                     waited(c, b, p);            /* post_group publishes at once */
                     break;
                 }
-                if (done < 0 || __atomic_load_n(&c->stop, __ATOMIC_SEQ_CST)) break;   /* the blocking wait */
+                if (done < 0 || __atomic_load_n(&c->stop, __ATOMIC_SEQ_CST) || now_ns() - start >= p->run_ns)
+                    break;                      /* the blocking wait (then PR_GROUP / PR_BUDGET) */
                 relax(quiet++);
                 continue;
             }
@@ -338,6 +339,8 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
             __atomic_store_n(hdr_word(b, QH_SQ_HEAD), b->sq_head, __ATOMIC_RELEASE);
             p->fence = 1;
             why = post_group(c, b, p);
+            if (!why && p->irq && p->posted && b->queued)
+                why = PR_GROUP;                 /* the interrupt first, then the FENCE's wait (Python's) */
             if (!why) why = fence(c, b, p);
         } else if (stop == STOP_END || stop == STOP_SYNC_FIRST || stop == STOP_FULL) {
             why = post_group(c, b, p);
