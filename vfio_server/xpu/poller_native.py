@@ -80,6 +80,7 @@ class NativeLane:
     _rings: Rings | None
     _unsignalled: int
     _stopping: bool
+    _batch_irq: tuple[int, int, int] | None
     spin_s: float
     kick: threading.Event
     #: spin in the lane's C poll loop instead of Python (``VXPU_FASTLANE_POLL=0`` turns it off)
@@ -137,14 +138,14 @@ class NativeLane:
             self._native_posted = False
             pending = s.pending(queue)
             lane.start_group(pending, ex.queued, s.quota.queue_depth)
-            ctrl, count, _usec = self._irq_settings()
-            irq = bool(ctrl & _IRQ_COMPLETION)
+            settings = self._irq_settings()     # read once per poll, as once per batch in Python
+            irq = bool(settings[0] & _IRQ_COMPLETION)
             if irq and self._unsignalled:           # the coalescing timer is Python's
                 first_s = min(first_s, max(0.0, self._irq_deadline() - time.monotonic()))
             self.native_poll_active = True
         p = lane.poll(addrs, rings, first_s, self.spin_s, POLL_RUN_S, irq)
         try:
-            self._poll_account(p, rings, queue, pending, max(1, count))
+            self._poll_account(p, rings, queue, pending, settings)
             if p.reason == PR_GROUP or p.reason == PR_HANDOFF:
                 self._poll_group(lane, rings, epoch, p)
                 return 0.0
@@ -156,9 +157,12 @@ class NativeLane:
             self.native_polls += 1      # (for tests: the poll's work is accounted)
             self.native_poll_active = False
 
-    def _poll_account(self, p: Poll, rings: Rings, queue: int, pending: int, count: int) -> None:
+    def _poll_account(self, p: Poll, rings: Rings, queue: int, pending: int,
+                      settings: tuple[int, int, int]) -> None:
         """Apply what a poll did to the state Python keeps: the ring indices, the executor's
-        and session's queue accounting, the backend's, the device statistics, interrupts."""
+        and session's queue accounting, the backend's, the device statistics, interrupts (with
+        the IRQ settings the poll ran under, ``settings``: completions posted while they were
+        off raise nothing when they come on, as on the Python path)."""
         lane = self.fastlane
         assert lane is not None
         b = lane.batch
@@ -182,7 +186,11 @@ class NativeLane:
             if n:
                 commands[name] += n
         if p.posted:
-            self._note_completions(p.posted, p.forced & _DESC_IRQ, count)
+            self._batch_irq = settings
+            try:
+                self._note_completions(p.posted, p.forced & _DESC_IRQ, max(1, settings[1]))
+            finally:
+                self._batch_irq = None
 
     def _poll_group(self, lane: FastLane, rings: Rings, epoch: int, p: Poll) -> None:
         """A poll handed back the descriptors Python runs next (the lane does not take them),
