@@ -747,6 +747,23 @@ def test_copies_posted_slower_than_the_lane_runs_them_are_not_waited_for_one_by_
         assert lane(rig).taken >= 30
 
 
+def test_the_poll_loop_switch_reads_its_environment(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """VXPU_FASTLANE_POLL (README, device-abi 4.7): off/0/no/false turn the poll loop off, the
+    rest keeps it on, and a value that is none of the accepted spellings says so."""
+    monkeypatch.delenv(fastlane.POLL_ENV, raising=False)
+    assert fastlane.poll_wanted()
+    for off in ("0", "off", "No", " false "):
+        monkeypatch.setenv(fastlane.POLL_ENV, off)
+        assert not fastlane.poll_wanted()
+    monkeypatch.setenv(fastlane.POLL_ENV, "yes")
+    assert fastlane.poll_wanted() and not caplog.records
+    monkeypatch.setenv(fastlane.POLL_ENV, "maybe")
+    with caplog.at_level(logging.WARNING, logger=fastlane.log.name):
+        assert fastlane.poll_wanted()
+    assert any("VXPU_FASTLANE_POLL='maybe'" in r.getMessage() for r in caplog.records)
+
+
 def test_the_fastlane_setting_comes_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """README: ``--fastlane on|off``, also ``VXPU_FASTLANE``; the flag wins, 1/0, yes/no and
     true/false are accepted, and any other value in either is a one-line usage error (it was

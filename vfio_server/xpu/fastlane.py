@@ -304,8 +304,14 @@ def wanted(setting: bool | None) -> bool:
 def poll_wanted() -> bool:
     """Whether the poller spins in the lane's C loop (:meth:`FastLane.poll`) instead of Python
     while the lane is on: yes, unless ``$VXPU_FASTLANE_POLL`` is ``0``/``off``/``no``/``false``
-    (a measurement switch: the lane then runs only inside Python's cycles)."""
-    return os.environ.get(POLL_ENV, "1").strip().lower() not in ("0", "off", "no", "false")
+    (a measurement switch: the lane then runs only inside Python's cycles). Any value other
+    than those and ``1``/``on``/``yes``/``true`` is logged (warning) and taken as on."""
+    value = os.environ.get(POLL_ENV, "1").strip().lower()
+    if value in ("0", "off", "no", "false"):
+        return False
+    if value not in ("1", "on", "yes", "true"):
+        log.warning("%s=%r is not one of on/off, 1/0, yes/no, true/false; the poll loop stays on", POLL_ENV, value)
+    return True
 
 
 def create(backend: Any, setting: bool | None = None) -> FastLane | None:
