@@ -185,7 +185,7 @@ static int group_done(struct fl_ctx *c) {
 }
 
 /* Post the open group (guest memory entered): after its copies' one wait, made with `busy`
- * clear. 0 when posted; PR_GROUP when it stays open for Python: the wait surfaced something
+ * clear; the FENCE taken behind it (p->fence) goes with it when no work is left to wait for. 0 when posted; PR_GROUP when it stays open for Python: the wait surfaced something
  * (b->syncs still set), or a stop came during it (b->syncs clear: Python only posts it). */
 static uint32_t post_group(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
     if (!b->group) return 0;
@@ -200,8 +200,18 @@ static uint32_t post_group(struct fl_ctx *c, struct fl_batch *b, struct fl_poll 
         waited(c, b, p);
         if (!enter(c)) return PR_GROUP;
     }
-    publish(b, p, b->group);
-    trace(p, TR_POSTED, b->group);
+    uint32_t n = b->group;
+    if (p->fence && !b->queued) {           /* the FENCE behind it waits for nothing: one cq_tail store */
+        uint8_t *slot = (uint8_t *)(uintptr_t)b->cq + (size_t)((p->cq_tail + n) & b->cq_mask) * CQ_ENTRY;
+        uint64_t words[4] = {b->stop_tag, 0, 0, 0};
+        memcpy(slot, words, sizeof words);
+        n++;
+        p->forced |= b->stop_flags & FLAG_IRQ;
+        p->c_fences++;
+        p->fence = 0;
+    }
+    publish(b, p, n);
+    trace(p, TR_POSTED, n);
     p->forced |= b->irq;
     p->c_launches += b->g_launches;
     p->c_nops += b->g_nops;
@@ -338,10 +348,13 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
             b->sq_head++;                       /* the FENCE: waited for after the group */
             __atomic_store_n(hdr_word(b, QH_SQ_HEAD), b->sq_head, __ATOMIC_RELEASE);
             p->fence = 1;
-            why = post_group(c, b, p);
-            if (!why && p->irq && p->posted && b->queued)
-                why = PR_GROUP;                 /* the interrupt first, then the FENCE's wait (Python's) */
-            if (!why) why = fence(c, b, p);
+            why = post_group(c, b, p);          /* (with the FENCE when it has nothing to wait for) */
+            if (!why && p->fence) {
+                if (p->irq && p->posted && b->queued)
+                    why = PR_GROUP;             /* the interrupt first, then the FENCE's wait (Python's) */
+                else
+                    why = fence(c, b, p);
+            }
         } else if (stop == STOP_END || stop == STOP_SYNC_FIRST || stop == STOP_FULL) {
             why = post_group(c, b, p);
         } else if (!b->syncs) {                 /* a descriptor for Python, nothing waits: post */
