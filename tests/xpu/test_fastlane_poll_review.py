@@ -32,6 +32,7 @@ from vxpu.abi.xpu import Opcode
 
 from .ringdriver import SQ_OFF as RIG_SQ_OFF
 from .ringdriver import XpuRig, desc
+from .test_commands import _msi
 from .test_fastlane import DTOH_FN, HTOD_FN, LAUNCH_FN, NOT_READY, QUERY_FN, SYNC_FN, FakeGpu, setup_kernels
 
 GPA = 0x1_0000_0000             # guest-physical base of the fake RAM
@@ -517,9 +518,10 @@ def test_the_copy_query_spin_ends_at_once_for_a_control_request_an_unmap_or_new_
     """While a group's copies are "running" the loop spins on the stream query with ``busy``
     set, unbounded by the poll's budget: a control request, a DMA unmap (its quiesce, under
     GuestRam.lock) and an interrupt setting must still end it at once."""
-    from vxpu.abi.xpu import Control, DeviceStatus, IrqControl
     from vxpu.vfio_server.client import GuestMemory
     from vxpu.vfio_server.xpu import poller_native
+
+    from vxpu.abi.xpu import Control, DeviceStatus, IrqControl
     monkeypatch.setattr(poller_native, "POLL_RUN_S", 10.0)
     backend = QueryHeldGpu()
     with GuestMemory(1 << 20) as extra, XpuRig(tmp_path / f"qh{what}.sock", backend, fastlane=True) as rig:
@@ -558,21 +560,13 @@ def test_the_copy_query_spin_ends_at_once_for_a_control_request_an_unmap_or_new_
         rig.alive()
 
 
-def _msi(rig: XpuRig) -> int:
-    """Enable MSI and give vector 0 an eventfd."""
-    from .ringdriver import CONFIG
-    cap = rig.client.region_read(CONFIG, 0x34, 1)[0]
-    rig.client.region_write(CONFIG, cap + 2, struct.pack("<H", 1))
-    fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-    rig.client.set_irqs(1, 0x24, 0, 1, [fd])
-    return fd
-
-
 def _first_irq_after_a_slow_fence(tmp_path: Path, name: str) -> tuple[float, float]:
     """[LAUNCH, NOP|IRQ, FENCE] with a device wait of 0.5 s: (when the NOP's completion was
     visible, when vector 0 fired), in seconds after the submit."""
     import select
+
     from vxpu.abi.xpu import DescFlags, IrqControl
+
     from .test_fastlane import empty_desc
     with XpuRig(tmp_path / f"{name}.sock", FakeGpu(), fastlane=True) as rig:
         _inc, empty = setup_kernels(rig)
@@ -638,8 +632,9 @@ def test_an_index_invalid_for_a_moment_while_the_loop_spins_is_reread_not_fatal(
     """PR_INDEX hands the decision to Python, which re-reads an invalid-looking index for
     REREAD_S (a guest storing it byte by byte): one that is valid again within that is not
     fatal, with the loop spinning as without it."""
-    from vxpu.abi.xpu import DeviceStatus
     from vxpu.vfio_server.xpu import queue
+
+    from vxpu.abi.xpu import DeviceStatus
     monkeypatch.setattr(queue, "REREAD_S", 0.5)          # (a loaded 2-core box: the 20 ms below may stretch)
     with _rig(tmp_path, "torn" + index) as rig:
         dev = rig.alloc(256)
@@ -673,7 +668,7 @@ def test_quiesce_mid_run_waits_for_one_launch_and_nothing_runs_or_is_written_aft
     and no guest-memory write happens until resume; the rest stays on the ring for later."""
     from .test_fastlane_native import _plan
     key = (0x99, 2, 3, 4)
-    assert _plan(ring, key, b"") == 0        # type: ignore[arg-type]   (duck-typed: .lib, .ctx)
+    assert _plan(ring, key, b"") == 0        # type: ignore[arg-type]  # duck-typed: .lib, .ctx
     ring.launch_s = 0.03
     launch = abi.DESCRIPTOR.pack(Opcode.LAUNCH, 0, 0, 0, *key, 0, 0)
     ring.post([launch[:8] + struct.pack("<Q", 1 + i) + launch[16:] for i in range(12)])
