@@ -111,9 +111,9 @@ class XpuRig:
         """Wait until a native poll running now (the fast lane's C loop) has returned and its
         work is accounted: the lane's and the device's counters lag until then."""
         poller = self.device.poller
+        before = poller.native_polls     # (read first: a poll ending now moves it after it is inactive)
         if not poller.native_poll_active:
             return
-        before = poller.native_polls
         poller.poke()
         deadline = time.monotonic() + timeout
         while poller.native_polls == before and time.monotonic() < deadline:

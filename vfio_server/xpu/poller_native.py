@@ -154,8 +154,8 @@ class NativeLane:
                 return 0.0
             return p.idle_ns / 1e9 if p.batches else math.inf
         finally:
-            self.native_polls += 1      # (for tests: the poll's work is accounted)
             self.native_poll_active = False
+            self.native_polls += 1      # (for tests: the poll's work is accounted; XpuRig.settle)
 
     def _poll_account(self, p: Poll, rings: Rings, queue: int, pending: int,
                       settings: tuple[int, int, int]) -> None:

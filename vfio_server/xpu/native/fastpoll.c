@@ -264,7 +264,7 @@ uint32_t fl_poll(struct fl_ctx *c, struct fl_batch *b, struct fl_poll *p) {
     b->group = 0;
     b->start = 1;
     c->elsewhere = b->queued != 0;          /* Python issued work since its last wait */
-    if (!b->sq || !b->cq || !b->hdr) return PR_INDEX;
+    if (!b->sq || !b->cq || !b->hdr) return p->reason = PR_INDEX;
     c->polling = 1;
     uint64_t start = now_ns(), last = start, limit = p->first_ns;
     uint32_t spins = 0;
