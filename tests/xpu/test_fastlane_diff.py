@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from vxpu.accel.quota import DEFAULT_QUOTA
+from vxpu.vfio_server.xpu import fastlane
 
 from vxpu.abi import xpu as abi
 from vxpu.abi.xpu import DescFlags, Opcode
@@ -165,17 +166,23 @@ def _setup(rigs: tuple[XpuRig, XpuRig]) -> tuple[tuple[int, int], list[tuple[int
     return kernels[0], allocs[0]
 
 
-@pytest.mark.parametrize("seed,depth,resets", [(s, 0, False) for s in range(6)] + [(6, 6, False), (7, 3, False),
-                                                                                     (8, 0, True), (9, 5, True)])
-def test_the_lane_changes_nothing_the_guest_or_host_can_see(tmp_path, seed, depth, resets):
+@pytest.mark.parametrize("seed,depth,resets,poll",
+                         [(s, 0, False, True) for s in range(6)] + [(6, 6, False, True), (7, 3, False, True),
+                                                                    (8, 0, True, True), (9, 5, True, True)]
+                         + [(0, 0, False, False), (1, 0, False, False), (7, 3, False, False), (9, 5, True, False)])
+def test_the_lane_changes_nothing_the_guest_or_host_can_see(tmp_path, monkeypatch, seed, depth, resets, poll):
     """``depth``: a queue-depth quota that small (the lane's queue-room stops and Python's waits
     interleave); ``resets``: now and then a chunk with the RESET command in it (a new session
-    under the lane: its tables, plans, queue and record all go), then set up again."""
+    under the lane: its tables, plans, queue and record all go), then set up again; ``poll``:
+    the lane's native poll loop runs the queue (False: ``VXPU_FASTLANE_POLL=0``, the lane runs
+    only inside Python's cycles)."""
     rnd = random.Random(1000 + seed)
     kw: dict[str, Any] = {"quota": replace(DEFAULT_QUOTA, queue_depth=depth)} if depth else {}
+    monkeypatch.setenv(fastlane.POLL_ENV, "1" if poll else "0")
     with rig_for(tmp_path, "on", fastlane_on=True, sq_entries=128, **kw) as on, \
             rig_for(tmp_path, "off", fastlane_on=False, sq_entries=128, **kw) as off:
         assert off.device.poller.fastlane is None
+        assert on.device.poller.native_polling == poll
         rigs = (on, off)
         kernels, allocs = _setup(rigs)
         fill = rnd.randbytes(1 << 20)
@@ -205,9 +212,11 @@ def test_the_lane_changes_nothing_the_guest_or_host_can_see(tmp_path, seed, dept
                 kernels, allocs = _setup(rigs)
                 stream.inc, stream.empty = kernels
                 stream.allocs, stream.freed = allocs, []
+        on.settle()                                    # a native poll's counters are applied when it returns
         a, b = _snapshot(on), _snapshot(off)
         assert a.keys() == b.keys()
         for key in a:
             assert a[key] == b[key], key
         taken = lane(on).taken
         assert taken > (200 if not depth else 40), lane(on).stops     # the lane really ran much of the common path
+        assert (sum(lane(on).polls.values()) > 0) == poll, lane(on).polls
