@@ -304,7 +304,8 @@ class GpuBackend(GpuNativeLane):
         return reg
 
     def unregister_host(self, token: object) -> None:
-        """Undo :meth:`register_host`; call it before the memory is unmapped.
+        """Undo :meth:`register_host`; call it before the memory is unmapped. Copies queued from
+        or into it finish first (a device-wide wait), so no DMA outlives the mapping.
         Raises INVALID_HANDLE for an unknown or already released token."""
         if token is None:
             return
@@ -315,6 +316,13 @@ class GpuBackend(GpuNativeLane):
             self._last_host = None
             if self._is_open():
                 self._bind()
+                if token.pinned:
+                    # Copies queued from or into it (asynchronous, possibly issued natively)
+                    # finish first: after this returns the memory may be unmapped.
+                    (err,) = self._call("sync_device")
+                    if err:
+                        log.warning("%s before %s: %s", self._call_name("sync_device"),
+                                    self._call_name("host_unregister"), getattr(err, "name", err))
                 self._unpin(token)
             token.released = True
 

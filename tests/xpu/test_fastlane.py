@@ -783,3 +783,23 @@ def test_the_fastlane_setting_comes_from_the_flag_or_the_environment(monkeypatch
         monkeypatch.setenv("VXPU_FASTLANE", "maybe")
         with pytest.raises(SystemExit):
             parsed(*bad)
+
+
+def test_unregistering_guest_ram_waits_for_the_copies_queued_on_it():
+    """GpuBackend.unregister_host (Session.unregister_host promises it): a copy queued into a
+    registered region finishes before the registration goes, so no DMA outlives an unmap of
+    guest RAM (the lane issues copies asynchronously, and the fake runs them only when waited
+    for)."""
+    backend = FakeGpu()
+    try:
+        dev, queue = backend.alloc(4096), backend.create_queue()
+        host = (ctypes.c_char * 8192)(*(b"h" * 4096))
+        token = backend.register_host(memoryview(host).cast("B"))
+        backend.copy_htod_address(dev, ctypes.addressof(host), 4096, queue)
+        backend.copy_dtoh_address(ctypes.addressof(host) + 4096, dev, 4096, queue)
+        assert any(backend.dev.queued.values())               # queued, not done
+        backend.unregister_host(token)
+        assert not any(backend.dev.queued.values())           # done before the registration went
+        assert host.raw[4096:] == b"h" * 4096
+    finally:
+        backend.close()
