@@ -35,6 +35,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--json")
+    ap.add_argument("--thp", action="store_true", help="madvise(MADV_HUGEPAGE) the memfd mapping first")
     args = ap.parse_args()
     ok(drv.cuInit(0))
     ctx = ok(drv.cuDevicePrimaryCtxRetain(ok(drv.cuDeviceGet(0))))
@@ -45,9 +46,20 @@ def main() -> int:
     fd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
     mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+    if args.thp:                    # transparent huge pages for the memfd, where the host allows them
+        mm.madvise(mmap.MADV_HUGEPAGE)
     mm.write(b"\0" * size)
     reg = ctypes.addressof(ctypes.c_char.from_buffer(mm))
     ok(drv.cuMemHostRegister(reg, size, drv.CU_MEMHOSTREGISTER_PORTABLE))
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/shmem_enabled") as fh:
+            thp = fh.read().strip()
+    except OSError:
+        thp = "?"
+    with open(f"/proc/{os.getpid()}/smaps_rollup") as fh:
+        smaps = fh.read()
+    shmem_huge = next((ln.split()[1] for ln in smaps.splitlines() if ln.startswith("ShmemPmdMapped")), "?")
+    print(f"shmem_enabled: {thp}; madvise(MADV_HUGEPAGE): {args.thp}; ShmemPmdMapped: {shmem_huge} kB", flush=True)
     dev = ok(drv.cuMemAlloc(size))
     rows = []
     for nbytes, k in SHAPES:
