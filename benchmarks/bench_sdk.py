@@ -28,7 +28,7 @@ per-phase profile (:mod:`vxpu.vfio_server.xpu.profile`); ``--old-wait`` makes th
 back off after 1 ms as before ``guest.ring.BUSY_SPIN_S`` (an A/B switch).
 
 ``--trace FILE`` then runs 300 more LAUNCH + completion round trips and 20 batches each of 1 MiB
-x16 and 64 KiB x64 copies with the guest's post/return times (``perf_counter_ns``) written to FILE; with
+x16 and 64 KiB x64 copies to the device and 1 MiB x16 from it with the guest's post/return times (``perf_counter_ns``) written to FILE; with
 ``VXPU_XPU_TRACE`` set too, the server writes its per-call timings on the same clock, so
 both sides of each round trip line up (``benchmarks/trace_devpath.py`` reads the two).
 
@@ -178,8 +178,9 @@ class SdkSide:
                 events.append(("start", 0, clock()))
                 self.launch_sync()
                 events.append(("end", 0, clock()))
-            for kind, (size, k) in enumerate(((MiB, 16), (64 * KiB, 64)), start=1):
-                run = self.copies("htod", size, k)
+            for kind, (direction, size, k) in enumerate((("htod", MiB, 16), ("htod", 64 * KiB, 64),
+                                                         ("dtoh", MiB, 16)), start=1):
+                run = self.copies(direction, size, k)
                 for _ in range(20):
                     events.append(("start", kind, clock()))
                     run()
