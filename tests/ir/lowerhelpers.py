@@ -112,3 +112,38 @@ def differential(module: Module, kernel: str, grid: Sequence[int], block: Sequen
     run_kernel(module, kernel, grid, block, args, mem)
     run_x86(module, kernel, grid, block, args, mem_x86, bounds=bounds)
     return mem.buf, mem_x86.buf
+
+
+_engines: list[object] = []      # MCJIT engines stay alive while the functions they made are used
+
+
+def jit_function(module: Any, name: str, proto: Any) -> Any:
+    """Compile the llvmlite ``module`` (an ``ir.Module``) for this host with MCJIT (after
+    verifying it) and return its function ``name`` as ``proto`` (a ``ctypes.CFUNCTYPE``); the
+    engine is kept alive for the rest of the test run."""
+    llvm = toolchain.llvm_binding()
+    parsed = llvm.parse_assembly(str(module))
+    parsed.verify()
+    engine = llvm.create_mcjit_compiler(parsed, llvm.Target.from_default_triple().create_target_machine())
+    engine.finalize_object()
+    _engines.append(engine)
+    return proto(engine.get_function_address(name))
+
+
+def cuda_session() -> tuple[Any, Any]:
+    """A CUDA backend and a session on it, or skip (no driver or device; ``VXPU_GPU_TESTS=0``).
+    Contained faults log a WARNING each on a GPU run; those of ``vxpu.accel`` are raised to
+    ERROR so dozens of them do not bury a failure's report."""
+    import logging
+    import os
+
+    if os.environ.get("VXPU_GPU_TESTS", "1") == "0":
+        pytest.skip("VXPU_GPU_TESTS=0")
+    try:
+        from vxpu.accel.registry import open_backend
+        from vxpu.accel.session import Session
+        backend = open_backend("cuda")
+    except Exception as exc:  # noqa: BLE001 - any missing driver/device means: no GPU here
+        pytest.skip(f"no CUDA device: {exc}")
+    logging.getLogger("vxpu.accel").setLevel(logging.ERROR)
+    return backend, Session(backend)

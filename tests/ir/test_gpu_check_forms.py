@@ -22,10 +22,11 @@ from vxpu.ir.builder import KernelBuilder
 from vxpu.ir.lower.gpucheck import CheckGroups
 from vxpu.ir.types import i8, i16, i32, i64, ptr_global
 
+from tests.ir.lowerhelpers import jit_function
+
 I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
 M64 = (1 << 64) - 1
 _TYPES = {1: i8, 2: i16, 4: i32, 8: i64}
-_keep: list[object] = []               # the execution engines stay alive while their code is used
 
 
 def _check_fn(size: int, form: str):  # type: ignore[no-untyped-def]
@@ -58,15 +59,8 @@ def _check_fn(size: int, form: str):  # type: ignore[no-untyped-def]
     member = CheckGroups(hooks)._param_index(kl, pv, size)   # type: ignore[arg-type]
     assert member is not None, "the parameter form did not apply"
     kl.b.ret(member.ok)
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    parsed = llvm.parse_assembly(str(mod))
-    parsed.verify()
-    engine = llvm.create_mcjit_compiler(parsed, llvm.Target.from_default_triple().create_target_machine())
-    engine.finalize_object()
-    _keep.append(engine)
     proto = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_int32)
-    return proto(engine.get_function_address("ok"))
+    return jit_function(mod, "ok", proto)
 
 
 def _mismatches(size: int, form: str, lengths: tuple[int, ...]) -> list[tuple[int, int, int, int]]:

@@ -24,6 +24,8 @@ from vxpu.ir.lower.nvptx import lower_module
 from vxpu.ir.model import Module
 from vxpu.ir.types import f32, i32, i64, ptr_global
 
+from tests.ir.lowerhelpers import cuda_session
+
 N = 12
 
 
@@ -77,26 +79,9 @@ def _interp(i: int, j: int, w: int, da: int) -> tuple:
     return ("ok", float(mem.read(out, np.float32, 1)[0]))
 
 
-def _cuda_session():  # type: ignore[no-untyped-def]
-    import logging
-    import os
-
-    if os.environ.get("VXPU_GPU_TESTS", "1") == "0":
-        pytest.skip("VXPU_GPU_TESTS=0")
-    try:
-        from vxpu.accel.registry import open_backend
-        from vxpu.accel.session import Session
-        backend = open_backend("cuda")
-    except Exception as exc:  # noqa: BLE001 - any missing driver/device means: no GPU here
-        pytest.skip(f"no CUDA device: {exc}")
-    # (GPU runs only) every contained fault logs a WARNING; dozens would bury a failure's report
-    logging.getLogger("vxpu.accel").setLevel(logging.ERROR)
-    return backend, Session(backend)
-
-
 @pytest.fixture(scope="module")
 def cuda():  # type: ignore[no-untyped-def]
-    backend, session = _cuda_session()
+    backend, session = cuda_session()
     from vxpu.ir import binary
     k, _ = session.get_kernel(session.load_module(binary.encode(_KERNEL)), "k")
     yield session, k
@@ -175,7 +160,7 @@ def test_small_block_copy_and_general_copy_on_cuda(threads: int) -> None:
     from vxpu.accel.backend import KernelFaultError
     from vxpu.ir import binary
 
-    backend, session = _cuda_session()
+    backend, session = cuda_session()
     try:
         k, _ = session.get_kernel(session.load_module(binary.encode(_tid_kernel())), "t")
         out = session.alloc(4 * 128)

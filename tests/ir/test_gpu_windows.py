@@ -38,13 +38,12 @@ from vxpu.ir.lower.gpucheck import CheckGroups
 from vxpu.ir.model import Module
 from vxpu.ir.types import f32, f64, i8, i16, i32, ptr_global
 
-from tests.ir.lowerhelpers import needs_nvjitlink
+from tests.ir.lowerhelpers import jit_function, needs_nvjitlink
 
 M64 = (1 << 64) - 1
 I1, I32, I64 = ir.IntType(1), ir.IntType(32), ir.IntType(64)
 I32_MIN, I32_MAX = -(1 << 31), (1 << 31) - 1
 _TYPES = {1: i8, 2: i16, 4: f32, 8: f64}
-_keep: list[object] = []
 
 
 def general_ok(pointer: int, base: int, length: int, size: int, i: int) -> bool:
@@ -226,16 +225,8 @@ def _window_check(size: int, index_type):  # type: ignore[no-untyped-def]
     member = CheckGroups(hooks)._param_window(kl, pv, size)   # type: ignore[arg-type]
     assert member is not None, "the window form did not apply"
     kl.b.ret(member.ok)
-    llvm.initialize_native_target()
-    llvm.initialize_native_asmprinter()
-    parsed = llvm.parse_assembly(str(mod))
-    parsed.verify()
-    engine = llvm.create_mcjit_compiler(parsed, llvm.Target.from_default_triple().create_target_machine())
-    engine.finalize_object()
-    _keep.append(engine)
     ctype = {8: ctypes.c_int8, 16: ctypes.c_int16, 32: ctypes.c_int32}[index_type.bits]
-    proto = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_int32, ctypes.c_int32, ctype)
-    return proto(engine.get_function_address("ok"))
+    return jit_function(mod, "ok", ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_int32, ctypes.c_int32, ctype))
 
 
 @pytest.mark.parametrize("size", WINDOW_SIZES)

@@ -31,6 +31,8 @@ from vxpu.ir.model import Module, Value
 from vxpu.ir.samples import SAMPLES
 from vxpu.ir.types import f32, i32, ptr_global
 
+from tests.ir.lowerhelpers import cuda_session, jit_function
+
 I32 = ir.IntType(32)
 I64 = ir.IntType(64)
 BIG = [0, 1, 3, 7, 40, (1 << 30), (1 << 31) - 3, -(1 << 31) + 5, -2, 1 << 16]
@@ -96,11 +98,8 @@ class _Jit:
         leaves = rangecopy.Leaves([n, p, a_ptr], lambda _b, opcode, dim: names[(opcode, dim)], {2: (base, length)},
                                   {(2, 4): (wlo, whi)} if windows else None)
         b.ret(b.zext(plan.emit(b, leaves), I32))
-        target = llvm.Target.from_default_triple().create_target_machine()
-        self.engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(mod)), target)
-        self.engine.finalize_object()
-        self.fn = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int32] * 2, *[ctypes.c_uint64] * 3,
-                                   *[ctypes.c_int32] * 11)(self.engine.get_function_address("ok"))
+        self.fn = jit_function(mod, "ok", ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int32] * 2,
+                                                           *[ctypes.c_uint64] * 3, *[ctypes.c_int32] * 11))
 
     def __call__(self, n: int, p: int, a: int, base: int, length: int, bid: int, block: tuple[int, int],
                  grid: int) -> bool:
@@ -234,10 +233,8 @@ def test_an_access_past_the_end_in_the_last_iteration_fails_the_test() -> None:
     leaves = rangecopy.Leaves([m, n, k, b.inttoptr(a, null.type), null, null], lambda _b, o, d: geo[(o, d)],
                               {3: (base, length)})
     b.ret(b.zext(a_only.emit(b, leaves), I32))
-    engine = llvm.create_mcjit_compiler(llvm.parse_assembly(str(mod)), llvm.Target.from_default_triple().create_target_machine())
-    engine.finalize_object()
-    ok = ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int32] * 3, *[ctypes.c_uint64] * 3, *[ctypes.c_int32] * 4)(
-        engine.get_function_address("ok"))
+    ok = jit_function(mod, "ok", ctypes.CFUNCTYPE(ctypes.c_int32, *[ctypes.c_int32] * 3, *[ctypes.c_uint64] * 3,
+                                                  *[ctypes.c_int32] * 4))
     size = 64
     last = (size // 16 - 1, size // 16 - 1)
     assert ok(size, size, size, 4096, 4096, 4 * size * size, *last, 16, 16)
@@ -367,7 +364,7 @@ def test_sgemm_one_element_short_faults_like_the_interpreter_on_cuda() -> None:
     with pytest.raises(InterpFault) as want:
         run_kernel(mod, "sgemm", (2, 2), (16, 16), [size, size, size, pa, pb, pc], mem)
     assert (want.value.code, want.value.param, want.value.offset) == (1, 3, 4 * (size * size - 1))
-    backend, session = _cuda()
+    backend, session = cuda_session()
     try:
         k, _ = session.get_kernel(session.load_module(binary.encode(mod)), "sgemm")
         short, full = session.alloc(4 * (size * size - 1)), session.alloc(4 * size * size)
@@ -393,23 +390,6 @@ def test_sgemm_one_element_short_faults_like_the_interpreter_on_cuda() -> None:
     finally:
         session.close()
         backend.close()
-
-
-def _cuda():  # type: ignore[no-untyped-def]
-    """A CUDA backend and session, or skip (no driver or device; ``VXPU_GPU_TESTS=0``)."""
-    import logging
-    import os
-
-    if os.environ.get("VXPU_GPU_TESTS", "1") == "0":
-        pytest.skip("VXPU_GPU_TESTS=0")
-    try:
-        from vxpu.accel.registry import open_backend
-        from vxpu.accel.session import Session
-        backend = open_backend("cuda")
-    except Exception as exc:  # noqa: BLE001 - any missing driver/device means: no GPU here
-        pytest.skip(f"no CUDA device: {exc}")
-    logging.getLogger("vxpu.accel").setLevel(logging.ERROR)
-    return backend, Session(backend)
 
 
 @pytest.mark.parametrize("windows", [False, True])
