@@ -89,6 +89,7 @@ STOP_NAMES = {STOP_END: "end", STOP_OTHER: "other", STOP_MISS: "plan_miss", STOP
               STOP_DRIVER: "driver_error", STOP_FENCE: "fence", STOP_SYNC_FIRST: "sync_first", STOP_FULL: "full"}
 _NAME_LAUNCH, _NAME_NOP, _NAME_HTOD, _NAME_DTOH = (abi.Opcode.LAUNCH.name, abi.Opcode.NOP.name,
                                                   abi.Opcode.MEM_COPY_HTOD.name, abi.Opcode.MEM_COPY_DTOH.name)
+_NAME_FENCE = abi.Opcode.FENCE.name
 _HTOD, _DTOH, _LAUNCH, _NOP = (int(abi.Opcode.MEM_COPY_HTOD), int(abi.Opcode.MEM_COPY_DTOH),
                                int(abi.Opcode.LAUNCH), int(abi.Opcode.NOP))
 _u32, _u64 = ctypes.c_uint32, ctypes.c_uint64
@@ -340,6 +341,12 @@ def create(backend: Any, setting: bool | None = None) -> FastLane | None:
         log.info("accelerator fast lane on (native LAUNCH, NOP, inline copies, FENCE)")
         _logged = True
     return lane
+
+
+def _count(commands: Counter[str], counts: tuple[tuple[str, int], ...]) -> None:
+    for name, n in counts:
+        if n:
+            commands[name] += n
 
 
 # -- one device's lane ---------------------------------------------------------------------------
@@ -627,11 +634,12 @@ class FastLane:
     def count_commands(self, commands: Counter[str]) -> None:
         """Add the group's completions to ``commands`` (by opcode name, as DeviceStats counts)."""
         b = self.batch
-        if b.g_launches:
-            commands[_NAME_LAUNCH] += b.g_launches
-        if b.g_nops:
-            commands[_NAME_NOP] += b.g_nops
-        if b.g_htods:
-            commands[_NAME_HTOD] += b.g_htods
-        if b.g_dtohs:
-            commands[_NAME_DTOH] += b.g_dtohs
+        _count(commands, ((_NAME_LAUNCH, b.g_launches), (_NAME_NOP, b.g_nops), (_NAME_HTOD, b.g_htods),
+                          (_NAME_DTOH, b.g_dtohs)))
+
+    def count_polled(self, commands: Counter[str]) -> None:
+        """Add the completions the last :meth:`poll` posted to ``commands`` (as
+        :meth:`count_commands` does for a group)."""
+        p = self._poll
+        _count(commands, ((_NAME_LAUNCH, p.c_launches), (_NAME_NOP, p.c_nops), (_NAME_HTOD, p.c_htods),
+                          (_NAME_DTOH, p.c_dtohs), (_NAME_FENCE, p.c_fences)))

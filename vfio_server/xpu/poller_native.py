@@ -55,9 +55,6 @@ MAX_HELD = 4 * BATCH             # completions held while copies wait for one sy
 _DESC_IRQ = int(DescFlags.IRQ)
 _FENCE = int(Opcode.FENCE)
 _IRQ_COMPLETION = int(IrqControl.COMPLETION)
-_POLLED = ((abi.Opcode.LAUNCH.name, "c_launches"), (abi.Opcode.NOP.name, "c_nops"),
-           (abi.Opcode.MEM_COPY_HTOD.name, "c_htods"), (abi.Opcode.MEM_COPY_DTOH.name, "c_dtohs"),
-           (abi.Opcode.FENCE.name, "c_fences"))
 Held = tuple[int, int, int, int, int, int, bool]
 
 
@@ -115,7 +112,7 @@ class NativeLane:
         FENCE, descriptors it does not take, an index to validate). Returns how long nothing
         had arrived when it returned (``math.inf``: nothing arrived), or None when the loop
         cannot run now (the Python cycle and spin go on)."""
-        lane, ex, s = self.fastlane, self.executor, self.session
+        lane, ex = self.fastlane, self.executor
         queue = ex.made_queue()
         if lane is None or queue is None:
             return None
@@ -130,14 +127,13 @@ class NativeLane:
             except QueueFatal as exc:
                 self._set_fatal(exc.code, exc.info, str(exc))
                 return 0.0
-            addrs = lane.ring_addresses(rings.cfg, self.ram)
-            if addrs is None or not self._bus_master() or not lane.prepare(s, queue, ex.plan_drops, self.ram):
+            if not self._bus_master():
                 return None
+            addrs = self._native_start(lane, rings, queue)
+            if addrs is None:
+                return None
+            pending = lane.batch.pending        # (the group's start, as _native_run counts from)
             epoch = self.epoch
-            self._native_gen = self.ram.generation
-            self._native_posted = False
-            pending = s.pending(queue)
-            lane.start_group(pending, ex.queued, s.quota.queue_depth)
             settings = self._irq_settings()     # read once per poll, as once per batch in Python
             irq = bool(settings[0] & _IRQ_COMPLETION)
             if irq and self._unsignalled:           # the coalescing timer is Python's
@@ -180,11 +176,7 @@ class NativeLane:
                                p.bytes_dtoh, p.checked_after)
         stats.batches_of(p.batches, p.max_batch, p.depth, p.max_depth)
         stats.busy_ns += p.busy_ns
-        commands = stats.commands
-        for name, field in _POLLED:
-            n = getattr(p, field)
-            if n:
-                commands[name] += n
+        lane.count_polled(stats.commands)
         if p.posted:
             self._batch_irq = settings
             try:
@@ -221,13 +213,9 @@ class NativeLane:
         takes now, the FENCE taken for the native wait as (tag, flags) or None)``; Python takes
         the descriptor the lane stopped at and those after it that the lane would not take
         either."""
-        s, ex = self.session, self.executor
-        addrs = lane.ring_addresses(rings.cfg, self.ram)
-        if addrs is None or not lane.prepare(s, queue, ex.plan_drops, self.ram):
+        addrs = self._native_start(lane, rings, queue)
+        if addrs is None:
             return 0, n, None
-        self._native_gen = self.ram.generation
-        self._native_posted = False
-        lane.start_group(s.pending(queue), ex.queued, s.quota.queue_depth)
         b = self._native_run(lane, rings, addrs, queue, n, room)
         k = b.consumed
         fence = None
@@ -238,6 +226,19 @@ class NativeLane:
         if k and not take and not b.syncs and not self.aborting:
             self._native_post(lane, rings)  # nothing waits and nothing joins: post it under this lock
         return k, take, fence
+
+    def _native_start(self, lane: FastLane, rings: Rings, queue: int) -> tuple[int, int, int] | None:
+        """Under the lock, before a lane run or poll: the rings' host addresses, once the lane's
+        tables are up to date and a group started with this session's queue accounting; None
+        when the lane cannot run now."""
+        s, ex = self.session, self.executor
+        addrs = lane.ring_addresses(rings.cfg, self.ram)
+        if addrs is None or not lane.prepare(s, queue, ex.plan_drops, self.ram):
+            return None
+        self._native_gen = self.ram.generation
+        self._native_posted = False
+        lane.start_group(s.pending(queue), ex.queued, s.quota.queue_depth)
+        return addrs
 
     def _native_post(self, lane: FastLane, rings: Rings) -> None:
         """Post the lane's group with one ``cq_tail`` store (lock held, views current) and
