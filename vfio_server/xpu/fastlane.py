@@ -556,17 +556,22 @@ class FastLane:
         ``sq_tail`` is valid, within ``cq_room`` validated free completion slots (``b.max``
         grows; ``b.takes[:b.ntakes]`` are the extra takes). The batch says how many and why it
         stopped."""
+        b = self._set_geometry(addrs, sq_mask, cq_mask, sq_entries)
+        b.sq_head, b.cq_index, b.max, b.cq_room, b.reread = sq_head, cq_index, n, max(0, cq_room), int(reread)
+        self.lib.fl_run(self._ctx, self._batch_ref)
+        self.runs += 1
+        self.taken += b.consumed
+        self.stops[b.stop] = self.stops.get(b.stop, 0) + 1
+        return b
+
+    def _set_geometry(self, addrs: tuple[int, int, int], sq_mask: int, cq_mask: int, sq_entries: int) -> Batch:
+        """The batch, holding these rings (host addresses, masks, size): set when they change."""
         b = self.batch
         geometry = (addrs, sq_mask, cq_mask, sq_entries)
         if geometry != self._geometry:      # the same queue: set once
             b.sq, b.cq, b.hdr = addrs
             b.sq_mask, b.cq_mask, b.sq_entries = sq_mask, cq_mask, sq_entries
             self._geometry = geometry
-        b.sq_head, b.cq_index, b.max, b.cq_room, b.reread = sq_head, cq_index, n, max(0, cq_room), int(reread)
-        self.lib.fl_run(self._ctx, self._batch_ref)
-        self.runs += 1
-        self.taken += b.consumed
-        self.stops[b.stop] = self.stops.get(b.stop, 0) + 1
         return b
 
     def poll(self, addrs: tuple[int, int, int], rings: Any, first_s: float, spin_s: float, run_s: float,
@@ -580,13 +585,8 @@ class FastLane:
         :meth:`start_group` and :meth:`resume` first, under the lock. Returns the poll (its
         ``reason``, the new ring indices, what to account); with PR_GROUP :attr:`batch` holds
         the open group as :meth:`run` leaves it."""
-        b, p = self.batch, self._poll
-        cfg = rings.cfg
-        geometry = (addrs, rings.sq_mask, rings.cq_mask, cfg.sq_entries)
-        if geometry != self._geometry:
-            b.sq, b.cq, b.hdr = addrs
-            b.sq_mask, b.cq_mask, b.sq_entries = rings.sq_mask, rings.cq_mask, cfg.sq_entries
-            self._geometry = geometry
+        cfg, p = rings.cfg, self._poll
+        b = self._set_geometry(addrs, rings.sq_mask, rings.cq_mask, cfg.sq_entries)
         b.sq_head = rings.sq_head
         p.first_ns, p.spin_ns, p.run_ns = int(first_s * 1e9), int(spin_s * 1e9), int(run_s * 1e9)
         p.cq_entries, p.irq = cfg.cq_entries, int(irq)
