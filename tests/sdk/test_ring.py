@@ -277,3 +277,30 @@ def test_the_bulk_path_trusts_the_device_s_error_count_only_when_it_keeps_one(fa
     _complete(ring, 12, statuses)
     assert ring.poll() == 12
     assert ring.async_error == (15, int(xpu.Opcode.NOP), int(Status.OUT_OF_RANGE), 7)
+
+
+@pytest.mark.parametrize("counted", [False, True])
+@pytest.mark.parametrize("before", [0, 10])
+def test_the_bulk_path_stops_at_held_memory_and_frees_it_once(fake, counted, before, monkeypatch):
+    """A command that holds DMA memory is looked at by the loop, which frees the memory: the
+    run before it goes in bulk (unread when the device counts errors), and the ring's
+    bookkeeping of such commands is empty once they have all completed."""
+    fake.regs[xpu.REG_FEATURES_LO] = int(xpu.Feature.ERROR_COUNT) if counted else 0
+    ring = _posted(fake, before, 0)
+    held = fake.alloc_dma(4096)
+    freed: list[object] = []
+    free = fake.free_dma
+    monkeypatch.setattr(fake, "free_dma", lambda mem: (freed.append(mem), free(mem)))
+    for i in range(12):
+        ring.post(xpu.Opcode.NOP, hold=held if i == 5 else None, waited=i == 9)
+    _complete(ring, before, [0] * 12)
+    read = []
+    unpack = xpu.COMPLETION.unpack_from
+    monkeypatch.setattr("vxpu.guest.ring._unpack_completion", lambda *a: (read.append(a), unpack(*a))[1])
+    assert ring.poll() == 12
+    assert freed == [held] and len(read) == 7          # entries 5..11: the loop from the held one on
+    assert ring.wait(before + 9) == (0, 7, 0)
+    assert not ring._special and ring.in_flight == 0
+    ring.post(xpu.Opcode.NOP, hold=fake.alloc_dma(4096))
+    ring.start()                                       # a restart drops what is in flight
+    assert not ring._special and ring.in_flight == 0 and len(freed) == 2
