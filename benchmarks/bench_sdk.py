@@ -22,6 +22,12 @@ Figures, each an SDK/native ratio:
    time per launch (throughput ratio, higher is better). Also reported: the guest-side time the
    SDK takes to post one of those launches (no native counterpart).
 
+``--buffers N`` spreads each size's copies over N host buffers on each side, one whole batch
+per buffer in turn, and reports the time per batch: device→host copies on the H200 run up to
+~1.5 % slower or faster depending on the virtual address of the host buffer they write (the
+same one each time; ``benchmarks/probe_va_sweep.py``), for ``cuMemAllocHost`` memory and guest
+RAM alike, so one buffer a side compares two draws of that lottery rather than the paths.
+
 Also reported: the device's STATS counters (batches, sleeps, doorbells, busy time) and, when
 the server runs with ``VXPU_XPU_PROFILE=1`` (inherited by the ``vxpu serve`` child), its
 per-phase profile (:mod:`vxpu.vfio_server.xpu.profile`); ``--old-wait`` makes the SDK's waiter
@@ -33,7 +39,7 @@ x16 and 64 KiB x64 copies to the device and 1 MiB x16 from it with the guest's p
 both sides of each round trip line up (``benchmarks/trace_devpath.py`` reads the two).
 
 Usage: ``python benchmarks/bench_sdk.py [--backend cpu|cuda] [--quick] [--old-wait] [--trace FILE]
-[--json FILE]``.
+[--buffers N] [--json FILE]``.
 """
 
 from __future__ import annotations
@@ -111,9 +117,10 @@ def interleave(a: Callable[[], None], b: Callable[[], None], reps: int, block: i
 
 # -- the SDK side ---------------------------------------------------------------------------------
 class SdkSide:
-    def __init__(self, dev: Device) -> None:
+    def __init__(self, dev: Device, buffers: int = 1) -> None:
         self.dev = dev
-        self.sub: dict[int, tuple[Any, Any]] = {}
+        self.buffers = buffers
+        self.sub: dict[int, tuple[list[Any], Any]] = {}
         self.launcher: Any = None
         self.post_times: list[float] = []       # guest-side seconds per posted launch
 
@@ -121,24 +128,28 @@ class SdkSide:
         """Load the empty kernel (raises DeviceError when the backend cannot run it)."""
         self.launcher = self.dev.load_module(EMPTY_IR).empty[1, 32]
 
-    def pair(self, size: int) -> tuple[Any, Any]:
+    def pair(self, size: int) -> tuple[list[Any], Any]:
         if size not in self.sub:
-            self.sub[size] = (self.dev.pinned(size, np.uint8), self.dev.empty(size, np.uint8))
+            self.sub[size] = ([self.dev.pinned(size, np.uint8) for _ in range(self.buffers)],
+                              self.dev.empty(size, np.uint8))
         return self.sub[size]
 
     def copies(self, direction: str, size: int, k: int) -> Callable[[], None]:
-        host, arr = self.pair(size)
+        """One batch of ``k`` copies and a synchronize() per host buffer, in turn."""
+        hosts, arr = self.pair(size)
         dev = self.dev
         if direction == "htod":
             def run() -> None:
-                for _ in range(k):
-                    dev.copy_to_device(arr, host)
-                dev.synchronize()
+                for host in hosts:
+                    for _ in range(k):
+                        dev.copy_to_device(arr, host)
+                    dev.synchronize()
         else:
             def run() -> None:
-                for _ in range(k):
-                    dev.copy_to_host(host, arr, blocking=False)
-                dev.synchronize()
+                for host in hosts:
+                    for _ in range(k):
+                        dev.copy_to_host(host, arr, blocking=False)
+                    dev.synchronize()
         return run
 
     def launch_sync(self) -> None:
@@ -178,6 +189,9 @@ class SdkSide:
                 events.append(("start", 0, clock()))
                 self.launch_sync()
                 events.append(("end", 0, clock()))
+            buffers, self.buffers = self.buffers, 1      # (the traced batches: one buffer)
+            saved = dict(self.sub)
+            self.sub = {size: ([hosts[0]], arr) for size, (hosts, arr) in saved.items()}
             for kind, (direction, size, k) in enumerate((("htod", MiB, 16), ("htod", 64 * KiB, 64),
                                                          ("dtoh", MiB, 16)), start=1):
                 run = self.copies(direction, size, k)
@@ -187,6 +201,7 @@ class SdkSide:
                     events.append(("end", kind, clock()))
         finally:
             del ring.post, ring.poll
+            self.buffers, self.sub = buffers, saved
         with open(path, "w") as fh:
             json.dump(events, fh)
 
@@ -195,30 +210,33 @@ class SdkSide:
 class SessionNative:
     name = "direct Session calls"
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, buffers: int = 1) -> None:
         from vxpu.accel import registry
         from vxpu.accel.session import Session
 
         self.session = Session(registry.open_backend(spec))
         fd = os.memfd_create("bench-ram")
-        os.ftruncate(fd, max(SIZES))
-        self.region = mmap.mmap(fd, max(SIZES), mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        os.ftruncate(fd, max(SIZES) * buffers)
+        self.region = mmap.mmap(fd, max(SIZES) * buffers, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         os.close(fd)
         self.view = memoryview(self.region)
+        self.buffers = buffers
         self.dptr = self.session.alloc(max(SIZES))
         module = self.session.load_module(encode(parse(EMPTY_IR)))
         self.kernel, _ = self.session.get_kernel(module, "empty")
 
     def copies(self, direction: str, size: int, k: int) -> Callable[[], None]:
-        s, d, v = self.session, self.dptr, self.view[:size]
+        s, d = self.session, self.dptr
+        views = [self.view[i * max(SIZES):i * max(SIZES) + size] for i in range(self.buffers)]
 
         def run() -> None:
-            for _ in range(k):
-                if direction == "htod":
-                    s.copy_htod(d, v)
-                else:
-                    s.copy_dtoh(v, d)
-            s.synchronize()
+            for v in views:
+                for _ in range(k):
+                    if direction == "htod":
+                        s.copy_htod(d, v)
+                    else:
+                        s.copy_dtoh(v, d)
+                s.synchronize()
         return run
 
     def launch_sync(self) -> None:
@@ -236,7 +254,7 @@ class SessionNative:
 class CudaNative:
     name = "native CUDA driver (pinned cuMemAllocHost, async on one stream)"
 
-    def __init__(self) -> None:
+    def __init__(self, buffers: int = 1) -> None:
         from cuda.bindings import driver as drv
 
         self.drv = drv
@@ -244,14 +262,15 @@ class CudaNative:
         dev = self._ok(drv.cuDeviceGet(0))
         self.ctx = self._ok(drv.cuDevicePrimaryCtxRetain(dev))
         self._ok(drv.cuCtxSetCurrent(self.ctx))
-        self.host = int(self._ok(drv.cuMemAllocHost(max(SIZES))))
+        self.hosts = [int(self._ok(drv.cuMemAllocHost(max(SIZES)))) for _ in range(buffers)]
         self.dptr = int(self._ok(drv.cuMemAlloc(max(SIZES))))
         self.stream = self._ok(drv.cuStreamCreate(drv.CUstream_flags.CU_STREAM_NON_BLOCKING))
         self.module = self._ok(drv.cuModuleLoadData(EMPTY_PTX + b"\0"))
         self.func = self._ok(drv.cuModuleGetFunction(self.module, b"empty"))
         name = self._ok(drv.cuDeviceGetName(64, dev))
         self.device_name = bytes(name).split(b"\0")[0].decode()
-        ctypes.memset(self.host, 1, max(SIZES))
+        for host in self.hosts:
+            ctypes.memset(host, 1, max(SIZES))
 
     @staticmethod
     def _ok(result: Any) -> Any:
@@ -261,20 +280,27 @@ class CudaNative:
         return result[1] if len(result) > 1 else None
 
     def copies(self, direction: str, size: int, k: int) -> Callable[[], None]:
-        drv, h, d, st = self.drv, self.host, self.dptr, self.stream
+        drv, hosts, d, st = self.drv, self.hosts, self.dptr, self.stream
         if k == 1:                       # the plain synchronous pinned copy
             if direction == "htod":
-                return lambda: drv.cuMemcpyHtoD(d, h, size)
-            return lambda: drv.cuMemcpyDtoH(h, d, size)
+                def one() -> None:
+                    for h in hosts:
+                        drv.cuMemcpyHtoD(d, h, size)
+            else:
+                def one() -> None:
+                    for h in hosts:
+                        drv.cuMemcpyDtoH(h, d, size)
+            return one
         copy = drv.cuMemcpyHtoDAsync if direction == "htod" else drv.cuMemcpyDtoHAsync
 
         def run() -> None:
-            for _ in range(k):
-                if direction == "htod":
-                    copy(d, h, size, st)
-                else:
-                    copy(h, d, size, st)
-            drv.cuStreamSynchronize(st)
+            for h in hosts:
+                for _ in range(k):
+                    if direction == "htod":
+                        copy(d, h, size, st)
+                    else:
+                        copy(h, d, size, st)
+                drv.cuStreamSynchronize(st)
         return run
 
     def launch_sync(self) -> None:
@@ -290,13 +316,14 @@ class CudaNative:
 
 # -- the run ------------------------------------------------------------------------------------------
 def bench(sdk: SdkSide, native: Any, quick: bool, block: int = 0, scale: int = 1) -> list[dict[str, Any]]:
-    rows = []
+    rows, nbuf = [], sdk.buffers
     for size in SIZES:
         for direction in ("htod", "dtoh"):
             for k in ((1, BATCH[size]) if size == min(SIZES) else (BATCH[size],)):
-                reps = max(5, (400 if size <= MiB else 40) * scale // k // (4 if quick else 1))
+                reps = max(5, (400 if size <= MiB else 40) * scale // k // (4 if quick else 1) // nbuf)
                 t_sdk, t_nat = interleave(sdk.copies(direction, size, k), native.copies(direction, size, k),
                                           reps, max(2, reps // 5, min(block, reps)))
+                t_sdk, t_nat = t_sdk / nbuf, t_nat / nbuf           # per batch
                 rows.append({"what": f"{'guest-RAM->device' if direction == 'htod' else 'device->guest-RAM'} "
                                      f"{_size(size)} x{k}",
                              "sdk_gbps": k * size / t_sdk / 1e9, "native_gbps": k * size / t_nat / 1e9,
@@ -363,6 +390,9 @@ def main(argv: list[str] | None = None) -> int:
                              "poller sleeps during the native block, so each SDK block's first one pays a wake-up)")
     parser.add_argument("--reps-scale", type=int, default=1, metavar="N",
                         help="copies: N times the repetitions (a tighter median on a noisy machine)")
+    parser.add_argument("--buffers", type=int, default=1, metavar="N",
+                        help="copies: N host buffers a side, one batch each in turn (averages the per-address "
+                             "speed of device->host copies; see the module docstring)")
     parser.add_argument("--poll-idle-us", type=int, metavar="US",
                         help="the server's 'vxpu serve --poll-idle-us' (adaptive idle spin ceiling; passed to the "
                              "child as VXPU_POLL_IDLE_US; 200 gives the fixed spin of before)")
@@ -371,14 +401,15 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VXPU_POLL_IDLE_US"] = str(args.poll_idle_us)
     if args.old_wait:
         ring.BUSY_SPIN_S = 0.0
-    native = CudaNative() if args.backend.startswith("cuda") else SessionNative(args.backend)
-    with Device.local(args.backend, ram_size=max(SIZES) * 4 + (64 << 20)) as dev:
-        sdk = SdkSide(dev)
+    nbuf = max(1, args.buffers)
+    native = CudaNative(nbuf) if args.backend.startswith("cuda") else SessionNative(args.backend, nbuf)
+    with Device.local(args.backend, ram_size=max(SIZES) * (nbuf + 3) + (64 << 20)) as dev:
+        sdk = SdkSide(dev, nbuf)
         ident = dev.identify()
         rows = bench(sdk, native, args.quick, args.block, max(1, args.reps_scale))
         if args.trace and sdk.launcher is not None:
             sdk.traced(args.trace)
-        result = {"backend": args.backend, "block": args.block, "native": native.name, "device": ident.get("name"),
+        result = {"backend": args.backend, "block": args.block, "buffers": nbuf, "native": native.name, "device": ident.get("name"),
                   "rows": rows, "doorbells": dev.ring.doorbells, "commands": dev.ring.submitted,
                   "old_wait": args.old_wait, "poll_idle_us": os.environ.get("VXPU_POLL_IDLE_US"),
                   "stats": dev.stats()}
