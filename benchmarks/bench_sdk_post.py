@@ -21,7 +21,9 @@ Rows (nanoseconds; the minimum over rounds, this 2-core machine being shared, an
   ``Device.launch`` with a prepared blob, the saxpy launcher inside ``dev.batch()``, a 64 KiB
   pinned ``copy_to_device`` and ``copy_to_host(blocking=False)``;
 * round trips, timed one call at a time with the completions already written: ``synchronize()``
-  (a FENCE), empty ``launcher()`` + ``synchronize()`` (LAUNCH + FENCE), saxpy + ``synchronize()``;
+  (a FENCE), empty ``launcher()`` + ``synchronize()`` (LAUNCH + FENCE), saxpy + ``synchronize()``,
+  and 16 ``copy_to_host(blocking=False)`` + ``synchronize()``, the guest's whole share of one of
+  ``bench_sdk.py``'s copy batches (its last poll takes 17 completions);
 * the timer's own cost (two ``perf_counter_ns`` calls), included in the round-trip rows;
 * "echo process" rows (``--no-echo`` skips them): a forked process plays a device that
   completes every descriptor OK as soon as it sees it (spinning on ``sq_tail``; MEM_ALLOC
@@ -321,7 +323,7 @@ class Bench:
         """ns per call of ``fn``, whose ``commands`` completions are written before each call."""
         ring = self.ring
         assert ring is not None
-        out = []
+        out: list[float] = []
         clock = time.perf_counter_ns
         for _ in range(calls):
             self.t.complete_ahead(ring.submitted, commands)
@@ -354,6 +356,11 @@ def measure(rounds: int, batch: int, echo: bool = True) -> list[dict[str, Any]]:
         saxpy(1024, 2.0, x, y)
         dev.synchronize()
 
+    def copies_sync() -> None:
+        for _ in range(16):
+            dev.copy_to_host(host, darr, blocking=False)
+        dev.synchronize()
+
     posts: list[tuple[str, Callable[[], None]]] = [
         ("ring.post(NOP)", lambda: ring.post(nop)),
         ("empty kernel: launcher()", lambda: empty()),
@@ -367,6 +374,7 @@ def measure(rounds: int, batch: int, echo: bool = True) -> list[dict[str, Any]]:
         ("synchronize() (FENCE already completed)", dev.synchronize, 1),
         ("launcher() + synchronize() (empty kernel)", empty_sync, 2),
         ("saxpy[g, b](...) + synchronize()", saxpy_sync, 2),
+        ("16 copy_to_host(blocking=False) + synchronize() (bench_sdk's batch)", copies_sync, 17),
     ]
     raw: dict[str, list[float]] = {}
     # interleave the rows, a few rounds at a time, so a burst of load hits all of them

@@ -5,7 +5,8 @@
 # VXPU_FASTLANE_POLL=0) and "off" (VXPU_FASTLANE=0). Prints one line per run (the issue-8 rows:
 # SDK/native ratios, LAUNCH + completion in us) and, from one more run of the first mode with
 # VXPU_XPU_PROFILE=1, the poller's mean time per step and the lane's counters. Nothing big is kept.
-#   usage: [ROUNDS=2] [MODES="poll issue off"] benchmarks/fastlane_ab.sh [cuda]   (~15 s a run)
+#   usage: [ROUNDS=2] [MODES="poll issue off"] [SDK_ARGS="--buffers 8 --reps-scale 8"] benchmarks/fastlane_ab.sh [cuda]
+#   (~15 s a run; SDK_ARGS, more bench_sdk.py options, goes to every run through run_gpu.sh)
 set -uo pipefail
 R="$(cd "$(dirname "$0")/.." && pwd)"
 BACKEND="${1:-cuda}"
