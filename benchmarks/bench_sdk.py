@@ -134,9 +134,11 @@ class SdkSide:
                               self.dev.empty(size, np.uint8))
         return self.sub[size]
 
-    def copies(self, direction: str, size: int, k: int) -> Callable[[], None]:
-        """One batch of ``k`` copies and a synchronize() per host buffer, in turn."""
+    def copies(self, direction: str, size: int, k: int, buffers: int | None = None) -> Callable[[], None]:
+        """One batch of ``k`` copies and a synchronize() per host buffer (the first ``buffers``
+        of them, default all), in turn."""
         hosts, arr = self.pair(size)
+        hosts = hosts[:buffers]
         dev = self.dev
         if direction == "htod":
             def run() -> None:
@@ -189,19 +191,15 @@ class SdkSide:
                 events.append(("start", 0, clock()))
                 self.launch_sync()
                 events.append(("end", 0, clock()))
-            buffers, self.buffers = self.buffers, 1      # (the traced batches: one buffer)
-            saved = dict(self.sub)
-            self.sub = {size: ([hosts[0]], arr) for size, (hosts, arr) in saved.items()}
             for kind, (direction, size, k) in enumerate((("htod", MiB, 16), ("htod", 64 * KiB, 64),
                                                          ("dtoh", MiB, 16)), start=1):
-                run = self.copies(direction, size, k)
+                run = self.copies(direction, size, k, buffers=1)     # (the traced batches: one buffer)
                 for _ in range(20):
                     events.append(("start", kind, clock()))
                     run()
                     events.append(("end", kind, clock()))
         finally:
             del ring.post, ring.poll
-            self.buffers, self.sub = buffers, saved
         with open(path, "w") as fh:
             json.dump(events, fh)
 
