@@ -6,7 +6,7 @@ buffer lies, in three sweeps, each the median time per batch of every buffer in 
 * **offsets**: one registered 256 MiB mapping, a buffer every 4 MiB (different pages);
 * **fine**: one 1 MiB buffer at 16 offsets 64 KiB apart inside that mapping.
 
-On the H200 (sessions 5 and 6) each buffer keeps its own speed round after round: 338-347 us
+On the H200 (sessions 5 and 6; the offset sweeps in 6) each buffer keeps its own speed round after round: 338-347 us
 per batch for the same pages through different mappings, the same spread across a mapping's
 offsets, and 3-5 us between the fastest and slowest of 16 start offsets 64 KiB apart; a
 registered buffer's device pointer is its host address (unified addressing), so the
