@@ -340,9 +340,19 @@ async def detach(qmp: QmpLike, id: str, timeout: float = 10.0,
                 if outcome == "gone":
                     vm_log(state).warning("%s: its server pid %d had already exited; removed the stale record",
                                           id, pid)
-                state.remove(id)
+                _remove_record(state, id, outcome)
     vm_log(state).info("detached %s (server %s)", id, outcome)
     return Detached(id=id, server=outcome, pid=pid, unplugged=in_vm, seconds=round(time.monotonic() - t0, 4))
+
+
+def _remove_record(state: VmState, dev_id: str, outcome: str) -> None:
+    """Remove what vxpu kept for ``dev_id`` once its server is stopped; the log of a server that
+    had to be killed stays (it ends with the thread stacks of where it hung)."""
+    killed = outcome == "killed"
+    state.remove(dev_id, keep_log=killed)
+    if killed:
+        vm_log(state).warning("%s: its server ignored SIGTERM and was killed; its log, with its thread stacks, "
+                              "stays at %s", dev_id, state.paths(dev_id)[2])
 
 
 def _forget_exited_vm(state: VmState, dev_id: str, grace: float) -> tuple[str, int] | None:
@@ -357,7 +367,7 @@ def _forget_exited_vm(state: VmState, dev_id: str, grace: float) -> tuple[str, i
     if rec is None or rec.qemu_pid is None or process_alive(rec.qemu_pid, None):
         return None
     outcome = stop_server(rec.pid, rec.pid_start, grace)
-    state.remove(dev_id)
+    _remove_record(state, dev_id, outcome)
     vm_log(state).warning("%s: its VM (QEMU pid %d) has exited; stopped its server (pid %d, %s)", dev_id, rec.qemu_pid,
                 rec.pid, outcome)
     return outcome, rec.pid

@@ -114,7 +114,9 @@ class ServerProcess:
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                log.warning("vxpu server pid %d ignored SIGTERM; killing it", self.proc.pid)
+                log.warning("vxpu server pid %d ignored SIGTERM; killing it (its log ends with its thread stacks)",
+                            self.proc.pid)
+                ask_for_stacks(self.proc.pid)
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.socket_path.unlink(missing_ok=True)
@@ -130,6 +132,7 @@ class ServerProcess:
 
 
 STOP_GRACE_S = 5.0
+STACK_DUMP_S = 0.3      # SIGUSR1 to SIGKILL: time for the server to write its thread stacks
 
 
 def serve_argv(socket_path: str | Path, args: Sequence[str] = (), python: str = sys.executable) -> list[str]:
@@ -181,10 +184,23 @@ async def wait_listening(pid: int, start: int | None, socket_path: Path, log_pat
         await asyncio.sleep(0.02)
 
 
+def ask_for_stacks(pid: int) -> None:
+    """Have the ``vxpu serve`` process ``pid`` write its thread stacks to its log (SIGUSR1), and
+    give it :data:`STACK_DUMP_S` to do so: the last step before it is killed.
+
+    Raises:
+        ProcessLookupError: ``pid`` is gone.
+    """
+    os.kill(pid, signal.SIGUSR1)
+    time.sleep(STACK_DUMP_S)
+
+
 def stop_server(pid: int, start: int | None, grace: float = STOP_GRACE_S) -> str:
     """Stop the server ``pid`` (only if it is still the process that started at ``start``).
 
-    Sends SIGTERM to its process group, waits up to ``grace`` seconds, then SIGKILLs it. This
+    Sends SIGTERM to its process group and waits up to ``grace`` seconds. A server still running
+    then gets SIGUSR1 first (``vxpu serve`` writes every thread's stack to its log on it, so the
+    log shows where it hung), then SIGKILL to the group. This
     blocks (polling every 20 ms), so that it also works in clean-up paths of a cancelled task;
     async callers run it through :func:`asyncio.to_thread`.
 
@@ -198,6 +214,8 @@ def stop_server(pid: int, start: int | None, grace: float = STOP_GRACE_S) -> str
         return "gone"
     for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
         try:
+            if sig == signal.SIGKILL:
+                ask_for_stacks(pid)
             os.killpg(pid, sig)
         except ProcessLookupError:
             return "terminated"
@@ -208,7 +226,8 @@ def stop_server(pid: int, start: int | None, grace: float = STOP_GRACE_S) -> str
             time.sleep(0.02)
         else:
             if sig == signal.SIGKILL:
-                log.warning("vxpu server pid %d ignored SIGTERM for %.0fs; killed it", pid, grace)
+                log.warning("vxpu server pid %d ignored SIGTERM for %.0fs; killed it (its log ends with its "
+                            "thread stacks)", pid, grace)
                 return "killed"
             return "terminated"
     raise ServerError(f"vxpu server pid {pid} survived SIGKILL (stuck in the kernel?); check 'ps -o stat {pid}'")

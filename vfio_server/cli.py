@@ -14,13 +14,17 @@ compiled in sandboxed worker processes (:mod:`vxpu.ir.workers`, docs/ir-lowering
 
 The process listens on ``--socket`` (mode 0600; a stale socket is replaced), serves one QEMU
 connection at a time and keeps serving across disconnects (hot re-plug), until SIGTERM or
-SIGINT, when it closes the connection, removes the socket and exits 0. Logging goes through
-:mod:`vxpu.log` (``vxpu --log-format json serve ...`` for one JSON object per line).
+SIGINT, when it closes the connection, removes the socket and exits 0. SIGUSR1 writes every
+thread's Python stack to stderr (:mod:`faulthandler`, even while the interpreter is stuck): the
+QMP helpers send it before they SIGKILL a server that ignored SIGTERM, so its log shows where it
+hung. Logging goes through :mod:`vxpu.log` (``vxpu --log-format json serve ...`` for one JSON
+object per line).
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import signal
@@ -243,6 +247,8 @@ def serve(args: argparse.Namespace) -> int:
         server.stop()
 
     previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    server.wake_on_signals()                            # a signal taken by another thread too
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     log.info("serving", extra={"device": args.device, "socket": args.socket, "msix": args.msix,
                                "backend": args.backend})
     try:
@@ -250,6 +256,7 @@ def serve(args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        faulthandler.unregister(signal.SIGUSR1)
         if stats_file is not None:
             stats_file.stop()
         close_device = getattr(device, "close", None)

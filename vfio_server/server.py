@@ -40,6 +40,7 @@ import logging
 import os
 import selectors
 import shutil
+import signal
 import socket
 import stat
 import tempfile
@@ -461,6 +462,8 @@ class VfioUserServer:
         self._calls: collections.deque[Callable[[], object]] = collections.deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._signal_fds: tuple[int, int] | None = None
+        self._old_wakeup_fd = -1
 
     # --- lifecycle ----------------------------------------------------------------------------------
     def bind(self) -> None:
@@ -479,6 +482,33 @@ class VfioUserServer:
         self._sel.register(listener, selectors.EVENT_READ, "accept")
         self._sel.register(self._wake_fd, selectors.EVENT_READ, "wake")
         self.log.info("listening on %s", self.path)
+
+    def wake_on_signals(self) -> None:
+        """Main thread, after :meth:`bind`: any signal wakes the serve loop, so that the Python
+        handler for it (a SIGTERM handler calling :meth:`stop`) runs at once.
+
+        CPython runs signal handlers in the main thread only, and the kernel may hand a
+        process-directed signal to any thread: to the poller, say, while the main thread sleeps
+        in ``select()`` with no timeout, which then never returns. The C-level handler writes
+        each signal's number to the pipe registered here (:func:`signal.set_wakeup_fd`), and
+        that wakes ``select()``. Undone when the loop ends.
+
+        Raises:
+            ValueError: not called from the main thread.
+        """
+        self.bind()
+        assert self._sel is not None
+        if self._signal_fds is not None:
+            return
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            self._old_wakeup_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        except ValueError:
+            os.close(r)
+            os.close(w)
+            raise
+        self._signal_fds = (r, w)
+        self._sel.register(r, selectors.EVENT_READ, "signal")
 
     def serve_forever(self) -> None:
         """Run the serve loop in this thread until :meth:`stop`; then close everything."""
@@ -550,6 +580,11 @@ class VfioUserServer:
         if self._wake_fd >= 0:
             os.close(self._wake_fd)
             self._wake_fd = -1
+        if self._signal_fds is not None:
+            signal.set_wakeup_fd(self._old_wakeup_fd)       # the main thread's, as wake_on_signals
+            for fd in self._signal_fds:
+                os.close(fd)
+            self._signal_fds = None
         self.log.info("stopped")
 
     # --- events -------------------------------------------------------------------------------------
@@ -558,6 +593,8 @@ class VfioUserServer:
             self._accept()
         elif kind == "wake":
             self._run_calls()
+        elif kind == "signal":
+            self._drain_signal_pipe()
         elif kind == "resample":
             if self.conn is not None:
                 self.conn.irqs.on_resample()
@@ -573,6 +610,15 @@ class VfioUserServer:
             self._drop(conn, "out of memory")
         else:
             self.log.error("out of memory while handling %s; no client to drop", kind)
+
+    def _drain_signal_pipe(self) -> None:
+        """The signal numbers are not needed: returning to Python runs the handlers."""
+        assert self._signal_fds is not None
+        try:
+            while os.read(self._signal_fds[0], 256):
+                pass
+        except BlockingIOError:
+            pass
 
     def _run_calls(self) -> None:
         try:

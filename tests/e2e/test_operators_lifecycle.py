@@ -112,7 +112,8 @@ def test_twenty_attach_detach_cycles(vm: Vm, runtime: Path) -> None:
 
         done = sync.detach(qmp, handle.id)
         detach_s.append(done.seconds)
-        assert (done.server, done.unplugged) == ("terminated", True), (cycle, done)
+        assert (done.server, done.unplugged) == ("terminated", True), \
+            (cycle, done, Path(handle.log).read_text(errors="replace")[-4000:])
         assert json.loads(vm.console.wait_for(GONE, 30, vm.problem).group(1))["cycle"] == cycle
         assert not process_alive(handle.pid, None), f"cycle {cycle}: server {handle.pid} still runs"
         assert not Path(handle.socket).exists(), f"cycle {cycle}: {handle.socket} left behind"
