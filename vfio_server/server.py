@@ -491,7 +491,7 @@ class VfioUserServer:
         process-directed signal to any thread: to the poller, say, while the main thread sleeps
         in ``select()`` with no timeout, which then never returns. The C-level handler writes
         each signal's number to the pipe registered here (:func:`signal.set_wakeup_fd`), and
-        that wakes ``select()``. Undone when the loop ends.
+        that wakes ``select()``. Undone when the loop ends, when it ran in the main thread.
 
         Raises:
             ValueError: not called from the main thread.
@@ -580,8 +580,8 @@ class VfioUserServer:
         if self._wake_fd >= 0:
             os.close(self._wake_fd)
             self._wake_fd = -1
-        if self._signal_fds is not None:
-            signal.set_wakeup_fd(self._old_wakeup_fd)       # the main thread's, as wake_on_signals
+        if self._signal_fds is not None and threading.current_thread() is threading.main_thread():
+            signal.set_wakeup_fd(self._old_wakeup_fd)       # (elsewhere it cannot: the pipe stays open)
             for fd in self._signal_fds:
                 os.close(fd)
             self._signal_fds = None
