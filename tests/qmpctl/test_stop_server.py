@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
-from vxpu.qmp.runtime import pid_start_time, process_alive
+from vxpu.qmp import sync
+from vxpu.qmp.runtime import DeviceRecord, VmState, pid_start_time, process_alive
 from vxpu.qmp.server import ServerProcess, ask_for_stacks, stop_server
 
 # Ignores SIGTERM, dumps its stacks on SIGUSR1 as vxpu serve does, and says when it is ready.
@@ -100,6 +101,33 @@ def test_process_ignoring_sigterm_is_asked_for_stacks_then_killed(tmp_path: Path
         if child.poll() is None:
             child.kill()
         child.wait()
+
+
+def test_detach_keeps_the_log_of_a_server_it_had_to_kill(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The VM has exited (its QMP socket is gone) and the device's server ignores SIGTERM: detach
+    kills it, removes record and socket, and keeps the log that holds its thread stacks."""
+    monkeypatch.setenv("VXPU_RUNTIME_DIR", str(tmp_path / "rt"))
+    qemu = subprocess.Popen([sys.executable, "-c", "pass"])
+    qemu.wait()                                             # the VM's QEMU: exited
+    state = VmState(tmp_path / "vm.qmp")
+    _, sock, log_path = state.paths("vxpu0")
+    state.dir.mkdir(parents=True, exist_ok=True)
+    with log_path.open("wb") as out:
+        server = subprocess.Popen([sys.executable, "-c", STUBBORN], stdout=out, stderr=subprocess.STDOUT,
+                                  start_new_session=True)
+    try:
+        _wait_for(log_path, "ready")
+        state.write(DeviceRecord(id="vxpu0", qmp=state.qmp, qemu_pid=qemu.pid, backend="cpu", device=None,
+                                 pid=server.pid, pid_start=pid_start_time(server.pid), socket=str(sock),
+                                 log=str(log_path), state="attached"))
+        done = sync.detach(tmp_path / "vm.qmp", "vxpu0", grace=0.5)
+        assert (done.server, done.pid, done.unplugged) == ("killed", server.pid, False), done
+        assert state.read("vxpu0") is None
+        assert "stuck_in_teardown" in log_path.read_text(errors="replace")
+    finally:
+        if server.poll() is None:
+            server.kill()
+        server.wait()
 
 
 def test_gone_process_is_reported_gone() -> None:
