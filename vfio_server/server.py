@@ -484,7 +484,7 @@ class VfioUserServer:
         self.log.info("listening on %s", self.path)
 
     def wake_on_signals(self) -> None:
-        """Main thread, after :meth:`bind`: any signal wakes the serve loop, so that the Python
+        """Main thread (binds first): any signal wakes the serve loop, so that the Python
         handler for it (a SIGTERM handler calling :meth:`stop`) runs at once.
 
         CPython runs signal handlers in the main thread only, and the kernel may hand a

@@ -24,9 +24,8 @@ from vxpu.accel.cpu import CpuBackend
 from vxpu.accel.quota import COMPILE_WINDOW_S, CompileBudget, Quota
 from vxpu.accel.session import Session
 from vxpu.ir import workers
-from vxpu.ir.binary import decode, encode
+from vxpu.ir.binary import encode
 from vxpu.ir.cache import CompileCache
-from vxpu.ir.hashing import module_hash
 from vxpu.ir.text import parse
 from vxpu.ir.workers import WorkerLimits
 
@@ -101,17 +100,9 @@ def test_hostile_shapes_are_refused_before_any_worker(session, shape):
     run_vadd(session, session.load_module(vadd()))
 
 
-def _front_end_seconds(data: bytes) -> float:
-    """What MODULE_LOAD spends in the server before the worker's deadline starts: decoding and
-    verifying the wire form and hashing the module (0.4 s for SLOW here, more on a loaded CI core)."""
-    start = time.monotonic()
-    module_hash(decode(data))
-    return time.monotonic() - start
-
-
 def test_a_slow_compile_fails_with_compile_limit_within_its_deadline(session):
     session.load_module(vadd("warm"))               # the pool's workers are up (their start is not timed)
-    front = _front_end_seconds(SLOW)
+    front = hs.front_end_seconds(SLOW)
     start = time.monotonic()
     err = expect(Status.COMPILE_LIMIT, lambda: session.load_module(SLOW))
     took = time.monotonic() - start

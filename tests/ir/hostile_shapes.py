@@ -13,15 +13,22 @@ same builders give realistic worst cases to time the compiler with.
 * :func:`many_kernels` — ``count`` straight-line kernels of ``ops_each`` ops (256 × 1,000 took
   15.8 s and 683 MiB);
 * :func:`phi_fan_in` — one block with a parameter reached from ``n_preds`` branches.
+
+:func:`front_end_seconds` times what a server spends on an encoded shape before its compile
+worker's deadline starts, so a deadline test can allow for it on a slow machine.
 """
 
 from __future__ import annotations
 
+import time
+
+from vxpu.ir.binary import decode
 from vxpu.ir.builder import KernelBuilder
+from vxpu.ir.hashing import module_hash
 from vxpu.ir.model import Kernel, Module
 from vxpu.ir.types import i32, ptr_global
 
-__all__ = ["branch_chain", "loop_nest", "many_kernels", "phi_fan_in", "straight_line"]
+__all__ = ["branch_chain", "front_end_seconds", "loop_nest", "many_kernels", "phi_fan_in", "straight_line"]
 
 
 def loop_nest(depth: int, name: str = "nest") -> Module:
@@ -117,3 +124,12 @@ def phi_fan_in(n_preds: int, name: str = "fanin") -> Module:
     b.store(join.params[0], x)
     b.ret()
     return Module(name, [b.kernel])
+
+
+def front_end_seconds(data: bytes) -> float:
+    """Seconds MODULE_LOAD spends on the wire form ``data`` before the compile worker's deadline
+    starts: decoding and verifying it and hashing the module, as the server does (0.4 s for
+    ``many_kernels(4, 8192)`` on this project's 2-core machine, more on a loaded CI core)."""
+    start = time.monotonic()
+    module_hash(decode(data))
+    return time.monotonic() - start

@@ -20,8 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from vxpu.ir.binary import decode, encode
-from vxpu.ir.hashing import module_hash
+from vxpu.ir.binary import encode
 from vxpu.ir.samples import load_module
 
 from vxpu.abi import xpu
@@ -91,19 +90,11 @@ def test_hostile_shapes_are_refused(device, shape):
     valid_load_works(device)
 
 
-def front_end_seconds(image: bytes) -> float:
-    """What the server spends on ``image`` before the worker's deadline starts (decode, verify,
-    hash), as timed in this process on the same machine: 0.4 s for :func:`slow` here."""
-    start = time.monotonic()
-    module_hash(decode(image))
-    return time.monotonic() - start
-
-
 def test_a_slow_compile_ends_with_compile_limit_while_registers_are_answered(device):
     warm = encode(hs.many_kernels(1, 16, name=f"warm{time.monotonic_ns()}"), names=False)
     assert load(device, warm)[0] == xpu.Status.OK       # a compile worker is up: its start is not timed
     image = slow()
-    front = front_end_seconds(image)
+    front = hs.front_end_seconds(image)
     seq, mem = submit_load(device, image)
     start = time.monotonic()
     reads, slowest = 0, 0.0
